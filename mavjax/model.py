@@ -1,0 +1,236 @@
+"""The Llama 4 text decoder in Flax NNX, computing what transformers' `Llama4ForCausalLM` computes.
+
+Shapes: B batch, T query tokens, S key/cache slots, D hidden, H query heads, K kv heads, G = H/K query heads
+per kv head, Dh head dim, E experts, F expert (or MLP) hidden units, V vocabulary.
+
+Every parameter carries `logical_axes` metadata (vocab, embed, heads, kv_heads, head_dim, mlp, expert,
+expert_mlp, ...); `mavjax.sharding` maps those names to mesh axes by rules. Attention reads and writes an
+explicit KV cache (`mavjax.kv_cache`), so the same forward serves training (no cache), prefill and decode.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mavjax.config import Llama4Config
+from mavjax.kv_cache import KVCache, write_slots
+
+
+def _param(rngs: nnx.Rngs, shape, axes, dtype, std, init="normal"):
+    if init == "ones":
+        value = jnp.ones(shape, dtype)
+    else:
+        value = (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+    return nnx.Param(value, logical_axes=axes)
+
+
+def rms_norm(x, scale, eps):
+    """RMSNorm in float32, cast back before the scale (transformers' order of operations)."""
+    xf = x.astype(jnp.float32)
+    y = (xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+    return y if scale is None else y * scale
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, dtype, rngs: nnx.Rngs):
+        self.eps = eps
+        self.scale = _param(rngs, (dim,), ("norm",), dtype, 0.0, init="ones")
+
+    def __call__(self, x):
+        return rms_norm(x, self.scale[...], self.eps)
+
+
+def rope_tables(inv_freq, positions):
+    """cos, sin [B, T, Dh/2] for integer positions [B, T]."""
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, Dh/2]
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x, cos, sin):
+    """Rotate consecutive pairs (x[2i], x[2i+1]): Meta's complex-number convention, which transformers'
+    Llama 4 keeps (its checkpoints are not permuted to the half-split layout of Llama 2/3). x [B, T, N, Dh]."""
+    xf = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)
+    x0, x1 = xf[..., 0], xf[..., 1]
+    c, s = cos[:, :, None, :], sin[:, :, None, :]
+    out = jnp.stack([x0 * c - x1 * s, x0 * s + x1 * c], axis=-1)
+    return out.reshape(x.shape).astype(x.dtype)
+
+
+def attention_mask(q_pos, k_pos, chunk_size):
+    """Which keys each query sees: causal, and on chunked layers only keys in the query's own chunk.
+    q_pos [B, T], k_pos [B, S] (absolute positions; -1 marks an empty slot) -> bool [B, T, S]."""
+    q, k = q_pos[:, :, None], k_pos[:, None, :]
+    mask = (k <= q) & (k >= 0)
+    if chunk_size is not None:
+        mask &= (k // chunk_size) == (q // chunk_size)
+    return mask
+
+
+def attend(q, k, v, mask, scale):
+    """Grouped-query attention. q [B, T, H, Dh], k/v [B, S, K, Dh], mask [B, T, S] -> [B, T, H, Dh].
+    Scores and softmax in float32; probabilities cast to the value dtype as transformers' eager path does."""
+    B, T, H, Dh = q.shape
+    K = k.shape[2]
+    qg = q.reshape(B, T, K, H // K, Dh)
+    s = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale  # [B, K, G, T, S]
+    s = jnp.where(mask[:, None, None], s, -jnp.inf)
+    p = jax.nn.softmax(s, axis=-1)
+    p = jnp.where(mask[:, None, None], p, 0.0).astype(v.dtype)  # rows with no visible key (padding) -> 0
+    o = jnp.einsum("bkgts,bskd->btkgd", p, v)  # [B, T, K, G, Dh]
+    return o.reshape(B, T, H, Dh)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: Llama4Config, layer: int, dtype, rngs: nnx.Rngs):
+        D, H, K, Dh, std = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, \
+            cfg.initializer_range
+        self.wq = _param(rngs, (D, H, Dh), ("embed", "heads", "head_dim"), dtype, std)
+        self.wk = _param(rngs, (D, K, Dh), ("embed", "kv_heads", "head_dim"), dtype, std)
+        self.wv = _param(rngs, (D, K, Dh), ("embed", "kv_heads", "head_dim"), dtype, std)
+        self.wo = _param(rngs, (H, Dh, D), ("heads", "head_dim", "embed"), dtype, std)
+        self.use_rope = cfg.uses_rope(layer)
+        self.qk_norm = cfg.use_qk_norm and self.use_rope
+        self.temperature_tuning = cfg.attn_temperature_tuning and not self.use_rope
+        self.chunk_size = cfg.attention_chunk_size if cfg.is_chunked(layer) else None
+        self.eps, self.floor_scale, self.attn_scale = cfg.rms_norm_eps, cfg.floor_scale, cfg.attn_scale
+        self.scale = Dh ** -0.5
+
+    def __call__(self, x, positions, rope, cache_kv=None, cache_pos=None, write_index=None):
+        """x [B, T, D], positions [B, T]. Without a cache, keys are this call's tokens. With one
+        (k, v: [B, S, K, Dh]; cache_pos [B, S] the position each slot holds, already updated for this call),
+        this call's keys are written at slots `write_index` [B] onward and attention reads the whole cache.
+        Returns (out [B, T, D], updated (k, v) or None)."""
+        q = jnp.einsum("btd,dhk->bthk", x, self.wq[...])  # [B, T, H, Dh]
+        k = jnp.einsum("btd,dhk->bthk", x, self.wk[...])  # [B, T, K, Dh]
+        v = jnp.einsum("btd,dhk->bthk", x, self.wv[...])  # [B, T, K, Dh]
+        if self.use_rope:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if self.qk_norm:  # L2 norm without weight, after RoPE (transformers' order)
+            q, k = rms_norm(q, None, self.eps), rms_norm(k, None, self.eps)
+        if self.temperature_tuning:  # arXiv:2501.19399: sharpen NoPE attention at long positions
+            pos = positions.astype(jnp.float32)
+            t = jnp.log1p(jnp.floor((pos + 1.0) / self.floor_scale)) * self.attn_scale + 1.0  # [B, T]
+            q = (q.astype(jnp.float32) * t[:, :, None, None]).astype(q.dtype)
+        if cache_kv is None:
+            keys, values, k_pos, new_cache = k, v, positions, None
+        else:
+            (ck, cv), k_pos = cache_kv, cache_pos
+            ck, cv = write_slots(ck, k, write_index), write_slots(cv, v, write_index)
+            keys, values, new_cache = ck.astype(q.dtype), cv.astype(q.dtype), (ck, cv)
+        mask = attention_mask(positions, k_pos, self.chunk_size)
+        o = attend(q, keys, values, mask, self.scale)  # [B, T, H, Dh]
+        return jnp.einsum("bthk,hkd->btd", o, self.wo[...]), new_cache  # [B, T, D]
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(x @ gate) * (x @ up))."""
+
+    def __init__(self, cfg: Llama4Config, hidden: int, dtype, rngs: nnx.Rngs):
+        D, std = cfg.hidden_size, cfg.initializer_range
+        self.w_gate = _param(rngs, (D, hidden), ("embed", "mlp"), dtype, std)
+        self.w_up = _param(rngs, (D, hidden), ("embed", "mlp"), dtype, std)
+        self.w_down = _param(rngs, (hidden, D), ("mlp", "embed"), dtype, std)
+
+    def __call__(self, x):
+        g = jnp.einsum("...d,df->...f", x, self.w_gate[...])  # [..., F]
+        u = jnp.einsum("...d,df->...f", x, self.w_up[...])  # [..., F]
+        return jnp.einsum("...f,fd->...d", jax.nn.silu(g) * u, self.w_down[...])  # [..., D]
+
+
+def route(x, router_w, top_k):
+    """Top-k sigmoid routing. x [N, D] -> expert ids [N, k], scores [N, k] (in x's dtype)."""
+    logits = jnp.einsum("nd,de->ne", x, router_w)  # [N, E]
+    top_vals, top_idx = jax.lax.top_k(logits, top_k)  # [N, k]
+    return top_idx, jax.nn.sigmoid(top_vals.astype(jnp.float32)).astype(x.dtype)
+
+
+def moe_experts(x, expert_idx, scores, w_gate, w_up, w_down):
+    """Routed experts as grouped GEMMs over tokens sorted by expert (no dense product over all experts).
+    The score scales the expert's *input*, as Llama 4 does. x [N, D], expert_idx/scores [N, k],
+    w_gate/w_up [E, D, F], w_down [E, F, D] -> [N, D]."""
+    N, D = x.shape
+    E, k = w_gate.shape[0], expert_idx.shape[1]
+    flat_e = expert_idx.reshape(-1)  # [N*k]
+    order = jnp.argsort(flat_e, stable=True)
+    token = (jnp.arange(N * k) // k)[order]  # [N*k] source token of each sorted row
+    xs = x[token] * scores.reshape(-1)[order][:, None]  # [N*k, D]
+    sizes = jnp.bincount(flat_e, length=E).astype(jnp.int32)  # [E]
+    g = jax.lax.ragged_dot(xs, w_gate, sizes)  # [N*k, F]
+    u = jax.lax.ragged_dot(xs, w_up, sizes)  # [N*k, F]
+    y = jax.lax.ragged_dot(jax.nn.silu(g) * u, w_down, sizes)  # [N*k, D]
+    return jnp.zeros((N, D), y.dtype).at[token].add(y)
+
+
+class MoE(nnx.Module):
+    def __init__(self, cfg: Llama4Config, dtype, rngs: nnx.Rngs):
+        D, E, F, std = cfg.hidden_size, cfg.num_local_experts, cfg.intermediate_size, cfg.initializer_range
+        self.top_k = cfg.num_experts_per_tok
+        self.router = _param(rngs, (D, E), ("embed", "router_expert"), dtype, std)
+        self.w_gate = _param(rngs, (E, D, F), ("expert", "embed", "expert_mlp"), dtype, std)
+        self.w_up = _param(rngs, (E, D, F), ("expert", "embed", "expert_mlp"), dtype, std)
+        self.w_down = _param(rngs, (E, F, D), ("expert", "expert_mlp", "embed"), dtype, std)
+        self.shared = MLP(cfg, F, dtype, rngs)
+
+    def __call__(self, x):
+        B, T, D = x.shape
+        flat = x.reshape(B * T, D)
+        idx, scores = route(flat, self.router[...], self.top_k)
+        routed = moe_experts(flat, idx, scores, self.w_gate[...], self.w_up[...], self.w_down[...])
+        return (self.shared(flat) + routed).reshape(B, T, D)
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: Llama4Config, layer: int, dtype, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, rngs)
+        self.attn = Attention(cfg, layer, dtype, rngs)
+        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, rngs)
+        self.is_moe = cfg.is_moe_layer(layer)
+        self.ffn = MoE(cfg, dtype, rngs) if self.is_moe else MLP(cfg, cfg.intermediate_size_mlp, dtype, rngs)
+
+    def __call__(self, x, positions, rope, cache_kv=None, cache_pos=None, write_index=None):
+        h, cache_kv = self.attn(self.attn_norm(x), positions, rope, cache_kv, cache_pos, write_index)
+        x = x + h
+        return x + self.ffn(self.ffn_norm(x)), cache_kv
+
+
+class Llama4(nnx.Module):
+    """Token ids in, logits (or final hidden states) out."""
+
+    def __init__(self, cfg: Llama4Config, *, dtype=jnp.bfloat16, rngs: nnx.Rngs | None = None):
+        rngs = rngs or nnx.Rngs(0)
+        self.cfg = cfg
+        self.dtype = dtype
+        D, V, std = cfg.hidden_size, cfg.vocab_size, cfg.initializer_range
+        self.embed = _param(rngs, (V, D), ("vocab", "embed"), dtype, std)
+        self.layers = nnx.List([DecoderLayer(cfg, i, dtype, rngs) for i in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(D, cfg.rms_norm_eps, dtype, rngs)
+        self.lm_head = None if cfg.tie_word_embeddings else _param(rngs, (D, V), ("embed", "vocab"), dtype, std)
+        self.inv_freq = nnx.Variable(jnp.asarray(cfg.rope_inv_freq(), jnp.float32))  # not a Param: not trained
+
+    def hidden_states(self, tokens, positions, cache=None, write_index=None, collect_layers=()):
+        """tokens, positions [B, T] -> (final-normed hidden [B, T, D], updated cache, {layer: hidden})."""
+        x = self.embed[...][tokens]  # [B, T, D]
+        rope = rope_tables(self.inv_freq[...], positions)
+        cache_pos = None if cache is None else write_slots(cache.pos, positions, write_index)
+        new_kv, taps = [], {}
+        for i, layer in enumerate(self.layers):
+            kv = None if cache is None else (cache.k[i], cache.v[i])
+            x, kv = layer(x, positions, rope, kv, cache_pos, write_index)
+            new_kv.append(kv)
+            if i in collect_layers:
+                taps[i] = x
+        if cache is not None:
+            cache = KVCache(k=[kv[0] for kv in new_kv], v=[kv[1] for kv in new_kv], pos=cache_pos)
+        return self.norm(x), cache, taps
+
+    def logits(self, h):
+        w = self.embed[...].T if self.lm_head is None else self.lm_head[...]
+        return jnp.einsum("btd,dv->btv", h, w, preferred_element_type=jnp.float32)  # [B, T, V]
+
+    def __call__(self, tokens, positions=None, cache=None, write_index=None):
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+        h, cache, _ = self.hidden_states(tokens, positions, cache, write_index)
+        return self.logits(h), cache
