@@ -1,0 +1,211 @@
+"""The Python API: `LLM(path).generate(prompts, SamplingParams(...))`, `LLM.chat(...)`, `LLM.logits(ids)`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from mavjax.generate import Batch, Engine, bucket
+from mavjax.sampling import SamplingError, SamplingParams
+from mavjax.tokenizer import Tokenizer
+
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "checkpoints" / "default"
+
+
+class PromptError(ValueError):
+    """A prompt that cannot be run (empty, longer than the context, token ids outside the vocabulary)."""
+
+
+@dataclasses.dataclass
+class GenerationMetrics:
+    time_to_first_token_s: float  # prefill of this prompt's batch, including the first sample
+    decode_time_s: float  # the on-device decode loop of this prompt's batch
+    num_generated_tokens: int
+    tokens_per_s: float  # this prompt's generated tokens over prefill + decode time
+
+
+@dataclasses.dataclass
+class GenerationOutput:
+    prompt: str | None
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str  # "stop" (stop token or string) or "length"
+    metrics: GenerationMetrics
+
+
+class LLM:
+    def __init__(self, model: str | Path | None = None, *, dtype: str | None = None,
+                 max_model_len: int | None = None, max_batch_size: int = 32):
+        from mavjax.checkpoint import load_model  # orbax import is slow; only when loading from disk
+
+        path = Path(model) if model is not None else DEFAULT_MODEL
+        cfg, net = load_model(path, dtype=dtype)
+        tok = Tokenizer.from_dir(path) if (path / "tokenizer.json").exists() else None
+        gen_cfg = path / "generation_config.json"
+        extra_eos = []
+        if gen_cfg.exists():
+            eos = json.loads(gen_cfg.read_text()).get("eos_token_id")
+            extra_eos = [eos] if isinstance(eos, int) else list(eos or [])
+        self._setup(net, tok, max_model_len, max_batch_size, extra_eos)
+
+    @classmethod
+    def from_model(cls, net, tokenizer: Tokenizer | None = None, *, max_model_len: int | None = None,
+                   max_batch_size: int = 32) -> "LLM":
+        """Wrap an in-memory `mavjax.model.Llama4` (tests, training scripts)."""
+        self = cls.__new__(cls)
+        self._setup(net, tokenizer, max_model_len, max_batch_size, [])
+        return self
+
+    def _setup(self, net, tokenizer, max_model_len, max_batch_size, extra_eos):
+        self.cfg = net.cfg
+        self.tokenizer = tokenizer
+        self.max_model_len = int(max_model_len or self.cfg.max_position_embeddings)
+        if self.max_model_len > self.cfg.max_position_embeddings:
+            raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's max_position_embeddings "
+                             f"{self.cfg.max_position_embeddings}")
+        self.max_batch_size = max_batch_size
+        self.eos_token_ids = sorted({*self.cfg.eos_token_id, *extra_eos})
+        pad = self.cfg.pad_token_id if self.cfg.pad_token_id is not None else 0
+        self.engine = Engine(net, pad_id=pad)
+
+    # ---- inputs --------------------------------------------------------------------------------------------
+    def _encode(self, prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise PromptError("this model has no tokenizer.json: pass prompts as lists of token ids")
+            ids = self.tokenizer.encode(prompt)
+            text = prompt
+        else:
+            ids = [int(t) for t in prompt]
+            text = None
+        if not ids:
+            raise PromptError("empty prompt: at least one token is needed")
+        bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
+        if bad:
+            raise PromptError(f"token id(s) {bad[:5]} outside the vocabulary (size {self.cfg.vocab_size})")
+        if len(ids) >= self.max_model_len:
+            raise PromptError(f"prompt of {len(ids)} tokens is longer than the context: max_model_len is "
+                              f"{self.max_model_len}, which must also leave room for at least one new token")
+        return text, ids
+
+    @staticmethod
+    def _as_list(prompts):
+        if isinstance(prompts, str):
+            return [prompts]
+        prompts = list(prompts)
+        if prompts and all(isinstance(t, (int, np.integer)) for t in prompts):
+            return [prompts]  # one prompt given as token ids
+        return prompts
+
+    # ---- generation ----------------------------------------------------------------------------------------
+    def generate(self, prompts, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 ) -> list[GenerationOutput]:
+        """Prompts: a string, a list of token ids, or a list of either. One SamplingParams for all, or one
+        per prompt. Everything is validated before any device work."""
+        prompts = self._as_list(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        params = list(sampling_params) if isinstance(sampling_params, (list, tuple)) else \
+            [sampling_params] * len(prompts)
+        if len(params) != len(prompts):
+            raise SamplingError(f"{len(params)} SamplingParams for {len(prompts)} prompts")
+        for p in params:
+            if not isinstance(p, SamplingParams):
+                raise SamplingError(f"expected SamplingParams, got {type(p).__name__}")
+            bad = [t for t in p.stop_token_ids if t >= self.cfg.vocab_size]
+            if bad:
+                raise SamplingError(f"stop_token_ids {bad} outside the vocabulary (size {self.cfg.vocab_size})")
+        encoded = [self._encode(p) for p in prompts]
+        outputs: list[GenerationOutput | None] = [None] * len(prompts)
+        # Group rows with the same stop set, and similar lengths, into batches of at most max_batch_size.
+        order = sorted(range(len(prompts)), key=lambda i: (self._stop_ids(params[i]), len(encoded[i][1])))
+        for start in range(0, len(order), self.max_batch_size):
+            idx = order[start:start + self.max_batch_size]
+            groups: dict[tuple, list[int]] = {}
+            for i in idx:
+                groups.setdefault(self._stop_ids(params[i]), []).append(i)
+            for stop_ids, rows in groups.items():
+                for i, out in zip(rows, self._run_batch([encoded[i] for i in rows], [params[i] for i in rows],
+                                                         stop_ids)):
+                    outputs[i] = out
+        return outputs
+
+    def chat(self, messages, sampling_params: SamplingParams | None = None) -> list[GenerationOutput]:
+        """One conversation (a list of {"role", "content"} dicts) or a list of them, through the chat template."""
+        convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        if self.tokenizer is None:
+            raise PromptError("this model has no tokenizer: chat needs tokenizer.json and a chat template")
+        prompts = [self.tokenizer.encode(self.tokenizer.apply_chat_template(c), add_special_tokens=False)
+                   for c in convs]
+        return self.generate(prompts, sampling_params)
+
+    def logits(self, token_ids: Sequence[int]) -> np.ndarray:
+        """float32 logits [len(token_ids), vocab] for every position of one sequence."""
+        _, ids = self._encode(list(token_ids))
+        return self.engine.logits(np.asarray(ids, np.int32))
+
+    def _stop_ids(self, p: SamplingParams) -> tuple[int, ...]:
+        return tuple(sorted(set(p.stop_token_ids) | (set() if p.ignore_eos else set(self.eos_token_ids))))
+
+    def _run_batch(self, encoded, params, stop_ids) -> list[GenerationOutput]:
+        n = len(encoded)
+        B = bucket(n, minimum=1)
+        lengths = [len(ids) for _, ids in encoded]
+        max_new = [min(p.max_new_tokens, self.max_model_len - L) for p, L in zip(params, lengths)]
+        T = min(bucket(max(lengths)), self.max_model_len)
+        S = min(bucket(max(L + m for L, m in zip(lengths, max_new)), minimum=64), self.max_model_len)
+        S = max(S, T)
+        tokens = np.full((B, T), self.engine.pad_id, np.int32)
+        for r, (_, ids) in enumerate(encoded):
+            tokens[r, :len(ids)] = ids
+        fill = lambda vals, dflt, dt: np.array(list(vals) + [dflt] * (B - n), dt)  # noqa: E731
+        seeds = [p.seed if p.seed is not None else int.from_bytes(os.urandom(4), "little") for p in params]
+        batch = Batch(
+            tokens=tokens, lengths=fill(lengths, 1, np.int32), max_new=fill(max_new, 1, np.int32),
+            temperature=fill([p.temperature for p in params], 0.0, np.float32),
+            top_k=fill([p.top_k for p in params], 0, np.int32), top_p=fill([p.top_p for p in params], 1.0, np.float32),
+            seeds=fill([s % (1 << 32) for s in seeds], 0, np.uint32),
+            stop_ids=np.array(list(stop_ids) + [-1] * (bucket(len(stop_ids), 8) - len(stop_ids)), np.int32),
+            n_real=n)
+        t0 = time.perf_counter()
+        first, cache = self.engine.prefill(batch, S)
+        first.block_until_ready()
+        t1 = time.perf_counter()
+        out, counts, _ = self.engine.decode(batch, first, cache, bucket(max(max_new), minimum=1))
+        out, counts = np.asarray(out), np.asarray(counts)
+        t2 = time.perf_counter()
+        results = []
+        for r, ((text, ids), p) in enumerate(zip(encoded, params)):
+            gen = out[r, :counts[r]].tolist()
+            finish = "stop" if gen and gen[-1] in stop_ids else "length"
+            if gen and gen[-1] in stop_ids and gen[-1] not in p.stop_token_ids:
+                gen_text_ids = gen[:-1]  # EOS is not part of the text (vLLM)
+            else:
+                gen_text_ids = gen
+            out_text = self.tokenizer.decode(gen_text_ids) if self.tokenizer else ""
+            if p.stop and self.tokenizer:
+                gen, out_text, hit = _truncate_at_stop(self.tokenizer, gen, out_text, p.stop)
+                finish = "stop" if hit else finish
+            ttft, dec = t1 - t0, t2 - t1
+            results.append(GenerationOutput(
+                prompt=text, prompt_token_ids=ids, token_ids=gen, text=out_text, finish_reason=finish,
+                metrics=GenerationMetrics(ttft, dec, len(gen), len(gen) / max(ttft + dec, 1e-9))))
+        return results
+
+
+def _truncate_at_stop(tok: Tokenizer, gen: list[int], text: str, stops: list[str]):
+    """Cut the text before the earliest stop string, and the token ids to the shortest prefix that reaches it."""
+    cut = min((text.find(s) for s in stops if s in text), default=-1)
+    if cut < 0:
+        return gen, text, False
+    for k in range(1, len(gen) + 1):
+        if len(tok.decode(gen[:k])) > cut and any(s in tok.decode(gen[:k]) for s in stops):
+            return gen[:k], text[:cut], True
+    return gen, text[:cut], True

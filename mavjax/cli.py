@@ -1,0 +1,87 @@
+"""`mavjax` command line: generate, convert."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def _add_sampling_args(p: argparse.ArgumentParser):
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+
+
+def _sampling_from_args(a):
+    from mavjax.sampling import SamplingParams
+
+    return SamplingParams(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
+                          top_k=a.top_k, seed=a.seed, stop=a.stop)
+
+
+def cmd_generate(a) -> int:
+    from pathlib import Path
+
+    from mavjax.api import DEFAULT_MODEL, LLM, PromptError
+    from mavjax.config import Llama4Config
+    from mavjax.tokenizer import Tokenizer
+
+    params = _sampling_from_args(a)  # invalid values fail here, before anything is loaded
+    path = Path(a.model) if a.model else DEFAULT_MODEL
+    cfg = Llama4Config.from_json(path)
+    tok = Tokenizer.from_dir(path)
+    text = a.prompt
+    if a.chat:
+        text = tok.apply_chat_template([{"role": "user", "content": a.prompt}])
+    ids = tok.encode(text, add_special_tokens=not a.chat)
+    limit = a.max_model_len or cfg.max_position_embeddings
+    if len(ids) >= limit:
+        raise PromptError(f"prompt of {len(ids)} tokens is longer than the context: max_model_len is {limit}")
+    t0 = time.perf_counter()
+    llm = LLM(path, dtype=a.dtype, max_model_len=a.max_model_len)
+    load_s = time.perf_counter() - t0
+    out = llm.generate([ids], params)[0]
+    if a.chat:
+        print(out.text)
+    else:
+        print(a.prompt + out.text)
+    m = out.metrics
+    print(f"[{m.num_generated_tokens} tokens, time to first token {m.time_to_first_token_s * 1e3:.0f} ms, "
+          f"{m.tokens_per_s:.1f} tokens/s (first call includes compilation), load {load_s:.1f} s, "
+          f"finish: {out.finish_reason}]", file=sys.stderr)
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="mavjax", description="Llama 4 inference in JAX")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+
+    g = sub.add_parser("generate", help="generate a completion")
+    g.add_argument("--model", default=None, help="mavjax checkpoint dir (default: the shipped small model)")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template as a user turn")
+    g.add_argument("--dtype", default=None, choices=["bfloat16", "float32"])
+    g.add_argument("--max-model-len", type=int, default=None)
+    _add_sampling_args(g)
+    g.set_defaults(func=cmd_generate)
+
+    from checkpoints import convert
+
+    c = sub.add_parser("convert", help="convert a Hugging Face Llama 4 checkpoint to mavjax (orbax)")
+    convert.add_arguments(c)
+    c.set_defaults(func=convert.main)
+
+    a = parser.parse_args(argv)
+    try:
+        return a.func(a) or 0
+    except (ValueError, FileNotFoundError) as e:  # our input errors all derive from these
+        print(f"mavjax {a.cmd}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
