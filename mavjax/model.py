@@ -22,7 +22,7 @@ def _param(rngs: nnx.Rngs, shape, axes, dtype, std, init="normal"):
     if init == "ones":
         value = jnp.ones(shape, dtype)
     else:
-        value = (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+        value = std * jax.random.normal(rngs.params(), shape, dtype)  # in dtype: no float32 copy of big tensors
     return nnx.Param(value, logical_axes=axes)
 
 
@@ -146,10 +146,30 @@ def route(x, router_w, top_k):
     return top_idx, jax.nn.sigmoid(top_vals.astype(jnp.float32)).astype(x.dtype)
 
 
+# Up to this many (token, expert) pairs, gather the chosen experts' weights per pair instead of sorting
+# tokens into a grouped GEMM: at decode only the routed experts are read, whatever ragged_dot lowers to.
+GATHER_MAX_PAIRS = 8
+
+
 def moe_experts(x, expert_idx, scores, w_gate, w_up, w_down):
-    """Routed experts as grouped GEMMs over tokens sorted by expert (no dense product over all experts).
-    The score scales the expert's *input*, as Llama 4 does. x [N, D], expert_idx/scores [N, k],
-    w_gate/w_up [E, D, F], w_down [E, F, D] -> [N, D]."""
+    """Routed experts. The score scales the expert's *input*, as Llama 4 does. x [N, D],
+    expert_idx/scores [N, k], w_gate/w_up [E, D, F], w_down [E, F, D] -> [N, D]."""
+    if expert_idx.size <= GATHER_MAX_PAIRS:
+        return moe_experts_gathered(x, expert_idx, scores, w_gate, w_up, w_down)
+    return moe_experts_grouped(x, expert_idx, scores, w_gate, w_up, w_down)
+
+
+def moe_experts_gathered(x, expert_idx, scores, w_gate, w_up, w_down):
+    """Few tokens (decode): per (token, expert) pair, read that expert's weights."""
+    xs = x[:, None, :] * scores[..., None]  # [N, k, D]
+    g = jnp.einsum("nkd,nkdf->nkf", xs, w_gate[expert_idx])  # [N, k, F]
+    u = jnp.einsum("nkd,nkdf->nkf", xs, w_up[expert_idx])  # [N, k, F]
+    y = jnp.einsum("nkf,nkfd->nkd", jax.nn.silu(g) * u, w_down[expert_idx])  # [N, k, D]
+    return jnp.sum(y, axis=1)
+
+
+def moe_experts_grouped(x, expert_idx, scores, w_gate, w_up, w_down):
+    """Many tokens: grouped GEMMs over tokens sorted by expert (no dense product over all experts)."""
     N, D = x.shape
     E, k = w_gate.shape[0], expert_idx.shape[1]
     flat_e = expert_idx.reshape(-1)  # [N*k]

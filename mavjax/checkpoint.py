@@ -1,0 +1,214 @@
+"""The mavjax checkpoint format: one orbax checkpoint per parameter, and a manifest written last.
+
+    <dir>/config.json             `Llama4Config.to_dict()`
+    <dir>/tokenizer.json ...      tokenizer files copied from the source, when it has them
+    <dir>/params/<target>/        one orbax checkpoint {"value": array} per parameter, e.g. params/layers.3.attn.wq/
+    <dir>/mavjax_manifest.json    format version, dtype, and every parameter's shape and dtype
+
+One checkpoint per parameter lets a conversion stream tensor by tensor and resume parameter by parameter.
+A parameter is saved under params/.partial/ and renamed into place once orbax has finished it, so a directory
+params/<target>/ is always whole. The manifest is written last, atomically: a directory without it is
+incomplete and `load_model` refuses it. While a checkpoint is being written, `mavjax_pending.json` records
+its config and dtype, so that a resumed run can check that it continues the same conversion.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from mavjax.config import Llama4Config
+from mavjax.model import Llama4
+
+FORMAT_VERSION = 1
+MANIFEST = "mavjax_manifest.json"
+PENDING = "mavjax_pending.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                   "chat_template.jinja", "chat_template.json")
+
+
+class CheckpointError(ValueError):
+    """A mavjax checkpoint that is missing, incomplete, or not the one asked for."""
+
+
+def param_shapes(cfg: Llama4Config) -> dict[str, tuple[int, ...]]:
+    """Every parameter of `Llama4(cfg)`, by dotted path ("layers.3.attn.wq"), with its shape. Nothing is
+    allocated: the model is only traced."""
+    model = nnx.eval_shape(lambda: Llama4(cfg, dtype=jnp.float32))
+    return {_dotted(path): tuple(var.get_value().shape) for path, var in _flat_params(model)}
+
+
+class CheckpointWriter:
+    """Writes a checkpoint parameter by parameter; opening an unfinished one again resumes it.
+
+    `out_dir` must be new or empty, or hold a mavjax checkpoint (finished or not) of the same config and
+    dtype; `overwrite=True` first deletes a mavjax checkpoint found there, whatever its config. `complete` is
+    True when the directory already holds the finished checkpoint (then there is nothing to write)."""
+
+    def __init__(self, out_dir: str | Path, cfg: Llama4Config, dtype, *, overwrite: bool = False):
+        self.dir = Path(out_dir)
+        self.cfg = cfg
+        self.dtype = jnp.dtype(dtype)
+        self.shapes = param_shapes(cfg)
+        self._params = self.dir / "params"
+        self._partial = self._params / ".partial"
+        found = _existing(self.dir)
+        if found is not None and overwrite:
+            _clear(self.dir)
+            found = None
+        if found is not None:
+            old_cfg, old_dtype, complete = found
+            diff = [f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(old_cfg, f.name)]
+            if old_dtype != self.dtype:
+                diff.append(f"dtype ({old_dtype.name} there, {self.dtype.name} asked)")
+            if diff:
+                state = "checkpoint" if complete else "unfinished checkpoint"
+                raise CheckpointError(f"{self.dir} holds a mavjax {state} that differs in {', '.join(diff)}; "
+                                      f"pass overwrite=True (--overwrite) to replace it, or write elsewhere")
+        self.complete = found is not None and found[2]
+        if self.complete:
+            return
+        shutil.rmtree(self._partial, ignore_errors=True)  # left by a write that was cut short
+        self._partial.mkdir(parents=True, exist_ok=True)
+        _write_json(self.dir / PENDING, {"format_version": FORMAT_VERSION, "dtype": self.dtype.name,
+                                         "config": cfg.to_dict()})
+
+    def has(self, target: str) -> bool:
+        return (self._params / target).is_dir()
+
+    def write(self, target: str, value) -> None:
+        """Save one parameter (numpy or jax array, cast to the checkpoint's dtype)."""
+        if target not in self.shapes:
+            raise CheckpointError(f"{target!r} is not a parameter of this config")
+        if tuple(value.shape) != self.shapes[target]:
+            raise CheckpointError(f"{target}: got shape {tuple(value.shape)}, the config needs {self.shapes[target]}")
+        if self.has(target):
+            raise CheckpointError(f"{target} is already written in {self.dir}")
+        tmp = self._partial / target
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(tmp.absolute(), {"value": value.astype(self.dtype, copy=False)}, force=True)
+            ckptr.wait_until_finished()
+        os.replace(tmp, self._params / target)
+
+    def finalize(self, tokenizer_src_dir: str | Path | None = None) -> None:
+        """Write config.json and the tokenizer files, then the manifest that marks the checkpoint complete."""
+        missing = [t for t in self.shapes if not self.has(t)]
+        if missing:
+            raise CheckpointError(f"cannot finalize {self.dir}: {len(missing)} parameter(s) not written, "
+                                  f"e.g. {missing[0]!r}")
+        _write_json(self.dir / "config.json", self.cfg.to_dict())
+        if tokenizer_src_dir is not None:
+            for name in TOKENIZER_FILES:
+                if (Path(tokenizer_src_dir) / name).is_file():
+                    shutil.copyfile(Path(tokenizer_src_dir) / name, self.dir / name)
+        shutil.rmtree(self._partial, ignore_errors=True)
+        params = {t: {"shape": list(s), "dtype": self.dtype.name} for t, s in self.shapes.items()}
+        _write_json(self.dir / MANIFEST, {"format": "mavjax", "format_version": FORMAT_VERSION,
+                                          "dtype": self.dtype.name, "params": params})
+        (self.dir / PENDING).unlink(missing_ok=True)
+        self.complete = True
+
+
+def load_model(path: str | Path, *, dtype=None, shardings: dict | None = None) -> tuple[Llama4Config, Llama4]:
+    """Load a mavjax checkpoint: (config, model). Each parameter is restored by orbax straight into its
+    target array: on the default device, or with `shardings[target]` (a `jax.sharding.Sharding`) where given.
+    `dtype=None` keeps the checkpoint's dtype; another dtype is cast to while reading."""
+    path = Path(path)
+    manifest = _read_manifest(path)
+    cfg = Llama4Config.from_json(path / "config.json")
+    dtype = jnp.dtype(manifest["dtype"] if dtype is None else dtype)
+    model = nnx.eval_shape(lambda: Llama4(cfg, dtype=dtype))
+    params = {_dotted(p): var for p, var in _flat_params(model)}
+    stored, shardings = manifest["params"], dict(shardings or {})
+    for target, var in params.items():  # check everything before reading anything
+        if target not in stored:
+            raise CheckpointError(f"{path}: parameter {target!r} is missing from the checkpoint")
+        if tuple(stored[target]["shape"]) != var.get_value().shape:
+            raise CheckpointError(f"{path}: parameter {target!r} has shape {tuple(stored[target]['shape'])}, "
+                                  f"the model needs {var.get_value().shape}")
+    for what, names in (("parameter", stored), ("sharding given for", shardings)):
+        unknown = sorted(set(names) - set(params))
+        if unknown:
+            raise CheckpointError(f"{path}: {what} {unknown[0]!r} is not a parameter of the model")
+    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    with ocp.StandardCheckpointer() as ckptr:
+        for target, var in params.items():
+            want = jax.ShapeDtypeStruct(var.get_value().shape, dtype, sharding=shardings.get(target, default))
+            var.set_value(ckptr.restore((path / "params" / target).absolute(), {"value": want})["value"])
+    model.inv_freq.set_value(jnp.asarray(cfg.rope_inv_freq(), jnp.float32))  # derived from config, not saved
+    abstract = [_dotted(p) for p, v in nnx.to_flat_state(nnx.state(model))
+                if isinstance(v.get_value(), jax.ShapeDtypeStruct)]
+    if abstract:  # a model variable this format does not know how to fill
+        raise CheckpointError(f"model state {abstract[0]!r} is neither a saved parameter nor derived by load_model")
+    return cfg, model
+
+
+def save_model(model: Llama4, out_dir: str | Path, tokenizer_src_dir: str | Path | None = None) -> None:
+    """Write an in-memory model as a mavjax checkpoint in `model.dtype`, replacing a mavjax checkpoint that
+    is already in `out_dir`."""
+    writer = CheckpointWriter(out_dir, model.cfg, model.dtype, overwrite=True)
+    for path, var in _flat_params(model):
+        writer.write(_dotted(path), var.get_value())
+    writer.finalize(tokenizer_src_dir)
+
+
+def _flat_params(model):
+    return nnx.to_flat_state(nnx.state(model, nnx.Param))
+
+
+def _dotted(path) -> str:
+    return ".".join(str(k) for k in path)
+
+
+def _read_manifest(path: Path) -> dict:
+    if not path.is_dir():
+        raise FileNotFoundError(f"no checkpoint directory at {path}")
+    if not (path / MANIFEST).is_file():
+        if not (path / PENDING).exists() and any(path.glob("*.safetensors")):
+            raise CheckpointError(f"{path} is a Hugging Face checkpoint, not a mavjax one: convert it first with "
+                                  f"`mavjax convert --hf {path} --out DIR`")
+        raise CheckpointError(f"incomplete checkpoint {path}: no {MANIFEST} (conversion interrupted? re-run "
+                              f"`mavjax convert` with the same arguments to resume)")
+    manifest = json.loads((path / MANIFEST).read_text())
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format version {manifest.get('format_version')!r} is not "
+                              f"supported (this mavjax reads version {FORMAT_VERSION})")
+    return manifest
+
+
+def _existing(out_dir: Path):
+    """What `out_dir` holds: None if nothing, else (config, dtype, complete) of the mavjax checkpoint there."""
+    if not out_dir.exists() or not any(out_dir.iterdir()):
+        return None
+    if (out_dir / MANIFEST).is_file():
+        return Llama4Config.from_json(out_dir), jnp.dtype(_read_manifest(out_dir)["dtype"]), True
+    if (out_dir / PENDING).is_file():
+        pending = json.loads((out_dir / PENDING).read_text())
+        return Llama4Config.from_dict(pending["config"]), jnp.dtype(pending["dtype"]), False
+    raise CheckpointError(f"{out_dir} is not empty and holds no mavjax checkpoint; choose a new or empty directory")
+
+
+def _clear(out_dir: Path) -> None:
+    # The manifest goes first, so that a directory whose deletion is cut short never looks complete.
+    for name in (MANIFEST, PENDING, "config.json", *TOKENIZER_FILES):
+        (out_dir / name).unlink(missing_ok=True)
+    shutil.rmtree(out_dir / "params", ignore_errors=True)
+
+
+def _write_json(path: Path, obj) -> None:
+    """Write-then-rename, so a reader sees the old file or the whole new one, never a torn one."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -1,0 +1,106 @@
+"""Decode latency of a random-weight model of a preset's width (optionally fewer layers), through plain XLA.
+
+Prints ms/token at the given batch sizes next to the bytes-read floor: the weight bytes one decode step must
+read (attention, dense MLPs, the shared expert and the routed experts actually chosen, the LM head) plus the KV
+cache, over the device-copy bandwidth measured in the same run.
+
+  python scripts/bench_decode.py --preset maverick --layers 2 --batch 1 --new-tokens 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+def copy_bandwidth(nbytes=2 << 30, reps=20):
+    """Device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
+    x = jnp.ones((nbytes // 4,), jnp.float32)
+    f = jax.jit(lambda a: a + 1.0)
+    f(x).block_until_ready()
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        f(x).block_until_ready()
+        ts.append(time.perf_counter() - t)
+    return 2 * nbytes / float(np.median(ts))
+
+
+def step_bytes(cfg, batch, context, dtype_bytes):
+    """Fewest bytes one decode step reads: every weight used by `batch` tokens once, plus the KV cache."""
+    D, H, K, Dh = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    F, Fm, E, k = cfg.intermediate_size, cfg.intermediate_size_mlp, cfg.num_local_experts, cfg.num_experts_per_tok
+    n = D * (H + 2 * K) * Dh + H * Dh * D
+    per_layer_attn = n
+    total = cfg.hidden_size * cfg.vocab_size  # LM head
+    # Expected distinct experts hit by batch*k uniform routings.
+    distinct = E * (1 - (1 - 1 / E) ** (batch * k))
+    for i in range(cfg.num_hidden_layers):
+        total += per_layer_attn
+        if cfg.is_moe_layer(i):
+            total += 3 * D * F * (1 + distinct) + D * E
+        else:
+            total += 3 * D * Fm
+    kv = cfg.num_hidden_layers * 2 * batch * context * K * Dh
+    return (total + kv) * dtype_bytes
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="maverick")
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--no-rope-interval", type=int, default=2, help="so that a short model has RoPE and NoPE")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1])
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+
+    from mavjax.api import LLM
+    from mavjax.config import preset
+    from mavjax.model import Llama4
+    from mavjax.sampling import SamplingParams
+
+    cfg = preset(a.preset, num_hidden_layers=a.layers, no_rope_layer_interval=a.no_rope_interval)
+    dtype = jnp.dtype(a.dtype)
+    t = time.perf_counter()
+    model = Llama4(cfg, dtype=dtype, rngs=nnx.Rngs(0))
+    nparams = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    print(f"model: {a.preset} width, {a.layers} layers, {nparams / 1e9:.2f}B params, init {time.perf_counter() - t:.1f}s")
+    bw = copy_bandwidth()
+    print(f"device: {jax.devices()[0].device_kind}; copy bandwidth {bw / 1e12:.2f} TB/s")
+    llm = LLM.from_model(model, max_batch_size=max(a.batch))
+    rows = []
+    rng = np.random.default_rng(0)
+    for B in a.batch:
+        prompts = [rng.integers(0, cfg.vocab_size, a.prompt_len).tolist() for _ in range(B)]
+        sp = SamplingParams(max_new_tokens=a.new_tokens, temperature=0.0, ignore_eos=True)
+        llm.generate(prompts, sp)  # compile
+        best = None
+        for _ in range(3):
+            outs = llm.generate(prompts, sp)
+            m = outs[0].metrics
+            steps = m.num_generated_tokens - 1
+            ms = m.decode_time_s / steps * 1e3
+            best = ms if best is None else min(best, ms)
+        floor_ms = step_bytes(cfg, B, a.prompt_len + a.new_tokens // 2, dtype.itemsize) / bw * 1e3
+        rows.append(dict(batch=B, ms_per_token=best, floor_ms=floor_ms, ratio=best / floor_ms,
+                         ttft_ms=m.time_to_first_token_s * 1e3))
+    print(f"{'batch':>5} {'ms/token':>9} {'floor ms':>9} {'x floor':>8} {'TTFT ms':>8}")
+    for r in rows:
+        print(f"{r['batch']:>5} {r['ms_per_token']:>9.3f} {r['floor_ms']:>9.3f} {r['ratio']:>8.2f} {r['ttft_ms']:>8.1f}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(dict(preset=a.preset, layers=a.layers, device=jax.devices()[0].device_kind,
+                           copy_tb_s=bw / 1e12, rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

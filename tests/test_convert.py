@@ -1,0 +1,446 @@
+"""Hugging Face -> mavjax checkpoint conversion (checkpoints/convert.py) and the mavjax checkpoint format
+(mavjax/checkpoint.py): round trips for every HF layout, bounded memory, resume, and errors that name the
+tensor at fault."""
+
+import argparse
+import json
+import os
+import tracemalloc
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from safetensors.numpy import save_file
+from safetensors.torch import save_file as torch_save_file
+from transformers import Llama4ForCausalLM, Llama4TextConfig
+
+from checkpoints import convert as conv
+from checkpoints.hf_layout import sources
+from mavjax.checkpoint import MANIFEST, CheckpointError, CheckpointWriter, load_model, save_model
+from mavjax.config import ConfigError, Llama4Config, preset
+from mavjax.model import Llama4
+
+# 4 layers: dense and MoE (layers 1, 3), RoPE and NoPE layers.
+HF_CFG = dict(vocab_size=128, hidden_size=32, intermediate_size=16, intermediate_size_mlp=48, num_hidden_layers=4,
+              num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=3,
+              interleave_moe_layer_step=2, no_rope_layer_interval=2, attention_chunk_size=8)
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+    """A random transformers Llama 4 text model: (model, its config.json dict, {name: float32 numpy})."""
+    torch.manual_seed(0)
+    model = Llama4ForCausalLM(Llama4TextConfig(**HF_CFG))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_()  # norms included, so that no tensor is all ones
+    return model, _config_json(model), {k: v.numpy().copy() for k, v in model.state_dict().items()}
+
+
+def _config_json(model):
+    return json.loads(model.config.to_json_string())
+
+
+def save_hf(path: Path, tensors: dict, config: dict, shards: int = 1, index: bool = False) -> Path:
+    """A Hugging Face checkpoint directory: config.json and `shards` safetensors files (with an index or not)."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config))
+    names = sorted(tensors)
+    if shards == 1 and not index:
+        save_file({n: np.ascontiguousarray(tensors[n]) for n in names}, str(path / "model.safetensors"))
+        return path
+    weight_map = {}
+    for s in range(shards):
+        fname = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        part = names[s::shards]
+        save_file({n: np.ascontiguousarray(tensors[n]) for n in part}, str(path / fname))
+        weight_map.update({n: fname for n in part})
+    if index:
+        (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return path
+
+
+def expected_params(cfg: Llama4Config, hf: dict) -> dict:
+    """The mavjax parameters that hf_layout maps the (canonically named) HF tensors to."""
+    return {s.target: s.build(*(hf[n] for n in s.hf_names)) for s in sources(cfg, set(hf))}
+
+
+def loaded_params(path, **kw) -> dict:
+    _, model = load_model(path, **kw)
+    return {".".join(map(str, p)): np.asarray(v.get_value())
+            for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def assert_params_equal(got: dict, want: dict):
+    assert sorted(got) == sorted(want)
+    for k in want:
+        assert got[k].shape == want[k].shape, k
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
+def per_expert(hf: dict) -> dict:
+    """The same weights with one Linear per expert, as other exports store them."""
+    out = {}
+    for name, w in hf.items():
+        if name.endswith("experts.gate_up_proj"):
+            base, F = name[: -len("gate_up_proj")], w.shape[-1] // 2
+            for e in range(w.shape[0]):
+                out[f"{base}{e}.gate_proj.weight"] = w[e][:, :F].T
+                out[f"{base}{e}.up_proj.weight"] = w[e][:, F:].T
+        elif name.endswith("experts.down_proj"):
+            for e in range(w.shape[0]):
+                out[f"{name[: -len('down_proj')]}{e}.down_proj.weight"] = w[e].T
+        else:
+            out[name] = w
+    return out
+
+
+class Killed(BaseException):
+    """A simulated kill: like KeyboardInterrupt, not caught by `except Exception`."""
+
+
+_real_write = CheckpointWriter.write
+
+
+def count_writes(monkeypatch, fail_after=None) -> list:
+    """Record the targets CheckpointWriter.write is called for; be killed after `fail_after` writes."""
+    calls = []
+
+    def write(self, target, value):
+        if fail_after is not None and len(calls) == fail_after:
+            raise Killed()
+        calls.append(target)
+        _real_write(self, target, value)
+
+    monkeypatch.setattr(CheckpointWriter, "write", write)
+    return calls
+
+
+# ---- round trips ---------------------------------------------------------------------------------------------
+
+def test_round_trip_fused_experts_sharded(tmp_path, hf_model):
+    model, _, hf = hf_model
+    src = tmp_path / "hf"
+    model.save_pretrained(src, max_shard_size="50KB")  # transformers' own layout, sharded with an index
+    assert (src / "model.safetensors.index.json").exists() and len(list(src.glob("*.safetensors"))) > 2
+    (src / "tokenizer.json").write_text("{}")
+
+    summary = conv.convert(src, tmp_path / "out", dtype="float32", progress=False)
+    cfg = Llama4Config.from_json(src)
+    assert summary.written == len(sources(cfg, set(hf))) and summary.already_present == 0
+    got = loaded_params(tmp_path / "out")
+    assert_params_equal(got, expected_params(cfg, hf))
+    # Independent of hf_layout: the transpose/head split of attention and the split of the fused experts.
+    np.testing.assert_array_equal(got["layers.0.attn.wq"],
+                                  hf["model.layers.0.self_attn.q_proj.weight"].T.reshape(32, 4, 8))
+    gate_up = hf["model.layers.1.feed_forward.experts.gate_up_proj"]
+    np.testing.assert_array_equal(got["layers.1.ffn.w_gate"], gate_up[..., :16])
+    np.testing.assert_array_equal(got["layers.1.ffn.w_up"], gate_up[..., 16:])
+
+    out = tmp_path / "out"
+    assert (out / "tokenizer.json").read_text() == "{}"
+    assert Llama4Config.from_json(out) == cfg
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["dtype"] == "float32"
+    assert manifest["params"]["layers.1.ffn.w_down"] == {"shape": [3, 16, 32], "dtype": "float32"}
+    _, m = load_model(out)
+    np.testing.assert_allclose(np.asarray(m.inv_freq.get_value()), cfg.rope_inv_freq(), rtol=1e-7)
+    assert m.layers[1].ffn.w_gate.logical_axes == ("expert", "embed", "expert_mlp")
+
+
+def test_round_trip_per_expert_layout(tmp_path, hf_model):
+    _, config, hf = hf_model
+    src = save_hf(tmp_path / "hf", per_expert(hf), config, shards=3)  # several files, no index
+    conv.convert(src, tmp_path / "out", dtype="float32", progress=False)
+    # Same weights, other layout: the same mavjax parameters as from the fused experts.
+    assert_params_equal(loaded_params(tmp_path / "out"), expected_params(Llama4Config.from_dict(config), hf))
+
+
+@pytest.mark.parametrize("style", ["transformers4", "transformers5"])
+def test_round_trip_multimodal(tmp_path, hf_model, style):
+    _, config, hf = hf_model
+    if style == "transformers4":  # language_model.model.layers..., language_model.lm_head.weight
+        tensors = {"language_model." + k: v for k, v in hf.items()}
+        vision = ["vision_model.patch_embedding.linear.weight", "multi_modal_projector.linear_1.weight"]
+    else:  # model.language_model.layers..., lm_head.weight
+        tensors = {(k if k.startswith("lm_head") else "model.language_model." + k[len("model."):]): v
+                   for k, v in hf.items()}
+        vision = ["model.vision_model.patch_embedding.linear.weight", "model.multi_modal_projector.linear_1.weight",
+                  "model.vision_model.model.layers.0.mlp.fc1.weight"]
+    tensors.update({n: np.ones((4, 4), np.float32) for n in vision})
+    mm_config = {"model_type": "llama4", "architectures": ["Llama4ForConditionalGeneration"],
+                 "text_config": config, "vision_config": {"hidden_size": 4}, "image_token_index": 200092}
+    src = save_hf(tmp_path / "hf", tensors, mm_config)  # a single model.safetensors
+
+    summary = conv.convert(src, tmp_path / "out", dtype="float32", progress=False)
+    assert summary.vision_skipped == len(vision)
+    assert_params_equal(loaded_params(tmp_path / "out"), expected_params(Llama4Config.from_dict(config), hf))
+
+
+def test_bfloat16_source(tmp_path, hf_model):
+    model, _, _ = hf_model
+    bf16 = Llama4ForCausalLM(model.config).to(torch.bfloat16)
+    bf16.load_state_dict(model.state_dict())
+    bf16.save_pretrained(tmp_path / "hf")
+    hf = {k: v.view(torch.int16).numpy().view(ml_dtypes.bfloat16) for k, v in bf16.state_dict().items()}
+    cfg = Llama4Config.from_json(tmp_path / "hf")
+
+    conv.convert(tmp_path / "hf", tmp_path / "out", progress=False)  # bfloat16 by default: bit exact
+    want = expected_params(cfg, hf)
+    got = loaded_params(tmp_path / "out")
+    assert all(v.dtype == ml_dtypes.bfloat16 for v in got.values())
+    assert_params_equal(got, want)
+    # Cast while loading.
+    assert_params_equal(loaded_params(tmp_path / "out", dtype=jnp.float32),
+                        {k: v.astype(np.float32) for k, v in want.items()})
+
+
+def test_read_tensor_dtypes(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(3, 5)
+    tensors = {"f32": x, "f16": x.half(), "bf16": x.bfloat16(), "f8": x.to(torch.float8_e4m3fn),
+               "f64": x.double(), "i8": (x * 10).to(torch.int8), "u8": (x * 10).abs().to(torch.uint8),
+               "i64": (x * 1e6).long(), "bool": x > 0, "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 4)}
+    torch_save_file(tensors, str(tmp_path / "t.safetensors"))
+    entries = conv.read_header(tmp_path / "t.safetensors")
+    assert entries["bf16"].dtype == "BF16" and entries["f8"].dtype == "F8_E4M3"
+    for name, t in tensors.items():
+        got = conv.read_tensor(entries[name])
+        assert got.shape == tuple(t.shape), name
+        want = t.float().numpy() if t.is_floating_point() else t.numpy()
+        np.testing.assert_array_equal(got.astype(want.dtype), want, err_msg=name)
+
+
+# ---- memory --------------------------------------------------------------------------------------------------
+
+def test_peak_memory_stays_near_one_tensor(tmp_path):
+    # 44 tensors of 1 MiB (float32 512 x 512) and a few small norms.
+    cfg = Llama4Config(vocab_size=512, hidden_size=512, intermediate_size=512, intermediate_size_mlp=512,
+                       num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=8, head_dim=64,
+                       moe_layers=(), attention_chunk_size=64)
+    rng = np.random.default_rng(0)
+    hf = {n: rng.standard_normal(shape, np.float32)
+          for s in sources(cfg, set()) for n, shape in zip(s.hf_names, s.hf_shapes)}
+    total, largest = sum(a.nbytes for a in hf.values()), max(a.nbytes for a in hf.values())
+    assert len(hf) >= 40 and total >= 40 * 2**20
+    src = save_hf(tmp_path / "hf", hf, cfg.to_dict(), shards=4)
+    del hf
+
+    # Tensors are read into numpy heap arrays (not memory-mapped), which tracemalloc traces; a converter that
+    # loaded every tensor first would peak above `total`.
+    tracemalloc.start()
+    try:
+        conv.convert(src, tmp_path / "out", progress=False)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert largest <= peak < 0.25 * total, (peak, total)
+
+
+# ---- interruption and resume ---------------------------------------------------------------------------------
+
+def test_interrupted_conversion_resumes(tmp_path, hf_model, monkeypatch):
+    model, _, hf = hf_model
+    src = tmp_path / "hf"
+    model.save_pretrained(src, max_shard_size="50KB")
+    n_params = len(sources(Llama4Config.from_json(src), set(hf)))
+
+    with pytest.raises(Killed):
+        count_writes(monkeypatch, fail_after=7)
+        conv.convert(src, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out" / MANIFEST).exists()
+    with pytest.raises(CheckpointError, match=r"incomplete checkpoint .*re-run `mavjax convert` with the same"):
+        load_model(tmp_path / "out")
+
+    calls = count_writes(monkeypatch)
+    summary = conv.convert(src, tmp_path / "out", progress=False)
+    assert len(calls) == n_params - 7 and summary.already_present == 7 and summary.written == n_params - 7
+    monkeypatch.undo()
+    conv.convert(src, tmp_path / "clean", progress=False)
+    assert_params_equal(loaded_params(tmp_path / "out"), loaded_params(tmp_path / "clean"))
+
+
+def test_write_cut_short_is_redone(tmp_path, hf_model, monkeypatch):
+    # Killed after orbax saved a parameter under params/.partial/ but before it was renamed into place.
+    _, config, hf = hf_model
+    src = save_hf(tmp_path / "hf", hf, config)
+    real_replace = os.replace
+
+    def replace(a, b):
+        if Path(a).parent.name == ".partial" and Path(b).parent.name != ".partial":
+            raise Killed()
+        real_replace(a, b)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(Killed):
+        conv.convert(src, tmp_path / "out", progress=False)
+    monkeypatch.undo()
+    assert list((tmp_path / "out" / "params" / ".partial").iterdir())  # the half-done parameter
+
+    calls = count_writes(monkeypatch)
+    summary = conv.convert(src, tmp_path / "out", progress=False)
+    assert summary.already_present == 0 and len(calls) == summary.written
+    assert_params_equal(loaded_params(tmp_path / "out", dtype=jnp.float32),
+                        {k: v.astype(ml_dtypes.bfloat16).astype(np.float32)
+                         for k, v in expected_params(Llama4Config.from_dict(config), hf).items()})
+
+
+def test_existing_output(tmp_path, hf_model, monkeypatch):
+    _, config, hf = hf_model
+    src = save_hf(tmp_path / "hf", hf, config)
+    out = tmp_path / "out"
+    conv.convert(src, out, progress=False)
+
+    calls = count_writes(monkeypatch)
+    assert conv.convert(src, out, progress=False).already_done and not calls
+    with pytest.raises(CheckpointError, match="differs in dtype"):
+        conv.convert(src, out, dtype="float32", progress=False)
+    other = dict(config, rope_theta=1234.0)
+    with pytest.raises(CheckpointError, match="differs in rope_theta"):
+        conv.convert(save_hf(tmp_path / "hf2", hf, other), out, progress=False)
+
+    summary = conv.convert(src, out, dtype="float32", progress=False, overwrite=True)
+    assert summary.written == len(calls) > 0 and not summary.already_done
+    assert json.loads((out / MANIFEST).read_text())["dtype"] == "float32"
+
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "notes.txt").write_text("mine")
+    with pytest.raises(CheckpointError, match="holds no mavjax checkpoint"):
+        conv.convert(src, tmp_path / "foreign", progress=False, overwrite=True)
+    assert (tmp_path / "foreign" / "notes.txt").exists()
+
+
+# ---- errors --------------------------------------------------------------------------------------------------
+
+def _fails_fast(tmp_path, src, exc, match):
+    with pytest.raises(exc, match=match):
+        conv.convert(src, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()  # checked from the headers, before anything was written
+
+
+def test_missing_tensor(tmp_path, hf_model):
+    _, config, hf = hf_model
+    tensors = {k: v for k, v in hf.items() if k != "model.layers.3.self_attn.q_proj.weight"}
+    _fails_fast(tmp_path, save_hf(tmp_path / "hf", tensors, config), conv.ConversionError,
+                r"missing tensor 'model.layers.3.self_attn.q_proj.weight' in .*hf")
+
+
+def test_missing_expert_of_per_expert_layout(tmp_path, hf_model):
+    _, config, hf = hf_model
+    tensors = per_expert(hf)
+    del tensors["model.layers.3.feed_forward.experts.2.up_proj.weight"]
+    _fails_fast(tmp_path, save_hf(tmp_path / "hf", tensors, config), conv.ConversionError,
+                r"missing tensor 'model.layers.3.feed_forward.experts.2.up_proj.weight'")
+
+
+def test_unexpected_tensor(tmp_path, hf_model):
+    _, config, hf = hf_model
+    tensors = dict(hf, **{"model.layers.0.self_attn.q_norm.weight": np.ones(8, np.float32)})
+    _fails_fast(tmp_path, save_hf(tmp_path / "hf", tensors, config), conv.ConversionError,
+                r"unexpected tensor 'model.layers.0.self_attn.q_norm.weight' in .*model.safetensors")
+
+
+def test_shape_mismatch(tmp_path, hf_model):
+    _, config, hf = hf_model
+    name = "language_model.model.layers.2.self_attn.k_proj.weight"
+    tensors = {"language_model." + k: v for k, v in hf.items()}
+    tensors[name] = tensors[name].T
+    _fails_fast(tmp_path, save_hf(tmp_path / "hf", tensors, {"model_type": "llama4", "text_config": config}),
+                conv.ConversionError, rf"tensor '{name}' has shape \(32, 16\), expected \(16, 32\) from config.json")
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"num_attention_heads": 3}, "num_attention_heads"),
+    ({"hidden_sizes": 32}, "hidden_sizes"),
+    ({"model_type": "llama"}, "model_type"),
+])
+def test_bad_config(tmp_path, hf_model, change, match):
+    _, config, hf = hf_model
+    _fails_fast(tmp_path, save_hf(tmp_path / "hf", hf, dict(config, **change)), ConfigError, match)
+
+
+def test_config_shape_disagreement_names_tensor(tmp_path, hf_model):
+    # A config.json that is valid but does not describe these tensors.
+    _, config, hf = hf_model
+    _fails_fast(tmp_path, save_hf(tmp_path / "hf", hf, dict(config, vocab_size=100)), conv.ConversionError,
+                r"tensor 'model.embed_tokens.weight' has shape \(128, 32\), expected \(100, 32\)")
+
+
+def test_corrupt_and_missing_files(tmp_path, hf_model):
+    _, config, hf = hf_model
+    src = save_hf(tmp_path / "hf", hf, config, shards=2, index=True)
+    (src / "model-00002-of-00002.safetensors").unlink()
+    _fails_fast(tmp_path, src, conv.ConversionError, "lists model-00002-of-00002.safetensors")
+
+    src = save_hf(tmp_path / "hf1", hf, config)
+    data = (src / "model.safetensors").read_bytes()
+    (src / "model.safetensors").write_bytes(data[:-100])
+    _fails_fast(tmp_path, src, conv.ConversionError, "past the end of the file")
+    (src / "model.safetensors").write_bytes(b"not a safetensors file")
+    _fails_fast(tmp_path, src, conv.ConversionError, "is not a safetensors file")
+    (src / "config.json").unlink()
+    _fails_fast(tmp_path, src, FileNotFoundError, "config.json")
+
+
+def test_cli(tmp_path, hf_model, capsys):
+    _, config, hf = hf_model
+    parser = argparse.ArgumentParser()
+    conv.add_arguments(parser)
+    bad = save_hf(tmp_path / "bad", {k: v for k, v in hf.items() if k != "model.norm.weight"}, config)
+    assert conv.main(parser.parse_args(["--hf", str(bad), "--out", str(tmp_path / "o1"), "--quiet"])) == 1
+    assert "missing tensor 'model.norm.weight'" in capsys.readouterr().err
+
+    good = save_hf(tmp_path / "good", hf, config)
+    assert conv.main(parser.parse_args(["--hf", str(good), "--out", str(tmp_path / "o2"), "--dtype", "float32"])) == 0
+    assert "wrote" in capsys.readouterr().out
+    assert json.loads((tmp_path / "o2" / MANIFEST).read_text())["dtype"] == "float32"
+
+
+# ---- the mavjax format on its own ----------------------------------------------------------------------------
+
+def test_save_model_load_model(tmp_path):
+    cfg = preset("tiny")
+    model = Llama4(cfg, dtype=jnp.float32, rngs=nnx.Rngs(3))
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer_config.json").write_text('{"x": 1}')
+    save_model(model, tmp_path / "ckpt", tokenizer_src_dir=tmp_path / "tok")
+    assert (tmp_path / "ckpt" / "tokenizer_config.json").exists()
+
+    want = {".".join(map(str, p)): np.asarray(v.get_value())
+            for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    got_cfg, loaded = load_model(tmp_path / "ckpt", shardings={"embed": sharding})
+    assert got_cfg == cfg and loaded.embed.get_value().sharding == sharding
+    assert_params_equal(loaded_params(tmp_path / "ckpt"), want)
+    tokens = jnp.arange(12, dtype=jnp.int32).reshape(2, 6)
+    np.testing.assert_array_equal(np.asarray(loaded(tokens)[0]), np.asarray(model(tokens)[0]))
+
+    save_model(model, tmp_path / "ckpt")  # saving again replaces it
+    with pytest.raises(CheckpointError, match="'layers.0.attn.wz' is not a parameter"):
+        load_model(tmp_path / "ckpt", shardings={"layers.0.attn.wz": sharding})
+
+
+def test_load_model_errors(tmp_path, hf_model):
+    model, _, _ = hf_model
+    model.save_pretrained(tmp_path / "hf")
+    with pytest.raises(CheckpointError, match="is a Hugging Face checkpoint.*mavjax convert"):
+        load_model(tmp_path / "hf")
+    with pytest.raises(FileNotFoundError):
+        load_model(tmp_path / "nowhere")
+
+    conv.convert(tmp_path / "hf", tmp_path / "out", progress=False)
+    manifest_path = tmp_path / "out" / MANIFEST
+    manifest = json.loads(manifest_path.read_text())
+    manifest["params"]["layers.2.attn.wo"]["shape"] = [4, 8, 31]
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match=r"'layers.2.attn.wo' has shape \(4, 8, 31\)"):
+        load_model(tmp_path / "out")
+    del manifest["params"]["layers.2.attn.wo"]
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="'layers.2.attn.wo' is missing"):
+        load_model(tmp_path / "out")

@@ -1,0 +1,130 @@
+"""Generation mechanics on a tiny random model: batching, buckets, stop tokens, seeds, bad prompts."""
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from mavjax import LLM, PromptError, SamplingParams, preset
+from mavjax.model import Llama4
+
+
+@pytest.fixture(scope="module")
+def llm():
+    import jax.numpy as jnp
+
+    cfg = preset("tiny", max_position_embeddings=128)
+    return LLM.from_model(Llama4(cfg, dtype=jnp.float32, rngs=nnx.Rngs(3)), max_batch_size=8)
+
+
+def _prompts(n, seed=0, lo=2, hi=30):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, 500, size=rng.integers(lo, hi)).tolist() for _ in range(n)]
+
+
+def test_batch_equals_one_by_one(llm):
+    prompts = _prompts(5)
+    for sp in (SamplingParams(max_new_tokens=12, temperature=0.0, ignore_eos=True),
+               SamplingParams(max_new_tokens=12, temperature=0.9, top_p=0.9, top_k=50, seed=11, ignore_eos=True)):
+        together = llm.generate(prompts, sp)
+        alone = [llm.generate([p], sp)[0] for p in prompts]
+        assert [o.token_ids for o in together] == [o.token_ids for o in alone]
+        assert all(len(o.token_ids) == 12 for o in together)
+
+
+def test_seed_reproducible_and_varies(llm):
+    p = _prompts(1)[0]
+    a = llm.generate(p, SamplingParams(max_new_tokens=16, temperature=1.0, seed=1, ignore_eos=True))[0]
+    b = llm.generate(p, SamplingParams(max_new_tokens=16, temperature=1.0, seed=1, ignore_eos=True))[0]
+    c = llm.generate(p, SamplingParams(max_new_tokens=16, temperature=1.0, seed=2, ignore_eos=True))[0]
+    assert a.token_ids == b.token_ids != c.token_ids
+
+
+def test_stop_token_ends_generation(llm):
+    p = _prompts(1, seed=4)[0]
+    free = llm.generate(p, SamplingParams(max_new_tokens=20, temperature=0.0, ignore_eos=True))[0].token_ids
+    stop = free[6]
+    first = free.index(stop)
+    out = llm.generate(p, SamplingParams(max_new_tokens=20, temperature=0.0, stop_token_ids=[stop],
+                                         ignore_eos=True))[0]
+    assert out.token_ids == free[:first + 1] and out.finish_reason == "stop"
+
+
+def test_per_prompt_budgets(llm):
+    prompts = _prompts(3, seed=5)
+    sps = [SamplingParams(max_new_tokens=n, temperature=0.0, ignore_eos=True) for n in (1, 7, 3)]
+    assert [len(o.token_ids) for o in llm.generate(prompts, sps)] == [1, 7, 3]
+
+
+def test_new_length_in_bucket_does_not_recompile(llm):
+    sp = SamplingParams(max_new_tokens=4, temperature=0.0, ignore_eos=True)
+    llm.generate([list(range(3, 12))], sp)
+    before = llm.engine._prefill._cache_size(), llm.engine._decode._cache_size()
+    for n in (10, 13, 16):
+        llm.generate([list(range(3, 3 + n))], sp)
+    assert (llm.engine._prefill._cache_size(), llm.engine._decode._cache_size()) == before
+
+
+def test_decode_is_one_device_loop_with_donated_cache(llm, monkeypatch):
+    calls = []
+    real = llm.engine._decode
+    monkeypatch.setattr(llm.engine, "_decode", lambda *a, **k: calls.append(1) or real(*a, **k))
+    llm.generate(_prompts(2), SamplingParams(max_new_tokens=10, temperature=0.0, ignore_eos=True))
+    assert len(calls) == 1  # one call for all 10 tokens
+    jaxpr = str(jax.make_jaxpr(lambda *a: real.__wrapped__(*a, out_len=4, all_greedy=True))(
+        *_decode_args(llm)))
+    assert "while" in jaxpr
+
+
+def _decode_args(llm):
+    import jax.numpy as jnp
+    from mavjax.kv_cache import KVCache
+
+    B = 1
+    cache = KVCache.create(llm.cfg, B, 32, jnp.float32)
+    i = jnp.zeros((B,), jnp.int32)
+    return (llm.engine.state, cache, i, i + 1, i + 4, jnp.ones((B,), bool), jnp.full((8,), -1, jnp.int32),
+            jnp.zeros((B,), jnp.float32), i, jnp.ones((B,), jnp.float32), jnp.zeros((B,), jnp.uint32))
+
+
+def test_cache_is_donated(llm):
+    b = _batch()
+    first, cache = llm.engine.prefill(b, 64)
+    llm.engine.decode(b, first, cache, 4)
+    assert cache.k[0].is_deleted() and cache.v[-1].is_deleted() and cache.pos.is_deleted()  # updated in place
+
+
+def _batch():
+    from mavjax.generate import Batch
+
+    return Batch(tokens=np.arange(3, 19, dtype=np.int32)[None], lengths=np.array([16], np.int32),
+                 max_new=np.array([3], np.int32), temperature=np.zeros(1, np.float32), top_k=np.zeros(1, np.int32),
+                 top_p=np.ones(1, np.float32), seeds=np.zeros(1, np.uint32), stop_ids=np.full(8, -1, np.int32),
+                 n_real=1)
+
+
+def test_bad_prompts_fail_before_device_work(llm, monkeypatch):
+    monkeypatch.setattr(llm.engine, "prefill", lambda *a, **k: pytest.fail("device work started"))
+    sp = SamplingParams(max_new_tokens=4)
+    with pytest.raises(PromptError, match="longer than the context.*max_model_len is 128"):
+        llm.generate([list(range(3, 3 + 128))], sp)
+    with pytest.raises(PromptError, match="empty prompt"):
+        llm.generate([[]], sp)
+    with pytest.raises(PromptError, match="outside the vocabulary"):
+        llm.generate([[5, 512]], sp)
+    with pytest.raises(PromptError, match="no tokenizer"):
+        llm.generate("text prompt", sp)
+    with pytest.raises(ValueError, match="stop_token_ids"):
+        llm.generate([[5, 6]], SamplingParams(stop_token_ids=[9999]))
+
+
+def test_generation_is_clipped_to_the_context(llm):
+    out = llm.generate([list(range(3, 3 + 120))], SamplingParams(max_new_tokens=50, temperature=0.0,
+                                                                  ignore_eos=True))[0]
+    assert len(out.token_ids) == 8 and out.finish_reason == "length"
+
+
+def test_logits_of_prefix_are_causal(llm):
+    ids = _prompts(1, lo=20, hi=21)[0]
+    full, part = llm.logits(ids), llm.logits(ids[:9])
+    np.testing.assert_allclose(full[:9], part, rtol=1e-5, atol=1e-5)
