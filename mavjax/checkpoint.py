@@ -22,7 +22,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -61,8 +60,10 @@ class CheckpointWriter:
         self.shapes = param_shapes(cfg)
         self._params = self.dir / "params"
         self._partial = self._params / ".partial"
+        pending = {"format_version": FORMAT_VERSION, "dtype": self.dtype.name, "config": cfg.to_dict()}
         found = _existing(self.dir)
         if found is not None and overwrite:
+            _write_json(self.dir / PENDING, pending)  # so the directory stays recognisably ours while cleared
             _clear(self.dir)
             found = None
         if found is not None:
@@ -79,8 +80,7 @@ class CheckpointWriter:
             return
         shutil.rmtree(self._partial, ignore_errors=True)  # left by a write that was cut short
         self._partial.mkdir(parents=True, exist_ok=True)
-        _write_json(self.dir / PENDING, {"format_version": FORMAT_VERSION, "dtype": self.dtype.name,
-                                         "config": cfg.to_dict()})
+        _write_json(self.dir / PENDING, pending)
 
     def has(self, target: str) -> bool:
         return (self._params / target).is_dir()
@@ -198,8 +198,9 @@ def _existing(out_dir: Path):
 
 
 def _clear(out_dir: Path) -> None:
-    # The manifest goes first, so that a directory whose deletion is cut short never looks complete.
-    for name in (MANIFEST, PENDING, "config.json", *TOKENIZER_FILES):
+    """Delete a checkpoint's files, except the pending marker. The manifest goes first, so that a directory
+    whose deletion is cut short never looks complete."""
+    for name in (MANIFEST, "config.json", *TOKENIZER_FILES):
         (out_dir / name).unlink(missing_ok=True)
     shutil.rmtree(out_dir / "params", ignore_errors=True)
 

@@ -2,7 +2,6 @@
 (mavjax/checkpoint.py): round trips for every HF layout, bounded memory, resume, and errors that name the
 tensor at fault."""
 
-import argparse
 import json
 import os
 import tracemalloc
@@ -22,8 +21,7 @@ from transformers import Llama4ForCausalLM, Llama4TextConfig
 from checkpoints import convert as conv
 from checkpoints.hf_layout import sources
 from mavjax.checkpoint import MANIFEST, CheckpointError, CheckpointWriter, load_model, save_model
-from mavjax.config import ConfigError, Llama4Config, preset
-from mavjax.model import Llama4
+from mavjax.config import ConfigError, Llama4Config
 
 # 4 layers: dense and MoE (layers 1, 3), RoPE and NoPE layers.
 HF_CFG = dict(vocab_size=128, hidden_size=32, intermediate_size=16, intermediate_size_mlp=48, num_hidden_layers=4,
@@ -239,6 +237,7 @@ def test_peak_memory_stays_near_one_tensor(tmp_path):
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
+    print(f"peak {peak / 2**20:.1f} MiB of {total / 2**20:.1f} MiB converted")
     assert largest <= peak < 0.25 * total, (peak, total)
 
 
@@ -250,8 +249,8 @@ def test_interrupted_conversion_resumes(tmp_path, hf_model, monkeypatch):
     model.save_pretrained(src, max_shard_size="50KB")
     n_params = len(sources(Llama4Config.from_json(src), set(hf)))
 
+    count_writes(monkeypatch, fail_after=7)
     with pytest.raises(Killed):
-        count_writes(monkeypatch, fail_after=7)
         conv.convert(src, tmp_path / "out", progress=False)
     assert not (tmp_path / "out" / MANIFEST).exists()
     with pytest.raises(CheckpointError, match=r"incomplete checkpoint .*re-run `mavjax convert` with the same"):
@@ -388,37 +387,36 @@ def test_corrupt_and_missing_files(tmp_path, hf_model):
 
 
 def test_cli(tmp_path, hf_model, capsys):
+    from mavjax import cli
+
     _, config, hf = hf_model
-    parser = argparse.ArgumentParser()
-    conv.add_arguments(parser)
     bad = save_hf(tmp_path / "bad", {k: v for k, v in hf.items() if k != "model.norm.weight"}, config)
-    assert conv.main(parser.parse_args(["--hf", str(bad), "--out", str(tmp_path / "o1"), "--quiet"])) == 1
+    assert cli.main(["convert", "--hf", str(bad), "--out", str(tmp_path / "o1"), "--quiet"]) != 0
     assert "missing tensor 'model.norm.weight'" in capsys.readouterr().err
 
     good = save_hf(tmp_path / "good", hf, config)
-    assert conv.main(parser.parse_args(["--hf", str(good), "--out", str(tmp_path / "o2"), "--dtype", "float32"])) == 0
+    assert cli.main(["convert", "--hf", str(good), "--out", str(tmp_path / "o2"), "--dtype", "float32"]) == 0
     assert "wrote" in capsys.readouterr().out
     assert json.loads((tmp_path / "o2" / MANIFEST).read_text())["dtype"] == "float32"
+    assert cli.main(["convert", "--hf", str(good), "--out", str(tmp_path / "o2")]) != 0  # another dtype
+    assert "differs in dtype" in capsys.readouterr().err
 
 
 # ---- the mavjax format on its own ----------------------------------------------------------------------------
 
-def test_save_model_load_model(tmp_path):
-    cfg = preset("tiny")
-    model = Llama4(cfg, dtype=jnp.float32, rngs=nnx.Rngs(3))
+def test_save_model_load_model(tmp_path, hf_model):
+    _, config, hf = hf_model
+    conv.convert(save_hf(tmp_path / "hf", hf, config), tmp_path / "conv", dtype="float32", progress=False)
+    cfg, model = load_model(tmp_path / "conv")  # an in-memory model with known weights
     (tmp_path / "tok").mkdir()
     (tmp_path / "tok" / "tokenizer_config.json").write_text('{"x": 1}')
     save_model(model, tmp_path / "ckpt", tokenizer_src_dir=tmp_path / "tok")
     assert (tmp_path / "ckpt" / "tokenizer_config.json").exists()
 
-    want = {".".join(map(str, p)): np.asarray(v.get_value())
-            for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     got_cfg, loaded = load_model(tmp_path / "ckpt", shardings={"embed": sharding})
     assert got_cfg == cfg and loaded.embed.get_value().sharding == sharding
-    assert_params_equal(loaded_params(tmp_path / "ckpt"), want)
-    tokens = jnp.arange(12, dtype=jnp.int32).reshape(2, 6)
-    np.testing.assert_array_equal(np.asarray(loaded(tokens)[0]), np.asarray(model(tokens)[0]))
+    assert_params_equal(loaded_params(tmp_path / "ckpt"), expected_params(cfg, hf))
 
     save_model(model, tmp_path / "ckpt")  # saving again replaces it
     with pytest.raises(CheckpointError, match="'layers.0.attn.wz' is not a parameter"):
