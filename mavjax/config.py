@@ -328,11 +328,11 @@ def _tiny() -> Llama4Config:
 def _default_small() -> Llama4Config:
     # The architecture of the shipped default model (checkpoints/default): see scripts/train_tiny.py.
     return Llama4Config(
-        vocab_size=8192, hidden_size=256, intermediate_size=256, intermediate_size_mlp=768, num_hidden_layers=6,
+        vocab_size=4096, hidden_size=256, intermediate_size=256, intermediate_size_mlp=768, num_hidden_layers=6,
         num_attention_heads=8, num_key_value_heads=2, head_dim=32, max_position_embeddings=2048,
         num_local_experts=8, num_experts_per_tok=1, interleave_moe_layer_step=2, use_qk_norm=True,
         rope_theta=10000.0, no_rope_layer_interval=3, attention_chunk_size=128, floor_scale=128, attn_scale=0.1,
-        bos_token_id=1, eos_token_id=(2,), pad_token_id=0,
+        bos_token_id=1, eos_token_id=(2, 5), pad_token_id=0,  # <|end_of_text|>, <|eot|>
     )
 
 

@@ -75,9 +75,10 @@ def attend(q, k, v, mask, scale):
     K = k.shape[2]
     qg = q.reshape(B, T, K, H // K, Dh)
     s = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale  # [B, K, G, T, S]
-    s = jnp.where(mask[:, None, None], s, -jnp.inf)
+    # A large finite negative, not -inf: a row with no visible key (padding) must not make NaN gradients.
+    s = jnp.where(mask[:, None, None], s, -1e30)
     p = jax.nn.softmax(s, axis=-1)
-    p = jnp.where(mask[:, None, None], p, 0.0).astype(v.dtype)  # rows with no visible key (padding) -> 0
+    p = jnp.where(mask[:, None, None], p, 0.0).astype(v.dtype)  # such rows -> 0
     o = jnp.einsum("bkgts,bskd->btkgd", p, v)  # [B, T, K, G, Dh]
     return o.reshape(B, T, H, Dh)
 

@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
 """Train the shipped default model (`default-small`) on the stdlib corpus of scripts/build_corpus.py.
 
-    python scripts/build_corpus.py                       # -> .data/corpus (tokenizer + token arrays)
-    python scripts/train_tiny.py                         # -> .data/train_tiny (checkpoints), checkpoints/default
-    python scripts/train_tiny.py --steps 20 --batch 4 --seq-len 256 --out /tmp/smoke   # CPU smoke run
+    python scripts/build_corpus.py          # -> .data/corpus (tokenizer + token arrays), ~6 s
+    python scripts/train_tiny.py            # -> .data/train_tiny (checkpoints), checkpoints/default (the model)
+    python scripts/train_tiny.py --steps 8 --batch 2 --seq-len 256 --workdir /tmp/w --out /tmp/o  # CPU smoke
+
+The default run (2000 steps of 32 x 512 tokens) takes ~80 s on one H100; see DEFAULT_STEPS for why not longer.
 
 The model is `mavjax.model.Llama4` as inference uses it (its own forward, float32 parameters; matmuls in
 bfloat16 on accelerators, `--compute-dtype`), trained with next-token cross-entropy on random windows of
@@ -24,9 +26,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import math
-import os
 import platform
 import shutil
 import signal
@@ -50,8 +52,11 @@ from mavjax.config import Llama4Config, preset  # noqa: E402
 import mavjax.model as _model_lib  # noqa: E402
 from mavjax.model import Llama4  # noqa: E402
 
-# Default run, sized for one H100 (see the estimate in README of the report / `--help`): 16,384 tokens a step.
-DEFAULT_STEPS = 6000
+# The default run: 2000 steps x 32 x 512 = 32.8M tokens (~9.3 epochs of the 3.5M-token stdlib corpus).
+# Measured on one H100 (JAX 0.11.2, bf16): 55 steps/s (~0.9M tok/s), ~20 s compile, ~80 s end to end,
+# held-out perplexity 14.6. Longer runs only memorise the small corpus: 3000 steps -> ppl 19.4, 15000
+# steps (a 4.5-minute run) -> ppl 171 at train loss 0.19. (1000 steps: ppl 14.8.)
+DEFAULT_STEPS = 2000
 DEFAULT_BATCH = 32
 DEFAULT_SEQ_LEN = 512
 
@@ -185,119 +190,161 @@ def router_balance_loss(records, num_experts: int):
 
 
 # ---- the training program --------------------------------------------------------------------------------
-def make_optimizer(lr: float, steps: int, warmup: int, weight_decay: float, clip: float, min_lr_ratio: float):
-    warmup = max(1, min(warmup, steps // 5 if steps >= 5 else 1))
+@dataclass(frozen=True)
+class TrainSpec:
+    """Everything the compiled training step depends on (hashable: a static argument of the jitted
+    functions, so runs of the same spec in one process share compiled code)."""
+    cfg: Llama4Config
+    batch: int
+    seq_len: int
+    compute_dtype: str  # "bfloat16" | "float32"
+    lr: float
+    steps: int
+    warmup: int
+    weight_decay: float
+    clip: float
+    min_lr_ratio: float
+    router_aux_coef: float
+
+
+@functools.lru_cache(maxsize=None)
+def optimizer(spec: TrainSpec):
+    """(optax transform, lr schedule): AdamW (no decay on vectors), linear warmup then cosine decay to
+    lr * min_lr_ratio, after global-norm clipping."""
+    warmup = max(1, min(spec.warmup, spec.steps // 5 if spec.steps >= 5 else 1))
     schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=lr, warmup_steps=warmup, decay_steps=max(steps, warmup + 1),
-        end_value=lr * min_lr_ratio)
-    decay_mask = lambda params: {k: v.ndim >= 2 for k, v in params.items()}  # noqa: E731 (no decay on norms)
+        init_value=0.0, peak_value=spec.lr, warmup_steps=warmup, decay_steps=max(spec.steps, warmup + 1),
+        end_value=spec.lr * spec.min_lr_ratio)
+    decay_mask = lambda params: {k: v.ndim >= 2 for k, v in params.items()}  # noqa: E731 (not on norms)
     tx = optax.chain(
-        optax.clip_by_global_norm(clip),
-        optax.adamw(schedule, b1=0.9, b2=0.95, eps=1e-8, weight_decay=weight_decay, mask=decay_mask))
+        optax.clip_by_global_norm(spec.clip),
+        optax.adamw(schedule, b1=0.9, b2=0.95, eps=1e-8, weight_decay=spec.weight_decay, mask=decay_mask))
     return tx, schedule
 
 
-class Program:
-    """The jitted functions of one run. State: {"params": {name: f32}, "opt": optax state,
-    "step": int32 [], "data_key": uint32 [2]}."""
+@functools.lru_cache(maxsize=None)
+def skeleton(cfg: Llama4Config):
+    """(graphdef, ParamCodec, rest): the model's structure without allocating parameters; `rest` holds its
+    non-trained variables (RoPE inv_freq, derived from the config as the model derives it)."""
+    with jax.ensure_compile_time_eval():  # concrete even when first called under a trace (it is cached)
+        model = nnx.eval_shape(lambda: Llama4(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0)))
+        model.inv_freq.set_value(jnp.asarray(cfg.rope_inv_freq(), jnp.float32))
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(rest)):
+        raise RuntimeError("Llama4 has a non-parameter variable other than inv_freq; teach skeleton() about it")
+    return graphdef, ParamCodec(params), rest
 
-    def __init__(self, cfg: Llama4Config, *, batch: int, seq_len: int, compute_dtype, tx, schedule,
-                 seed: int, router_aux_coef: float = 0.0):
-        self.cfg, self.batch, self.seq_len, self.compute_dtype = cfg, batch, seq_len, compute_dtype
-        self.router_aux_coef = router_aux_coef
-        self.tx, self.schedule, self.seed = tx, schedule, seed
-        abstract = nnx.eval_shape(lambda: Llama4(cfg, dtype=jnp.float32, rngs=nnx.Rngs(seed)))
-        self.graphdef, params_abs, _ = nnx.split(abstract, nnx.Param, ...)
-        self.codec = ParamCodec(params_abs)
 
-        @jax.jit
-        def init():  # the model's own initializer, from the seed
-            _, p, rest = nnx.split(Llama4(cfg, dtype=jnp.float32, rngs=nnx.Rngs(seed)), nnx.Param, ...)
-            return self.codec.to_flat(p), rest
+def build_model(cfg: Llama4Config, params: dict, dtype=None) -> Llama4:
+    """A Llama4 over flat `params` (cast to `dtype` if given); inside jit or eagerly."""
+    graphdef, codec, rest = skeleton(cfg)
+    return nnx.merge(graphdef, codec.to_state(params if dtype is None else cast_floats(params, dtype)), rest)
 
-        self._init_params, self.rest = init()  # rest: the non-trained variables (RoPE inv_freq)
-        self.train_step = jax.jit(self._train_step, donate_argnums=(0,))
-        self.eval_step = jax.jit(self._eval_step, static_argnames=("dtype",))
-        self.routing = jax.jit(self._routing, static_argnames=("dtype",))
 
-    # -- model <-> params
-    def model(self, params: dict, dtype=None) -> Llama4:
-        """A Llama4 over `params` (cast to `dtype` if given); call inside jit (or eagerly)."""
-        p = self.codec.to_state(params if dtype is None else cast_floats(params, dtype))
-        return nnx.merge(self.graphdef, p, self.rest)
+def init_params(cfg: Llama4Config, seed: int) -> dict:
+    """The model's own initializer (float32), from the seed, as a flat dict."""
+    _, p, _ = nnx.split(Llama4(cfg, dtype=jnp.float32, rngs=nnx.Rngs(seed)), nnx.Param, ...)
+    return skeleton(cfg)[1].to_flat(p)
 
-    def init_state(self) -> dict:
-        params = jax.tree.map(jnp.copy, self._init_params)  # the state is donated; keep the init intact
-        return {"params": params, "opt": self.tx.init(params), "step": jnp.zeros((), jnp.int32),
-                "data_key": jax.random.key_data(jax.random.key(self.seed + 1))}
 
-    # -- losses
-    def _loss(self, params, windows):
-        """Mean next-token cross-entropy of windows [B, T+1] under model(windows[:, :-1]), plus
-        router_aux_coef x the MoE load-balancing loss. Returns (total, (cross-entropy, balance loss))."""
-        model = self.model(params, self.compute_dtype)
-        with capture_routing(self.cfg) as records:
-            logits, _ = model(windows[:, :-1])  # float32 [B, T, V]
-        nll = optax.softmax_cross_entropy_with_integer_labels(logits, windows[:, 1:]).mean()
-        balance = router_balance_loss(records, self.cfg.num_local_experts)
-        return nll + self.router_aux_coef * balance, (nll, balance)
+def init_state(spec: TrainSpec, seed: int) -> dict:
+    """State: {"params": {name: f32}, "opt": optax state, "step": int32 [], "data_key": uint32 [2]}."""
+    params = init_params(spec.cfg, seed)
+    state = {"params": params, "opt": optimizer(spec)[0].init(params), "step": jnp.zeros((), jnp.int32),
+             "data_key": jax.random.key_data(jax.random.key(seed + 1))}
+    # Committed to the device, as a restored state is, so a fresh and a resumed run share compiled code.
+    return jax.device_put(state, _device())
 
-    def sample_windows(self, data, data_key, step):
-        """Batch of step `step`: B random windows [B, T+1] of the train tokens, from (data_key, step)."""
-        key = jax.random.fold_in(jax.random.wrap_key_data(data_key), step)
-        n = data.shape[0]
-        starts = jax.random.randint(key, (self.batch,), 0, n - self.seq_len)  # n - T - 1 inclusive
-        take = jax.vmap(lambda s: jax.lax.dynamic_slice_in_dim(data, s, self.seq_len + 1))
-        return take(starts).astype(jnp.int32)
 
-    def _train_step(self, state, data):
-        windows = self.sample_windows(data, state["data_key"], state["step"])
-        (_, (loss, balance)), grads = jax.value_and_grad(self._loss, has_aux=True)(state["params"], windows)
-        updates, opt = self.tx.update(grads, state["opt"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        metrics = {"loss": loss, "balance": balance, "grad_norm": optax.global_norm(grads), "lr": self.schedule(state["step"])}
-        return {"params": params, "opt": opt, "step": state["step"] + 1, "data_key": state["data_key"]}, metrics
+def loss_fn(params, windows, spec: TrainSpec):
+    """Mean next-token cross-entropy of windows [B, T+1] under model(windows[:, :-1]), plus
+    router_aux_coef x the MoE load-balancing loss. Returns (total, (cross-entropy, balance loss))."""
+    model = build_model(spec.cfg, params, jnp.dtype(spec.compute_dtype))
+    with capture_routing(spec.cfg) as records:
+        logits, _ = model(windows[:, :-1])  # float32 [B, T, V]
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, windows[:, 1:]).mean()
+    balance = router_balance_loss(records, spec.cfg.num_local_experts)
+    return nll + spec.router_aux_coef * balance, (nll, balance)
 
-    def _eval_step(self, params, windows, weights, dtype):
-        """(sum of NLL over the tokens of windows with weight 1, number of such tokens)."""
-        model = self.model(params, dtype)
-        logits, _ = model(windows[:, :-1])
-        nll = optax.softmax_cross_entropy_with_integer_labels(logits, windows[:, 1:])  # [B, T]
-        w = weights[:, None].astype(jnp.float32)
-        return (nll * w).sum(), (jnp.ones_like(nll) * w).sum()
 
-    def _routing(self, params, windows, dtype):
-        """Tokens routed to each expert [E], per MoE layer, for windows [B, T+1]."""
-        model = self.model(params, dtype)
-        with capture_routing(self.cfg) as records:
-            model(windows[:, :-1])
-        return [jnp.bincount(idx.reshape(-1), length=self.cfg.num_local_experts) for _, _, idx in records]
+def sample_windows(data, data_key, step, batch: int, seq_len: int):
+    """Batch of step `step`: `batch` random windows [B, T+1] of the train tokens, from (data_key, step)."""
+    key = jax.random.fold_in(jax.random.wrap_key_data(data_key), step)
+    starts = jax.random.randint(key, (batch,), 0, data.shape[0] - seq_len)  # last start: n - T - 1
+    take = jax.vmap(lambda s: jax.lax.dynamic_slice_in_dim(data, s, seq_len + 1))
+    return take(starts).astype(jnp.int32)
 
-    # -- host-side helpers
-    def evaluate(self, params, windows: np.ndarray, dtype=None) -> tuple[float, int]:
-        """Mean NLL over all windows (batched by self.batch, the last batch padded with weight 0), computing
-        in `dtype` (default: the training compute dtype)."""
-        dtype = dtype or self.compute_dtype
-        total, count, B = 0.0, 0.0, self.batch
-        for i in range(0, len(windows), B):
-            w = windows[i:i + B]
-            weights = np.ones((B,), np.float32)
-            if len(w) < B:
-                weights[len(w):] = 0.0
-                w = np.concatenate([w, np.repeat(w[:1], B - len(w), axis=0)])
-            s, c = self.eval_step(params, jnp.asarray(w), jnp.asarray(weights), dtype=dtype)
-            total += float(s)
-            count += float(c)
-        return total / count, int(count)
 
-    def expert_usage(self, params, windows: np.ndarray, dtype=None) -> dict:
-        """{moe layer: fraction of tokens routed to each expert} on the first batch of windows."""
-        w = windows[: self.batch]
-        if len(w) < self.batch:
-            w = np.concatenate([w, np.repeat(w[:1], self.batch - len(w), axis=0)])
-        counts = self.routing(params, jnp.asarray(w), dtype=dtype or self.compute_dtype)
-        return {layer: (np.asarray(c) / max(1, int(np.sum(c)))).round(3).tolist()
-                for layer, c in zip(self.cfg.moe_layers, counts)}
+@functools.partial(jax.jit, static_argnames=("spec",), donate_argnums=(0,))
+def train_step(state, data, *, spec: TrainSpec):
+    """One optimizer step on the batch of step state["step"]; `state` is donated."""
+    tx, schedule = optimizer(spec)
+    windows = sample_windows(data, state["data_key"], state["step"], spec.batch, spec.seq_len)
+    (_, (loss, balance)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], windows, spec)
+    updates, opt = tx.update(grads, state["opt"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
+    metrics = {"loss": loss, "balance": balance, "grad_norm": grad_norm, "lr": schedule(state["step"])}
+    return {"params": params, "opt": opt, "step": state["step"] + 1, "data_key": state["data_key"]}, metrics
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "dtype"))
+def eval_step(params, windows, weights, *, cfg: Llama4Config, dtype: str):
+    """(sum of next-token NLL over windows [B, T+1] weighted by weights [B], number of tokens counted)."""
+    logits, _ = build_model(cfg, params, jnp.dtype(dtype))(windows[:, :-1])
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, windows[:, 1:])  # [B, T]
+    w = jnp.broadcast_to(weights[:, None].astype(jnp.float32), nll.shape)
+    return (nll * w).sum(), w.sum()
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "dtype"))
+def routing_counts(params, windows, weights, *, cfg: Llama4Config, dtype: str):
+    """Tokens routed to each expert, [MoE layers, E], for windows [B, T+1] weighted by weights [B]."""
+    with capture_routing(cfg) as records:
+        build_model(cfg, params, jnp.dtype(dtype))(windows[:, :-1])
+    B, T, k = windows.shape[0], windows.shape[1] - 1, cfg.num_experts_per_tok
+    w = jnp.broadcast_to(weights[:, None, None], (B, T, k)).reshape(-1)  # idx rows are b-major tokens
+    return jnp.stack([jnp.bincount(idx.reshape(-1), weights=w, length=cfg.num_local_experts)
+                      for _, _, idx in records])
+
+
+def _batches(windows: np.ndarray, batch: int):
+    """Batches of `batch` windows with per-window weights; the last one padded with weight 0."""
+    for i in range(0, len(windows), batch):
+        w = windows[i:i + batch]
+        weights = np.ones((batch,), np.float32)
+        if len(w) < batch:
+            weights[len(w):] = 0.0
+            w = np.concatenate([w, np.repeat(w[:1], batch - len(w), axis=0)])
+        yield jnp.asarray(w), jnp.asarray(weights)
+
+
+def evaluate(cfg: Llama4Config, params, windows: np.ndarray, batch: int, dtype: str) -> tuple[float, int]:
+    """Mean next-token NLL over every token predicted in `windows`: (mean NLL, number of tokens)."""
+    total, count = 0.0, 0.0
+    for w, weights in _batches(windows, batch):
+        s, c = eval_step(params, w, weights, cfg=cfg, dtype=dtype)
+        total += float(s)
+        count += float(c)
+    return total / count, int(count)
+
+
+def expert_usage(cfg: Llama4Config, params, windows: np.ndarray, batch: int, dtype: str) -> dict:
+    """{MoE layer: share of the tokens of `windows` that its router sends to each expert}."""
+    total = 0
+    for w, weights in _batches(windows, batch):
+        total = total + np.asarray(routing_counts(params, w, weights, cfg=cfg, dtype=dtype))
+    return {layer: [round(float(x) / max(1.0, float(c.sum())), 3) for x in c]
+            for layer, c in zip(cfg.moe_layers, total)}
+
+
+@jax.jit
+def bf16_rounded(params: dict) -> dict:
+    """float32 params holding exactly the values of the bfloat16 model that ships."""
+    return cast_floats(cast_floats(params, jnp.bfloat16), jnp.float32)
+
+
+to_bf16 = jax.jit(lambda params: cast_floats(params, jnp.bfloat16))
 
 
 # ---- checkpoints -----------------------------------------------------------------------------------------
@@ -311,45 +358,54 @@ def checkpoint_manager(workdir: Path, keep: int):
 
 
 def save_checkpoint(mngr, state, meta: dict) -> None:
+    """Save `state` at its step (no-op if that step is already saved). Orbax writes into a temporary
+    directory and renames it when complete, so an interrupted save never becomes the latest checkpoint."""
     import orbax.checkpoint as ocp
 
     step = int(jax.device_get(state["step"]))
-    if mngr.latest_step() == step:
+    if step in mngr.all_steps():
         return
     mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
     mngr.wait_until_finished()
 
 
-def restore_checkpoint(mngr, target_state):
+def restore_meta(mngr) -> dict:
     import orbax.checkpoint as ocp
 
-    step = mngr.latest_step()
-    out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target_state),
-                                                      meta=ocp.args.JsonRestore()))
-    return out["state"], out["meta"]
+    return mngr.restore(mngr.latest_step(), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+
+def restore_state(mngr, abstract_state):
+    """The latest checkpoint's state, laid out like `abstract_state` (ShapeDtypeStructs) on device 0."""
+    import orbax.checkpoint as ocp
+
+    device = jax.sharding.SingleDeviceSharding(_device())
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract_state)
+    out = mngr.restore(mngr.latest_step(), args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+    return out["state"]
 
 
 # ---- export ----------------------------------------------------------------------------------------------
-def export_model(prog: Program, params: dict, out: Path, tokenizer_dir: Path) -> Llama4:
-    """Write the bfloat16 model that ships with mavjax.checkpoint.save_model."""
-    model = bf16_model(prog, params)
+def bf16_model(cfg: Llama4Config, params: dict) -> Llama4:
+    """A Llama4 built with dtype=bfloat16 (its `dtype` attribute says so) holding `params` cast to bf16."""
+    model = nnx.eval_shape(lambda: Llama4(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
+    _, codec, rest = skeleton(cfg)
+    nnx.update(model, codec.to_state(to_bf16(params)), rest)
+    return model
+
+
+def export_model(cfg: Llama4Config, params: dict, out: Path, tokenizer_dir: Path) -> None:
+    """Write the bfloat16 model that ships with mavjax.checkpoint.save_model (config, tokenizer files,
+    parameters)."""
     try:
         from mavjax.checkpoint import save_model
-    except ImportError as e:  # FALLBACK while mavjax/checkpoint.py (written by someone else) is missing
+    except ImportError as e:  # FALLBACK for as long as mavjax/checkpoint.py is missing: nothing is lost
         raise SystemExit(
             f"[train] mavjax.checkpoint.save_model is not available ({e}). The trained state is safe in the "
             f"workdir checkpoint; once mavjax/checkpoint.py exists, rerun the same command (or add "
             f"--export-only) to evaluate and write {out}.") from e
     out.mkdir(parents=True, exist_ok=True)
-    save_model(model, out, tokenizer_src_dir=tokenizer_dir)
-    return model
-
-
-def bf16_model(prog: Program, params: dict) -> Llama4:
-    """A Llama4 built with dtype=bfloat16 (its `dtype` attribute says so) holding `params` cast to bf16."""
-    model = nnx.eval_shape(lambda: Llama4(prog.cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
-    nnx.update(model, prog.codec.to_state(cast_floats(params, jnp.bfloat16)), prog.rest)
-    return model
+    save_model(bf16_model(cfg, params), out, tokenizer_src_dir=tokenizer_dir)
 
 
 def model_megabytes(params: dict, dtype=jnp.bfloat16) -> float:
@@ -380,10 +436,10 @@ def parse_args(argv=None):
     ap.add_argument("--compute-dtype", choices=("auto", "bfloat16", "float32"), default="auto",
                     help="matmul dtype; auto = bfloat16 on GPU/TPU, float32 on CPU (params are float32)")
     ap.add_argument("--log-every", type=int, default=100)
-    ap.add_argument("--eval-every", type=int, default=1000)
+    ap.add_argument("--eval-every", type=int, default=250)
     ap.add_argument("--eval-windows", type=int, default=64, help="held-out windows per periodic eval")
     ap.add_argument("--final-eval-windows", type=int, default=0, help="0 = all (the reported perplexity)")
-    ap.add_argument("--ckpt-every", type=int, default=1000)
+    ap.add_argument("--ckpt-every", type=int, default=500)
     ap.add_argument("--keep", type=int, default=2, help="checkpoints kept")
     ap.add_argument("--resume", action="store_true", help="require a checkpoint in --workdir to resume")
     ap.add_argument("--restart", action="store_true", help="delete --workdir's checkpoints and start over")
@@ -395,29 +451,29 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
+def _device():
+    return jax.devices()[0]
+
+
 def _device_desc() -> str:
     d = jax.devices()[0]
     return f"{jax.device_count()}x {d.platform}:{getattr(d, 'device_kind', '?')} (jax {jax.__version__})"
 
 
 def run(args) -> dict:
-    """One invocation: train (or resume) to args.steps, then evaluate and export. Returns the report (or,
-    when stopped early, {"stopped_at": step})."""
+    """One invocation: train (or resume) to args.steps, then evaluate and export. Returns the report, or
+    {"stopped_at": step} when stopped early (--stop-after, SIGINT, SIGTERM) after checkpointing."""
     t_start = time.perf_counter()
     log = lambda msg: print(f"[train] {msg}", flush=True)  # noqa: E731
     workdir = args.workdir.absolute()
     workdir.mkdir(parents=True, exist_ok=True)
-    if not args.no_compile_cache:
-        try:
-            jax.config.update("jax_compilation_cache_dir", str(workdir / "xla_cache"))
-            jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-        except Exception:  # noqa: BLE001 (an optional speed-up only)
-            pass
-    platform_ = jax.devices()[0].platform
+    if not args.no_compile_cache:  # an optional speed-up for reruns and resumes
+        jax.config.update("jax_compilation_cache_dir", str(workdir / "xla_cache"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
     if args.compute_dtype == "auto":
-        compute_dtype = jnp.float32 if platform_ == "cpu" else jnp.bfloat16
+        compute_dtype = "float32" if jax.devices()[0].platform == "cpu" else "bfloat16"
     else:
-        compute_dtype = jnp.dtype(args.compute_dtype).type
+        compute_dtype = args.compute_dtype
     corpus = load_corpus(args.corpus)
     cfg = model_config(corpus, args.preset)
     if cfg.attention_chunk_size and args.seq_len <= cfg.attention_chunk_size:
@@ -428,15 +484,13 @@ def run(args) -> dict:
     if len(corpus.train) <= args.seq_len + 1:
         raise SystemExit(f"train corpus ({len(corpus.train)} tokens) is shorter than one window")
     total, active = cfg.param_counts()
-    log(f"device {_device_desc()}; compute {jnp.dtype(compute_dtype).name}")
+    log(f"device {_device_desc()}; compute {compute_dtype}")
     log(f"model {args.preset}: {total / 1e6:.2f}M params ({active / 1e6:.2f}M active), "
         f"{total * 2 / 1e6:.1f} MB in bf16; layers: moe {list(cfg.moe_layers)}, rope {list(cfg.no_rope_layers)}, "
         f"chunk {cfg.attention_chunk_size}")
     log(f"corpus {args.corpus}: {len(corpus.train):,} train / {len(corpus.heldout):,} held-out tokens, "
         f"vocab {corpus.vocab_size}")
 
-    tx, schedule = make_optimizer(args.lr, args.steps, args.warmup, args.weight_decay, args.clip,
-                                  args.min_lr_ratio)
     mngr = checkpoint_manager(workdir, args.keep)
     if args.restart and mngr.latest_step() is not None:
         log(f"--restart: removing checkpoints in {workdir / 'checkpoints'}")
@@ -444,146 +498,146 @@ def run(args) -> dict:
         shutil.rmtree(workdir / "checkpoints")
         mngr = checkpoint_manager(workdir, args.keep)
     latest = mngr.latest_step()
-    if args.resume and latest is None:
-        raise SystemExit(f"--resume: no checkpoint in {workdir / 'checkpoints'}")
+    if (args.resume or args.export_only) and latest is None:
+        mngr.close()
+        raise SystemExit(f"--resume/--export-only: no checkpoint in {workdir / 'checkpoints'}")
 
-    seed = args.seed
-    meta_prev = {}
-    if latest is not None:  # the run's identity comes from its checkpoint
-        import orbax.checkpoint as ocp
-
-        meta_prev = mngr.restore(latest, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    seed, meta_prev = args.seed, {}
+    if latest is not None:  # a resumed run keeps the identity of its checkpoint
+        meta_prev = restore_meta(mngr)
         if meta_prev.get("seed", seed) != seed:
             log(f"resuming with the checkpoint's seed {meta_prev['seed']} (not --seed {seed})")
             seed = meta_prev["seed"]
         for k in ("batch", "seq_len", "preset"):
             if meta_prev.get(k) is not None and meta_prev[k] != getattr(args, k):
+                mngr.close()
                 raise SystemExit(f"checkpoint in {workdir} was trained with {k}={meta_prev[k]}, "
                                  f"not {getattr(args, k)}: use another --workdir or --restart")
-        if meta_prev.get("vocab_size") not in (None, cfg.vocab_size):
-            raise SystemExit(f"checkpoint vocab {meta_prev['vocab_size']} != tokenizer vocab {cfg.vocab_size}")
+        if meta_prev.get("config") not in (None, cfg.to_dict()):
+            mngr.close()
+            raise SystemExit(f"checkpoint in {workdir} has another model config (tokenizer or preset changed?)")
         if meta_prev.get("steps") not in (None, args.steps):
             log(f"note: checkpoint was for {meta_prev['steps']} steps; the schedule now spans {args.steps}")
 
-    prog = Program(cfg, batch=args.batch, seq_len=args.seq_len, compute_dtype=compute_dtype, tx=tx,
-                   schedule=schedule, seed=seed, router_aux_coef=args.router_aux_coef)
-    state = prog.init_state()
-    if latest is not None:
-        state, _ = restore_checkpoint(mngr, state)
+    spec = TrainSpec(cfg=cfg, batch=args.batch, seq_len=args.seq_len, compute_dtype=compute_dtype, lr=args.lr,
+                     steps=args.steps, warmup=args.warmup, weight_decay=args.weight_decay, clip=args.clip,
+                     min_lr_ratio=args.min_lr_ratio, router_aux_coef=args.router_aux_coef)
+    if latest is None:
+        state = init_state(spec, seed)
+    else:
+        state = restore_state(mngr, jax.eval_shape(lambda: init_state(spec, seed)))
         log(f"resumed from {workdir / 'checkpoints'} at step {int(state['step'])}")
     step = int(jax.device_get(state["step"]))
-    prior_wall = float(meta_prev.get("train_seconds", 0.0))
+    prior_seconds = float(meta_prev.get("train_seconds", 0.0))
     tokens_per_step = args.batch * args.seq_len
 
     def meta(step_now, train_seconds, last_loss):
-        return {"step": step_now, "steps": args.steps, "seed": seed, "batch": args.batch, "seq_len": args.seq_len,
-                "preset": args.preset, "vocab_size": cfg.vocab_size, "lr": args.lr,
-                "tokens_seen": step_now * tokens_per_step, "train_seconds": train_seconds,
-                "last_train_loss": last_loss, "config": cfg.to_dict(),
+        return {"step": step_now, "steps": args.steps, "seed": seed, "batch": args.batch,
+                "seq_len": args.seq_len, "preset": args.preset, "lr": args.lr,
+                "router_aux_coef": args.router_aux_coef, "tokens_seen": step_now * tokens_per_step,
+                "train_seconds": train_seconds, "last_train_loss": last_loss, "config": cfg.to_dict(),
                 "corpus_sha256": corpus.meta.get("sha256", {})}
 
     eval_windows = heldout_windows(corpus.heldout, args.seq_len, args.eval_windows)
-    data = jnp.asarray(corpus.train)  # uint16 on the device; windows are cut inside the step
+    data = jnp.asarray(corpus.train)  # uint16 on the device; the step cuts its windows itself
     stop = {"signal": None}
 
     def on_signal(signum, _frame):
         stop["signal"] = signum
-        log(f"signal {signum}: stopping after this step (checkpointing)")
+        log(f"signal {signum}: stopping after this step (with a checkpoint)")
 
     old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     last_loss = meta_prev.get("last_train_loss")
-    history = []
+    history = list(meta_prev.get("history", []))
+    train_t0 = time.perf_counter()
     try:
-        train_t0 = time.perf_counter()
         if step < args.steps and not args.export_only:
             log(f"training steps {step + 1}..{args.steps}: batch {args.batch} x seq {args.seq_len} "
-                f"= {tokens_per_step:,} tokens/step, lr {args.lr}")
-            pending, t_mark, s_mark, compiled = [], None, step, False
+                f"= {tokens_per_step:,} tokens/step, peak lr {args.lr}")
+            pending, t_mark, s_mark = [], None, step
             while step < args.steps:
-                state, metrics = prog.train_step(state, data)
+                state, metrics = train_step(state, data, spec=spec)
                 step += 1
                 pending.append(metrics)
-                if not compiled:  # first step: compile time, excluded from throughput
-                    jax.block_until_ready(metrics)
-                    compiled = True
-                    log(f"step {step}: loss {float(metrics['loss']):.4f} (compiled in "
+                if t_mark is None:  # the first step of this invocation includes compilation
+                    last_loss = float(metrics["loss"])
+                    log(f"step {step}: loss {last_loss:.4f} (compile + first step "
                         f"{time.perf_counter() - train_t0:.1f}s)")
                     pending, t_mark, s_mark = [], time.perf_counter(), step
-                    last_loss = float(metrics["loss"])
-                    continue
-                if step % args.log_every == 0 or step == args.steps:
+                elif step % args.log_every == 0 or step == args.steps:
                     m = jax.device_get(pending)
                     now = time.perf_counter()
                     sps = (step - s_mark) / max(now - t_mark, 1e-9)
                     last_loss = float(np.mean([x["loss"] for x in m]))
                     bal = float(np.mean([x["balance"] for x in m]))
-                    log(f"step {step}: loss {last_loss:.4f} | balance {bal:.3f} | grad norm {float(m[-1]['grad_norm']):.3f} | "
-                        f"lr {float(m[-1]['lr']):.2e} | {sps:.2f} steps/s, {sps * tokens_per_step:,.0f} tok/s")
-                    history.append({"step": step, "loss": last_loss, "balance": bal, "steps_per_s": round(sps, 3)})
+                    log(f"step {step}: loss {last_loss:.4f} | balance {bal:.3f} | grad norm "
+                        f"{float(m[-1]['grad_norm']):.3f} | lr {float(m[-1]['lr']):.2e} | {sps:.2f} steps/s, "
+                        f"{sps * tokens_per_step:,.0f} tok/s")
+                    history.append({"step": step, "loss": round(last_loss, 5), "balance": round(bal, 4),
+                                    "steps_per_s": round(sps, 3)})
                     pending, t_mark, s_mark = [], now, step
+                paused = time.perf_counter()
                 if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
-                    t_e = time.perf_counter()
-                    loss_e, _ = prog.evaluate(state["params"], eval_windows)
-                    usage = prog.expert_usage(state["params"], eval_windows)
+                    loss_e, _ = evaluate(cfg, state["params"], eval_windows, args.batch, compute_dtype)
+                    usage = expert_usage(cfg, state["params"], eval_windows, args.batch, compute_dtype)
                     log(f"step {step}: held-out loss {loss_e:.4f} (ppl {math.exp(loss_e):.2f}, "
                         f"{len(eval_windows)} windows) | expert usage {usage}")
-                    history.append({"step": step, "heldout_loss": loss_e})
-                    t_mark += time.perf_counter() - t_e  # keep eval out of the throughput
+                    history.append({"step": step, "heldout_loss": round(loss_e, 5)})
                 stopping = stop["signal"] is not None or (args.stop_after and step >= args.stop_after)
                 if (args.ckpt_every and step % args.ckpt_every == 0) or step == args.steps or stopping:
-                    t_c = time.perf_counter()
-                    wall = prior_wall + time.perf_counter() - train_t0
-                    save_checkpoint(mngr, state, meta(step, wall, last_loss))
-                    t_mark += time.perf_counter() - t_c
+                    seconds = prior_seconds + time.perf_counter() - train_t0
+                    save_checkpoint(mngr, state, {**meta(step, seconds, last_loss), "history": history})
+                if t_mark is not None:
+                    t_mark += time.perf_counter() - paused  # evals and checkpoints are not throughput
                 if stopping:
-                    log(f"stopped at step {step} (checkpoint saved); rerun the same command to resume")
+                    log(f"stopped at step {step}; rerun the same command to resume")
                     return {"stopped_at": step}
-        train_seconds = prior_wall + (time.perf_counter() - train_t0 if not args.export_only else 0.0)
-        if latest is None or step != latest:
-            save_checkpoint(mngr, state, meta(step, train_seconds, last_loss))
+        train_seconds = prior_seconds + (0.0 if args.export_only else time.perf_counter() - train_t0)
+        save_checkpoint(mngr, state, {**meta(step, train_seconds, last_loss), "history": history})
 
-        # ---- final evaluation of the bf16 model that ships, and export
-        log("final held-out evaluation (bf16 model) ...")
+        # ---- final evaluation of the model that ships (bf16 weights), and its export
         t_e = time.perf_counter()
-        params_bf16 = cast_floats(state["params"], jnp.bfloat16)
         windows = heldout_windows(corpus.heldout, args.seq_len, args.final_eval_windows)
-        held_loss, held_tokens = prog.evaluate(params_bf16, windows, dtype=jnp.bfloat16)
-        usage = prog.expert_usage(params_bf16, windows, dtype=jnp.bfloat16)
-        log(f"held-out loss {held_loss:.4f}, perplexity {math.exp(held_loss):.2f} over {held_tokens:,} tokens "
-            f"({len(windows)} windows of {args.seq_len}) in {time.perf_counter() - t_e:.1f}s; "
-            f"expert usage {usage}")
-        export_model(prog, state["params"], args.out, corpus.tokenizer_dir)
+        shipped = bf16_rounded(state["params"])
+        held_loss, held_tokens = evaluate(cfg, shipped, windows, args.batch, compute_dtype)
+        usage = expert_usage(cfg, shipped, windows, args.batch, compute_dtype)
+        log(f"final: held-out loss {held_loss:.4f}, perplexity {math.exp(held_loss):.2f} over {held_tokens:,} "
+            f"tokens ({len(windows)} windows of {args.seq_len}; bf16 weights, {compute_dtype} compute) in "
+            f"{time.perf_counter() - t_e:.1f}s | expert usage {usage}")
+        export_model(cfg, state["params"], args.out, corpus.tokenizer_dir)
         report = {
             "steps": step, "batch": args.batch, "seq_len": args.seq_len, "tokens_seen": step * tokens_per_step,
             "epochs": round(step * tokens_per_step / len(corpus.train), 3),
-            "final_train_loss": last_loss,
-            "heldout_loss": held_loss, "heldout_perplexity": math.exp(held_loss), "heldout_tokens": held_tokens,
-            "heldout_windows": len(windows), "expert_usage": usage,
-            "train_seconds": round(train_seconds, 2), "wall_seconds_this_invocation":
-                round(time.perf_counter() - t_start, 2),
-            "device": _device_desc(), "compute_dtype": jnp.dtype(compute_dtype).name,
+            "final_train_loss": last_loss, "heldout_loss": held_loss,
+            "heldout_perplexity": math.exp(held_loss), "heldout_tokens": held_tokens,
+            "heldout_windows": len(windows), "heldout_eval": f"bf16 weights, {compute_dtype} compute",
+            "expert_usage": usage, "train_seconds": round(train_seconds, 2),
+            "wall_seconds_this_invocation": round(time.perf_counter() - t_start, 2),
+            "device": _device_desc(), "compute_dtype": compute_dtype,
             "params": total, "active_params": active, "model_mb_bf16": round(model_megabytes(state["params"]), 3),
-            "lr": args.lr, "warmup": args.warmup, "weight_decay": args.weight_decay, "seed": seed,
-            "router_aux_coef": args.router_aux_coef,
-            "preset": args.preset, "config": cfg.to_dict(), "python": platform.python_version(),
-            "corpus": {"train_tokens": len(corpus.train), "heldout_tokens": len(corpus.heldout),
-                       "sha256": corpus.meta.get("sha256", {})},
-            "history": history,
+            "lr": args.lr, "min_lr_ratio": args.min_lr_ratio, "warmup": args.warmup,
+            "weight_decay": args.weight_decay, "clip": args.clip, "router_aux_coef": args.router_aux_coef,
+            "seed": seed, "preset": args.preset, "python": platform.python_version(),
+            "corpus": {"dir": str(args.corpus), "train_tokens": int(len(corpus.train)),
+                       "heldout_tokens": int(len(corpus.heldout)), "sha256": corpus.meta.get("sha256", {})},
+            "config": cfg.to_dict(), "history": history,
         }
         (args.out / "train_report.json").write_text(json.dumps(report, indent=2) + "\n")
-        log(f"wrote {args.out} (model {report['model_mb_bf16']:.1f} MB bf16) and train_report.json; "
-            f"total {time.perf_counter() - t_start:.1f}s")
+        log(f"wrote {args.out} ({report['model_mb_bf16']:.1f} MB of bf16 weights) and train_report.json "
+            f"in {time.perf_counter() - t_start:.1f}s")
         return report
     finally:
-        for s, h in old_handlers.items():
-            signal.signal(s, h)
+        for s_, h in old_handlers.items():
+            signal.signal(s_, h)
         mngr.close()
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     report = run(args)
-    return 0 if "stopped_at" not in report or args.stop_after else 130
+    if "stopped_at" in report and not (args.stop_after and report["stopped_at"] >= args.stop_after):
+        return 130  # stopped by a signal (checkpointed)
+    return 0
 
 
 if __name__ == "__main__":
