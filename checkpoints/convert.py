@@ -26,7 +26,7 @@ import ml_dtypes
 import numpy as np
 from tqdm.auto import tqdm
 
-from checkpoints.hf_layout import Source, canonical_name, sources
+from checkpoints.hf_layout import Source, canonical_name, redundant_names, sources
 from mavjax.checkpoint import CheckpointWriter
 from mavjax.config import ConfigError, Llama4Config
 
@@ -102,7 +102,7 @@ def convert(hf_dir: str | Path, out_dir: str | Path, dtype: str = "bfloat16", pr
     cfg = _read_config(hf_dir)
     tensors, vision_skipped = _scan(hf_dir)
     plan = sources(cfg, set(tensors))
-    _check(plan, tensors, hf_dir)
+    _check(plan, tensors, hf_dir, ignore=redundant_names(cfg))
 
     writer = CheckpointWriter(out_dir, cfg, dtype, overwrite=overwrite)
     if writer.complete:
@@ -187,13 +187,13 @@ def _scan(hf_dir: Path) -> tuple[dict[str, TensorEntry], int]:
     return tensors, vision
 
 
-def _check(plan: list[Source], tensors: dict[str, TensorEntry], hf_dir: Path) -> None:
+def _check(plan: list[Source], tensors: dict[str, TensorEntry], hf_dir: Path, ignore: set[str]) -> None:
     expected = {n: shape for s in plan for n, shape in zip(s.hf_names, s.hf_shapes)}
     missing = [n for n in expected if n not in tensors]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise ConversionError(f"missing tensor {missing[0]!r} in {hf_dir}{more}")
-    unexpected = sorted(set(tensors) - set(expected))
+    unexpected = sorted(set(tensors) - set(expected) - ignore)
     if unexpected:
         e = tensors[unexpected[0]]
         more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""

@@ -43,6 +43,12 @@ def _linear(target, name, in_shape: tuple[int, ...], out_shape: tuple[int, ...])
                   lambda w: np.ascontiguousarray(w.T).reshape(*in_shape, *out_shape))
 
 
+def redundant_names(cfg: Llama4Config) -> set[str]:
+    """Tensors a checkpoint may carry that the model does not read: with tied embeddings some exports still
+    save the LM head, which is then a copy of the embedding."""
+    return {"lm_head.weight"} if cfg.tie_word_embeddings else set()
+
+
 def canonical_name(hf_name: str) -> str | None:
     """Strip the multimodal wrapper's prefix; None for tensors that are not part of the text decoder."""
     if hf_name.startswith(SKIPPED_PREFIXES):

@@ -1,0 +1,305 @@
+"""Split-KV decode attention (pallas_kernels.decode_attention) vs the XLA path (mavjax.model.attend under jit)
+vs jax's own Pallas op (jax.experimental.pallas.ops.gpu.decode_attention), on Maverick shapes. GPU only.
+
+For each config: checks the relative error ||out - ref|| / ||ref|| of each implementation against the XLA
+reference (on dequantized KV for FP8), then times each one. Times are per call, the median over repetitions
+of one jitted program that runs the op `--inner` times back to back (one dispatch; cycling over enough copies
+of the cache that the working set is several times L2), so they are device times, not Python dispatch.
+TB/s counts only the K/V bytes a query can see (visible slots x K x Dh x itemsize x 2), and "%copy" compares
+it with the device-copy bandwidth measured here (a + 1 on 2 GiB, bytes read + written).
+
+Cache state: every batch row is full (k_pos = slot), the T queries sit at positions S-T .. S-1; chunked layers
+(chunk 8192) therefore see the last 8192 slots, global layers all S.
+
+jax's op (`gqa`-style, called per kv head through `mqa` on a pre-transposed [B, K, S, Dh] cache, so its time
+excludes the transpose its `gqa` wrapper would add) takes T = 4 as 4*G heads with kv_seq_len = S, i.e.
+without the causal mask among the 4 queries (same bytes, slightly different function; its error is reported
+against the reference only for T = 1). It does not take FP8 KV.
+
+Each op is compiled once per config (its first timed call is the one checked). The full grid (96 configs) takes
+longer than 3 minutes, mostly compilation: by default no new cache shape is started after --budget-s (150 s),
+so the run ends in < 3 min with the configs in priority order (S = 131072 first, Maverick's full H=40/K=8 head
+split first, B = 8 first, bf16 then FP8); `--budget-s 1e9` runs them all.
+
+  python scripts/bench_attention.py            # as many configs as fit in ~3 min, then the table
+  python scripts/bench_attention.py --quick    # a few configs
+  python scripts/bench_attention.py --tune     # sweep block_s / num_splits / num_stages on a few configs
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import itertools
+import math
+import os
+import sys
+import time
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from pallas_kernels.decode_attention import decode_attention, dequantize_kv  # noqa: E402
+
+try:
+    from mavjax.model import attend, attention_mask
+except Exception as e:  # pragma: no cover - same code as mavjax.model, for a machine missing mavjax's deps
+    print(f"(mavjax.model not importable: {e!r}; using an inline copy of attend/attention_mask)")
+
+    def attention_mask(q_pos, k_pos, chunk_size):
+        q, k = q_pos[:, :, None], k_pos[:, None, :]
+        mask = (k <= q) & (k >= 0)
+        if chunk_size is not None:
+            mask &= (k // chunk_size) == (q // chunk_size)
+        return mask
+
+    def attend(q, k, v, mask, scale):
+        B, T, H, Dh = q.shape
+        K = k.shape[2]
+        qg = q.reshape(B, T, K, H // K, Dh)
+        s = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+        s = jnp.where(mask[:, None, None], s, -jnp.inf)
+        p = jax.nn.softmax(s, axis=-1)
+        p = jnp.where(mask[:, None, None], p, 0.0).astype(v.dtype)
+        o = jnp.einsum("bkgts,bskd->btkgd", p, v)
+        return o.reshape(B, T, H, Dh)
+
+try:
+    from jax.experimental.pallas.ops.gpu import decode_attention as jax_decode
+except Exception as e:  # pragma: no cover
+    print(f"(jax.experimental.pallas.ops.gpu.decode_attention not importable: {e!r})")
+    jax_decode = None
+
+FP8 = jnp.float8_e4m3fn
+CHUNK = 8192
+Dh = 128
+
+
+def copy_bandwidth(nbytes=2 << 30, reps=20):
+    x = jnp.ones((nbytes // 4,), jnp.float32)
+    f = jax.jit(lambda a: a + 1.0)
+    f(x).block_until_ready()
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        f(x).block_until_ready()
+        ts.append(time.perf_counter() - t)
+    del x
+    return 2 * nbytes / float(np.median(ts))
+
+
+def time_op(fn, args_list, qs, inner, reps):
+    """Median seconds per call of fn(q, *args) over `reps` runs of one jitted program that calls it `inner`
+    times, cycling over args_list (distinct cache copies, so repeated calls don't hit L2) and over `inner`
+    distinct queries qs (so that XLA cannot merge identical calls)."""
+    n = len(args_list)
+
+    def many(all_args, qs):
+        return [fn(qs[i], *all_args[i % n]) for i in range(inner)]
+
+    f = jax.jit(many)
+    first = jax.block_until_ready(f(args_list, qs))[0]  # fn(qs[0], *args_list[0]): checked by the caller
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        jax.block_until_ready(f(args_list, qs))
+        ts.append(time.perf_counter() - t)
+    return float(np.median(ts)) / inner, first
+
+
+def rel_err(out, ref):
+    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
+    if not np.all(np.isfinite(out)):
+        return float("nan")
+    return float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+def make_cache(key, B, S, K, kv_dtype, copies):
+    """copies x (k, v, k_scale, v_scale): bf16 normal values; FP8 with per-kv-head scales (amax / 448)."""
+    out = []
+    for c in range(copies):
+        kk, kv = jax.random.split(jax.random.fold_in(key, c))
+        k = jax.random.normal(kk, (B, S, K, Dh), jnp.bfloat16)
+        v = jax.random.normal(kv, (B, S, K, Dh), jnp.bfloat16)
+        if kv_dtype == FP8:
+            ks = jnp.max(jnp.abs(k.astype(jnp.float32)), axis=(0, 1, 3)) / 448.0
+            vs = jnp.max(jnp.abs(v.astype(jnp.float32)), axis=(0, 1, 3)) / 448.0
+            k = (k.astype(jnp.float32) / ks[:, None]).astype(FP8)
+            v = (v.astype(jnp.float32) / vs[:, None]).astype(FP8)
+        else:
+            ks = vs = None
+        out.append((k, v, ks, vs))
+    jax.block_until_ready(out)
+    return out
+
+
+def ref_fn(q, k, v, ks, vs, q_pos, k_pos, *, chunk, scale):
+    """The model's XLA path: dequantize (FP8) and cast the cache to q.dtype, mask, attend."""
+    if k.dtype == FP8:
+        k, v = dequantize_kv(k, ks), dequantize_kv(v, vs)
+    return attend(q, k.astype(q.dtype), v.astype(q.dtype), attention_mask(q_pos, k_pos, chunk), scale)
+
+
+def jax_op_fn(q, kt, vt, start, length, *, scale, T, G):
+    """jax's Pallas decode attention per kv head on pre-transposed kt, vt [B, K, S, Dh]; T queries as T*G
+    heads (no causal mask among them)."""
+    B, _, H, _ = q.shape
+    K = kt.shape[1]
+    qh = q.reshape(B, T, K, G, Dh).transpose(0, 2, 1, 3, 4).reshape(B, K, T * G, Dh)
+    mqa = functools.partial(jax_decode.mqa, sm_scale=scale, block_h=max(16, 1 << (T * G - 1).bit_length()),
+                            block_k=128, k_splits=16)
+    o = jax.vmap(mqa, in_axes=(1, 1, 1, None, None), out_axes=1)(qh, kt, vt, start, length)  # [B, K, T*G, Dh]
+    return o.reshape(B, K, T, G, Dh).transpose(0, 2, 1, 3, 4).reshape(B, T, H, Dh)
+
+
+def visible_slots(S, T, chunk):
+    lo = 0 if chunk is None else ((S - T) // chunk) * chunk
+    return S - lo
+
+
+def run_config(key, cache, B, S, H, K, T, chunk, kv_dtype, bw, args, kern_kw=None, with_others=True):
+    G = H // K
+    scale = Dh ** -0.5
+    q = jax.random.normal(jax.random.fold_in(key, 7), (B, T, H, Dh), jnp.bfloat16)
+    q_pos = jnp.broadcast_to(jnp.arange(S - T, S, dtype=jnp.int32), (B, T))
+    k_pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+    kern_kw = kern_kw or {}
+    ours = functools.partial(decode_attention, chunk_size=chunk, scale=scale, **kern_kw)
+    ours_fn = lambda q, k, v, ks, vs, qp, kp: ours(q, k, v, qp, kp, k_scale=ks, v_scale=vs)  # noqa: E731
+    ref = functools.partial(ref_fn, chunk=chunk, scale=scale)
+    k0, v0, ks0, vs0 = cache[0]
+    row = dict(kv="fp8" if kv_dtype == FP8 else "bf16", B=B, H=H, K=K, S=S, T=T, chunk=chunk or "-", **kern_kw)
+    nbytes = B * visible_slots(S, T, chunk) * K * Dh * jnp.dtype(kv_dtype).itemsize * 2
+    row["MB"] = nbytes / 1e6
+
+    # Each timed program's first call is fn(qs[0], cache[0]): its output is the one checked, so every op is
+    # compiled once.
+    qs = [q] + [jax.random.normal(jax.random.fold_in(key, 100 + i), q.shape, q.dtype) for i in range(1, args.inner)]
+    targs = [(k, v, ks, vs, q_pos, k_pos) for (k, v, ks, vs) in cache]
+    row["t_ours"], o_ours = time_op(ours_fn, targs, qs, args.inner, args.reps)
+    row["TBs"] = nbytes / row["t_ours"] / 1e12
+    row["pct_copy"] = 100 * nbytes / row["t_ours"] / bw
+    if with_others or not args.tune:
+        row["t_xla"], o_ref = time_op(ref, targs, qs, args.inner, args.reps)
+    else:  # tuning: reference output only
+        o_ref = jax.jit(ref)(q, k0, v0, ks0, vs0, q_pos, k_pos)
+    row["err"] = rel_err(o_ours, o_ref)
+    if with_others:
+        row["t_jax"] = row["err_jax"] = float("nan")
+        if jax_decode is not None and kv_dtype != FP8:
+            try:
+                start = jnp.full((B,), 0 if chunk is None else ((S - T) // chunk) * chunk, jnp.int32)
+                length = jnp.full((B,), S, jnp.int32)
+                jfn = functools.partial(jax_op_fn, scale=scale, T=T, G=G)
+                tc = [(jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), start, length) for (k, v, _, _) in cache]
+                row["t_jax"], o_jax = time_op(jfn, tc, qs, args.inner, args.reps)
+                if T == 1:
+                    row["err_jax"] = rel_err(o_jax, o_ref)
+                del tc
+            except Exception as e:  # noqa: BLE001
+                print(f"  jax op failed: {type(e).__name__}: {str(e)[:300]}")
+    return row
+
+
+def fmt_us(t):
+    return "     -" if t is None or not math.isfinite(t) else f"{t * 1e6:8.1f}"
+
+
+def print_table(rows):
+    print(f"\n{'kv':>4} {'B':>2} {'H':>2} {'K':>2} {'S':>6} {'T':>2} {'chunk':>5} {'MB':>7} {'err':>8} "
+          f"{'ours us':>8} {'xla us':>8} {'jax us':>8} {'TB/s':>5} {'%copy':>5} {'xla/ours':>8} {'jax/ours':>8}"
+          f" {'errjax':>8}")
+    for r in rows:
+        tx, tj = r.get("t_xla", float("nan")), r.get("t_jax", float("nan"))
+        print(f"{r['kv']:>4} {r['B']:>2} {r['H']:>2} {r['K']:>2} {r['S']:>6} {r['T']:>2} {str(r['chunk']):>5} "
+              f"{r['MB']:7.1f} {r['err']:8.1e} {fmt_us(r['t_ours'])} {fmt_us(tx)} {fmt_us(tj)} {r['TBs']:5.2f} "
+              f"{r['pct_copy']:5.0f} {tx / r['t_ours']:8.2f} {tj / r['t_ours']:8.2f} {r.get('err_jax', float('nan')):8.1e}")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--tune", action="store_true")
+    ap.add_argument("--inner", type=int, default=8, help="calls per timed program")
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--budget-s", type=float, default=150.0, help="start no new cache shape after this many seconds")
+    ap.add_argument("--l2-bytes", type=float, default=50e6)
+    a = ap.parse_args()
+    t_start = time.perf_counter()
+    dev = jax.devices()[0]
+    print(f"jax {jax.__version__}, device {dev.device_kind} ({getattr(dev, 'core_count', '?')} SMs)")
+    if dev.platform != "gpu":
+        sys.exit("bench_attention.py needs a GPU")
+    bw = copy_bandwidth()
+    print(f"copy bandwidth {bw / 1e12:.2f} TB/s (read + write)")
+    key = jax.random.PRNGKey(0)
+    rows = []
+    tol = {"bf16": 2e-2, "fp8": 2e-2}
+
+    if a.tune:
+        cases = [(FP8, 1, 40, 8, 131072, 1, None), (jnp.bfloat16, 8, 40, 8, 32768, 4, CHUNK),
+                 (jnp.bfloat16, 1, 5, 1, 131072, 1, None), (jnp.bfloat16, 8, 40, 8, 131072, 1, None)]
+        variants = [dict(block_s=bs, num_splits=ns, num_stages=st) for bs, ns, st in
+                    itertools.product((64, 128), (None, 16), (2, 3))]
+        for kv_dtype, B, H, K, S, T, chunk in cases:
+            cache = make_cache(key, B, S, K, kv_dtype, 2)
+            for kw in variants:
+                if time.perf_counter() - t_start > a.budget_s:
+                    break
+                try:
+                    r = run_config(key, cache, B, S, H, K, T, chunk, kv_dtype, bw, a, kern_kw=kw, with_others=False)
+                    print(f"  {r}", flush=True)
+                    rows.append(r)
+                except Exception as e:  # noqa: BLE001
+                    print(f"  {kw} failed: {type(e).__name__}: {str(e)[:400]}", flush=True)
+            del cache
+        for r in rows:
+            print(f"{r['kv']:>4} B={r['B']} H={r['H']} K={r['K']} S={r['S']} T={r['T']} chunk={r['chunk']} "
+                  f"bs={r['block_s']} ns={r['num_splits']} st={r['num_stages']}: {r['t_ours'] * 1e6:8.1f} us "
+                  f"{r['TBs']:.2f} TB/s err {r['err']:.1e}")
+        return
+
+    if a.quick:
+        grid = [(jnp.bfloat16, 8, (40, 8), 32768), (FP8, 1, (40, 8), 131072)]
+    else:
+        grid = [(d, B, hk, S) for S in (131072, 32768, 8192) for hk in ((40, 8), (5, 1)) for B in (8, 1)
+                for d in (jnp.bfloat16, FP8)]
+    failures = []
+    for kv_dtype, B, (H, K), S in grid:
+        if time.perf_counter() - t_start > a.budget_s:
+            print(f"(time budget reached: skipping the remaining configs from {kv_dtype.__name__} B={B} H={H} S={S})")
+            break
+        itemsize = jnp.dtype(kv_dtype).itemsize
+        kv_bytes = 2 * B * S * K * Dh * itemsize
+        copies = int(min(8, max(1, math.ceil(4 * a.l2_bytes / kv_bytes))))
+        cache = make_cache(jax.random.fold_in(key, S * 8 + B), B, S, K, kv_dtype, copies)
+        for T, chunk in itertools.product((1, 4), (CHUNK, None)):
+            try:
+                r = run_config(key, cache, B, S, H, K, T, chunk, kv_dtype, bw, a)
+            except Exception as e:  # noqa: BLE001
+                print(f"FAILED {kv_dtype.__name__} B={B} H={H} K={K} S={S} T={T} chunk={chunk}: "
+                      f"{type(e).__name__}: {str(e)[:600]}", flush=True)
+                failures.append((B, H, K, S, T, chunk))
+                continue
+            rows.append(r)
+            ok = r["err"] <= tol[r["kv"]]
+            if not ok:
+                failures.append((B, H, K, S, T, chunk))
+            print(f"{r['kv']} B={B} H={H} K={K} S={S} T={T} chunk={chunk}: err {r['err']:.1e} "
+                  f"{'ok' if ok else 'FAIL'}  ours {r['t_ours'] * 1e6:.1f} us ({r['TBs']:.2f} TB/s)  "
+                  f"xla {r['t_xla'] * 1e6:.1f} us  jax {r['t_jax'] * 1e6:.1f} us  [{time.perf_counter() - t_start:.0f}s]",
+                  flush=True)
+        del cache
+    print_table(rows)
+    print(f"copy bandwidth {bw / 1e12:.2f} TB/s; error bound {tol}; {len(failures)} failures; "
+          f"{time.perf_counter() - t_start:.0f} s")
+    if failures:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

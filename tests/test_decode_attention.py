@@ -1,0 +1,224 @@
+"""Split-KV decode attention kernel (pallas_kernels.decode_attention) against a float64 numpy reference of
+mavjax.model.attend(q, k, v, attention_mask(q_pos, k_pos, chunk), scale), and against that function itself.
+
+Runs the kernels in Pallas interpret mode on CPU. DECODE_ATTN_INTERPRET=0 runs the same tests compiled for a GPU.
+
+Error bounds, ||out - ref|| / ||ref|| with ref in float64 on the same (dequantized) inputs:
+  float32 q and KV: 1e-5;  bf16 q and KV: 1e-2;  bf16 q with FP8 KV (vs reference on the dequantized KV): 1e-2.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mavjax.model import attend, attention_mask
+from pallas_kernels.decode_attention import (combine_partials, decode_attention, decode_attention_partials,
+                                             decode_attention_reference, kv_range_from_k_pos)
+
+INTERPRET = os.environ.get("DECODE_ATTN_INTERPRET", "1") != "0"
+TOL = {"float32": 1e-5, "bfloat16": 1e-2, "float8_e4m3fn": 1e-2}
+FP8 = jnp.float8_e4m3fn
+GARBAGE = 50.0  # what invisible slots hold: large enough that any leak through the mask shows
+
+
+def ref64(q, k, v, q_pos, k_pos, chunk, scale):
+    """float64 numpy version of attend(q, k, v, attention_mask(q_pos, k_pos, chunk), scale)."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    q_pos, k_pos = np.asarray(q_pos), np.asarray(k_pos)
+    B, T, H, Dh = q.shape
+    K = k.shape[2]
+    qp, kp = q_pos[:, :, None], k_pos[:, None, :]
+    mask = (kp <= qp) & (kp >= 0)
+    if chunk is not None:
+        mask &= (kp // chunk) == (qp // chunk)
+    s = np.einsum("btkgd,bskd->btkgs", q.reshape(B, T, K, H // K, Dh), k) * scale
+    mk = mask[:, :, None, None, :]
+    s = np.where(mk, s, -np.inf)
+    m = s.max(-1, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)
+    p = np.where(mk, np.exp(s - m), 0.0)
+    l = p.sum(-1, keepdims=True)
+    o = np.einsum("btkgs,bskd->btkgd", p / np.where(l > 0, l, 1.0), v)
+    return o.reshape(B, T, H, Dh)
+
+
+def rel_err(out, ref):
+    out = np.asarray(jnp.asarray(out, jnp.float32), np.float64)
+    assert np.all(np.isfinite(out)), "non-finite output"
+    return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+
+
+def make_inputs(seed, B, T, K, G, Dh, S, lengths, kv_dtype, q_dtype, scale_kind="head"):
+    """Cache rows hold positions 0 .. lengths[b]-1 in slots of the same index (mavjax.kv_cache's layout), the
+    other slots are empty (-1) and hold garbage; the T queries are the last T positions of each row."""
+    rng = np.random.default_rng(seed)
+    H = K * G
+    q = rng.standard_normal((B, T, H, Dh)).astype(np.float32)
+    k = rng.standard_normal((B, S, K, Dh)).astype(np.float32)
+    v = rng.standard_normal((B, S, K, Dh)).astype(np.float32)
+    lengths = np.asarray(lengths)
+    slot = np.arange(S)
+    k_pos = np.where(slot[None] < lengths[:, None], slot[None], -1).astype(np.int32)
+    k[k_pos < 0] = GARBAGE
+    v[k_pos < 0] = -GARBAGE
+    q_pos = (lengths[:, None] - T + np.arange(T)[None]).astype(np.int32)  # may be < 0: padding queries
+    ks = vs = None
+    if kv_dtype == FP8:
+        if scale_kind == "head":
+            ks = (np.abs(k).max(axis=(0, 1, 3)) / 448.0 * rng.uniform(1.0, 2.0, K)).astype(np.float32)
+            vs = (np.abs(v).max(axis=(0, 1, 3)) / 448.0 * rng.uniform(1.0, 2.0, K)).astype(np.float32)
+            k8 = jnp.asarray(k / ks[:, None], FP8)
+            v8 = jnp.asarray(v / vs[:, None], FP8)
+            kd = np.asarray(k8, np.float32) * ks[:, None]
+            vd = np.asarray(v8, np.float32) * vs[:, None]
+        else:  # per tensor
+            ks, vs = np.float32(np.abs(k).max() / 448.0), np.float32(np.abs(v).max() / 300.0)
+            k8, v8 = jnp.asarray(k / ks, FP8), jnp.asarray(v / vs, FP8)
+            kd, vd = np.asarray(k8, np.float32) * ks, np.asarray(v8, np.float32) * vs
+        qj = jnp.asarray(q, q_dtype)
+        return dict(q=qj, k=k8, v=v8, q_pos=jnp.asarray(q_pos), k_pos=jnp.asarray(k_pos), k_scale=jnp.asarray(ks),
+                    v_scale=jnp.asarray(vs)), (np.asarray(qj, np.float32), kd, vd)
+    qj, kj, vj = jnp.asarray(q, q_dtype), jnp.asarray(k, kv_dtype), jnp.asarray(v, kv_dtype)
+    exact = tuple(np.asarray(x, np.float32) for x in (qj, kj, vj))  # the values after rounding to the dtype
+    return dict(q=qj, k=kj, v=vj, q_pos=jnp.asarray(q_pos), k_pos=jnp.asarray(k_pos)), exact
+
+
+# (B, T, K, G, Dh, S, lengths, chunk, block_s, num_splits, kv dtype, q dtype)
+CASES = {
+    # S not a multiple of block_s, a length-1 row, rows of different lengths, more splits than some rows' tiles
+    "f32_global_ragged_T1_G2": (3, 1, 2, 2, 16, 100, [100, 1, 37], None, 32, 3, jnp.float32, jnp.float32),
+    # T > 1 straddling chunk boundaries (positions 46..48 cross 48 = 3 * 16), chunked layer
+    "f32_chunked_T3_G2": (3, 3, 2, 2, 16, 100, [100, 3, 49], 16, 32, 3, jnp.float32, jnp.float32),
+    # Maverick's group size 5, speculative T = 4, one kv head, 4 splits over few tiles
+    "bf16_global_T4_G5_K1": (2, 4, 1, 5, 32, 64, [64, 23], None, 16, 4, jnp.bfloat16, jnp.bfloat16),
+    # G = 1 (MHA), ragged, empty splits (5 splits, at most 3 tiles), chunked
+    "bf16_chunked_G1_empty_splits": (2, 1, 2, 1, 16, 80, [80, 33], 32, 32, 5, jnp.bfloat16, jnp.bfloat16),
+    # T = 9 queries x G = 2 -> 18 rows (padded to 32), chunk boundary inside the T queries
+    "bf16_chunked_T9_rows32": (2, 9, 2, 2, 16, 96, [96, 40], 32, 16, 2, jnp.bfloat16, jnp.bfloat16),
+    # Dh = 64, default block_s / num_splits, ragged S = 300 (block 128 -> clamped last tile)
+    "bf16_defaults_Dh64": (2, 2, 2, 5, 64, 300, [300, 130], None, None, None, jnp.bfloat16, jnp.bfloat16),
+    # FP8 KV with per-kv-head scales, global and chunked
+    "fp8_head_global_T2": (2, 2, 2, 2, 32, 96, [96, 17], None, 32, 2, FP8, jnp.bfloat16),
+    "fp8_head_chunked_T1_G5": (2, 1, 2, 5, 16, 112, [112, 64], 32, 16, 3, FP8, jnp.bfloat16),
+    # tiny cache (S < 16: padded to one tile), T longer than a row (padding queries with q_pos < 0)
+    "f32_tiny_S10_padded_queries": (2, 4, 1, 2, 16, 10, [10, 2], None, 32, 2, jnp.float32, jnp.float32),
+}
+
+
+_xla_reference = jax.jit(decode_attention_reference, static_argnames=("chunk_size", "scale"))
+
+
+def _run(case, seed=0, scale_kind="head"):
+    B, T, K, G, Dh, S, lengths, chunk, bs, ns, kvd, qd = case
+    inp, (qe, ke, ve) = make_inputs(seed, B, T, K, G, Dh, S, lengths, kvd, qd, scale_kind)
+    scale = Dh ** -0.5
+    kw = {} if bs is None else dict(block_s=bs)
+    if ns is not None:
+        kw["num_splits"] = ns
+    out = decode_attention(**inp, chunk_size=chunk, scale=scale, interpret=INTERPRET, **kw)
+    ref = ref64(qe, ke, ve, inp["q_pos"], inp["k_pos"], chunk, scale)
+    return inp, out, ref, chunk, scale
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_matches_reference(name):
+    case = CASES[name]
+    inp, out, ref, chunk, scale = _run(case, seed=zlib.crc32(name.encode()) % 1000)
+    assert out.shape == inp["q"].shape and out.dtype == inp["q"].dtype
+    kvd = jnp.dtype(case[10]).name
+    err = rel_err(out, ref)
+    assert err < TOL[kvd], (name, err)
+    # Rows with no visible key (padding queries) are exactly 0, as in the reference.
+    empty = np.asarray(inp["q_pos"]) < 0
+    if empty.any():
+        assert np.all(np.asarray(out, np.float32)[empty] == 0)
+    # And the project's own XLA path on the same (dequantized) inputs (float32 matmuls in full precision: XLA's
+    # default on GPU is TF32).
+    with jax.default_matmul_precision("highest"):
+        xla = _xla_reference(inp["q"], inp["k"], inp["v"], inp["q_pos"], inp["k_pos"], chunk_size=chunk,
+                                         scale=scale, k_scale=inp.get("k_scale"), v_scale=inp.get("v_scale"))
+    assert rel_err(out, np.asarray(xla, np.float64)) < TOL[kvd]
+
+
+def test_fp8_per_tensor_scale():
+    case = (2, 2, 2, 2, 16, 64, [64, 30], 16, 16, 2, FP8, jnp.bfloat16)
+    inp, out, ref, _, _ = _run(case, seed=5, scale_kind="tensor")
+    assert inp["k_scale"].ndim == 0
+    assert rel_err(out, ref) < TOL["float8_e4m3fn"]
+
+
+def test_every_partial_written_and_empty_splits_neutral():
+    """The kernel's outputs, pre-filled with NaN through input_output_aliases, hold no NaN afterwards (every
+    element written, including rows padding G*T up to R and splits whose share of tiles is empty), empty
+    splits hold the neutral partial (o = 0, m = -inf, l = 0), and merging gives the reference."""
+    B, T, K, G, Dh, S = 2, 2, 2, 5, 16, 80
+    lengths, chunk, bs, ns = [80, 20], 32, 16, 4  # row 1 has 2 visible tiles for 4 splits
+    inp, (qe, ke, ve) = make_inputs(3, B, T, K, G, Dh, S, lengths, jnp.float32, jnp.float32)
+    R = 16
+    poison = (jnp.full((B, K, ns, R, Dh), jnp.nan, jnp.float32), jnp.full((B, K, ns, R), jnp.nan, jnp.float32),
+              jnp.full((B, K, ns, R), jnp.nan, jnp.float32))
+    o, m, l = decode_attention_partials(inp["q"], inp["k"], inp["v"], inp["q_pos"], inp["k_pos"], poison=poison,
+                                        chunk_size=chunk, scale=0.25, block_s=bs, num_splits=ns,
+                                        interpret=INTERPRET)
+    o, m, l = np.asarray(o), np.asarray(m), np.asarray(l)
+    assert not np.isnan(o).any() and not np.isnan(m).any() and not np.isnan(l).any()
+    empty = np.isneginf(m)
+    assert empty[1].any(), "expected splits with nothing to do"
+    assert np.all(l[empty] == 0) and np.all(o[empty] == 0)
+    rows = G * T
+    assert np.all(empty[:, :, :, rows:])  # padding rows see nothing
+    merged = np.asarray(combine_partials(jnp.asarray(o), jnp.asarray(m), jnp.asarray(l)))[:, :, :rows]
+    out = merged.reshape(B, K, T, G, Dh).transpose(0, 2, 1, 3, 4).reshape(B, T, K * G, Dh)
+    ref = ref64(qe, ke, ve, inp["q_pos"], inp["k_pos"], chunk, 0.25)
+    assert rel_err(out, ref) < TOL["float32"]
+
+
+def test_invisible_tiles_are_skipped():
+    """With slot == position, tiles outside [chunk start of the first query, last query] are never read:
+    filling them with NaN changes nothing (any read of a NaN V row would poison the output)."""
+    B, T, K, G, Dh, S, chunk, bs = 2, 2, 1, 2, 16, 128, 32, 16
+    lengths = [100, 50]  # queries at 98, 99 (chunk [96, 128)) and 48, 49 (chunk [32, 64))
+    inp, (qe, ke, ve) = make_inputs(4, B, T, K, G, Dh, S, lengths, jnp.float32, jnp.float32)
+    k, v = np.asarray(inp["k"]).copy(), np.asarray(inp["v"]).copy()
+    for b, (lo, hi) in enumerate([(96, 100), (32, 50)]):
+        lo_t, hi_t = lo // bs * bs, -(-hi // bs) * bs
+        for arr in (k, v):
+            arr[b, :lo_t] = np.nan
+            arr[b, hi_t:] = np.nan
+    out = decode_attention(inp["q"], jnp.asarray(k), jnp.asarray(v), inp["q_pos"], inp["k_pos"], chunk_size=chunk,
+                           scale=0.25, block_s=bs, num_splits=2, interpret=INTERPRET)
+    ref = ref64(qe, ke, ve, inp["q_pos"], inp["k_pos"], chunk, 0.25)
+    assert rel_err(out, ref) < TOL["float32"]
+
+
+@pytest.mark.parametrize("chunk", [None, 16])
+def test_arbitrary_slot_layout_with_kv_range(chunk):
+    """Slots permuted (slot != position): correctness rests on k_pos masking once kv_range covers every
+    visible slot (from kv_range_from_k_pos, or the whole cache)."""
+    B, T, K, G, Dh, S = 2, 3, 2, 2, 16, 64
+    inp, (qe, ke, ve) = make_inputs(6, B, T, K, G, Dh, S, [64, 40], jnp.float32, jnp.float32)
+    perm = np.random.default_rng(0).permutation(S)
+    k, v, k_pos = (np.asarray(x)[:, perm] for x in (inp["k"], inp["v"], inp["k_pos"]))
+    ke, ve = ke[:, perm], ve[:, perm]
+    ref = ref64(qe, ke, ve, inp["q_pos"], k_pos, chunk, 0.25)
+    kv_range = kv_range_from_k_pos(inp["q_pos"], jnp.asarray(k_pos), chunk)
+    for rng in (kv_range, jnp.asarray([[0, S]] * B, jnp.int32)):
+        out = decode_attention(inp["q"], jnp.asarray(k), jnp.asarray(v), inp["q_pos"], jnp.asarray(k_pos),
+                               chunk_size=chunk, scale=0.25, block_s=16, num_splits=3, kv_range=rng,
+                               interpret=INTERPRET)
+        assert rel_err(out, ref) < TOL["float32"]
+
+
+def test_reference_is_model_attend():
+    """The float64 reference used above is mavjax.model.attend with attention_mask (float32 inputs)."""
+    inp, (qe, ke, ve) = make_inputs(7, 2, 3, 2, 2, 16, 40, [40, 9], jnp.float32, jnp.float32)
+    for chunk in (None, 16):
+        with jax.default_matmul_precision("highest"):
+            got = attend(inp["q"], inp["k"], inp["v"], attention_mask(inp["q_pos"], inp["k_pos"], chunk), 0.25)
+        assert rel_err(got, ref64(qe, ke, ve, inp["q_pos"], inp["k_pos"], chunk, 0.25)) < 1e-5
