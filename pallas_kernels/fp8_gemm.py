@@ -1,0 +1,467 @@
+"""FP8 (float8_e4m3fn) GEMMs in Pallas (Triton lowering), with plain jax.numpy references side by side.
+
+Layout: x [..., K] activations, w_fp8 [K, N] weights (or [N, K], the torch/HF layout, with
+w_transposed=True), y [..., N] = x @ dequant(w_fp8).
+
+Weight scales, one of:
+  * per output channel:  w_scale float32 [N]                                  w = w_fp8 * scale[None, :]
+  * 128x128 blocks:      w_scale float32 [ceil(K/bk), ceil(N/bn)], (bk, bn) = scale_block (DeepSeek / HF
+                         "fp8 block" style; transposed with w_transposed)     w = w_fp8 * scale[k // bk, n // bn]
+
+Two kernels:
+  * weight-only (decode, M <= 64): bf16 activations, FP8 weights upcast to bf16 in registers (exact), bf16
+    tensor-core dot with f32 accumulation. Memory-bound: the job is streaming w once, so the grid is
+    (N blocks, split-K) to give every SM work even on N=640 tensor-parallel shards; split-K partials (f32,
+    scale applied) are summed over the split axis outside the kernel (one tiny XLA reduction; none when
+    split_k == 1). x is padded (by masked loads, not copies) to >= 16 rows for the tensor-core dot;
+    swap_ab=True computes y^T = w^T x^T instead (weight tile as the MMA's A operand).
+  * fp8 x fp8 (prefill / large batch): activations quantized per token to e4m3 (jnp, outside the kernel), FP8
+    x FP8 tensor-core dot (jnp.dot on float8_e4m3fn operands, preferred_element_type=f32: the Pallas Triton
+    lowering accepts it) with f32 accumulation; row scale x column scale on the f32 accumulator. Grid over
+    (M blocks, N blocks), grouped ("swizzled") program order for L2 reuse, K loop inside.
+
+Both mask ragged edges (M, N, K not multiples of the blocks) in the kernel instead of padding, so no hidden
+copy of the weight tensor is made per call. Block scales are applied per K step inside the loop, which needs
+block_k | scale_block[0] and block_n | scale_block[1] (larger requests are clamped).
+
+Every kernel runs under interpret=True on CPU (tests). On an H100 with JAX 0.11.2 both kernels, both layouts,
+both scale kinds, split-K, swap_ab and ragged shapes lowered, wrote every element and matched the float64
+reference (scripts/bench_fp8_gemm.py validates before it times). Block sizes must be powers of two; too
+many stages x too large tiles exceed shared memory (e.g. 128x512 fp8 x 4 stages) and fail to compile, which
+the benchmark's autotuner skips.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+try:  # Pallas' Triton backend: masked loads/stores and compiler params.
+    from jax.experimental.pallas import triton as plgpu
+except ImportError:  # pragma: no cover - very old / very new jax without the Triton backend
+    plgpu = None
+
+FP8 = jnp.float8_e4m3fn
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+NUM_SMS_H100 = 132
+
+__all__ = [
+    "FP8", "FP8_MAX",
+    "quantize_weight_per_channel", "quantize_weight_blockwise", "quantize_activation_per_token",
+    "dequantize_weight", "dequantize_activation",
+    "fp8_matmul_ref", "fp8_matmul", "default_config",
+]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Quantization helpers (pure jnp)
+# ----------------------------------------------------------------------------------------------------------
+
+def _to_fp8(v):
+    # Clip before the cast: float8_e4m3fn has no inf, values past 464 would become NaN.
+    return jnp.clip(v, -FP8_MAX, FP8_MAX).astype(FP8)
+
+
+def _safe_scale(amax):
+    """amax / 448, with all-zero groups given scale 1 (their codes are 0 anyway)."""
+    return jnp.where(amax > 0, amax / FP8_MAX, 1.0).astype(jnp.float32)
+
+
+def quantize_weight_per_channel(w):
+    """w [K, N] -> (w_fp8 [K, N] float8_e4m3fn, scale [N] float32), scale = amax over K of |w| / 448."""
+    w32 = jnp.asarray(w).astype(jnp.float32)
+    scale = _safe_scale(jnp.max(jnp.abs(w32), axis=0))
+    return _to_fp8(w32 / scale[None, :]), scale
+
+
+def quantize_weight_blockwise(w, block=(128, 128)):
+    """w [K, N] -> (w_fp8 [K, N], scale [ceil(K/bk), ceil(N/bn)] float32): one scale per (bk x bn) block."""
+    w32 = jnp.asarray(w).astype(jnp.float32)
+    K, N = w32.shape
+    bk, bn = block
+    kb, nb = pl.cdiv(K, bk), pl.cdiv(N, bn)
+    wp = jnp.pad(w32, ((0, kb * bk - K), (0, nb * bn - N))).reshape(kb, bk, nb, bn)
+    scale = _safe_scale(jnp.max(jnp.abs(wp), axis=(1, 3)))
+    q = _to_fp8(wp / scale[:, None, :, None]).reshape(kb * bk, nb * bn)[:K, :N]
+    return q, scale
+
+
+def quantize_activation_per_token(x):
+    """x [..., K] -> (x_fp8 [..., K], scale [...] float32), one scale per row (token)."""
+    x32 = jnp.asarray(x).astype(jnp.float32)
+    scale = _safe_scale(jnp.max(jnp.abs(x32), axis=-1))
+    return _to_fp8(x32 / scale[..., None]), scale
+
+
+def _expand_block_scale(scale, K, N, block):
+    bk, bn = block
+    return jnp.repeat(jnp.repeat(scale, bk, axis=0), bn, axis=1)[:K, :N]
+
+
+def dequantize_weight(w_fp8, scale, block=(128, 128)):
+    """Inverse of the weight quantizers, in float32. scale [N] (per channel) or [K/bk, N/bn] (blockwise)."""
+    K, N = w_fp8.shape
+    w = _exact_upcast(w_fp8)
+    kind = _scale_kind(scale, K, N, block)
+    if kind == "channel":
+        return w * scale.astype(jnp.float32)[None, :]
+    return w * _expand_block_scale(scale.astype(jnp.float32), K, N, block)
+
+
+def dequantize_activation(x_fp8, scale):
+    return _exact_upcast(x_fp8) * scale.astype(jnp.float32)[..., None]
+
+
+def _exact_upcast(v_fp8):
+    """fp8 -> f32 behind an optimization barrier: under jit, XLA (xla_allow_excess_precision, on by default)
+    may otherwise fold a quantize-then-dequantize pair f32 -> f8 -> f32 into a no-op and so drop the very
+    rounding a reference is meant to include (seen on an H100: the reference lost the e4m3 error)."""
+    return lax.optimization_barrier(v_fp8).astype(jnp.float32)
+
+
+def _scale_kind(w_scale, K, N, block):
+    if w_scale.ndim == 1 and w_scale.shape == (N,):
+        return "channel"
+    if w_scale.ndim == 2 and w_scale.shape == (pl.cdiv(K, block[0]), pl.cdiv(N, block[1])):
+        return "block"
+    raise ValueError(f"w_scale of shape {w_scale.shape} fits neither per-channel scales ({N},) nor "
+                     f"{block} block scales ({pl.cdiv(K, block[0])}, {pl.cdiv(N, block[1])}) of a [{K}, {N}] weight")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reference (plain jnp): dequantize, matmul in float32, cast
+# ----------------------------------------------------------------------------------------------------------
+
+def fp8_matmul_ref(x, w_fp8, w_scale, *, scale_block=(128, 128), quantize_x=False, out_dtype=None):
+    """y = x @ dequantize(w_fp8, w_scale) in float32 (HIGHEST precision: no TF32 on GPU), cast to out_dtype.
+
+    quantize_x=True first passes x through per-token e4m3 quantization, i.e. emulates the fp8_fp8 kernel's
+    arithmetic exactly up to f32 summation order.
+    """
+    out_dtype = jnp.dtype(out_dtype or x.dtype)
+    w = dequantize_weight(w_fp8, w_scale, scale_block)
+    if quantize_x:
+        xq, xs = quantize_activation_per_token(x)
+        xx = dequantize_activation(xq, xs)
+    else:
+        xx = x.astype(jnp.float32)
+    return jnp.matmul(xx, w, precision=lax.Precision.HIGHEST).astype(out_dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pallas plumbing
+# ----------------------------------------------------------------------------------------------------------
+
+def _next_pow2(n):
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def _compiler_params(num_warps, num_stages):
+    if plgpu is None:
+        return None
+    for name in ("CompilerParams", "TritonCompilerParams"):  # 0.5+ / older spelling
+        cls = getattr(plgpu, name, None)
+        if cls is not None:
+            return cls(num_warps=num_warps, num_stages=num_stages)
+    return None
+
+
+def _load(ref, mask, eviction_policy=None):
+    """Masked load; masked-off lanes read as 0 (a constant of the ref's own dtype, so Triton's load verifies)."""
+    if mask is None and eviction_policy is None:
+        return ref[...]
+    other = None if mask is None else jnp.zeros((), ref.dtype)
+    return plgpu.load(ref, mask=mask, other=other, eviction_policy=eviction_policy)
+
+
+def _store(ref, val, mask):
+    if mask is None:
+        ref[...] = val
+    else:
+        plgpu.store(ref, val, mask=mask)
+
+
+def _mask2(rows, cols):
+    """Outer AND of two optional 1-D lane masks (None = all in bounds)."""
+    if rows is None and cols is None:
+        return None
+    if rows is None:
+        return cols[None, :]
+    if cols is None:
+        return rows[:, None]
+    return rows[:, None] & cols[None, :]
+
+
+def _in_bounds(start, size, limit):
+    """Lane mask start + arange(size) < limit, or None when every block is statically full."""
+    return None if limit % size == 0 else (start + jnp.arange(size)) < limit
+
+
+def _load_w_tile(w_ref, k0, n0, block_k, block_n, k_in, n_in, w_transposed, eviction_policy):
+    """The [block_k, block_n] weight tile (as stored: [block_n, block_k] when w_transposed)."""
+    if w_transposed:
+        return _load(w_ref.at[pl.ds(n0, block_n), pl.ds(k0, block_k)], _mask2(n_in, k_in), eviction_policy)
+    return _load(w_ref.at[pl.ds(k0, block_k), pl.ds(n0, block_n)], _mask2(k_in, n_in), eviction_policy)
+
+
+def _dot_w(x, w, w_transposed):
+    """x [bm, bk] @ w, w being [bk, bn] or, transposed, [bn, bk]; f32 accumulation on the tensor cores."""
+    dims = (((1,), (1,)), ((), ())) if w_transposed else (((1,), (0,)), ((), ()))
+    return lax.dot_general(x, w, dims, preferred_element_type=jnp.float32)
+
+
+def _block_scale(s_ref, kb, pid_n, block_k, block_n, scale_block, w_transposed):
+    """The one scale of K step kb and N block pid_n (block_k | scale_block[0], block_n | scale_block[1])."""
+    i = kb // (scale_block[0] // block_k)
+    j = pid_n // (scale_block[1] // block_n)
+    return s_ref[j, i] if w_transposed else s_ref[i, j]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Kernel A: weight-only FP8 (bf16 activations), grid (N blocks, split-K)
+# ----------------------------------------------------------------------------------------------------------
+
+def _weight_only_kernel(x_ref, w_ref, s_ref, o_ref, *, m, n, k, block_m, block_n, block_k, kb_per_split,
+                        scale_kind, scale_block, partial, w_transposed, evict, swap_ab):
+    pid_n = pl.program_id(0)
+    pid_s = pl.program_id(1)
+    n0 = pl.multiple_of(pid_n * block_n, block_n)
+    nk = pl.cdiv(k, block_k)
+    kb_lo = pid_s * kb_per_split
+    kb_hi = jnp.minimum(kb_lo + kb_per_split, nk)
+
+    # Static decisions: masks only on the edges that are actually ragged.
+    m_in = _in_bounds(0, block_m, m) if m != block_m else None
+    n_in = _in_bounds(n0, block_n, n)
+    cdt = x_ref.dtype
+    # swap_ab: accumulate y^T [bn, bm] = w^T x^T, so the weight tile is the MMA's A operand (M = block_n
+    # rows) and the few activation rows are its N; otherwise y [bm, bn] = x w with x padded to >= 16 rows.
+    acc_shape = (block_n, block_m) if swap_ab else (block_m, block_n)
+
+    def body(kb, acc):
+        k0 = pl.multiple_of(kb * block_k, block_k)
+        k_in = _in_bounds(k0, block_k, k)
+        # x is re-read by every program (keep it in L2); w is streamed exactly once (evict it first).
+        x = _load(x_ref.at[pl.ds(0, block_m), pl.ds(k0, block_k)], _mask2(m_in, k_in),
+                  "evict_last" if evict else None)                                     # [bm, bk]
+        w = _load_w_tile(w_ref, k0, n0, block_k, block_n, k_in, n_in, w_transposed,
+                         "evict_first" if evict else None)                              # fp8
+        w = w.astype(cdt)                                                              # e4m3 -> bf16 is exact
+        if swap_ab:
+            dims = (((1,), (1,)), ((), ())) if w_transposed else (((0,), (1,)), ((), ()))
+            part = lax.dot_general(w, x, dims, preferred_element_type=jnp.float32)     # [bn, bm]
+        else:
+            part = _dot_w(x, w, w_transposed)                                          # [bm, bn]
+        if scale_kind == "block":  # one scale per (K step, program)
+            part = part * _block_scale(s_ref, kb, pid_n, block_k, block_n, scale_block, w_transposed)
+        return acc + part
+
+    acc = lax.fori_loop(kb_lo, kb_hi, body, jnp.zeros(acc_shape, jnp.float32))
+    if scale_kind == "channel":  # once, after the K loop
+        s = _load(s_ref.at[pl.ds(n0, block_n)], n_in)
+        acc = acc * (s[:, None] if swap_ab else s[None, :])
+    if swap_ab:
+        acc = acc.T
+    out_mask = _mask2(m_in, n_in)
+    if partial:
+        _store(o_ref.at[pid_s, pl.ds(0, block_m), pl.ds(n0, block_n)], acc, out_mask)
+    else:
+        _store(o_ref.at[pl.ds(0, block_m), pl.ds(n0, block_n)], acc.astype(o_ref.dtype), out_mask)
+
+
+def _weight_only_pallas(x, w_fp8, w_scale, *, scale_kind, scale_block, block_n, block_k, split_k, num_warps,
+                        num_stages, out_dtype, interpret, poison_output, w_transposed, evict, swap_ab):
+    M, K = x.shape
+    N = w_fp8.shape[0 if w_transposed else 1]
+    block_m = max(16, _next_pow2(M))  # tensor-core dots need >= 16 rows; Triton blocks are powers of two
+    nk = pl.cdiv(K, block_k)
+    split_k = max(1, min(split_k, nk))
+    kb_per_split = pl.cdiv(nk, split_k)
+    split_k = pl.cdiv(nk, kb_per_split)  # no empty splits
+    partial = split_k > 1
+    grid = (pl.cdiv(N, block_n), split_k)
+    out_shape = jax.ShapeDtypeStruct((split_k, M, N) if partial else (M, N),
+                                     jnp.float32 if partial else out_dtype)
+    kernel = functools.partial(
+        _weight_only_kernel, m=M, n=N, k=K, block_m=block_m, block_n=block_n, block_k=block_k,
+        kb_per_split=kb_per_split, scale_kind=scale_kind, scale_block=scale_block, partial=partial,
+        w_transposed=w_transposed, evict=evict, swap_ab=swap_ab)
+    args = [x, w_fp8, w_scale]
+    aliases = {}
+    if poison_output:  # every element the kernel does not write stays NaN
+        args.append(jnp.full(out_shape.shape, jnp.nan, out_shape.dtype))
+        aliases = {3: 0}
+        kernel = _drop_last_input(kernel, n_in=3)
+    out = pl.pallas_call(
+        kernel, out_shape=out_shape, grid=grid, input_output_aliases=aliases, interpret=interpret,
+        compiler_params=_compiler_params(num_warps, num_stages),
+        name=f"fp8_weight_only_m{block_m}_n{block_n}_k{block_k}_s{split_k}",
+    )(*args)
+    if partial:
+        out = jnp.sum(out, axis=0).astype(out_dtype)
+    return out
+
+
+def _drop_last_input(kernel, n_in):
+    """Kernel wrapper for the aliased poison buffer: its input ref is the output ref, so ignore it."""
+    def k(*refs):
+        return kernel(*refs[:n_in], *refs[n_in + 1:])
+    return k
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Kernel B: FP8 x FP8 (per-token activation scales), grid over (M blocks x N blocks), K loop inside
+# ----------------------------------------------------------------------------------------------------------
+
+def _fp8_fp8_kernel(x_ref, xs_ref, w_ref, ws_ref, o_ref, *, m, n, k, block_m, block_n, block_k, group_m,
+                    scale_kind, scale_block, w_transposed):
+    # Grouped program order: group_m consecutive M blocks sweep the N blocks together, so the w tiles they
+    # share are read from L2 rather than DRAM.
+    pid = pl.program_id(0)
+    num_m, num_n = pl.cdiv(m, block_m), pl.cdiv(n, block_n)
+    width = group_m * num_n
+    first_m = (pid // width) * group_m
+    group_size = jnp.minimum(num_m - first_m, group_m)
+    pid_m = first_m + (pid % width) % group_size
+    pid_n = (pid % width) // group_size
+    m0 = pl.multiple_of(pid_m * block_m, block_m)
+    n0 = pl.multiple_of(pid_n * block_n, block_n)
+    m_in = _in_bounds(m0, block_m, m)
+    n_in = _in_bounds(n0, block_n, n)
+
+    def body(kb, acc):
+        k0 = pl.multiple_of(kb * block_k, block_k)
+        k_in = _in_bounds(k0, block_k, k)
+        x = _load(x_ref.at[pl.ds(m0, block_m), pl.ds(k0, block_k)], _mask2(m_in, k_in))  # [bm, bk] fp8
+        w = _load_w_tile(w_ref, k0, n0, block_k, block_n, k_in, n_in, w_transposed, None)
+        part = _dot_w(x, w, w_transposed)                                                # FP8 tensor cores
+        if scale_kind == "block":
+            part = part * _block_scale(ws_ref, kb, pid_n, block_k, block_n, scale_block, w_transposed)
+        return acc + part
+
+    acc = lax.fori_loop(0, pl.cdiv(k, block_k), body, jnp.zeros((block_m, block_n), jnp.float32))
+    acc = acc * _load(xs_ref.at[pl.ds(m0, block_m)], m_in)[:, None]
+    if scale_kind == "channel":
+        acc = acc * _load(ws_ref.at[pl.ds(n0, block_n)], n_in)[None, :]
+    _store(o_ref.at[pl.ds(m0, block_m), pl.ds(n0, block_n)], acc.astype(o_ref.dtype), _mask2(m_in, n_in))
+
+
+def _fp8_fp8_pallas(x, w_fp8, w_scale, *, scale_kind, scale_block, block_m, block_n, block_k, group_m,
+                    num_warps, num_stages, out_dtype, interpret, poison_output, w_transposed):
+    M, K = x.shape
+    N = w_fp8.shape[0 if w_transposed else 1]
+    xq, xs = quantize_activation_per_token(x)
+    block_m = max(16, min(block_m, _next_pow2(M)))
+    grid = (pl.cdiv(M, block_m) * pl.cdiv(N, block_n),)
+    out_shape = jax.ShapeDtypeStruct((M, N), out_dtype)
+    kernel = functools.partial(
+        _fp8_fp8_kernel, m=M, n=N, k=K, block_m=block_m, block_n=block_n, block_k=block_k, group_m=group_m,
+        scale_kind=scale_kind, scale_block=scale_block, w_transposed=w_transposed)
+    args = [xq, xs, w_fp8, w_scale]
+    aliases = {}
+    if poison_output:
+        args.append(jnp.full((M, N), jnp.nan, out_dtype))
+        aliases = {4: 0}
+        kernel = _drop_last_input(kernel, n_in=4)
+    return pl.pallas_call(
+        kernel, out_shape=out_shape, grid=grid, input_output_aliases=aliases, interpret=interpret,
+        compiler_params=_compiler_params(num_warps, num_stages),
+        name=f"fp8_fp8_m{block_m}_n{block_n}_k{block_k}",
+    )(*args)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------------------------
+
+def default_config(mode, M, N, K, scale_kind="channel", num_sms=NUM_SMS_H100):
+    """Heuristic block sizes; scripts/bench_fp8_gemm.py autotunes over a few alternatives."""
+    if mode == "weight_only":
+        # H100 sweep (M=16, 5120x16384): block_n=64, block_k=256, no split-K, 4 warps, 4 stages was best
+        # (39.8 us; w stored [N, K]); a split-K pass costs an extra launch, so split only when the N
+        # blocks alone leave SMs idle, aiming at ~2 programs per SM with >= 2 K steps per split.
+        block_k = 128 if scale_kind == "block" else 256
+        block_n = 64
+        nb, nk = pl.cdiv(N, block_n), pl.cdiv(K, block_k)
+        split_k = 1 if nb >= num_sms else max(1, min(pl.cdiv(2 * num_sms, nb), nk // 2))
+        return dict(block_m=None, block_n=block_n, block_k=block_k, split_k=split_k, num_warps=4, num_stages=4,
+                    swap_ab=False)
+    return dict(block_m=128, block_n=128, block_k=128, split_k=1, num_warps=4, num_stages=3, swap_ab=False)
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "mode", "block_m", "block_n", "block_k", "split_k", "group_m", "num_warps", "num_stages", "out_dtype",
+    "scale_block", "w_transposed", "evict", "swap_ab", "compute_dtype", "interpret", "poison_output"))
+def fp8_matmul(x, w_fp8, w_scale, *, mode="auto", block_m=None, block_n=None, block_k=None, split_k=None,
+               group_m=8, num_warps=None, num_stages=None, out_dtype=None, scale_block=(128, 128),
+               w_transposed=False, evict=True, swap_ab=None, compute_dtype=None, interpret=False,
+               poison_output=False):
+    """y[..., N] = x[..., K] @ (w_fp8[K, N] dequantized with w_scale), f32 accumulation, cast to out_dtype.
+
+    mode: "weight_only" (bf16 activations x upcast FP8 weights; memory-bound decode path), "fp8_fp8"
+      (activations quantized per token to e4m3, FP8 x FP8 tensor-core dot), or "auto" (weight_only when the
+      flattened M <= 64).
+    w_scale: float32 [N] per output channel, or [ceil(K/bk), ceil(N/bn)] for (bk, bn) = scale_block blocks.
+    w_transposed: w_fp8 is stored [N, K] (torch Linear / HF checkpoint layout, K contiguous) and block scales
+      are [ceil(N/bn), ceil(K/bk)] (HF "weight_scale_inv" layout); scale_block stays (bk, bn).
+    Block sizes / split_k (weight_only) / group_m (fp8_fp8) / num_warps / num_stages: None picks
+      default_config(); block sizes must be powers of two (Triton); with block scales block_k and block_n
+      are clamped to divide scale_block. evict: L2 eviction hints in the weight-only kernel (stream w, keep x).
+    swap_ab (weight_only): compute y^T = w^T x^T so the weight tile is the MMA's A operand.
+    compute_dtype (weight_only): dtype of the in-register dot (default: x's if bf16/f16, else bf16); e4m3
+      converts exactly to both bf16 and f16, but x is rounded to it (f16: |x| must stay < 65504).
+    poison_output: debugging aid; the output buffer starts as NaN (aliased in), so unwritten elements show.
+    interpret: run the kernels in the Pallas interpreter (CPU tests).
+    """
+    *lead, K = x.shape
+    N, Kw = w_fp8.shape if w_transposed else w_fp8.shape[::-1]
+    if Kw != K:
+        raise ValueError(f"x has K={K}, w_fp8 {w_fp8.shape} has K={Kw} (w_transposed={w_transposed})")
+    if w_fp8.dtype != FP8:
+        raise TypeError(f"w_fp8 must be float8_e4m3fn, got {w_fp8.dtype}")
+    scale_block = tuple(scale_block)
+    scale_kind = _scale_kind(w_scale.T if w_transposed else w_scale, K, N, scale_block)
+    out_dtype = jnp.dtype(out_dtype or x.dtype)
+    x2 = x.reshape(-1, K)
+    M = x2.shape[0]
+    if mode == "auto":
+        mode = "weight_only" if M <= 64 else "fp8_fp8"
+    if mode not in ("weight_only", "fp8_fp8"):
+        raise ValueError(f"unknown mode {mode!r}")
+    if M == 0 or N == 0 or K == 0:
+        return jnp.zeros((*lead, N), out_dtype)
+
+    cfg = default_config(mode, M, N, K, scale_kind)
+    block_n = block_n or cfg["block_n"]
+    block_k = block_k or cfg["block_k"]
+    num_warps = num_warps or cfg["num_warps"]
+    num_stages = num_stages or cfg["num_stages"]
+    if scale_kind == "block":
+        block_k, block_n = min(block_k, scale_block[0]), min(block_n, scale_block[1])
+        if scale_block[0] % block_k or scale_block[1] % block_n:
+            raise ValueError(f"block scales {scale_block} need block_k | {scale_block[0]} and "
+                             f"block_n | {scale_block[1]}; got block_k={block_k}, block_n={block_n}")
+    for name, v in (("block_n", block_n), ("block_k", block_k)):
+        if v & (v - 1):
+            raise ValueError(f"{name}={v} must be a power of two")
+    w_scale = w_scale.astype(jnp.float32)
+    common = dict(scale_kind=scale_kind, scale_block=scale_block, block_n=block_n, block_k=block_k,
+                  num_warps=num_warps, num_stages=num_stages, out_dtype=out_dtype, interpret=interpret,
+                  poison_output=poison_output, w_transposed=w_transposed)
+
+    if mode == "weight_only":
+        if compute_dtype is None:
+            compute_dtype = x2.dtype if x2.dtype in (jnp.bfloat16, jnp.float16) else jnp.bfloat16
+        swap_ab = cfg["swap_ab"] if swap_ab is None else swap_ab
+        y = _weight_only_pallas(x2.astype(compute_dtype), w_fp8, w_scale, split_k=split_k or cfg["split_k"],
+                                evict=evict, swap_ab=swap_ab, **common)
+    else:
+        block_m = block_m or cfg["block_m"]
+        if block_m & (block_m - 1):
+            raise ValueError(f"block_m={block_m} must be a power of two")
+        y = _fp8_fp8_pallas(x2, w_fp8, w_scale, block_m=block_m, group_m=group_m, **common)
+    return y.reshape(*lead, N)
