@@ -42,11 +42,13 @@ class GenerationOutput:
 
 class LLM:
     def __init__(self, model: str | Path | None = None, *, dtype: str | None = None,
-                 max_model_len: int | None = None, max_batch_size: int = 32):
+                 max_model_len: int | None = None, max_batch_size: int = 32, kernels: str = "xla"):
+        """`kernels`: "xla" (plain jax.numpy) or "pallas" (the kernels of pallas_kernels/ where they apply:
+        today the split-KV decode attention)."""
         from mavjax.checkpoint import load_model  # orbax import is slow; only when loading from disk
 
         path = Path(model) if model is not None else DEFAULT_MODEL
-        cfg, net = load_model(path, dtype=dtype)
+        cfg, net = load_model(path, dtype=dtype, kernels=kernels)
         tok = Tokenizer.from_dir(path) if (path / "tokenizer.json").exists() else None
         gen_cfg = path / "generation_config.json"
         extra_eos = []

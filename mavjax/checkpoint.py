@@ -118,7 +118,8 @@ class CheckpointWriter:
         self.complete = True
 
 
-def load_model(path: str | Path, *, dtype=None, shardings: dict | None = None) -> tuple[Llama4Config, Llama4]:
+def load_model(path: str | Path, *, dtype=None, shardings: dict | None = None, kernels: str = "xla"
+               ) -> tuple[Llama4Config, Llama4]:
     """Load a mavjax checkpoint: (config, model). Each parameter is restored by orbax straight into its
     target array: on the default device, or with `shardings[target]` (a `jax.sharding.Sharding`) where given.
     `dtype=None` keeps the checkpoint's dtype; another dtype is cast to while reading."""
@@ -126,7 +127,7 @@ def load_model(path: str | Path, *, dtype=None, shardings: dict | None = None) -
     manifest = _read_manifest(path)
     cfg = Llama4Config.from_json(path / "config.json")
     dtype = jnp.dtype(manifest["dtype"] if dtype is None else dtype)
-    model = nnx.eval_shape(lambda: Llama4(cfg, dtype=dtype))
+    model = nnx.eval_shape(lambda: Llama4(cfg, dtype=dtype, kernels=kernels))
     params = {_dotted(p): var for p, var in _flat_params(model)}
     stored, shardings = manifest["params"], dict(shardings or {})
     for target, var in params.items():  # check everything before reading anything

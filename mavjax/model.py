@@ -83,8 +83,13 @@ def attend(q, k, v, mask, scale):
     return o.reshape(B, T, H, Dh)
 
 
+# Cached attention with at most this many query rows per kv head (G query heads x T positions: decode and
+# speculative verification) goes through the split-KV Pallas kernel when kernels="pallas"; prefill stays on XLA.
+PALLAS_MAX_ROWS = 64
+
+
 class Attention(nnx.Module):
-    def __init__(self, cfg: Llama4Config, layer: int, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: Llama4Config, layer: int, dtype, rngs: nnx.Rngs, kernels: str = "xla"):
         D, H, K, Dh, std = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, \
             cfg.initializer_range
         self.wq = _param(rngs, (D, H, Dh), ("embed", "heads", "head_dim"), dtype, std)
@@ -97,6 +102,7 @@ class Attention(nnx.Module):
         self.chunk_size = cfg.attention_chunk_size if cfg.is_chunked(layer) else None
         self.eps, self.floor_scale, self.attn_scale = cfg.rms_norm_eps, cfg.floor_scale, cfg.attn_scale
         self.scale = Dh ** -0.5
+        self.kernels = kernels
 
     def __call__(self, x, positions, rope, cache_kv=None, cache_pos=None, write_index=None):
         """x [B, T, D], positions [B, T]. Without a cache, keys are this call's tokens. With one
@@ -119,7 +125,15 @@ class Attention(nnx.Module):
         else:
             (ck, cv), k_pos = cache_kv, cache_pos
             ck, cv = write_slots(ck, k, write_index), write_slots(cv, v, write_index)
-            keys, values, new_cache = ck.astype(q.dtype), cv.astype(q.dtype), (ck, cv)
+            new_cache = (ck, cv)
+            T, G = q.shape[1], q.shape[2] // ck.shape[2]
+            if self.kernels == "pallas" and T * G <= PALLAS_MAX_ROWS:
+                from pallas_kernels.decode_attention import decode_attention
+
+                o = decode_attention(q, ck, cv, positions, k_pos, chunk_size=self.chunk_size, scale=self.scale,
+                                     interpret=jax.default_backend() == "cpu")  # [B, T, H, Dh]
+                return jnp.einsum("bthk,hkd->btd", o, self.wo[...]), new_cache  # [B, T, D]
+            keys, values = ck.astype(q.dtype), cv.astype(q.dtype)
         mask = attention_mask(positions, k_pos, self.chunk_size)
         o = attend(q, keys, values, mask, self.scale)  # [B, T, H, Dh]
         return jnp.einsum("bthk,hkd->btd", o, self.wo[...]), new_cache  # [B, T, D]
@@ -203,9 +217,9 @@ class MoE(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: Llama4Config, layer: int, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: Llama4Config, layer: int, dtype, rngs: nnx.Rngs, kernels: str = "xla"):
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, rngs)
-        self.attn = Attention(cfg, layer, dtype, rngs)
+        self.attn = Attention(cfg, layer, dtype, rngs, kernels)
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, rngs)
         self.is_moe = cfg.is_moe_layer(layer)
         self.ffn = MoE(cfg, dtype, rngs) if self.is_moe else MLP(cfg, cfg.intermediate_size_mlp, dtype, rngs)
@@ -217,15 +231,19 @@ class DecoderLayer(nnx.Module):
 
 
 class Llama4(nnx.Module):
-    """Token ids in, logits (or final hidden states) out."""
+    """Token ids in, logits (or final hidden states) out. `kernels`: "xla" (plain jax.numpy) or "pallas"
+    (the kernels of pallas_kernels/ where they apply; both compute the same function)."""
 
-    def __init__(self, cfg: Llama4Config, *, dtype=jnp.bfloat16, rngs: nnx.Rngs | None = None):
+    def __init__(self, cfg: Llama4Config, *, dtype=jnp.bfloat16, rngs: nnx.Rngs | None = None,
+                 kernels: str = "xla"):
+        if kernels not in ("xla", "pallas"):
+            raise ValueError(f"kernels must be 'xla' or 'pallas', got {kernels!r}")
         rngs = rngs or nnx.Rngs(0)
         self.cfg = cfg
         self.dtype = dtype
         D, V, std = cfg.hidden_size, cfg.vocab_size, cfg.initializer_range
         self.embed = _param(rngs, (V, D), ("vocab", "embed"), dtype, std)
-        self.layers = nnx.List([DecoderLayer(cfg, i, dtype, rngs) for i in range(cfg.num_hidden_layers)])
+        self.layers = nnx.List([DecoderLayer(cfg, i, dtype, rngs, kernels) for i in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(D, cfg.rms_norm_eps, dtype, rngs)
         self.lm_head = None if cfg.tie_word_embeddings else _param(rngs, (D, V), ("embed", "vocab"), dtype, std)
         self.inv_freq = nnx.Variable(jnp.asarray(cfg.rope_inv_freq(), jnp.float32))  # not a Param: not trained
