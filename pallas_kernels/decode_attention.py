@@ -40,7 +40,6 @@ Grid (B, K, num_splits). One program owns one (batch row, kv head) pair and one 
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp

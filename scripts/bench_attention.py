@@ -45,28 +45,8 @@ import numpy as np  # noqa: E402
 
 from pallas_kernels.decode_attention import decode_attention, dequantize_kv  # noqa: E402
 
-try:
-    from mavjax.model import attend, attention_mask
-except Exception as e:  # pragma: no cover - same code as mavjax.model, for a machine missing mavjax's deps
-    print(f"(mavjax.model not importable: {e!r}; using an inline copy of attend/attention_mask)")
-
-    def attention_mask(q_pos, k_pos, chunk_size):
-        q, k = q_pos[:, :, None], k_pos[:, None, :]
-        mask = (k <= q) & (k >= 0)
-        if chunk_size is not None:
-            mask &= (k // chunk_size) == (q // chunk_size)
-        return mask
-
-    def attend(q, k, v, mask, scale):
-        B, T, H, Dh = q.shape
-        K = k.shape[2]
-        qg = q.reshape(B, T, K, H // K, Dh)
-        s = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
-        s = jnp.where(mask[:, None, None], s, -jnp.inf)
-        p = jax.nn.softmax(s, axis=-1)
-        p = jnp.where(mask[:, None, None], p, 0.0).astype(v.dtype)
-        o = jnp.einsum("bkgts,bskd->btkgd", p, v)
-        return o.reshape(B, T, H, Dh)
+from mavjax.benchmarking import copy_bandwidth  # noqa: E402
+from mavjax.model import attend, attention_mask  # noqa: E402
 
 try:
     from jax.experimental.pallas.ops.gpu import decode_attention as jax_decode
@@ -77,19 +57,6 @@ except Exception as e:  # pragma: no cover
 FP8 = jnp.float8_e4m3fn
 CHUNK = 8192
 Dh = 128
-
-
-def copy_bandwidth(nbytes=2 << 30, reps=20):
-    x = jnp.ones((nbytes // 4,), jnp.float32)
-    f = jax.jit(lambda a: a + 1.0)
-    f(x).block_until_ready()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        f(x).block_until_ready()
-        ts.append(time.perf_counter() - t)
-    del x
-    return 2 * nbytes / float(np.median(ts))
 
 
 def time_op(fn, args_list, qs, inner, reps):

@@ -18,18 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-
-def copy_bandwidth(nbytes=2 << 30, reps=20):
-    """Device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
-    x = jnp.ones((nbytes // 4,), jnp.float32)
-    f = jax.jit(lambda a: a + 1.0)
-    f(x).block_until_ready()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        f(x).block_until_ready()
-        ts.append(time.perf_counter() - t)
-    return 2 * nbytes / float(np.median(ts))
+from mavjax.benchmarking import copy_bandwidth
 
 
 def step_bytes(cfg, batch, context, dtype_bytes):

@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from mavjax.benchmarking import copy_bandwidth  # noqa: E402
 from pallas_kernels.fp8_gemm import (  # noqa: E402
     dequantize_activation, dequantize_weight, fp8_matmul, quantize_activation_per_token,
     quantize_weight_blockwise, quantize_weight_per_channel)
@@ -74,19 +75,6 @@ def log(*a):
 
 def elapsed():
     return time.perf_counter() - T0
-
-
-def copy_bandwidth(nbytes=2 << 30, reps=20):
-    x = jnp.ones((nbytes // 4,), jnp.float32)
-    f = jax.jit(lambda a: a + 1.0)
-    f(x).block_until_ready()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        f(x).block_until_ready()
-        ts.append(time.perf_counter() - t)
-    del x
-    return 2 * nbytes / float(np.median(ts))
 
 
 # ---------------------------------------------------------------------------------------------------------
