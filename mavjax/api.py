@@ -42,13 +42,21 @@ class GenerationOutput:
 
 class LLM:
     def __init__(self, model: str | Path | None = None, *, dtype: str | None = None,
-                 max_model_len: int | None = None, max_batch_size: int = 32, kernels: str = "xla"):
+                 max_model_len: int | None = None, max_batch_size: int = 32, kernels: str = "xla",
+                 quantize: str | None = None):
         """`kernels`: "xla" (plain jax.numpy) or "pallas" (the kernels of pallas_kernels/ where they apply:
-        today the split-KV decode attention)."""
+        split-KV decode attention, FP8 GEMMs). `quantize="fp8"`: quantize the projection weights to FP8 on
+        load (per-output-channel scales; embedding, LM head, router and norms stay in `dtype`)."""
         from mavjax.checkpoint import load_model  # orbax import is slow; only when loading from disk
 
+        if quantize not in (None, "fp8"):
+            raise ValueError(f"quantize must be None or 'fp8', got {quantize!r}")
         path = Path(model) if model is not None else DEFAULT_MODEL
         cfg, net = load_model(path, dtype=dtype, kernels=kernels)
+        if quantize == "fp8":
+            from mavjax.quantize import quantize_model
+
+            net = quantize_model(net)
         tok = Tokenizer.from_dir(path) if (path / "tokenizer.json").exists() else None
         gen_cfg = path / "generation_config.json"
         extra_eos = []

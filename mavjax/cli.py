@@ -42,7 +42,7 @@ def cmd_generate(a) -> int:
     if len(ids) >= limit:
         raise PromptError(f"prompt of {len(ids)} tokens is longer than the context: max_model_len is {limit}")
     t0 = time.perf_counter()
-    llm = LLM(path, dtype=a.dtype, max_model_len=a.max_model_len)
+    llm = LLM(path, dtype=a.dtype, max_model_len=a.max_model_len, kernels=a.kernels, quantize=a.quantize)
     load_s = time.perf_counter() - t0
     out = llm.generate([ids], params)[0]
     if a.chat:
@@ -66,6 +66,8 @@ def main(argv=None) -> int:
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template as a user turn")
     g.add_argument("--dtype", default=None, choices=["bfloat16", "float32"])
     g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--kernels", default="xla", choices=["xla", "pallas"])
+    g.add_argument("--quantize", default=None, choices=["fp8"], help="quantize projection weights on load")
     _add_sampling_args(g)
     g.set_defaults(func=cmd_generate)
 

@@ -12,18 +12,52 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from mavjax.config import Llama4Config
 from mavjax.kv_cache import KVCache, write_slots
 
 
-def _param(rngs: nnx.Rngs, shape, axes, dtype, std, init="normal"):
+def _param(rngs: nnx.Rngs, shape, axes, dtype, std, init="normal", contract=None):
+    """`contract`: for a projection weight, the axes its input contracts over (the rest are output channels,
+    each with its own scale when the weight is quantized to FP8)."""
     if init == "ones":
         value = jnp.ones(shape, dtype)
     else:
         value = std * jax.random.normal(rngs.params(), shape, dtype)  # in dtype: no float32 copy of big tensors
-    return nnx.Param(value, logical_axes=axes)
+    meta = {} if contract is None else {"contract": contract}
+    return nnx.Param(value, logical_axes=axes, **meta)
+
+
+def _weight(rngs, shape, axes, dtype, std, contract, quant):
+    """A projection weight and its FP8 scale (None unless quant == "fp8"). FP8 weights are float8_e4m3fn with a
+    float32 scale per output channel (the published FP8 release's scheme); `mavjax.quantize` fills them."""
+    if quant is None:
+        return _param(rngs, shape, axes, dtype, std, contract=contract), None
+    out_shape = tuple(d for i, d in enumerate(shape) if i not in contract)
+    out_axes = tuple(a for i, a in enumerate(axes) if i not in contract)
+    w = nnx.Param(jnp.zeros(shape, jnp.float8_e4m3fn), logical_axes=axes, contract=contract)
+    return w, nnx.Param(jnp.ones(out_shape, jnp.float32), logical_axes=out_axes)
+
+
+def dense(x, w, scale, n_in, kernels="xla"):
+    """x [..., *in] @ w [*in, *out] -> [..., *out], contracting x's last n_in axes with w's first n_in.
+    w is bf16/f32 (scale None), or FP8 with a float32 scale per output channel [*out]: on the XLA path the
+    weight is upcast to x's dtype then multiplied (XLA's own FP8 dot is ~10x slower at decode shapes), on
+    the Pallas path it streams through pallas_kernels.fp8_gemm (FP8 bytes read, upcast in registers)."""
+    if scale is None:
+        return jnp.tensordot(x, w, axes=n_in)
+    in_shape, out_shape = w.shape[:n_in], w.shape[n_in:]
+    x2 = x.reshape(-1, int(np.prod(in_shape)))
+    w2 = w.reshape(x2.shape[1], -1)
+    if kernels == "pallas":
+        from pallas_kernels.fp8_gemm import fp8_matmul
+
+        y = fp8_matmul(x2, w2, scale.reshape(-1), out_dtype=x.dtype, interpret=jax.default_backend() == "cpu")
+    else:
+        y = (jnp.dot(x2, w2.astype(x.dtype), preferred_element_type=jnp.float32) * scale.reshape(-1)).astype(x.dtype)
+    return y.reshape(*x.shape[:-n_in], *out_shape)
 
 
 def rms_norm(x, scale, eps):
@@ -89,13 +123,13 @@ PALLAS_MAX_ROWS = 64
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: Llama4Config, layer: int, dtype, rngs: nnx.Rngs, kernels: str = "xla"):
+    def __init__(self, cfg: Llama4Config, layer: int, dtype, rngs: nnx.Rngs, kernels: str = "xla", quant=None):
         D, H, K, Dh, std = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, \
             cfg.initializer_range
-        self.wq = _param(rngs, (D, H, Dh), ("embed", "heads", "head_dim"), dtype, std)
-        self.wk = _param(rngs, (D, K, Dh), ("embed", "kv_heads", "head_dim"), dtype, std)
-        self.wv = _param(rngs, (D, K, Dh), ("embed", "kv_heads", "head_dim"), dtype, std)
-        self.wo = _param(rngs, (H, Dh, D), ("heads", "head_dim", "embed"), dtype, std)
+        self.wq, self.wq_scale = _weight(rngs, (D, H, Dh), ("embed", "heads", "head_dim"), dtype, std, (0,), quant)
+        self.wk, self.wk_scale = _weight(rngs, (D, K, Dh), ("embed", "kv_heads", "head_dim"), dtype, std, (0,), quant)
+        self.wv, self.wv_scale = _weight(rngs, (D, K, Dh), ("embed", "kv_heads", "head_dim"), dtype, std, (0,), quant)
+        self.wo, self.wo_scale = _weight(rngs, (H, Dh, D), ("heads", "head_dim", "embed"), dtype, std, (0, 1), quant)
         self.use_rope = cfg.uses_rope(layer)
         self.qk_norm = cfg.use_qk_norm and self.use_rope
         self.temperature_tuning = cfg.attn_temperature_tuning and not self.use_rope
@@ -109,9 +143,9 @@ class Attention(nnx.Module):
         (k, v: [B, S, K, Dh]; cache_pos [B, S] the position each slot holds, already updated for this call),
         this call's keys are written at slots `write_index` [B] onward and attention reads the whole cache.
         Returns (out [B, T, D], updated (k, v) or None)."""
-        q = jnp.einsum("btd,dhk->bthk", x, self.wq[...])  # [B, T, H, Dh]
-        k = jnp.einsum("btd,dhk->bthk", x, self.wk[...])  # [B, T, K, Dh]
-        v = jnp.einsum("btd,dhk->bthk", x, self.wv[...])  # [B, T, K, Dh]
+        q = self._proj(x, self.wq, self.wq_scale, 1)  # [B, T, D] x [D, H, Dh] -> [B, T, H, Dh]
+        k = self._proj(x, self.wk, self.wk_scale, 1)  # [B, T, D] x [D, K, Dh] -> [B, T, K, Dh]
+        v = self._proj(x, self.wv, self.wv_scale, 1)  # [B, T, D] x [D, K, Dh] -> [B, T, K, Dh]
         if self.use_rope:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if self.qk_norm:  # L2 norm without weight, after RoPE (transformers' order)
@@ -132,26 +166,31 @@ class Attention(nnx.Module):
 
                 o = decode_attention(q, ck, cv, positions, k_pos, chunk_size=self.chunk_size, scale=self.scale,
                                      interpret=jax.default_backend() == "cpu")  # [B, T, H, Dh]
-                return jnp.einsum("bthk,hkd->btd", o, self.wo[...]), new_cache  # [B, T, D]
+                return self._proj(o, self.wo, self.wo_scale, 2), new_cache  # [B, T, H, Dh] x [H, Dh, D]
             keys, values = ck.astype(q.dtype), cv.astype(q.dtype)
         mask = attention_mask(positions, k_pos, self.chunk_size)
         o = attend(q, keys, values, mask, self.scale)  # [B, T, H, Dh]
-        return jnp.einsum("bthk,hkd->btd", o, self.wo[...]), new_cache  # [B, T, D]
+        return self._proj(o, self.wo, self.wo_scale, 2), new_cache  # [B, T, H, Dh] x [H, Dh, D] -> [B, T, D]
+
+    def _proj(self, x, w, scale, n_in):
+        return dense(x, w[...], None if scale is None else scale[...], n_in, self.kernels)
 
 
 class MLP(nnx.Module):
     """SwiGLU: down(silu(x @ gate) * (x @ up))."""
 
-    def __init__(self, cfg: Llama4Config, hidden: int, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: Llama4Config, hidden: int, dtype, rngs: nnx.Rngs, kernels: str = "xla", quant=None):
         D, std = cfg.hidden_size, cfg.initializer_range
-        self.w_gate = _param(rngs, (D, hidden), ("embed", "mlp"), dtype, std)
-        self.w_up = _param(rngs, (D, hidden), ("embed", "mlp"), dtype, std)
-        self.w_down = _param(rngs, (hidden, D), ("mlp", "embed"), dtype, std)
+        self.kernels = kernels
+        self.w_gate, self.w_gate_scale = _weight(rngs, (D, hidden), ("embed", "mlp"), dtype, std, (0,), quant)
+        self.w_up, self.w_up_scale = _weight(rngs, (D, hidden), ("embed", "mlp"), dtype, std, (0,), quant)
+        self.w_down, self.w_down_scale = _weight(rngs, (hidden, D), ("mlp", "embed"), dtype, std, (0,), quant)
 
     def __call__(self, x):
-        g = jnp.einsum("...d,df->...f", x, self.w_gate[...])  # [..., F]
-        u = jnp.einsum("...d,df->...f", x, self.w_up[...])  # [..., F]
-        return jnp.einsum("...f,fd->...d", jax.nn.silu(g) * u, self.w_down[...])  # [..., D]
+        p = lambda x, w, s: dense(x, w[...], None if s is None else s[...], 1, self.kernels)  # noqa: E731
+        g = p(x, self.w_gate, self.w_gate_scale)  # [..., D] x [D, F] -> [..., F]
+        u = p(x, self.w_up, self.w_up_scale)  # [..., D] x [D, F] -> [..., F]
+        return p(jax.nn.silu(g) * u, self.w_down, self.w_down_scale)  # [..., F] x [F, D] -> [..., D]
 
 
 def route(x, router_w, top_k):
@@ -166,24 +205,32 @@ def route(x, router_w, top_k):
 GATHER_MAX_PAIRS = 8
 
 
-def moe_experts(x, expert_idx, scores, w_gate, w_up, w_down):
+def moe_experts(x, expert_idx, scores, w_gate, w_up, w_down, scales=None):
     """Routed experts. The score scales the expert's *input*, as Llama 4 does. x [N, D],
-    expert_idx/scores [N, k], w_gate/w_up [E, D, F], w_down [E, F, D] -> [N, D]."""
+    expert_idx/scores [N, k], w_gate/w_up [E, D, F], w_down [E, F, D] -> [N, D]. `scales`: None, or the FP8
+    weights' per-(expert, output channel) scales (s_gate [E, F], s_up [E, F], s_down [E, D])."""
+    scales = scales or (None, None, None)
     if expert_idx.size <= GATHER_MAX_PAIRS:
-        return moe_experts_gathered(x, expert_idx, scores, w_gate, w_up, w_down)
-    return moe_experts_grouped(x, expert_idx, scores, w_gate, w_up, w_down)
+        return moe_experts_gathered(x, expert_idx, scores, w_gate, w_up, w_down, scales)
+    return moe_experts_grouped(x, expert_idx, scores, w_gate, w_up, w_down, scales)
 
 
-def moe_experts_gathered(x, expert_idx, scores, w_gate, w_up, w_down):
+def _scaled(y, scale_rows):
+    return y if scale_rows is None else (y * scale_rows).astype(y.dtype)
+
+
+def moe_experts_gathered(x, expert_idx, scores, w_gate, w_up, w_down, scales):
     """Few tokens (decode): per (token, expert) pair, read that expert's weights."""
+    sg, su, sd = (None if s is None else s[expert_idx] for s in scales)  # [N, k, F|D]
+    up = lambda w: w[expert_idx].astype(x.dtype)  # noqa: E731  [N, k, ...] (FP8 upcast after the gather)
     xs = x[:, None, :] * scores[..., None]  # [N, k, D]
-    g = jnp.einsum("nkd,nkdf->nkf", xs, w_gate[expert_idx])  # [N, k, F]
-    u = jnp.einsum("nkd,nkdf->nkf", xs, w_up[expert_idx])  # [N, k, F]
-    y = jnp.einsum("nkf,nkfd->nkd", jax.nn.silu(g) * u, w_down[expert_idx])  # [N, k, D]
+    g = _scaled(jnp.einsum("nkd,nkdf->nkf", xs, up(w_gate)), sg)  # [N, k, F]
+    u = _scaled(jnp.einsum("nkd,nkdf->nkf", xs, up(w_up)), su)  # [N, k, F]
+    y = _scaled(jnp.einsum("nkf,nkfd->nkd", jax.nn.silu(g) * u, up(w_down)), sd)  # [N, k, D]
     return jnp.sum(y, axis=1)
 
 
-def moe_experts_grouped(x, expert_idx, scores, w_gate, w_up, w_down):
+def moe_experts_grouped(x, expert_idx, scores, w_gate, w_up, w_down, scales):
     """Many tokens: grouped GEMMs over tokens sorted by expert (no dense product over all experts)."""
     N, D = x.shape
     E, k = w_gate.shape[0], expert_idx.shape[1]
@@ -192,37 +239,42 @@ def moe_experts_grouped(x, expert_idx, scores, w_gate, w_up, w_down):
     token = (jnp.arange(N * k) // k)[order]  # [N*k] source token of each sorted row
     xs = x[token] * scores.reshape(-1)[order][:, None]  # [N*k, D]
     sizes = jnp.bincount(flat_e, length=E).astype(jnp.int32)  # [E]
-    g = jax.lax.ragged_dot(xs, w_gate, sizes)  # [N*k, F]
-    u = jax.lax.ragged_dot(xs, w_up, sizes)  # [N*k, F]
-    y = jax.lax.ragged_dot(jax.nn.silu(g) * u, w_down, sizes)  # [N*k, D]
+    sg, su, sd = (None if s is None else s[flat_e[order]] for s in scales)  # [N*k, F|D]
+    g = _scaled(jax.lax.ragged_dot(xs, w_gate.astype(x.dtype), sizes), sg)  # [N*k, F]
+    u = _scaled(jax.lax.ragged_dot(xs, w_up.astype(x.dtype), sizes), su)  # [N*k, F]
+    y = _scaled(jax.lax.ragged_dot(jax.nn.silu(g) * u, w_down.astype(x.dtype), sizes), sd)  # [N*k, D]
     return jnp.zeros((N, D), y.dtype).at[token].add(y)
 
 
 class MoE(nnx.Module):
-    def __init__(self, cfg: Llama4Config, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: Llama4Config, dtype, rngs: nnx.Rngs, kernels: str = "xla", quant=None):
         D, E, F, std = cfg.hidden_size, cfg.num_local_experts, cfg.intermediate_size, cfg.initializer_range
         self.top_k = cfg.num_experts_per_tok
-        self.router = _param(rngs, (D, E), ("embed", "router_expert"), dtype, std)
-        self.w_gate = _param(rngs, (E, D, F), ("expert", "embed", "expert_mlp"), dtype, std)
-        self.w_up = _param(rngs, (E, D, F), ("expert", "embed", "expert_mlp"), dtype, std)
-        self.w_down = _param(rngs, (E, F, D), ("expert", "expert_mlp", "embed"), dtype, std)
-        self.shared = MLP(cfg, F, dtype, rngs)
+        self.router = _param(rngs, (D, E), ("embed", "router_expert"), dtype, std)  # bf16 even in FP8 models
+        ax_in, ax_out = ("expert", "embed", "expert_mlp"), ("expert", "expert_mlp", "embed")
+        self.w_gate, self.w_gate_scale = _weight(rngs, (E, D, F), ax_in, dtype, std, (1,), quant)
+        self.w_up, self.w_up_scale = _weight(rngs, (E, D, F), ax_in, dtype, std, (1,), quant)
+        self.w_down, self.w_down_scale = _weight(rngs, (E, F, D), ax_out, dtype, std, (1,), quant)
+        self.shared = MLP(cfg, F, dtype, rngs, kernels, quant)
 
     def __call__(self, x):
         B, T, D = x.shape
         flat = x.reshape(B * T, D)
         idx, scores = route(flat, self.router[...], self.top_k)
-        routed = moe_experts(flat, idx, scores, self.w_gate[...], self.w_up[...], self.w_down[...])
+        scales = None if self.w_gate_scale is None else \
+            (self.w_gate_scale[...], self.w_up_scale[...], self.w_down_scale[...])
+        routed = moe_experts(flat, idx, scores, self.w_gate[...], self.w_up[...], self.w_down[...], scales)
         return (self.shared(flat) + routed).reshape(B, T, D)
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: Llama4Config, layer: int, dtype, rngs: nnx.Rngs, kernels: str = "xla"):
+    def __init__(self, cfg: Llama4Config, layer: int, dtype, rngs: nnx.Rngs, kernels: str = "xla", quant=None):
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, rngs)
-        self.attn = Attention(cfg, layer, dtype, rngs, kernels)
+        self.attn = Attention(cfg, layer, dtype, rngs, kernels, quant)
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, rngs)
         self.is_moe = cfg.is_moe_layer(layer)
-        self.ffn = MoE(cfg, dtype, rngs) if self.is_moe else MLP(cfg, cfg.intermediate_size_mlp, dtype, rngs)
+        self.ffn = MoE(cfg, dtype, rngs, kernels, quant) if self.is_moe else \
+            MLP(cfg, cfg.intermediate_size_mlp, dtype, rngs, kernels, quant)
 
     def __call__(self, x, positions, rope, cache_kv=None, cache_pos=None, write_index=None):
         h, cache_kv = self.attn(self.attn_norm(x), positions, rope, cache_kv, cache_pos, write_index)
@@ -235,15 +287,22 @@ class Llama4(nnx.Module):
     (the kernels of pallas_kernels/ where they apply; both compute the same function)."""
 
     def __init__(self, cfg: Llama4Config, *, dtype=jnp.bfloat16, rngs: nnx.Rngs | None = None,
-                 kernels: str = "xla"):
+                 kernels: str = "xla", quant: str | None = None):
+        """`quant="fp8"`: attention, dense-MLP and expert projections hold float8_e4m3fn weights with per-output-
+        channel scales (fill them with `mavjax.quantize`); embedding, LM head, router and norms stay in `dtype`,
+        as in the published FP8 release."""
         if kernels not in ("xla", "pallas"):
             raise ValueError(f"kernels must be 'xla' or 'pallas', got {kernels!r}")
+        if quant not in (None, "fp8"):
+            raise ValueError(f"quantize must be None or 'fp8', got {quant!r}")
         rngs = rngs or nnx.Rngs(0)
         self.cfg = cfg
         self.dtype = dtype
+        self.kernels, self.quant = kernels, quant
         D, V, std = cfg.hidden_size, cfg.vocab_size, cfg.initializer_range
         self.embed = _param(rngs, (V, D), ("vocab", "embed"), dtype, std)
-        self.layers = nnx.List([DecoderLayer(cfg, i, dtype, rngs, kernels) for i in range(cfg.num_hidden_layers)])
+        self.layers = nnx.List([DecoderLayer(cfg, i, dtype, rngs, kernels, quant)
+                                for i in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(D, cfg.rms_norm_eps, dtype, rngs)
         self.lm_head = None if cfg.tie_word_embeddings else _param(rngs, (D, V), ("embed", "vocab"), dtype, std)
         self.inv_freq = nnx.Variable(jnp.asarray(cfg.rope_inv_freq(), jnp.float32))  # not a Param: not trained

@@ -1,0 +1,48 @@
+"""FP8 weight quantization of a loaded model (`LLM(path, quantize="fp8")`).
+
+Every projection weight that `mavjax.model` declares with `contract` axes (attention, dense MLPs, shared and
+routed experts) becomes float8_e4m3fn with a float32 scale per output channel (amax over the contracted axes
+/ 448, pallas_kernels.fp8_gemm's scheme); embedding, LM head, router and norms stay as they are.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mavjax.model import Llama4
+from pallas_kernels.fp8_gemm import quantize_weight_per_channel
+
+
+def quantize_weight(w, contract: tuple[int, ...]):
+    """w [...] -> (float8_e4m3fn [...], float32 scale over the non-contracted axes)."""
+    keep = tuple(i for i in range(w.ndim) if i not in contract)
+    perm = tuple(contract) + keep
+    wt = jnp.transpose(w, perm)
+    q2, s2 = quantize_weight_per_channel(wt.reshape(int(np.prod([w.shape[i] for i in contract])), -1))
+    q = jnp.transpose(q2.reshape(wt.shape), np.argsort(perm))
+    return q, s2.reshape([w.shape[i] for i in keep])
+
+
+def quantize_model(model: Llama4) -> Llama4:
+    """A `quant="fp8"` copy of a bf16/f32 model (same kernels choice). Parameters are moved one by one, so the
+    peak is the model plus one weight."""
+    q = nnx.eval_shape(lambda: Llama4(model.cfg, dtype=model.dtype, kernels=model.kernels, quant="fp8"))
+    src = dict(nnx.to_flat_state(nnx.state(model)))
+    dst = dict(nnx.to_flat_state(nnx.state(q)))
+    for path, var in dst.items():
+        name = path[-1]
+        if isinstance(name, str) and name.endswith("_scale"):
+            continue  # filled with its weight
+        value = src[path].get_value()
+        contract = var.get_metadata().get("contract") if isinstance(var, nnx.Param) else None
+        if contract is not None and var.get_value().dtype == jnp.float8_e4m3fn:
+            w8, scale = jax.jit(quantize_weight, static_argnums=1)(value, tuple(contract))
+            var.set_value(w8)
+            dst[path[:-1] + (name + "_scale",)].set_value(scale)
+        else:
+            var.set_value(value)
+    nnx.update(q, nnx.from_flat_state(dst))
+    return q
