@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from checkpoints.hf_layout import Source, canonical_name, redundant_names, sources
 from mavjax.checkpoint import CheckpointWriter
 from mavjax.config import ConfigError, Llama4Config
+from mavjax.quantize import quantize_weight
 
 OUT_DTYPES = ("bfloat16", "float32")
 
@@ -91,9 +92,10 @@ def read_tensor(entry: TensorEntry) -> np.ndarray:
 
 
 def convert(hf_dir: str | Path, out_dir: str | Path, dtype: str = "bfloat16", progress: bool = True,
-            overwrite: bool = False) -> ConversionSummary:
+            overwrite: bool = False, quantize: str | None = None) -> ConversionSummary:
     """Convert the Hugging Face checkpoint in `hf_dir` to a mavjax checkpoint in `out_dir` (see module doc).
-    A finished checkpoint already in `out_dir` is left as it is, unless `overwrite`."""
+    A finished checkpoint already in `out_dir` is left as it is, unless `overwrite`. `quantize="fp8"` stores
+    the projection weights as float8_e4m3fn with per-output-channel scales (`mavjax.quantize`)."""
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     if dtype not in OUT_DTYPES:
         raise ConversionError(f"dtype must be one of {', '.join(OUT_DTYPES)}, got {dtype!r}")
@@ -104,12 +106,14 @@ def convert(hf_dir: str | Path, out_dir: str | Path, dtype: str = "bfloat16", pr
     plan = sources(cfg, set(tensors))
     _check(plan, tensors, hf_dir, ignore=redundant_names(cfg))
 
-    writer = CheckpointWriter(out_dir, cfg, dtype, overwrite=overwrite)
+    if quantize not in (None, "fp8"):
+        raise ConversionError(f"quantize must be fp8 or absent, got {quantize!r}")
+    writer = CheckpointWriter(out_dir, cfg, dtype, overwrite=overwrite, quant=quantize)
     if writer.complete:
         if progress:
             print(f"{out_dir} already holds this conversion; pass --overwrite to convert again")
         return ConversionSummary(out_dir, 0, len(plan), vision_skipped, already_done=True)
-    if {s.target: s.shape for s in plan} != writer.shapes:
+    if {s.target: s.shape for s in plan} != {t: v for t, v in writer.shapes.items() if not t.endswith("_scale")}:
         raise RuntimeError("checkpoints.hf_layout and mavjax.model disagree on the parameters of this config")
     todo = [s for s in plan if not writer.has(s.target)]
     kept: dict[str, np.ndarray] = {}  # tensors the next parameter also reads (a fused gate_up_proj)
@@ -117,8 +121,16 @@ def convert(hf_dir: str | Path, out_dir: str | Path, dtype: str = "bfloat16", pr
         arrays = [kept[n] if n in kept else read_tensor(tensors[n]) for n in src.hf_names]
         following = set(todo[i + 1].hf_names) if i + 1 < len(todo) else set()
         kept = {n: a for n, a in zip(src.hf_names, arrays) if n in following}
-        writer.write(src.target, src.build(*arrays))
+        value = src.build(*arrays)
         del arrays  # free this parameter's tensors before reading the next one's
+        contract = writer.contract_of(src.target)
+        if contract is None:
+            writer.write(src.target, value)
+        else:  # FP8: quantize on the host, write the weight and its scale
+            w8, scale = quantize_weight(value.astype(np.float32), tuple(contract))
+            if not writer.has(src.target + "_scale"):  # written before an interruption: the weight marks done
+                writer.write(src.target + "_scale", np.asarray(scale))
+            writer.write(src.target, np.asarray(w8))
     writer.finalize(tokenizer_src_dir=hf_dir)
     if progress:
         print(f"wrote {len(todo)} parameters to {out_dir} ({len(plan) - len(todo)} already there from an "
@@ -132,13 +144,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, metavar="DIR", help="mavjax checkpoint directory to write")
     parser.add_argument("--dtype", choices=OUT_DTYPES, default="bfloat16", help="parameter dtype (default bfloat16)")
     parser.add_argument("--overwrite", action="store_true", help="replace a mavjax checkpoint already in --out")
+    parser.add_argument("--quantize", choices=("fp8",), default=None,
+                        help="store attention/MLP/expert weights as FP8 with per-output-channel scales")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or summary")
 
 
 def main(args: argparse.Namespace) -> int:
     """`mavjax convert`. Errors are ValueError/FileNotFoundError subclasses naming the tensor or file at fault,
     which mavjax.cli reports without a traceback."""
-    convert(args.hf, args.out, dtype=args.dtype, progress=not args.quiet, overwrite=args.overwrite)
+    convert(args.hf, args.out, dtype=args.dtype, progress=not args.quiet, overwrite=args.overwrite,
+            quantize=args.quantize)
     return 0
 
 

@@ -39,11 +39,22 @@ class CheckpointError(ValueError):
     """A mavjax checkpoint that is missing, incomplete, or not the one asked for."""
 
 
-def param_shapes(cfg: Llama4Config) -> dict[str, tuple[int, ...]]:
-    """Every parameter of `Llama4(cfg)`, by dotted path ("layers.3.attn.wq"), with its shape. Nothing is
-    allocated: the model is only traced."""
-    model = nnx.eval_shape(lambda: Llama4(cfg, dtype=jnp.float32))
-    return {_dotted(path): tuple(var.get_value().shape) for path, var in _flat_params(model)}
+def param_shapes(cfg: Llama4Config, quant: str | None = None) -> dict[str, tuple[int, ...]]:
+    """Every parameter of `Llama4(cfg, quant=quant)`, by dotted path ("layers.3.attn.wq"), with its shape.
+    Nothing is allocated: the model is only traced."""
+    return {t: shape for t, (shape, _, _) in param_specs(cfg, quant).items()}
+
+
+def param_specs(cfg: Llama4Config, quant: str | None = None) -> dict[str, tuple[tuple[int, ...], object, tuple]]:
+    """target -> (shape, fixed dtype or None, contracted axes or None). FP8 weights are float8_e4m3fn and their
+    scales float32 whatever the checkpoint's dtype; every other parameter is stored in the checkpoint's dtype."""
+    model = nnx.eval_shape(lambda: Llama4(cfg, dtype=jnp.bfloat16, quant=quant))
+    out = {}
+    for path, var in _flat_params(model):
+        v = var.get_value()
+        fixed = v.dtype if v.dtype in (jnp.float8_e4m3fn, jnp.float32) else None
+        out[_dotted(path)] = (tuple(v.shape), fixed, var.get_metadata().get("contract"))
+    return out
 
 
 class CheckpointWriter:
@@ -53,24 +64,30 @@ class CheckpointWriter:
     dtype; `overwrite=True` first deletes a mavjax checkpoint found there, whatever its config. `complete` is
     True when the directory already holds the finished checkpoint (then there is nothing to write)."""
 
-    def __init__(self, out_dir: str | Path, cfg: Llama4Config, dtype, *, overwrite: bool = False):
+    def __init__(self, out_dir: str | Path, cfg: Llama4Config, dtype, *, overwrite: bool = False,
+                 quant: str | None = None):
         self.dir = Path(out_dir)
         self.cfg = cfg
         self.dtype = jnp.dtype(dtype)
-        self.shapes = param_shapes(cfg)
+        self.quant = quant
+        self.specs = param_specs(cfg, quant)
+        self.shapes = {t: shape for t, (shape, _, _) in self.specs.items()}
         self._params = self.dir / "params"
         self._partial = self._params / ".partial"
-        pending = {"format_version": FORMAT_VERSION, "dtype": self.dtype.name, "config": cfg.to_dict()}
+        pending = {"format_version": FORMAT_VERSION, "dtype": self.dtype.name, "quant": quant,
+                   "config": cfg.to_dict()}
         found = _existing(self.dir)
         if found is not None and overwrite:
             _write_json(self.dir / PENDING, pending)  # so the directory stays recognisably ours while cleared
             _clear(self.dir)
             found = None
         if found is not None:
-            old_cfg, old_dtype, complete = found
+            old_cfg, old_dtype, complete, old_quant = found
             diff = [f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(old_cfg, f.name)]
             if old_dtype != self.dtype:
                 diff.append(f"dtype ({old_dtype.name} there, {self.dtype.name} asked)")
+            if old_quant != quant:
+                diff.append(f"quantization ({old_quant} there, {quant} asked)")
             if diff:
                 state = "checkpoint" if complete else "unfinished checkpoint"
                 raise CheckpointError(f"{self.dir} holds a mavjax {state} that differs in {', '.join(diff)}; "
@@ -85,8 +102,17 @@ class CheckpointWriter:
     def has(self, target: str) -> bool:
         return (self._params / target).is_dir()
 
+    def dtype_of(self, target: str):
+        return self.specs[target][1] or self.dtype
+
+    def contract_of(self, target: str):
+        """The contracted axes of a weight stored in FP8 (quantize it with them), else None."""
+        shape, fixed, contract = self.specs[target]
+        return contract if fixed == jnp.float8_e4m3fn else None
+
     def write(self, target: str, value) -> None:
-        """Save one parameter (numpy or jax array, cast to the checkpoint's dtype)."""
+        """Save one parameter (numpy or jax array, cast to its stored dtype: the checkpoint's, or float8 /
+        float32 for FP8 weights and their scales)."""
         if target not in self.shapes:
             raise CheckpointError(f"{target!r} is not a parameter of this config")
         if tuple(value.shape) != self.shapes[target]:
@@ -95,7 +121,7 @@ class CheckpointWriter:
             raise CheckpointError(f"{target} is already written in {self.dir}")
         tmp = self._partial / target
         with ocp.StandardCheckpointer() as ckptr:
-            ckptr.save(tmp.absolute(), {"value": value.astype(self.dtype, copy=False)}, force=True)
+            ckptr.save(tmp.absolute(), {"value": value.astype(self.dtype_of(target), copy=False)}, force=True)
             ckptr.wait_until_finished()
         os.replace(tmp, self._params / target)
 
@@ -111,9 +137,9 @@ class CheckpointWriter:
                 if (Path(tokenizer_src_dir) / name).is_file():
                     shutil.copyfile(Path(tokenizer_src_dir) / name, self.dir / name)
         shutil.rmtree(self._partial, ignore_errors=True)
-        params = {t: {"shape": list(s), "dtype": self.dtype.name} for t, s in self.shapes.items()}
+        params = {t: {"shape": list(s), "dtype": jnp.dtype(self.dtype_of(t)).name} for t, s in self.shapes.items()}
         _write_json(self.dir / MANIFEST, {"format": "mavjax", "format_version": FORMAT_VERSION,
-                                          "dtype": self.dtype.name, "params": params})
+                                          "dtype": self.dtype.name, "quant": self.quant, "params": params})
         (self.dir / PENDING).unlink(missing_ok=True)
         self.complete = True
 
@@ -127,7 +153,8 @@ def load_model(path: str | Path, *, dtype=None, shardings: dict | None = None, k
     manifest = _read_manifest(path)
     cfg = Llama4Config.from_json(path / "config.json")
     dtype = jnp.dtype(manifest["dtype"] if dtype is None else dtype)
-    model = nnx.eval_shape(lambda: Llama4(cfg, dtype=dtype, kernels=kernels))
+    quant = manifest.get("quant")
+    model = nnx.eval_shape(lambda: Llama4(cfg, dtype=dtype, kernels=kernels, quant=quant))
     params = {_dotted(p): var for p, var in _flat_params(model)}
     stored, shardings = manifest["params"], dict(shardings or {})
     for target, var in params.items():  # check everything before reading anything
@@ -143,7 +170,8 @@ def load_model(path: str | Path, *, dtype=None, shardings: dict | None = None, k
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     with ocp.StandardCheckpointer() as ckptr:
         for target, var in params.items():
-            want = jax.ShapeDtypeStruct(var.get_value().shape, dtype, sharding=shardings.get(target, default))
+            v = var.get_value()  # FP8 weights and their scales keep their own dtype
+            want = jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings.get(target, default))
             var.set_value(ckptr.restore((path / "params" / target).absolute(), {"value": want})["value"])
     model.inv_freq.set_value(jnp.asarray(cfg.rope_inv_freq(), jnp.float32))  # derived from config, not saved
     abstract = [_dotted(p) for p, v in nnx.to_flat_state(nnx.state(model))
@@ -156,7 +184,7 @@ def load_model(path: str | Path, *, dtype=None, shardings: dict | None = None, k
 def save_model(model: Llama4, out_dir: str | Path, tokenizer_src_dir: str | Path | None = None) -> None:
     """Write an in-memory model as a mavjax checkpoint in `model.dtype`, replacing a mavjax checkpoint that
     is already in `out_dir`."""
-    writer = CheckpointWriter(out_dir, model.cfg, model.dtype, overwrite=True)
+    writer = CheckpointWriter(out_dir, model.cfg, model.dtype, overwrite=True, quant=model.quant)
     for path, var in _flat_params(model):
         writer.write(_dotted(path), var.get_value())
     writer.finalize(tokenizer_src_dir)
@@ -187,14 +215,15 @@ def _read_manifest(path: Path) -> dict:
 
 
 def _existing(out_dir: Path):
-    """What `out_dir` holds: None if nothing, else (config, dtype, complete) of the mavjax checkpoint there."""
+    """What `out_dir` holds: None if nothing, else (config, dtype, complete, quant) of the checkpoint there."""
     if not out_dir.exists() or not any(out_dir.iterdir()):
         return None
     if (out_dir / MANIFEST).is_file():
-        return Llama4Config.from_json(out_dir), jnp.dtype(_read_manifest(out_dir)["dtype"]), True
+        m = _read_manifest(out_dir)
+        return Llama4Config.from_json(out_dir), jnp.dtype(m["dtype"]), True, m.get("quant")
     if (out_dir / PENDING).is_file():
         pending = json.loads((out_dir / PENDING).read_text())
-        return Llama4Config.from_dict(pending["config"]), jnp.dtype(pending["dtype"]), False
+        return Llama4Config.from_dict(pending["config"]), jnp.dtype(pending["dtype"]), False, pending.get("quant")
     raise CheckpointError(f"{out_dir} is not empty and holds no mavjax checkpoint; choose a new or empty directory")
 
 

@@ -442,3 +442,32 @@ def test_load_model_errors(tmp_path, hf_model):
     manifest_path.write_text(json.dumps(manifest))
     with pytest.raises(CheckpointError, match="'layers.2.attn.wo' is missing"):
         load_model(tmp_path / "out")
+
+
+def test_convert_quantize_fp8_matches_quantize_on_load(tmp_path):
+    """`mavjax convert --quantize fp8` stores FP8 weights with their scales; loading them gives the same model
+    as quantizing the bf16/f32 conversion on load."""
+    import jax.numpy as jnp
+    import torch
+    import transformers
+
+    from mavjax.api import LLM
+    from mavjax.cli import main
+
+    torch.manual_seed(0)
+    hf_cfg = transformers.Llama4TextConfig(vocab_size=128, hidden_size=64, intermediate_size=32,
+                                           intermediate_size_mlp=64, num_hidden_layers=2, num_attention_heads=4,
+                                           num_key_value_heads=2, head_dim=16, num_local_experts=4,
+                                           interleave_moe_layer_step=2, attention_chunk_size=8)
+    transformers.Llama4ForCausalLM(hf_cfg).save_pretrained(tmp_path / "hf")
+    assert main(["convert", "--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "fp8"), "--quantize", "fp8",
+                 "--dtype", "float32", "--quiet"]) == 0
+    conv.convert(tmp_path / "hf", tmp_path / "f32", dtype="float32", progress=False)
+    _, m8 = load_model(tmp_path / "fp8")
+    assert m8.quant == "fp8" and m8.layers[1].ffn.w_up[...].dtype == jnp.float8_e4m3fn
+    assert m8.layers[1].ffn.w_up_scale[...].shape == (4, 32) and m8.layers[0].attn.wo_scale[...].shape == (64,)
+    assert m8.embed[...].dtype == jnp.float32 and m8.layers[1].ffn.router[...].dtype == jnp.float32
+    ids = list(range(3, 30))
+    a = LLM(tmp_path / "fp8").logits(ids)
+    b = LLM(tmp_path / "f32", quantize="fp8").logits(ids)
+    np.testing.assert_array_equal(a, b)
