@@ -40,6 +40,14 @@ SAFETENSORS_DTYPES = {
 }
 
 
+# FP8 releases store a Linear as `X.weight` (float8_e4m3fn [out, in]) beside `X.weight_scale`: [out, 1] per
+# output channel (Meta's fbgemm_fp8 release, compressed-tensors "channel"), or [ceil(out/b), ceil(in/b)] per
+# b x b block (DeepSeek-style "fp8" with weight_block_size). Such weights are dequantized while streaming;
+# `--quantize fp8` then re-quantizes per output channel, which gives back the same codes and scales when the
+# source was per-channel.
+FP8_RELEASE_METHODS = ("fbgemm_fp8", "compressed-tensors", "fp8")
+
+
 class ConversionError(ValueError):
     """A Hugging Face checkpoint that cannot be converted; the message names the tensor or file at fault."""
 
@@ -102,9 +110,12 @@ def convert(hf_dir: str | Path, out_dir: str | Path, dtype: str = "bfloat16", pr
     if out_dir.resolve() == hf_dir.resolve():
         raise ConversionError(f"the output directory must not be the Hugging Face checkpoint's ({hf_dir})")
     cfg = _read_config(hf_dir)
-    tensors, vision_skipped = _scan(hf_dir)
+    tensors, scales, vision_skipped = _scan(hf_dir)
     plan = sources(cfg, set(tensors))
     _check(plan, tensors, hf_dir, ignore=redundant_names(cfg))
+    orphans = sorted(set(scales) - set(tensors))
+    if orphans:
+        raise ConversionError(f"unexpected tensor {scales[orphans[0]].name!r}: a weight scale without its weight")
 
     if quantize not in (None, "fp8"):
         raise ConversionError(f"quantize must be fp8 or absent, got {quantize!r}")
@@ -118,7 +129,7 @@ def convert(hf_dir: str | Path, out_dir: str | Path, dtype: str = "bfloat16", pr
     todo = [s for s in plan if not writer.has(s.target)]
     kept: dict[str, np.ndarray] = {}  # tensors the next parameter also reads (a fused gate_up_proj)
     for i, src in enumerate(tqdm(todo, desc="convert", unit="param", disable=not progress)):
-        arrays = [kept[n] if n in kept else read_tensor(tensors[n]) for n in src.hf_names]
+        arrays = [kept[n] if n in kept else _read_weight(tensors[n], scales.get(n)) for n in src.hf_names]
         following = set(todo[i + 1].hf_names) if i + 1 < len(todo) else set()
         kept = {n: a for n, a in zip(src.hf_names, arrays) if n in following}
         value = src.build(*arrays)
@@ -162,9 +173,11 @@ def _read_config(hf_dir: Path) -> Llama4Config:
         cfg = Llama4Config.from_json(hf_dir)
     except ConfigError as e:
         raise ConfigError(f"{hf_dir / 'config.json'}: {e}") from None
-    if "quantization_config" in json.loads((hf_dir / "config.json").read_text()):
-        raise ConversionError(f"{hf_dir} is a quantized checkpoint (config.json has quantization_config); "
-                              f"convert only reads unquantized (bf16/fp32) releases")
+    raw = json.loads((hf_dir / "config.json").read_text())
+    qc = raw.get("quantization_config") or (raw.get("text_config") or {}).get("quantization_config")
+    if qc is not None and qc.get("quant_method") not in FP8_RELEASE_METHODS:
+        raise ConversionError(f"{hf_dir}: quantization method {qc.get('quant_method')!r} is not supported (FP8 "
+                              f"releases with per-channel or block weight scales are: {FP8_RELEASE_METHODS})")
     return cfg
 
 
@@ -184,9 +197,11 @@ def _safetensors_files(hf_dir: Path) -> list[Path]:
     return files
 
 
-def _scan(hf_dir: Path) -> tuple[dict[str, TensorEntry], int]:
-    """Text-model tensors by canonical name (multimodal prefixes stripped), and the number of vision tensors."""
+def _scan(hf_dir: Path) -> tuple[dict[str, TensorEntry], dict[str, TensorEntry], int]:
+    """Text-model tensors by canonical name (multimodal prefixes stripped), their FP8 weight scales (by the
+    weight's canonical name), and the number of vision tensors."""
     tensors: dict[str, TensorEntry] = {}
+    scales: dict[str, TensorEntry] = {}
     vision = 0
     for file in _safetensors_files(hf_dir):
         # The headers, not the index's weight_map, say where each tensor is.
@@ -194,12 +209,29 @@ def _scan(hf_dir: Path) -> tuple[dict[str, TensorEntry], int]:
             name = canonical_name(entry.name)
             if name is None:
                 vision += 1
+            elif name.endswith(".weight_scale"):
+                scales[name[:-len("_scale")]] = entry
+            elif name.endswith(".input_scale") or name.endswith(".input_scale_ub"):
+                continue  # static activation scales: activations are quantized dynamically here
             elif name in tensors:
                 raise ConversionError(f"tensor {entry.name!r} is stored twice in {hf_dir} "
                                       f"({tensors[name].file.name}: {tensors[name].name!r}, {file.name})")
             else:
                 tensors[name] = entry
-    return tensors, vision
+    return tensors, scales, vision
+
+
+def _read_weight(entry: TensorEntry, scale: TensorEntry | None) -> np.ndarray:
+    """A tensor, dequantized to float32 if it is an FP8 weight with a scale."""
+    w = read_tensor(entry)
+    if scale is None:
+        return w
+    s = read_tensor(scale).astype(np.float32)
+    out, inp = w.shape
+    if s.size == out:  # per output channel
+        return w.astype(np.float32) * s.reshape(out, 1)
+    bo, bi = -(-out // s.shape[0]), -(-inp // s.shape[1])  # per block
+    return w.astype(np.float32) * np.repeat(np.repeat(s, bo, 0), bi, 1)[:out, :inp]
 
 
 def _check(plan: list[Source], tensors: dict[str, TensorEntry], hf_dir: Path, ignore: set[str]) -> None:

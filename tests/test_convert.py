@@ -471,3 +471,55 @@ def test_convert_quantize_fp8_matches_quantize_on_load(tmp_path):
     a = LLM(tmp_path / "fp8").logits(ids)
     b = LLM(tmp_path / "f32", quantize="fp8").logits(ids)
     np.testing.assert_array_equal(a, b)
+
+
+def test_fp8_release_layout_is_read(tmp_path):
+    """An FP8 release (Meta's fbgemm_fp8 layout: per-expert Linears, `X.weight` float8_e4m3fn [out, in] beside
+    `X.weight_scale` [out, 1]; attention, router and shared expert left in bf16; a `language_model.` prefix)
+    converts to the same model as its dequantized float32 weights, and `--quantize fp8` gets the codes back."""
+    import json as _json
+
+    import torch
+    import transformers
+    from safetensors.numpy import save_file
+
+    from mavjax.api import LLM
+
+    torch.manual_seed(1)
+    kw = dict(vocab_size=128, hidden_size=64, intermediate_size=32, intermediate_size_mlp=64, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
+              interleave_moe_layer_step=2, attention_chunk_size=8)
+    hf = transformers.Llama4ForCausalLM(transformers.Llama4TextConfig(**kw))
+    fp8, deq = {}, {}
+    F = kw["intermediate_size"]
+    for name, t in hf.state_dict().items():
+        w = t.float().numpy()
+        if name.endswith("experts.gate_up_proj") or name.endswith("experts.down_proj"):
+            base = name.rsplit(".", 1)[0]
+            for e in range(w.shape[0]):
+                mats = {"gate_proj": w[e][:, :F].T, "up_proj": w[e][:, F:].T} if "gate_up" in name else \
+                    {"down_proj": w[e].T}
+                for lin, m in mats.items():  # [out, in] per expert
+                    m = np.ascontiguousarray(m)  # safetensors writes the buffer as it lies in memory
+                    scale = np.maximum(np.abs(m).max(axis=1, keepdims=True), 1e-12) / 448.0
+                    q = (m / scale).astype(ml_dtypes.float8_e4m3fn)
+                    key = f"language_model.{base}.{e}.{lin}"
+                    fp8[key + ".weight"], fp8[key + ".weight_scale"] = q, scale.astype(np.float32)
+                    deq[key + ".weight"] = q.astype(np.float32) * scale
+        else:
+            fp8["language_model." + name] = deq["language_model." + name] = w
+    cfg = {"model_type": "llama4", "text_config": {**transformers.Llama4TextConfig(**kw).to_dict()},
+           "quantization_config": {"quant_method": "fbgemm_fp8", "activation_scale_ub": 1200.0}}
+    for d, tensors in (("fp8", fp8), ("deq", deq)):
+        (tmp_path / d).mkdir()
+        save_file(tensors, tmp_path / d / "model.safetensors")
+        c = dict(cfg) if d == "fp8" else {k: v for k, v in cfg.items() if k != "quantization_config"}
+        (tmp_path / d / "config.json").write_text(_json.dumps(c))
+    conv.convert(tmp_path / "fp8", tmp_path / "a", dtype="float32", progress=False)
+    conv.convert(tmp_path / "deq", tmp_path / "b", dtype="float32", progress=False)
+    ids = list(range(3, 40))
+    np.testing.assert_array_equal(LLM(tmp_path / "a").logits(ids), LLM(tmp_path / "b").logits(ids))
+    conv.convert(tmp_path / "fp8", tmp_path / "q", dtype="float32", progress=False, quantize="fp8")
+    _, m = load_model(tmp_path / "q")
+    src = fp8["language_model.model.layers.1.feed_forward.experts.2.up_proj.weight"]  # [F, D]
+    np.testing.assert_array_equal(np.asarray(m.layers[1].ffn.w_up[...][2]).view(np.uint8), src.T.view(np.uint8))
