@@ -4,7 +4,7 @@ Shapes: B batch, T query tokens, S key/cache slots, D hidden, H query heads, K k
 per kv head, Dh head dim, E experts, F expert (or MLP) hidden units, V vocabulary.
 
 Every parameter carries `logical_axes` metadata (vocab, embed, heads, kv_heads, head_dim, mlp, expert,
-expert_mlp, ...); `mavjax.sharding` maps those names to mesh axes by rules. Attention reads and writes an
+expert_mlp, ...), so that sharding rules can map those names to mesh axes. Attention reads and writes an
 explicit KV cache (`mavjax.kv_cache`), so the same forward serves training (no cache), prefill and decode.
 """
 
