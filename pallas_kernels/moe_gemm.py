@@ -1,0 +1,450 @@
+"""FP8 MoE grouped GEMM in Pallas (Triton lowering): all local experts of a Llama 4 MoE layer in two launches,
+with the plain jax.numpy reference side by side.
+
+Computes what `mavjax.model.moe_experts` computes: the sigmoid router score scales the expert's *input*,
+
+    y[n] = sum_j  down_e( silu(xs @ gate_e) * (xs @ up_e) ),   xs = x[n] * score[n, j],  e = expert_idx[n, j]
+
+Shapes: N tokens, k experts per token (P = N*k (token, expert) pairs), E experts, D hidden, F expert hidden.
+
+  x                 [N, D]     bf16 / f16 / f32
+  expert_idx        [N, k]     int32 in [0, E)
+  scores            [N, k]     x's dtype (as `mavjax.model.route` returns them)
+  w_gate, w_up      [E, D, F]  float8_e4m3fn (with scales) or bf16 / f32 (scales=None)
+  w_down            [E, F, D]
+  scales            None or (s_gate [E, F], s_up [E, F], s_down [E, D]) float32, one per (expert, output
+                    channel): w = w_fp8 * s[e, None, :] (`quantize_experts` makes them)
+
+Design
+------
+1. Sorting (`sort_tokens`, jnp): the P pairs are stably sorted by expert; expert e's group is padded to a
+   multiple of block_m rows, so every row block of the sorted buffer belongs to exactly one expert. Outputs:
+   the buffer row of every pair, the pair of every row (padding rows: P), group sizes / padded group offsets
+   [E], the expert of every row block (block -> expert table, int32 array input of the kernels) and the number
+   of active row blocks. Buffer sizing (static, never drops a token whatever the skew): a group of s_e > 0
+   pairs takes ceil(s_e / bm) * bm <= s_e + bm - 1 rows and at most min(E, P) groups are non-empty, so
+
+        R = round_up(P + min(E, P) * (block_m - 1), block_m)   rows,   R / block_m row blocks
+
+   (decode, P = 1: one block of block_m rows; all P pairs on one expert: ceil(P / bm) active blocks).
+2. x is gathered into sorted order in jnp (x_sorted [R, D], padding rows repeat token 0 and get score 0);
+   the kernels read it with plain block loads.
+3. Kernel 1, gate/up + SwiGLU: grid (row blocks, F blocks, split-K). Program (r, j) reads its expert
+   e = block_expert[r], multiplies its x rows by their router scores in x's dtype (exactly the reference's
+   rounding), casts to bf16 and runs the D loop over the gate and up tiles of expert e (FP8 upcast to bf16 in
+   registers: exact), two f32 accumulators; then per-channel scales, h = silu(g) * u, stored bf16 [R, F].
+4. Kernel 2, down: grid (row blocks, D blocks, split-K): y_sorted = h @ down_e * s_down_e.
+5. Combine (jnp): y[n] = sum_j y_sorted[row of pair (n, j)], i.e. the scatter-add back to token order written
+   as a gather by the inverse permutation plus a sum over the k slots (deterministic: no atomics; f32 sum).
+Programs whose row block is >= the active count exit at once (pl.when around the whole body): they read
+and write nothing, so at decode only the experts that received tokens are streamed from memory (the test
+fills the other experts' weights with NaN). Their rows of h / y_sorted stay unwritten and are never read.
+Split-K (decode: few active blocks x few N blocks would leave most SMs idle): each split writes an f32
+partial (scale applied) and a jnp epilogue sums them (and, for kernel 1, applies the SwiGLU).
+D and F need not be multiples of the blocks: the ragged edges are masked loads/stores, as in fp8_gemm.
+Block sizes must be powers of two and >= 16 (Triton dot operands need every dimension >= 16).
+
+Everything runs under interpret=True on CPU (tests/test_moe_gemm.py). NOT yet run on a GPU: the Triton
+lowering of this file is unverified (it only uses constructs that pallas_kernels/fp8_gemm.py lowered on an
+H100: masked plgpu.load/store on .at[] views with a dynamic leading index, scalar ref loads, fori_loop with
+dynamic bounds, plus pl.when); scripts/bench_moe.py validates on the GPU before timing.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels.fp8_gemm import (
+    FP8, NUM_SMS_H100, _compiler_params, _exact_upcast, _in_bounds, _load, _mask2, _next_pow2, _store,
+    quantize_weight_per_channel)
+
+__all__ = ["MoERouting", "sort_tokens", "num_buffer_rows", "quantize_experts", "dequantize_experts",
+           "moe_reference", "moe_fp8", "moe_fp8_sorted", "default_config"]
+
+_MIN_BLOCK = 16  # Triton dot operands: every dimension >= 16
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Quantization (per expert, per output channel) and the plain jnp reference
+# ----------------------------------------------------------------------------------------------------------
+
+def quantize_experts(w_gate, w_up, w_down, *, batch_size=None):
+    """Expert weights -> FP8 weights + scales: ((wg, wu, wd) float8_e4m3fn, (s_gate [E, F], s_up [E, F],
+    s_down [E, D]) float32), `quantize_weight_per_channel` per expert (amax over the contracted axis / 448).
+    batch_size: quantize that many experts at a time (lax.map) to bound the float32 temporaries (the full
+    Maverick tensors are 21 GB each in float32); None vmaps over all experts at once."""
+    def q(w):
+        if batch_size is None:
+            return jax.vmap(quantize_weight_per_channel)(w)
+        return lax.map(quantize_weight_per_channel, w, batch_size=batch_size)
+    (wg, sg), (wu, su), (wd, sd) = q(w_gate), q(w_up), q(w_down)
+    return (wg, wu, wd), (sg, su, sd)
+
+
+def dequantize_experts(w, scale):
+    """[E, K, M] FP8 weights and [E, M] scales -> float32 (scale None: just the float32 cast)."""
+    if scale is None:
+        return w.astype(jnp.float32)
+    return _exact_upcast(w) * scale.astype(jnp.float32)[:, None, :]
+
+
+def moe_reference(x, expert_idx, scores, w_gate, w_up, w_down, *, scales=None):
+    """`mavjax.model.moe_experts` semantics in float32 at HIGHEST precision on the dequantized weights: the
+    score multiplies the input in x's dtype (as the model does), everything after it is float32; cast to x's
+    dtype at the end. A loop over experts (each expert's weights dequantized inside the loop, so no float32
+    copy of all experts is made) over all token slots, masked: fine for tests and GPU validation sizes."""
+    N, D = x.shape
+    E = w_gate.shape[0]
+    sg, su, sd = scales if scales is not None else (None, None, None)
+    hi = lax.Precision.HIGHEST
+    xs = (x[:, None, :] * scores[..., None].astype(x.dtype)).astype(jnp.float32)  # [N, k, D]
+
+    def expert(e, acc):
+        def deq(w, s):
+            w_e = lax.dynamic_index_in_dim(w, e, keepdims=False)
+            s_e = None if s is None else lax.dynamic_index_in_dim(s, e, keepdims=True)
+            return dequantize_experts(w_e[None], s_e)[0]
+        g = jnp.einsum("nkd,df->nkf", xs, deq(w_gate, sg), precision=hi)
+        u = jnp.einsum("nkd,df->nkf", xs, deq(w_up, su), precision=hi)
+        y = jnp.einsum("nkf,fd->nkd", jax.nn.silu(g) * u, deq(w_down, sd), precision=hi)
+        return acc + jnp.where((expert_idx == e)[..., None], y, 0.0)
+
+    y = lax.fori_loop(0, E, expert, jnp.zeros((*expert_idx.shape, D), jnp.float32))
+    return jnp.sum(y, axis=1).astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Token sorting
+# ----------------------------------------------------------------------------------------------------------
+
+class MoERouting(NamedTuple):
+    """Sorted-buffer layout of one routing (all int32). P = N*k pairs, pair p = (token p // k, slot p % k);
+    R buffer rows (static, `num_buffer_rows`), R / block_m row blocks."""
+    pair_row: jax.Array           # [P] buffer row of each pair
+    row_pair: jax.Array           # [R] pair held by each row; P on padding rows
+    group_sizes: jax.Array        # [E] pairs routed to each expert
+    group_offsets: jax.Array      # [E] first row of each expert's group (multiples of block_m)
+    block_expert: jax.Array       # [R / block_m] expert of each row block (E - 1 past the active ones)
+    num_active_blocks: jax.Array  # [1] row blocks holding at least one pair: sum_e ceil(size_e / block_m)
+
+
+def num_buffer_rows(num_pairs, num_experts, block_m):
+    """Static sorted-buffer size that fits any routing: P + min(E, P) * (block_m - 1), rounded up to block_m."""
+    rows = num_pairs + min(num_experts, num_pairs) * (block_m - 1)
+    return max(block_m, pl.cdiv(rows, block_m) * block_m)
+
+
+def sort_tokens(expert_idx, num_experts, block_m):
+    """Stable sort of the (token, expert) pairs by expert, every group padded to a multiple of block_m rows.
+    expert_idx [N, k] int -> MoERouting. Ids outside [0, E) are not supported (undefined result)."""
+    flat_e = expert_idx.reshape(-1).astype(jnp.int32)
+    P, E, bm = flat_e.shape[0], num_experts, block_m
+    R = num_buffer_rows(P, E, bm)
+    sizes = jnp.bincount(flat_e, length=E).astype(jnp.int32)
+    blocks = (sizes + bm - 1) // bm
+    ends = jnp.cumsum(sizes)
+    block_ends = jnp.cumsum(blocks)
+    offsets = ((block_ends - blocks) * bm).astype(jnp.int32)   # padded group starts
+    order = jnp.argsort(flat_e, stable=True)                   # sorted position i -> pair
+    e_sorted = flat_e[order]
+    rank = jnp.arange(P, dtype=jnp.int32) - (ends - sizes)[e_sorted]  # index within its group
+    rows_sorted = offsets[e_sorted] + rank
+    pair_row = jnp.zeros((P,), jnp.int32).at[order].set(rows_sorted, unique_indices=True)
+    row_pair = jnp.full((R,), P, jnp.int32).at[rows_sorted].set(order.astype(jnp.int32), unique_indices=True)
+    blk = jnp.arange(R // bm, dtype=jnp.int32)
+    block_expert = jnp.minimum(jnp.searchsorted(block_ends, blk, side="right"), E - 1).astype(jnp.int32)
+    return MoERouting(pair_row, row_pair, sizes, offsets, block_expert, block_ends[-1:].astype(jnp.int32))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------------------
+
+def _silu(g):
+    return g / (1.0 + jnp.exp(-g))  # exp only (no logistic lowering needed); g -> -inf gives -0
+
+
+def _k_range(pid_s, nk, kb_per_split):
+    lo = pid_s * kb_per_split
+    return lo, jnp.minimum(lo + kb_per_split, nk)
+
+
+def _gate_up_kernel(*refs, d, f, block_m, block_n, block_k, kb_per_split, partial, has_scales, cdt, evict):
+    be_ref, na_ref, x_ref, rs_ref, wg_ref, wu_ref, *rest = refs
+    sg_ref, su_ref, *outs = rest if has_scales else (None, None, *rest)
+    pid_m, pid_n, pid_s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+
+    @pl.when(pid_m < na_ref[0])  # inactive row block: no load, no store
+    def _():
+        e = be_ref[pid_m]
+        m0 = pl.multiple_of(pid_m * block_m, block_m)
+        n0 = pl.multiple_of(pid_n * block_n, block_n)
+        n_in = _in_bounds(n0, block_n, f)
+        kb_lo, kb_hi = _k_range(pid_s, pl.cdiv(d, block_k), kb_per_split)
+        score = rs_ref[pl.ds(m0, block_m)]                                                  # [bm], x dtype
+        hint_x, hint_w = ("evict_last", "evict_first") if evict else (None, None)
+
+        def body(kb, acc):
+            g, u = acc
+            k0 = pl.multiple_of(kb * block_k, block_k)
+            k_in = _in_bounds(k0, block_k, d)
+            xt = _load(x_ref.at[pl.ds(m0, block_m), pl.ds(k0, block_k)], _mask2(None, k_in), hint_x)
+            xt = (xt * score[:, None]).astype(cdt)              # router score on the input (x's dtype), bf16
+            wmask = _mask2(k_in, n_in)
+            wg = _load(wg_ref.at[e, pl.ds(k0, block_k), pl.ds(n0, block_n)], wmask, hint_w).astype(cdt)
+            wu = _load(wu_ref.at[e, pl.ds(k0, block_k), pl.ds(n0, block_n)], wmask, hint_w).astype(cdt)
+            return (g + jnp.dot(xt, wg, preferred_element_type=jnp.float32),
+                    u + jnp.dot(xt, wu, preferred_element_type=jnp.float32))
+
+        zero = jnp.zeros((block_m, block_n), jnp.float32)
+        g, u = lax.fori_loop(kb_lo, kb_hi, body, (zero, zero))
+        if has_scales:
+            g = g * _load(sg_ref.at[e, pl.ds(n0, block_n)], n_in)[None, :]
+            u = u * _load(su_ref.at[e, pl.ds(n0, block_n)], n_in)[None, :]
+        omask = _mask2(None, n_in)
+        if partial:
+            g_ref, u_ref = outs
+            _store(g_ref.at[pid_s, pl.ds(m0, block_m), pl.ds(n0, block_n)], g, omask)
+            _store(u_ref.at[pid_s, pl.ds(m0, block_m), pl.ds(n0, block_n)], u, omask)
+        else:
+            (h_ref,) = outs
+            _store(h_ref.at[pl.ds(m0, block_m), pl.ds(n0, block_n)], (_silu(g) * u).astype(h_ref.dtype), omask)
+
+
+def _down_kernel(*refs, f, d, block_m, block_n, block_k, kb_per_split, partial, has_scales, evict):
+    be_ref, na_ref, h_ref, wd_ref, *rest = refs
+    sd_ref, o_ref = rest if has_scales else (None, *rest)
+    pid_m, pid_n, pid_s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+
+    @pl.when(pid_m < na_ref[0])
+    def _():
+        e = be_ref[pid_m]
+        m0 = pl.multiple_of(pid_m * block_m, block_m)
+        n0 = pl.multiple_of(pid_n * block_n, block_n)
+        n_in = _in_bounds(n0, block_n, d)
+        kb_lo, kb_hi = _k_range(pid_s, pl.cdiv(f, block_k), kb_per_split)
+        hint_x, hint_w = ("evict_last", "evict_first") if evict else (None, None)
+
+        def body(kb, acc):
+            k0 = pl.multiple_of(kb * block_k, block_k)
+            k_in = _in_bounds(k0, block_k, f)
+            ht = _load(h_ref.at[pl.ds(m0, block_m), pl.ds(k0, block_k)], _mask2(None, k_in), hint_x)
+            wt = _load(wd_ref.at[e, pl.ds(k0, block_k), pl.ds(n0, block_n)], _mask2(k_in, n_in), hint_w)
+            return acc + jnp.dot(ht, wt.astype(ht.dtype), preferred_element_type=jnp.float32)
+
+        y = lax.fori_loop(kb_lo, kb_hi, body, jnp.zeros((block_m, block_n), jnp.float32))
+        if has_scales:
+            y = y * _load(sd_ref.at[e, pl.ds(n0, block_n)], n_in)[None, :]
+        omask = _mask2(None, n_in)
+        if partial:
+            _store(o_ref.at[pid_s, pl.ds(m0, block_m), pl.ds(n0, block_n)], y, omask)
+        else:
+            _store(o_ref.at[pl.ds(m0, block_m), pl.ds(n0, block_n)], y.astype(o_ref.dtype), omask)
+
+
+def _splits(K, block_k, split_k):
+    nk = pl.cdiv(K, block_k)
+    split_k = max(1, min(split_k, nk))
+    kb_per_split = pl.cdiv(nk, split_k)
+    return pl.cdiv(nk, kb_per_split), kb_per_split  # no empty splits
+
+
+def _call(kernel, args, out_shapes, grid, *, num_warps, num_stages, interpret, poison_output, name):
+    """pallas_call; poison_output aliases NaN-filled output buffers in, so an element never written stays NaN."""
+    aliases = {}
+    if poison_output:
+        n_in = len(args)
+        args = [*args, *(jnp.full(s.shape, jnp.nan, s.dtype) for s in out_shapes)]
+        aliases = {n_in + i: i for i in range(len(out_shapes))}
+        inner = kernel
+
+        def kernel(*refs):  # the aliased inputs are the outputs' own refs: drop them
+            return inner(*refs[:n_in], *refs[n_in + len(out_shapes):])
+    out = pl.pallas_call(
+        kernel, out_shape=tuple(out_shapes), grid=grid, input_output_aliases=aliases, interpret=interpret,
+        compiler_params=_compiler_params(num_warps, num_stages), name=name)(*args)
+    return tuple(out)
+
+
+def _gate_up(x_sorted, row_score, routing, w_gate, w_up, s_gate, s_up, *, block_m, block_n, block_k, split_k,
+             num_warps, num_stages, cdt, evict, interpret, poison_output):
+    R, D = x_sorted.shape
+    F = w_gate.shape[2]
+    split_k, kbps = _splits(D, block_k, split_k)
+    partial = split_k > 1
+    has_scales = s_gate is not None
+    grid = (R // block_m, pl.cdiv(F, block_n), split_k)
+    kernel = functools.partial(_gate_up_kernel, d=D, f=F, block_m=block_m, block_n=block_n, block_k=block_k,
+                               kb_per_split=kbps, partial=partial, has_scales=has_scales, cdt=cdt, evict=evict)
+    args = [routing.block_expert, routing.num_active_blocks, x_sorted, row_score, w_gate, w_up]
+    if has_scales:
+        args += [s_gate.astype(jnp.float32), s_up.astype(jnp.float32)]
+    outs = ([jax.ShapeDtypeStruct((split_k, R, F), jnp.float32)] * 2 if partial
+            else [jax.ShapeDtypeStruct((R, F), cdt)])
+    res = _call(kernel, args, outs, grid, num_warps=num_warps, num_stages=num_stages, interpret=interpret,
+                poison_output=poison_output, name=f"moe_gate_up_m{block_m}_n{block_n}_k{block_k}_s{split_k}")
+    if partial:  # epilogue of the split-K partials (decode: R is a few blocks)
+        g, u = jnp.sum(res[0], axis=0), jnp.sum(res[1], axis=0)
+        return (_silu(g) * u).astype(cdt)
+    return res[0]
+
+
+def _down(h, routing, w_down, s_down, *, block_m, block_n, block_k, split_k, num_warps, num_stages, out_dtype,
+          evict, interpret, poison_output):
+    R, F = h.shape
+    D = w_down.shape[2]
+    split_k, kbps = _splits(F, block_k, split_k)
+    partial = split_k > 1
+    has_scales = s_down is not None
+    grid = (R // block_m, pl.cdiv(D, block_n), split_k)
+    kernel = functools.partial(_down_kernel, f=F, d=D, block_m=block_m, block_n=block_n, block_k=block_k,
+                               kb_per_split=kbps, partial=partial, has_scales=has_scales, evict=evict)
+    args = [routing.block_expert, routing.num_active_blocks, h, w_down]
+    if has_scales:
+        args.append(s_down.astype(jnp.float32))
+    out = jax.ShapeDtypeStruct((split_k, R, D) if partial else (R, D), jnp.float32 if partial else out_dtype)
+    (y,) = _call(kernel, args, [out], grid, num_warps=num_warps, num_stages=num_stages, interpret=interpret,
+                 poison_output=poison_output, name=f"moe_down_m{block_m}_n{block_n}_k{block_k}_s{split_k}")
+    return jnp.sum(y, axis=0) if partial else y
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Configuration and public API
+# ----------------------------------------------------------------------------------------------------------
+
+def _stages(bytes_per_stage, budget=160 * 1024):
+    """Software-pipelining depth that keeps the staged tiles within ~160 KB of shared memory (H100: 227 KB)."""
+    return int(max(2, min(4, budget // max(1, bytes_per_stage))))
+
+
+def default_config(num_pairs, num_experts, D, F, weight_itemsize=1, num_sms=NUM_SMS_H100):
+    """Heuristic blocks. block_m: the average pairs per expert, as a power of two in [16, 64]. Tiles 64 wide,
+    256 deep (fp8_gemm's H100 weight-only sweep). Split-K when (an upper bound of the active row blocks) x
+    (N blocks) would leave SMs idle, aiming at ~2 programs per SM with >= 2 K steps per split. Stages from a
+    shared-memory estimate (kernel 1 stages an x tile and two weight tiles)."""
+    P, E = num_pairs, num_experts
+    bm = min(64, max(_MIN_BLOCK, _next_pow2(pl.cdiv(P, E))))
+    bn, bk = 64, 256
+    est_blocks = min(E, P) + P // bm  # active row blocks are <= this (and about min(E, P) at decode)
+
+    def split(n_out, K):
+        programs = est_blocks * pl.cdiv(n_out, bn)
+        if programs >= num_sms:
+            return 1
+        return int(max(1, min(pl.cdiv(2 * num_sms, programs), pl.cdiv(K, bk) // 2)))
+
+    x_bytes = bm * bk * 2
+    return dict(block_m=bm, block_n=bn, block_k=bk, split_k=split(F, D), block_n_down=bn, block_k_down=bk,
+                split_k_down=split(D, F), num_warps=4,
+                num_stages=_stages(x_bytes + 2 * bk * bn * weight_itemsize),
+                num_stages_down=_stages(x_bytes + bk * bn * weight_itemsize))
+
+
+def _check_block(name, v):
+    if v < _MIN_BLOCK or v & (v - 1):
+        raise ValueError(f"{name}={v} must be a power of two >= {_MIN_BLOCK} (Triton blocks / dot operands)")
+
+
+def _check_args(x, expert_idx, scores, w_gate, w_up, w_down, scales):
+    if x.ndim != 2:
+        raise ValueError(f"x must be [N, D], got {x.shape}")
+    N, D = x.shape
+    if w_gate.ndim != 3 or w_gate.shape[1] != D or w_up.shape != w_gate.shape:
+        raise ValueError(f"w_gate / w_up must both be [E, D={D}, F], got {w_gate.shape} / {w_up.shape}")
+    E, _, F = w_gate.shape
+    if w_down.shape != (E, F, D):
+        raise ValueError(f"w_down must be [E={E}, F={F}, D={D}], got {w_down.shape}")
+    if expert_idx.ndim != 2 or expert_idx.shape[0] != N or scores.shape != expert_idx.shape:
+        raise ValueError(f"expert_idx / scores must both be [N={N}, k], got {expert_idx.shape} / {scores.shape}")
+    fp8 = [w.dtype == FP8 for w in (w_gate, w_up, w_down)]
+    if scales is None:
+        if any(fp8):
+            raise ValueError("FP8 expert weights need scales (s_gate [E, F], s_up [E, F], s_down [E, D])")
+    else:
+        want = ((E, F), (E, F), (E, D))
+        if len(scales) != 3 or tuple(tuple(s.shape) for s in scales) != want:
+            raise ValueError(f"scales must be (s_gate, s_up, s_down) of shapes {want}, got "
+                             f"{[getattr(s, 'shape', None) for s in scales]}")
+    return N, D, E, F
+
+
+_STATIC = ("block_m", "block_n", "block_k", "split_k", "block_n_down", "block_k_down", "split_k_down",
+           "num_warps", "num_stages", "num_stages_down", "evict", "compute_dtype", "interpret", "poison_output")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def moe_fp8(x, expert_idx, scores, w_gate, w_up, w_down, scales=None, *, block_m=None, block_n=None,
+            block_k=None, split_k=None, block_n_down=None, block_k_down=None, split_k_down=None, num_warps=None,
+            num_stages=None, num_stages_down=None, evict=True, compute_dtype=None, interpret=False,
+            poison_output=False):
+    """Routed experts of a Llama 4 MoE layer: `moe_reference` semantics, two Pallas launches over all experts.
+
+    x [N, D]; expert_idx, scores [N, k]; w_gate, w_up [E, D, F]; w_down [E, F, D]: FP8 (e4m3fn) with
+    scales = (s_gate [E, F], s_up [E, F], s_down [E, D]) float32 per (expert, output channel), or bf16 /
+    f32 with scales=None. Returns [N, D] in x's dtype.
+    Blocks (powers of two >= 16; None = `default_config`): block_m rows per row block (each row block holds
+    pairs of one expert), kernel 1 (gate/up) block_n over F / block_k over D / split_k, kernel 2 (down)
+    block_n_down over D / block_k_down over F / split_k_down. num_warps / num_stages (kernel 1) /
+    num_stages_down (kernel 2): Triton compiler parameters. evict: L2 hints (stream weights, keep x / h).
+    compute_dtype: dtype of the in-register dots (default x's if bf16/f16, else bf16); h is stored in it.
+    poison_output: debugging aid, every kernel output starts as NaN (aliased in).
+    interpret: Pallas interpreter (CPU tests)."""
+    N, D, E, F = _check_args(x, expert_idx, scores, w_gate, w_up, w_down, scales)
+    P = expert_idx.size
+    if P == 0:
+        return jnp.zeros((N, D), x.dtype)
+    cfg = default_config(P, E, D, F, jnp.dtype(w_gate.dtype).itemsize)
+    block_m = block_m or cfg["block_m"]
+    _check_block("block_m", block_m)
+    routing = sort_tokens(expert_idx, E, block_m)
+    return moe_fp8_sorted(
+        x, routing, scores, w_gate, w_up, w_down, scales, block_n=block_n, block_k=block_k, split_k=split_k,
+        block_n_down=block_n_down, block_k_down=block_k_down, split_k_down=split_k_down, num_warps=num_warps,
+        num_stages=num_stages, num_stages_down=num_stages_down, evict=evict, compute_dtype=compute_dtype,
+        interpret=interpret, poison_output=poison_output)
+
+
+def moe_fp8_sorted(x, routing: MoERouting, scores, w_gate, w_up, w_down, scales=None, *, block_n=None,
+                   block_k=None, split_k=None, block_n_down=None, block_k_down=None, split_k_down=None,
+                   num_warps=None, num_stages=None, num_stages_down=None, evict=True, compute_dtype=None,
+                   interpret=False, poison_output=False):
+    """`moe_fp8` after `sort_tokens` (block_m is the routing's: R / number of row blocks): gather, the two
+    kernels, combine. Arguments as `moe_fp8`."""
+    N, D = x.shape
+    E, _, F = w_gate.shape
+    P = routing.pair_row.shape[0]
+    k = P // N
+    R = routing.row_pair.shape[0]
+    block_m = R // routing.block_expert.shape[0]
+    cfg = default_config(P, E, D, F, jnp.dtype(w_gate.dtype).itemsize)
+    pick = lambda v, key: cfg[key] if v is None else v  # noqa: E731
+    block_n, block_k, split_k = pick(block_n, "block_n"), pick(block_k, "block_k"), pick(split_k, "split_k")
+    block_n_down, block_k_down = pick(block_n_down, "block_n_down"), pick(block_k_down, "block_k_down")
+    split_k_down, num_warps = pick(split_k_down, "split_k_down"), pick(num_warps, "num_warps")
+    num_stages, num_stages_down = pick(num_stages, "num_stages"), pick(num_stages_down, "num_stages_down")
+    for name, v in (("block_m", block_m), ("block_n", block_n), ("block_k", block_k),
+                    ("block_n_down", block_n_down), ("block_k_down", block_k_down)):
+        _check_block(name, v)
+    if compute_dtype is None:
+        compute_dtype = x.dtype if x.dtype in (jnp.bfloat16, jnp.float16) else jnp.bfloat16
+    sg, su, sd = scales if scales is not None else (None, None, None)
+
+    # Sorted input rows; padding rows (row_pair == P) read token 0 with score 0.
+    row_token = jnp.minimum(routing.row_pair // k, N - 1)
+    row_score = jnp.concatenate([scores.reshape(-1).astype(x.dtype), jnp.zeros((1,), x.dtype)])[routing.row_pair]
+    x_sorted = x[row_token]                                                                    # [R, D]
+    common = dict(block_m=block_m, num_warps=num_warps, evict=evict, interpret=interpret,
+                  poison_output=poison_output)
+    h = _gate_up(x_sorted, row_score, routing, w_gate, w_up, sg, su, block_n=block_n, block_k=block_k,
+                 split_k=split_k, num_stages=num_stages, cdt=jnp.dtype(compute_dtype), **common)  # [R, F]
+    y_sorted = _down(h, routing, w_down, sd, block_n=block_n_down, block_k=block_k_down, split_k=split_k_down,
+                     num_stages=num_stages_down, out_dtype=x.dtype if k == 1 else jnp.float32, **common)
+    # Back to token order: each pair's row, summed over the k slots of its token.
+    y = y_sorted[routing.pair_row].reshape(N, k, D)
+    return (y[:, 0] if k == 1 else jnp.sum(y.astype(jnp.float32), axis=1)).astype(x.dtype)

@@ -1,0 +1,226 @@
+"""FP8 MoE grouped GEMM (pallas_kernels/moe_gemm.py) under the Pallas interpreter, against the jnp reference.
+
+Error bound (||out - ref|| / ||ref||, ref = `moe_reference`: dequantized weights, float32 at HIGHEST
+precision after the score multiply): e4m3 -> bf16 is exact and the dots accumulate exact bf16 x bf16
+products in f32, so the kernels differ from the reference only by rounding h = silu(g) * u to bf16 between
+the two GEMMs (<= 2^-9 relative per element), the bf16 cast of the output, the bf16 cast of the scored input
+when x is float32, and f32 summation order: ~3e-3 measured, bound 1e-2, for FP8 and for bf16 weights alike.
+Every kernel output starts as NaN (poison_output=True aliases NaN buffers in), so a row of a routed pair
+that a kernel does not write fails the isfinite check. Inputs are random, never zeros (x ~ N(0.1, 1),
+scores = sigmoid(N(0, 1)), weights ~ N(0, 1/D) with per-channel magnitudes spread over a decade).
+Shapes are tiny (the interpreter runs each program sequentially on 2 shared CPU cores).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mavjax.model import moe_experts
+from pallas_kernels.fp8_gemm import FP8, quantize_weight_per_channel
+from pallas_kernels.moe_gemm import (
+    _down, _gate_up, moe_fp8, moe_reference, num_buffer_rows, quantize_experts, sort_tokens)
+
+BOUND = 1e-2
+# Jitted once per shape: eager op-by-op dispatch of the reference's loop costs seconds on 2 CPU cores.
+reference = jax.jit(moe_reference)
+quantize = jax.jit(quantize_experts, static_argnames="batch_size")
+sort = jax.jit(sort_tokens, static_argnums=(1, 2))
+model_moe = jax.jit(moe_experts)
+
+
+def _err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def _weights(seed, E, D, F):
+    """float32 gate/up [E, D, F] and down [E, F, D] ~ N(0, 1/K), magnitudes per (expert, output channel)
+    spread over a decade (so the per-channel scales differ). numpy: no per-shape XLA compile."""
+    rng = np.random.default_rng(seed)
+
+    def w(shape):
+        mag = 10.0 ** rng.uniform(-0.5, 0.5, (shape[0], 1, shape[2]))
+        return jnp.asarray(rng.standard_normal(shape) * mag / np.sqrt(shape[1]), jnp.float32)
+    return w((E, D, F)), w((E, D, F)), w((E, F, D))
+
+
+def _routing(seed, N, k, E, experts=None, dtype=jnp.bfloat16):
+    """Distinct experts per token drawn from `experts` (default all E); scores = sigmoid(normal) in (0, 1)."""
+    rng = np.random.default_rng(seed)
+    pool = np.arange(E) if experts is None else np.asarray(experts)
+    idx = np.stack([rng.choice(pool, size=k, replace=False) for _ in range(N)]).astype(np.int32)
+    scores = 1.0 / (1.0 + np.exp(-rng.standard_normal((N, k))))
+    return jnp.asarray(idx), jnp.asarray(scores, dtype)
+
+
+def _x(seed, N, D, dtype=jnp.bfloat16):
+    return jnp.asarray(np.random.default_rng(seed + 1000).standard_normal((N, D)) + 0.1, dtype)
+
+
+def _run(x, idx, scores, ws, scales, cfg):
+    y = moe_fp8(x, idx, scores, *ws, scales, interpret=True, poison_output=True, **cfg)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    assert bool(jnp.isfinite(y).all()), "unwritten (NaN-poisoned) or non-finite output elements"
+    return y
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Quantization, sorting, reference
+# ---------------------------------------------------------------------------------------------------------
+
+def test_quantize_experts_is_per_expert_per_channel():
+    wg, wu, wd = _weights(0, 3, 40, 24)
+    (qg, qu, qd), (sg, su, sd) = quantize(wg, wu, wd)
+    assert qg.dtype == qu.dtype == qd.dtype == FP8
+    assert sg.shape == su.shape == (3, 24) and sd.shape == (3, 40) and sd.dtype == jnp.float32
+    for e in range(3):
+        q, s = jax.jit(quantize_weight_per_channel)(wd[e])
+        np.testing.assert_array_equal(np.asarray(qd[e], np.float32), np.asarray(q, np.float32))
+        np.testing.assert_array_equal(np.asarray(sd[e]), np.asarray(s))
+    (qg2, _, _), (sg2, _, _) = quantize(wg, wu, wd, batch_size=2)  # lax.map in chunks: same values
+    np.testing.assert_array_equal(np.asarray(qg2, np.float32), np.asarray(qg, np.float32))
+    np.testing.assert_array_equal(np.asarray(sg2), np.asarray(sg))
+
+
+SORT_CASES = [
+    # N, k, E, block_m, experts used
+    (1, 1, 8, 16, None),              # decode
+    (13, 2, 8, 16, [1, 2, 5, 6, 7]),  # empty experts
+    (40, 1, 4, 16, [3]),              # all on one expert (skew): ceil(40 / 16) = 3 blocks
+    (50, 2, 64, 16, None),            # more experts than pairs per expert (padding-heavy)
+    (33, 2, 4, 32, None),             # every expert hit, groups not multiples of block_m
+]
+
+
+@pytest.mark.parametrize("N,k,E,bm,experts", SORT_CASES)
+def test_sort_tokens_layout(N, k, E, bm, experts):
+    idx, _ = _routing(N * 31 + E, N, k, E, experts)
+    r = jax.tree.map(np.asarray, sort(idx, E, bm))
+    P = N * k
+    flat = np.asarray(idx).reshape(-1)
+    R = num_buffer_rows(P, E, bm)
+    assert R == -(-(P + min(E, P) * (bm - 1)) // bm) * bm and r.row_pair.shape == (R,)
+    sizes = np.bincount(flat, minlength=E)
+    np.testing.assert_array_equal(r.group_sizes, sizes)
+    padded = -(-sizes // bm) * bm
+    np.testing.assert_array_equal(r.group_offsets, np.cumsum(padded) - padded)
+    assert int(r.num_active_blocks[0]) == padded.sum() // bm <= R // bm
+    # every pair has its own row, inside its expert's group, in stable (token) order
+    assert len(set(r.pair_row.tolist())) == P
+    np.testing.assert_array_equal(r.row_pair[r.pair_row], np.arange(P))
+    assert (r.row_pair == P).sum() == R - P
+    for e in range(E):
+        rows = r.pair_row[flat == e]
+        np.testing.assert_array_equal(rows, r.group_offsets[e] + np.arange(sizes[e]))
+    # block -> expert table: each active block lies inside its expert's padded group
+    for b in range(int(r.num_active_blocks[0])):
+        e = r.block_expert[b]
+        assert r.group_offsets[e] <= b * bm < r.group_offsets[e] + padded[e]
+
+
+def test_reference_matches_model():
+    """moe_reference (float32) vs mavjax.model.moe_experts (bf16 throughout), both of the model's paths
+    (<= 8 pairs: per-pair gather; more: ragged_dot); FP8 weights with scales too."""
+    E, D, F = 6, 48, 40
+    ws = _weights(1, E, D, F)
+    wb = tuple(w.astype(jnp.bfloat16) for w in ws)
+    qw, qs = quantize(*ws)
+    for N, k, fp8 in ((3, 2, False), (20, 2, True)):  # 6 pairs: gather path; 40: ragged_dot path
+        idx, sc = _routing(N, N, k, E)
+        x = _x(N, N, D)
+        w, s = (qw, qs) if fp8 else (wb, None)
+        assert _err(model_moe(x, idx, sc, *w, scales=s), reference(x, idx, sc, *w, scales=s)) < 2e-2
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Kernels vs reference
+# ---------------------------------------------------------------------------------------------------------
+
+T = dict(block_n=32, block_k=32, block_n_down=32, block_k_down=32)  # small tiles: several blocks per dim
+
+MOE_CASES = [
+    # id, N, k, E, D, F, weights, x dtype, experts used, cfg
+    ("decode N=1 k=1 fp8 default cfg (split-K)", 1, 1, 8, 64, 96, "fp8", jnp.bfloat16, None, {}),
+    ("decode N=1 k=2 bf16", 1, 2, 8, 64, 96, "bf16", jnp.bfloat16, None, dict(T, split_k=1, split_k_down=1)),
+    ("ragged D/F, empty experts, k=2 fp8", 13, 2, 8, 80, 48, "fp8", jnp.bfloat16, [1, 2, 5, 6, 7],
+     dict(T, split_k=1, split_k_down=1)),
+    ("skew: all on one expert, split-K", 37, 1, 8, 64, 64, "fp8", jnp.bfloat16, [3],
+     dict(T, block_m=16, split_k=2, split_k_down=2)),
+    ("k=2 bf16, x f32, block_m=32", 24, 2, 4, 64, 80, "bf16", jnp.float32, None,
+     dict(T, block_m=32, split_k=1, split_k_down=1)),
+    ("N=20 k=1 fp8, uneven split-K", 20, 1, 16, 96, 48, "fp8", jnp.bfloat16, None,
+     dict(T, split_k=2, split_k_down=1, block_k=32)),
+]
+
+
+@pytest.mark.parametrize("name,N,k,E,D,F,wkind,xdt,experts,cfg", MOE_CASES, ids=[c[0] for c in MOE_CASES])
+def test_moe_matches_reference(name, N, k, E, D, F, wkind, xdt, experts, cfg):
+    ws = _weights(N * 7 + D, E, D, F)
+    if wkind == "fp8":
+        ws, scales = quantize(*ws)
+    else:
+        ws, scales = tuple(w.astype(jnp.bfloat16) for w in ws), None
+    idx, sc = _routing(N * 13 + E, N, k, E, experts, xdt)
+    x = _x(N, N, D, xdt)
+    y = _run(x, idx, sc, ws, scales, cfg)
+    ref = reference(x, idx, sc, *ws, scales=scales)
+    assert _err(y, ref) < BOUND, _err(y, ref)
+
+
+def test_unrouted_experts_are_not_read():
+    """Experts that receive no token hold NaN weights and scales: the output stays finite and correct (active
+    row blocks read only their own expert). Inactive row blocks (>= the active count) write nothing: with the
+    outputs poisoned, their rows of h and y_sorted are still NaN while every active row is written."""
+    E, D, F, N, k, bm = 8, 64, 48, 10, 1, 16
+    used = [0, 3, 4]  # the default table maps inactive blocks to expert E - 1 = 7: unrouted, NaN
+    ws0 = _weights(5, E, D, F)
+    (qg, qu, qd), (sg, su, sd) = quantize(*ws0)
+    idx, sc = _routing(7, N, k, E, used)
+    x = _x(7, N, D)
+    ref = reference(x, idx, sc, qg, qu, qd, scales=(sg, su, sd))
+    dead = jnp.asarray([e not in used for e in range(E)])
+    nan_w = lambda w: jnp.where(dead[:, None, None], jnp.asarray(jnp.nan, w.dtype), w)  # noqa: E731
+    nan_s = lambda s: jnp.where(dead[:, None], jnp.nan, s)  # noqa: E731
+    ws = (nan_w(qg), nan_w(qu), nan_w(qd))
+    scales = (nan_s(sg), nan_s(su), nan_s(sd))
+    assert bool(jnp.isnan(ws[0][7].astype(jnp.float32)).all())
+    y = _run(x, idx, sc, ws, scales, dict(T, block_m=bm, split_k=1, split_k_down=1))
+    assert _err(y, ref) < BOUND
+
+    routing = sort(idx, E, bm)
+    n_act = int(routing.num_active_blocks[0])
+    R = routing.row_pair.shape[0]
+    assert n_act == 3 and R // bm > n_act  # some blocks are inactive
+    row_token = jnp.minimum(routing.row_pair // k, N - 1)
+    row_score = jnp.concatenate([sc.reshape(-1), jnp.zeros((1,), sc.dtype)])[routing.row_pair]
+    common = dict(block_m=bm, num_warps=4, evict=True, interpret=True, poison_output=True, num_stages=2,
+                  split_k=1)
+    h = _gate_up(x[row_token], row_score, routing, ws[0], ws[1], scales[0], scales[1], block_n=32, block_k=32,
+                 cdt=jnp.dtype(jnp.bfloat16), **common)
+    ys = _down(h, routing, ws[2], scales[2], block_n=32, block_k=32, out_dtype=jnp.bfloat16, **common)
+    for a in (h, ys):
+        a = np.asarray(a, np.float32)
+        assert np.isfinite(a[:n_act * bm]).all()
+        assert np.isnan(a[n_act * bm:]).all()
+
+
+def test_rejects_bad_arguments():
+    E, D, F, N = 4, 32, 48, 2
+    ws = tuple(w.astype(jnp.bfloat16) for w in _weights(0, E, D, F))
+    idx, sc = _routing(0, N, 1, E)
+    x = _x(0, N, D)
+    with pytest.raises(ValueError, match="power of two"):
+        moe_fp8(x, idx, sc, *ws, block_n=48, interpret=True)
+    with pytest.raises(ValueError, match="power of two"):
+        moe_fp8(x, idx, sc, *ws, block_m=8, interpret=True)
+    with pytest.raises(ValueError, match="w_down"):
+        moe_fp8(x, idx, sc, ws[0], ws[1], ws[2][:, :16], interpret=True)
+    with pytest.raises(ValueError, match="expert_idx"):
+        moe_fp8(x, idx[:1], sc, *ws, interpret=True)
+    qw = tuple(w.astype(FP8) for w in ws)
+    qs = (jnp.ones((E, F)), jnp.ones((E, F)), jnp.ones((E, D)))
+    with pytest.raises(ValueError, match="need scales"):
+        moe_fp8(x, idx, sc, *qw, interpret=True)
+    with pytest.raises(ValueError, match="scales must be"):
+        moe_fp8(x, idx, sc, *qw, (qs[0], qs[1], qs[1]), interpret=True)
