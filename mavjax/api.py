@@ -45,7 +45,7 @@ class LLM:
                  max_model_len: int | None = None, max_batch_size: int = 32, kernels: str = "xla",
                  quantize: str | None = None):
         """`kernels`: "xla" (plain jax.numpy) or "pallas" (the kernels of pallas_kernels/ where they apply:
-        split-KV decode attention, FP8 GEMMs). `quantize="fp8"`: quantize the projection weights to FP8 on
+        split-KV decode attention, FP8 GEMMs, the grouped MoE GEMM). `quantize="fp8"`: quantize the projection weights to FP8 on
         load (per-output-channel scales; embedding, LM head, router and norms stay in `dtype`)."""
         from mavjax.checkpoint import load_model  # orbax import is slow; only when loading from disk
 

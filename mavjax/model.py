@@ -250,6 +250,7 @@ class MoE(nnx.Module):
     def __init__(self, cfg: Llama4Config, dtype, rngs: nnx.Rngs, kernels: str = "xla", quant=None):
         D, E, F, std = cfg.hidden_size, cfg.num_local_experts, cfg.intermediate_size, cfg.initializer_range
         self.top_k = cfg.num_experts_per_tok
+        self.kernels = kernels
         self.router = _param(rngs, (D, E), ("embed", "router_expert"), dtype, std)  # bf16 even in FP8 models
         ax_in, ax_out = ("expert", "embed", "expert_mlp"), ("expert", "expert_mlp", "embed")
         self.w_gate, self.w_gate_scale = _weight(rngs, (E, D, F), ax_in, dtype, std, (1,), quant)
@@ -263,7 +264,13 @@ class MoE(nnx.Module):
         idx, scores = route(flat, self.router[...], self.top_k)
         scales = None if self.w_gate_scale is None else \
             (self.w_gate_scale[...], self.w_up_scale[...], self.w_down_scale[...])
-        routed = moe_experts(flat, idx, scores, self.w_gate[...], self.w_up[...], self.w_down[...], scales)
+        weights = (self.w_gate[...], self.w_up[...], self.w_down[...])
+        if self.kernels == "pallas":  # one grouped-GEMM launch pair over all experts; unrouted experts not read
+            from pallas_kernels.moe_gemm import moe_fp8
+
+            routed = moe_fp8(flat, idx, scores, *weights, scales, interpret=jax.default_backend() == "cpu")
+        else:
+            routed = moe_experts(flat, idx, scores, *weights, scales)
         return (self.shared(flat) + routed).reshape(B, T, D)
 
 
