@@ -21,23 +21,25 @@ from flax import nnx
 from mavjax.benchmarking import copy_bandwidth
 
 
-def step_bytes(cfg, batch, context, dtype_bytes):
-    """Fewest bytes one decode step reads: every weight used by `batch` tokens once, plus the KV cache."""
+def step_bytes(cfg, batch, context, dtype_bytes, proj_bytes=None):
+    """Fewest bytes one decode step reads: every weight used by `batch` tokens once, plus the KV cache.
+    `proj_bytes`: bytes per projection weight (1 for FP8; embedding, LM head and router stay dtype_bytes)."""
+    pb = dtype_bytes if proj_bytes is None else proj_bytes
     D, H, K, Dh = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     F, Fm, E, k = cfg.intermediate_size, cfg.intermediate_size_mlp, cfg.num_local_experts, cfg.num_experts_per_tok
     n = D * (H + 2 * K) * Dh + H * Dh * D
     per_layer_attn = n
-    total = cfg.hidden_size * cfg.vocab_size  # LM head
+    total = cfg.hidden_size * cfg.vocab_size * dtype_bytes  # LM head
     # Expected distinct experts hit by batch*k uniform routings.
     distinct = E * (1 - (1 - 1 / E) ** (batch * k))
     for i in range(cfg.num_hidden_layers):
-        total += per_layer_attn
+        total += per_layer_attn * pb
         if cfg.is_moe_layer(i):
-            total += 3 * D * F * (1 + distinct) + D * E
+            total += 3 * D * F * (1 + distinct) * pb + D * E * dtype_bytes
         else:
-            total += 3 * D * Fm
-    kv = cfg.num_hidden_layers * 2 * batch * context * K * Dh
-    return (total + kv) * dtype_bytes
+            total += 3 * D * Fm * pb
+    kv = cfg.num_hidden_layers * 2 * batch * context * K * Dh * dtype_bytes
+    return total + kv
 
 
 def main():
@@ -50,24 +52,48 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--kernels", nargs="+", default=["xla"], choices=["xla", "pallas"],
+                    help="time each kernel path in the same run")
+    ap.add_argument("--quantize", default=None, choices=["fp8"])
     a = ap.parse_args()
 
     from mavjax.api import LLM
     from mavjax.config import preset
     from mavjax.model import Llama4
-    from mavjax.sampling import SamplingParams
 
     cfg = preset(a.preset, num_hidden_layers=a.layers, no_rope_layer_interval=a.no_rope_interval)
     dtype = jnp.dtype(a.dtype)
-    t = time.perf_counter()
-    model = Llama4(cfg, dtype=dtype, rngs=nnx.Rngs(0))
-    nparams = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-    print(f"model: {a.preset} width, {a.layers} layers, {nparams / 1e9:.2f}B params, init {time.perf_counter() - t:.1f}s")
     bw = copy_bandwidth()
     print(f"device: {jax.devices()[0].device_kind}; copy bandwidth {bw / 1e12:.2f} TB/s")
-    llm = LLM.from_model(model, max_batch_size=max(a.batch))
+    rows = []
+    for kernels in a.kernels:
+        t = time.perf_counter()
+        model = Llama4(cfg, dtype=dtype, rngs=nnx.Rngs(0), kernels=kernels)  # same seed: same weights
+        if a.quantize == "fp8":
+            from mavjax.quantize import quantize_model
+
+            model = quantize_model(model)
+        nparams = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+        print(f"model: {a.preset} width, {a.layers} layers, {nparams / 1e9:.2f}B params, kernels={kernels}, "
+              f"quantize={a.quantize}, init {time.perf_counter() - t:.1f}s")
+        rows += time_decode(LLM.from_model(model, max_batch_size=max(a.batch)), cfg, a, bw, kernels)
+        del model
+    print(f"{'kernels':>8} {'batch':>5} {'ms/token':>9} {'floor ms':>9} {'x floor':>8} {'TTFT ms':>8}")
+    for r in rows:
+        print(f"{r['kernels']:>8} {r['batch']:>5} {r['ms_per_token']:>9.3f} {r['floor_ms']:>9.3f} "
+              f"{r['ratio']:>8.2f} {r['ttft_ms']:>8.1f}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(dict(preset=a.preset, layers=a.layers, device=jax.devices()[0].device_kind,
+                           quantize=a.quantize, copy_tb_s=bw / 1e12, rows=rows), f, indent=1)
+
+
+def time_decode(llm, cfg, a, bw, kernels):
+    from mavjax.sampling import SamplingParams
+
     rows = []
     rng = np.random.default_rng(0)
+    dtype = jnp.dtype(a.dtype)
     for B in a.batch:
         prompts = [rng.integers(0, cfg.vocab_size, a.prompt_len).tolist() for _ in range(B)]
         sp = SamplingParams(max_new_tokens=a.new_tokens, temperature=0.0, ignore_eos=True)
@@ -79,16 +105,11 @@ def main():
             steps = m.num_generated_tokens - 1
             ms = m.decode_time_s / steps * 1e3
             best = ms if best is None else min(best, ms)
-        floor_ms = step_bytes(cfg, B, a.prompt_len + a.new_tokens // 2, dtype.itemsize) / bw * 1e3
-        rows.append(dict(batch=B, ms_per_token=best, floor_ms=floor_ms, ratio=best / floor_ms,
+        proj = 1 if a.quantize == "fp8" else None
+        floor_ms = step_bytes(cfg, B, a.prompt_len + a.new_tokens // 2, dtype.itemsize, proj) / bw * 1e3
+        rows.append(dict(kernels=kernels, batch=B, ms_per_token=best, floor_ms=floor_ms, ratio=best / floor_ms,
                          ttft_ms=m.time_to_first_token_s * 1e3))
-    print(f"{'batch':>5} {'ms/token':>9} {'floor ms':>9} {'x floor':>8} {'TTFT ms':>8}")
-    for r in rows:
-        print(f"{r['batch']:>5} {r['ms_per_token']:>9.3f} {r['floor_ms']:>9.3f} {r['ratio']:>8.2f} {r['ttft_ms']:>8.1f}")
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(dict(preset=a.preset, layers=a.layers, device=jax.devices()[0].device_kind,
-                           copy_tb_s=bw / 1e12, rows=rows), f, indent=1)
+    return rows
 
 
 if __name__ == "__main__":
