@@ -7,9 +7,10 @@ the right subject: random networks amplify any perturbation and say little about
 Bounds. Per-output-channel e4m3 quantization rounds each weight to 3 mantissa bits (relative error up to
 2^-4, RMS about 2.4e-2 of the weight); through 6 layers this moves the logits by a few percent of their spread,
 which should change the arg-max only where the top two tokens are nearly tied and the perplexity by a few
-percent. We require top-1 agreement >= 90% and a perplexity within 5% of bf16; published FP8 evaluations of
-large models (Llama 4 Maverick's FP8 release among them) lose well under 1%, but a 10M-parameter model with
-256-wide layers averages far fewer rounding errors per output, so we leave more room.
+percent. We require top-1 agreement >= 95% and a perplexity within 3% of bf16 (measured on the shipped
+model: 98.4% and -0.1%); published FP8 evaluations of large models (Llama 4 Maverick's FP8 release among them)
+lose well under 1%, but a 10M-parameter model with 256-wide layers averages far fewer rounding errors per
+output, so we leave more room.
 """
 
 import sysconfig
@@ -50,5 +51,5 @@ def test_fp8_close_to_bf16_on_heldout_text(heldout_ids):
     agree = (top_b == top_f).mean()
     print(f"bf16 ppl {ppl_b:.3f}, fp8 ppl {ppl_f:.3f} ({ppl_f / ppl_b - 1:+.2%}), top-1 agreement {agree:.3f}")
     assert ppl_b < 200  # the model is trained: far below the 4096-token vocabulary's uniform perplexity
-    assert agree >= 0.90, agree
-    assert abs(ppl_f / ppl_b - 1) <= 0.05, (ppl_b, ppl_f)
+    assert agree >= 0.95, agree
+    assert abs(ppl_f / ppl_b - 1) <= 0.03, (ppl_b, ppl_f)
