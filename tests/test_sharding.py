@@ -1,0 +1,108 @@
+"""Sharding rules on a simulated 8-device CPU mesh (each test runs in a subprocess, so that the flag that
+splits the CPU into 8 devices does not reach the rest of the suite)."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from mavjax.sharding import ShardingError, parse_mesh
+
+
+def _run(code: str):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    r = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r.stdout
+
+
+def test_each_parameter_is_sharded_as_the_rules_say():
+    _run("""
+        import jax, jax.numpy as jnp
+        from jax.sharding import PartitionSpec as P
+        from flax import nnx
+        from mavjax.config import preset
+        from mavjax.model import Llama4
+        from mavjax.sharding import make_mesh, param_shardings
+        assert len(jax.devices()) == 8
+        cfg = preset("tiny", num_attention_heads=8, num_key_value_heads=8, num_local_experts=8)
+        model = nnx.eval_shape(lambda: Llama4(cfg, dtype=jnp.float32))
+        ALL = ("expert", "tensor")
+        for E, T in ((8, 1), (1, 8), (2, 4), (4, 2)):
+            sh = param_shardings(model, make_mesh(E, T))
+            def want(*axes):  # drop mesh axes of size 1, as the rules do
+                out = []
+                for a in axes:
+                    keep = tuple(x for x in ((a,) if isinstance(a, str) else (a or ())) if {"expert": E, "tensor": T}[x] > 1)
+                    out.append(None if not keep else keep[0] if len(keep) == 1 else keep)
+                return P(*out)
+            assert sh["layers.0.attn.wq"].spec == want(None, ALL, None)
+            assert sh["layers.0.attn.wk"].spec == want(None, ALL, None)
+            assert sh["layers.0.attn.wo"].spec == want(ALL, None, None)
+            assert sh["layers.0.ffn.w_gate"].spec == want(None, ALL)  # dense MLP, layer 0
+            assert sh["layers.0.ffn.w_down"].spec == want(ALL, None)
+            assert sh["layers.1.ffn.w_up"].spec == want("expert", None, "tensor")  # experts, layer 1
+            assert sh["layers.1.ffn.w_down"].spec == want("expert", "tensor", None)
+            assert sh["layers.1.ffn.router"].spec == P(None, None)
+            assert sh["layers.1.ffn.shared.w_gate"].spec == want(None, ALL)
+            assert sh["embed"].spec == want(ALL, None) and sh["lm_head"].spec == want(None, ALL)
+            assert sh["norm.scale"].spec == P(None)
+        print("ok")
+    """)
+
+
+def test_sharded_restore_equals_single_device(tmp_path):
+    _run(f"""
+        import numpy as np, jax, jax.numpy as jnp
+        from flax import nnx
+        from mavjax.config import preset
+        from mavjax.model import Llama4
+        from mavjax.checkpoint import save_model, load_model
+        from mavjax.sharding import make_mesh, param_shardings
+        cfg = preset("tiny", num_attention_heads=8, num_key_value_heads=8, num_local_experts=8)
+        save_model(Llama4(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0)), "{tmp_path}/ckpt")
+        _, ref = load_model("{tmp_path}/ckpt")
+        abstract = nnx.eval_shape(lambda: Llama4(cfg, dtype=jnp.float32))
+        _, m = load_model("{tmp_path}/ckpt", shardings=param_shardings(abstract, make_mesh(2, 4)))
+        w = m.layers[1].ffn.w_up[...]
+        assert len(w.sharding.device_set) == 8 and w.addressable_shards[0].data.shape == (4, 64, 16)
+        np.testing.assert_array_equal(np.asarray(w), np.asarray(ref.layers[1].ffn.w_up[...]))
+        print("ok")
+    """)
+
+
+def test_a_mesh_that_does_not_divide_is_a_clear_error():
+    out = _run("""
+        import jax.numpy as jnp
+        from flax import nnx
+        from mavjax.config import preset
+        from mavjax.model import Llama4
+        from mavjax.sharding import ShardingError, make_mesh, param_shardings
+        model = nnx.eval_shape(lambda: Llama4(preset("tiny"), dtype=jnp.float32))  # 4 heads, 2 kv heads, 4 experts
+        for mesh, word in (((1, 8), "heads"), ((8, 1), "expert")):
+            try:
+                param_shardings(model, make_mesh(*mesh))
+            except ShardingError as e:
+                assert word in str(e) and "cannot be split" in str(e), e
+                print(e)
+            else:
+                raise AssertionError(f"mesh {mesh} accepted")
+        try:
+            make_mesh(4, 4)
+        except ShardingError as e:
+            assert "needs 16 devices, 8 available" in str(e)
+        else:
+            raise AssertionError("16-device mesh accepted")
+    """)
+    assert "cannot be split 8 ways" in out
+
+
+def test_parse_mesh():
+    assert parse_mesh("expert=2,tensor=4") == {"expert": 2, "tensor": 4}
+    assert parse_mesh("tensor=8") == {"expert": 1, "tensor": 8}
+    for bad in ("experts=2", "tensor=0", "tensor=x"):
+        with pytest.raises(ShardingError, match="bad mesh entry"):
+            parse_mesh(bad)
