@@ -43,16 +43,21 @@ class GenerationOutput:
 class LLM:
     def __init__(self, model: str | Path | None = None, *, dtype: str | None = None,
                  max_model_len: int | None = None, max_batch_size: int = 32, kernels: str = "xla",
-                 quantize: str | None = None):
+                 quantize: str | None = None, mesh=None):
         """`kernels`: "xla" (plain jax.numpy) or "pallas" (the kernels of pallas_kernels/ where they apply:
         split-KV decode attention, FP8 GEMMs, the grouped MoE GEMM). `quantize="fp8"`: quantize the projection weights to FP8 on
-        load (per-output-channel scales; embedding, LM head, router and norms stay in `dtype`)."""
+        load (per-output-channel scales; embedding, LM head, router and norms stay in `dtype`). `mesh`:
+        "expert=E,tensor=T", a dict of those, or a jax Mesh: parameters are restored sharded by
+        `mavjax.sharding.RULES` straight into place, and the jitted programs are partitioned over the mesh."""
         from mavjax.checkpoint import load_model  # orbax import is slow; only when loading from disk
 
         if quantize not in (None, "fp8"):
             raise ValueError(f"quantize must be None or 'fp8', got {quantize!r}")
         path = Path(model) if model is not None else DEFAULT_MODEL
-        cfg, net = load_model(path, dtype=dtype, kernels=kernels)
+        shardings = None
+        if mesh is not None:
+            shardings = _mesh_shardings(path, mesh, dtype, kernels)
+        cfg, net = load_model(path, dtype=dtype, kernels=kernels, shardings=shardings)
         if quantize == "fp8":
             from mavjax.quantize import quantize_model
 
@@ -208,6 +213,23 @@ class LLM:
                 prompt=text, prompt_token_ids=ids, token_ids=gen, text=out_text, finish_reason=finish,
                 metrics=GenerationMetrics(ttft, dec, len(gen), len(gen) / max(ttft + dec, 1e-9))))
         return results
+
+
+def _mesh_shardings(path, mesh, dtype, kernels):
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from mavjax.config import Llama4Config
+    from mavjax.model import Llama4
+    from mavjax.sharding import make_mesh, param_shardings, parse_mesh
+
+    if isinstance(mesh, str):
+        mesh = parse_mesh(mesh)
+    if isinstance(mesh, dict):
+        mesh = make_mesh(**mesh)
+    cfg = Llama4Config.from_json(Path(path))
+    abstract = nnx.eval_shape(lambda: Llama4(cfg, dtype=jnp.dtype(dtype or "bfloat16"), kernels=kernels))
+    return param_shardings(abstract, mesh)
 
 
 def _truncate_at_stop(tok: Tokenizer, gen: list[int], text: str, stops: list[str]):

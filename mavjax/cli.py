@@ -31,6 +31,10 @@ def cmd_generate(a) -> int:
     from mavjax.tokenizer import Tokenizer
 
     params = _sampling_from_args(a)  # invalid values fail here, before anything is loaded
+    if a.mesh is not None:
+        from mavjax.sharding import parse_mesh
+
+        parse_mesh(a.mesh)
     path = Path(a.model) if a.model else DEFAULT_MODEL
     cfg = Llama4Config.from_json(path)
     tok = Tokenizer.from_dir(path)
@@ -42,7 +46,8 @@ def cmd_generate(a) -> int:
     if len(ids) >= limit:
         raise PromptError(f"prompt of {len(ids)} tokens is longer than the context: max_model_len is {limit}")
     t0 = time.perf_counter()
-    llm = LLM(path, dtype=a.dtype, max_model_len=a.max_model_len, kernels=a.kernels, quantize=a.quantize)
+    llm = LLM(path, dtype=a.dtype, max_model_len=a.max_model_len, kernels=a.kernels, quantize=a.quantize,
+              mesh=a.mesh)
     load_s = time.perf_counter() - t0
     out = llm.generate([ids], params)[0]
     if a.chat:
@@ -68,6 +73,7 @@ def main(argv=None) -> int:
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--kernels", default="xla", choices=["xla", "pallas"])
     g.add_argument("--quantize", default=None, choices=["fp8"], help="quantize projection weights on load")
+    g.add_argument("--mesh", default=None, metavar="expert=E,tensor=T", help="shard over a device mesh")
     _add_sampling_args(g)
     g.set_defaults(func=cmd_generate)
 

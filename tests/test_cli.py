@@ -68,6 +68,7 @@ def test_cli_chat(capsys):
     (["--max-new-tokens", "0"], "max_new_tokens"),
     (["--max-model-len", "8", "--prompt", "x = 1\n" * 20], "longer than the context"),
     (["--model", "/nonexistent/model"], "config.json"),
+    (["--mesh", "experts=2"], "bad mesh entry"),
 ])
 def test_cli_bad_input_is_a_clear_error(args, message, capsys):
     base = ["generate", "--prompt", "def f():"]
