@@ -22,3 +22,14 @@ def copy_bandwidth(nbytes: int = 2 << 30, reps: int = 20) -> float:
         ts.append(time.perf_counter() - t)
     del x
     return 2 * nbytes / float(np.median(ts))
+
+
+def fmt(v, width: int, prec: int = 1) -> str:
+    """A table cell: the number, or '-' for a cell that was not measured."""
+    return f"{v:{width}.{prec}f}" if isinstance(v, (int, float)) else f"{'-':>{width}s}"
+
+
+def speedup(row: dict, baseline_key: str, width: int) -> str:
+    """baseline time / Pallas time of a result row, as a table cell."""
+    b, p = row.get(baseline_key), row.get("pallas_us")
+    return fmt(b / p, width, 2) if b and p else fmt(None, width)

@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from mavjax.benchmarking import copy_bandwidth  # noqa: E402
+from mavjax.benchmarking import copy_bandwidth, fmt, speedup  # noqa: E402
 from pallas_kernels.fp8_gemm import (  # noqa: E402
     dequantize_activation, dequantize_weight, fp8_matmul, quantize_activation_per_token,
     quantize_weight_blockwise, quantize_weight_per_channel)
@@ -414,10 +414,10 @@ def main():
         pass
 
     def f1(v, w=6, p=1):
-        return f"{v:{w}.{p}f}" if isinstance(v, (int, float)) else f"{'-':>{w}s}"
+        return fmt(v, w, p)
 
     def ratio(r, k):
-        return f1(r[k] / r["pallas_us"], 6, 2) if r.get(k) and r.get("pallas_us") else f"{'-':>6s}"
+        return speedup(r, k, 6)
 
     print(f"\n== {res['device']}, jax {res['jax']}; copy {bw / 1e12:.2f} TB/s (read+write); FP8 peak "
           f"{FP8_PEAK_TFLOPS:.0f} TFLOP/s (H100 SXM datasheet, dense) ==")

@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from mavjax.benchmarking import copy_bandwidth  # noqa: E402
+from mavjax.benchmarking import copy_bandwidth, fmt, speedup  # noqa: E402
 from mavjax.model import moe_experts  # noqa: E402
 from pallas_kernels.fp8_gemm import quantize_weight_per_channel  # noqa: E402
 from pallas_kernels.moe_gemm import (  # noqa: E402
@@ -470,10 +470,10 @@ def main():
         pass
 
     def f1(v, w=7, p=1):
-        return f"{v:{w}.{p}f}" if isinstance(v, (int, float)) else f"{'-':>{w}s}"
+        return fmt(v, w, p)
 
     def ratio(r, k):
-        return f1(r[k] / r["pallas_us"], 5, 2) if r.get(k) and r.get("pallas_us") else f"{'-':>5s}"
+        return speedup(r, k, 5)
 
     print(f"\n== {res['device']}, jax {res['jax']}; copy {bw / 1e12:.2f} TB/s (read+write); E={E} D={D}, "
           f"top-1 uniform routing; validation {'PASSED' if valid else 'FAILED' if valid is False else 'not run'} ==")
