@@ -44,10 +44,18 @@ partial (scale applied) and a jnp epilogue sums them (and, for kernel 1, applies
 D and F need not be multiples of the blocks: the ragged edges are masked loads/stores, as in fp8_gemm.
 Block sizes must be powers of two and >= 16 (Triton dot operands need every dimension >= 16).
 
-Everything runs under interpret=True on CPU (tests/test_moe_gemm.py). NOT yet run on a GPU: the Triton
-lowering of this file is unverified (it only uses constructs that pallas_kernels/fp8_gemm.py lowered on an
-H100: masked plgpu.load/store on .at[] views with a dynamic leading index, scalar ref loads, fori_loop with
-dynamic bounds, plus pl.when); scripts/bench_moe.py validates on the GPU before timing.
+Decode path (few pairs, P <= PAIRS_MAX): no sorting at all. Sorting costs a dozen small XLA ops (argsort,
+bincount, searchsorted, scatters: ~60-120 us measured on an H100, more than the expert bytes take to stream)
+and pads each pair to block_m rows. Instead `moe_fp8_pairs` runs one program row per (token, expert) pair:
+kernel 1 (grid (P, F blocks, split-K)) reads that pair's expert's gate/up tiles straight from the [E, D, F]
+weights by the expert id, kernel 2 (grid (P, D blocks, split-K)) its down tiles; the token's row is the only
+non-zero row of a 16-row dot operand (Triton dots need >= 16 rows; the tensor cores have time to spare, the
+weights' bytes are the cost), and the k pairs of a token are summed at the end. Only the routed experts are
+read; two pairs on one expert read it twice (at Maverick's 128 experts and top-1, rare at decode batch sizes,
+and the second read is likely an L2 hit).
+
+Everything runs under interpret=True on CPU (tests/test_moe_gemm.py); scripts/bench_moe.py validates both
+paths on the GPU before timing (sorted path: validated and timed on an H100, JAX 0.11.2).
 """
 
 from __future__ import annotations
@@ -65,7 +73,8 @@ from pallas_kernels.fp8_gemm import (
     quantize_weight_per_channel)
 
 __all__ = ["MoERouting", "sort_tokens", "num_buffer_rows", "quantize_experts", "dequantize_experts",
-           "moe_reference", "moe_fp8", "moe_fp8_sorted", "default_config"]
+           "moe_reference", "moe_fp8", "moe_fp8_sorted", "moe_fp8_pairs", "default_config", "pairs_config",
+           "PAIRS_MAX"]
 
 _MIN_BLOCK = 16  # Triton dot operands: every dimension >= 16
 
@@ -248,6 +257,75 @@ def _down_kernel(*refs, f, d, block_m, block_n, block_k, kb_per_split, partial, 
             _store(o_ref.at[pl.ds(m0, block_m), pl.ds(n0, block_n)], y.astype(o_ref.dtype), omask)
 
 
+def _pair_rows(v, rows=_MIN_BLOCK):
+    """[bk] -> [rows, bk] with v in row 0 and zeros below: a Triton dot operand (>= 16 rows) for one token."""
+    return jnp.where(jnp.arange(rows)[:, None] == 0, v[None, :], jnp.zeros((), v.dtype))
+
+
+def _pair_gate_up_kernel(*refs, k, d, f, block_n, block_k, kb_per_split, partial, has_scales, cdt, evict):
+    idx_ref, sc_ref, x_ref, wg_ref, wu_ref, *rest = refs
+    sg_ref, su_ref, *outs = rest if has_scales else (None, None, *rest)
+    p, pid_n, pid_s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    e = idx_ref[p]
+    n0 = pl.multiple_of(pid_n * block_n, block_n)
+    n_in = _in_bounds(n0, block_n, f)
+    kb_lo, kb_hi = _k_range(pid_s, pl.cdiv(d, block_k), kb_per_split)
+    score = sc_ref[p]
+    hint_w = "evict_first" if evict else None
+
+    def body(kb, acc):
+        g, u = acc
+        k0 = pl.multiple_of(kb * block_k, block_k)
+        k_in = _in_bounds(k0, block_k, d)
+        xt = _load(x_ref.at[p // k, pl.ds(k0, block_k)], k_in)                              # [bk]
+        xt = _pair_rows((xt * score).astype(cdt))           # router score on the input (x's dtype), [16, bk]
+        wmask = _mask2(k_in, n_in)
+        wg = _load(wg_ref.at[e, pl.ds(k0, block_k), pl.ds(n0, block_n)], wmask, hint_w).astype(cdt)
+        wu = _load(wu_ref.at[e, pl.ds(k0, block_k), pl.ds(n0, block_n)], wmask, hint_w).astype(cdt)
+        return (g + jnp.dot(xt, wg, preferred_element_type=jnp.float32),
+                u + jnp.dot(xt, wu, preferred_element_type=jnp.float32))
+
+    zero = jnp.zeros((_MIN_BLOCK, block_n), jnp.float32)
+    g, u = lax.fori_loop(kb_lo, kb_hi, body, (zero, zero))
+    g, u = jnp.sum(g, axis=0), jnp.sum(u, axis=0)  # rows 1.. are exact zeros: this is row 0, [bn]
+    if has_scales:
+        g = g * _load(sg_ref.at[e, pl.ds(n0, block_n)], n_in)
+        u = u * _load(su_ref.at[e, pl.ds(n0, block_n)], n_in)
+    if partial:
+        g_ref, u_ref = outs
+        _store(g_ref.at[pid_s, p, pl.ds(n0, block_n)], g, n_in)
+        _store(u_ref.at[pid_s, p, pl.ds(n0, block_n)], u, n_in)
+    else:
+        (h_ref,) = outs
+        _store(h_ref.at[p, pl.ds(n0, block_n)], (_silu(g) * u).astype(h_ref.dtype), n_in)
+
+
+def _pair_down_kernel(*refs, f, d, block_n, block_k, kb_per_split, partial, has_scales, evict):
+    idx_ref, h_ref, wd_ref, *rest = refs
+    sd_ref, o_ref = rest if has_scales else (None, *rest)
+    p, pid_n, pid_s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    e = idx_ref[p]
+    n0 = pl.multiple_of(pid_n * block_n, block_n)
+    n_in = _in_bounds(n0, block_n, d)
+    kb_lo, kb_hi = _k_range(pid_s, pl.cdiv(f, block_k), kb_per_split)
+    hint_w = "evict_first" if evict else None
+
+    def body(kb, acc):
+        k0 = pl.multiple_of(kb * block_k, block_k)
+        k_in = _in_bounds(k0, block_k, f)
+        ht = _pair_rows(_load(h_ref.at[p, pl.ds(k0, block_k)], k_in))                    # [16, bk]
+        wt = _load(wd_ref.at[e, pl.ds(k0, block_k), pl.ds(n0, block_n)], _mask2(k_in, n_in), hint_w)
+        return acc + jnp.dot(ht, wt.astype(ht.dtype), preferred_element_type=jnp.float32)
+
+    y = jnp.sum(lax.fori_loop(kb_lo, kb_hi, body, jnp.zeros((_MIN_BLOCK, block_n), jnp.float32)), axis=0)
+    if has_scales:
+        y = y * _load(sd_ref.at[e, pl.ds(n0, block_n)], n_in)
+    if partial:
+        _store(o_ref.at[pid_s, p, pl.ds(n0, block_n)], y, n_in)
+    else:
+        _store(o_ref.at[p, pl.ds(n0, block_n)], y.astype(o_ref.dtype), n_in)
+
+
 def _splits(K, block_k, split_k):
     nk = pl.cdiv(K, block_k)
     split_k = max(1, min(split_k, nk))
@@ -374,12 +452,12 @@ def _check_args(x, expert_idx, scores, w_gate, w_up, w_down, scales):
     return N, D, E, F
 
 
-_STATIC = ("block_m", "block_n", "block_k", "split_k", "block_n_down", "block_k_down", "split_k_down",
+_STATIC = ("method", "block_m", "block_n", "block_k", "split_k", "block_n_down", "block_k_down", "split_k_down",
            "num_warps", "num_stages", "num_stages_down", "evict", "compute_dtype", "interpret", "poison_output")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def moe_fp8(x, expert_idx, scores, w_gate, w_up, w_down, scales=None, *, block_m=None, block_n=None,
+def moe_fp8(x, expert_idx, scores, w_gate, w_up, w_down, scales=None, *, method="auto", block_m=None, block_n=None,
             block_k=None, split_k=None, block_n_down=None, block_k_down=None, split_k_down=None, num_warps=None,
             num_stages=None, num_stages_down=None, evict=True, compute_dtype=None, interpret=False,
             poison_output=False):
@@ -394,11 +472,21 @@ def moe_fp8(x, expert_idx, scores, w_gate, w_up, w_down, scales=None, *, block_m
     num_stages_down (kernel 2): Triton compiler parameters. evict: L2 hints (stream weights, keep x / h).
     compute_dtype: dtype of the in-register dots (default x's if bf16/f16, else bf16); h is stored in it.
     poison_output: debugging aid, every kernel output starts as NaN (aliased in).
-    interpret: Pallas interpreter (CPU tests)."""
+    interpret: Pallas interpreter (CPU tests).
+    method: "sorted" (grouped GEMM over expert-sorted row blocks), "pairs" (`moe_fp8_pairs`: one program row
+    per (token, expert) pair, no sort) or "auto": pairs up to PAIRS_MAX pairs (decode), sorted beyond."""
     N, D, E, F = _check_args(x, expert_idx, scores, w_gate, w_up, w_down, scales)
     P = expert_idx.size
+    if method not in ("auto", "pairs", "sorted"):
+        raise ValueError(f"method must be 'auto', 'pairs' or 'sorted', got {method!r}")
     if P == 0:
         return jnp.zeros((N, D), x.dtype)
+    if method == "pairs" or (method == "auto" and P <= PAIRS_MAX and block_m is None):
+        return moe_fp8_pairs(
+            x, expert_idx, scores, w_gate, w_up, w_down, scales, block_n=block_n, block_k=block_k,
+            split_k=split_k, block_n_down=block_n_down, block_k_down=block_k_down, split_k_down=split_k_down,
+            num_warps=num_warps, num_stages=num_stages, num_stages_down=num_stages_down, evict=evict,
+            compute_dtype=compute_dtype, interpret=interpret, poison_output=poison_output)
     cfg = default_config(P, E, D, F, jnp.dtype(w_gate.dtype).itemsize)
     block_m = block_m or cfg["block_m"]
     _check_block("block_m", block_m)
@@ -448,3 +536,77 @@ def moe_fp8_sorted(x, routing: MoERouting, scores, w_gate, w_up, w_down, scales=
     # Back to token order: each pair's row, summed over the k slots of its token.
     y = y_sorted[routing.pair_row].reshape(N, k, D)
     return (y[:, 0] if k == 1 else jnp.sum(y.astype(jnp.float32), axis=1)).astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Decode path: one program row per (token, expert) pair, no sorting
+# ----------------------------------------------------------------------------------------------------------
+
+# moe_fp8 takes the pair path up to this many (token, expert) pairs (decode and small verify batches): beyond
+# it, reading each pair's expert separately costs more than sorting pairs into shared row blocks.
+PAIRS_MAX = 16
+
+
+def pairs_config(num_pairs, D, F, num_sms=NUM_SMS_H100):
+    """Blocks of the pair path: 64-wide, 256-deep tiles (fp8_gemm's decode sweep), split-K so that
+    P x (output blocks) x splits gives ~2 programs per SM with >= 2 K steps per split."""
+    bn, bk = 64, 256
+
+    def split(n_out, K):
+        programs = num_pairs * pl.cdiv(n_out, bn)
+        if programs >= num_sms:
+            return 1
+        return int(max(1, min(pl.cdiv(2 * num_sms, programs), pl.cdiv(K, bk) // 2)))
+
+    return dict(block_n=bn, block_k=bk, split_k=split(F, D), block_n_down=bn, block_k_down=bk,
+                split_k_down=split(D, F), num_warps=4, num_stages=_stages(2 * bk * bn), num_stages_down=
+                _stages(bk * bn))
+
+
+def moe_fp8_pairs(x, expert_idx, scores, w_gate, w_up, w_down, scales=None, *, block_n=None, block_k=None,
+                  split_k=None, block_n_down=None, block_k_down=None, split_k_down=None, num_warps=None,
+                  num_stages=None, num_stages_down=None, evict=True, compute_dtype=None, interpret=False,
+                  poison_output=False):
+    """`moe_fp8` for few pairs: each (token, expert) pair reads its expert's weights directly (see the module
+    docstring). Arguments as `moe_fp8` (no block_m: one row per pair)."""
+    N, D = x.shape
+    E, _, F = w_gate.shape
+    k = expert_idx.shape[1]
+    P = N * k
+    cfg = pairs_config(P, D, F)
+    pick = lambda v, key: cfg[key] if v is None else v  # noqa: E731
+    block_n, block_k, split_k = pick(block_n, "block_n"), pick(block_k, "block_k"), pick(split_k, "split_k")
+    block_n_down, block_k_down = pick(block_n_down, "block_n_down"), pick(block_k_down, "block_k_down")
+    split_k_down, num_warps = pick(split_k_down, "split_k_down"), pick(num_warps, "num_warps")
+    num_stages, num_stages_down = pick(num_stages, "num_stages"), pick(num_stages_down, "num_stages_down")
+    for name, v in (("block_n", block_n), ("block_k", block_k), ("block_n_down", block_n_down),
+                    ("block_k_down", block_k_down)):
+        _check_block(name, v)
+    cdt = jnp.dtype(compute_dtype or (x.dtype if x.dtype in (jnp.bfloat16, jnp.float16) else jnp.bfloat16))
+    sg, su, sd = scales if scales is not None else (None, None, None)
+    has_scales = scales is not None
+    idx = expert_idx.reshape(-1).astype(jnp.int32)                                              # [P]
+    sc = scores.reshape(-1).astype(x.dtype)                                                     # [P]
+    common = dict(num_warps=num_warps, interpret=interpret, poison_output=poison_output)
+
+    # Kernel 1: h [P, F] = silu(xs @ gate_e) * (xs @ up_e), xs = x[token] * score.
+    split1, kbps1 = _splits(D, block_k, split_k)
+    kern1 = functools.partial(_pair_gate_up_kernel, k=k, d=D, f=F, block_n=block_n, block_k=block_k,
+                              kb_per_split=kbps1, partial=split1 > 1, has_scales=has_scales, cdt=cdt, evict=evict)
+    args1 = [idx, sc, x, w_gate, w_up] + ([sg.astype(jnp.float32), su.astype(jnp.float32)] if has_scales else [])
+    outs1 = ([jax.ShapeDtypeStruct((split1, P, F), jnp.float32)] * 2 if split1 > 1
+             else [jax.ShapeDtypeStruct((P, F), cdt)])
+    res = _call(kern1, args1, outs1, (P, pl.cdiv(F, block_n), split1), num_stages=num_stages,
+                name=f"moe_pair_gate_up_n{block_n}_k{block_k}_s{split1}", **common)
+    h = (_silu(jnp.sum(res[0], 0)) * jnp.sum(res[1], 0)).astype(cdt) if split1 > 1 else res[0]  # [P, F]
+
+    # Kernel 2: y [P, D] = h @ down_e.
+    split2, kbps2 = _splits(F, block_k_down, split_k_down)
+    kern2 = functools.partial(_pair_down_kernel, f=F, d=D, block_n=block_n_down, block_k=block_k_down,
+                              kb_per_split=kbps2, partial=split2 > 1, has_scales=has_scales, evict=evict)
+    args2 = [idx, h, w_down] + ([sd.astype(jnp.float32)] if has_scales else [])
+    out2 = jax.ShapeDtypeStruct((split2, P, D) if split2 > 1 else (P, D), jnp.float32)
+    (y,) = _call(kern2, args2, [out2], (P, pl.cdiv(D, block_n_down), split2), num_stages=num_stages_down,
+                 name=f"moe_pair_down_n{block_n_down}_k{block_k_down}_s{split2}", **common)
+    y = jnp.sum(y, axis=0) if split2 > 1 else y                                                 # [P, D] f32
+    return jnp.sum(y.reshape(N, k, D), axis=1).astype(x.dtype)                                  # [N, D]

@@ -19,9 +19,10 @@ tensor-parallel shard F=1024 ("shard", FP8 2.0 GB / bf16 4.0 GB); top-1 uniform 
    (G*U = 32 at decode), so the experts hit change from call to call and the 50 MB L2 does not serve
    repeats (one shard expert is 15.7 MB in FP8). Columns:
      hit      distinct experts per routing set (mean); bytes = hit x (3*D*F weight bytes + scale bytes)
-     pallas   moe_fp8 end to end (sort, gather, 2 kernels, combine), us; TB/s = bytes / time; %cp = TB/s
-              over the copy bandwidth
-     kern     the two pallas_calls alone (sorted, gathered input prepared outside), us and TB/s
+     pallas   moe_fp8 end to end (method auto: the pair path up to PAIRS_MAX pairs, else sort, gather,
+              2 kernels, combine), us; TB/s = bytes / time; %cp = TB/s over the copy bandwidth;
+              `sorted`: the sorted path end to end at the same N (the column = pallas where auto is sorted)
+     kern     the sorted path's two pallas_calls alone (sorted, gathered input prepared outside), us and TB/s
      xla      mavjax.model.moe_experts with bf16 weights (<= 8 pairs: per-pair weight gather; more:
               lax.ragged_dot), us, and x = xla / pallas (> 1: Pallas faster); xla8 = the same with FP8 weights
               + scales (decode only: above 8 pairs the model's ragged path upcasts all experts every call)
@@ -49,7 +50,7 @@ from mavjax.benchmarking import copy_bandwidth, fmt, speedup  # noqa: E402
 from mavjax.model import moe_experts  # noqa: E402
 from pallas_kernels.fp8_gemm import quantize_weight_per_channel  # noqa: E402
 from pallas_kernels.moe_gemm import (  # noqa: E402
-    _down, _gate_up, default_config, moe_fp8, moe_reference, quantize_experts, sort_tokens)
+    PAIRS_MAX, _down, _gate_up, default_config, moe_fp8, moe_reference, quantize_experts, sort_tokens)
 
 T0 = time.perf_counter()
 INTERPRET = False  # --dry-run: Pallas interpreter, tiny shapes
@@ -240,7 +241,12 @@ def validate(key, shard, res):
     fp8, sc, bf = shard["fp8"], shard["scales"], shard.get("bf16")
     n_e = fp8[0].shape[0]
     cases = [  # (name, weights, scales, set, cfg, reference weights/scales)
-        ("shard fp8 N=1 k=1 default", fp8, sc, make_sets(key, 1, 1, n_e)[0], {}),
+        ("shard fp8 N=1 k=1 default (pairs)", fp8, sc, make_sets(key, 1, 1, n_e)[0], {}),
+        ("shard fp8 N=1 k=1 sorted", fp8, sc, make_sets(key, 1, 1, n_e)[0], dict(method="sorted")),
+        ("shard fp8 N=8 k=2 pairs, split-K 3/2", fp8, sc, make_sets(key, 8, 1, n_e, k=2)[0],
+         dict(method="pairs", split_k=3, split_k_down=2)),
+        (f"ragged D={dr} F={fr} N=5 k=2 pairs", small["fp8"], small["scales"],
+         make_sets(key, 5, 1, 16, k=2, dim=dr)[0], dict(method="pairs", block_k=128, block_k_down=128)),
         ("shard fp8 N=64 k=2 default", fp8, sc, make_sets(key, 64, 1, n_e, k=2)[0], {}),
         (f"shard fp8 N={big_n} k=1 default", fp8, sc, make_sets(key, big_n, 1, n_e)[0], {}),
         ("shard fp8 N=64 all on expert 5", fp8, sc, make_sets(key, 64, 1, n_e, experts=[5])[0], {}),
@@ -405,18 +411,25 @@ def main():
             regime = "decode" if N in DECODE_N else "prefill"
             cfg = tuned.get(name, {}).get(regime, ({}, None))[0]
             rows[(name, N)]["cfg"] = fmt_cfg(cfg)
-            prepped = [kernels_only_prep(cfg, W["fp8"], g) for g in sets[N]]
+            scfg = {kk: v for kk, v in cfg.items() if kk != "method"}
+            prepped = [kernels_only_prep(scfg, W["fp8"], g) for g in sets[N]]
+            sorted_cell = Cell(pallas_op(dict(method="sorted")), W["fp8"], W["scales"], sets[N]) \
+                if N <= PAIRS_MAX else None  # the auto path is the pair path here: time the sorted one too
             pcells.append((N, Cell(pallas_op(cfg), W["fp8"], W["scales"], sets[N]),
-                           Cell(kernels_op(cfg, N), W["fp8"], W["scales"], prepped)))
-        compile_parallel([c for _, c1, c2 in pcells for c in (c1, c2)])
-        for N, cell, kcell in pcells:
+                           Cell(kernels_op(scfg, N), W["fp8"], W["scales"], prepped), sorted_cell))
+        compile_parallel([c for _, *cs in pcells for c in cs if c is not None])
+        for N, cell, kcell, scell in pcells:
             row = rows[(name, N)]
             if elapsed() > a.budget_s:
                 continue
             row["pallas_us"] = cell.time(a.reps)
+            row["path"] = "pairs" if N <= PAIRS_MAX and cfg.get("method") != "sorted" else "sorted"
             row["err"] = check(N, cell.first)
             row["kern_us"] = kcell.time(a.reps)
-            for k, c in (("pallas", cell), ("kern", kcell)):
+            row["sorted_us"] = scell.time(a.reps) if scell else row["pallas_us"]
+            for k, c in (("pallas", cell), ("kern", kcell), ("sorted", scell)):
+                if c is None:
+                    continue
                 if c.error:
                     row[f"{k}_error"] = c.error
                     log(f"  {name} N={N} {k}: {c.error}")
@@ -480,7 +493,7 @@ def main():
     print("TB/s = FP8 bytes of the experts hit / time; %cp = vs copy; x = XLA bf16 time / Pallas time; "
           "xbytes = XLA bf16 bytes of the experts hit / its time")
     print(f"{'shape':12s} {'N':>5s} {'hit':>5s} {'pallas':>7s} {'TB/s':>5s} {'%cp':>4s} {'kern':>7s} {'TB/s':>5s} "
-          f"{'xla':>7s} {'xbytes':>6s} {'x':>5s} {'xla8':>7s} {'x8':>5s} {'err':>7s}  cfg")
+          f"{'xla':>7s} {'xbytes':>6s} {'x':>5s} {'xla8':>7s} {'x8':>5s} {'sorted':>7s} {'err':>7s}  path cfg")
     for r in rows.values():
         tb, kt = r.get("pallas_TBps"), r.get("kern_TBps")
         err_s = format(r["err"], ".1e") if r.get("err") is not None else "-"
@@ -488,7 +501,7 @@ def main():
               f"{f1(tb * 1e12 / bw * 100 if tb else None, 4, 0)} {f1(r.get('kern_us'))} {f1(kt, 5, 2)} "
               f"{f1(r.get('xla_bf16_us'))} {f1(r.get('xla_bf16_TBps'), 6, 2)} {ratio(r, 'xla_bf16_us')} "
               f"{f1(r.get('xla_fp8_us'))} {ratio(r, 'xla_fp8_us')} "
-              f"{err_s:>7s}  {r.get('cfg', '-')}")
+              f"{f1(r.get('sorted_us'))} {err_s:>7s}  {r.get('path', '-')} {r.get('cfg', '-')}")
     log("done")
 
 

@@ -141,8 +141,18 @@ T = dict(block_n=32, block_k=32, block_n_down=32, block_k_down=32)  # small tile
 
 MOE_CASES = [
     # id, N, k, E, D, F, weights, x dtype, experts used, cfg
-    ("decode N=1 k=1 fp8 default cfg (split-K)", 1, 1, 8, 64, 96, "fp8", jnp.bfloat16, None, {}),
-    ("decode N=1 k=2 bf16", 1, 2, 8, 64, 96, "bf16", jnp.bfloat16, None, dict(T, split_k=1, split_k_down=1)),
+    ("decode N=1 k=1 fp8 default cfg (split-K)", 1, 1, 8, 64, 96, "fp8", jnp.bfloat16, None,
+     dict(method="sorted")),
+    ("decode N=1 k=2 bf16", 1, 2, 8, 64, 96, "bf16", jnp.bfloat16, None,
+     dict(T, method="sorted", split_k=1, split_k_down=1)),
+    # The pair path (moe_fp8_pairs: no sort, one program row per (token, expert) pair).
+    ("pairs: N=1 k=1 fp8 default cfg (auto picks pairs)", 1, 1, 8, 64, 96, "fp8", jnp.bfloat16, None, {}),
+    ("pairs: ragged D/F, k=2 fp8, uneven split-K", 5, 2, 8, 80, 48, "fp8", jnp.bfloat16, None,
+     dict(T, method="pairs", split_k=2, split_k_down=3)),
+    ("pairs: two pairs per expert, bf16 w, x f32", 3, 2, 4, 64, 80, "bf16", jnp.float32, [1, 2],
+     dict(T, method="pairs", split_k=1, split_k_down=1)),
+    ("pairs: N=16 k=1 fp8 (PAIRS_MAX), one split", 16, 1, 8, 64, 64, "fp8", jnp.bfloat16, None,
+     dict(T, split_k=1, split_k_down=1)),
     ("ragged D/F, empty experts, k=2 fp8", 13, 2, 8, 80, 48, "fp8", jnp.bfloat16, [1, 2, 5, 6, 7],
      dict(T, split_k=1, split_k_down=1)),
     ("skew: all on one expert, split-K", 37, 1, 8, 64, 64, "fp8", jnp.bfloat16, [3],
@@ -168,6 +178,23 @@ def test_moe_matches_reference(name, N, k, E, D, F, wkind, xdt, experts, cfg):
     assert _err(y, ref) < BOUND, _err(y, ref)
 
 
+def test_pair_path_reads_only_routed_experts():
+    """The pair path reads only the experts named by expert_idx: NaN weights and scales elsewhere leave the
+    output exact."""
+    E, D, F, N, k = 8, 64, 48, 3, 2
+    used = [2, 6]
+    (qg, qu, qd), (sg, su, sd) = quantize(*_weights(9, E, D, F))
+    idx, sc = _routing(11, N, k, E, used)
+    x = _x(11, N, D)
+    ref = reference(x, idx, sc, qg, qu, qd, scales=(sg, su, sd))
+    dead = jnp.asarray([e not in used for e in range(E)])
+    nan_w = lambda w: jnp.where(dead[:, None, None], jnp.asarray(jnp.nan, w.dtype), w)  # noqa: E731
+    nan_s = lambda s: jnp.where(dead[:, None], jnp.nan, s)  # noqa: E731
+    y = _run(x, idx, sc, (nan_w(qg), nan_w(qu), nan_w(qd)), (nan_s(sg), nan_s(su), nan_s(sd)),
+             dict(T, method="pairs", split_k=2, split_k_down=1))
+    assert _err(y, ref) < BOUND
+
+
 def test_unrouted_experts_are_not_read():
     """Experts that receive no token hold NaN weights and scales: the output stays finite and correct (active
     row blocks read only their own expert). Inactive row blocks (>= the active count) write nothing: with the
@@ -185,7 +212,7 @@ def test_unrouted_experts_are_not_read():
     ws = (nan_w(qg), nan_w(qu), nan_w(qd))
     scales = (nan_s(sg), nan_s(su), nan_s(sd))
     assert bool(jnp.isnan(ws[0][7].astype(jnp.float32)).all())
-    y = _run(x, idx, sc, ws, scales, dict(T, block_m=bm, split_k=1, split_k_down=1))
+    y = _run(x, idx, sc, ws, scales, dict(T, method="sorted", block_m=bm, split_k=1, split_k_down=1))
     assert _err(y, ref) < BOUND
 
     routing = sort(idx, E, bm)
@@ -214,6 +241,8 @@ def test_rejects_bad_arguments():
         moe_fp8(x, idx, sc, *ws, block_n=48, interpret=True)
     with pytest.raises(ValueError, match="power of two"):
         moe_fp8(x, idx, sc, *ws, block_m=8, interpret=True)
+    with pytest.raises(ValueError, match="method"):
+        moe_fp8(x, idx, sc, *ws, method="dense", interpret=True)
     with pytest.raises(ValueError, match="w_down"):
         moe_fp8(x, idx, sc, ws[0], ws[1], ws[2][:, :16], interpret=True)
     with pytest.raises(ValueError, match="expert_idx"):
