@@ -204,17 +204,81 @@ class SpecEngine:
         d_root = jnp.take_along_axis(dlogits, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [B, Vd]
         return first, (tcache, dcache, g_root, d_root)
 
+    # ---- the phases of one round (separate methods so that the benchmark can time each alone) ----------------
+    @staticmethod
+    def tree_mask(tree: DraftTree, q_nodes, kpos, root_pos, base):
+        """[B, T, S]: slots holding positions before the root, or the query node's tree ancestors (node j lives
+        at slot base + j). kpos [B, S] is the position table after this call's write."""
+        N = tree.size
+        slot = jnp.arange(kpos.shape[1], dtype=jnp.int32)[None, :]
+        committed = (kpos >= 0) & (kpos < root_pos[:, None])  # [B, S]
+        rel = slot - base[:, None]  # [B, S] node index of each slot
+        in_tree = (rel >= 0) & (rel <= N)
+        rows = jnp.asarray(tree.ancestors)[np.asarray(q_nodes)]  # [T, N+1]
+        ok = rows[:, jnp.clip(rel, 0, N)]  # [T, B, S]
+        return committed[:, None, :] | (jnp.moveaxis(ok, 0, 1) & in_tree[:, None, :])
+
+    def draft_phase(self, target, draft, tree: DraftTree, dcache, g_root, d_root, root_pos, keys, temperature,
+                    sampling: bool):
+        """Draft the tree: tokens of nodes 1..N [B, N] (target ids), the chain's draft distributions over the
+        target vocabulary [B, D, V] (sampling only, else None), and the draft cache."""
+        embed, d2t = target.embed[...], draft.d2t[...]
+        B, D = g_root.shape[0], tree.depth
+        toks, qs = [], []
+        front_g, front_l = g_root[:, None], d_root[:, None]  # [B, 1, D], [B, 1, Vd]
+        for d, ((s, e), b) in enumerate(zip(tree.levels, tree.branching)):
+            if sampling:  # chain: one sample from the draft at the row's temperature
+                qd = jax.nn.softmax(front_l[:, 0] / jnp.maximum(temperature, 1e-6)[:, None], axis=-1)
+                qd = jnp.where((temperature == 0)[:, None],
+                               jax.nn.one_hot(jnp.argmax(front_l[:, 0], -1), qd.shape[-1]), qd)
+                kd = jax.vmap(lambda k: jax.random.fold_in(k, d))(keys)
+                idx = jax.vmap(jax.random.categorical)(kd, jnp.log(qd))[:, None].astype(jnp.int32)
+                qs.append(jnp.zeros((B, self.cfg.vocab_size), qd.dtype).at[:, d2t].set(qd))
+            else:
+                idx = jax.lax.top_k(front_l, b)[1].reshape(B, -1)  # [B, width]: parent-major = BFS order
+            tok = d2t[idx]  # [B, width] target ids
+            toks.append(tok)
+            if d + 1 == D:
+                break
+            width = e - s
+            hidden = jnp.repeat(front_g, b, axis=1)  # [B, width, D] each child reads its parent's output
+            pos = jnp.broadcast_to((root_pos + d)[:, None], (B, width))  # depth d+1 sits at n + d
+            base = root_pos - 1  # draft node j at slot n - 1 + j
+            mask = self.tree_mask(tree, range(s, e), write_slots(dcache.pos, pos, base + s), root_pos, base)
+            front_g, front_l, dcache = draft(tok, hidden, embed, pos, dcache, base + s, attn_mask=mask)
+        q = jnp.stack(qs, axis=1) if sampling else None
+        return jnp.concatenate(toks, axis=1), q, dcache
+
+    def verify_phase(self, target, tree: DraftTree, tcache, root_tok, nodes, pos):
+        """Root + nodes through the target in one forward: (logits [B, N+1, V], features [B, N+1, F], cache)."""
+        vt = jnp.concatenate([root_tok[:, None], nodes], axis=1)  # [B, N+1]
+        vpos = pos[:, None] + jnp.asarray(tree.node_depth)[None, :]  # [B, N+1]
+        mask = None if tree.is_chain else \
+            self.tree_mask(tree, range(tree.size + 1), write_slots(tcache.pos, vpos, pos), pos, pos)
+        h, tcache, taps = target.hidden_states(vt, vpos, tcache, write_index=pos,
+                                               collect_layers=self.dcfg.aux_layers, attn_mask=mask)
+        return target.logits(h), self._features(taps), tcache
+
+    def catch_up_phase(self, target, draft, tree: DraftTree, dcache, feats, path, emitted, a, pos):
+        """The draft reads the accepted tokens `emitted` [B, D+1] (a+1 valid) with the target's features of
+        the root and path nodes `path` [B, D+1]: (next root's draft hidden [B, D], logits [B, Vd], cache)."""
+        B, D = emitted.shape[0], tree.depth
+        j = jnp.arange(D + 1)[None, :]
+        fpath = jnp.take_along_axis(feats, path[:, :, None], axis=1)  # [B, D+1, F]
+        cpos = jnp.where(j <= a[:, None], pos[:, None] + j, -1)  # [B, D+1]; -1: never read
+        width = max(tree.size, D + 1)  # clear the draft's tree region first: its slots may hold stale positions
+        dcache = dataclasses.replace(dcache, pos=write_slots(dcache.pos, jnp.full((B, width), -1, jnp.int32), pos))
+        g, dl, dcache = draft(emitted, draft.project(fpath), target.embed[...], cpos, dcache, pos)
+        g_new = jnp.take_along_axis(g, a[:, None, None], axis=1)[:, 0]
+        d_new = jnp.take_along_axis(dl, a[:, None, None], axis=1)[:, 0]
+        return g_new, d_new, dcache
+
     def _decode_impl(self, tstate, dstate, tcache, dcache, g_root, d_root, first, lengths, max_new, active,
                      stop_ids, temperature, top_k, top_p, seeds, *, out_len, all_greedy, tree):
         target, draft = self._models(tstate, dstate)
-        embed = target.embed[...]
-        d2t = draft.d2t[...]
         B = first.shape[0]
         N, D = tree.size, tree.depth
         parent, depth = jnp.asarray(tree.parent), jnp.asarray(tree.node_depth)
-        anc = jnp.asarray(tree.ancestors)
-        S = tcache.length
-        slot = jnp.arange(S, dtype=jnp.int32)[None, :]  # [1, S]
         is_stop = lambda t: jnp.any(t[..., None] == stop_ids, axis=-1)  # noqa: E731
         out = jnp.full((B, out_len + D + 1), self.pad_id, jnp.int32).at[:, 0].set(first)
         n = active.astype(jnp.int32)
@@ -222,57 +286,14 @@ class SpecEngine:
         step_limit = jnp.max(jnp.where(active, max_new, 0))
         sampling = not all_greedy
 
-        def tree_mask(q_nodes, kpos, root_pos, base):
-            """[B, T, S]: slots holding positions before the root, or the query node's tree ancestors (node j
-            lives at slot base + j)."""
-            committed = (kpos >= 0) & (kpos < root_pos[:, None])  # [B, S]
-            rel = slot - base[:, None]  # [B, S] node index of each slot
-            in_tree = (rel >= 0) & (rel <= N)
-            rows = anc[np.asarray(q_nodes)]  # [T, N+1]
-            ok = rows[:, jnp.clip(rel, 0, N)]  # [T, B, S]
-            return committed[:, None, :] | (jnp.moveaxis(ok, 0, 1) & in_tree[:, None, :])
-
-        def draft_tree(dcache, g_root, d_root, root_pos, keys):
-            """Tokens of nodes 1..N [B, N] (target ids), draft distributions of the chain [B, D, V] (sampling
-            only), and the draft cache."""
-            toks, qs = [], []
-            front_g, front_l = g_root[:, None], d_root[:, None]  # [B, 1, D], [B, 1, Vd]
-            for d, ((s, e), b) in enumerate(zip(tree.levels, tree.branching)):
-                if sampling:  # chain: one sample from the draft at the row's temperature
-                    qd = jax.nn.softmax(front_l[:, 0] / jnp.maximum(temperature, 1e-6)[:, None], axis=-1)
-                    qd = jnp.where((temperature == 0)[:, None],
-                                   jax.nn.one_hot(jnp.argmax(front_l[:, 0], -1), qd.shape[-1]), qd)
-                    kd = jax.vmap(lambda k: jax.random.fold_in(k, d))(keys)
-                    idx = jax.vmap(jax.random.categorical)(kd, jnp.log(qd))[:, None].astype(jnp.int32)
-                    qs.append(jnp.zeros((B, self.cfg.vocab_size), qd.dtype).at[:, d2t].set(qd))
-                else:
-                    idx = jax.lax.top_k(front_l, b)[1].reshape(B, -1)  # [B, width]: parent-major = BFS order
-                tok = d2t[idx]  # [B, width] target ids
-                toks.append(tok)
-                if d + 1 == D:
-                    break
-                width = e - s
-                hidden = jnp.repeat(front_g, b, axis=1)  # [B, width, D] each child reads its parent's output
-                pos = jnp.broadcast_to((root_pos + d)[:, None], (B, width))  # depth d+1 sits at n + d
-                base = root_pos - 1  # draft node j at slot n - 1 + j
-                mask = tree_mask(range(s, e), write_slots(dcache.pos, pos, base + s), root_pos, base)
-                front_g, front_l, dcache = draft(tok, hidden, embed, pos, dcache, base + s, attn_mask=mask)
-            q = jnp.stack(qs, axis=1) if sampling else None
-            return jnp.concatenate(toks, axis=1), q, dcache
-
         def body(c):
             tcache, dcache, g_root, d_root, root_tok, pos, out, n, done, step, rounds, acc = c
             keys = make_keys(seeds, step)
             k_draft, k_acc = (jax.vmap(lambda k, i=i: jax.random.fold_in(k, 1000 + i))(keys) for i in range(2))
-            nodes, q, dcache = draft_tree(dcache, g_root, d_root, pos, k_draft)
-            # ---- verify root + nodes in one target forward
+            nodes, q, dcache = self.draft_phase(target, draft, tree, dcache, g_root, d_root, pos, k_draft,
+                                                temperature, sampling)
+            logits, feats, tcache = self.verify_phase(target, tree, tcache, root_tok, nodes, pos)  # one forward
             vt = jnp.concatenate([root_tok[:, None], nodes], axis=1)  # [B, N+1]
-            vpos = pos[:, None] + depth[None, :]  # [B, N+1]
-            mask = None if tree.is_chain else tree_mask(range(N + 1), write_slots(tcache.pos, vpos, pos), pos, pos)
-            h, tcache, taps = target.hidden_states(vt, vpos, tcache, write_index=pos,
-                                                   collect_layers=self.dcfg.aux_layers, attn_mask=mask)
-            logits = target.logits(h)  # [B, N+1, V]
-            feats = self._features(taps)  # [B, N+1, n_aux * Dt]
             # ---- accept
             if sampling:  # a chain: node j+1 follows node j
                 p = target_probs(logits, temperature, top_k, top_p)
@@ -302,13 +323,7 @@ class SpecEngine:
                                  v=[write_slots(v, take(v, pos, perm), pos) for v in tcache.v],
                                  pos=write_slots(tcache.pos, jnp.where(j <= a[:, None], pos[:, None] + j, -1), pos))
             # ---- draft catch-up on the accepted tokens with the target's features
-            fpath = jnp.take_along_axis(feats, path[:, :, None], axis=1)  # [B, D+1, F]
-            cpos = jnp.where(j <= a[:, None], pos[:, None] + j, -1)  # [B, D+1]; -1: never read
-            width = max(N, D + 1)  # clear the draft's tree region first: its slots may hold stale positions
-            dcache = dataclasses.replace(dcache, pos=write_slots(dcache.pos, jnp.full((B, width), -1, jnp.int32), pos))
-            g, dl, dcache = draft(emitted, draft.project(fpath), embed, cpos, dcache, pos)
-            g_new = jnp.take_along_axis(g, a[:, None, None], axis=1)[:, 0]
-            d_new = jnp.take_along_axis(dl, a[:, None, None], axis=1)[:, 0]
+            g_new, d_new, dcache = self.catch_up_phase(target, draft, tree, dcache, feats, path, emitted, a, pos)
             # ---- emit: up to a+1 tokens, cut after a stop token or at the row's budget
             live = ~done
             stop_at = jnp.where(is_stop(emitted) & (j <= a[:, None]), j, D + 1).min(axis=1)  # first stop index
