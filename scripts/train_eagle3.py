@@ -202,7 +202,7 @@ def init_params(dcfg: Eagle3Config, target, d2t: np.ndarray, seed: int) -> tuple
     draft.d2t.set_value(jnp.asarray(d2t, jnp.int32))
     if target.lm_head is not None:
         draft.lm_head.set_value(jnp.asarray(target.lm_head[...], jnp.float32)[:, d2t])
-    draft.norm.scale.set_value(jnp.asarray(target.norm.scale[...], jnp.float32))
+    draft.norm.scale.set_value(jnp.array(target.norm.scale[...], jnp.float32, copy=True))  # own buffer: donated
     _, params, rest = nnx.split(draft, nnx.Param, ...)
     return draft_skeleton(dcfg)[1].to_flat(params), rest
 
