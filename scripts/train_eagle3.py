@@ -383,7 +383,8 @@ def run(args) -> dict:
         log(f"held-out top-1 agreement per draft step {heldout_acc}; mean acceptance length {acc_len} "
             f"({time.perf_counter() - t_e:.0f}s)")
         report = {
-            "target": str(args.target), "target_heldout_perplexity": _target_ppl(args.target),
+            "command": "python scripts/train_eagle3.py " + " ".join(sys.argv[1:]),
+            "target": _rel(args.target), "target_heldout_perplexity": _target_ppl(args.target),
             "steps": step, "batch": args.batch, "seq_len": args.seq_len, "ttt_steps": args.ttt_steps,
             "tokens_seen": step * args.batch * args.seq_len, "lr": args.lr, "seed": args.seed,
             "train_seconds": round(train_seconds, 1), "device": tt._device_desc(), "compute_dtype": compute,
@@ -404,6 +405,13 @@ def run(args) -> dict:
         for s, h in handlers.items():
             signal.signal(s, h)
         mngr.close()
+
+
+def _rel(path: Path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
 
 
 def _target_ppl(target_dir: Path):
