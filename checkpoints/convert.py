@@ -150,9 +150,17 @@ def convert(hf_dir: str | Path, out_dir: str | Path, dtype: str = "bfloat16", pr
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--hf", required=True, metavar="DIR",
+    parser.add_argument("--hf", metavar="DIR",
                         help="Hugging Face checkpoint directory (config.json and *.safetensors)")
-    parser.add_argument("--out", required=True, metavar="DIR", help="mavjax checkpoint directory to write")
+    parser.add_argument("--out", metavar="DIR", help="mavjax checkpoint directory to write")
+    parser.add_argument("--eagle3", nargs=2, metavar=("SRC", "DST"), default=None,
+                        help="convert a public EAGLE-3 draft checkpoint instead (checkpoints/eagle3_layout.py)")
+    parser.add_argument("--target", metavar="DIR", default=None,
+                        help="with --eagle3: the mavjax target checkpoint the draft serves (its layer count)")
+    parser.add_argument("--target-layers", type=int, default=None,
+                        help="with --eagle3: the target's number of layers, if --target is not given")
+    parser.add_argument("--aux-layers", default=None,
+                        help="with --eagle3: target layers tapped, e.g. 1,23,44 (default: the draft's config)")
     parser.add_argument("--dtype", choices=OUT_DTYPES, default="bfloat16", help="parameter dtype (default bfloat16)")
     parser.add_argument("--overwrite", action="store_true", help="replace a mavjax checkpoint already in --out")
     parser.add_argument("--quantize", choices=("fp8",), default=None,
@@ -163,6 +171,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     """`mavjax convert`. Errors are ValueError/FileNotFoundError subclasses naming the tensor or file at fault,
     which mavjax.cli reports without a traceback."""
+    if args.eagle3:
+        from checkpoints.eagle3_layout import convert_eagle3
+
+        aux = [int(x) for x in args.aux_layers.split(",")] if args.aux_layers else None
+        convert_eagle3(*args.eagle3, dtype=args.dtype, target_layers=args.target_layers, aux_layers=aux,
+                       target_dir=args.target, overwrite=args.overwrite, progress=not args.quiet)
+        return 0
+    if not args.hf or not args.out:
+        raise ConversionError("mavjax convert needs --hf DIR and --out DIR (or --eagle3 SRC DST)")
     convert(args.hf, args.out, dtype=args.dtype, progress=not args.quiet, overwrite=args.overwrite,
             quantize=args.quantize)
     return 0

@@ -28,6 +28,7 @@ class GenerationMetrics:
     decode_time_s: float  # the on-device decode loop of this prompt's batch
     num_generated_tokens: int
     tokens_per_s: float  # this prompt's generated tokens over prefill + decode time
+    mean_acceptance_length: float | None = None  # with a draft: tokens per target forward of the decode
 
 
 @dataclasses.dataclass
@@ -43,12 +44,17 @@ class GenerationOutput:
 class LLM:
     def __init__(self, model: str | Path | None = None, *, dtype: str | None = None,
                  max_model_len: int | None = None, max_batch_size: int = 32, kernels: str = "xla",
-                 quantize: str | None = None, mesh=None):
+                 quantize: str | None = None, mesh=None, draft: str | Path | None = None,
+                 num_draft_tokens: int = 3, draft_tree: str | Sequence[int] | None = None):
         """`kernels`: "xla" (plain jax.numpy) or "pallas" (the kernels of pallas_kernels/ where they apply:
         split-KV decode attention, FP8 GEMMs, the grouped MoE GEMM). `quantize="fp8"`: quantize the projection weights to FP8 on
         load (per-output-channel scales; embedding, LM head, router and norms stay in `dtype`). `mesh`:
         "expert=E,tensor=T", a dict of those, or a jax Mesh: parameters are restored sharded by
-        `mavjax.sharding.RULES` straight into place, and the jitted programs are partitioned over the mesh."""
+        `mavjax.sharding.RULES` straight into place, and the jitted programs are partitioned over the mesh.
+        `draft`: an EAGLE-3 draft checkpoint directory (`mavjax.eagle3`): decoding then drafts
+        `num_draft_tokens` tokens a round as a chain, or the static tree `draft_tree` (branching per depth,
+        e.g. "3,2,1"; temperature-0 batches only, sampling batches use a chain of its depth), and verifies
+        them in one target forward (`mavjax.speculative`); outputs follow the same distribution as without."""
         from mavjax.checkpoint import load_model  # orbax import is slow; only when loading from disk
 
         if quantize not in (None, "fp8"):
@@ -68,17 +74,24 @@ class LLM:
         if gen_cfg.exists():
             eos = json.loads(gen_cfg.read_text()).get("eos_token_id")
             extra_eos = [eos] if isinstance(eos, int) else list(eos or [])
-        self._setup(net, tok, max_model_len, max_batch_size, extra_eos)
+        draft_model = None
+        if draft is not None:
+            from mavjax.eagle3 import load_draft
+
+            draft_model = load_draft(draft, dtype=dtype)[1]
+        self._setup(net, tok, max_model_len, max_batch_size, extra_eos, draft_model, num_draft_tokens, draft_tree)
 
     @classmethod
     def from_model(cls, net, tokenizer: Tokenizer | None = None, *, max_model_len: int | None = None,
-                   max_batch_size: int = 32) -> "LLM":
-        """Wrap an in-memory `mavjax.model.Llama4` (tests, training scripts)."""
+                   max_batch_size: int = 32, draft=None, num_draft_tokens: int = 3, draft_tree=None) -> "LLM":
+        """Wrap an in-memory `mavjax.model.Llama4` (tests, training scripts); `draft`: an in-memory
+        `mavjax.eagle3.Eagle3Draft` or None."""
         self = cls.__new__(cls)
-        self._setup(net, tokenizer, max_model_len, max_batch_size, [])
+        self._setup(net, tokenizer, max_model_len, max_batch_size, [], draft, num_draft_tokens, draft_tree)
         return self
 
-    def _setup(self, net, tokenizer, max_model_len, max_batch_size, extra_eos):
+    def _setup(self, net, tokenizer, max_model_len, max_batch_size, extra_eos, draft=None, num_draft_tokens=3,
+               draft_tree=None):
         self.cfg = net.cfg
         self.tokenizer = tokenizer
         self.max_model_len = int(max_model_len or self.cfg.max_position_embeddings)
@@ -89,6 +102,15 @@ class LLM:
         self.eos_token_ids = sorted({*self.cfg.eos_token_id, *extra_eos})
         pad = self.cfg.pad_token_id if self.cfg.pad_token_id is not None else 0
         self.engine = Engine(net, pad_id=pad)
+        self.spec_engine = None
+        if draft is not None:
+            from mavjax.speculative import DraftTree, SpecEngine
+
+            if draft_tree is None:
+                tree = DraftTree.chain(num_draft_tokens)
+            else:
+                tree = DraftTree.parse(draft_tree) if isinstance(draft_tree, str) else DraftTree(tuple(draft_tree))
+            self.spec_engine = SpecEngine(net, draft, tree, pad_id=pad)
 
     # ---- inputs --------------------------------------------------------------------------------------------
     def _encode(self, prompt) -> tuple[str | None, list[int]]:
@@ -177,6 +199,9 @@ class LLM:
         T = min(bucket(max(lengths)), self.max_model_len)
         S = min(bucket(max(L + m for L, m in zip(lengths, max_new)), minimum=64), self.max_model_len)
         S = max(S, T)
+        engine = self.spec_engine or self.engine
+        if self.spec_engine is not None:  # room for the draft tree past the last position (never clamped)
+            S = max(T, bucket(max(L + m for L, m in zip(lengths, max_new)) + self.spec_engine.extra_slots, minimum=64))
         tokens = np.full((B, T), self.engine.pad_id, np.int32)
         for r, (_, ids) in enumerate(encoded):
             tokens[r, :len(ids)] = ids
@@ -190,11 +215,15 @@ class LLM:
             stop_ids=np.array(list(stop_ids) + [-1] * (bucket(len(stop_ids), 8) - len(stop_ids)), np.int32),
             n_real=n)
         t0 = time.perf_counter()
-        first, cache = self.engine.prefill(batch, S)
+        first, cache = engine.prefill(batch, S)
         first.block_until_ready()
         t1 = time.perf_counter()
-        out, counts, _ = self.engine.decode(batch, first, cache, bucket(max(max_new), minimum=1))
+        out, counts, stats = engine.decode(batch, first, cache, bucket(max(max_new), minimum=1))
         out, counts = np.asarray(out), np.asarray(counts)
+        accept = None
+        if self.spec_engine is not None:
+            rounds, accepted = np.asarray(stats["rounds"]), np.asarray(stats["accepted"])
+            accept = [float(accepted[r] / rounds[r]) if rounds[r] else None for r in range(n)]
         t2 = time.perf_counter()
         results = []
         for r, ((text, ids), p) in enumerate(zip(encoded, params)):
@@ -211,7 +240,8 @@ class LLM:
             ttft, dec = t1 - t0, t2 - t1
             results.append(GenerationOutput(
                 prompt=text, prompt_token_ids=ids, token_ids=gen, text=out_text, finish_reason=finish,
-                metrics=GenerationMetrics(ttft, dec, len(gen), len(gen) / max(ttft + dec, 1e-9))))
+                metrics=GenerationMetrics(ttft, dec, len(gen), len(gen) / max(ttft + dec, 1e-9),
+                                          None if accept is None else accept[r])))
         return results
 
 

@@ -45,9 +45,14 @@ def cmd_generate(a) -> int:
     limit = a.max_model_len or cfg.max_position_embeddings
     if len(ids) >= limit:
         raise PromptError(f"prompt of {len(ids)} tokens is longer than the context: max_model_len is {limit}")
+    draft = None
+    if not a.no_draft:  # --draft DIR, else the draft shipped beside the model (MODEL/draft) when there is one
+        from mavjax.eagle3 import is_draft_dir
+
+        draft = Path(a.draft) if a.draft else (path / "draft" if is_draft_dir(path / "draft") else None)
     t0 = time.perf_counter()
     llm = LLM(path, dtype=a.dtype, max_model_len=a.max_model_len, kernels=a.kernels, quantize=a.quantize,
-              mesh=a.mesh)
+              mesh=a.mesh, draft=draft, num_draft_tokens=a.num_draft_tokens, draft_tree=a.draft_tree)
     load_s = time.perf_counter() - t0
     out = llm.generate([ids], params)[0]
     if a.chat:
@@ -55,9 +60,12 @@ def cmd_generate(a) -> int:
     else:
         print(a.prompt + out.text)
     m = out.metrics
+    spec = "" if draft is None else \
+        f", draft {draft} ({a.draft_tree and 'tree ' + a.draft_tree or f'K={a.num_draft_tokens}'}): " \
+        f"mean acceptance length {m.mean_acceptance_length or 0:.2f}"
     print(f"[{m.num_generated_tokens} tokens, time to first token {m.time_to_first_token_s * 1e3:.0f} ms, "
           f"{m.tokens_per_s:.1f} tokens/s (first call includes compilation), load {load_s:.1f} s, "
-          f"finish: {out.finish_reason}]", file=sys.stderr)
+          f"finish: {out.finish_reason}{spec}]", file=sys.stderr)
     return 0
 
 
@@ -74,6 +82,12 @@ def main(argv=None) -> int:
     g.add_argument("--kernels", default="xla", choices=["xla", "pallas"])
     g.add_argument("--quantize", default=None, choices=["fp8"], help="quantize projection weights on load")
     g.add_argument("--mesh", default=None, metavar="expert=E,tensor=T", help="shard over a device mesh")
+    g.add_argument("--draft", default=None, metavar="DIR",
+                   help="EAGLE-3 draft checkpoint for speculative decoding (default: MODEL/draft when present)")
+    g.add_argument("--no-draft", action="store_true", help="plain decoding even if the model ships a draft")
+    g.add_argument("--num-draft-tokens", type=int, default=3, help="draft tokens per round (a chain)")
+    g.add_argument("--draft-tree", default=None, metavar="B1,B2,..",
+                   help="static draft tree: children per node at each depth (greedy batches; sampling uses a chain)")
     _add_sampling_args(g)
     g.set_defaults(func=cmd_generate)
 

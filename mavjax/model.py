@@ -138,10 +138,12 @@ class Attention(nnx.Module):
         self.scale = Dh ** -0.5
         self.kernels = kernels
 
-    def __call__(self, x, positions, rope, cache_kv=None, cache_pos=None, write_index=None):
+    def __call__(self, x, positions, rope, cache_kv=None, cache_pos=None, write_index=None, attn_mask=None):
         """x [B, T, D], positions [B, T]. Without a cache, keys are this call's tokens. With one
         (k, v: [B, S, K, Dh]; cache_pos [B, S] the position each slot holds, already updated for this call),
         this call's keys are written at slots `write_index` [B] onward and attention reads the whole cache.
+        `attn_mask` [B, T, S] (optional) is ANDed into the position mask: speculative tree verification, where
+        a draft node sees only its ancestors among the slots of the same call.
         Returns (out [B, T, D], updated (k, v) or None)."""
         q = self._proj(x, self.wq, self.wq_scale, 1)  # [B, T, D] x [D, H, Dh] -> [B, T, H, Dh]
         k = self._proj(x, self.wk, self.wk_scale, 1)  # [B, T, D] x [D, K, Dh] -> [B, T, K, Dh]
@@ -161,7 +163,7 @@ class Attention(nnx.Module):
             ck, cv = write_slots(ck, k, write_index), write_slots(cv, v, write_index)
             new_cache = (ck, cv)
             T, G = q.shape[1], q.shape[2] // ck.shape[2]
-            if self.kernels == "pallas" and T * G <= PALLAS_MAX_ROWS:
+            if self.kernels == "pallas" and T * G <= PALLAS_MAX_ROWS and attn_mask is None:
                 from pallas_kernels.decode_attention import decode_attention
 
                 o = decode_attention(q, ck, cv, positions, k_pos, chunk_size=self.chunk_size, scale=self.scale,
@@ -169,6 +171,8 @@ class Attention(nnx.Module):
                 return self._proj(o, self.wo, self.wo_scale, 2), new_cache  # [B, T, H, Dh] x [H, Dh, D]
             keys, values = ck.astype(q.dtype), cv.astype(q.dtype)
         mask = attention_mask(positions, k_pos, self.chunk_size)
+        if attn_mask is not None:
+            mask &= attn_mask
         o = attend(q, keys, values, mask, self.scale)  # [B, T, H, Dh]
         return self._proj(o, self.wo, self.wo_scale, 2), new_cache  # [B, T, H, Dh] x [H, Dh, D] -> [B, T, D]
 
@@ -283,8 +287,8 @@ class DecoderLayer(nnx.Module):
         self.ffn = MoE(cfg, dtype, rngs, kernels, quant) if self.is_moe else \
             MLP(cfg, cfg.intermediate_size_mlp, dtype, rngs, kernels, quant)
 
-    def __call__(self, x, positions, rope, cache_kv=None, cache_pos=None, write_index=None):
-        h, cache_kv = self.attn(self.attn_norm(x), positions, rope, cache_kv, cache_pos, write_index)
+    def __call__(self, x, positions, rope, cache_kv=None, cache_pos=None, write_index=None, attn_mask=None):
+        h, cache_kv = self.attn(self.attn_norm(x), positions, rope, cache_kv, cache_pos, write_index, attn_mask)
         x = x + h
         return x + self.ffn(self.ffn_norm(x)), cache_kv
 
@@ -314,15 +318,16 @@ class Llama4(nnx.Module):
         self.lm_head = None if cfg.tie_word_embeddings else _param(rngs, (D, V), ("embed", "vocab"), dtype, std)
         self.inv_freq = nnx.Variable(jnp.asarray(cfg.rope_inv_freq(), jnp.float32))  # not a Param: not trained
 
-    def hidden_states(self, tokens, positions, cache=None, write_index=None, collect_layers=()):
-        """tokens, positions [B, T] -> (final-normed hidden [B, T, D], updated cache, {layer: hidden})."""
+    def hidden_states(self, tokens, positions, cache=None, write_index=None, collect_layers=(), attn_mask=None):
+        """tokens, positions [B, T] -> (final-normed hidden [B, T, D], updated cache, {layer: hidden}).
+        `attn_mask` [B, T, S]: optional extra attention mask over the cache slots (see Attention)."""
         x = self.embed[...][tokens]  # [B, T, D]
         rope = rope_tables(self.inv_freq[...], positions)
         cache_pos = None if cache is None else write_slots(cache.pos, positions, write_index)
         new_kv, taps = [], {}
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else (cache.k[i], cache.v[i])
-            x, kv = layer(x, positions, rope, kv, cache_pos, write_index)
+            x, kv = layer(x, positions, rope, kv, cache_pos, write_index, attn_mask)
             new_kv.append(kv)
             if i in collect_layers:
                 taps[i] = x
