@@ -43,16 +43,21 @@ class GenerationOutput:
 class LLM:
     def __init__(self, model: str | Path | None = None, *, dtype: str | None = None,
                  max_model_len: int | None = None, max_batch_size: int = 32, kernels: str = "xla",
-                 quantize: str | None = None, mesh=None):
+                 quantize: str | None = None, mesh=None, kv_cache_dtype: str = "auto"):
         """`kernels`: "xla" (plain jax.numpy) or "pallas" (the kernels of pallas_kernels/ where they apply:
         split-KV decode attention, FP8 GEMMs, the grouped MoE GEMM). `quantize="fp8"`: quantize the projection weights to FP8 on
         load (per-output-channel scales; embedding, LM head, router and norms stay in `dtype`). `mesh`:
         "expert=E,tensor=T", a dict of those, or a jax Mesh: parameters are restored sharded by
-        `mavjax.sharding.RULES` straight into place, and the jitted programs are partitioned over the mesh."""
+        `mavjax.sharding.RULES` straight into place, and the jitted programs are partitioned over the mesh.
+        `kv_cache_dtype` (vLLM's names): "auto" (the model's dtype) or "fp8" (float8_e4m3fn, static scale 1.0;
+        see mavjax.kv_cache)."""
         from mavjax.checkpoint import load_model  # orbax import is slow; only when loading from disk
 
         if quantize not in (None, "fp8"):
             raise ValueError(f"quantize must be None or 'fp8', got {quantize!r}")
+        from mavjax.kv_cache import kv_dtype_for
+
+        kv_dtype_for(kv_cache_dtype, "bfloat16")  # a bad name fails before loading
         path = Path(model) if model is not None else DEFAULT_MODEL
         shardings = None
         if mesh is not None:
@@ -68,17 +73,17 @@ class LLM:
         if gen_cfg.exists():
             eos = json.loads(gen_cfg.read_text()).get("eos_token_id")
             extra_eos = [eos] if isinstance(eos, int) else list(eos or [])
-        self._setup(net, tok, max_model_len, max_batch_size, extra_eos)
+        self._setup(net, tok, max_model_len, max_batch_size, extra_eos, kv_cache_dtype)
 
     @classmethod
     def from_model(cls, net, tokenizer: Tokenizer | None = None, *, max_model_len: int | None = None,
-                   max_batch_size: int = 32) -> "LLM":
+                   max_batch_size: int = 32, kv_cache_dtype: str = "auto") -> "LLM":
         """Wrap an in-memory `mavjax.model.Llama4` (tests, training scripts)."""
         self = cls.__new__(cls)
-        self._setup(net, tokenizer, max_model_len, max_batch_size, [])
+        self._setup(net, tokenizer, max_model_len, max_batch_size, [], kv_cache_dtype)
         return self
 
-    def _setup(self, net, tokenizer, max_model_len, max_batch_size, extra_eos):
+    def _setup(self, net, tokenizer, max_model_len, max_batch_size, extra_eos, kv_cache_dtype="auto"):
         self.cfg = net.cfg
         self.tokenizer = tokenizer
         self.max_model_len = int(max_model_len or self.cfg.max_position_embeddings)
@@ -88,7 +93,9 @@ class LLM:
         self.max_batch_size = max_batch_size
         self.eos_token_ids = sorted({*self.cfg.eos_token_id, *extra_eos})
         pad = self.cfg.pad_token_id if self.cfg.pad_token_id is not None else 0
-        self.engine = Engine(net, pad_id=pad)
+        from mavjax.kv_cache import kv_dtype_for
+
+        self.engine = Engine(net, kv_dtype=kv_dtype_for(kv_cache_dtype, net.dtype), pad_id=pad)
 
     # ---- inputs --------------------------------------------------------------------------------------------
     def _encode(self, prompt) -> tuple[str | None, list[int]]:

@@ -47,7 +47,7 @@ def cmd_generate(a) -> int:
         raise PromptError(f"prompt of {len(ids)} tokens is longer than the context: max_model_len is {limit}")
     t0 = time.perf_counter()
     llm = LLM(path, dtype=a.dtype, max_model_len=a.max_model_len, kernels=a.kernels, quantize=a.quantize,
-              mesh=a.mesh)
+              mesh=a.mesh, kv_cache_dtype=a.kv_cache_dtype)
     load_s = time.perf_counter() - t0
     out = llm.generate([ids], params)[0]
     if a.chat:
@@ -74,6 +74,8 @@ def main(argv=None) -> int:
     g.add_argument("--kernels", default="xla", choices=["xla", "pallas"])
     g.add_argument("--quantize", default=None, choices=["fp8"], help="quantize projection weights on load")
     g.add_argument("--mesh", default=None, metavar="expert=E,tensor=T", help="shard over a device mesh")
+    g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
+                   help="KV cache storage: the model's dtype, or float8_e4m3fn (static scale 1.0)")
     _add_sampling_args(g)
     g.set_defaults(func=cmd_generate)
 

@@ -118,18 +118,19 @@ def test_rope_columns_match_model_apply_rope():
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
 
 
-QKV = [  # (M, D, H, K, Dh, rope, norm, temp, mode, cfg)
-    (1, 256, 4, 2, 32, True, True, False, "weight_only", dict(block_n=32, block_k=64, split_k=1)),  # norm in kernel
-    (3, 200, 4, 1, 32, True, True, False, "weight_only", dict(block_n=16, block_k=64, split_k=2)),  # norm after
-    (6, 130, 2, 2, 32, False, False, True, "weight_only", dict(block_n=32, block_k=32, split_k=3)),  # NoPE temp
-    (1, 64, 2, 1, 16, True, False, False, "weight_only", dict(block_n=16, block_k=16, split_k=1)),
-    (40, 96, 4, 2, 32, True, True, False, "fp8_fp8", dict(block_m=16, block_n=32, block_k=32)),      # ragged M
-    (20, 96, 2, 1, 32, False, False, True, "fp8_fp8", dict(block_m=16, block_n=16, block_k=64)),
+F32, BF16 = jnp.float32, jnp.bfloat16
+QKV = [  # (M, D, H, K, Dh, rope, norm, temp, mode, cfg, out_dtype)
+    (1, 256, 4, 2, 32, True, True, False, "weight_only", dict(block_n=32, block_k=64, split_k=1), F32),  # norm in
+    (1, 256, 4, 2, 32, True, True, False, "weight_only", dict(block_n=32, block_k=64, split_k=1), BF16),
+    (3, 200, 4, 1, 32, True, True, False, "weight_only", dict(block_n=16, block_k=64, split_k=2), F32),  # norm after
+    (6, 130, 2, 2, 32, False, False, True, "weight_only", dict(block_n=32, block_k=32, split_k=3), BF16),  # NoPE
+    (1, 64, 2, 1, 16, True, False, False, "weight_only", dict(block_n=16, block_k=16, split_k=1), F32),
+    (20, 96, 4, 2, 32, True, True, False, "fp8_fp8", dict(block_m=16, block_n=32, block_k=32), F32),  # ragged M
+    (20, 96, 2, 1, 32, False, False, True, "fp8_fp8", dict(block_m=16, block_n=16, block_k=64), BF16),
 ]
 
 
-@pytest.mark.parametrize("M,D,H,K,Dh,rope,norm,temp,mode,cfg", QKV)
-@pytest.mark.parametrize("out_dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("M,D,H,K,Dh,rope,norm,temp,mode,cfg,out_dtype", QKV)
 def test_qkv_rope(M, D, H, K, Dh, rope, norm, temp, mode, cfg, out_dtype):
     keys = jax.random.split(jax.random.key(M * 100 + D), 6)
     x = (jax.random.normal(keys[0], (M, D)) + 0.1).astype(jnp.bfloat16)
