@@ -270,8 +270,11 @@ def extra_candidates(K, N, num_sms):
     """Beyond bench_fp8_gemm.decode_candidates: deeper K tiles with fewer stages, more split-K waves (more
     loads in flight per SM at N=640..2048), 32-wide N tiles, in both weight layouts (the model stores [K, N])."""
     out = []
+    # [K, N] layout (the model's): a 64-wide fp8 tile row is half a 128-byte line; 128 / 256 wide rows are
+    # whole lines, so those are the kn candidates most likely to close the gap to the nk layout.
     for block_n, block_k, waves, warps, stages in [(64, 512, 4, 4, 2), (64, 256, 4, 4, 3), (32, 512, 4, 4, 3),
-                                                   (128, 256, 4, 8, 3), (64, 1024, 2, 4, 2)]:
+                                                   (128, 256, 4, 8, 3), (64, 1024, 2, 4, 2), (128, 512, 4, 8, 2),
+                                                   (256, 128, 2, 8, 3), (256, 256, 4, 8, 2)]:
         nk = -(-K // block_k)
         split = max(1, min(nk, -(-waves * num_sms // -(-N // block_n))))
         for layout in ("kn", "nk"):
@@ -435,6 +438,9 @@ def _gate_up_ops():
     def fused(x, g, gs, u, us):
         return gate_up_swiglu(x, g, gs, u, us, interpret=INTERPRET)
 
+    def fused128(x, g, gs, u, us):  # whole 128-byte lines per [K, N] tile row
+        return gate_up_swiglu(x, g, gs, u, us, block_n=128, interpret=INTERPRET)
+
     def unfused(x, g, gs, u, us):  # what kernels="pallas" did before the fusion
         mm = functools.partial(fp8_matmul, interpret=INTERPRET)
         return jax.nn.silu(mm(x, g, gs)) * mm(x, u, us)
@@ -445,8 +451,8 @@ def _gate_up_ops():
     def bf16(x, g, u):
         return jax.nn.silu(bgemm.xla_bf16(x, g)) * bgemm.xla_bf16(x, u)
     fp8k = ("gkn", "gs", "ukn", "us")
-    return {"pallas_us": (fused, fp8k), "pallas_unfused_us": (unfused, fp8k), "xla_upcast_us": (upcast, fp8k),
-            "xla_bf16_us": (bf16, ("gbf16", "ubf16"))}
+    return {"pallas_us": (fused, fp8k), "pallas_n128_us": (fused128, fp8k), "pallas_unfused_us": (unfused, fp8k),
+            "xla_upcast_us": (upcast, fp8k), "xla_bf16_us": (bf16, ("gbf16", "ubf16"))}
 
 
 def _qkv_ops(M, H, K, Dh, key):
@@ -461,6 +467,10 @@ def _qkv_ops(M, H, K, Dh, key):
     def fused(x, q, qs, k, ks, v, vs):
         return qkv_rope(x, q, qs, k, ks, v, vs, head_dim=Dh, rope=(cos, sin), qk_norm_eps=1e-5, interpret=INTERPRET)
 
+    def fused128(x, q, qs, k, ks, v, vs):  # whole heads per tile (the qk norm in-kernel when not split)
+        return qkv_rope(x, q, qs, k, ks, v, vs, head_dim=Dh, rope=(cos, sin), qk_norm_eps=1e-5,
+                        block_n=min(128, Dh), interpret=INTERPRET)
+
     def unfused(x, q, qs, k, ks, v, vs):
         mm = functools.partial(fp8_matmul, interpret=INTERPRET)
         return post(mm(x, q, qs), mm(x, k, ks), mm(x, v, vs))
@@ -471,8 +481,8 @@ def _qkv_ops(M, H, K, Dh, key):
     def bf16(x, q, k, v):
         return post(bgemm.xla_bf16(x, q), bgemm.xla_bf16(x, k), bgemm.xla_bf16(x, v))
     fp8k = ("qkn", "qs", "kkn", "ks", "vkn", "vs")
-    return {"pallas_us": (fused, fp8k), "pallas_unfused_us": (unfused, fp8k), "xla_upcast_us": (upcast, fp8k),
-            "xla_bf16_us": (bf16, ("qbf16", "kbf16", "vbf16"))}
+    return {"pallas_us": (fused, fp8k), "pallas_n128_us": (fused128, fp8k), "pallas_unfused_us": (unfused, fp8k),
+            "xla_upcast_us": (upcast, fp8k), "xla_bf16_us": (bf16, ("qbf16", "kbf16", "vbf16"))}
 
 
 def fusion_rows(run, plan, Ms, key, ok):
@@ -624,11 +634,12 @@ def print_tables(run, res):
               f"{f(r.get('xfloor'), 6, 2)} {f(x.get('xla_bf16'), 6, 2)} {f(x.get('xla_fp8'), 6, 2)} "
               f"{fmt(r.get('err'), 7, 4)}")
     print("\nfusions (v.unf = unfused Pallas time / fused; x = XLA time / fused)")
-    print(f"{'fusion':17s} {'shape':20s} {'M':>5s} {'us':>7s} {'TB/s':>5s} {'xfloor':>6s} {'v.unf':>6s} "
+    print(f"{'fusion':17s} {'shape':20s} {'M':>5s} {'us':>7s} {'n128 us':>7s} {'TB/s':>5s} {'xfloor':>6s} {'v.unf':>6s} "
           f"{'x.upc':>6s} {'x.bf16':>6s} {'x.xla':>6s}")
     for r in run.rows["fusion"]:
         x = ratios(r)
         print(f"{r['fusion'][:17]:17s} {r['shape'][:20]:20s} {r['M']:5d} {f(r.get('pallas_us'), 7)} "
+              f"{f(r.get('pallas_n128_us'), 7)} "
               f"{f(r.get('TBps'), 5, 2)} {f(r.get('xfloor'), 6, 2)} {f(r.get('v_unfused'), 6, 2)} "
               f"{f(x.get('xla_upcast'), 6, 2)} {f(x.get('xla_bf16'), 6, 2)} {f(x.get('xla'), 6, 2)}")
     print(f"\n{plan_model_line(res)} decode at batch 1 (floor = bytes one step reads / copy bw)")
