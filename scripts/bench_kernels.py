@@ -289,7 +289,8 @@ def gemm_rows(run, plan, shapes, Ms, prefill, num_sms, key, tuned, ok):
     for si, (name, K, N) in enumerate(shapes):
         if not run.guard(f"gemm {name}"):
             continue
-        W = bgemm.make_weights(jax.random.fold_in(key, 100 + si), K, N, bgemm.n_buffers(K, N, 200e6 if not INTERPRET else 1))
+        nbuf = bgemm.n_buffers(K, N, 1 if INTERPRET else 200e6)
+        W = bgemm.make_weights(jax.random.fold_in(key, 100 + si), K, N, nbuf)
         X = {M: jax.random.normal(jax.random.fold_in(key, M * 7 + K), (M, K)).astype(jnp.bfloat16)
              for M in set(Ms) | {16, plan.prefill_m}}
         if ok.get(("weight_only", "channel")) and name not in tuned and Ms:
@@ -524,7 +525,8 @@ def fusion_rows(run, plan, Ms, key, ok):
             continue
         nbuf = 1 if INTERPRET else max(3, math.ceil(200e6 / (M * D * 2)))
         ks = jax.random.split(jax.random.fold_in(key, 5000 + M), nbuf + 1)
-        W = [{"h": jax.random.normal(k, (M, D)).astype(jnp.bfloat16), "w": jnp.ones((D,), jnp.bfloat16)} for k in ks[1:]]
+        W = [{"h": jax.random.normal(k, (M, D)).astype(jnp.bfloat16), "w": jnp.ones((D,), jnp.bfloat16)}
+             for k in ks[1:]]
         x = jax.random.normal(ks[0], (M, D)).astype(jnp.bfloat16)
         ops = {"pallas_us": (lambda x, h, w: add_rms_norm(x, h, w, eps=1e-5, interpret=INTERPRET), ("h", "w")),
                "xla_us": (lambda x, h, w: add_rms_norm_ref(x, h, w, 1e-5), ("h", "w"))}
@@ -606,7 +608,8 @@ def print_tables(run, res):
     f = fmt
     print(f"\n== {res['device']}, jax {res['jax']}; copy bandwidth {run.bw / 1e12:.2f} TB/s (read + write); "
           f"{time.perf_counter() - T0:.0f} s ==")
-    print("validation: " + ", ".join(f"{v['kernel']}:{v['case']}={'ok' if v['ok'] else 'FAIL'}" for v in run.validation))
+    print("validation: " + ", ".join(f"{v['kernel']}:{v['case']}={'ok' if v['ok'] else 'FAIL'}"
+                                     for v in run.validation))
     print("\nFP8 GEMM (x = XLA time / Pallas time; floor = weight+scale+activation bytes / copy bw; prefill: "
           "xfloor = FP8 datasheet peak / achieved)")
     print(f"{'shape':26s} {'M':>5s} {'cfg':>24s} {'us':>7s} {'TB/s':>5s} {'TF/s':>5s} {'xfloor':>6s} {'kn us':>7s} "
@@ -634,8 +637,8 @@ def print_tables(run, res):
               f"{f(r.get('xfloor'), 6, 2)} {f(x.get('xla_bf16'), 6, 2)} {f(x.get('xla_fp8'), 6, 2)} "
               f"{fmt(r.get('err'), 7, 4)}")
     print("\nfusions (v.unf = unfused Pallas time / fused; x = XLA time / fused)")
-    print(f"{'fusion':17s} {'shape':20s} {'M':>5s} {'us':>7s} {'n128 us':>7s} {'TB/s':>5s} {'xfloor':>6s} {'v.unf':>6s} "
-          f"{'x.upc':>6s} {'x.bf16':>6s} {'x.xla':>6s}")
+    print(f"{'fusion':17s} {'shape':20s} {'M':>5s} {'us':>7s} {'n128 us':>7s} {'TB/s':>5s} {'xfloor':>6s} "
+          f"{'v.unf':>6s} {'x.upc':>6s} {'x.bf16':>6s} {'x.xla':>6s}")
     for r in run.rows["fusion"]:
         x = ratios(r)
         print(f"{r['fusion'][:17]:17s} {r['shape'][:20]:20s} {r['M']:5d} {f(r.get('pallas_us'), 7)} "
@@ -709,7 +712,7 @@ def main():
 
     # ---- 1. core rows, then 2. the rest ----
     tuned = {}
-    H, K, D = plan.H, plan.K, plan.D
+    H, K = plan.H, plan.K
     S_hi = plan.S_list[-1]
     att_core = [(kv, 1, H, K, S, 1, None) for kv in ("bf16", "fp8") for S in plan.S_list] + \
                [(kv, 1, H, K, S_hi, 1, plan.chunk) for kv in ("bf16", "fp8")]
