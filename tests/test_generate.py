@@ -220,3 +220,22 @@ def test_fp8_kv_cache_through_llm_and_cli_names():
     np.testing.assert_array_equal(np.asarray(buf[0, 1], np.float32), [448.0, -0.3125])  # clipped, not NaN
     with pytest.raises(ValueError, match="kv_cache_dtype must be one of"):
         LLM.from_model(Llama4(cfg, dtype=jnp.float32, rngs=nnx.Rngs(3)), kv_cache_dtype="int8")
+
+
+@pytest.mark.parametrize("kernels,quant,want,absent", [
+    ("pallas", "fp8", ("fp8_qkv_rope", "fp8_gate_up_swiglu", "add_rms_norm", "moe_gate_up"), ()),
+    ("pallas", None, ("add_rms_norm",), ("fp8_qkv_rope", "fp8_gate_up_swiglu")),  # GEMM fusions: FP8 only
+    ("xla", "fp8", (), ("fp8_qkv_rope", "fp8_gate_up_swiglu", "add_rms_norm")),
+])
+def test_fusions_are_wired_where_they_apply(kernels, quant, want, absent):
+    """The traced forward names the fused Pallas kernels exactly where they apply: kernels="pallas" with FP8
+    weights runs all three fusions; with bf16 weights only add + RMSNorm; kernels="xla" none."""
+    import jax.numpy as jnp
+
+    from mavjax.quantize import quantize_model
+
+    net = Llama4(preset("tiny"), dtype=jnp.float32, rngs=nnx.Rngs(8), kernels=kernels)
+    net = quantize_model(net) if quant else net
+    graphdef, state = nnx.split(net)
+    text = str(jax.make_jaxpr(lambda st, t: nnx.merge(graphdef, st)(t)[0])(state, jnp.ones((1, 8), jnp.int32)))
+    assert all(n in text for n in want) and not any(n in text for n in absent)
