@@ -187,7 +187,7 @@ def default_config(mode, M, N, K, num_sms=NUM_SMS_H100):
 
 
 def _setup(x, weights, scales, mode, N_total, block_m, block_n, block_k, split_k, num_warps, num_stages,
-           compute_dtype):
+           compute_dtype, tiles_per_step):
     """Argument checks, mode, config and the activations as the kernel reads them."""
     if x.ndim != 2:
         raise ValueError(f"x must be [M, K], got {x.shape}")
@@ -207,11 +207,14 @@ def _setup(x, weights, scales, mode, N_total, block_m, block_n, block_k, split_k
     cfg = default_config(mode, M, N_total, K)
     block_n, block_k = block_n or cfg["block_n"], block_k or cfg["block_k"]
     split_k, num_warps = split_k or cfg["split_k"], num_warps or cfg["num_warps"]
-    num_stages = num_stages or cfg["num_stages"]
     if mode == "weight_only":
         block_m = max(16, _next_pow2(M)) if block_m is None else block_m  # MMA needs >= 16 rows
     else:
         block_m = max(16, min(block_m or cfg["block_m"], _next_pow2(M)))
+    if num_stages is None:  # pipeline depth that keeps the staged x tile + one tile per weight in ~160 KB
+        x_bytes = block_m * block_k * (1 if mode == "fp8_fp8" else 2)
+        per_stage = x_bytes + tiles_per_step * block_k * block_n  # FP8 weight tiles (H100: 227 KB shared memory)
+        num_stages = int(max(2, min(cfg["num_stages"], (160 * 1024) // per_stage)))
     for name, v in (("block_m", block_m), ("block_n", block_n), ("block_k", block_k)):
         if v < 16 or v & (v - 1):
             raise ValueError(f"{name}={v} must be a power of two >= 16 (Triton dot operands)")
@@ -273,7 +276,7 @@ def gate_up_swiglu(x, wg, sg, wu, su, *, mode="auto", block_m=None, block_n=None
     out_dtype = jnp.dtype(out_dtype or x.dtype)
     F = wg.shape[1] if wg.ndim == 2 else 0
     c = _setup(x, {"w_gate": wg, "w_up": wu}, {"w_gate": sg, "w_up": su}, mode, F, block_m, block_n, block_k,
-               split_k, num_warps, num_stages, compute_dtype)
+               split_k, num_warps, num_stages, compute_dtype, tiles_per_step=2)
     M, K = c["M"], c["K"]
     if M == 0 or F == 0 or K == 0:
         return jnp.zeros((M, F), out_dtype)
@@ -354,7 +357,8 @@ def qkv_rope(x, wq, sq, wk, sk, wv, sv, *, head_dim, rope=None, q_row_scale=None
     for name, n in zip(ws, ns):
         if n % head_dim:
             raise ValueError(f"{name} has {n} output columns, not a multiple of head_dim={head_dim}")
-    c = _setup(x, ws, ss, mode, sum(ns), block_m, block_n, block_k, split_k, num_warps, num_stages, compute_dtype)
+    c = _setup(x, ws, ss, mode, sum(ns), block_m, block_n, block_k, split_k, num_warps, num_stages, compute_dtype,
+               tiles_per_step=1)  # each program streams one of the three weights
     M, K = c["M"], c["K"]
     if block_n is None:
         c["block_n"] = min(c["block_n"], head_dim)
