@@ -14,9 +14,10 @@ Order (most important rows first, so a run cut by --budget-s still has them):
      validation of every kernel on the GPU against its reference with NaN-poisoned outputs (FP8 GEMM:
      bench_fp8_gemm.validate; MoE: bench_moe.validate; split-KV attention, fusions: here). A kernel that
      fails validation is not timed.
-  1. core rows: FP8 GEMM decode at M=16 (autotuned over bench_fp8_gemm.decode_candidates plus the extra
-     candidates below), split-KV attention at 8K..128K (bf16 and FP8 KV), MoE decode, the fusions at decode,
-     the 2-layer Maverick-width model decode at batch 1 (kernels="pallas" vs "xla", bf16 and FP8 weights).
+  1. core rows: FP8 GEMM decode at M=16 and 1 (autotuned at M=16 over bench_fp8_gemm.decode_candidates plus
+     the extra candidates below), split-KV attention at 8K..128K (bf16 and FP8 KV), MoE decode, the 2-layer
+     Maverick-width model decode at batch 1 (kernels="pallas" vs "xla", bf16 and FP8 weights), the fusions
+     at decode.
   2. the rest: GEMM at M in {1, 8, 64} and prefill, more attention shapes, fusions at prefill, MoE N=64.
 Columns: us (median per op), TB/s (bytes that must move / time) or TFLOP/s, xfloor = time / floor (floor =
 bytes / copy bandwidth, or FLOPs / the H100 dense-FP8 datasheet peak for prefill), then XLA time / Pallas time
@@ -725,8 +726,8 @@ def main():
         ("gemm", "gemm core", gemm_rows, run, plan, plan.gemm[:4], core_m, False, num_sms, key, tuned, ok_gemm),
         ("attention", "attention core", attention_rows, run, plan, att_core if ok_att else [], key),
         ("moe", "moe core", moe_rows, run, plan, plan.moe, plan.moe_n[:2] if ok_moe else [], key, moe_w),
-        ("fusion", "fusion core", fusion_rows, run, plan, core_m, key, ok_fus),
         ("model", "model", model_rows, run, plan, key),
+        ("fusion", "fusion core", fusion_rows, run, plan, core_m, key, ok_fus),
         ("gemm", "gemm more", gemm_rows, run, plan, plan.gemm, [M for M in plan.decode_m if M not in (1, 16)],
          True, num_sms, key, tuned, ok_gemm),
         ("fusion", "fusion prefill", fusion_rows, run, plan, [] if plan.dry else [plan.prefill_m], key, ok_fus),
