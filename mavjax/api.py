@@ -45,7 +45,8 @@ class LLM:
     def __init__(self, model: str | Path | None = None, *, dtype: str | None = None,
                  max_model_len: int | None = None, max_batch_size: int = 32, kernels: str = "xla",
                  quantize: str | None = None, mesh=None, draft: str | Path | None = None,
-                 num_draft_tokens: int = 3, draft_tree: str | Sequence[int] | None = None):
+                 num_draft_tokens: int = 3, draft_tree: str | Sequence[int] | None = None,
+                 kv_cache_dtype: str = "auto"):
         """`kernels`: "xla" (plain jax.numpy) or "pallas" (the kernels of pallas_kernels/ where they apply:
         split-KV decode attention, FP8 GEMMs, the grouped MoE GEMM). `quantize="fp8"`: quantize the projection weights to FP8 on
         load (per-output-channel scales; embedding, LM head, router and norms stay in `dtype`). `mesh`:
@@ -54,11 +55,16 @@ class LLM:
         `draft`: an EAGLE-3 draft checkpoint directory (`mavjax.eagle3`): decoding then drafts
         `num_draft_tokens` tokens a round as a chain, or the static tree `draft_tree` (branching per depth,
         e.g. "3,2,1"; temperature-0 batches only, sampling batches use a chain of its depth), and verifies
-        them in one target forward (`mavjax.speculative`); outputs follow the same distribution as without."""
+        them in one target forward (`mavjax.speculative`); outputs follow the same distribution as without.
+        `kv_cache_dtype` (vLLM's names): "auto" (the model's dtype) or "fp8" (float8_e4m3fn, static scale 1.0;
+        see mavjax.kv_cache)."""
         from mavjax.checkpoint import load_model  # orbax import is slow; only when loading from disk
 
         if quantize not in (None, "fp8"):
             raise ValueError(f"quantize must be None or 'fp8', got {quantize!r}")
+        from mavjax.kv_cache import kv_dtype_for
+
+        kv_dtype_for(kv_cache_dtype, "bfloat16")  # a bad name fails before loading
         path = Path(model) if model is not None else DEFAULT_MODEL
         shardings = None
         if mesh is not None:
@@ -79,19 +85,22 @@ class LLM:
             from mavjax.eagle3 import load_draft
 
             draft_model = load_draft(draft, dtype=dtype)[1]
-        self._setup(net, tok, max_model_len, max_batch_size, extra_eos, draft_model, num_draft_tokens, draft_tree)
+        self._setup(net, tok, max_model_len, max_batch_size, extra_eos, draft_model, num_draft_tokens, draft_tree,
+                    kv_cache_dtype)
 
     @classmethod
     def from_model(cls, net, tokenizer: Tokenizer | None = None, *, max_model_len: int | None = None,
-                   max_batch_size: int = 32, draft=None, num_draft_tokens: int = 3, draft_tree=None) -> "LLM":
+                   max_batch_size: int = 32, draft=None, num_draft_tokens: int = 3, draft_tree=None,
+                   kv_cache_dtype: str = "auto") -> "LLM":
         """Wrap an in-memory `mavjax.model.Llama4` (tests, training scripts); `draft`: an in-memory
         `mavjax.eagle3.Eagle3Draft` or None."""
         self = cls.__new__(cls)
-        self._setup(net, tokenizer, max_model_len, max_batch_size, [], draft, num_draft_tokens, draft_tree)
+        self._setup(net, tokenizer, max_model_len, max_batch_size, [], draft, num_draft_tokens, draft_tree,
+                    kv_cache_dtype)
         return self
 
     def _setup(self, net, tokenizer, max_model_len, max_batch_size, extra_eos, draft=None, num_draft_tokens=3,
-               draft_tree=None):
+               draft_tree=None, kv_cache_dtype="auto"):
         self.cfg = net.cfg
         self.tokenizer = tokenizer
         self.max_model_len = int(max_model_len or self.cfg.max_position_embeddings)
@@ -101,7 +110,10 @@ class LLM:
         self.max_batch_size = max_batch_size
         self.eos_token_ids = sorted({*self.cfg.eos_token_id, *extra_eos})
         pad = self.cfg.pad_token_id if self.cfg.pad_token_id is not None else 0
-        self.engine = Engine(net, pad_id=pad)
+        from mavjax.kv_cache import kv_dtype_for
+
+        kv_dtype = kv_dtype_for(kv_cache_dtype, net.dtype)
+        self.engine = Engine(net, kv_dtype=kv_dtype, pad_id=pad)
         self.spec_engine = None
         if draft is not None:
             from mavjax.speculative import DraftTree, SpecEngine
@@ -110,7 +122,7 @@ class LLM:
                 tree = DraftTree.chain(num_draft_tokens)
             else:
                 tree = DraftTree.parse(draft_tree) if isinstance(draft_tree, str) else DraftTree(tuple(draft_tree))
-            self.spec_engine = SpecEngine(net, draft, tree, pad_id=pad)
+            self.spec_engine = SpecEngine(net, draft, tree, pad_id=pad, kv_dtype=kv_dtype)
 
     # ---- inputs --------------------------------------------------------------------------------------------
     def _encode(self, prompt) -> tuple[str | None, list[int]]:

@@ -52,7 +52,8 @@ def cmd_generate(a) -> int:
         draft = Path(a.draft) if a.draft else (path / "draft" if is_draft_dir(path / "draft") else None)
     t0 = time.perf_counter()
     llm = LLM(path, dtype=a.dtype, max_model_len=a.max_model_len, kernels=a.kernels, quantize=a.quantize,
-              mesh=a.mesh, draft=draft, num_draft_tokens=a.num_draft_tokens, draft_tree=a.draft_tree)
+              mesh=a.mesh, kv_cache_dtype=a.kv_cache_dtype, draft=draft, num_draft_tokens=a.num_draft_tokens,
+              draft_tree=a.draft_tree)
     load_s = time.perf_counter() - t0
     out = llm.generate([ids], params)[0]
     if a.chat:
@@ -82,6 +83,8 @@ def main(argv=None) -> int:
     g.add_argument("--kernels", default="xla", choices=["xla", "pallas"])
     g.add_argument("--quantize", default=None, choices=["fp8"], help="quantize projection weights on load")
     g.add_argument("--mesh", default=None, metavar="expert=E,tensor=T", help="shard over a device mesh")
+    g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
+                   help="KV cache storage: the model's dtype, or float8_e4m3fn (static scale 1.0)")
     g.add_argument("--draft", default=None, metavar="DIR",
                    help="EAGLE-3 draft checkpoint for speculative decoding (default: MODEL/draft when present)")
     g.add_argument("--no-draft", action="store_true", help="plain decoding even if the model ships a draft")
