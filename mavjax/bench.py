@@ -98,7 +98,7 @@ def random_model(cfg, *, dtype="bfloat16", quant=None, kernels="xla", mesh=None,
         v = var.get_value()
         sharding = shardings.get(name, default)
         if name == "inv_freq":
-            var.set_value(jax.device_put(jnp.asarray(cfg.rope_inv_freq(), jnp.float32), sharding))
+            var.set_value(jnp.asarray(cfg.rope_inv_freq(), jnp.float32))  # uncommitted: goes where jit needs it
             continue
         meta = var.get_metadata()
         if meta.get("logical_axes") == ("norm",):
@@ -331,8 +331,10 @@ def rank_slice(a, log=print) -> dict:
     for B in a.rank_batch_sizes:
         for what, T in (("decode", 1), *((("verify", K + 1),) if B in a.verify_batch_sizes else ())):
             s, comp = time_step(model, B, T, C, a.step_iters, a.iters)
-            floor = step_bytes(cfg, B, C, dtype.itemsize, 1, tokens_per_row=T) / bw
-            steps.append(dict(step=what, batch=B, tokens=T, ms=s * 1e3, floor_ms=floor * 1e3, x_floor=s / floor,
+            floor_bytes = step_bytes(cfg, B, C, dtype.itemsize, 1, tokens_per_row=T)
+            floor = floor_bytes / bw
+            steps.append(dict(step=what, batch=B, tokens=T, ms=s * 1e3, floor_bytes=floor_bytes,
+                              floor_ms=floor * 1e3, x_floor=s / floor,
                               collectives_ms=coll_s * 1e3, compile_s=comp))
             log(f"  {what} B={B} T={T}: {s * 1e3:.3f} ms (floor {floor * 1e3:.3f} ms, x{s / floor:.2f}), "
                 f"compile {comp:.0f} s")
@@ -347,7 +349,8 @@ def rank_slice(a, log=print) -> dict:
         s, comp = time_step(draft, B, 1, C, a.step_iters, a.iters, draft_extra=(fc, qkv2))
         kv = 2 * B * C * dcfg.num_key_value_heads * Dh * dtype.itemsize
         floor = (draft_read + kv) / bw
-        steps.append(dict(step="draft", batch=B, tokens=1, ms=s * 1e3, floor_ms=floor * 1e3, x_floor=s / floor,
+        steps.append(dict(step="draft", batch=B, tokens=1, ms=s * 1e3, floor_bytes=draft_read + kv,
+                          floor_ms=floor * 1e3, x_floor=s / floor,
                           collectives_ms=coll_draft_s * 1e3, compile_s=comp))
         log(f"  draft B={B}: {s * 1e3:.3f} ms (floor {floor * 1e3:.3f} ms, x{s / floor:.2f}), compile {comp:.0f} s")
     out["steps"] = steps
@@ -386,10 +389,13 @@ def print_rank_slice(r, log=print):
         f"kernels={r['kernels']}, on {r['device']} (copy {r['copy_tb_s']:.2f} TB/s).")
     log(f"Collectives are NOT run: {r['collectives_per_step']} all-reduces per target step and "
         f"{r['collectives_per_draft_step']} per draft step are added at {r['collective_us']:g} us each.")
-    log(f"{'step':>7} {'batch':>5} {'tokens':>6} {'ms':>8} {'floor ms':>9} {'x floor':>8} {'+coll ms':>9}")
+    log("floor = bytes the step must read (weights it uses + KV cache) / copy bandwidth; "
+        "+coll = measured step + the collectives' latency")
+    log(f"{'step':>7} {'batch':>5} {'tokens':>6} {'ms':>8} {'floor GB':>9} {'floor ms':>9} {'x floor':>8} "
+        f"{'+coll ms':>9}")
     for s in r["steps"]:
-        log(f"{s['step']:>7} {s['batch']:>5} {s['tokens']:>6} {s['ms']:>8.3f} {s['floor_ms']:>9.3f} "
-            f"{s['x_floor']:>8.2f} {s['ms'] + s['collectives_ms']:>9.3f}")
+        log(f"{s['step']:>7} {s['batch']:>5} {s['tokens']:>6} {s['ms']:>8.3f} {s['floor_bytes'] / 1e9:>9.3f} "
+            f"{s['floor_ms']:>9.3f} {s['x_floor']:>8.2f} {s['ms'] + s['collectives_ms']:>9.3f}")
     if r["projection"]:
         K = r["num_draft_tokens"]
         log(f"\nPROJECTION (not a measurement) of the full model on {r['rank_slice']} GPUs, tokens/s per user:")

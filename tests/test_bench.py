@@ -141,6 +141,9 @@ def test_random_weights_sharded_over_a_mesh():
         for p, v in nnx.to_flat_state(nnx.state(m, nnx.Param)):
             name = ".".join(map(str, p))
             assert v.get_value().sharding.is_equivalent_to(want[name], v.get_value().ndim), name
+        from mavjax.cli import main  # the sweep on random weights sharded over a mesh
+        assert main(["bench", "--random-weights", "--preset", "tiny", "--layers", "2", "--mesh", "tensor=2",
+                     "--input-len", "8", "--output-len", "4", "--iters", "1"]) == 0
         print("ok")
     """
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
