@@ -29,6 +29,7 @@ the bytes-read floor, the ratio to it and a PROJECTION of tokens/s per user of t
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import json
 import math
@@ -210,72 +211,80 @@ def format_rows(rows, header=True) -> str:
 
 
 # ---- timing one step on the device -------------------------------------------------------------------------
-def time_step(model, batch: int, tokens: int, context: int, iters: int, reps: int, draft_extra=None):
-    """Seconds per forward step of `tokens` new tokens per row for `batch` rows over a KV cache holding
-    `context` positions, sampled greedily and fed back: `iters` steps inside one jitted fori_loop (no host in
-    the loop), best of `reps`. tokens=1 is a decode step, K+1 a speculative verify step. `draft_extra`
-    (fc, qkv2): time an EAGLE-3 draft step: the fc projection of target features joined to the embedding,
-    and the second half of the draft's 2D-wide q/k/v input, around the model's single decoder layer."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
+class StepTimer:
+    """One forward step of `tokens` new tokens per row for `batch` rows over a KV cache holding `context`
+    positions, sampled greedily and fed back: `iters` steps inside one jitted fori_loop (no host in the loop).
+    tokens=1 is a decode step, K+1 a speculative verify step. `draft_extra` (fc, qkv2): an EAGLE-3 draft step:
+    the fc projection of target features joined to the embedding, and the second half of the draft's 2D-wide
+    q/k/v input, around the model's single decoder layer. Traced in `__init__`, compiled by `compile`, timed
+    by `time`."""
 
-    from mavjax.generate import bucket
-    from mavjax.kv_cache import KVCache, write_slots
-    from mavjax.model import rope_tables
+    def __init__(self, model, batch: int, tokens: int, context: int, iters: int, draft_extra=None):
+        import jax
+        import jax.numpy as jnp
+        from flax import nnx
 
-    cfg = model.cfg
-    graphdef, state = nnx.split(model)
-    S = bucket(context + tokens, minimum=64)
-    B, T = batch, tokens
+        from mavjax.generate import bucket
+        from mavjax.kv_cache import KVCache, write_slots
+        from mavjax.model import rope_tables
 
-    def forward(m, tok, pos, cache, feats, extra):
-        if extra is None:
-            return m(tok, pos, cache, write_index=jnp.full((B,), context, jnp.int32))
-        fc, qkv2 = extra
-        x = m.embed[...][tok] + jnp.einsum("btf,fd->btd", feats, fc)  # [B, T, 3D/n] x [3D/n, D] -> [B, T, D]
-        q2 = jnp.einsum("btd,dq->btq", x, qkv2)  # [B, T, D] x [D, Q] -> [B, T, Q]: bytes of the 2D-wide q/k/v
-        x = x + 1e-30 * jnp.sum(q2, axis=-1, keepdims=True).astype(x.dtype)  # keep it live (not folded away)
-        rope = rope_tables(m.inv_freq[...], pos)
-        cache_pos = write_slots(cache.pos, pos, jnp.full((B,), context, jnp.int32))
-        x, kv = m.layers[0](x, pos, rope, (cache.k[0], cache.v[0]), cache_pos,
-                            jnp.full((B,), context, jnp.int32))
-        return m.logits(m.norm(x)), KVCache(k=[kv[0]], v=[kv[1]], pos=cache_pos)
+        cfg = model.cfg
+        graphdef, self.state = nnx.split(model)
+        S = bucket(context + tokens, minimum=64)
+        B, T = batch, tokens
+        self.iters, self.extra = iters, draft_extra
 
-    def run(state, cache, tok, feats, extra):
-        m = nnx.merge(graphdef, state)
-        pos = jnp.broadcast_to(context + jnp.arange(T, dtype=jnp.int32), (B, T))
+        def forward(m, tok, pos, cache, feats, extra):
+            at = jnp.full((B,), context, jnp.int32)
+            if extra is None:
+                return m(tok, pos, cache, write_index=at)
+            fc, qkv2 = extra
+            x = m.embed[...][tok] + jnp.einsum("btf,fd->btd", feats, fc)  # [B, T, 3D/n] x [3D/n, D] -> [B, T, D]
+            q2 = jnp.einsum("btd,dq->btq", x, qkv2)  # [B, T, D] x [D, Q] -> [B, T, Q]: the 2D-wide q/k/v's bytes
+            x = x + 1e-30 * jnp.sum(q2, axis=-1, keepdims=True).astype(x.dtype)  # keep it live (not folded away)
+            rope = rope_tables(m.inv_freq[...], pos)
+            cache_pos = write_slots(cache.pos, pos, at)
+            x, kv = m.layers[0](x, pos, rope, (cache.k[0], cache.v[0]), cache_pos, at)
+            return m.logits(m.norm(x)), KVCache(k=[kv[0]], v=[kv[1]], pos=cache_pos)
 
-        def body(_, c):
-            cache, tok = c
-            logits, cache = forward(m, tok, pos, cache, feats, extra)  # [B, T, V]
-            return cache, jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        def run(state, cache, tok, feats, extra):
+            m = nnx.merge(graphdef, state)
+            pos = jnp.broadcast_to(context + jnp.arange(T, dtype=jnp.int32), (B, T))
 
-        return jax.lax.fori_loop(0, iters, body, (cache, tok))
+            def body(_, c):
+                cache, tok = c
+                logits, cache = forward(m, tok, pos, cache, feats, extra)  # [B, T, V]
+                return cache, jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
-    step = jax.jit(run, donate_argnums=(1,))
-    cache = KVCache.create(cfg, B, S, model.dtype)
-    slots = jnp.arange(S, dtype=jnp.int32)
-    cache = dataclasses.replace(cache, pos=jnp.broadcast_to(jnp.where(slots < context, slots, -1), (B, S)))
-    tok = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (B, T)), jnp.int32)
-    feats = None if draft_extra is None else jnp.ones((B, T, draft_extra[0].shape[0]), model.dtype) * 0.01
-    # Committed to the device like the step's outputs, so that feeding those back does not compile again.
-    cache, tok, feats = jax.device_put((cache, tok, feats), jax.devices()[0])
-    t = time.perf_counter()
-    cache, tok = step(state, cache, tok, feats, draft_extra)
-    tok.block_until_ready()
-    compile_s = time.perf_counter() - t
-    # One more untimed warm-up step.
-    cache, tok = step(state, cache, tok, feats, draft_extra)
-    tok.block_until_ready()
-    best = math.inf
-    for _ in range(reps):
+            return jax.lax.fori_loop(0, iters, body, (cache, tok))
+
+        cache = KVCache.create(cfg, B, S, model.dtype)
+        slots = jnp.arange(S, dtype=jnp.int32)
+        cache = dataclasses.replace(cache, pos=jnp.broadcast_to(jnp.where(slots < context, slots, -1), (B, S)))
+        tok = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (B, T)), jnp.int32)
+        feats = None if draft_extra is None else jnp.ones((B, T, draft_extra[0].shape[0]), model.dtype) * 0.01
+        # Committed to the device like the step's outputs, which are fed back in.
+        self.cache, self.tok, self.feats = jax.device_put((cache, tok, feats), jax.devices()[0])
+        self.lowered = jax.jit(run, donate_argnums=(1,)).lower(self.state, self.cache, self.tok, self.feats,
+                                                                self.extra)
+
+    def compile(self) -> "StepTimer":
+        """XLA compilation (thread-safe: timers compile in parallel threads; tracing stays on the main thread)."""
         t = time.perf_counter()
-        cache, tok = step(state, cache, tok, feats, draft_extra)
-        tok.block_until_ready()
-        best = min(best, (time.perf_counter() - t) / iters)
-    del cache
-    return best, compile_s
+        self.step = self.lowered.compile()
+        self.compile_s = time.perf_counter() - t
+        return self
+
+    def time(self, reps: int) -> float:
+        """Seconds per step, best of `reps` loops, after one warm-up loop."""
+        best = math.inf
+        for r in range(reps + 1):
+            t = time.perf_counter()
+            self.cache, self.tok = self.step(self.state, self.cache, self.tok, self.feats, self.extra)
+            self.tok.block_until_ready()
+            if r:
+                best = min(best, (time.perf_counter() - t) / self.iters)
+        return best
 
 
 # ---- the rank slice --------------------------------------------------------------------------------------------
@@ -326,33 +335,38 @@ def rank_slice(a, log=print) -> dict:
     jax.block_until_ready(nnx.state(model))
     out["init_s"] = time.perf_counter() - t
     log(f"random FP8 weights on the device in {out['init_s']:.1f} s")
-
-    steps = []
-    for B in a.rank_batch_sizes:
-        for what, T in (("decode", 1), *((("verify", K + 1),) if B in a.verify_batch_sizes else ())):
-            s, comp = time_step(model, B, T, C, a.step_iters, a.iters)
-            floor_bytes = step_bytes(cfg, B, C, dtype.itemsize, 1, tokens_per_row=T)
-            floor = floor_bytes / bw
-            steps.append(dict(step=what, batch=B, tokens=T, ms=s * 1e3, floor_bytes=floor_bytes,
-                              floor_ms=floor * 1e3, x_floor=s / floor,
-                              collectives_ms=coll_s * 1e3, compile_s=comp))
-            log(f"  {what} B={B} T={T}: {s * 1e3:.3f} ms (floor {floor * 1e3:.3f} ms, x{s / floor:.2f}), "
-                f"compile {comp:.0f} s")
-    del model
     draft = random_model(dcfg, dtype=dtype, kernels=a.kernels, seed=a.seed + 1)
     key = jax.random.key(a.seed + 2)
     fc = (jax.random.normal(key, (3 * D // n, D), dtype) * 0.02).astype(dtype)
     qkv2 = (jax.random.normal(jax.random.fold_in(key, 1), (D, qkv2_cols), dtype) * 0.02).astype(dtype)
     draft_read = (param_bytes(draft) - dcfg.vocab_size * D * dtype.itemsize  # the embedding is only gathered
                   + (fc.size + qkv2.size) * dtype.itemsize)
-    for B in a.verify_batch_sizes:
-        s, comp = time_step(draft, B, 1, C, a.step_iters, a.iters, draft_extra=(fc, qkv2))
-        kv = 2 * B * C * dcfg.num_key_value_heads * Dh * dtype.itemsize
-        floor = (draft_read + kv) / bw
-        steps.append(dict(step="draft", batch=B, tokens=1, ms=s * 1e3, floor_bytes=draft_read + kv,
-                          floor_ms=floor * 1e3, x_floor=s / floor,
-                          collectives_ms=coll_draft_s * 1e3, compile_s=comp))
-        log(f"  draft B={B}: {s * 1e3:.3f} ms (floor {floor * 1e3:.3f} ms, x{s / floor:.2f}), compile {comp:.0f} s")
+
+    plan = []  # (step, batch, tokens, model, draft_extra)
+    for B in a.rank_batch_sizes:
+        plan.append(("decode", B, 1, model, None))
+        if B in a.verify_batch_sizes:
+            plan.append(("verify", B, K + 1, model, None))
+    plan += [("draft", B, 1, draft, (fc, qkv2)) for B in a.verify_batch_sizes]
+    t = time.perf_counter()
+    timers = [StepTimer(m, B, T, C, a.step_iters, extra) for _, B, T, m, extra in plan]
+    with concurrent.futures.ThreadPoolExecutor(max(1, a.compile_threads)) as pool:  # XLA compiles in parallel
+        list(pool.map(StepTimer.compile, timers))
+    out["compile_s"] = time.perf_counter() - t
+    log(f"compiled {len(plan)} step programs in {out['compile_s']:.0f} s ({a.compile_threads} threads)")
+    steps = []
+    for (what, B, T, _, _), timer in zip(plan, timers):
+        s = timer.time(a.iters)
+        if what == "draft":
+            floor_bytes = draft_read + 2 * B * C * dcfg.num_key_value_heads * Dh * dtype.itemsize
+            coll = coll_draft_s
+        else:
+            floor_bytes = step_bytes(cfg, B, C, dtype.itemsize, 1, tokens_per_row=T)
+            coll = coll_s
+        floor = floor_bytes / bw
+        steps.append(dict(step=what, batch=B, tokens=T, ms=s * 1e3, floor_bytes=floor_bytes, floor_ms=floor * 1e3,
+                          x_floor=s / floor, collectives_ms=coll * 1e3, compile_s=timer.compile_s))
+        log(f"  {what} B={B} T={T}: {s * 1e3:.3f} ms (floor {floor * 1e3:.3f} ms, x{s / floor:.2f})")
     out["steps"] = steps
     out["projection"] = project(steps, K, coll_s, coll_draft_s, a.verify_batch_sizes)
     return out
@@ -430,6 +444,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="batch sizes at which the verify and draft steps are timed and projected")
     r.add_argument("--context", type=int, default=1024, help="KV-cache positions each row attends to")
     r.add_argument("--step-iters", type=int, default=32, help="steps per timed jitted loop")
+    r.add_argument("--compile-threads", type=int, default=4, help="step programs compiled in parallel")
     r.add_argument("--copy-bytes", type=int, default=2 << 30, help="array size of the copy-bandwidth measurement")
     r.add_argument("--collective-us", type=float, default=19.0, help="latency of one all-reduce (us)")
     r.add_argument("--collectives-per-layer", type=int, default=2)
