@@ -110,6 +110,10 @@ def random_model(cfg, *, dtype="bfloat16", quant=None, kernels="xla", mesh=None,
             kind = "fp8"
         else:
             kind = "normal"
+        if kind in ("ones", "scale"):  # small constants: from the host, no program to compile
+            const = 1.0 if kind == "ones" else std / FP8_SPREAD
+            var.set_value(jax.device_put(np.full(v.shape, const, v.dtype), sharding))
+            continue
         chunked = mesh is None and v.size > chunk_elems and len(v.shape) > 1
         fill = _filler(tuple(v.shape), str(v.dtype), kind, std, chunked, chunk_elems, sharding)
         var.set_value(fill(jax.random.fold_in(key, i)))
@@ -130,11 +134,8 @@ def _filler(shape, dtype, kind, std, chunked, chunk_elems, sharding):
     dt = jnp.dtype(dtype)
 
     def gen(k, shp):
-        if kind == "ones":
-            return jnp.ones(shp, dt)
-        if kind == "scale":  # the FP8 codes below are N(0,1)*FP8_SPREAD: this makes the weight N(0, std^2)
-            return jnp.full(shp, std / FP8_SPREAD, dt)
-        if kind == "fp8":  # generated in bf16 and cast within one fusion: no wider copy of the tensor
+        if kind == "fp8":  # codes N(0,1)*FP8_SPREAD, scale std/FP8_SPREAD: the weight is N(0, std^2). Drawn in
+            # bf16 and cast per chunk, so no wider copy of the whole tensor ever exists
             x = jax.random.normal(k, shp, jnp.bfloat16) * FP8_SPREAD
             return jnp.clip(x, -448, 448).astype(dt)
         return (jax.random.normal(k, shp, dt) * std).astype(dt)
@@ -450,7 +451,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--collectives-per-layer", type=int, default=2)
     r.add_argument("--draft-intermediate-size", type=int, default=16384)
     r.add_argument("--draft-vocab-size", type=int, default=32000)
-    p.add_argument("--dry-run", action="store_true", help="rank slice: print the plan, allocate and time nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="random weights: print the plan and the parameter bytes, allocate and time nothing")
 
 
 def main(a) -> int:
@@ -481,6 +483,16 @@ def main(a) -> int:
             from mavjax.api import LLM
 
             cfg = preset(a.preset, **({} if a.layers is None else dict(num_hidden_layers=a.layers)))
+            if a.dry_run:
+                from flax import nnx
+
+                from mavjax.model import Llama4
+
+                abstract = nnx.eval_shape(lambda: Llama4(cfg, dtype=jnp.dtype(a.dtype or "bfloat16"),
+                                                         quant=a.quantize))
+                print(f"dry run: random {a.preset} ({cfg.num_hidden_layers} layers), quantize={a.quantize}: "
+                      f"{param_bytes(abstract) / 1e9:.2f} GB of parameters; nothing allocated or timed")
+                return 0
             mesh = None
             if a.mesh:
                 from mavjax.sharding import make_mesh, parse_mesh
@@ -503,7 +515,7 @@ def main(a) -> int:
             desc = str(a.model or "default model")
             cfg = llm.cfg
         if a.dry_run:
-            print("dry run: model built, nothing timed")
+            print("dry run: model loaded, nothing timed")
             return 0
         rows = sweep(llm, cfg.vocab_size, a.batch_sizes, a.input_len, a.output_len, a.iters, a.seed)
         result = dict(mode="sweep", model=desc, kernels=a.kernels, quantize=a.quantize, mesh=a.mesh,

@@ -49,7 +49,7 @@ def test_rank_slice_is_the_tensor_parallel_shard(quant, n):
             s.vocab_size, s.num_local_experts) == (8 // n, 4 // n, 64 // n, 128 // n, 512 // n, 4)
 
 
-def test_rank_slice_of_maverick_by_8():
+def test_rank_slice_of_maverick_by_8(capsys):
     s = rank_slice_config(preset("maverick"), 8)
     assert (s.num_attention_heads, s.num_key_value_heads, s.intermediate_size, s.intermediate_size_mlp,
             s.vocab_size, s.num_local_experts, s.num_hidden_layers) == (5, 1, 1024, 2048, 25256, 128, 48)
@@ -57,6 +57,11 @@ def test_rank_slice_of_maverick_by_8():
     assert 45e9 < nbytes < 55e9  # "about 50 GB": fits an 80 GB H100
     with pytest.raises(ConfigError, match="num_attention_heads = 40 is not divisible by 3"):
         rank_slice_config(preset("maverick"), 3)
+    capsys.readouterr()
+    assert main(["bench", "--random-weights", "--preset", "maverick", "--rank-slice", "8", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "5 q heads, 1 kv heads, dense MLP 2048, 128 experts of 1024 units, vocab 25256" in out
+    assert f"{nbytes / 1e9:.2f} GB" in out
 
 
 def test_random_weights_fp8_chunked():
