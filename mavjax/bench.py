@@ -315,6 +315,7 @@ def rank_slice(a, log=print) -> dict:
     nbytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
     out = dict(mode="rank_slice", preset=a.preset, rank_slice=n, layers=L, kernels=a.kernels, quantize="fp8",
                context=C, num_draft_tokens=K, rank_param_bytes=nbytes, collective_us=a.collective_us,
+               collectives_per_layer=a.collectives_per_layer,
                collectives_per_step=n_coll, collectives_per_draft_step=n_coll_draft,
                device=jax.devices()[0].device_kind)
     log(f"rank slice 1/{n} of {a.preset} ({L} layers) in the expert=1,tensor={n} layout: "
@@ -402,8 +403,10 @@ def print_rank_slice(r, log=print):
         return
     log(f"\nOne rank of {r['rank_slice']} (min-latency layout), {r['layers']} layers, FP8, context {r['context']}, "
         f"kernels={r['kernels']}, on {r['device']} (copy {r['copy_tb_s']:.2f} TB/s).")
-    log(f"Collectives are NOT run: {r['collectives_per_step']} all-reduces per target step and "
-        f"{r['collectives_per_draft_step']} per draft step are added at {r['collective_us']:g} us each.")
+    log(f"Collectives are NOT run: {r['collectives_per_step']} per target step ({r['collectives_per_layer']} "
+        f"all-reduces per layer x {r['layers']} layers, + the embedding's all-reduce and the sampled token's "
+        f"gather) and {r['collectives_per_draft_step']} per draft step ({r['collectives_per_layer']} per layer, "
+        f"+ the fc's all-reduce, the embedding and the token gather) are added at {r['collective_us']:g} us each.")
     log("floor = bytes the step must read (weights it uses + KV cache) / copy bandwidth; "
         "+coll = measured step + the collectives' latency")
     log(f"{'step':>7} {'batch':>5} {'tokens':>6} {'ms':>8} {'floor GB':>9} {'floor ms':>9} {'x floor':>8} "
