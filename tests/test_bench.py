@@ -9,7 +9,6 @@ import sys
 import textwrap
 import types
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
