@@ -319,7 +319,8 @@ def rank_slice(a, log=print) -> dict:
                collectives_per_step=n_coll, collectives_per_draft_step=n_coll_draft,
                device=jax.devices()[0].device_kind)
     log(f"rank slice 1/{n} of {a.preset} ({L} layers) in the expert=1,tensor={n} layout: "
-        f"{cfg.num_attention_heads} q heads, {cfg.num_key_value_heads} kv heads, dense MLP {cfg.intermediate_size_mlp}, "
+        f"{cfg.num_attention_heads} q heads, {cfg.num_key_value_heads} kv heads, "
+        f"dense MLP {cfg.intermediate_size_mlp}, "
         f"{cfg.num_local_experts} experts of {cfg.intermediate_size} units, vocab {cfg.vocab_size}; FP8 projections; "
         f"{nbytes / 1e9:.2f} GB of parameters")
     log(f"draft step: random-weight EAGLE-3-sized draft (no draft module in this tree): one dense decoder layer "

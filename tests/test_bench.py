@@ -98,7 +98,8 @@ def test_sweep_end_to_end(tmp_path, capsys):
 
 def test_rank_slice_end_to_end(tmp_path, capsys):
     out = tmp_path / "rank.json"
-    assert main(["bench", "--random-weights", "--preset", "tiny", "--rank-slice", "2", "--layers", "2", "--context", "16",
+    assert main(["bench", "--random-weights", "--preset", "tiny", "--rank-slice", "2", "--layers", "2",
+                 "--context", "16",
                  "--step-iters", "2", "--iters", "1", "--draft-intermediate-size", "64", "--draft-vocab-size", "64",
                  "--copy-bytes", "1000000", "--num-draft-tokens", "3", "--json", str(out)]) == 0
     r = json.loads(out.read_text())
