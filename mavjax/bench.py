@@ -152,6 +152,18 @@ def _filler(shape, dtype, kind, std, chunked, chunk_elems, sharding):
     return _FILLERS[sig]
 
 
+def with_kernels(model, kernels: str):
+    """The same weights (shared arrays, no copy) under another kernel path ("xla" or "pallas")."""
+    from flax import nnx
+
+    from mavjax.model import Llama4
+
+    if model.kernels == kernels:
+        return model
+    abstract = nnx.eval_shape(lambda: Llama4(model.cfg, dtype=model.dtype, kernels=kernels, quant=model.quant))
+    return nnx.merge(nnx.split(abstract)[0], nnx.state(model))
+
+
 def param_bytes(model) -> int:
     import jax
     from flax import nnx
@@ -311,9 +323,10 @@ def rank_slice(a, log=print) -> dict:
     n_coll = a.collectives_per_layer * L + 2  # + the embedding's all-reduce and the sampled token's gather
     n_coll_draft = a.collectives_per_layer + 3  # + the fc's all-reduce, the embedding and the token gather
     coll_s, coll_draft_s = n_coll * a.collective_us * 1e-6, n_coll_draft * a.collective_us * 1e-6
-    abstract = nnx.eval_shape(lambda: Llama4(cfg, dtype=dtype, kernels=a.kernels, quant="fp8"))
+    kernel_paths = list(dict.fromkeys(a.rank_kernels or [a.kernels]))
+    abstract = nnx.eval_shape(lambda: Llama4(cfg, dtype=dtype, quant="fp8"))
     nbytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
-    out = dict(mode="rank_slice", preset=a.preset, rank_slice=n, layers=L, kernels=a.kernels, quantize="fp8",
+    out = dict(mode="rank_slice", preset=a.preset, rank_slice=n, layers=L, kernels=kernel_paths, quantize="fp8",
                context=C, num_draft_tokens=K, rank_param_bytes=nbytes, collective_us=a.collective_us,
                collectives_per_layer=a.collectives_per_layer,
                collectives_per_step=n_coll, collectives_per_draft_step=n_coll_draft,
@@ -334,31 +347,33 @@ def rank_slice(a, log=print) -> dict:
     out["copy_tb_s"] = bw / 1e12
     log(f"device: {out['device']}; copy bandwidth {bw / 1e12:.2f} TB/s (read + write)")
     t = time.perf_counter()
-    model = random_model(cfg, dtype=dtype, quant="fp8", kernels=a.kernels, seed=a.seed)
+    model = random_model(cfg, dtype=dtype, quant="fp8", seed=a.seed)
     jax.block_until_ready(nnx.state(model))
     out["init_s"] = time.perf_counter() - t
     log(f"random FP8 weights on the device in {out['init_s']:.1f} s")
-    draft = random_model(dcfg, dtype=dtype, kernels=a.kernels, seed=a.seed + 1)
+    draft = random_model(dcfg, dtype=dtype, seed=a.seed + 1)
     key = jax.random.key(a.seed + 2)
     fc = (jax.random.normal(key, (3 * D // n, D), dtype) * 0.02).astype(dtype)
     qkv2 = (jax.random.normal(jax.random.fold_in(key, 1), (D, qkv2_cols), dtype) * 0.02).astype(dtype)
     draft_read = (param_bytes(draft) - dcfg.vocab_size * D * dtype.itemsize  # the embedding is only gathered
                   + (fc.size + qkv2.size) * dtype.itemsize)
 
-    plan = []  # (step, batch, tokens, model, draft_extra)
-    for B in a.rank_batch_sizes:
-        plan.append(("decode", B, 1, model, None))
-        if B in a.verify_batch_sizes:
-            plan.append(("verify", B, K + 1, model, None))
-    plan += [("draft", B, 1, draft, (fc, qkv2)) for B in a.verify_batch_sizes]
+    plan = []  # (kernels, step, batch, tokens, model, draft_extra); every kernel path reads the same weights
+    for kern in kernel_paths:
+        m, d = with_kernels(model, kern), with_kernels(draft, kern)
+        for B in a.rank_batch_sizes:
+            plan.append((kern, "decode", B, 1, m, None))
+            if B in a.verify_batch_sizes:
+                plan.append((kern, "verify", B, K + 1, m, None))
+        plan += [(kern, "draft", B, 1, d, (fc, qkv2)) for B in a.verify_batch_sizes]
     t = time.perf_counter()
-    timers = [StepTimer(m, B, T, C, a.step_iters, extra) for _, B, T, m, extra in plan]
+    timers = [StepTimer(m, B, T, C, a.step_iters, extra) for _, _, B, T, m, extra in plan]
     with concurrent.futures.ThreadPoolExecutor(max(1, a.compile_threads)) as pool:  # XLA compiles in parallel
         list(pool.map(StepTimer.compile, timers))
     out["compile_s"] = time.perf_counter() - t
     log(f"compiled {len(plan)} step programs in {out['compile_s']:.0f} s ({a.compile_threads} threads)")
     steps = []
-    for (what, B, T, _, _), timer in zip(plan, timers):
+    for (kern, what, B, T, _, _), timer in zip(plan, timers):
         s = timer.time(a.iters)
         if what == "draft":
             floor_bytes = draft_read + 2 * B * C * dcfg.num_key_value_heads * Dh * dtype.itemsize
@@ -367,11 +382,14 @@ def rank_slice(a, log=print) -> dict:
             floor_bytes = step_bytes(cfg, B, C, dtype.itemsize, 1, tokens_per_row=T)
             coll = coll_s
         floor = floor_bytes / bw
-        steps.append(dict(step=what, batch=B, tokens=T, ms=s * 1e3, floor_bytes=floor_bytes, floor_ms=floor * 1e3,
+        steps.append(dict(kernels=kern, step=what, batch=B, tokens=T, ms=s * 1e3, floor_bytes=floor_bytes,
+                          floor_ms=floor * 1e3,
                           x_floor=s / floor, collectives_ms=coll * 1e3, compile_s=timer.compile_s))
-        log(f"  {what} B={B} T={T}: {s * 1e3:.3f} ms (floor {floor * 1e3:.3f} ms, x{s / floor:.2f})")
+        log(f"  {kern} {what} B={B} T={T}: {s * 1e3:.3f} ms (floor {floor * 1e3:.3f} ms, x{s / floor:.2f})")
     out["steps"] = steps
-    out["projection"] = project(steps, K, coll_s, coll_draft_s, a.verify_batch_sizes)
+    out["projection"] = [dict(kernels=kern, **row) for kern in kernel_paths for row in
+                         project([s for s in steps if s["kernels"] == kern], K, coll_s, coll_draft_s,
+                                 a.verify_batch_sizes)]
     return out
 
 
@@ -403,17 +421,18 @@ def print_rank_slice(r, log=print):
     if "steps" not in r:
         return
     log(f"\nOne rank of {r['rank_slice']} (min-latency layout), {r['layers']} layers, FP8, context {r['context']}, "
-        f"kernels={r['kernels']}, on {r['device']} (copy {r['copy_tb_s']:.2f} TB/s).")
+        f"kernels {'/'.join(r['kernels'])}, on {r['device']} (copy {r['copy_tb_s']:.2f} TB/s).")
     log(f"Collectives are NOT run: {r['collectives_per_step']} per target step ({r['collectives_per_layer']} "
         f"all-reduces per layer x {r['layers']} layers, + the embedding's all-reduce and the sampled token's "
         f"gather) and {r['collectives_per_draft_step']} per draft step ({r['collectives_per_layer']} per layer, "
         f"+ the fc's all-reduce, the embedding and the token gather) are added at {r['collective_us']:g} us each.")
     log("floor = bytes the step must read (weights it uses + KV cache) / copy bandwidth; "
         "+coll = measured step + the collectives' latency")
-    log(f"{'step':>7} {'batch':>5} {'tokens':>6} {'ms':>8} {'floor GB':>9} {'floor ms':>9} {'x floor':>8} "
-        f"{'+coll ms':>9}")
+    log(f"{'kernels':>7} {'step':>7} {'batch':>5} {'tokens':>6} {'ms':>8} {'floor GB':>9} {'floor ms':>9} "
+        f"{'x floor':>8} {'+coll ms':>9}")
     for s in r["steps"]:
-        log(f"{s['step']:>7} {s['batch']:>5} {s['tokens']:>6} {s['ms']:>8.3f} {s['floor_bytes'] / 1e9:>9.3f} "
+        log(f"{s['kernels']:>7} {s['step']:>7} {s['batch']:>5} {s['tokens']:>6} {s['ms']:>8.3f} "
+            f"{s['floor_bytes'] / 1e9:>9.3f} "
             f"{s['floor_ms']:>9.3f} {s['x_floor']:>8.2f} {s['ms'] + s['collectives_ms']:>9.3f}")
     if r["projection"]:
         K = r["num_draft_tokens"]
@@ -421,9 +440,9 @@ def print_rank_slice(r, log=print):
         log(f"  acceptance 1 (no draft): 1 / (t_decode + c);  acceptance a > 1: a / ({K} * (t_draft + c_draft) + "
             f"t_verify({K + 1} tokens) + c);  c = {r['collectives_per_step']} x {r['collective_us']:g} us, "
             f"c_draft = {r['collectives_per_draft_step']} x {r['collective_us']:g} us")
-        log(f"{'batch':>5} {'accept':>6} {'step ms':>8} {'tok/s/user':>11} {'at floor':>9}")
+        log(f"{'kernels':>7} {'batch':>5} {'accept':>6} {'step ms':>8} {'tok/s/user':>11} {'at floor':>9}")
         for p in r["projection"]:
-            log(f"{p['batch']:>5} {p['acceptance_length']:>6} {p['step_ms']:>8.3f} "
+            log(f"{p['kernels']:>7} {p['batch']:>5} {p['acceptance_length']:>6} {p['step_ms']:>8.3f} "
                 f"{p['tokens_per_s_per_user']:>11.0f} {p['tokens_per_s_per_user_at_floor']:>9.0f}")
 
 
@@ -444,6 +463,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r = p.add_argument_group("rank slice")
     r.add_argument("--rank-slice", type=int, default=None, metavar="N",
                    help="time one rank of an N-GPU (expert=1, tensor=N) deployment of --preset")
+    r.add_argument("--rank-kernels", nargs="+", default=None, choices=["xla", "pallas"],
+                   help="time each kernel path on the same weights in one run (default: --kernels)")
     r.add_argument("--rank-batch-sizes", type=int, nargs="+", default=[1, 8])
     r.add_argument("--verify-batch-sizes", type=int, nargs="+", default=[1],
                    help="batch sizes at which the verify and draft steps are timed and projected")

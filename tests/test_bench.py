@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mavjax.bench import FP8_SPREAD, TENSOR_AXES, rank_slice_config, random_model
+from mavjax.bench import FP8_SPREAD, TENSOR_AXES, rank_slice_config, random_model, with_kernels
 from mavjax.cli import main
 from mavjax.config import ConfigError, preset
 from mavjax.model import Llama4
@@ -78,6 +78,9 @@ def test_random_weights_fp8_chunked():
     np.testing.assert_allclose(np.asarray(m.inv_freq[...]), cfg.rope_inv_freq(), rtol=1e-6)
     assert abs(float(np.asarray(m.embed[...], np.float32).std()) - cfg.initializer_range) < 2e-3
     assert float(np.asarray(s).max()) == pytest.approx(cfg.initializer_range / FP8_SPREAD)
+    p = with_kernels(m, "pallas")  # the other kernel path over the same arrays: no copy of the weights
+    assert (p.kernels, p.layers[1].ffn.kernels, m.layers[1].ffn.kernels) == ("pallas", "pallas", "xla")
+    assert p.layers[1].ffn.w_gate[...] is w and p.embed[...] is m.embed[...]
 
 
 def test_sweep_end_to_end(tmp_path, capsys):
