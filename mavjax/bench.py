@@ -387,6 +387,11 @@ def rank_slice(a, log=print) -> dict:
                           x_floor=s / floor, collectives_ms=coll * 1e3, compile_s=timer.compile_s))
         log(f"  {kern} {what} B={B} T={T}: {s * 1e3:.3f} ms (floor {floor * 1e3:.3f} ms, x{s / floor:.2f})")
     out["steps"] = steps
+    stats = jax.devices()[0].memory_stats() or {}  # None on CPU
+    if "peak_bytes_in_use" in stats:
+        out["peak_device_gb"] = stats["peak_bytes_in_use"] / 1e9
+        log(f"peak device memory in use: {out['peak_device_gb']:.1f} GB (of {stats.get('bytes_limit', 0) / 1e9:.1f} "
+            f"GB this process may use)")
     out["projection"] = [dict(kernels=kern, **row) for kern in kernel_paths for row in
                          project([s for s in steps if s["kernels"] == kern], K, coll_s, coll_draft_s,
                                  a.verify_batch_sizes)]
