@@ -1,4 +1,4 @@
-"""`mavjax` command line: generate, convert."""
+"""`mavjax` command line: generate, convert, batch, bench."""
 
 from __future__ import annotations
 
@@ -99,6 +99,17 @@ def main(argv=None) -> int:
     c = sub.add_parser("convert", help="convert a Hugging Face Llama 4 checkpoint to mavjax (orbax)")
     convert.add_arguments(c)
     c.set_defaults(func=convert.main)
+
+    from mavjax import batch, bench
+
+    b = sub.add_parser("batch", help="generate for every line of a JSONL file (resumable)",
+                       description=batch.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    batch.add_arguments(b)
+    b.set_defaults(func=batch.main)
+    k = sub.add_parser("bench", help="latency/throughput sweeps; one rank of an 8-GPU deployment",
+                       description=bench.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    bench.add_arguments(k)
+    k.set_defaults(func=bench.main)
 
     a = parser.parse_args(argv)
     try:
