@@ -11,7 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
-from mavjax.generate import Batch, Engine, bucket
+from mavjax.generate import Batch, Engine, bucket, to_host
 from mavjax.sampling import SamplingError, SamplingParams
 from mavjax.tokenizer import Tokenizer
 
@@ -43,25 +43,35 @@ class GenerationOutput:
 class LLM:
     def __init__(self, model: str | Path | None = None, *, dtype: str | None = None,
                  max_model_len: int | None = None, max_batch_size: int = 32, kernels: str = "xla",
-                 quantize: str | None = None, mesh=None):
+                 quantize: str | None = None, mesh=None, allreduce: str = "xla"):
         """`kernels`: "xla" (plain jax.numpy) or "pallas" (the kernels of pallas_kernels/ where they apply:
         split-KV decode attention, FP8 GEMMs, the grouped MoE GEMM). `quantize="fp8"`: quantize the projection weights to FP8 on
         load (per-output-channel scales; embedding, LM head, router and norms stay in `dtype`). `mesh`:
         "expert=E,tensor=T", a dict of those, or a jax Mesh: parameters are restored sharded by
-        `mavjax.sharding.RULES` straight into place, and the jitted programs are partitioned over the mesh."""
+        `mavjax.sharding.RULES` straight into place, and the layers run under shard_map over the mesh
+        (`mavjax.parallel`: expert-parallel MoE dispatch, one all-reduce per half-layer fused with the residual
+        add and the next RMSNorm). `allreduce`: "xla" (psum) or "oneshot" (the NVLink peer-memory kernel;
+        GPU only). Under jax.distributed (mavjax.distributed) the mesh spans every process's devices."""
         from mavjax.checkpoint import load_model  # orbax import is slow; only when loading from disk
+        from mavjax.distributed import maybe_initialize
+
+        maybe_initialize()  # multi-host: before any device use, so that meshes span every process's devices
 
         if quantize not in (None, "fp8"):
             raise ValueError(f"quantize must be None or 'fp8', got {quantize!r}")
         path = Path(model) if model is not None else DEFAULT_MODEL
         shardings = None
         if mesh is not None:
-            shardings = _mesh_shardings(path, mesh, dtype, kernels)
+            mesh, shardings = _mesh_shardings(path, mesh, dtype, kernels)
         cfg, net = load_model(path, dtype=dtype, kernels=kernels, shardings=shardings)
         if quantize == "fp8":
             from mavjax.quantize import quantize_model
 
             net = quantize_model(net)
+        if mesh is not None:
+            from mavjax.parallel import Parallel
+
+            net.set_parallel(Parallel(mesh, allreduce=allreduce))  # shard_map layers: MoE dispatch, fused all-reduce
         tok = Tokenizer.from_dir(path) if (path / "tokenizer.json").exists() else None
         gen_cfg = path / "generation_config.json"
         extra_eos = []
@@ -194,7 +204,7 @@ class LLM:
         first.block_until_ready()
         t1 = time.perf_counter()
         out, counts, _ = self.engine.decode(batch, first, cache, bucket(max(max_new), minimum=1))
-        out, counts = np.asarray(out), np.asarray(counts)
+        out, counts = to_host(out), to_host(counts)
         t2 = time.perf_counter()
         results = []
         for r, ((text, ids), p) in enumerate(zip(encoded, params)):
@@ -229,7 +239,7 @@ def _mesh_shardings(path, mesh, dtype, kernels):
         mesh = make_mesh(**mesh)
     cfg = Llama4Config.from_json(Path(path))
     abstract = nnx.eval_shape(lambda: Llama4(cfg, dtype=jnp.dtype(dtype or "bfloat16"), kernels=kernels))
-    return param_shardings(abstract, mesh)
+    return mesh, param_shardings(abstract, mesh)
 
 
 def _truncate_at_stop(tok: Tokenizer, gen: list[int], text: str, stops: list[str]):

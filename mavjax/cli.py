@@ -31,6 +31,9 @@ def cmd_generate(a) -> int:
     from mavjax.tokenizer import Tokenizer
 
     params = _sampling_from_args(a)  # invalid values fail here, before anything is loaded
+    from mavjax.distributed import maybe_initialize
+
+    maybe_initialize()  # multi-host (JAX_COORDINATOR_ADDRESS, ...): before any device use
     if a.mesh is not None:
         from mavjax.sharding import parse_mesh
 

@@ -138,11 +138,12 @@ class Attention(nnx.Module):
         self.scale = Dh ** -0.5
         self.kernels = kernels
 
-    def __call__(self, x, positions, rope, cache_kv=None, cache_pos=None, write_index=None):
+    def __call__(self, x, positions, rope, cache_kv=None, cache_pos=None, write_index=None, project=True):
         """x [B, T, D], positions [B, T]. Without a cache, keys are this call's tokens. With one
         (k, v: [B, S, K, Dh]; cache_pos [B, S] the position each slot holds, already updated for this call),
         this call's keys are written at slots `write_index` [B] onward and attention reads the whole cache.
-        Returns (out [B, T, D], updated (k, v) or None)."""
+        Returns (out [B, T, D], updated (k, v) or None); `project=False`: out is the attention output before wo,
+        [B, T, H, Dh] (the tensor-parallel path projects each device's heads itself, mavjax.parallel)."""
         q = self._proj(x, self.wq, self.wq_scale, 1)  # [B, T, D] x [D, H, Dh] -> [B, T, H, Dh]
         k = self._proj(x, self.wk, self.wk_scale, 1)  # [B, T, D] x [D, K, Dh] -> [B, T, K, Dh]
         v = self._proj(x, self.wv, self.wv_scale, 1)  # [B, T, D] x [D, K, Dh] -> [B, T, K, Dh]
@@ -166,10 +167,14 @@ class Attention(nnx.Module):
 
                 o = decode_attention(q, ck, cv, positions, k_pos, chunk_size=self.chunk_size, scale=self.scale,
                                      interpret=jax.default_backend() == "cpu")  # [B, T, H, Dh]
+                if not project:
+                    return o, new_cache
                 return self._proj(o, self.wo, self.wo_scale, 2), new_cache  # [B, T, H, Dh] x [H, Dh, D]
             keys, values = ck.astype(q.dtype), cv.astype(q.dtype)
         mask = attention_mask(positions, k_pos, self.chunk_size)
         o = attend(q, keys, values, mask, self.scale)  # [B, T, H, Dh]
+        if not project:
+            return o, new_cache
         return self._proj(o, self.wo, self.wo_scale, 2), new_cache  # [B, T, H, Dh] x [H, Dh, D] -> [B, T, D]
 
     def _proj(self, x, w, scale, n_in):
@@ -313,9 +318,19 @@ class Llama4(nnx.Module):
         self.norm = RMSNorm(D, cfg.rms_norm_eps, dtype, rngs)
         self.lm_head = None if cfg.tie_word_embeddings else _param(rngs, (D, V), ("embed", "vocab"), dtype, std)
         self.inv_freq = nnx.Variable(jnp.asarray(cfg.rope_inv_freq(), jnp.float32))  # not a Param: not trained
+        self.parallel = None  # a mavjax.parallel.Parallel: run the layers under shard_map over its mesh
+
+    def set_parallel(self, parallel) -> "Llama4":
+        """Run over `parallel.mesh` (mavjax.parallel; parameters must be sharded by mavjax.sharding.RULES)."""
+        self.parallel = parallel
+        return self
 
     def hidden_states(self, tokens, positions, cache=None, write_index=None, collect_layers=()):
         """tokens, positions [B, T] -> (final-normed hidden [B, T, D], updated cache, {layer: hidden})."""
+        if self.parallel is not None:
+            from mavjax import parallel
+
+            return parallel.hidden_states(self, tokens, positions, cache, write_index, collect_layers)
         x = self.embed[...][tokens]  # [B, T, D]
         rope = rope_tables(self.inv_freq[...], positions)
         cache_pos = None if cache is None else write_slots(cache.pos, positions, write_index)
