@@ -192,6 +192,8 @@ class LLM:
             tokens[r, :len(ids)] = ids
         fill = lambda vals, dflt, dt: np.array(list(vals) + [dflt] * (B - n), dt)  # noqa: E731
         seeds = [p.seed if p.seed is not None else int.from_bytes(os.urandom(4), "little") for p in params]
+        if any(p.seed is None for p in params):
+            seeds = _same_on_every_process(seeds)
         batch = Batch(
             tokens=tokens, lengths=fill(lengths, 1, np.int32), max_new=fill(max_new, 1, np.int32),
             temperature=fill([p.temperature for p in params], 0.0, np.float32),
@@ -240,6 +242,17 @@ def _mesh_shardings(path, mesh, dtype, kernels):
     cfg = Llama4Config.from_json(Path(path))
     abstract = nnx.eval_shape(lambda: Llama4(cfg, dtype=jnp.dtype(dtype or "bfloat16"), kernels=kernels))
     return mesh, param_shardings(abstract, mesh)
+
+
+def _same_on_every_process(seeds: list[int]) -> list[int]:
+    """Under jax.distributed every process must feed the same inputs: process 0's random seeds win."""
+    import jax
+
+    if jax.process_count() == 1:
+        return seeds
+    from jax.experimental import multihost_utils
+
+    return [int(s) for s in multihost_utils.broadcast_one_to_all(np.asarray([s % (1 << 32) for s in seeds], np.uint32))]
 
 
 def _truncate_at_stop(tok: Tokenizer, gen: list[int], text: str, stops: list[str]):

@@ -50,7 +50,7 @@ def cmd_generate(a) -> int:
         raise PromptError(f"prompt of {len(ids)} tokens is longer than the context: max_model_len is {limit}")
     t0 = time.perf_counter()
     llm = LLM(path, dtype=a.dtype, max_model_len=a.max_model_len, kernels=a.kernels, quantize=a.quantize,
-              mesh=a.mesh)
+              mesh=a.mesh, allreduce=a.allreduce)
     load_s = time.perf_counter() - t0
     out = llm.generate([ids], params)[0]
     if a.chat:
@@ -77,6 +77,8 @@ def main(argv=None) -> int:
     g.add_argument("--kernels", default="xla", choices=["xla", "pallas"])
     g.add_argument("--quantize", default=None, choices=["fp8"], help="quantize projection weights on load")
     g.add_argument("--mesh", default=None, metavar="expert=E,tensor=T", help="shard over a device mesh")
+    g.add_argument("--allreduce", default="xla", choices=["xla", "oneshot"],
+                   help="with --mesh: psum, or the one-shot NVLink peer-memory kernel (GPU, experimental)")
     _add_sampling_args(g)
     g.set_defaults(func=cmd_generate)
 
