@@ -252,7 +252,8 @@ def _same_on_every_process(seeds: list[int]) -> list[int]:
         return seeds
     from jax.experimental import multihost_utils
 
-    return [int(s) for s in multihost_utils.broadcast_one_to_all(np.asarray([s % (1 << 32) for s in seeds], np.uint32))]
+    mine = np.asarray([s % (1 << 32) for s in seeds], np.uint32)
+    return [int(s) for s in multihost_utils.broadcast_one_to_all(mine)]
 
 
 def _truncate_at_stop(tok: Tokenizer, gen: list[int], text: str, stops: list[str]):

@@ -153,7 +153,8 @@ def main():
         res = results[name]
         print(f"[{name}] {res['devices']} x {res['device']}" +
               (f"; one-shot vs psum max rel diff: {res['check']}" if res["check"] is not None else ""), flush=True)
-    print(f"\n[{a.rows}, {a.dim}] {a.dtype}, us per all-reduce (chain of {a.iters} in one jitted loop, best of {a.reps})")
+    print(f"\n[{a.rows}, {a.dim}] {a.dtype}, us per all-reduce "
+          f"(chain of {a.iters} in one jitted loop, best of {a.reps})")
     print(f"{'variant':>28} {'impl':>8} {'all-reduce':>11} {'fused AR+add+norm':>18}")
     for name, res in results.items():
         for impl in dict.fromkeys(r["impl"] for r in res["rows"]):

@@ -67,7 +67,8 @@ def allreduce_us(mesh, dim, dtype, impl, iters):
     s = jnp.ones((dim,), dtype)
 
     def f(p, r, s):
-        step = lambda _, c: (allreduce_residual_rmsnorm(c, r, s, 1e-5, mesh.axis_names, impl)[1] * 0.5).astype(c.dtype)  # noqa: E731
+        def step(_, c):  # the next input is the previous output: a chain, as layers are
+            return (allreduce_residual_rmsnorm(c, r, s, 1e-5, mesh.axis_names, impl)[1] * 0.5).astype(c.dtype)
         return jax.lax.fori_loop(0, iters, step, p[0])
 
     g = jax.jit(jax.shard_map(f, mesh=mesh, in_specs=(P(mesh.axis_names), P(), P()), out_specs=P(),
