@@ -23,6 +23,9 @@ Routed experts (experts over the `expert` axis, each expert's hidden units over 
   rows, but XLA:CPU does not implement it ("HLO opcode ragged-all-to-all is not supported by XLA:CPU
   ThunkEmitter", jax 0.10.2), and these paths must be checkable on CPU; so the exchange is a dense
   `all_to_all` of fixed-size buffers, sized so that nothing is ever dropped (see `moe_exchange`).
+  `Parallel(exchange="ragged")` opts into `ragged_all_to_all` (`moe_exchange_ragged`: only real rows travel);
+  on CPU it runs an all_gather emulation of the primitive, so its offsets are tested here and the primitive
+  itself only on GPUs.
 """
 
 from __future__ import annotations
@@ -50,10 +53,13 @@ class Parallel:
     tensor_axis: str = "tensor"
     allreduce: str = "xla"
     exchange_min_tokens: int = EXCHANGE_MIN_TOKENS
+    exchange: str = "all_to_all"
 
     def __post_init__(self):
         if self.allreduce not in ("xla", "oneshot"):
             raise ValueError(f"allreduce must be 'xla' or 'oneshot', got {self.allreduce!r}")
+        if self.exchange not in ("all_to_all", "ragged"):
+            raise ValueError(f"exchange must be 'all_to_all' or 'ragged', got {self.exchange!r}")
         for a in (self.expert_axis, self.tensor_axis):
             if a not in self.mesh.shape:
                 raise ShardingError(f"mesh has no axis {a!r} (axes {tuple(self.mesh.shape)})")
@@ -182,7 +188,9 @@ def moe(par: Parallel, ffn, h, residual, norm):
         shared = _swiglu(x, {k[3:]: v for k, v in w.items() if k.startswith("sh_")}, kernels)  # [N, D] partial
         experts = (w["gate"], w["up"], w["down"])
         scales = None if "gate_s" not in w else (w["gate_s"], w["up_s"], w["down_s"])
-        if exchange:
+        if exchange and par.exchange == "ragged":
+            routed = moe_exchange_ragged(x, idx, scores, *experts, scales, par.expert_axis)
+        elif exchange:
             routed = moe_exchange(x, idx, scores, *experts, scales, par.expert_axis)
         else:
             routed = moe_local(x, idx, scores, *experts, scales, par.expert_axis)
@@ -254,6 +262,62 @@ def moe_exchange(x, idx, scores, w_gate, w_up, w_down, scales, expert_axis):
     back = jax.lax.all_to_all(y.reshape(Ne, Pc, D), expert_axis, 0, 0)  # [Ne, Pc, D]: my pairs' outputs
     out = jnp.zeros((Nc, D), y.dtype).at[token].add(back[dest, slot])  # [Nc, D]
     return jax.lax.dynamic_update_slice_in_dim(jnp.zeros((N, D), y.dtype), out, c * Nc, axis=0)
+
+
+def moe_exchange_ragged(x, idx, scores, w_gate, w_up, w_down, scales, expert_axis):
+    """`moe_exchange` with `ragged_all_to_all`: only the real (token, expert) rows travel. Same inputs and output.
+
+    Each shard sorts its Pc pairs by owning shard and sends each run to its owner. The count matrix
+    C[source, destination] (an all_gather of Ne ints per shard) gives every offset: shard j's receive buffer
+    holds the runs from sources 0, 1, ... in order, so source s writes at sum_{s' < s} C[s', j]. Receive buffer:
+    Ne*Pc = N*k rows, what arrives if every pair of every shard goes to this one (no drops); rows past what
+    arrived keep the sentinel expert id and the grouped GEMM leaves them out. The results go back by the same
+    offsets read the other way."""
+    Ne, E_loc = jax.lax.axis_size(expert_axis), w_gate.shape[0]
+    N, D = x.shape
+    k = idx.shape[1]
+    Nc = N // Ne
+    me = jax.lax.axis_index(expert_axis)
+    xc = jax.lax.dynamic_slice_in_dim(x, me * Nc, Nc)  # [Nc, D]
+    ic = jax.lax.dynamic_slice_in_dim(idx, me * Nc, Nc).reshape(-1)  # [Pc]
+    sc = jax.lax.dynamic_slice_in_dim(scores, me * Nc, Nc).reshape(-1)  # [Pc]
+    Pc, R = Nc * k, N * k
+    token = jnp.arange(Pc) // k
+    dest = ic // E_loc
+    order = jnp.argsort(dest, stable=True)
+    xs = (xc[token] * sc[:, None])[order]  # [Pc, D] runs by destination; the score scales the input
+    es = (ic % E_loc)[order].astype(jnp.int32)[:, None]  # [Pc, 1]
+    counts = jnp.bincount(dest, length=Ne).astype(jnp.int32)  # [Ne] pairs to each shard
+    C = jax.lax.all_gather(counts, expert_axis)  # [Ne src, Ne dst]
+    send_off = jnp.cumsum(counts) - counts  # where each run starts in xs
+    land_off = (jnp.cumsum(C, axis=0) - C)[me]  # [Ne] where my run lands in each destination's buffer
+    recv = C[:, me]  # [Ne] rows from each source
+    a2a = _ragged_all_to_all if jax.default_backend() != "cpu" else _ragged_all_to_all_emulated
+    rx = a2a(xs, jnp.zeros((R, D), xs.dtype), send_off, counts, land_off, recv, expert_axis)  # [R, D]
+    re = a2a(es, jnp.full((R, 1), E_loc, jnp.int32), send_off, counts, land_off, recv, expert_axis)[:, 0]
+    y = expert_rows(rx, re, w_gate, w_up, w_down, scales)  # [R, D]
+    # Back: the run from source s sits at recv offset sum_{s' < s} C[s', me]; it returns to where s took it from
+    # (its send offset for me: sum_{d < me} C[s, d]).
+    back = a2a(y, jnp.zeros((Pc, D), y.dtype), jnp.cumsum(recv) - recv, recv,
+               (jnp.cumsum(C, axis=1) - C)[:, me], counts, expert_axis)  # [Pc, D] in xs's order
+    out = jnp.zeros((Nc, D), y.dtype).at[token[order]].add(back)  # [Nc, D]
+    return jax.lax.dynamic_update_slice_in_dim(jnp.zeros((N, D), y.dtype), out, me * Nc, axis=0)
+
+
+def _ragged_all_to_all(operand, output, send_off, send_sizes, land_off, recv_sizes, axis):
+    return jax.lax.ragged_all_to_all(operand, output, send_off, send_sizes, land_off, recv_sizes, axis_name=axis)
+
+
+def _ragged_all_to_all_emulated(operand, output, send_off, send_sizes, land_off, recv_sizes, axis):
+    """What `ragged_all_to_all` computes (one run per destination), from all_gathers: XLA:CPU has no ragged
+    all-to-all, and the offset arithmetic above must be testable on CPU. Not for speed."""
+    me = jax.lax.axis_index(axis)
+    ops = jax.lax.all_gather(operand, axis)  # [Ne, P, ...]
+    so, ss, lo = (jax.lax.all_gather(a, axis)[:, me] for a in (send_off, send_sizes, land_off))  # [Ne] per source
+    i = jnp.arange(operand.shape[0])[None, :] - so[:, None]  # [Ne, P] row index within the run sent to me
+    ok = (i >= 0) & (i < ss[:, None])
+    dst = jnp.where(ok, lo[:, None] + i, output.shape[0])  # out of range: dropped
+    return output.at[dst.reshape(-1)].set(ops.reshape(-1, *operand.shape[1:]), mode="drop")
 
 
 def expert_rows(xs, e, w_gate, w_up, w_down, scales):

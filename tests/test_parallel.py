@@ -22,7 +22,7 @@ def _run(code: str):
 def test_moe_dispatch_and_fused_allreduce_equal_single_device():
     """MoE over meshes (8,1), (1,8), (2,4), (4,2) (FP8 weights: (2,4)) with every token routed to one expert
     (router weights set so) and top-2 routing, float32: both dispatches (local at 4 tokens, all_to_all exchange at
-    128) equal the single-device layer followed by residual add and RMSNorm; the fused all-reduce + residual +
+    128, and the ragged exchange) equal the single-device layer followed by residual add and RMSNorm; the fused all-reduce + residual +
     RMSNorm equals psum, add and norm done apart; kv heads split over a leading mesh prefix."""
     _run("""
         import numpy as np, jax, jax.numpy as jnp
@@ -50,12 +50,15 @@ def test_moe_dispatch_and_fused_allreduce_equal_single_device():
                 assert bool(jnp.all(idx[:, 0] == 3)), idx  # every token's first choice is expert 3
                 x_want = res + ffn(h)
                 h_want = rms_norm(x_want, norm.scale[...], norm.eps)
-                for E, Tn in ((8, 1), (1, 8), (2, 4), (4, 2)) if name == "f32" else ((2, 4),):
-                    p = par.Parallel(make_mesh(E, Tn))
+                meshes = ((8, 1), (1, 8), (2, 4), (4, 2)) if name == "f32" else ((2, 4),)
+                # the ragged exchange (ragged_all_to_all offsets; an all_gather emulation of it on CPU) too
+                ragged = ((8, 1), (2, 4)) if name == "f32" and B * T > 4 else ()
+                for (E, Tn), how in [(m, "all_to_all") for m in meshes] + [(m, "ragged") for m in ragged]:
+                    p = par.Parallel(make_mesh(E, Tn), exchange=how)
                     x, hn = jax.jit(lambda h, r: par.moe(p, ffn, h, r, norm))(h, res)
                     for got, want in ((x, x_want), (hn, h_want)):
                         err = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
-                        assert err < 1e-5, (name, B * T, E, Tn, err)
+                        assert err < 1e-5, (name, B * T, E, Tn, how, err)
                 print(name, B * T, "ok")
 
         # Fused all-reduce + residual + RMSNorm == psum, add, norm done as separate programs.
