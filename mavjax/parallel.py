@@ -73,6 +73,8 @@ class Parallel:
         return spec_for(var.get_metadata()["logical_axes"], var.shape, self.mesh, "")
 
     def smap(self, f, in_specs, out_specs):
+        # check_vma off: the bodies' P() outputs come out of a psum (replicated by construction), and the
+        # exchange's all_to_all / ragged buffers are per-device values the checker cannot follow through scatters.
         return jax.shard_map(f, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
 
 
@@ -81,7 +83,8 @@ def allreduce_residual_rmsnorm(partial, residual, scale, eps, axis_names, impl: 
     """Inside shard_map: sum `partial` [..., D] over `axis_names`, add `residual` [..., D], RMS-normalise with
     `scale` [D]. Returns (new residual, normed), both replicated. "xla": psum then add then norm (the
     reference); "oneshot": every device writes its partial into every peer's buffer over NVLink and each sums
-    locally, fused with the add and the norm (pallas_kernels/allreduce.py, GPU only)."""
+    locally, the residual add in the same kernel, the norm after it in XLA (pallas_kernels/allreduce.py, GPU
+    only)."""
     from mavjax.model import rms_norm
 
     if impl == "oneshot":

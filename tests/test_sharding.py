@@ -116,7 +116,6 @@ def test_sharded_generation_equals_single_device(tmp_path):
     _run(f"""
         import numpy as np, jax, jax.numpy as jnp
         from flax import nnx
-        from jax.sharding import PartitionSpec as P
         from mavjax import LLM, SamplingParams
         import mavjax.parallel as par
         from mavjax.config import preset
