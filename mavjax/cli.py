@@ -31,6 +31,9 @@ def cmd_generate(a) -> int:
     from mavjax.tokenizer import Tokenizer
 
     params = _sampling_from_args(a)  # invalid values fail here, before anything is loaded
+    from mavjax.distributed import maybe_initialize
+
+    maybe_initialize()  # multi-host (JAX_COORDINATOR_ADDRESS, ...): before any device use
     if a.mesh is not None:
         from mavjax.sharding import parse_mesh
 
@@ -52,8 +55,8 @@ def cmd_generate(a) -> int:
         draft = Path(a.draft) if a.draft else (path / "draft" if is_draft_dir(path / "draft") else None)
     t0 = time.perf_counter()
     llm = LLM(path, dtype=a.dtype, max_model_len=a.max_model_len, kernels=a.kernels, quantize=a.quantize,
-              mesh=a.mesh, kv_cache_dtype=a.kv_cache_dtype, draft=draft, num_draft_tokens=a.num_draft_tokens,
-              draft_tree=a.draft_tree)
+              mesh=a.mesh, allreduce=a.allreduce, kv_cache_dtype=a.kv_cache_dtype, draft=draft,
+              num_draft_tokens=a.num_draft_tokens, draft_tree=a.draft_tree)
     load_s = time.perf_counter() - t0
     out = llm.generate([ids], params)[0]
     if a.chat:
@@ -91,6 +94,8 @@ def main(argv=None) -> int:
     g.add_argument("--num-draft-tokens", type=int, default=3, help="draft tokens per round (a chain)")
     g.add_argument("--draft-tree", default=None, metavar="B1,B2,..",
                    help="static draft tree: children per node at each depth (greedy batches; sampling uses a chain)")
+    g.add_argument("--allreduce", default="xla", choices=["xla", "oneshot"],
+                   help="with --mesh: psum, or the one-shot NVLink peer-memory kernel (GPU, experimental)")
     _add_sampling_args(g)
     g.set_defaults(func=cmd_generate)
 

@@ -144,13 +144,15 @@ class Attention(nnx.Module):
         self.scale = Dh ** -0.5
         self.kernels = kernels
 
-    def __call__(self, x, positions, rope, cache_kv=None, cache_pos=None, write_index=None, attn_mask=None):
+    def __call__(self, x, positions, rope, cache_kv=None, cache_pos=None, write_index=None, attn_mask=None,
+                 project=True):
         """x [B, T, D], positions [B, T]. Without a cache, keys are this call's tokens. With one
         (k, v: [B, S, K, Dh]; cache_pos [B, S] the position each slot holds, already updated for this call),
         this call's keys are written at slots `write_index` [B] onward and attention reads the whole cache.
         `attn_mask` [B, T, S] (optional) is ANDed into the position mask: speculative tree verification, where
         a draft node sees only its ancestors among the slots of the same call.
-        Returns (out [B, T, D], updated (k, v) or None)."""
+        Returns (out [B, T, D], updated (k, v) or None); `project=False`: out is the attention output before wo,
+        [B, T, H, Dh] (the tensor-parallel path projects each device's heads itself, mavjax.parallel)."""
         if self.kernels == "pallas" and self.wq_scale is not None:  # one FP8 launch, epilogue fused
             q, k, v = self._fused_qkv(x, positions, rope)
         else:
@@ -178,12 +180,16 @@ class Attention(nnx.Module):
                 o = decode_attention(q, ck, cv, positions, k_pos, chunk_size=self.chunk_size, scale=self.scale,
                                      k_scale=kv_scale, v_scale=kv_scale,
                                      interpret=jax.default_backend() == "cpu")  # [B, T, H, Dh]
+                if not project:
+                    return o, new_cache
                 return self._proj(o, self.wo, self.wo_scale, 2), new_cache  # [B, T, H, Dh] x [H, Dh, D]
             keys, values = read_kv(ck, q.dtype), read_kv(cv, q.dtype)
         mask = attention_mask(positions, k_pos, self.chunk_size)
         if attn_mask is not None:
             mask &= attn_mask
         o = attend(q, keys, values, mask, self.scale)  # [B, T, H, Dh]
+        if not project:
+            return o, new_cache
         return self._proj(o, self.wo, self.wo_scale, 2), new_cache  # [B, T, H, Dh] x [H, Dh, D] -> [B, T, D]
 
     def _proj(self, x, w, scale, n_in):
@@ -358,10 +364,20 @@ class Llama4(nnx.Module):
         self.norm = RMSNorm(D, cfg.rms_norm_eps, dtype, rngs)
         self.lm_head = None if cfg.tie_word_embeddings else _param(rngs, (D, V), ("embed", "vocab"), dtype, std)
         self.inv_freq = nnx.Variable(jnp.asarray(cfg.rope_inv_freq(), jnp.float32))  # not a Param: not trained
+        self.parallel = None  # a mavjax.parallel.Parallel: run the layers under shard_map over its mesh
+
+    def set_parallel(self, parallel) -> "Llama4":
+        """Run over `parallel.mesh` (mavjax.parallel; parameters must be sharded by mavjax.sharding.RULES)."""
+        self.parallel = parallel
+        return self
 
     def hidden_states(self, tokens, positions, cache=None, write_index=None, collect_layers=(), attn_mask=None):
         """tokens, positions [B, T] -> (final-normed hidden [B, T, D], updated cache, {layer: hidden}).
         `attn_mask` [B, T, S]: optional extra attention mask over the cache slots (see Attention)."""
+        if self.parallel is not None:
+            from mavjax import parallel
+
+            return parallel.hidden_states(self, tokens, positions, cache, write_index, collect_layers, attn_mask)
         x = self.embed[...][tokens]  # [B, T, D]
         rope = rope_tables(self.inv_freq[...], positions)
         cache_pos = None if cache is None else write_slots(cache.pos, positions, write_index)
