@@ -615,7 +615,7 @@ def moe_fp8_pairs(x, expert_idx, scores, w_gate, w_up, w_down, scales=None, *, b
     outs1 = ([jax.ShapeDtypeStruct((split1, P, F), jnp.float32)] * 2 if split1 > 1
              else [jax.ShapeDtypeStruct((P, F), cdt)])
     res = _call(kern1, args1, outs1, (P, pl.cdiv(F, block_n), split1), num_stages=num_stages,
-                name=f"moe_pair_gate_up_n{block_n}_k{block_k}_s{split1}", **common)
+                name=f"moe_gate_up_pairs_n{block_n}_k{block_k}_s{split1}", **common)
     # (h [P, F] if split1 == 1, else the f32 partials of g and u, summed + SwiGLU'd inside kernel 2)
 
     # Kernel 2: y [P, D] = h @ down_e.
@@ -626,6 +626,6 @@ def moe_fp8_pairs(x, expert_idx, scores, w_gate, w_up, w_down, scales=None, *, b
     args2 = [idx, *res, w_down] + ([sd.astype(jnp.float32)] if has_scales else [])
     out2 = jax.ShapeDtypeStruct((split2, P, D) if split2 > 1 else (P, D), jnp.float32)
     (y,) = _call(kern2, args2, [out2], (P, pl.cdiv(D, block_n_down), split2), num_stages=num_stages_down,
-                 name=f"moe_pair_down_n{block_n_down}_k{block_k_down}_s{split2}", **common)
+                 name=f"moe_down_pairs_n{block_n_down}_k{block_k_down}_s{split2}", **common)
     y = jnp.sum(y, axis=0) if split2 > 1 else y                                                 # [P, D] f32
     return jnp.sum(y.reshape(N, k, D), axis=1).astype(x.dtype)                                  # [N, D]

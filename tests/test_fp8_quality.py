@@ -109,7 +109,7 @@ def test_fp8_kv_cache_close_to_bf16_on_heldout_text(heldout_ids):
     assert llm.engine.kv_dtype == jnp.bfloat16
     nll_b, top_b = _cached_nll_and_top1(llm, heldout_ids, jnp.bfloat16)
     nll_f, top_f = _cached_nll_and_top1(llm, heldout_ids, jnp.float8_e4m3fn)
-    nll_x, top_x = _nll_and_top1(llm, heldout_ids)  # the cache-free forward: the bf16 cache must equal it
+    nll_x, top_x, _ = _nll_and_top1(llm, heldout_ids)  # the cache-free forward: the bf16 cache must equal it
     ppl_b, ppl_f = np.exp(nll_b.mean()), np.exp(nll_f.mean())
     agree = (top_b == top_f).mean()
     print(f"bf16-KV ppl {ppl_b:.3f}, fp8-KV ppl {ppl_f:.3f} ({ppl_f / ppl_b - 1:+.2%}), top-1 agreement {agree:.4f}")
