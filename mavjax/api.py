@@ -11,7 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
-from mavjax.generate import Batch, Engine, bucket
+from mavjax.generate import Batch, Engine, bucket, to_host
 from mavjax.sampling import SamplingError, SamplingParams
 from mavjax.tokenizer import Tokenizer
 
@@ -44,30 +44,46 @@ class GenerationOutput:
 class LLM:
     def __init__(self, model: str | Path | None = None, *, dtype: str | None = None,
                  max_model_len: int | None = None, max_batch_size: int = 32, kernels: str = "xla",
-                 quantize: str | None = None, mesh=None, draft: str | Path | None = None,
-                 num_draft_tokens: int = 3, draft_tree: str | Sequence[int] | None = None):
+                 quantize: str | None = None, mesh=None, allreduce: str = "xla", draft: str | Path | None = None,
+                 num_draft_tokens: int = 3, draft_tree: str | Sequence[int] | None = None,
+                 kv_cache_dtype: str = "auto"):
         """`kernels`: "xla" (plain jax.numpy) or "pallas" (the kernels of pallas_kernels/ where they apply:
         split-KV decode attention, FP8 GEMMs, the grouped MoE GEMM). `quantize="fp8"`: quantize the projection weights to FP8 on
         load (per-output-channel scales; embedding, LM head, router and norms stay in `dtype`). `mesh`:
         "expert=E,tensor=T", a dict of those, or a jax Mesh: parameters are restored sharded by
-        `mavjax.sharding.RULES` straight into place, and the jitted programs are partitioned over the mesh.
+        `mavjax.sharding.RULES` straight into place, and the layers run under shard_map over the mesh
+        (`mavjax.parallel`: expert-parallel MoE dispatch, one all-reduce per half-layer fused with the residual
+        add and the next RMSNorm). `allreduce`: "xla" (psum) or "oneshot" (the NVLink peer-memory kernel;
+        GPU only). Under jax.distributed (mavjax.distributed) the mesh spans every process's devices.
         `draft`: an EAGLE-3 draft checkpoint directory (`mavjax.eagle3`): decoding then drafts
         `num_draft_tokens` tokens a round as a chain, or the static tree `draft_tree` (branching per depth,
         e.g. "3,2,1"; temperature-0 batches only, sampling batches use a chain of its depth), and verifies
-        them in one target forward (`mavjax.speculative`); outputs follow the same distribution as without."""
+        them in one target forward (`mavjax.speculative`); outputs follow the same distribution as without.
+        `kv_cache_dtype` (vLLM's names): "auto" (the model's dtype) or "fp8" (float8_e4m3fn, static scale 1.0;
+        see mavjax.kv_cache)."""
         from mavjax.checkpoint import load_model  # orbax import is slow; only when loading from disk
+        from mavjax.distributed import maybe_initialize
+
+        maybe_initialize()  # multi-host: before any device use, so that meshes span every process's devices
 
         if quantize not in (None, "fp8"):
             raise ValueError(f"quantize must be None or 'fp8', got {quantize!r}")
+        from mavjax.kv_cache import kv_dtype_for
+
+        kv_dtype_for(kv_cache_dtype, "bfloat16")  # a bad name fails before loading
         path = Path(model) if model is not None else DEFAULT_MODEL
         shardings = None
         if mesh is not None:
-            shardings = _mesh_shardings(path, mesh, dtype, kernels)
+            mesh, shardings = _mesh_shardings(path, mesh, dtype, kernels)
         cfg, net = load_model(path, dtype=dtype, kernels=kernels, shardings=shardings)
         if quantize == "fp8":
             from mavjax.quantize import quantize_model
 
             net = quantize_model(net)
+        if mesh is not None:
+            from mavjax.parallel import Parallel
+
+            net.set_parallel(Parallel(mesh, allreduce=allreduce))  # shard_map layers: MoE dispatch, fused all-reduce
         tok = Tokenizer.from_dir(path) if (path / "tokenizer.json").exists() else None
         gen_cfg = path / "generation_config.json"
         extra_eos = []
@@ -82,19 +98,22 @@ class LLM:
                 raise ValueError("speculative decoding (draft=...) over a device mesh is not supported yet: "
                                  "pass one of draft or mesh")
             draft_model = load_draft(draft, dtype=dtype)[1]
-        self._setup(net, tok, max_model_len, max_batch_size, extra_eos, draft_model, num_draft_tokens, draft_tree)
+        self._setup(net, tok, max_model_len, max_batch_size, extra_eos, draft_model, num_draft_tokens, draft_tree,
+                    kv_cache_dtype)
 
     @classmethod
     def from_model(cls, net, tokenizer: Tokenizer | None = None, *, max_model_len: int | None = None,
-                   max_batch_size: int = 32, draft=None, num_draft_tokens: int = 3, draft_tree=None) -> "LLM":
+                   max_batch_size: int = 32, draft=None, num_draft_tokens: int = 3, draft_tree=None,
+                   kv_cache_dtype: str = "auto") -> "LLM":
         """Wrap an in-memory `mavjax.model.Llama4` (tests, training scripts); `draft`: an in-memory
         `mavjax.eagle3.Eagle3Draft` or None."""
         self = cls.__new__(cls)
-        self._setup(net, tokenizer, max_model_len, max_batch_size, [], draft, num_draft_tokens, draft_tree)
+        self._setup(net, tokenizer, max_model_len, max_batch_size, [], draft, num_draft_tokens, draft_tree,
+                    kv_cache_dtype)
         return self
 
     def _setup(self, net, tokenizer, max_model_len, max_batch_size, extra_eos, draft=None, num_draft_tokens=3,
-               draft_tree=None):
+               draft_tree=None, kv_cache_dtype="auto"):
         self.cfg = net.cfg
         self.tokenizer = tokenizer
         self.max_model_len = int(max_model_len or self.cfg.max_position_embeddings)
@@ -104,7 +123,10 @@ class LLM:
         self.max_batch_size = max_batch_size
         self.eos_token_ids = sorted({*self.cfg.eos_token_id, *extra_eos})
         pad = self.cfg.pad_token_id if self.cfg.pad_token_id is not None else 0
-        self.engine = Engine(net, pad_id=pad)
+        from mavjax.kv_cache import kv_dtype_for
+
+        kv_dtype = kv_dtype_for(kv_cache_dtype, net.dtype)
+        self.engine = Engine(net, kv_dtype=kv_dtype, pad_id=pad)
         self.spec_engine = None
         if draft is not None:
             from mavjax.speculative import DraftTree, SpecEngine
@@ -113,7 +135,7 @@ class LLM:
                 tree = DraftTree.chain(num_draft_tokens)
             else:
                 tree = DraftTree.parse(draft_tree) if isinstance(draft_tree, str) else DraftTree(tuple(draft_tree))
-            self.spec_engine = SpecEngine(net, draft, tree, pad_id=pad)
+            self.spec_engine = SpecEngine(net, draft, tree, pad_id=pad, kv_dtype=kv_dtype)
 
     # ---- inputs --------------------------------------------------------------------------------------------
     def _encode(self, prompt) -> tuple[str | None, list[int]]:
@@ -210,6 +232,8 @@ class LLM:
             tokens[r, :len(ids)] = ids
         fill = lambda vals, dflt, dt: np.array(list(vals) + [dflt] * (B - n), dt)  # noqa: E731
         seeds = [p.seed if p.seed is not None else int.from_bytes(os.urandom(4), "little") for p in params]
+        if any(p.seed is None for p in params):
+            seeds = _same_on_every_process(seeds)
         batch = Batch(
             tokens=tokens, lengths=fill(lengths, 1, np.int32), max_new=fill(max_new, 1, np.int32),
             temperature=fill([p.temperature for p in params], 0.0, np.float32),
@@ -222,10 +246,10 @@ class LLM:
         first.block_until_ready()
         t1 = time.perf_counter()
         out, counts, stats = engine.decode(batch, first, cache, bucket(max(max_new), minimum=1))
-        out, counts = np.asarray(out), np.asarray(counts)
+        out, counts = to_host(out), to_host(counts)
         accept = None
         if self.spec_engine is not None:
-            rounds, accepted = np.asarray(stats["rounds"]), np.asarray(stats["accepted"])
+            rounds, accepted = to_host(stats["rounds"]), to_host(stats["accepted"])
             accept = [float(accepted[r] / rounds[r]) if rounds[r] else None for r in range(n)]
         t2 = time.perf_counter()
         results = []
@@ -262,7 +286,19 @@ def _mesh_shardings(path, mesh, dtype, kernels):
         mesh = make_mesh(**mesh)
     cfg = Llama4Config.from_json(Path(path))
     abstract = nnx.eval_shape(lambda: Llama4(cfg, dtype=jnp.dtype(dtype or "bfloat16"), kernels=kernels))
-    return param_shardings(abstract, mesh)
+    return mesh, param_shardings(abstract, mesh)
+
+
+def _same_on_every_process(seeds: list[int]) -> list[int]:
+    """Under jax.distributed every process must feed the same inputs: process 0's random seeds win."""
+    import jax
+
+    if jax.process_count() == 1:
+        return seeds
+    from jax.experimental import multihost_utils
+
+    mine = np.asarray([s % (1 << 32) for s in seeds], np.uint32)
+    return [int(s) for s in multihost_utils.broadcast_one_to_all(mine)]
 
 
 def _truncate_at_stop(tok: Tokenizer, gen: list[int], text: str, stops: list[str]):

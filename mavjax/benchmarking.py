@@ -33,3 +33,26 @@ def speedup(row: dict, baseline_key: str, width: int) -> str:
     """baseline time / Pallas time of a result row, as a table cell."""
     b, p = row.get(baseline_key), row.get("pallas_us")
     return fmt(b / p, width, 2) if b and p else fmt(None, width)
+
+
+def step_bytes(cfg, batch, context, dtype_bytes, proj_bytes=None, tokens_per_row=1):
+    """Fewest bytes one decode step reads: every weight used by the step's tokens once, plus the KV cache of
+    `batch` sequences of `context` tokens. `proj_bytes`: bytes per projection weight (1 for FP8; embedding, LM
+    head and router stay dtype_bytes). `tokens_per_row`: tokens per sequence in the step (K+1 for a
+    speculative verify step), which route to more distinct experts."""
+    pb = dtype_bytes if proj_bytes is None else proj_bytes
+    D, H, K, Dh = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    F, Fm, E, k = cfg.intermediate_size, cfg.intermediate_size_mlp, cfg.num_local_experts, cfg.num_experts_per_tok
+    n = D * (H + 2 * K) * Dh + H * Dh * D
+    per_layer_attn = n
+    total = cfg.hidden_size * cfg.vocab_size * dtype_bytes  # LM head
+    # Expected distinct experts hit by batch*k uniform routings.
+    distinct = E * (1 - (1 - 1 / E) ** (batch * tokens_per_row * k))
+    for i in range(cfg.num_hidden_layers):
+        total += per_layer_attn * pb
+        if cfg.is_moe_layer(i):
+            total += 3 * D * F * (1 + distinct) * pb + D * E * dtype_bytes
+        else:
+            total += 3 * D * Fm * pb
+    kv = cfg.num_hidden_layers * 2 * batch * context * K * Dh * dtype_bytes
+    return total + kv

@@ -1,4 +1,4 @@
-"""`mavjax` command line: generate, convert."""
+"""`mavjax` command line: generate, convert, batch, bench."""
 
 from __future__ import annotations
 
@@ -31,6 +31,9 @@ def cmd_generate(a) -> int:
     from mavjax.tokenizer import Tokenizer
 
     params = _sampling_from_args(a)  # invalid values fail here, before anything is loaded
+    from mavjax.distributed import maybe_initialize
+
+    maybe_initialize()  # multi-host (JAX_COORDINATOR_ADDRESS, ...): before any device use
     if a.mesh is not None:
         from mavjax.sharding import parse_mesh
 
@@ -52,7 +55,8 @@ def cmd_generate(a) -> int:
         draft = Path(a.draft) if a.draft else (path / "draft" if is_draft_dir(path / "draft") else None)
     t0 = time.perf_counter()
     llm = LLM(path, dtype=a.dtype, max_model_len=a.max_model_len, kernels=a.kernels, quantize=a.quantize,
-              mesh=a.mesh, draft=draft, num_draft_tokens=a.num_draft_tokens, draft_tree=a.draft_tree)
+              mesh=a.mesh, allreduce=a.allreduce, kv_cache_dtype=a.kv_cache_dtype, draft=draft,
+              num_draft_tokens=a.num_draft_tokens, draft_tree=a.draft_tree)
     load_s = time.perf_counter() - t0
     out = llm.generate([ids], params)[0]
     if a.chat:
@@ -82,12 +86,16 @@ def main(argv=None) -> int:
     g.add_argument("--kernels", default="xla", choices=["xla", "pallas"])
     g.add_argument("--quantize", default=None, choices=["fp8"], help="quantize projection weights on load")
     g.add_argument("--mesh", default=None, metavar="expert=E,tensor=T", help="shard over a device mesh")
+    g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
+                   help="KV cache storage: the model's dtype, or float8_e4m3fn (static scale 1.0)")
     g.add_argument("--draft", default=None, metavar="DIR",
                    help="EAGLE-3 draft checkpoint for speculative decoding (default: MODEL/draft when present)")
     g.add_argument("--no-draft", action="store_true", help="plain decoding even if the model ships a draft")
     g.add_argument("--num-draft-tokens", type=int, default=3, help="draft tokens per round (a chain)")
     g.add_argument("--draft-tree", default=None, metavar="B1,B2,..",
                    help="static draft tree: children per node at each depth (greedy batches; sampling uses a chain)")
+    g.add_argument("--allreduce", default="xla", choices=["xla", "oneshot"],
+                   help="with --mesh: psum, or the one-shot NVLink peer-memory kernel (GPU, experimental)")
     _add_sampling_args(g)
     g.set_defaults(func=cmd_generate)
 
@@ -96,6 +104,17 @@ def main(argv=None) -> int:
     c = sub.add_parser("convert", help="convert a Hugging Face Llama 4 checkpoint to mavjax (orbax)")
     convert.add_arguments(c)
     c.set_defaults(func=convert.main)
+
+    from mavjax import batch, bench
+
+    b = sub.add_parser("batch", help="generate for every line of a JSONL file (resumable)",
+                       description=batch.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    batch.add_arguments(b)
+    b.set_defaults(func=batch.main)
+    k = sub.add_parser("bench", help="latency/throughput sweeps; one rank of an 8-GPU deployment",
+                       description=bench.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    bench.add_arguments(k)
+    k.set_defaults(func=bench.main)
 
     a = parser.parse_args(argv)
     try:

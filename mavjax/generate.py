@@ -54,6 +54,8 @@ class Engine:
         self.graphdef, self.state = nnx.split(model)
         self.kv_dtype = kv_dtype or model.dtype
         self.pad_id = pad_id
+        parallel = getattr(model, "parallel", None)
+        self.mesh = None if parallel is None else parallel.mesh  # the KV cache is sharded by the rules over it
         self._prefill = jax.jit(self._prefill_impl, static_argnames=("cache_len", "all_greedy"))
         self._decode = jax.jit(self._decode_impl, static_argnames=("out_len", "all_greedy"), donate_argnames=("cache",))
         self._forward = jax.jit(self._forward_impl)
@@ -62,7 +64,7 @@ class Engine:
     def _prefill_impl(self, state, tokens, lengths, temperature, top_k, top_p, seeds, *, cache_len, all_greedy):
         model = nnx.merge(self.graphdef, state)
         B, T = tokens.shape
-        cache = KVCache.create(self.cfg, B, cache_len, self.kv_dtype)
+        cache = self._shard_cache(KVCache.create(self.cfg, B, cache_len, self.kv_dtype))
         positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         h, cache, _ = model.hidden_states(tokens, positions, cache, write_index=jnp.zeros((B,), jnp.int32))
         last = jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)  # [B, 1, D]
@@ -73,6 +75,7 @@ class Engine:
     def _decode_impl(self, state, cache, first, lengths, max_new, active, stop_ids, temperature, top_k, top_p,
                      seeds, *, out_len, all_greedy):
         model = nnx.merge(self.graphdef, state)
+        cache = self._shard_cache(cache)
         B = first.shape[0]
         is_stop = lambda t: jnp.any(t[:, None] == stop_ids[None, :], axis=-1)  # noqa: E731
         out = jnp.full((B, out_len), self.pad_id, jnp.int32).at[:, 0].set(first)
@@ -100,6 +103,13 @@ class Engine:
         cache, _, _, out, n, _, _ = jax.lax.while_loop(cond, body, carry)
         return out, n, cache
 
+    def _shard_cache(self, cache):
+        if self.mesh is None:
+            return cache
+        from mavjax.sharding import cache_shardings
+
+        return jax.lax.with_sharding_constraint(cache, cache_shardings(self.cfg, *cache.pos.shape, self.mesh))
+
     def _forward_impl(self, state, tokens):
         model = nnx.merge(self.graphdef, state)
         logits, _ = model(tokens)
@@ -122,4 +132,14 @@ class Engine:
         T = len(token_ids)
         padded = np.full((1, bucket(T)), self.pad_id, np.int32)
         padded[0, :T] = token_ids
-        return np.asarray(self._forward(self.state, padded))[0, :T]
+        return to_host(self._forward(self.state, padded))[0, :T]
+
+
+def to_host(x) -> np.ndarray:
+    """A device array as numpy; under jax.distributed an output spread over other processes' devices is
+    gathered first (every process gets the whole value)."""
+    if isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated):
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)

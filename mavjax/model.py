@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 
 from mavjax.config import Llama4Config
-from mavjax.kv_cache import KVCache, write_slots
+from mavjax.kv_cache import FP8, KV_FP8_SCALE, KVCache, read_kv, write_slots
 
 
 def _param(rngs: nnx.Rngs, shape, axes, dtype, std, init="normal", contract=None):
@@ -102,6 +102,12 @@ def attention_mask(q_pos, k_pos, chunk_size):
     return mask
 
 
+def attn_temperature(positions, floor_scale, attn_scale):
+    """Per-position query scale of the NoPE layers (arXiv:2501.19399), float32 [B, T]."""
+    pos = positions.astype(jnp.float32)
+    return jnp.log1p(jnp.floor((pos + 1.0) / floor_scale)) * attn_scale + 1.0
+
+
 def attend(q, k, v, mask, scale):
     """Grouped-query attention. q [B, T, H, Dh], k/v [B, S, K, Dh], mask [B, T, S] -> [B, T, H, Dh].
     Scores and softmax in float32; probabilities cast to the value dtype as transformers' eager path does."""
@@ -138,24 +144,28 @@ class Attention(nnx.Module):
         self.scale = Dh ** -0.5
         self.kernels = kernels
 
-    def __call__(self, x, positions, rope, cache_kv=None, cache_pos=None, write_index=None, attn_mask=None):
+    def __call__(self, x, positions, rope, cache_kv=None, cache_pos=None, write_index=None, attn_mask=None,
+                 project=True):
         """x [B, T, D], positions [B, T]. Without a cache, keys are this call's tokens. With one
         (k, v: [B, S, K, Dh]; cache_pos [B, S] the position each slot holds, already updated for this call),
         this call's keys are written at slots `write_index` [B] onward and attention reads the whole cache.
         `attn_mask` [B, T, S] (optional) is ANDed into the position mask: speculative tree verification, where
         a draft node sees only its ancestors among the slots of the same call.
-        Returns (out [B, T, D], updated (k, v) or None)."""
-        q = self._proj(x, self.wq, self.wq_scale, 1)  # [B, T, D] x [D, H, Dh] -> [B, T, H, Dh]
-        k = self._proj(x, self.wk, self.wk_scale, 1)  # [B, T, D] x [D, K, Dh] -> [B, T, K, Dh]
-        v = self._proj(x, self.wv, self.wv_scale, 1)  # [B, T, D] x [D, K, Dh] -> [B, T, K, Dh]
-        if self.use_rope:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if self.qk_norm:  # L2 norm without weight, after RoPE (transformers' order)
-            q, k = rms_norm(q, None, self.eps), rms_norm(k, None, self.eps)
-        if self.temperature_tuning:  # arXiv:2501.19399: sharpen NoPE attention at long positions
-            pos = positions.astype(jnp.float32)
-            t = jnp.log1p(jnp.floor((pos + 1.0) / self.floor_scale)) * self.attn_scale + 1.0  # [B, T]
-            q = (q.astype(jnp.float32) * t[:, :, None, None]).astype(q.dtype)
+        Returns (out [B, T, D], updated (k, v) or None); `project=False`: out is the attention output before wo,
+        [B, T, H, Dh] (the tensor-parallel path projects each device's heads itself, mavjax.parallel)."""
+        if self.kernels == "pallas" and self.wq_scale is not None:  # one FP8 launch, epilogue fused
+            q, k, v = self._fused_qkv(x, positions, rope)
+        else:
+            q = self._proj(x, self.wq, self.wq_scale, 1)  # [B, T, D] x [D, H, Dh] -> [B, T, H, Dh]
+            k = self._proj(x, self.wk, self.wk_scale, 1)  # [B, T, D] x [D, K, Dh] -> [B, T, K, Dh]
+            v = self._proj(x, self.wv, self.wv_scale, 1)  # [B, T, D] x [D, K, Dh] -> [B, T, K, Dh]
+            if self.use_rope:
+                q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            if self.qk_norm:  # L2 norm without weight, after RoPE (transformers' order)
+                q, k = rms_norm(q, None, self.eps), rms_norm(k, None, self.eps)
+            if self.temperature_tuning:  # arXiv:2501.19399: sharpen NoPE attention at long positions
+                t = attn_temperature(positions, self.floor_scale, self.attn_scale)  # [B, T]
+                q = (q.astype(jnp.float32) * t[:, :, None, None]).astype(q.dtype)
         if cache_kv is None:
             keys, values, k_pos, new_cache = k, v, positions, None
         else:
@@ -166,18 +176,41 @@ class Attention(nnx.Module):
             if self.kernels == "pallas" and T * G <= PALLAS_MAX_ROWS and attn_mask is None:
                 from pallas_kernels.decode_attention import decode_attention
 
+                kv_scale = KV_FP8_SCALE if ck.dtype == FP8 else None  # FP8 cache: dequantized in registers
                 o = decode_attention(q, ck, cv, positions, k_pos, chunk_size=self.chunk_size, scale=self.scale,
+                                     k_scale=kv_scale, v_scale=kv_scale,
                                      interpret=jax.default_backend() == "cpu")  # [B, T, H, Dh]
+                if not project:
+                    return o, new_cache
                 return self._proj(o, self.wo, self.wo_scale, 2), new_cache  # [B, T, H, Dh] x [H, Dh, D]
-            keys, values = ck.astype(q.dtype), cv.astype(q.dtype)
+            keys, values = read_kv(ck, q.dtype), read_kv(cv, q.dtype)
         mask = attention_mask(positions, k_pos, self.chunk_size)
         if attn_mask is not None:
             mask &= attn_mask
         o = attend(q, keys, values, mask, self.scale)  # [B, T, H, Dh]
+        if not project:
+            return o, new_cache
         return self._proj(o, self.wo, self.wo_scale, 2), new_cache  # [B, T, H, Dh] x [H, Dh, D] -> [B, T, D]
 
     def _proj(self, x, w, scale, n_in):
         return dense(x, w[...], None if scale is None else scale[...], n_in, self.kernels)
+
+    def _fused_qkv(self, x, positions, rope):
+        """kernels="pallas", FP8 weights: q, k, v through pallas_kernels.fused_gemm.qkv_rope, with RoPE, the
+        qk norm and the temperature in the GEMM epilogue (same function as the unfused branch)."""
+        from pallas_kernels.fused_gemm import qkv_rope
+
+        B, T, D = x.shape
+        (_, H, Dh), K = self.wq.shape, self.wk.shape[1]
+        flat = lambda w, s, n: (w[...].reshape(D, n * Dh), s[...].reshape(n * Dh))  # noqa: E731  (free reshapes)
+        tables = tuple(r.reshape(B * T, Dh // 2) for r in rope) if self.use_rope else None
+        t = attn_temperature(positions, self.floor_scale, self.attn_scale).reshape(B * T) \
+            if self.temperature_tuning else None
+        q, k, v = qkv_rope(x.reshape(B * T, D), *flat(self.wq, self.wq_scale, H), *flat(self.wk, self.wk_scale, K),
+                           *flat(self.wv, self.wv_scale, K), head_dim=Dh, rope=tables, q_row_scale=t,
+                           qk_norm_eps=self.eps if self.qk_norm else None, out_dtype=x.dtype,
+                           interpret=jax.default_backend() == "cpu")  # [B*T, N*] each
+        return q.reshape(B, T, H, Dh), k.reshape(B, T, K, Dh), v.reshape(B, T, K, Dh)
 
 
 class MLP(nnx.Module):
@@ -192,6 +225,13 @@ class MLP(nnx.Module):
 
     def __call__(self, x):
         p = lambda x, w, s: dense(x, w[...], None if s is None else s[...], 1, self.kernels)  # noqa: E731
+        if self.kernels == "pallas" and self.w_gate_scale is not None:  # g and u never leave the kernel
+            from pallas_kernels.fused_gemm import gate_up_swiglu
+
+            F = self.w_gate.shape[1]
+            h = gate_up_swiglu(x.reshape(-1, x.shape[-1]), self.w_gate[...], self.w_gate_scale[...], self.w_up[...],
+                               self.w_up_scale[...], out_dtype=x.dtype, interpret=jax.default_backend() == "cpu")
+            return p(h.reshape(*x.shape[:-1], F), self.w_down, self.w_down_scale)  # [..., F] x [F, D] -> [..., D]
         g = p(x, self.w_gate, self.w_gate_scale)  # [..., D] x [D, F] -> [..., F]
         u = p(x, self.w_up, self.w_up_scale)  # [..., D] x [D, F] -> [..., F]
         return p(jax.nn.silu(g) * u, self.w_down, self.w_down_scale)  # [..., F] x [F, D] -> [..., D]
@@ -286,9 +326,16 @@ class DecoderLayer(nnx.Module):
         self.is_moe = cfg.is_moe_layer(layer)
         self.ffn = MoE(cfg, dtype, rngs, kernels, quant) if self.is_moe else \
             MLP(cfg, cfg.intermediate_size_mlp, dtype, rngs, kernels, quant)
+        self.kernels = kernels
 
     def __call__(self, x, positions, rope, cache_kv=None, cache_pos=None, write_index=None, attn_mask=None):
         h, cache_kv = self.attn(self.attn_norm(x), positions, rope, cache_kv, cache_pos, write_index, attn_mask)
+        if self.kernels == "pallas":  # residual add + ffn norm in one pass over [B, T, D]
+            from pallas_kernels.fused_norm import add_rms_norm
+
+            x, normed = add_rms_norm(x, h, self.ffn_norm.scale[...], eps=self.ffn_norm.eps,
+                                     interpret=jax.default_backend() == "cpu")
+            return x + self.ffn(normed), cache_kv
         x = x + h
         return x + self.ffn(self.ffn_norm(x)), cache_kv
 
@@ -317,10 +364,20 @@ class Llama4(nnx.Module):
         self.norm = RMSNorm(D, cfg.rms_norm_eps, dtype, rngs)
         self.lm_head = None if cfg.tie_word_embeddings else _param(rngs, (D, V), ("embed", "vocab"), dtype, std)
         self.inv_freq = nnx.Variable(jnp.asarray(cfg.rope_inv_freq(), jnp.float32))  # not a Param: not trained
+        self.parallel = None  # a mavjax.parallel.Parallel: run the layers under shard_map over its mesh
+
+    def set_parallel(self, parallel) -> "Llama4":
+        """Run over `parallel.mesh` (mavjax.parallel; parameters must be sharded by mavjax.sharding.RULES)."""
+        self.parallel = parallel
+        return self
 
     def hidden_states(self, tokens, positions, cache=None, write_index=None, collect_layers=(), attn_mask=None):
         """tokens, positions [B, T] -> (final-normed hidden [B, T, D], updated cache, {layer: hidden}).
         `attn_mask` [B, T, S]: optional extra attention mask over the cache slots (see Attention)."""
+        if self.parallel is not None:
+            from mavjax import parallel
+
+            return parallel.hidden_states(self, tokens, positions, cache, write_index, collect_layers, attn_mask)
         x = self.embed[...][tokens]  # [B, T, D]
         rope = rope_tables(self.inv_freq[...], positions)
         cache_pos = None if cache is None else write_slots(cache.pos, positions, write_index)

@@ -7,7 +7,16 @@ The mesh has two axes, `expert` and `tensor`. Parameters name their dimensions w
 - experts: over `expert`, and each expert's hidden units over `tensor`; so `expert=8,tensor=1` is pure expert
   parallelism, `expert=1,tensor=8` the batch-1 minimum-latency layout (every device reads 1/8 of the active
   expert), `expert=2,tensor=4` lies between;
+- the KV cache [B, S, K, Dh] like the kv heads of wk/wv (`cache_batch`, `cache_seq` replicated), so each
+  device holds the cache of the kv heads its query heads read;
 - everything else (hidden size, head dim, norms, the router's expert scores) is replicated.
+
+Fewer kv heads than devices (Maverick has 8; a 16-device mesh, or the tiny test models): axes in `SPLIT_PREFIX`
+are split over the longest leading run of their mesh axes that divides them, and replicated over the rest,
+instead of being an error. Query heads are laid over ("expert", "tensor") expert-major, so splitting kv heads
+over a leading prefix ("expert") keeps each device's kv heads exactly those its query heads need: attention
+stays local, and the cache costs K/E heads per device instead of K/(E*T). (Sharding the cache over the batch
+instead would put a row's cache on other devices than the query heads reading it, and fails at batch 1.)
 """
 
 from __future__ import annotations
@@ -33,7 +42,13 @@ RULES: dict[str, tuple[str, ...] | None] = {
     "expert_mlp": ("tensor",),
     "router_expert": None,
     "norm": None,
+    "cache_batch": None,
+    "cache_seq": None,
 }
+
+# Logical axes that, when the mesh does not divide them, are split over a leading prefix of their mesh axes
+# (or replicated) rather than refused: kv heads (see the module docstring).
+SPLIT_PREFIX = frozenset({"kv_heads"})
 
 
 class ShardingError(ValueError):
@@ -71,6 +86,9 @@ def spec_for(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh, n
             raise ShardingError(f"{name}: logical axis {logical!r} has no sharding rule")
         mesh_axes = tuple(a for a in (rules.get(logical) or ()) if mesh.shape[a] > 1)
         ways = math.prod(mesh.shape[a] for a in mesh_axes)
+        while logical in SPLIT_PREFIX and size % ways:
+            mesh_axes = mesh_axes[:-1]
+            ways = math.prod(mesh.shape[a] for a in mesh_axes)
         if size % ways:
             raise ShardingError(f"{name}: dimension {logical!r} of size {size} cannot be split {ways} ways over "
                                 f"mesh axes {mesh_axes} ({dict(mesh.shape)}); choose a mesh that divides it")
@@ -87,3 +105,17 @@ def param_shardings(model, mesh: Mesh, rules=None) -> dict[str, NamedSharding]:
         axes = var.get_metadata()["logical_axes"]
         out[name] = NamedSharding(mesh, spec_for(axes, var.get_value().shape, mesh, name, rules))
     return out
+
+
+CACHE_AXES = ("cache_batch", "cache_seq", "kv_heads", "head_dim")  # KVCache.k / .v [B, S, K, Dh]
+
+
+def cache_shardings(cfg, batch: int, length: int, mesh: Mesh, rules=None):
+    """A KVCache-shaped tree of NamedShardings for a cache of `batch` rows and `length` slots."""
+    from mavjax.kv_cache import KVCache
+
+    shape = (batch, length, cfg.num_key_value_heads, cfg.head_dim)
+    kv = NamedSharding(mesh, spec_for(CACHE_AXES, shape, mesh, "kv cache", rules))
+    pos = NamedSharding(mesh, spec_for(CACHE_AXES[:2], shape[:2], mesh, "kv cache positions", rules))
+    L = cfg.num_hidden_layers
+    return KVCache(k=[kv] * L, v=[kv] * L, pos=pos)

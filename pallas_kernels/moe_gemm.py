@@ -48,7 +48,8 @@ Decode path (few pairs, P <= PAIRS_MAX): no sorting at all. Sorting costs a doze
 bincount, searchsorted, scatters: ~60-120 us measured on an H100, more than the expert bytes take to stream)
 and pads each pair to block_m rows. Instead `moe_fp8_pairs` runs one program row per (token, expert) pair:
 kernel 1 (grid (P, F blocks, split-K)) reads that pair's expert's gate/up tiles straight from the [E, D, F]
-weights by the expert id, kernel 2 (grid (P, D blocks, split-K)) its down tiles; the token's row is the only
+weights by the expert id, kernel 2 (grid (P, D blocks, split-K)) its down tiles, summing kernel 1's split-K partials and applying the
+SwiGLU as it loads them (no epilogue launch in between); the token's row is the only
 non-zero row of a 16-row dot operand (Triton dots need >= 16 rows; the tensor cores have time to spare, the
 weights' bytes are the cost), and the k pairs of a token are summed at the end. Only the routed experts are
 read; two pairs on one expert read it twice (at Maverick's 128 experts and top-1, rare at decode batch sizes,
@@ -300,8 +301,15 @@ def _pair_gate_up_kernel(*refs, k, d, f, block_n, block_k, kb_per_split, partial
         _store(h_ref.at[p, pl.ds(n0, block_n)], (_silu(g) * u).astype(h_ref.dtype), n_in)
 
 
-def _pair_down_kernel(*refs, f, d, block_n, block_k, kb_per_split, partial, has_scales, evict):
-    idx_ref, h_ref, wd_ref, *rest = refs
+def _pair_down_kernel(*refs, f, d, block_n, block_k, kb_per_split, partial, n_gu_splits, has_scales, cdt,
+                      evict):
+    """n_gu_splits == 0: h [P, F] (cdt) is kernel 1's finished SwiGLU output. n_gu_splits > 0: kernel 1 left f32
+    split-K partials g, u [n_gu_splits, P, F]; they are summed and the SwiGLU applied here, on load (they sit
+    in L2: a few KB per pair), which saves an XLA epilogue launch and a round trip of h through memory."""
+    if n_gu_splits:
+        idx_ref, g_ref, u_ref, wd_ref, *rest = refs
+    else:
+        idx_ref, h_ref, wd_ref, *rest = refs
     sd_ref, o_ref = rest if has_scales else (None, *rest)
     p, pid_n, pid_s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     e = idx_ref[p]
@@ -310,10 +318,20 @@ def _pair_down_kernel(*refs, f, d, block_n, block_k, kb_per_split, partial, has_
     kb_lo, kb_hi = _k_range(pid_s, pl.cdiv(f, block_k), kb_per_split)
     hint_w = "evict_first" if evict else None
 
+    def h_tile(k0, k_in):
+        if not n_gu_splits:
+            return _load(h_ref.at[p, pl.ds(k0, block_k)], k_in)                               # [bk]
+        g = _load(g_ref.at[jnp.int32(0), p, pl.ds(k0, block_k)], k_in)
+        u = _load(u_ref.at[jnp.int32(0), p, pl.ds(k0, block_k)], k_in)
+        for i in range(1, n_gu_splits):
+            g = g + _load(g_ref.at[jnp.int32(i), p, pl.ds(k0, block_k)], k_in)
+            u = u + _load(u_ref.at[jnp.int32(i), p, pl.ds(k0, block_k)], k_in)
+        return (_silu(g) * u).astype(cdt)                                                     # [bk]
+
     def body(kb, acc):
         k0 = pl.multiple_of(kb * block_k, block_k)
         k_in = _in_bounds(k0, block_k, f)
-        ht = _pair_rows(_load(h_ref.at[p, pl.ds(k0, block_k)], k_in))                    # [16, bk]
+        ht = _pair_rows(h_tile(k0, k_in))                                                     # [16, bk]
         wt = _load(wd_ref.at[e, pl.ds(k0, block_k), pl.ds(n0, block_n)], _mask2(k_in, n_in), hint_w)
         return acc + jnp.dot(ht, wt.astype(ht.dtype), preferred_element_type=jnp.float32)
 
@@ -598,13 +616,14 @@ def moe_fp8_pairs(x, expert_idx, scores, w_gate, w_up, w_down, scales=None, *, b
              else [jax.ShapeDtypeStruct((P, F), cdt)])
     res = _call(kern1, args1, outs1, (P, pl.cdiv(F, block_n), split1), num_stages=num_stages,
                 name=f"moe_pair_gate_up_n{block_n}_k{block_k}_s{split1}", **common)
-    h = (_silu(jnp.sum(res[0], 0)) * jnp.sum(res[1], 0)).astype(cdt) if split1 > 1 else res[0]  # [P, F]
+    # (h [P, F] if split1 == 1, else the f32 partials of g and u, summed + SwiGLU'd inside kernel 2)
 
     # Kernel 2: y [P, D] = h @ down_e.
     split2, kbps2 = _splits(F, block_k_down, split_k_down)
     kern2 = functools.partial(_pair_down_kernel, f=F, d=D, block_n=block_n_down, block_k=block_k_down,
-                              kb_per_split=kbps2, partial=split2 > 1, has_scales=has_scales, evict=evict)
-    args2 = [idx, h, w_down] + ([sd.astype(jnp.float32)] if has_scales else [])
+                              kb_per_split=kbps2, partial=split2 > 1, n_gu_splits=split1 if split1 > 1 else 0,
+                              has_scales=has_scales, cdt=cdt, evict=evict)
+    args2 = [idx, *res, w_down] + ([sd.astype(jnp.float32)] if has_scales else [])
     out2 = jax.ShapeDtypeStruct((split2, P, D) if split2 > 1 else (P, D), jnp.float32)
     (y,) = _call(kern2, args2, [out2], (P, pl.cdiv(D, block_n_down), split2), num_stages=num_stages_down,
                  name=f"moe_pair_down_n{block_n_down}_k{block_k_down}_s{split2}", **common)

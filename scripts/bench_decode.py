@@ -18,28 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mavjax.benchmarking import copy_bandwidth
-
-
-def step_bytes(cfg, batch, context, dtype_bytes, proj_bytes=None):
-    """Fewest bytes one decode step reads: every weight used by `batch` tokens once, plus the KV cache.
-    `proj_bytes`: bytes per projection weight (1 for FP8; embedding, LM head and router stay dtype_bytes)."""
-    pb = dtype_bytes if proj_bytes is None else proj_bytes
-    D, H, K, Dh = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    F, Fm, E, k = cfg.intermediate_size, cfg.intermediate_size_mlp, cfg.num_local_experts, cfg.num_experts_per_tok
-    n = D * (H + 2 * K) * Dh + H * Dh * D
-    per_layer_attn = n
-    total = cfg.hidden_size * cfg.vocab_size * dtype_bytes  # LM head
-    # Expected distinct experts hit by batch*k uniform routings.
-    distinct = E * (1 - (1 - 1 / E) ** (batch * k))
-    for i in range(cfg.num_hidden_layers):
-        total += per_layer_attn * pb
-        if cfg.is_moe_layer(i):
-            total += 3 * D * F * (1 + distinct) * pb + D * E * dtype_bytes
-        else:
-            total += 3 * D * Fm * pb
-    kv = cfg.num_hidden_layers * 2 * batch * context * K * Dh * dtype_bytes
-    return total + kv
+from mavjax.benchmarking import copy_bandwidth, step_bytes
 
 
 def main():

@@ -75,3 +75,22 @@ def test_cli_bad_input_is_a_clear_error(args, message, capsys):
     assert main(base + args) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_cli_generate_fp8_kv_cache(capsys, monkeypatch):
+    """--kv-cache-dtype fp8 (vLLM's name) reaches LLM: the engine's cache is float8_e4m3fn."""
+    import jax.numpy as jnp
+
+    import mavjax.api
+
+    seen = []
+    real = mavjax.api.LLM._setup
+
+    def spy(self, *a, **k):
+        real(self, *a, **k)
+        seen.append(self.engine.kv_dtype)
+    monkeypatch.setattr(mavjax.api.LLM, "_setup", spy)
+    assert main(["generate", "--prompt", "def fib(n):", "--max-new-tokens", "8", "--temperature", "0",
+                 "--kv-cache-dtype", "fp8"]) == 0
+    assert seen == [jnp.float8_e4m3fn]
+    assert capsys.readouterr().out.startswith("def fib(n):")

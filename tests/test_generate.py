@@ -160,3 +160,82 @@ def test_fp8_pallas_and_xla_paths_compute_the_same_function():
     b = LLM.from_model(q_pal).logits(ids)
     rel = np.linalg.norm(a - b) / np.linalg.norm(a)
     assert rel < 1e-2, rel  # the Pallas kernel rounds activations to bf16 for the MMA (2^-9 relative)
+
+
+def _decode_logits(net, ids, n_prompt, kv_dtype):
+    """Prefill ids[:n_prompt] into a cache of `kv_dtype`, then feed the rest one token per step (the decode
+    path: T = 1, cached attention) -> float32 logits [len(ids) - n_prompt, V] of the decode steps."""
+    import jax.numpy as jnp
+
+    from mavjax.kv_cache import KVCache
+
+    graphdef, state = nnx.split(net)
+    step = jax.jit(lambda st, toks, pos, cache, wi: nnx.merge(graphdef, st)(toks, pos, cache, wi))
+    cache = KVCache.create(net.cfg, 1, 32, kv_dtype)
+    pos = jnp.arange(n_prompt, dtype=jnp.int32)[None]
+    _, cache = step(state, jnp.asarray([ids[:n_prompt]], jnp.int32), pos, cache, jnp.zeros((1,), jnp.int32))
+    out = []
+    for t in range(n_prompt, len(ids)):
+        logits, cache = step(state, jnp.asarray([[ids[t]]], jnp.int32), jnp.asarray([[t]], jnp.int32), cache,
+                             jnp.asarray([t], jnp.int32))
+        out.append(np.asarray(logits[0, 0]))
+    return np.stack(out)
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])
+def test_fused_fp8_decode_pallas_matches_xla(kv_cache_dtype):
+    """The decode path with FP8 weights under kernels="pallas" runs every fusion (QKV + RoPE / qk-norm /
+    temperature, gate/up + SwiGLU in the dense MLPs and the shared expert, residual add + RMSNorm) plus the
+    split-KV attention on a bf16 or FP8 cache; it must compute what kernels="xla" computes on the same
+    weights and cache dtype: decode-step logits over a chunk boundary (chunk 8) within the bound of the FP8
+    test above (1e-2: the Pallas GEMMs round activations to bf16 for the MMA)."""
+    import jax.numpy as jnp
+
+    from mavjax.kv_cache import kv_dtype_for
+    from mavjax.quantize import quantize_model
+
+    cfg = preset("tiny")
+    kv = kv_dtype_for(kv_cache_dtype, jnp.float32)
+    nets = [quantize_model(Llama4(cfg, dtype=jnp.float32, rngs=nnx.Rngs(9), kernels=k)) for k in ("xla", "pallas")]
+    ids = np.random.default_rng(1).integers(3, 500, 14).tolist()
+    a, b = (_decode_logits(n, ids, 6, kv) for n in nets)
+    rel = np.linalg.norm(a - b) / np.linalg.norm(a)
+    assert rel < 1e-2, rel
+    assert (a.argmax(-1) == b.argmax(-1)).mean() >= 0.75  # same predictions but for near ties
+
+
+def test_fp8_kv_cache_through_llm_and_cli_names():
+    """kv_cache_dtype (vLLM's names) reaches the Engine; the cache is float8_e4m3fn; a bad name is an error."""
+    import jax.numpy as jnp
+
+    cfg = preset("tiny", max_position_embeddings=128)
+    llm = LLM.from_model(Llama4(cfg, dtype=jnp.float32, rngs=nnx.Rngs(3)), kv_cache_dtype="fp8")
+    b = _batch()
+    _, cache = llm.engine.prefill(b, 64)
+    assert cache.k[0].dtype == jnp.float8_e4m3fn and cache.v[-1].dtype == jnp.float8_e4m3fn
+    assert len(llm.generate(_prompts(1)[0], SamplingParams(max_new_tokens=5, ignore_eos=True))[0].token_ids) == 5
+    from mavjax.kv_cache import write_slots
+
+    buf = write_slots(jnp.zeros((1, 4, 2), jnp.float8_e4m3fn), jnp.array([[[1000.0, -0.3]]]), jnp.array([1]))
+    np.testing.assert_array_equal(np.asarray(buf[0, 1], np.float32), [448.0, -0.3125])  # clipped, not NaN
+    with pytest.raises(ValueError, match="kv_cache_dtype must be one of"):
+        LLM.from_model(Llama4(cfg, dtype=jnp.float32, rngs=nnx.Rngs(3)), kv_cache_dtype="int8")
+
+
+@pytest.mark.parametrize("kernels,quant,want,absent", [
+    ("pallas", "fp8", ("fp8_qkv_rope", "fp8_gate_up_swiglu", "add_rms_norm", "moe_gate_up"), ()),
+    ("pallas", None, ("add_rms_norm",), ("fp8_qkv_rope", "fp8_gate_up_swiglu")),  # GEMM fusions: FP8 only
+    ("xla", "fp8", (), ("fp8_qkv_rope", "fp8_gate_up_swiglu", "add_rms_norm")),
+])
+def test_fusions_are_wired_where_they_apply(kernels, quant, want, absent):
+    """The traced forward names the fused Pallas kernels exactly where they apply: kernels="pallas" with FP8
+    weights runs all three fusions; with bf16 weights only add + RMSNorm; kernels="xla" none."""
+    import jax.numpy as jnp
+
+    from mavjax.quantize import quantize_model
+
+    net = Llama4(preset("tiny"), dtype=jnp.float32, rngs=nnx.Rngs(8), kernels=kernels)
+    net = quantize_model(net) if quant else net
+    graphdef, state = nnx.split(net)
+    text = str(jax.make_jaxpr(lambda st, t: nnx.merge(graphdef, st)(t)[0])(state, jnp.ones((1, 8), jnp.int32)))
+    assert all(n in text for n in want) and not any(n in text for n in absent)

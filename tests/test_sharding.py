@@ -109,34 +109,60 @@ def test_parse_mesh():
 
 
 def test_sharded_generation_equals_single_device(tmp_path):
-    """LLM(path, mesh=...) for meshes (8,1), (1,8), (2,4), (4,2): logits (prefill) and greedy generations
-    (decode) equal the single-device ones, with routing skewed so that many tokens go to one expert."""
+    """LLM(path, mesh=...) for meshes (8,1), (1,8), (2,4), (4,2): logits and greedy generations equal the
+    single-device ones (prefill of 4 x 32 tokens through the all_to_all MoE dispatch, logits of 32 tokens and
+    decode through the local one), with routing skewed so that nearly every token goes to one expert, and 2 kv heads for 8 devices (kv heads split over a mesh prefix); the
+    KV cache comes out sharded as the rules say."""
     _run(f"""
         import numpy as np, jax, jax.numpy as jnp
         from flax import nnx
         from mavjax import LLM, SamplingParams
+        import mavjax.parallel as par
         from mavjax.config import preset
-        from mavjax.model import Llama4
+        from mavjax.model import Llama4, route
         from mavjax.checkpoint import save_model
-        cfg = preset("tiny", num_attention_heads=8, num_key_value_heads=8, num_local_experts=8)
+        from mavjax.sharding import cache_shardings
+        traced = []  # which MoE dispatch each traced program used
+        for name in ("moe_local", "moe_exchange"):
+            def wrap(*a, _f=getattr(par, name), _n=name):
+                traced.append(_n)
+                return _f(*a)
+            setattr(par, name, wrap)
+        cfg = preset("tiny", num_attention_heads=8, num_key_value_heads=2, num_local_experts=8)
         model = Llama4(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0))
-        for layer in model.layers:  # skew: expert 3's router column dominates
+        # Skew: every token carries a positive component on hidden unit 0, which expert 3's router column reads.
+        model.embed.set_value(model.embed[...].at[:, 0].add(0.1))
+        for layer in model.layers:
             if layer.is_moe:
-                r = layer.ffn.router[...]
-                layer.ffn.router.set_value(r.at[:, 3].add(0.5 * jnp.abs(r).max()))
+                layer.ffn.router.set_value(layer.ffn.router[...].at[0, 3].add(1.0))
         save_model(model, "{tmp_path}/ckpt")
         rng = np.random.default_rng(0)
         prompts = [rng.integers(3, 500, n).tolist() for n in (5, 17, 30)]
-        sp = SamplingParams(max_new_tokens=12, temperature=0.0, ignore_eos=True)
+        long = rng.integers(3, 500, 70).tolist()
+        _, _, taps = model.hidden_states(jnp.asarray([long]), jnp.arange(70)[None], collect_layers=(0,))
+        frac = float(jnp.mean(route(model.layers[1].ffn_norm(taps[0][0]), model.layers[1].ffn.router[...], 1)[0] == 3))
+        assert frac > 0.9, frac  # the skew is real: nearly every token to one expert
+        sp = SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True)
         ref = LLM("{tmp_path}/ckpt")
         want_tokens = [o.token_ids for o in ref.generate(prompts, sp)]
         want_logits = ref.logits(prompts[2])
         for mesh in ("expert=8,tensor=1", "expert=1,tensor=8", "expert=2,tensor=4", "expert=4,tensor=2"):
+            traced.clear()
             llm = LLM("{tmp_path}/ckpt", mesh=mesh)
             assert len(llm.engine.state["layers"][1]["ffn"]["w_up"][...].sharding.device_set) == 8
             got = llm.logits(prompts[2])
             rel = np.linalg.norm(got - want_logits) / np.linalg.norm(want_logits)
             assert rel < 1e-5, (mesh, rel)
+            caches = []
+            prefill = llm.engine.prefill
+            llm.engine.prefill = lambda b, S: caches.append(prefill(b, S)) or caches[-1]
             assert [o.token_ids for o in llm.generate(prompts, sp)] == want_tokens, mesh
-        print("ok")
+            k = caches[0][1].k[0]
+            assert k.sharding.is_equivalent_to(cache_shardings(cfg, *k.shape[:2], llm.engine.mesh).k[0], 4), \
+                (mesh, k.sharding)
+            if mesh == "expert=2,tensor=4":  # 2 kv heads over the leading axis, replicated over tensor
+                assert tuple(k.sharding.spec)[:3] == (None, None, "expert"), k.sharding.spec
+            assert "moe_local" in traced, (mesh, traced)  # decode and short prompts
+            assert ("moe_exchange" in traced) == (not mesh.startswith("expert=1")), (mesh, traced)
+            print(mesh, "ok", sorted(set(traced)))
     """)

@@ -1,0 +1,403 @@
+"""FP8 GEMMs with fused epilogues (Pallas, Triton lowering), beside their plain jax.numpy references.
+
+Two fusions of pallas_kernels/fp8_gemm.py's kernels (same arithmetic: FP8 e4m3 weights with a float32 scale
+per output channel, [K, N] layout; "weight_only" = bf16 activations x weights upcast in registers, the
+decode path; "fp8_fp8" = activations quantized per token, FP8 tensor-core dot, the prefill path; "auto"
+picks as fp8_matmul does, weight_only for M <= 64):
+
+  * `gate_up_swiglu`: h = silu(x @ Wg) * (x @ Wu). One program reads the w_gate and w_up tiles of the same
+    output columns against one x tile, keeps two f32 accumulators and writes silu(g) * u: the [M, F] g and
+    u never go to memory (the dense MLP and the MoE shared expert).
+  * `qkv_rope`: q, k, v = x @ Wq, x @ Wk, x @ Wv with, in the epilogue, RoPE on q and k (Meta's interleaved
+    pairs, as mavjax.model.apply_rope), the qk L2 norm (RoPE layers with use_qk_norm) and the NoPE layers'
+    per-position attention-temperature scale of q. One launch covers the three weights: the column blocks
+    of q, k and v are one grid axis and each program picks its weight by program id (pl.when branches), so
+    the weights are read where they lie - no [D, (H+2K)*Dh] concatenation, neither at load time (which would
+    change the parameter tree that checkpoints, quantization and sharding rules name) nor per call (which
+    would copy every weight byte once more per step, doubling the traffic this kernel exists to save).
+
+RoPE in registers: output column c (within a head) pairs with c ^ 1. The accumulator tile's partner
+columns are produced by one exact permutation matmul (f32 x a 0/1 matrix, IEEE precision: each output is
+one input times 1), then out = acc * cos2 + partner * sin2, where cos2[c] = cos(pos * f[c // 2]) and
+sin2[c] = -sin(.) on even c, +sin(.) on odd c ([M, Dh] tables built once per call from the model's
+rope tables). Block_n must divide Dh, so a tile never straddles two heads.
+
+Split-K (decode: few N blocks would leave most SMs idle): RoPE and the temperature are linear, so each
+split applies them to its partial; the partials (f32) are summed by a small jnp epilogue that also does what
+is not linear - SwiGLU, and the qk norm (which in-kernel needs the whole head in one tile: block_n == Dh and
+split_k == 1, the prefill default). Ragged M, N, K are masked loads/stores, as in fp8_gemm.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels.fp8_gemm import (
+    FP8, NUM_SMS_H100, _compiler_params, _exact_upcast, _in_bounds, _load, _mask2, _next_pow2, _store,
+    quantize_activation_per_token)
+
+__all__ = ["gate_up_swiglu_ref", "gate_up_swiglu", "qkv_rope_ref", "qkv_rope", "rope_columns", "default_config"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# References (plain jnp, float32 at HIGHEST precision on the dequantized weights)
+# ----------------------------------------------------------------------------------------------------------
+
+def _deq(w, s):
+    return _exact_upcast(w) * s.astype(jnp.float32)[None, :]
+
+
+def _silu(g):
+    return g / (1.0 + jnp.exp(-g))  # exp only (no logistic lowering needed)
+
+
+def _x_for(x, mode):
+    """The activations each mode actually multiplies: x itself, or x through per-token e4m3 quantization."""
+    if mode == "fp8_fp8":
+        xq, xs = quantize_activation_per_token(x)
+        return _exact_upcast(xq) * xs[:, None]
+    return x.astype(jnp.float32)
+
+
+def gate_up_swiglu_ref(x, wg, sg, wu, su, *, mode="weight_only", out_dtype=None):
+    """silu(x @ deq(wg)) * (x @ deq(wu)) in float32, cast. x [M, D], wg/wu [D, F] FP8, sg/su [F]."""
+    hi = lax.Precision.HIGHEST
+    xx = _x_for(x, mode)
+    g = jnp.dot(xx, _deq(wg, sg), precision=hi)  # [M, D] x [D, F] -> [M, F]
+    u = jnp.dot(xx, _deq(wu, su), precision=hi)  # [M, D] x [D, F] -> [M, F]
+    return (_silu(g) * u).astype(out_dtype or x.dtype)
+
+
+def rope_columns(cos, sin):
+    """Model rope tables cos, sin [M, Dh/2] -> per-column tables [M, Dh]: cos2[c] = cos[c // 2], sin2[c] =
+    -sin[c // 2] on even c and +sin[c // 2] on odd c, so rope(x) = x * cos2 + x[c ^ 1] * sin2."""
+    cos2 = jnp.repeat(cos.astype(jnp.float32), 2, axis=-1)
+    sin2 = jnp.stack([-sin, sin], axis=-1).reshape(*sin.shape[:-1], -1).astype(jnp.float32)
+    return cos2, sin2
+
+
+def _rope_ref(y, cos2, sin2, Dh):
+    M, N = y.shape
+    yh = y.reshape(M, N // Dh, Dh)
+    partner = yh.reshape(M, N // Dh, Dh // 2, 2)[..., ::-1].reshape(M, N // Dh, Dh)  # column c ^ 1
+    return (yh * cos2[:, None] + partner * sin2[:, None]).reshape(M, N)
+
+
+def _l2norm_heads(y, Dh, eps):
+    M, N = y.shape
+    yh = y.reshape(M, N // Dh, Dh)
+    return (yh * lax.rsqrt(jnp.mean(yh * yh, axis=-1, keepdims=True) + eps)).reshape(M, N)
+
+
+def qkv_rope_ref(x, wq, sq, wk, sk, wv, sv, *, head_dim, rope=None, q_row_scale=None, qk_norm_eps=None,
+                 mode="weight_only", out_dtype=None):
+    """q, k, v [M, N*] of the fused kernel, in float32 then cast. rope: None or (cos, sin) [M, Dh/2] (the
+    model's tables, flattened over tokens); q_row_scale: None or [M] (attention temperature); qk_norm_eps:
+    None or the eps of the L2 norm of q and k (after RoPE, rounded to out_dtype first, as the model does)."""
+    hi = lax.Precision.HIGHEST
+    out_dtype = jnp.dtype(out_dtype or x.dtype)
+    xx = _x_for(x, mode)
+    q = jnp.dot(xx, _deq(wq, sq), precision=hi)  # [M, D] x [D, H*Dh]
+    k = jnp.dot(xx, _deq(wk, sk), precision=hi)  # [M, D] x [D, K*Dh]
+    v = jnp.dot(xx, _deq(wv, sv), precision=hi)  # [M, D] x [D, K*Dh]
+    if rope is not None:
+        cos2, sin2 = rope_columns(*rope)
+        q, k = _rope_ref(q, cos2, sin2, head_dim), _rope_ref(k, cos2, sin2, head_dim)
+    if qk_norm_eps is not None:
+        rnd = lambda y: y.astype(out_dtype).astype(jnp.float32)  # noqa: E731
+        q, k = _l2norm_heads(rnd(q), head_dim, qk_norm_eps), _l2norm_heads(rnd(k), head_dim, qk_norm_eps)
+    if q_row_scale is not None:
+        q = q * q_row_scale.astype(jnp.float32)[:, None]
+    return q.astype(out_dtype), k.astype(out_dtype), v.astype(out_dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Shared kernel pieces
+# ----------------------------------------------------------------------------------------------------------
+
+def _k_loop(x_ref, w_refs, n0s, n_ins, *, m0, m_in, k, block_m, block_n, block_k, kb_lo, kb_hi, x_fp8, cdt,
+            evict):
+    """f32 accumulators x[m0:m0+bm] @ w[:, n0:n0+bn] for each (w, n0) over K blocks [kb_lo, kb_hi): the x
+    tile is loaded once per K step and shared by every weight."""
+    hint_x, hint_w = ("evict_last", "evict_first") if (evict and not x_fp8) else (None, None)
+
+    def body(kb, accs):
+        k0 = pl.multiple_of(kb * block_k, block_k)
+        k_in = _in_bounds(k0, block_k, k)
+        xt = _load(x_ref.at[pl.ds(m0, block_m), pl.ds(k0, block_k)], _mask2(m_in, k_in), hint_x)  # [bm, bk]
+        out = []
+        for w_ref, n0, n_in, acc in zip(w_refs, n0s, n_ins, accs):
+            w = _load(w_ref.at[pl.ds(k0, block_k), pl.ds(n0, block_n)], _mask2(k_in, n_in), hint_w)  # [bk, bn]
+            if not x_fp8:
+                w = w.astype(cdt)  # e4m3 -> bf16 is exact
+            out.append(acc + jnp.dot(xt, w, preferred_element_type=jnp.float32))  # [bm, bk] x [bk, bn]
+        return tuple(out)
+
+    zero = jnp.zeros((block_m, block_n), jnp.float32)
+    return lax.fori_loop(kb_lo, kb_hi, body, tuple(zero for _ in w_refs))
+
+
+def _scale_acc(acc, s_ref, xs, n0, n_in, block_n):
+    acc = acc * _load(s_ref.at[pl.ds(n0, block_n)], n_in)[None, :]  # per output channel
+    return acc if xs is None else acc * xs[:, None]                  # per token (fp8_fp8)
+
+
+def _pair_swap(acc):
+    """acc[:, c ^ 1] for every column c, as an exact f32 matmul with a 0/1 permutation matrix (IEEE precision
+    on the GPU: only one nonzero term per output, so nothing is rounded)."""
+    bn = acc.shape[1]
+    r = lax.broadcasted_iota(jnp.int32, (bn, bn), 0)
+    c = lax.broadcasted_iota(jnp.int32, (bn, bn), 1)
+    perm = (r == jnp.where(c % 2 == 0, c + 1, c - 1)).astype(jnp.float32)  # [bn, bn]
+    return jnp.dot(acc, perm, preferred_element_type=jnp.float32, precision=lax.Precision.HIGHEST)
+
+
+def _drop_aliased(kernel, n_in, n_out):
+    def k(*refs):  # aliased poison inputs are the outputs' own refs: drop them
+        return kernel(*refs[:n_in], *refs[n_in + n_out:])
+    return k
+
+
+def _call(kernel, args, out_shapes, grid, *, num_warps, num_stages, interpret, poison_output, name):
+    aliases = {}
+    if poison_output:
+        n_in = len(args)
+        args = [*args, *(jnp.full(s.shape, jnp.nan, s.dtype) for s in out_shapes)]
+        aliases = {n_in + i: i for i in range(len(out_shapes))}
+        kernel = _drop_aliased(kernel, n_in, len(out_shapes))
+    return tuple(pl.pallas_call(
+        kernel, out_shape=tuple(out_shapes), grid=grid, input_output_aliases=aliases, interpret=interpret,
+        compiler_params=_compiler_params(num_warps, num_stages), name=name)(*args))
+
+
+def default_config(mode, M, N, K, num_sms=NUM_SMS_H100):
+    """fp8_gemm's heuristics: weight-only 64-wide, 256-deep tiles, split-K only to fill the SMs (~2 programs
+    per SM, >= 2 K steps per split); fp8_fp8 128x128x128 tiles, no split (enough M blocks)."""
+    if mode == "weight_only":
+        block_n, block_k = 64, 256
+        nb, nk = pl.cdiv(N, block_n), pl.cdiv(K, block_k)
+        split_k = 1 if nb >= num_sms else max(1, min(pl.cdiv(2 * num_sms, nb), nk // 2))
+        return dict(block_m=None, block_n=block_n, block_k=block_k, split_k=split_k, num_warps=4, num_stages=4)
+    return dict(block_m=128, block_n=128, block_k=128, split_k=1, num_warps=4, num_stages=3)
+
+
+def _setup(x, weights, scales, mode, N_total, block_m, block_n, block_k, split_k, num_warps, num_stages,
+           compute_dtype, tiles_per_step):
+    """Argument checks, mode, config and the activations as the kernel reads them."""
+    if x.ndim != 2:
+        raise ValueError(f"x must be [M, K], got {x.shape}")
+    M, K = x.shape
+    for name, w in weights.items():
+        if w.ndim != 2 or w.shape[0] != K:
+            raise ValueError(f"{name} must be [K={K}, N], got {w.shape}")
+        if w.dtype != FP8:
+            raise TypeError(f"{name} must be float8_e4m3fn, got {w.dtype}")
+        s = scales[name]
+        if s.shape != (w.shape[1],):
+            raise ValueError(f"the scale of {name} must be per output channel [{w.shape[1]}], got {s.shape}")
+    if mode == "auto":
+        mode = "weight_only" if M <= 64 else "fp8_fp8"
+    if mode not in ("weight_only", "fp8_fp8"):
+        raise ValueError(f"unknown mode {mode!r}")
+    cfg = default_config(mode, M, N_total, K)
+    block_n, block_k = block_n or cfg["block_n"], block_k or cfg["block_k"]
+    split_k, num_warps = split_k or cfg["split_k"], num_warps or cfg["num_warps"]
+    if mode == "weight_only":
+        block_m = max(16, _next_pow2(M)) if block_m is None else block_m  # MMA needs >= 16 rows
+    else:
+        block_m = max(16, min(block_m or cfg["block_m"], _next_pow2(M)))
+    if num_stages is None:  # pipeline depth that keeps the staged x tile + one tile per weight in ~160 KB
+        x_bytes = block_m * block_k * (1 if mode == "fp8_fp8" else 2)
+        per_stage = x_bytes + tiles_per_step * block_k * block_n  # FP8 weight tiles (H100: 227 KB shared memory)
+        num_stages = int(max(2, min(cfg["num_stages"], (160 * 1024) // per_stage)))
+    for name, v in (("block_m", block_m), ("block_n", block_n), ("block_k", block_k)):
+        if v < 16 or v & (v - 1):
+            raise ValueError(f"{name}={v} must be a power of two >= 16 (Triton dot operands)")
+    nk = pl.cdiv(K, block_k)
+    split_k = max(1, min(split_k, nk))
+    kb_per_split = pl.cdiv(nk, split_k)
+    split_k = pl.cdiv(nk, kb_per_split)  # no empty splits
+    if mode == "fp8_fp8":
+        xk, xs = quantize_activation_per_token(x)
+    else:
+        if compute_dtype is None:
+            compute_dtype = x.dtype if x.dtype in (jnp.bfloat16, jnp.float16) else jnp.bfloat16
+        xk, xs = x.astype(compute_dtype), jnp.ones((M,), jnp.float32)
+    cdt = jnp.dtype(compute_dtype or jnp.bfloat16)
+    return dict(mode=mode, M=M, K=K, xk=xk, xs=xs, block_m=block_m, block_n=block_n, block_k=block_k,
+                split_k=split_k, kb_per_split=kb_per_split, num_warps=num_warps, num_stages=num_stages, cdt=cdt)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# gate/up + SwiGLU
+# ----------------------------------------------------------------------------------------------------------
+
+def _gate_up_kernel(x_ref, xs_ref, wg_ref, sg_ref, wu_ref, su_ref, *outs, m, n, k, block_m, block_n, block_k,
+                    kb_per_split, partial, x_fp8, cdt, evict):
+    pid_m, pid_n, pid_s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    m0 = pl.multiple_of(pid_m * block_m, block_m)
+    n0 = pl.multiple_of(pid_n * block_n, block_n)
+    m_in, n_in = _in_bounds(m0, block_m, m), _in_bounds(n0, block_n, n)
+    kb_lo = pid_s * kb_per_split
+    kb_hi = jnp.minimum(kb_lo + kb_per_split, pl.cdiv(k, block_k))
+    g, u = _k_loop(x_ref, (wg_ref, wu_ref), (n0, n0), (n_in, n_in), m0=m0, m_in=m_in, k=k, block_m=block_m,
+                   block_n=block_n, block_k=block_k, kb_lo=kb_lo, kb_hi=kb_hi, x_fp8=x_fp8, cdt=cdt, evict=evict)
+    xs = _load(xs_ref.at[pl.ds(m0, block_m)], m_in) if x_fp8 else None
+    g = _scale_acc(g, sg_ref, xs, n0, n_in, block_n)  # [bm, bn] f32
+    u = _scale_acc(u, su_ref, xs, n0, n_in, block_n)
+    mask = _mask2(m_in, n_in)
+    if partial:  # SwiGLU is not linear: the epilogue applies it after summing the splits
+        g_ref, u_ref = outs
+        _store(g_ref.at[pid_s, pl.ds(m0, block_m), pl.ds(n0, block_n)], g, mask)
+        _store(u_ref.at[pid_s, pl.ds(m0, block_m), pl.ds(n0, block_n)], u, mask)
+    else:
+        (h_ref,) = outs
+        _store(h_ref.at[pl.ds(m0, block_m), pl.ds(n0, block_n)], (_silu(g) * u).astype(h_ref.dtype), mask)
+
+
+_STATIC = ("mode", "block_m", "block_n", "block_k", "split_k", "num_warps", "num_stages", "out_dtype",
+           "compute_dtype", "evict", "interpret", "poison_output")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def gate_up_swiglu(x, wg, sg, wu, su, *, mode="auto", block_m=None, block_n=None, block_k=None, split_k=None,
+                   num_warps=None, num_stages=None, out_dtype=None, compute_dtype=None, evict=True,
+                   interpret=False, poison_output=False):
+    """h [M, F] = silu(x @ deq(wg)) * (x @ deq(wu)) in one kernel. x [M, D] (bf16 / f16 / f32), wg, wu [D, F]
+    float8_e4m3fn, sg, su [F] float32. Arguments as fp8_gemm.fp8_matmul (mode, blocks, split_k, warps,
+    stages, compute_dtype, evict, interpret, poison_output)."""
+    if wg.shape != wu.shape:
+        raise ValueError(f"w_gate {wg.shape} and w_up {wu.shape} must have the same shape")
+    out_dtype = jnp.dtype(out_dtype or x.dtype)
+    F = wg.shape[1] if wg.ndim == 2 else 0
+    c = _setup(x, {"w_gate": wg, "w_up": wu}, {"w_gate": sg, "w_up": su}, mode, F, block_m, block_n, block_k,
+               split_k, num_warps, num_stages, compute_dtype, tiles_per_step=2)
+    M, K = c["M"], c["K"]
+    if M == 0 or F == 0 or K == 0:
+        return jnp.zeros((M, F), out_dtype)
+    bm, bn, S = c["block_m"], c["block_n"], c["split_k"]
+    partial = S > 1
+    kernel = functools.partial(
+        _gate_up_kernel, m=M, n=F, k=K, block_m=bm, block_n=bn, block_k=c["block_k"],
+        kb_per_split=c["kb_per_split"], partial=partial, x_fp8=c["mode"] == "fp8_fp8", cdt=c["cdt"], evict=evict)
+    outs = [jax.ShapeDtypeStruct((S, M, F), jnp.float32)] * 2 if partial else [jax.ShapeDtypeStruct((M, F), out_dtype)]
+    res = _call(kernel, [c["xk"], c["xs"], wg, sg.astype(jnp.float32), wu, su.astype(jnp.float32)], outs,
+                (pl.cdiv(M, bm), pl.cdiv(F, bn), S), num_warps=c["num_warps"], num_stages=c["num_stages"],
+                interpret=interpret, poison_output=poison_output,
+                name=f"fp8_gate_up_swiglu_{c['mode']}_m{bm}_n{bn}_k{c['block_k']}_s{S}")
+    if partial:
+        g, u = jnp.sum(res[0], axis=0), jnp.sum(res[1], axis=0)  # [M, F] each
+        return (_silu(g) * u).astype(out_dtype)
+    return res[0]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# QKV + RoPE / qk-norm / temperature
+# ----------------------------------------------------------------------------------------------------------
+
+def _qkv_kernel(x_ref, xs_ref, cos_ref, sin_ref, rs_ref, wq_ref, sq_ref, wk_ref, sk_ref, wv_ref, sv_ref,
+                q_ref, k_ref, v_ref, *, m, k, ns, nbs, head_dim, block_m, block_n, block_k, kb_per_split,
+                partial, x_fp8, cdt, evict, rope, norm_eps, q_scaled):
+    pid_m, pid_j, pid_s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    m0 = pl.multiple_of(pid_m * block_m, block_m)
+    m_in = _in_bounds(m0, block_m, m)
+    kb_lo = pid_s * kb_per_split
+    kb_hi = jnp.minimum(kb_lo + kb_per_split, pl.cdiv(k, block_k))
+    xs = _load(xs_ref.at[pl.ds(m0, block_m)], m_in) if x_fp8 else None
+
+    def branch(w_ref, s_ref, o_ref, n, j, do_rope, do_norm, do_scale):
+        n0 = pl.multiple_of(j * block_n, block_n)
+        n_in = _in_bounds(n0, block_n, n)
+        (acc,) = _k_loop(x_ref, (w_ref,), (n0,), (n_in,), m0=m0, m_in=m_in, k=k, block_m=block_m,
+                         block_n=block_n, block_k=block_k, kb_lo=kb_lo, kb_hi=kb_hi, x_fp8=x_fp8, cdt=cdt,
+                         evict=evict)
+        acc = _scale_acc(acc, s_ref, xs, n0, n_in, block_n)  # [bm, bn] f32
+        if do_rope:  # linear: fine on a split-K partial
+            c0 = pl.multiple_of(lax.rem(n0, jnp.int32(head_dim)), block_n)  # column within the head (block_n | Dh)
+            tmask = _mask2(m_in, None)
+            cos2 = _load(cos_ref.at[pl.ds(m0, block_m), pl.ds(c0, block_n)], tmask)  # [bm, bn]
+            sin2 = _load(sin_ref.at[pl.ds(m0, block_m), pl.ds(c0, block_n)], tmask)
+            acc = acc * cos2 + _pair_swap(acc) * sin2
+        if do_norm:  # the whole head is this tile (block_n == Dh, no split): L2 norm of the rounded values
+            a = acc.astype(o_ref.dtype).astype(jnp.float32)
+            acc = a * lax.rsqrt(jnp.sum(a * a, axis=1) / head_dim + norm_eps)[:, None]
+        if do_scale:  # attention temperature per token (linear)
+            acc = acc * _load(rs_ref.at[pl.ds(m0, block_m)], m_in)[:, None]
+        mask = _mask2(m_in, n_in)
+        if partial:
+            _store(o_ref.at[pid_s, pl.ds(m0, block_m), pl.ds(n0, block_n)], acc, mask)
+        else:
+            _store(o_ref.at[pl.ds(m0, block_m), pl.ds(n0, block_n)], acc.astype(o_ref.dtype), mask)
+
+    nbq, nbk, _ = nbs
+    in_norm = norm_eps is not None
+    pl.when(pid_j < nbq)(lambda: branch(wq_ref, sq_ref, q_ref, ns[0], pid_j, rope, in_norm, q_scaled))
+    pl.when((pid_j >= nbq) & (pid_j < nbq + nbk))(
+        lambda: branch(wk_ref, sk_ref, k_ref, ns[1], pid_j - nbq, rope, in_norm, False))
+    pl.when(pid_j >= nbq + nbk)(lambda: branch(wv_ref, sv_ref, v_ref, ns[2], pid_j - nbq - nbk, False, False, False))
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC + ("head_dim", "qk_norm_eps"))
+def qkv_rope(x, wq, sq, wk, sk, wv, sv, *, head_dim, rope=None, q_row_scale=None, qk_norm_eps=None, mode="auto",
+             block_m=None, block_n=None, block_k=None, split_k=None, num_warps=None, num_stages=None,
+             out_dtype=None, compute_dtype=None, evict=True, interpret=False, poison_output=False):
+    """q [M, Nq], k [M, Nk], v [M, Nv] = x @ deq(wq | wk | wv) in one launch, with the attention epilogue:
+    rope = (cos, sin) [M, Dh/2] (the model's tables for each token) rotates q and k; qk_norm_eps: L2 norm of
+    each head of q and k after RoPE; q_row_scale [M]: per-token scale of q (NoPE attention temperature).
+    x [M, D]; w* [D, N*] float8_e4m3fn with s* [N*] float32, N* multiples of head_dim. block_n must divide
+    head_dim (default min(64 or 128, head_dim)). Other arguments as fp8_gemm.fp8_matmul."""
+    out_dtype = jnp.dtype(out_dtype or x.dtype)
+    ws, ss = {"wq": wq, "wk": wk, "wv": wv}, {"wq": sq, "wk": sk, "wv": sv}
+    ns = tuple(w.shape[1] if w.ndim == 2 else 0 for w in (wq, wk, wv))
+    for name, n in zip(ws, ns):
+        if n % head_dim:
+            raise ValueError(f"{name} has {n} output columns, not a multiple of head_dim={head_dim}")
+    c = _setup(x, ws, ss, mode, sum(ns), block_m, block_n, block_k, split_k, num_warps, num_stages, compute_dtype,
+               tiles_per_step=1)  # each program streams one of the three weights
+    M, K = c["M"], c["K"]
+    if block_n is None:
+        c["block_n"] = min(c["block_n"], head_dim)
+    bm, bn, S = c["block_m"], c["block_n"], c["split_k"]
+    if head_dim % bn:
+        raise ValueError(f"block_n={bn} must divide head_dim={head_dim} (a tile never straddles two heads)")
+    if rope is not None and (rope[0].shape != (M, head_dim // 2) or rope[1].shape != (M, head_dim // 2)):
+        raise ValueError(f"rope tables must be (cos, sin) of shape [{M}, {head_dim // 2}], got "
+                         f"{rope[0].shape}, {rope[1].shape}")
+    if q_row_scale is not None and q_row_scale.shape != (M,):
+        raise ValueError(f"q_row_scale must be [{M}], got {q_row_scale.shape}")
+    if M == 0 or K == 0:
+        return tuple(jnp.zeros((M, n), out_dtype) for n in ns)
+    partial = S > 1
+    norm_in_kernel = qk_norm_eps is not None and not partial and bn == head_dim
+    norm_late = qk_norm_eps is not None and not norm_in_kernel  # then q's row scale must follow it too
+    if rope is not None:
+        cos2, sin2 = rope_columns(*rope)  # [M, Dh] each (tiny; shared by q and k)
+    else:
+        cos2 = sin2 = jnp.zeros((M, head_dim), jnp.float32)
+    rs = jnp.ones((M,), jnp.float32) if q_row_scale is None else q_row_scale.astype(jnp.float32)
+    nbs = tuple(pl.cdiv(n, bn) for n in ns)
+    kernel = functools.partial(
+        _qkv_kernel, m=M, k=K, ns=ns, nbs=nbs, head_dim=head_dim, block_m=bm, block_n=bn, block_k=c["block_k"],
+        kb_per_split=c["kb_per_split"], partial=partial, x_fp8=c["mode"] == "fp8_fp8", cdt=c["cdt"], evict=evict,
+        rope=rope is not None, norm_eps=float(qk_norm_eps) if norm_in_kernel else None,
+        q_scaled=q_row_scale is not None and not norm_late)
+    outs = [jax.ShapeDtypeStruct((S, M, n) if partial else (M, n), jnp.float32 if partial else out_dtype)
+            for n in ns]
+    args = [c["xk"], c["xs"], cos2, sin2, rs, wq, sq.astype(jnp.float32), wk, sk.astype(jnp.float32), wv,
+            sv.astype(jnp.float32)]
+    q, k, v = _call(kernel, args, outs, (pl.cdiv(M, bm), sum(nbs), S), num_warps=c["num_warps"],
+                    num_stages=c["num_stages"], interpret=interpret, poison_output=poison_output,
+                    name=f"fp8_qkv_rope_{c['mode']}_m{bm}_n{bn}_k{c['block_k']}_s{S}")
+    if partial:
+        q, k, v = (jnp.sum(t, axis=0) for t in (q, k, v))  # [M, N*] f32
+    if norm_late:  # after the split sum / across the tiles of a head; then q's row scale
+        rnd = lambda y: y.astype(out_dtype).astype(jnp.float32)  # noqa: E731
+        q, k = _l2norm_heads(rnd(q), head_dim, qk_norm_eps), _l2norm_heads(rnd(k), head_dim, qk_norm_eps)
+        if q_row_scale is not None:  # (the model never has both on one layer; kept general)
+            q = q * rs[:, None]
+    return tuple(t.astype(out_dtype) for t in (q, k, v))

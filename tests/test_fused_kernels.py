@@ -1,0 +1,178 @@
+"""Fused kernels (pallas_kernels/fused_norm.py, fused_gemm.py) under the Pallas interpreter vs their references.
+
+Error bounds (||out - ref|| / ||ref||, refs in float32 at HIGHEST precision on the dequantized weights):
+  * float32 outputs: e4m3 -> bf16 upcasts are exact and bf16 x bf16 (or e4m3 x e4m3) products are exact in
+    f32, so kernel and reference differ only in f32 summation order and in exp / rsqrt ulps: bound 1e-5.
+  * bf16 outputs: plus the final rounding, <= 2^-9 relative per element: bound 1e-2.
+  * add + RMSNorm: the residual sum is one correctly rounded add on both sides (bit-equal); the normed
+    output differs by f32 summation order before one bf16 rounding (a rare 1-ulp flip): bound 1e-2 for bf16,
+    1e-5 for f32.
+Every output starts as NaN (poison_output aliases a NaN buffer in), so an element not written fails the
+finiteness check. Shapes are ragged (not multiples of the blocks), with single rows and forced split-K.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mavjax.model import apply_rope, rms_norm, rope_tables
+from pallas_kernels.fp8_gemm import quantize_weight_per_channel
+from pallas_kernels.fused_gemm import (
+    _rope_ref, gate_up_swiglu, gate_up_swiglu_ref, qkv_rope, qkv_rope_ref, rope_columns)
+from pallas_kernels.fused_norm import add_rms_norm, add_rms_norm_ref
+
+
+def _err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def _finite(*ys):
+    for y in ys:
+        assert bool(jnp.isfinite(y).all()), "unwritten (NaN-poisoned) or non-finite output elements"
+
+
+def _w(key, K, N):
+    w = jax.random.normal(key, (K, N), jnp.float32) * 10.0 ** jax.random.uniform(
+        jax.random.fold_in(key, 1), (1, N), minval=-2.5, maxval=-1)
+    return quantize_weight_per_channel(w)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# residual add + RMSNorm
+# ---------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("lead,D,dtype,block_m", [((1,), 64, jnp.bfloat16, 4), ((2, 3), 100, jnp.bfloat16, 4),
+                                                  ((37,), 48, jnp.float32, 8), ((5,), 256, jnp.bfloat16, 1)])
+def test_add_rms_norm(lead, D, dtype, block_m):
+    k1, k2, k3 = jax.random.split(jax.random.key(D), 3)
+    x = (3 * jax.random.normal(k1, (*lead, D))).astype(dtype)
+    h = jax.random.normal(k2, (*lead, D)).astype(dtype)
+    scale = (1 + 0.3 * jax.random.normal(k3, (D,))).astype(dtype)
+    s, y = add_rms_norm(x, h, scale, eps=1e-5, block_m=block_m, interpret=True, poison_output=True)
+    s_ref, y_ref = add_rms_norm_ref(x, h, scale, 1e-5)
+    _finite(s, y)
+    assert s.shape == y.shape == x.shape and s.dtype == dtype and y.dtype == y_ref.dtype
+    np.testing.assert_array_equal(np.asarray(s, np.float32), np.asarray(s_ref, np.float32))
+    assert _err(y, y_ref) < (1e-2 if dtype == jnp.bfloat16 else 1e-5)
+
+
+def test_add_rms_norm_bad_input():
+    x = jnp.ones((2, 8))
+    with pytest.raises(ValueError, match="same shape"):
+        add_rms_norm(x, jnp.ones((2, 9)), jnp.ones(8), eps=1e-5, interpret=True)
+    with pytest.raises(ValueError, match="scale must be"):
+        add_rms_norm(x, x, jnp.ones(9), eps=1e-5, interpret=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# gate/up + SwiGLU
+# ---------------------------------------------------------------------------------------------------------
+
+GATE_UP = [  # (M, D, F, mode, cfg)
+    (1, 256, 192, "weight_only", dict(block_n=64, block_k=64, split_k=1)),
+    (5, 300, 200, "weight_only", dict(block_n=64, block_k=64, split_k=3)),   # ragged K and N, split-K
+    (16, 160, 96, "weight_only", dict(block_n=32, block_k=32, split_k=1)),
+    (70, 200, 130, "fp8_fp8", dict(block_m=32, block_n=64, block_k=64)),      # ragged M, N, K
+]
+
+
+@pytest.mark.parametrize("M,D,F,mode,cfg", GATE_UP)
+@pytest.mark.parametrize("out_dtype", [jnp.float32, jnp.bfloat16])
+def test_gate_up_swiglu(M, D, F, mode, cfg, out_dtype):
+    kx, kg, ku = jax.random.split(jax.random.key(M * 1000 + F), 3)
+    x = (jax.random.normal(kx, (M, D)) + 0.1).astype(jnp.bfloat16)
+    (wg, sg), (wu, su) = _w(kg, D, F), _w(ku, D, F)
+    y = gate_up_swiglu(x, wg, sg, wu, su, mode=mode, out_dtype=out_dtype, interpret=True, poison_output=True,
+                       **cfg)
+    ref = gate_up_swiglu_ref(x, wg, sg, wu, su, mode=mode, out_dtype=jnp.float32)
+    _finite(y)
+    assert y.shape == (M, F) and y.dtype == out_dtype
+    assert _err(y, ref) < (1e-5 if out_dtype == jnp.float32 else 1e-2)
+
+
+def test_gate_up_swiglu_bad_input():
+    wq, s = _w(jax.random.key(0), 64, 32)
+    with pytest.raises(ValueError, match="same shape"):
+        gate_up_swiglu(jnp.ones((2, 64)), wq, s, wq[:, :16], s[:16], interpret=True)
+    with pytest.raises(ValueError, match="per output channel"):
+        gate_up_swiglu(jnp.ones((2, 64)), wq, s, wq, s[:16], interpret=True)
+    with pytest.raises(TypeError, match="float8_e4m3fn"):
+        gate_up_swiglu(jnp.ones((2, 64)), wq.astype(jnp.bfloat16), s, wq, s, interpret=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# QKV + RoPE / qk-norm / temperature
+# ---------------------------------------------------------------------------------------------------------
+
+def test_rope_columns_match_model_apply_rope():
+    """The per-column tables with the c ^ 1 partner reproduce mavjax.model.apply_rope (interleaved pairs)."""
+    Dh, H = 16, 3
+    inv_freq = 1.0 / (500.0 ** (jnp.arange(0, Dh, 2, dtype=jnp.float32) / Dh))
+    pos = jnp.array([[0, 5, 77]], jnp.int32)
+    cos, sin = rope_tables(inv_freq, pos)  # [1, 3, Dh/2]
+    x = jax.random.normal(jax.random.key(0), (1, 3, H, Dh))
+    want = apply_rope(x, cos, sin).reshape(3, H * Dh)
+    got = _rope_ref(x.reshape(3, H * Dh), *rope_columns(cos[0], sin[0]), Dh)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+
+
+F32, BF16 = jnp.float32, jnp.bfloat16
+QKV = [  # (M, D, H, K, Dh, rope, norm, temp, mode, cfg, out_dtype)
+    (1, 256, 4, 2, 32, True, True, False, "weight_only", dict(block_n=32, block_k=64, split_k=1), F32),  # norm in
+    (1, 256, 4, 2, 32, True, True, False, "weight_only", dict(block_n=32, block_k=64, split_k=1), BF16),
+    (3, 200, 4, 1, 32, True, True, False, "weight_only", dict(block_n=16, block_k=64, split_k=2), F32),  # norm after
+    (6, 130, 2, 2, 32, False, False, True, "weight_only", dict(block_n=32, block_k=32, split_k=3), BF16),  # NoPE
+    (1, 64, 2, 1, 16, True, False, False, "weight_only", dict(block_n=16, block_k=16, split_k=1), F32),
+    (20, 96, 4, 2, 32, True, True, False, "fp8_fp8", dict(block_m=16, block_n=32, block_k=32), F32),  # ragged M
+    (20, 96, 2, 1, 32, False, False, True, "fp8_fp8", dict(block_m=16, block_n=16, block_k=64), BF16),
+]
+
+
+@pytest.mark.parametrize("M,D,H,K,Dh,rope,norm,temp,mode,cfg,out_dtype", QKV)
+def test_qkv_rope(M, D, H, K, Dh, rope, norm, temp, mode, cfg, out_dtype):
+    keys = jax.random.split(jax.random.key(M * 100 + D), 6)
+    x = (jax.random.normal(keys[0], (M, D)) + 0.1).astype(jnp.bfloat16)
+    (wq, sq), (wk, sk), (wv, sv) = _w(keys[1], D, H * Dh), _w(keys[2], D, K * Dh), _w(keys[3], D, K * Dh)
+    pos = jax.random.randint(keys[4], (1, M), 0, 9000)
+    inv_freq = 1.0 / (500000.0 ** (jnp.arange(0, Dh, 2, dtype=jnp.float32) / Dh))
+    tables = tuple(t[0] for t in rope_tables(inv_freq, pos)) if rope else None
+    rs = 1.0 + jax.random.uniform(keys[5], (M,)) if temp else None
+    eps = 1e-5 if norm else None
+    kw = dict(head_dim=Dh, rope=tables, q_row_scale=rs, qk_norm_eps=eps, mode=mode)
+    got = qkv_rope(x, wq, sq, wk, sk, wv, sv, out_dtype=out_dtype, interpret=True, poison_output=True, **kw, **cfg)
+    want = qkv_rope_ref(x, wq, sq, wk, sk, wv, sv, out_dtype=jnp.float32, **kw)
+    for name, g, r, n in zip("qkv", got, want, (H, K, K)):
+        _finite(g)
+        assert g.shape == (M, n * Dh) and g.dtype == out_dtype, name
+        assert _err(g, r) < (1e-5 if out_dtype == jnp.float32 else 1e-2), name
+
+
+def test_qkv_ref_matches_model_order_of_operations():
+    """qkv_rope_ref computes what mavjax.model.Attention does on FP8 weights (XLA path: upcast, dot, RoPE,
+    L2 norm in float32 of the rounded values, temperature) - in float32 the two agree to rounding."""
+    from mavjax.model import dense
+
+    M, D, H, Dh = 4, 64, 2, 16
+    keys = jax.random.split(jax.random.key(3), 4)
+    x = jax.random.normal(keys[0], (M, D), jnp.float32)
+    wq, sq = _w(keys[1], D, H * Dh)
+    pos = jnp.arange(M, dtype=jnp.int32)[None] * 7
+    inv_freq = 1.0 / (500.0 ** (jnp.arange(0, Dh, 2, dtype=jnp.float32) / Dh))
+    cos, sin = rope_tables(inv_freq, pos)
+    q = dense(x[None], wq.reshape(D, H, Dh), sq.reshape(H, Dh), 1)  # [1, M, H, Dh]
+    q = rms_norm(apply_rope(q, cos, sin), None, 1e-5).reshape(M, H * Dh)
+    got = qkv_rope_ref(x, wq, sq, wq, sq, wq, sq, head_dim=Dh, rope=(cos[0], sin[0]), qk_norm_eps=1e-5)[0]
+    assert _err(got, q) < 1e-5
+
+
+def test_qkv_rope_bad_input():
+    wq, s = _w(jax.random.key(0), 64, 32)
+    x = jnp.ones((2, 64), jnp.bfloat16)
+    with pytest.raises(ValueError, match="multiple of head_dim"):
+        qkv_rope(x, wq, s, wq, s, wq, s, head_dim=24, interpret=True)
+    with pytest.raises(ValueError, match="must divide head_dim"):
+        qkv_rope(x, wq, s, wq, s, wq, s, head_dim=16, block_n=32, interpret=True)
+    with pytest.raises(ValueError, match="rope tables"):
+        qkv_rope(x, wq, s, wq, s, wq, s, head_dim=16, rope=(jnp.ones((2, 4)), jnp.ones((2, 4))), interpret=True)

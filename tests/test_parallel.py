@@ -1,0 +1,107 @@
+"""The shard_map layer bodies of mavjax.parallel on a simulated 8-device CPU mesh (one subprocess for all
+meshes: the device-count flag must not reach the rest of the suite), and the multi-host settings."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from mavjax.distributed import settings
+
+
+def _run(code: str):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    r = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r.stdout
+
+
+def test_moe_dispatch_and_fused_allreduce_equal_single_device():
+    """MoE over meshes (8,1), (1,8), (2,4), (4,2) (FP8 weights: (2,4)) with every token routed to one expert
+    (router weights set so) and top-2 routing, float32: both dispatches (local at 4 tokens, all_to_all exchange at
+    128, and the ragged exchange) equal the single-device layer followed by residual add and RMSNorm; the fused all-reduce + residual +
+    RMSNorm equals psum, add and norm done apart; kv heads split over a leading mesh prefix."""
+    _run("""
+        import numpy as np, jax, jax.numpy as jnp
+        from flax import nnx
+        from jax.sharding import NamedSharding, PartitionSpec as P
+        import mavjax.parallel as par
+        from mavjax.config import preset
+        from mavjax.model import Llama4, rms_norm, route
+        from mavjax.quantize import quantize_model
+        from mavjax.sharding import make_mesh, spec_for
+        cfg = preset("tiny", num_attention_heads=8, num_key_value_heads=2, num_local_experts=8,
+                     num_experts_per_tok=2, intermediate_size=32)
+        base = Llama4(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0))
+        for layer in base.layers:  # inputs below are positive, so expert 3 outscores every other expert
+            if layer.is_moe:
+                layer.ffn.router.set_value(layer.ffn.router[...].at[:, 3].add(1.0))
+        models = {"f32": base, "fp8": quantize_model(base)}
+        rng = np.random.default_rng(0)
+        for name, model in models.items():
+            ffn, norm = model.layers[1].ffn, model.layers[2].attn_norm
+            for B, T in ((4, 1), (4, 32)):  # 4 tokens: local dispatch; 128 tokens: all_to_all exchange
+                h = jnp.asarray(np.abs(rng.standard_normal((B, T, cfg.hidden_size))), jnp.float32)
+                res = jnp.asarray(rng.standard_normal((B, T, cfg.hidden_size)), jnp.float32)
+                idx, _ = route(h.reshape(B * T, -1), ffn.router[...], 2)
+                assert bool(jnp.all(idx[:, 0] == 3)), idx  # every token's first choice is expert 3
+                x_want = res + ffn(h)
+                h_want = rms_norm(x_want, norm.scale[...], norm.eps)
+                meshes = ((8, 1), (1, 8), (2, 4), (4, 2)) if name == "f32" else ((2, 4),)
+                # the ragged exchange (ragged_all_to_all offsets; an all_gather emulation of it on CPU) too
+                ragged = ((8, 1), (2, 4)) if name == "f32" and B * T > 4 else ()
+                for (E, Tn), how in [(m, "all_to_all") for m in meshes] + [(m, "ragged") for m in ragged]:
+                    p = par.Parallel(make_mesh(E, Tn), exchange=how)
+                    x, hn = jax.jit(lambda h, r: par.moe(p, ffn, h, r, norm))(h, res)
+                    for got, want in ((x, x_want), (hn, h_want)):
+                        err = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
+                        assert err < 1e-5, (name, B * T, E, Tn, how, err)
+                print(name, B * T, "ok")
+
+        # Fused all-reduce + residual + RMSNorm == psum, add, norm done as separate programs.
+        mesh = make_mesh(2, 4)
+        partials = jnp.asarray(rng.standard_normal((8, 3, 64)), jnp.float32)  # one [3, 64] partial per device
+        res = jnp.asarray(rng.standard_normal((3, 64)), jnp.float32)
+        scale = jnp.asarray(rng.standard_normal(64), jnp.float32)
+        fused = jax.jit(jax.shard_map(
+            lambda p, r, s: par.allreduce_residual_rmsnorm(p[0], r, s, 1e-5, ("expert", "tensor")), mesh=mesh,
+            in_specs=(P(("expert", "tensor")), P(), P()), out_specs=(P(), P())))
+        x, hn = fused(partials, res, scale)
+        summed = jax.jit(jax.shard_map(lambda p: jax.lax.psum(p[0], ("expert", "tensor")), mesh=mesh,
+                                       in_specs=P(("expert", "tensor")), out_specs=P()))(partials)
+        x_ref = res + summed
+        np.testing.assert_allclose(x, x_ref, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(hn, rms_norm(x_ref, scale, 1e-5), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(x, res + partials.sum(0), rtol=1e-5, atol=1e-5)
+
+        # kv heads: split over the leading mesh axes that divide them, replicated over the rest.
+        axes = ("embed", "kv_heads", "head_dim")
+        want = {(8, 1): (None, None, None), (1, 8): (None, None, None), (2, 4): (None, "expert", None),
+                (4, 2): (None, None, None)}
+        for (E, Tn), w in want.items():
+            got = tuple(spec_for(axes, (64, 2, 16), make_mesh(E, Tn)))
+            assert got + (None,) * (3 - len(got)) == w, (E, Tn, got)
+            assert tuple(spec_for(axes, (64, 8, 16), make_mesh(E, Tn)))[1] in (("expert", "tensor"), "expert", "tensor")
+        print("ok")
+    """)
+
+
+def test_distributed_settings_from_the_environment():
+    assert settings({}) is None
+    assert settings({"MAVJAX_DISTRIBUTED": "auto"}) == {}
+    assert settings({"MAVJAX_DISTRIBUTED": "0", "JAX_COORDINATOR_ADDRESS": "h:1"}) is None
+    env = {"JAX_COORDINATOR_ADDRESS": "host0:1234", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1",
+           "JAX_LOCAL_DEVICE_IDS": "0,1"}
+    assert settings(env) == dict(coordinator_address="host0:1234", num_processes=2, process_id=1,
+                                 local_device_ids=[0, 1])
+    with pytest.raises(ValueError, match="missing JAX_NUM_PROCESSES, JAX_PROCESS_ID"):
+        settings({"JAX_COORDINATOR_ADDRESS": "host0:1234"})
+    with pytest.raises(ValueError, match="must lie in 0..JAX_NUM_PROCESSES-1"):
+        settings({**env, "JAX_PROCESS_ID": "2"})
+    with pytest.raises(ValueError, match="must be integers"):
+        settings({**env, "JAX_NUM_PROCESSES": "two"})
+    with pytest.raises(ValueError, match="MAVJAX_DISTRIBUTED"):
+        settings({"MAVJAX_DISTRIBUTED": "maybe"})
