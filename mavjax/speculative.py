@@ -345,7 +345,8 @@ class SpecEngine:
         zeros = jnp.zeros((B,), jnp.int32)
         carry = (tcache, dcache, g_root, d_root, first, lengths, out, n, done, jnp.int32(1), zeros, zeros)
         c = jax.lax.while_loop(cond, body, carry)
-        return c[6][:, :out_len], c[7], {"rounds": c[10], "accepted": c[11]}
+        # The caches are returned so that the donated input buffers alias the loop's (updated in place).
+        return c[6][:, :out_len], c[7], {"rounds": c[10], "accepted": c[11]}, (c[0], c[1])
 
     # ---- host API ----------------------------------------------------------------------------------------
     def prefill(self, b: Batch, cache_len: int):
@@ -360,6 +361,7 @@ class SpecEngine:
         tree = self.tree if all_greedy or self.tree.is_chain else DraftTree.chain(self.tree.depth)
         tcache, dcache, g_root, d_root = state
         active = np.arange(b.tokens.shape[0]) < b.n_real
-        return self._decode(self.tstate, self.dstate, tcache, dcache, g_root, d_root, first, b.lengths, b.max_new,
-                            active, b.stop_ids, b.temperature, b.top_k, b.top_p, b.seeds, out_len=out_len,
-                            all_greedy=all_greedy, tree=tree)
+        out, n, stats, _ = self._decode(self.tstate, self.dstate, tcache, dcache, g_root, d_root, first, b.lengths,
+                                        b.max_new, active, b.stop_ids, b.temperature, b.top_k, b.top_p, b.seeds,
+                                        out_len=out_len, all_greedy=all_greedy, tree=tree)
+        return out, n, stats

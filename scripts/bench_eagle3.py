@@ -71,7 +71,8 @@ def load_pair(a):
 
 def time_generation(llm, prompts, params):
     """Batch 1: each prompt alone. -> (decode tokens/s, end-to-end tokens/s, decode seconds, mean acceptance)."""
-    llm.generate([prompts[0]], params)  # compile
+    for p in prompts:  # compile every shape bucket the prompts need, untimed
+        llm.generate([p], params)
     dec, total, gen, acc = 0.0, 0.0, 0, []
     for p in prompts:
         o = llm.generate([p], params)[0]

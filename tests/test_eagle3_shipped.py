@@ -19,7 +19,24 @@ def test_shipped_draft_fits_the_default_model():
     assert size < 8e6, size  # "a few MB"
     report = json.loads((DRAFT / "train_report.json").read_text())
     assert {"K=3", "K=5"} <= set(report["acceptance_length"])
-    assert report["acceptance_length"]["K=3"] > 1.0  # measured on held-out text; better than no draft
+    assert report["acceptance_length"]["K=3"] >= 2.5  # the issue's target, as measured by train_eagle3.py
+
+
+def test_shipped_pair_acceptance_on_unseen_stdlib_text():
+    """Measured here: greedy K=3 on statistics.py (a held-out file of the training corpus, present in every
+    CPython): mean acceptance length 2.27 on this CPU at the time of writing; a random draft gives ~1.0."""
+    import statistics
+    from pathlib import Path
+
+    from mavjax.api import LLM
+    from mavjax.sampling import SamplingParams
+
+    llm = LLM(draft=DRAFT, num_draft_tokens=3)
+    ids = llm.tokenizer.encode(Path(statistics.__file__).read_text(), add_special_tokens=False)
+    prompts = [ids[i:i + 48] for i in range(0, 6000, 1000)]
+    outs = llm.generate(prompts, SamplingParams(max_new_tokens=64, temperature=0.0, ignore_eos=True))
+    mean = sum(o.metrics.mean_acceptance_length for o in outs) / len(outs)
+    assert mean >= 2.0, mean
 
 
 def test_generate_uses_the_shipped_draft_by_default(capsys):
