@@ -185,6 +185,23 @@ def _store(ref, val, mask):
         plgpu.store(ref, val, mask=mask)
 
 
+def _call(kernel, args, out_shapes, grid, *, num_warps, num_stages, interpret, poison_output, name):
+    """pallas_call; poison_output aliases NaN-filled output buffers in, so an element never written stays NaN."""
+    aliases = {}
+    if poison_output:
+        n_in = len(args)
+        args = [*args, *(jnp.full(s.shape, jnp.nan, s.dtype) for s in out_shapes)]
+        aliases = {n_in + i: i for i in range(len(out_shapes))}
+        inner = kernel
+
+        def kernel(*refs):  # the aliased inputs are the outputs' own refs: drop them
+            return inner(*refs[:n_in], *refs[n_in + len(out_shapes):])
+    out = pl.pallas_call(
+        kernel, out_shape=tuple(out_shapes), grid=grid, input_output_aliases=aliases, interpret=interpret,
+        compiler_params=_compiler_params(num_warps, num_stages), name=name)(*args)
+    return tuple(out)
+
+
 def _mask2(rows, cols):
     """Outer AND of two optional 1-D lane masks (None = all in bounds)."""
     if rows is None and cols is None:

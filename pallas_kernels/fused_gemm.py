@@ -38,7 +38,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.fp8_gemm import (
-    FP8, NUM_SMS_H100, _compiler_params, _exact_upcast, _in_bounds, _load, _mask2, _next_pow2, _store,
+    FP8, NUM_SMS_H100, _call, _exact_upcast, _in_bounds, _load, _mask2, _next_pow2, _store,
     quantize_activation_per_token)
 
 __all__ = ["gate_up_swiglu_ref", "gate_up_swiglu", "qkv_rope_ref", "qkv_rope", "rope_columns", "default_config"]
@@ -155,24 +155,6 @@ def _pair_swap(acc):
     c = lax.broadcasted_iota(jnp.int32, (bn, bn), 1)
     perm = (r == jnp.where(c % 2 == 0, c + 1, c - 1)).astype(jnp.float32)  # [bn, bn]
     return jnp.dot(acc, perm, preferred_element_type=jnp.float32, precision=lax.Precision.HIGHEST)
-
-
-def _drop_aliased(kernel, n_in, n_out):
-    def k(*refs):  # aliased poison inputs are the outputs' own refs: drop them
-        return kernel(*refs[:n_in], *refs[n_in + n_out:])
-    return k
-
-
-def _call(kernel, args, out_shapes, grid, *, num_warps, num_stages, interpret, poison_output, name):
-    aliases = {}
-    if poison_output:
-        n_in = len(args)
-        args = [*args, *(jnp.full(s.shape, jnp.nan, s.dtype) for s in out_shapes)]
-        aliases = {n_in + i: i for i in range(len(out_shapes))}
-        kernel = _drop_aliased(kernel, n_in, len(out_shapes))
-    return tuple(pl.pallas_call(
-        kernel, out_shape=tuple(out_shapes), grid=grid, input_output_aliases=aliases, interpret=interpret,
-        compiler_params=_compiler_params(num_warps, num_stages), name=name)(*args))
 
 
 def default_config(mode, M, N, K, num_sms=NUM_SMS_H100):

@@ -70,7 +70,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.fp8_gemm import (
-    FP8, NUM_SMS_H100, _compiler_params, _exact_upcast, _in_bounds, _load, _mask2, _next_pow2, _store,
+    FP8, NUM_SMS_H100, _call, _exact_upcast, _in_bounds, _load, _mask2, _next_pow2, _store,
     quantize_weight_per_channel)
 
 __all__ = ["MoERouting", "sort_tokens", "num_buffer_rows", "quantize_experts", "dequantize_experts",
@@ -349,23 +349,6 @@ def _splits(K, block_k, split_k):
     split_k = max(1, min(split_k, nk))
     kb_per_split = pl.cdiv(nk, split_k)
     return pl.cdiv(nk, kb_per_split), kb_per_split  # no empty splits
-
-
-def _call(kernel, args, out_shapes, grid, *, num_warps, num_stages, interpret, poison_output, name):
-    """pallas_call; poison_output aliases NaN-filled output buffers in, so an element never written stays NaN."""
-    aliases = {}
-    if poison_output:
-        n_in = len(args)
-        args = [*args, *(jnp.full(s.shape, jnp.nan, s.dtype) for s in out_shapes)]
-        aliases = {n_in + i: i for i in range(len(out_shapes))}
-        inner = kernel
-
-        def kernel(*refs):  # the aliased inputs are the outputs' own refs: drop them
-            return inner(*refs[:n_in], *refs[n_in + len(out_shapes):])
-    out = pl.pallas_call(
-        kernel, out_shape=tuple(out_shapes), grid=grid, input_output_aliases=aliases, interpret=interpret,
-        compiler_params=_compiler_params(num_warps, num_stages), name=name)(*args)
-    return tuple(out)
 
 
 def _gate_up(x_sorted, row_score, routing, w_gate, w_up, s_gate, s_up, *, block_m, block_n, block_k, split_k,

@@ -30,7 +30,6 @@ import argparse
 import dataclasses
 import functools
 import json
-import math
 import signal
 import sys
 import time
@@ -50,7 +49,6 @@ from flax import nnx  # noqa: E402
 
 import train_tiny as tt  # noqa: E402  (corpus, windows, orbax checkpoint manager)
 from mavjax.eagle3 import Eagle3Config, Eagle3Draft, save_draft  # noqa: E402
-from mavjax.model import attend  # noqa: E402,F401  (same attention math; the TTT variant below adds diagonals)
 
 STEP_DECAY = 0.8
 

@@ -1,22 +1,13 @@
 """The shard_map layer bodies of mavjax.parallel on a simulated 8-device CPU mesh (one subprocess for all
 meshes: the device-count flag must not reach the rest of the suite), and the multi-host settings."""
 
-import os
-import subprocess
-import sys
-import textwrap
-
 import pytest
 
 from mavjax.distributed import settings
+from simulated_devices import run_on_8_devices
 
 
-def _run(code: str):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    r = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
-                       timeout=600)
-    assert r.returncode == 0, r.stdout + r.stderr
-    return r.stdout
+_run = run_on_8_devices
 
 
 def test_moe_dispatch_and_fused_allreduce_equal_single_device():

@@ -1,22 +1,14 @@
 """Sharding rules on a simulated 8-device CPU mesh (each test runs in a subprocess, so that the flag that
 splits the CPU into 8 devices does not reach the rest of the suite)."""
 
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 
 from mavjax.sharding import ShardingError, parse_mesh
+from simulated_devices import run_on_8_devices
 
 
-def _run(code: str):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    r = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
-                       timeout=600)
-    assert r.returncode == 0, r.stdout + r.stderr
-    return r.stdout
+_run = run_on_8_devices
 
 
 def test_each_parameter_is_sharded_as_the_rules_say():
