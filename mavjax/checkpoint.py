@@ -119,11 +119,7 @@ class CheckpointWriter:
             raise CheckpointError(f"{target}: got shape {tuple(value.shape)}, the config needs {self.shapes[target]}")
         if self.has(target):
             raise CheckpointError(f"{target} is already written in {self.dir}")
-        tmp = self._partial / target
-        with ocp.StandardCheckpointer() as ckptr:
-            ckptr.save(tmp.absolute(), {"value": value.astype(self.dtype_of(target), copy=False)}, force=True)
-            ckptr.wait_until_finished()
-        os.replace(tmp, self._params / target)
+        save_array(self.dir, target, value.astype(self.dtype_of(target), copy=False))
 
     def finalize(self, tokenizer_src_dir: str | Path | None = None) -> None:
         """Write config.json and the tokenizer files, then the manifest that marks the checkpoint complete."""
@@ -136,11 +132,9 @@ class CheckpointWriter:
             for name in TOKENIZER_FILES:
                 if (Path(tokenizer_src_dir) / name).is_file():
                     shutil.copyfile(Path(tokenizer_src_dir) / name, self.dir / name)
-        shutil.rmtree(self._partial, ignore_errors=True)
         params = {t: {"shape": list(s), "dtype": jnp.dtype(self.dtype_of(t)).name} for t, s in self.shapes.items()}
-        _write_json(self.dir / MANIFEST, {"format": "mavjax", "format_version": FORMAT_VERSION,
-                                          "dtype": self.dtype.name, "quant": self.quant, "params": params})
-        (self.dir / PENDING).unlink(missing_ok=True)
+        seal(self.dir, {"format": "mavjax", "format_version": FORMAT_VERSION, "dtype": self.dtype.name,
+                        "quant": self.quant, "params": params})
         self.complete = True
 
 
@@ -233,6 +227,26 @@ def _clear(out_dir: Path) -> None:
     for name in (MANIFEST, "config.json", *TOKENIZER_FILES):
         (out_dir / name).unlink(missing_ok=True)
     shutil.rmtree(out_dir / "params", ignore_errors=True)
+
+
+def save_array(out_dir: Path, name: str, value) -> None:
+    """One array as its own orbax item under out_dir/params: staged in params/.partial, then renamed into place,
+    so an interrupted write never leaves an item that looks written (the writers' resume relies on it)."""
+    params = Path(out_dir) / "params"
+    tmp = params / ".partial" / name
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(tmp.absolute(), {"value": value}, force=True)
+        ckptr.wait_until_finished()
+    os.replace(tmp, params / name)
+
+
+def seal(out_dir: Path, manifest: dict) -> None:
+    """Mark a checkpoint complete: drop the staging area, write the manifest (last: its presence means
+    complete), then remove the pending marker."""
+    out_dir = Path(out_dir)
+    shutil.rmtree(out_dir / "params" / ".partial", ignore_errors=True)
+    _write_json(out_dir / MANIFEST, manifest)
+    (out_dir / PENDING).unlink(missing_ok=True)
 
 
 def _write_json(path: Path, obj) -> None:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -41,7 +40,7 @@ from mavjax.model import MLP, RMSNorm, _param, attend, attention_mask, rope_tabl
 
 FORMAT = "mavjax-eagle3"
 FORMAT_VERSION = 1
-MANIFEST = "mavjax_manifest.json"
+MANIFEST = "mavjax_manifest.json"  # the marker files of mavjax.checkpoint (its save_array / seal write drafts too)
 PENDING = "mavjax_pending.json"
 
 
@@ -288,23 +287,17 @@ class DraftWriter:
         return (self._params / name).is_dir()
 
     def write(self, name: str, value) -> None:
-        import orbax.checkpoint as ocp
-
-        from mavjax.checkpoint import CheckpointError
+        from mavjax.checkpoint import CheckpointError, save_array
 
         if name not in self.specs:
             raise CheckpointError(f"{name!r} is not an array of this draft config")
         shape, fixed = self.specs[name]
         if tuple(value.shape) != shape:
             raise CheckpointError(f"{name}: got shape {tuple(value.shape)}, the draft config needs {shape}")
-        tmp = self._partial / name
-        with ocp.StandardCheckpointer() as ckptr:
-            ckptr.save(tmp.absolute(), {"value": np.asarray(value).astype(fixed or self.dtype)}, force=True)
-            ckptr.wait_until_finished()
-        os.replace(tmp, self._params / name)
+        save_array(self.dir, name, np.asarray(value).astype(fixed or self.dtype))
 
     def finalize(self, extra_files: dict[str, str] | None = None) -> None:
-        from mavjax.checkpoint import CheckpointError, _write_json
+        from mavjax.checkpoint import CheckpointError, _write_json, seal
 
         missing = [n for n in self.specs if not self.has(n)]
         if missing:
@@ -312,11 +305,9 @@ class DraftWriter:
         _write_json(self.dir / "config.json", self.cfg.to_dict())
         for name, text in (extra_files or {}).items():
             (self.dir / name).write_text(text)
-        shutil.rmtree(self._partial, ignore_errors=True)
         arrays = {n: {"shape": list(s), "dtype": jnp.dtype(f or self.dtype).name} for n, (s, f) in self.specs.items()}
-        _write_json(self.dir / MANIFEST, {"format": FORMAT, "format_version": FORMAT_VERSION,
-                                          "dtype": self.dtype.name, "params": arrays})
-        (self.dir / PENDING).unlink(missing_ok=True)
+        seal(self.dir, {"format": FORMAT, "format_version": FORMAT_VERSION, "dtype": self.dtype.name,
+                        "params": arrays})
         self.complete = True
 
 

@@ -202,6 +202,11 @@ def _call(kernel, args, out_shapes, grid, *, num_warps, num_stages, interpret, p
     return tuple(out)
 
 
+def _silu(g):
+    """SwiGLU's silu in kernels: exp only (no logistic lowering needed); g -> -inf gives -0."""
+    return g / (1.0 + jnp.exp(-g))
+
+
 def _mask2(rows, cols):
     """Outer AND of two optional 1-D lane masks (None = all in bounds)."""
     if rows is None and cols is None:

@@ -38,7 +38,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.fp8_gemm import (
-    FP8, NUM_SMS_H100, _call, _exact_upcast, _in_bounds, _load, _mask2, _next_pow2, _store,
+    FP8, NUM_SMS_H100, _call, _silu, _exact_upcast, _in_bounds, _load, _mask2, _next_pow2, _store,
     quantize_activation_per_token)
 
 __all__ = ["gate_up_swiglu_ref", "gate_up_swiglu", "qkv_rope_ref", "qkv_rope", "rope_columns", "default_config"]
@@ -50,10 +50,6 @@ __all__ = ["gate_up_swiglu_ref", "gate_up_swiglu", "qkv_rope_ref", "qkv_rope", "
 
 def _deq(w, s):
     return _exact_upcast(w) * s.astype(jnp.float32)[None, :]
-
-
-def _silu(g):
-    return g / (1.0 + jnp.exp(-g))  # exp only (no logistic lowering needed)
 
 
 def _x_for(x, mode):

@@ -70,7 +70,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.fp8_gemm import (
-    FP8, NUM_SMS_H100, _call, _exact_upcast, _in_bounds, _load, _mask2, _next_pow2, _store,
+    FP8, NUM_SMS_H100, _call, _silu, _exact_upcast, _in_bounds, _load, _mask2, _next_pow2, _store,
     quantize_weight_per_channel)
 
 __all__ = ["MoERouting", "sort_tokens", "num_buffer_rows", "quantize_experts", "dequantize_experts",
@@ -175,10 +175,6 @@ def sort_tokens(expert_idx, num_experts, block_m):
 # ----------------------------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------------------------
-
-def _silu(g):
-    return g / (1.0 + jnp.exp(-g))  # exp only (no logistic lowering needed); g -> -inf gives -0
-
 
 def _k_range(pid_s, nk, kb_per_split):
     lo = pid_s * kb_per_split

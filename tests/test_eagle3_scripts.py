@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -20,15 +18,9 @@ from mavjax.model import Llama4
 from mavjax.sampling import SamplingParams
 from mavjax.tokenizer import Tokenizer
 
+from helpers import load_script
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _corpus_and_target(tmp: Path):
@@ -49,7 +41,7 @@ def _corpus_and_target(tmp: Path):
 
 
 def test_train_eagle3_resumes_and_exports(tmp_path):
-    te = _load("train_eagle3")
+    te = load_script("train_eagle3")
     corpus, target = _corpus_and_target(tmp_path)
     args = ["--target", str(target), "--corpus", str(corpus), "--workdir", str(tmp_path / "w"), "--out",
             str(tmp_path / "draft"), "--steps", "3", "--batch", "2", "--seq-len", "32", "--ttt-steps", "3",
@@ -77,7 +69,7 @@ def test_train_eagle3_resumes_and_exports(tmp_path):
 
 
 def test_bench_eagle3_tiny(tmp_path):
-    be = _load("bench_eagle3")
+    be = load_script("bench_eagle3")
     report = be.main(["--tiny", "--prompts", "1", "--shapes", "2,1", "--json", str(tmp_path / "b.json")])
     saved = json.loads((tmp_path / "b.json").read_text())
     assert saved["rows"][0]["shape"] == "none" and saved["rows"][1]["shape"] == "tree 2,1"

@@ -4,7 +4,7 @@ meshes: the device-count flag must not reach the rest of the suite), and the mul
 import pytest
 
 from mavjax.distributed import settings
-from simulated_devices import run_on_8_devices
+from helpers import run_on_8_devices
 
 
 _run = run_on_8_devices

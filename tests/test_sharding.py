@@ -5,7 +5,7 @@ splits the CPU into 8 devices does not reach the rest of the suite)."""
 import pytest
 
 from mavjax.sharding import ShardingError, parse_mesh
-from simulated_devices import run_on_8_devices
+from helpers import run_on_8_devices
 
 
 _run = run_on_8_devices

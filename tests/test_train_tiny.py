@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import json.decoder
 import json.encoder
-import sys
 from pathlib import Path
 
 import jax
@@ -14,20 +12,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import load_script
+
 REPO = Path(__file__).resolve().parents[1]
 HELDOUT_PERMILLE = 400
 
 
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-bc = _load("build_corpus")
-tt = _load("train_tiny")
+bc = load_script("build_corpus")
+tt = load_script("train_tiny")
 
 SOURCE = '''\
 """A module docstring with unicode: héllo wörld, 日本語, emoji 😀."""
