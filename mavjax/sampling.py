@@ -61,22 +61,30 @@ class SamplingParams:
         return self.temperature == 0
 
 
+def filtered_logits(logits, temperature, top_k, top_p):
+    """The sampler's filter: logits [B, ..., V] float32 over per-row temperature, top_k, top_p [B] ->
+    (order [B, ..., V], the tempered logits in that descending order with the tokens top-k / top-p drop set
+    to -inf). `sample` draws from it; speculative decoding (mavjax.speculative) needs the same distribution."""
+    V = logits.shape[-1]
+    row = lambda v: v.reshape(v.shape + (1,) * (logits.ndim - 1))  # noqa: E731  [B] -> [B, 1, ..., 1]
+    x = logits / jnp.maximum(row(temperature), 1e-6)
+    order = jnp.argsort(-x, axis=-1)  # descending
+    xs = jnp.take_along_axis(x, order, axis=-1)
+    rank = jnp.arange(V)
+    keep = (row(top_k) <= 0) | (rank < row(top_k))  # top-k first, then top-p on what is left (vLLM)
+    xs = jnp.where(keep, xs, -jnp.inf)
+    p = jax.nn.softmax(xs, axis=-1)
+    before = jnp.cumsum(p, axis=-1) - p  # mass strictly above each token
+    return order, jnp.where(before < row(top_p), xs, -jnp.inf)  # the top token always survives
+
+
 def sample(logits, keys, temperature, top_k, top_p, *, all_greedy: bool):
     """logits [B, V] float32; keys [B] (typed PRNG keys); temperature, top_p [B] float32; top_k [B] int32.
     Returns token ids [B] int32. Temperature 0 rows take the argmax."""
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     if all_greedy:
         return greedy
-    V = logits.shape[-1]
-    x = logits / jnp.maximum(temperature, 1e-6)[:, None]
-    order = jnp.argsort(-x, axis=-1)  # [B, V] descending
-    xs = jnp.take_along_axis(x, order, axis=-1)
-    rank = jnp.arange(V)[None, :]
-    keep = (top_k[:, None] <= 0) | (rank < top_k[:, None])  # top-k first, then top-p on what is left (vLLM)
-    xs = jnp.where(keep, xs, -jnp.inf)
-    p = jax.nn.softmax(xs, axis=-1)
-    before = jnp.cumsum(p, axis=-1) - p  # mass strictly above each token
-    xs = jnp.where(before < top_p[:, None], xs, -jnp.inf)  # the top token always survives
+    order, xs = filtered_logits(logits, temperature, top_k, top_p)  # [B, V]
     choice = jax.vmap(jax.random.categorical)(keys, xs)  # index into the sorted order
     sampled = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
     return jnp.where(temperature == 0, greedy, sampled)

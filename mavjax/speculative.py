@@ -34,7 +34,7 @@ from flax import nnx
 
 from mavjax.generate import Batch, make_keys
 from mavjax.kv_cache import KVCache, write_slots
-from mavjax.sampling import sample
+from mavjax.sampling import filtered_logits, sample
 
 
 # ---- the static draft tree ---------------------------------------------------------------------------------
@@ -118,15 +118,7 @@ def target_probs(logits, temperature, top_k, top_p):
     """The distribution `mavjax.sampling.sample` draws from: logits [B, T, V] float32, per-row temperature,
     top_k, top_p [B] -> probabilities [B, T, V]; a temperature-0 row gets the one-hot of its argmax."""
     B, T, V = logits.shape
-    x = logits / jnp.maximum(temperature, 1e-6)[:, None, None]
-    order = jnp.argsort(-x, axis=-1)  # [B, T, V] descending
-    xs = jnp.take_along_axis(x, order, axis=-1)
-    rank = jnp.arange(V)[None, None, :]
-    keep = (top_k[:, None, None] <= 0) | (rank < top_k[:, None, None])
-    xs = jnp.where(keep, xs, -jnp.inf)
-    p = jax.nn.softmax(xs, axis=-1)
-    before = jnp.cumsum(p, axis=-1) - p
-    xs = jnp.where(before < top_p[:, None, None], xs, -jnp.inf)
+    order, xs = filtered_logits(logits, temperature, top_k, top_p)  # [B, T, V], sorted
     ps = jax.nn.softmax(xs, axis=-1)  # in sorted order
     probs = jnp.zeros_like(ps).at[jnp.arange(B)[:, None, None], jnp.arange(T)[None, :, None], order].set(ps)
     greedy = jax.nn.one_hot(jnp.argmax(logits, axis=-1), V, dtype=probs.dtype)
