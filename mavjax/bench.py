@@ -21,7 +21,7 @@ Rank slice (`--rank-slice N`, with `--random-weights --preset maverick`): the pa
 in the minimum-latency layout (mesh expert=1, tensor=N; `rank_slice_config`): 1/N of the query and kv heads,
 of the dense-MLP units, of every expert's units (all experts kept) and of the shared expert, the embedding
 and LM head vocabulary-sharded; FP8 projections. Its decode step (batch 1 and 8), verify step (K+1 tokens) and
-draft step are timed on one device; the collectives the N-way model would run are not executed but their
+draft round (the EAGLE-3 module's passes of one K-token chain) are timed on one device; the collectives the N-way model would run are not executed but their
 latency is added (`--collective-us`, `--collectives-per-layer`), as stated in the output. From these it prints
 the bytes-read floor, the ratio to it and a PROJECTION of tokens/s per user of the full model on N GPUs.
 """
@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import dataclasses
+import functools
 import json
 import math
 import sys
@@ -64,13 +65,6 @@ def rank_slice_config(cfg, n: int):
     keep = lambda t: t if t is not None and t < V else None  # noqa: E731
     return cfg.replace(**sliced, pad_token_id=keep(cfg.pad_token_id) or 0, bos_token_id=keep(cfg.bos_token_id),
                        eos_token_id=tuple(t for t in cfg.eos_token_id if t < V))
-
-
-def draft_config(cfg, intermediate_size: int, vocab_size: int):
-    """An EAGLE-3-sized draft layer as a one-layer dense config of the target's width: RoPE, full attention."""
-    return cfg.replace(num_hidden_layers=1, moe_layers=(), no_rope_layers=(1,), layer_types=("full_attention",),
-                       intermediate_size_mlp=intermediate_size, vocab_size=vocab_size, pad_token_id=0,
-                       bos_token_id=None, eos_token_id=())
 
 
 # ---- random weights on the device ----------------------------------------------------------------------------
@@ -224,83 +218,159 @@ def format_rows(rows, header=True) -> str:
 
 
 # ---- timing one step on the device -------------------------------------------------------------------------
-class StepTimer:
-    """One forward step of `tokens` new tokens per row for `batch` rows over a KV cache holding `context`
-    positions, sampled greedily and fed back: `iters` steps inside one jitted fori_loop (no host in the loop).
-    tokens=1 is a decode step, K+1 a speculative verify step. `draft_extra` (fc, qkv2): an EAGLE-3 draft step:
-    the fc projection of target features joined to the embedding, and the second half of the draft's 2D-wide
-    q/k/v input, around the model's single decoder layer. Traced in `__init__`, compiled by `compile`, timed
-    by `time`."""
+class _LoopTimer:
+    """A jitted fori_loop of `iters` steps (no host in the loop), traced by the subclass into `self.lowered`
+    with arguments `self.args`; the loop's carry (`self.args[1]`, donated) is fed back between calls."""
 
-    def __init__(self, model, batch: int, tokens: int, context: int, iters: int, draft_extra=None):
-        import jax
-        import jax.numpy as jnp
-        from flax import nnx
+    iters: int
 
-        from mavjax.generate import bucket
-        from mavjax.kv_cache import KVCache, write_slots
-        from mavjax.model import rope_tables
-
-        cfg = model.cfg
-        graphdef, self.state = nnx.split(model)
-        S = bucket(context + tokens, minimum=64)
-        B, T = batch, tokens
-        self.iters, self.extra = iters, draft_extra
-
-        def forward(m, tok, pos, cache, feats, extra):
-            at = jnp.full((B,), context, jnp.int32)
-            if extra is None:
-                return m(tok, pos, cache, write_index=at)
-            fc, qkv2 = extra
-            x = m.embed[...][tok] + jnp.einsum("btf,fd->btd", feats, fc)  # [B, T, 3D/n] x [3D/n, D] -> [B, T, D]
-            q2 = jnp.einsum("btd,dq->btq", x, qkv2)  # [B, T, D] x [D, Q] -> [B, T, Q]: the 2D-wide q/k/v's bytes
-            x = x + 1e-30 * jnp.sum(q2, axis=-1, keepdims=True).astype(x.dtype)  # keep it live (not folded away)
-            rope = rope_tables(m.inv_freq[...], pos)
-            cache_pos = write_slots(cache.pos, pos, at)
-            x, kv = m.layers[0](x, pos, rope, (cache.k[0], cache.v[0]), cache_pos, at)
-            return m.logits(m.norm(x)), KVCache(k=[kv[0]], v=[kv[1]], pos=cache_pos)
-
-        def run(state, cache, tok, feats, extra):
-            m = nnx.merge(graphdef, state)
-            pos = jnp.broadcast_to(context + jnp.arange(T, dtype=jnp.int32), (B, T))
-
-            def body(_, c):
-                cache, tok = c
-                logits, cache = forward(m, tok, pos, cache, feats, extra)  # [B, T, V]
-                return cache, jnp.argmax(logits, axis=-1).astype(jnp.int32)
-
-            return jax.lax.fori_loop(0, iters, body, (cache, tok))
-
-        cache = KVCache.create(cfg, B, S, model.dtype)
-        slots = jnp.arange(S, dtype=jnp.int32)
-        cache = dataclasses.replace(cache, pos=jnp.broadcast_to(jnp.where(slots < context, slots, -1), (B, S)))
-        tok = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (B, T)), jnp.int32)
-        feats = None if draft_extra is None else jnp.ones((B, T, draft_extra[0].shape[0]), model.dtype) * 0.01
-        # Committed to the device like the step's outputs, which are fed back in.
-        self.cache, self.tok, self.feats = jax.device_put((cache, tok, feats), jax.devices()[0])
-        self.lowered = jax.jit(run, donate_argnums=(1,)).lower(self.state, self.cache, self.tok, self.feats,
-                                                                self.extra)
-
-    def compile(self) -> "StepTimer":
+    def compile(self) -> "_LoopTimer":
         """XLA compilation (thread-safe: timers compile in parallel threads; tracing stays on the main thread)."""
         t = time.perf_counter()
         self.step = self.lowered.compile()
         self.compile_s = time.perf_counter() - t
         return self
 
+    def _call(self):
+        import jax
+
+        state, carry, *rest = self.args
+        carry = self.step(state, carry, *rest)
+        jax.block_until_ready(carry)
+        self.args = (state, carry, *rest)
+
     def time(self, reps: int) -> float:
         """Seconds per step, best of `reps` loops, after one warm-up loop."""
         best = math.inf
         for r in range(reps + 1):
             t = time.perf_counter()
-            self.cache, self.tok = self.step(self.state, self.cache, self.tok, self.feats, self.extra)
-            self.tok.block_until_ready()
+            self._call()
             if r:
                 best = min(best, (time.perf_counter() - t) / self.iters)
         return best
 
+    def profile(self) -> dict:
+        """The device kernels of one loop, per step (mavjax.profiling)."""
+        from mavjax.profiling import profile_kernels
+
+        return profile_kernels(self._call, self.iters)
+
+
+def _context_cache(create, B, S, context):
+    """A KV cache of S slots whose first `context` hold positions 0..context-1."""
+    import jax.numpy as jnp
+
+    cache = create(B, S)
+    slots = jnp.arange(S, dtype=jnp.int32)
+    return dataclasses.replace(cache, pos=jnp.broadcast_to(jnp.where(slots < context, slots, -1), (B, S)))
+
+
+class StepTimer(_LoopTimer):
+    """One forward step of `tokens` new tokens per row for `batch` rows over a KV cache holding `context`
+    positions, sampled greedily and fed back. tokens=1 is a decode step, K+1 a speculative verify step."""
+
+    def __init__(self, model, batch: int, tokens: int, context: int, iters: int):
+        import jax
+        import jax.numpy as jnp
+        from flax import nnx
+
+        from mavjax.generate import bucket
+        from mavjax.kv_cache import KVCache
+
+        cfg = model.cfg
+        graphdef, state = nnx.split(model)
+        S = bucket(context + tokens, minimum=64)
+        B, T = batch, tokens
+        self.iters = iters
+
+        def run(state, carry):
+            m = nnx.merge(graphdef, state)
+            pos = jnp.broadcast_to(context + jnp.arange(T, dtype=jnp.int32), (B, T))
+            at = jnp.full((B,), context, jnp.int32)
+
+            def body(_, c):
+                cache, tok = c
+                logits, cache = m(tok, pos, cache, write_index=at)  # [B, T, V]
+                return cache, jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+            return jax.lax.fori_loop(0, iters, body, carry)
+
+        cache = _context_cache(lambda b, s: KVCache.create(cfg, b, s, model.dtype), B, S, context)
+        tok = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (B, T)), jnp.int32)
+        # Committed to the device like the step's outputs, which are fed back in.
+        self.args = (state, jax.device_put((cache, tok), jax.devices()[0]))
+        self.lowered = jax.jit(run, donate_argnums=(1,)).lower(*self.args)
+
+
+class DraftRoundTimer(_LoopTimer):
+    """The draft's share of one speculative round of a K-token chain, through the EAGLE-3 module and
+    SpecEngine's own phases: `draft_phase` (K-1 single-token draft passes, the first token coming from the
+    previous round's logits) and `catch_up_phase` (the fc projection of the target's K+1 features and one
+    K+1-token pass, all K drafts accepted). The target contributes only its embedding table."""
+
+    def __init__(self, target, draft, batch: int, K: int, context: int, iters: int):
+        import jax
+        import jax.numpy as jnp
+        from flax import nnx
+
+        from mavjax.generate import bucket
+        from mavjax.speculative import DraftTree, SpecEngine
+
+        tree = DraftTree.chain(K)
+        eng = SpecEngine(target, draft, tree, check=False)  # the rank's fc reads 1/n of the features
+        dcfg = draft.cfg
+        B, S = batch, bucket(context + 2 * (K + 1), minimum=64)
+        self.iters = iters
+        root_pos = jnp.full((B,), context, jnp.int32)
+        keys = jax.random.split(jax.random.key(0), B)
+        path = jnp.broadcast_to(jnp.arange(K + 1, dtype=jnp.int32), (B, K + 1))
+        accepted = jnp.full((B,), K, jnp.int32)
+
+        def run(states, carry, feats):
+            tgt, dr = eng._models(*states)
+
+            def body(_, c):
+                dcache, g_root, d_root, root_tok = c
+                toks, _, dcache = eng.draft_phase(tgt, dr, tree, dcache, g_root, d_root, root_pos, keys,
+                                                  jnp.zeros((B,)), sampling=False)  # [B, K]
+                emitted = jnp.concatenate([root_tok[:, None], toks], axis=1)  # [B, K+1]
+                g_root, d_root, dcache = eng.catch_up_phase(tgt, dr, tree, dcache, feats, path, emitted,
+                                                            accepted, root_pos)
+                return dcache, g_root, d_root, toks[:, -1]
+
+            return jax.lax.fori_loop(0, iters, body, carry)
+
+        dcache = _context_cache(lambda b, s: draft.cache(b, s), B, S, context)
+        rng = np.random.default_rng(1)
+        g_root = jnp.asarray(rng.standard_normal((B, dcfg.hidden_size)) * 0.5, draft.dtype)
+        d_root = jnp.asarray(rng.standard_normal((B, dcfg.draft_vocab_size)), jnp.float32)
+        root_tok = jnp.asarray(rng.integers(0, dcfg.vocab_size, (B,)), jnp.int32)
+        n_in = len(dcfg.aux_layers) * dcfg.target_hidden_size
+        feats = jnp.asarray(rng.standard_normal((B, K + 1, n_in)) * 0.5, draft.dtype)  # [B, K+1, F]
+        states = (nnx.state(target), nnx.state(draft))
+        self.args = (states, jax.device_put((dcache, g_root, d_root, root_tok), jax.devices()[0]), feats)
+        self.lowered = jax.jit(run, donate_argnums=(1,)).lower(*self.args)
+
 
 # ---- the rank slice --------------------------------------------------------------------------------------------
+def rank_draft_config(full, n: int, intermediate_size: int, draft_vocab_size: int):
+    """One rank's share of an EAGLE-3 draft for `full` under tensor parallelism over n: 1/n of its heads, MLP
+    units and draft vocabulary, and an fc that reads 1/n of the tapped target features (row-parallel, its
+    output all-reduced). Its vocabulary is the rank's slice of the target's."""
+    from mavjax.config import ConfigError
+    from mavjax.eagle3 import Eagle3Config
+
+    d = Eagle3Config.for_target(full, draft_vocab_size=draft_vocab_size, intermediate_size=intermediate_size)
+    for name, size in (("draft intermediate size", d.intermediate_size), ("draft vocabulary", d.draft_vocab_size),
+                       ("hidden size", d.target_hidden_size)):
+        if size % n:
+            raise ConfigError(f"rank slice {n}: {name} = {size} is not divisible by {n}")
+    return dataclasses.replace(d, num_attention_heads=d.num_attention_heads // n,
+                               num_key_value_heads=max(1, d.num_key_value_heads // n),
+                               intermediate_size=d.intermediate_size // n, target_hidden_size=d.target_hidden_size // n,
+                               draft_vocab_size=d.draft_vocab_size // n, vocab_size=full.vocab_size // n)
+
+
 def rank_slice(a, log=print) -> dict:
     """Build one rank of the N-way minimum-latency layout, time its steps, print the floor and the projection."""
     import jax
@@ -309,19 +379,20 @@ def rank_slice(a, log=print) -> dict:
 
     from mavjax.benchmarking import copy_bandwidth, step_bytes
     from mavjax.config import preset
+    from mavjax.eagle3 import Eagle3Draft
     from mavjax.model import Llama4
+    from mavjax.profiling import format_profile
 
     n = a.rank_slice
     over = {} if a.layers is None else dict(num_hidden_layers=a.layers)
     full = preset(a.preset, **over)
     cfg = rank_slice_config(full, n)
-    dcfg = rank_slice_config(draft_config(full, a.draft_intermediate_size, a.draft_vocab_size), n)
+    dcfg = rank_draft_config(full, n, a.draft_intermediate_size, a.draft_vocab_size)
     K, C, L = a.num_draft_tokens or 3, a.context, full.num_hidden_layers
     dtype = jnp.dtype(a.dtype or "bfloat16")
-    D, Dh = full.hidden_size, full.head_dim
-    qkv2_cols = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * Dh
     n_coll = a.collectives_per_layer * L + 2  # + the embedding's all-reduce and the sampled token's gather
-    n_coll_draft = a.collectives_per_layer + 3  # + the fc's all-reduce, the embedding and the token gather
+    # per draft pass: its layer's all-reduces, the embedding's and the draft token's gather; + the fc's, once
+    n_coll_draft = K * (a.collectives_per_layer + 2) + 1
     coll_s, coll_draft_s = n_coll * a.collective_us * 1e-6, n_coll_draft * a.collective_us * 1e-6
     kernel_paths = list(dict.fromkeys(a.rank_kernels or [a.kernels]))
     abstract = nnx.eval_shape(lambda: Llama4(cfg, dtype=dtype, quant="fp8"))
@@ -329,17 +400,17 @@ def rank_slice(a, log=print) -> dict:
     out = dict(mode="rank_slice", preset=a.preset, rank_slice=n, layers=L, kernels=kernel_paths, quantize="fp8",
                context=C, num_draft_tokens=K, rank_param_bytes=nbytes, collective_us=a.collective_us,
                collectives_per_layer=a.collectives_per_layer,
-               collectives_per_step=n_coll, collectives_per_draft_step=n_coll_draft,
+               collectives_per_step=n_coll, collectives_per_draft_round=n_coll_draft,
                device=jax.devices()[0].device_kind)
     log(f"rank slice 1/{n} of {a.preset} ({L} layers) in the expert=1,tensor={n} layout: "
         f"{cfg.num_attention_heads} q heads, {cfg.num_key_value_heads} kv heads, "
         f"dense MLP {cfg.intermediate_size_mlp}, "
         f"{cfg.num_local_experts} experts of {cfg.intermediate_size} units, vocab {cfg.vocab_size}; FP8 projections; "
         f"{nbytes / 1e9:.2f} GB of parameters")
-    log(f"draft step: random-weight EAGLE-3-sized draft (no draft module in this tree): one dense decoder layer "
-        f"(heads {dcfg.num_attention_heads}/{dcfg.num_key_value_heads}, MLP {dcfg.intermediate_size_mlp}), the fc "
-        f"{3 * D // n}->{D}, the second half of the 2D-wide q/k/v input ({D}x{qkv2_cols}) and an LM head over "
-        f"{dcfg.vocab_size} draft tokens, all the rank's 1/{n} share, {dtype.name}")
+    log(f"draft: the EAGLE-3 module (mavjax.eagle3, random weights, {dtype.name}), the rank's 1/{n}: heads "
+        f"{dcfg.num_attention_heads}/{dcfg.num_key_value_heads}, MLP {dcfg.intermediate_size}, fc "
+        f"{len(dcfg.aux_layers) * dcfg.target_hidden_size}->{dcfg.hidden_size}, draft vocabulary "
+        f"{dcfg.draft_vocab_size}; timed as one round of a K={K} chain (K-1 draft passes + the catch-up pass)")
     if a.dry_run:
         log("dry run: nothing allocated or timed")
         return out
@@ -351,32 +422,32 @@ def rank_slice(a, log=print) -> dict:
     jax.block_until_ready(nnx.state(model))
     out["init_s"] = time.perf_counter() - t
     log(f"random FP8 weights on the device in {out['init_s']:.1f} s")
-    draft = random_model(dcfg, dtype=dtype, seed=a.seed + 1)
-    key = jax.random.key(a.seed + 2)
-    fc = (jax.random.normal(key, (3 * D // n, D), dtype) * 0.02).astype(dtype)
-    qkv2 = (jax.random.normal(jax.random.fold_in(key, 1), (D, qkv2_cols), dtype) * 0.02).astype(dtype)
-    draft_read = (param_bytes(draft) - dcfg.vocab_size * D * dtype.itemsize  # the embedding is only gathered
-                  + (fc.size + qkv2.size) * dtype.itemsize)
+    draft = Eagle3Draft(dcfg, dtype=dtype, rngs=nnx.Rngs(a.seed + 1))
+    fc_bytes = draft.fc.get_value().size * dtype.itemsize
+    pass_bytes = param_bytes(draft) - fc_bytes  # what each draft pass reads (the embedding: rows only)
 
-    plan = []  # (kernels, step, batch, tokens, model, draft_extra); every kernel path reads the same weights
+    plan = []  # (kernels, step, batch, tokens, timer factory); every kernel path reads the same weights
     for kern in kernel_paths:
-        m, d = with_kernels(model, kern), with_kernels(draft, kern)
+        m = with_kernels(model, kern)
         for B in a.rank_batch_sizes:
-            plan.append((kern, "decode", B, 1, m, None))
+            plan.append((kern, "decode", B, 1, functools.partial(StepTimer, m, B, 1, C, a.step_iters)))
             if B in a.verify_batch_sizes:
-                plan.append((kern, "verify", B, K + 1, m, None))
-        plan += [(kern, "draft", B, 1, d, (fc, qkv2)) for B in a.verify_batch_sizes]
+                plan.append((kern, "verify", B, K + 1, functools.partial(StepTimer, m, B, K + 1, C, a.step_iters)))
+    # The draft module has one (XLA) path; its round does not depend on the target's kernels.
+    plan += [("-", "draft", B, K, functools.partial(DraftRoundTimer, model, draft, B, K, C, a.step_iters))
+             for B in a.verify_batch_sizes]
     t = time.perf_counter()
-    timers = [StepTimer(m, B, T, C, a.step_iters, extra) for _, _, B, T, m, extra in plan]
+    timers = [make() for *_, make in plan]
     with concurrent.futures.ThreadPoolExecutor(max(1, a.compile_threads)) as pool:  # XLA compiles in parallel
-        list(pool.map(StepTimer.compile, timers))
+        list(pool.map(_LoopTimer.compile, timers))
     out["compile_s"] = time.perf_counter() - t
     log(f"compiled {len(plan)} step programs in {out['compile_s']:.0f} s ({a.compile_threads} threads)")
-    steps = []
-    for (kern, what, B, T, _, _), timer in zip(plan, timers):
+    steps, profiles = [], []
+    for (kern, what, B, T, _), timer in zip(plan, timers):
         s = timer.time(a.iters)
         if what == "draft":
-            floor_bytes = draft_read + 2 * B * C * dcfg.num_key_value_heads * Dh * dtype.itemsize
+            floor_bytes = K * pass_bytes + fc_bytes + K * 2 * B * C * dcfg.num_key_value_heads * dcfg.head_dim * \
+                dtype.itemsize
             coll = coll_draft_s
         else:
             floor_bytes = step_bytes(cfg, B, C, dtype.itemsize, 1, tokens_per_row=T)
@@ -386,23 +457,31 @@ def rank_slice(a, log=print) -> dict:
                           floor_ms=floor * 1e3,
                           x_floor=s / floor, collectives_ms=coll * 1e3, compile_s=timer.compile_s))
         log(f"  {kern} {what} B={B} T={T}: {s * 1e3:.3f} ms (floor {floor * 1e3:.3f} ms, x{s / floor:.2f})")
+        if a.profile:
+            prof = timer.profile()
+            profiles.append(dict(kernels=kern, step=what, batch=B, **prof))
+            log(format_profile(prof, f"  profile of {kern} {what} B={B}"))
     out["steps"] = steps
+    if profiles:
+        out["profiles"] = profiles
     stats = jax.devices()[0].memory_stats() or {}  # None on CPU
     if "peak_bytes_in_use" in stats:
         out["peak_device_gb"] = stats["peak_bytes_in_use"] / 1e9
         log(f"peak device memory in use: {out['peak_device_gb']:.1f} GB (of {stats.get('bytes_limit', 0) / 1e9:.1f} "
             f"GB this process may use)")
+    drafts = [s for s in steps if s["step"] == "draft"]
     out["projection"] = [dict(kernels=kern, **row) for kern in kernel_paths for row in
-                         project([s for s in steps if s["kernels"] == kern], K, coll_s, coll_draft_s,
+                         project([s for s in steps if s["kernels"] == kern] + drafts, coll_s, coll_draft_s,
                                  a.verify_batch_sizes)]
     return out
 
 
-def project(steps, K, coll_s, coll_draft_s, batches):
+def project(steps, coll_s, coll_draft_s, batches):
     """PROJECTED tokens/s per user of the full model on N GPUs at acceptance lengths 1 (no draft), 2, 3, 4:
     a = 1:  1 / (t_decode + c)
-    a > 1:  a / (K * (t_draft + c_draft) + t_verify + c)
-    with c (c_draft) the collectives' latency per target (draft) step. Also the same at the bytes-read floor."""
+    a > 1:  a / (t_draft_round + c_draft + t_verify + c)
+    with c (c_draft) the collectives' latency per target step (per draft round). Also the same at the
+    bytes-read floor."""
     get = {(s["step"], s["batch"]): s for s in steps}
     rows = []
     for B in batches:
@@ -415,7 +494,7 @@ def project(steps, K, coll_s, coll_draft_s, batches):
                 if a_len == 1:
                     t = dec[key] * 1e-3 + coll_s
                 else:
-                    t = K * (dr[key] * 1e-3 + coll_draft_s) + ver[key] * 1e-3 + coll_s
+                    t = dr[key] * 1e-3 + coll_draft_s + ver[key] * 1e-3 + coll_s
                 row["step_ms" + suffix] = t * 1e3
                 row["tokens_per_s_per_user" + suffix] = a_len / t
             rows.append(row)
@@ -429,8 +508,9 @@ def print_rank_slice(r, log=print):
         f"kernels {'/'.join(r['kernels'])}, on {r['device']} (copy {r['copy_tb_s']:.2f} TB/s).")
     log(f"Collectives are NOT run: {r['collectives_per_step']} per target step ({r['collectives_per_layer']} "
         f"all-reduces per layer x {r['layers']} layers, + the embedding's all-reduce and the sampled token's "
-        f"gather) and {r['collectives_per_draft_step']} per draft step ({r['collectives_per_layer']} per layer, "
-        f"+ the fc's all-reduce, the embedding and the token gather) are added at {r['collective_us']:g} us each.")
+        f"gather) and {r['collectives_per_draft_round']} per draft round ({r['num_draft_tokens']} passes x "
+        f"({r['collectives_per_layer']} per layer + the embedding's + the draft token's gather), + the fc's) are "
+        f"added at {r['collective_us']:g} us each.")
     log("floor = bytes the step must read (weights it uses + KV cache) / copy bandwidth; "
         "+coll = measured step + the collectives' latency")
     log(f"{'kernels':>7} {'step':>7} {'batch':>5} {'tokens':>6} {'ms':>8} {'floor GB':>9} {'floor ms':>9} "
@@ -442,9 +522,9 @@ def print_rank_slice(r, log=print):
     if r["projection"]:
         K = r["num_draft_tokens"]
         log(f"\nPROJECTION (not a measurement) of the full model on {r['rank_slice']} GPUs, tokens/s per user:")
-        log(f"  acceptance 1 (no draft): 1 / (t_decode + c);  acceptance a > 1: a / ({K} * (t_draft + c_draft) + "
-            f"t_verify({K + 1} tokens) + c);  c = {r['collectives_per_step']} x {r['collective_us']:g} us, "
-            f"c_draft = {r['collectives_per_draft_step']} x {r['collective_us']:g} us")
+        log(f"  acceptance 1 (no draft): 1 / (t_decode + c);  acceptance a > 1: a / (t_draft_round(K={K}) + "
+            f"c_draft + t_verify({K + 1} tokens) + c);  c = {r['collectives_per_step']} x {r['collective_us']:g} us, "
+            f"c_draft = {r['collectives_per_draft_round']} x {r['collective_us']:g} us")
         log(f"{'kernels':>7} {'batch':>5} {'accept':>6} {'step ms':>8} {'tok/s/user':>11} {'at floor':>9}")
         for p in r["projection"]:
             log(f"{p['kernels']:>7} {p['batch']:>5} {p['acceptance_length']:>6} {p['step_ms']:>8.3f} "
@@ -471,7 +551,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--rank-kernels", nargs="+", default=None, choices=["xla", "pallas"],
                    help="time each kernel path on the same weights in one run (default: --kernels)")
     r.add_argument("--rank-batch-sizes", type=int, nargs="+", default=[1, 8])
-    r.add_argument("--verify-batch-sizes", type=int, nargs="+", default=[1],
+    r.add_argument("--verify-batch-sizes", type=int, nargs="*", default=[1],
                    help="batch sizes at which the verify and draft steps are timed and projected")
     r.add_argument("--context", type=int, default=1024, help="KV-cache positions each row attends to")
     r.add_argument("--step-iters", type=int, default=32, help="steps per timed jitted loop")
@@ -480,6 +560,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--collective-us", type=float, default=19.0, help="latency of one all-reduce (us)")
     r.add_argument("--collectives-per-layer", type=int, default=2)
     r.add_argument("--draft-intermediate-size", type=int, default=16384)
+    r.add_argument("--profile", action="store_true",
+                   help="also trace each timed step and print where its device time goes, kernel by kernel")
     r.add_argument("--draft-vocab-size", type=int, default=32000)
     p.add_argument("--dry-run", action="store_true",
                    help="random weights: print the plan and the parameter bytes, allocate and time nothing")

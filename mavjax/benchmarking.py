@@ -56,3 +56,48 @@ def step_bytes(cfg, batch, context, dtype_bytes, proj_bytes=None, tokens_per_row
             total += 3 * D * Fm * pb
     kv = cfg.num_hidden_layers * 2 * batch * context * K * Dh * dtype_bytes
     return total + kv
+
+
+def device_loop(fn, args, iters: int, vary: int = 0):
+    """A jitted program running fn(*args) `iters` times inside one lax.fori_loop, so that timing it measures the
+    device (no host dispatch per call). The floating-point leaves of args[vary] (the activations: every call
+    must read one of them) get a runtime zero added that depends on the previous iteration's outputs, so no
+    call is loop-invariant and XLA cannot hoist it out of the loop; the weights are passed untouched. Returns
+    (jit(run), leaves) for run(leaves, zero) with zero = 0.0 (float32)."""
+    leaves, treedef = jax.tree.flatten(args)
+    first = len(jax.tree.leaves(args[:vary]))
+    small = [i for i in range(first, first + len(jax.tree.leaves(args[vary])))
+             if jnp.issubdtype(leaves[i].dtype, jnp.floating)]
+
+    def run(leaves, zero):
+        def body(_, carry):
+            ls = list(leaves)
+            for i in small:
+                ls[i] = ls[i] + carry.astype(ls[i].dtype)
+            outs = jax.tree.leaves(fn(*jax.tree.unflatten(treedef, ls)))
+            s = sum(o.reshape(-1)[0].astype(jnp.float32) for o in outs if o.size)
+            return s * zero  # 0, but only known at run time: the next iteration waits for these outputs
+
+        return jax.lax.fori_loop(0, iters, body, jnp.zeros((), jnp.float32))
+
+    return jax.jit(run), leaves
+
+
+def time_loop(compiled, leaves, calls: int, reps: int = 5) -> float:
+    """Best seconds per call over `reps` runs of a compiled `device_loop` program making `calls` calls."""
+    zero = jnp.zeros((), jnp.float32)
+    jax.block_until_ready(compiled(leaves, zero))  # warm-up
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        jax.block_until_ready(compiled(leaves, zero))
+        best = min(best, time.perf_counter() - t)
+    return best / calls
+
+
+def device_time(fn, args, iters: int = 8, reps: int = 5, calls_per_iter: int = 1, vary: int = 0) -> float:
+    """Best seconds per call of fn(*args) (which makes `calls_per_iter` calls) over `reps` loops of `iters`
+    iterations on the device (`device_loop`), after one warm-up loop."""
+    prog, leaves = device_loop(fn, args, iters, vary)
+    compiled = prog.lower(leaves, jnp.zeros((), jnp.float32)).compile()
+    return time_loop(compiled, leaves, iters * calls_per_iter, reps)

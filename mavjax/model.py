@@ -284,10 +284,40 @@ def moe_experts_grouped(x, expert_idx, scores, w_gate, w_up, w_down, scales):
     xs = x[token] * scores.reshape(-1)[order][:, None]  # [N*k, D]
     sizes = jnp.bincount(flat_e, length=E).astype(jnp.int32)  # [E]
     sg, su, sd = (None if s is None else s[flat_e[order]] for s in scales)  # [N*k, F|D]
-    g = _scaled(jax.lax.ragged_dot(xs, w_gate.astype(x.dtype), sizes), sg)  # [N*k, F]
-    u = _scaled(jax.lax.ragged_dot(xs, w_up.astype(x.dtype), sizes), su)  # [N*k, F]
-    y = _scaled(jax.lax.ragged_dot(jax.nn.silu(g) * u, w_down.astype(x.dtype), sizes), sd)  # [N*k, D]
+    g = _scaled(_ragged_dot(xs, w_gate, sizes), sg)  # [N*k, F]
+    u = _scaled(_ragged_dot(xs, w_up, sizes), su)  # [N*k, F]
+    y = _scaled(_ragged_dot(jax.nn.silu(g) * u, w_down, sizes), sd)  # [N*k, D]
     return jnp.zeros((N, D), y.dtype).at[token].add(y)
+
+
+# Narrower (FP8) expert weights are upcast for ragged_dot at most this many bytes at a time: upcasting all
+# experts at once would hold a bf16 copy of the whole layer (3 x 10.7 GB at Maverick size).
+UPCAST_CHUNK_BYTES = 1 << 30
+
+
+def _ragged_dot(xs, w, sizes):
+    """ragged_dot(xs [R, K], w [E, K, N], sizes [E]) -> [R, N], rows sorted by expert. Weights narrower than xs
+    are upcast a chunk of G experts at a time: chunk c is a ragged_dot over G+1 groups whose first (a zero
+    expert) takes the rows of the experts before it; rows after the chunk fall outside every group and
+    come out zero, so the chunks' results add up to the whole product."""
+    if w.dtype == xs.dtype:
+        return jax.lax.ragged_dot(xs, w, sizes)
+    E, K, N = w.shape
+    per_expert = K * N * xs.dtype.itemsize
+    G = max(g for g in range(1, E + 1) if E % g == 0 and (g * per_expert <= UPCAST_CHUNK_BYTES or g == 1))
+    if G == E:
+        return jax.lax.ragged_dot(xs, w.astype(xs.dtype), sizes)
+    before = jnp.cumsum(sizes) - sizes  # [E] rows of the experts ahead of each one
+    zero = jnp.zeros((1, K, N), xs.dtype)
+
+    def chunk(acc, c):
+        wc = jax.lax.dynamic_slice_in_dim(w, c * G, G).astype(xs.dtype)  # [G, K, N]
+        sc = jax.lax.dynamic_slice_in_dim(sizes, c * G, G)  # [G]
+        groups = jnp.concatenate([before[c * G][None], sc])  # [G+1]
+        return acc + jax.lax.ragged_dot(xs, jnp.concatenate([zero, wc]), groups), None
+
+    acc0 = jnp.zeros((xs.shape[0], N), xs.dtype)
+    return jax.lax.scan(chunk, acc0, jnp.arange(E // G))[0]
 
 
 class MoE(nnx.Module):

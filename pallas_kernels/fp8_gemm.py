@@ -400,18 +400,33 @@ def _fp8_fp8_pallas(x, w_fp8, w_scale, *, scale_kind, scale_block, block_m, bloc
 # Public API
 # ----------------------------------------------------------------------------------------------------------
 
-def default_config(mode, M, N, K, scale_kind="channel", num_sms=NUM_SMS_H100):
-    """Heuristic block sizes; scripts/bench_fp8_gemm.py autotunes over a few alternatives."""
+# Weight-streaming (decode) tiles from H100 sweeps of the loop-timed kernels (scripts/tune_decode_kernels.py,
+# docs/benchmarks.md section 5). One 8-way rank's shapes (2-21 MB): 64-deep tiles, 2 pipeline stages, ~4
+# programs per SM (~530) with 2-4 K steps each were best, 20-35% faster than 256-deep tiles at 4 stages, which
+# hold ~160 KB of shared memory, allow one program per SM and leave the grid's second wave nearly empty. The
+# full-width fused gate/up (168 MB): 128-wide, 64-deep tiles, 4 stages, 640 programs: 1.43x its byte floor,
+# 1.87x faster than the 256-deep config. Block-scaled weights keep 128-deep tiles (one scale per tile).
+SMALL_WEIGHT_BYTES = 32 << 20
+
+
+def weight_only_blocks(N, K, *, tiles=1, scale_kind="channel", num_sms=NUM_SMS_H100):
+    """block_n, block_k, split_k, num_stages of a weight-streaming kernel whose programs each read `tiles`
+    [block_k, block_n] FP8 tiles per K step out of `N` output columns (summed over the programs' rows: pairs
+    or weights) and a depth K: split-K for ~4 programs per SM, never fewer than 2 K steps per split."""
+    small = K * N * tiles <= SMALL_WEIGHT_BYTES
+    bn, stages = (64, 2) if small else (128, 4)
+    bk = 128 if scale_kind == "block" else 64
+    nb, nk = pl.cdiv(N, bn), pl.cdiv(K, bk)
+    split = max(1, min(pl.cdiv(4 * num_sms, nb), nk // 2))
+    return dict(block_n=bn, block_k=bk, split_k=int(split), num_stages=stages)
+
+
+def default_config(mode, M, N, K, scale_kind="channel", num_sms=NUM_SMS_H100, tiles=1):
+    """Heuristic block sizes (weight_only: `weight_only_blocks`); scripts/bench_fp8_gemm.py and
+    scripts/tune_decode_kernels.py sweep the alternatives."""
     if mode == "weight_only":
-        # H100 sweep (M=16, 5120x16384): block_n=64, block_k=256, no split-K, 4 warps, 4 stages was best
-        # (39.8 us; w stored [N, K]); a split-K pass costs an extra launch, so split only when the N
-        # blocks alone leave SMs idle, aiming at ~2 programs per SM with >= 2 K steps per split.
-        block_k = 128 if scale_kind == "block" else 256
-        block_n = 64
-        nb, nk = pl.cdiv(N, block_n), pl.cdiv(K, block_k)
-        split_k = 1 if nb >= num_sms else max(1, min(pl.cdiv(2 * num_sms, nb), nk // 2))
-        return dict(block_m=None, block_n=block_n, block_k=block_k, split_k=split_k, num_warps=4, num_stages=4,
-                    swap_ab=False)
+        return dict(block_m=None, num_warps=4, swap_ab=False,
+                    **weight_only_blocks(N, K, tiles=tiles, scale_kind=scale_kind, num_sms=num_sms))
     return dict(block_m=128, block_n=128, block_k=128, split_k=1, num_warps=4, num_stages=3, swap_ab=False)
 
 

@@ -38,10 +38,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.fp8_gemm import (
-    FP8, NUM_SMS_H100, _call, _silu, _exact_upcast, _in_bounds, _load, _mask2, _next_pow2, _store,
+    FP8, _call, _silu, _exact_upcast, _in_bounds, _load, _mask2, _next_pow2, _store, default_config,
     quantize_activation_per_token)
 
-__all__ = ["gate_up_swiglu_ref", "gate_up_swiglu", "qkv_rope_ref", "qkv_rope", "rope_columns", "default_config"]
+__all__ = ["gate_up_swiglu_ref", "gate_up_swiglu", "qkv_rope_ref", "qkv_rope", "rope_columns"]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -144,24 +144,21 @@ def _scale_acc(acc, s_ref, xs, n0, n_in, block_n):
 
 
 def _pair_swap(acc):
-    """acc[:, c ^ 1] for every column c, as an exact f32 matmul with a 0/1 permutation matrix (IEEE precision
-    on the GPU: only one nonzero term per output, so nothing is rounded)."""
+    """acc[:, c ^ 1] for every column c, as matmuls with a 0/1 permutation matrix on the tensor cores: acc split
+    into three bf16 parts (hi + mid + lo holds all 24 bits of an f32 mantissa), each part moved exactly (one
+    nonzero term per output). An f32 dot at IEEE precision would be exact too, but Triton unrolls it into
+    scalar FMAs: bn^2 * block_m / threads of them per thread, which took minutes to compile at block_m = 128."""
     bn = acc.shape[1]
     r = lax.broadcasted_iota(jnp.int32, (bn, bn), 0)
     c = lax.broadcasted_iota(jnp.int32, (bn, bn), 1)
-    perm = (r == jnp.where(c % 2 == 0, c + 1, c - 1)).astype(jnp.float32)  # [bn, bn]
-    return jnp.dot(acc, perm, preferred_element_type=jnp.float32, precision=lax.Precision.HIGHEST)
-
-
-def default_config(mode, M, N, K, num_sms=NUM_SMS_H100):
-    """fp8_gemm's heuristics: weight-only 64-wide, 256-deep tiles, split-K only to fill the SMs (~2 programs
-    per SM, >= 2 K steps per split); fp8_fp8 128x128x128 tiles, no split (enough M blocks)."""
-    if mode == "weight_only":
-        block_n, block_k = 64, 256
-        nb, nk = pl.cdiv(N, block_n), pl.cdiv(K, block_k)
-        split_k = 1 if nb >= num_sms else max(1, min(pl.cdiv(2 * num_sms, nb), nk // 2))
-        return dict(block_m=None, block_n=block_n, block_k=block_k, split_k=split_k, num_warps=4, num_stages=4)
-    return dict(block_m=128, block_n=128, block_k=128, split_k=1, num_warps=4, num_stages=3)
+    perm = (r == jnp.where(c % 2 == 0, c + 1, c - 1)).astype(jnp.bfloat16)  # [bn, bn]
+    out, rest = None, acc
+    for _ in range(3):
+        part = rest.astype(jnp.bfloat16)
+        rest = rest - part.astype(jnp.float32)
+        moved = jnp.dot(part, perm, preferred_element_type=jnp.float32)  # [bm, bn] x [bn, bn]
+        out = moved if out is None else out + moved
+    return out
 
 
 def _setup(x, weights, scales, mode, N_total, block_m, block_n, block_k, split_k, num_warps, num_stages,
@@ -182,7 +179,7 @@ def _setup(x, weights, scales, mode, N_total, block_m, block_n, block_k, split_k
         mode = "weight_only" if M <= 64 else "fp8_fp8"
     if mode not in ("weight_only", "fp8_fp8"):
         raise ValueError(f"unknown mode {mode!r}")
-    cfg = default_config(mode, M, N_total, K)
+    cfg = default_config(mode, M, N_total, K, tiles=tiles_per_step)
     block_n, block_k = block_n or cfg["block_n"], block_k or cfg["block_k"]
     split_k, num_warps = split_k or cfg["split_k"], num_warps or cfg["num_warps"]
     if mode == "weight_only":

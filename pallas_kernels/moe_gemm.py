@@ -71,7 +71,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels.fp8_gemm import (
     FP8, NUM_SMS_H100, _call, _silu, _exact_upcast, _in_bounds, _load, _mask2, _next_pow2, _store,
-    quantize_weight_per_channel)
+    quantize_weight_per_channel, weight_only_blocks)
 
 __all__ = ["MoERouting", "sort_tokens", "num_buffer_rows", "quantize_experts", "dequantize_experts",
            "moe_reference", "moe_fp8", "moe_fp8_sorted", "moe_fp8_pairs", "default_config", "pairs_config",
@@ -545,19 +545,13 @@ PAIRS_MAX = 16
 
 
 def pairs_config(num_pairs, D, F, num_sms=NUM_SMS_H100):
-    """Blocks of the pair path: 64-wide, 256-deep tiles (fp8_gemm's decode sweep), split-K so that
-    P x (output blocks) x splits gives ~2 programs per SM with >= 2 K steps per split."""
-    bn, bk = 64, 256
-
-    def split(n_out, K):
-        programs = num_pairs * pl.cdiv(n_out, bn)
-        if programs >= num_sms:
-            return 1
-        return int(max(1, min(pl.cdiv(2 * num_sms, programs), pl.cdiv(K, bk) // 2)))
-
-    return dict(block_n=bn, block_k=bk, split_k=split(F, D), block_n_down=bn, block_k_down=bk,
-                split_k_down=split(D, F), num_warps=4, num_stages=_stages(2 * bk * bn), num_stages_down=
-                _stages(bk * bn))
+    """Blocks of the pair path: fp8_gemm.weight_only_blocks over the pairs' output blocks (each program row
+    is one pair), for kernel 1 (two [block_k, block_n] tiles per step: gate and up) and kernel 2 (down)."""
+    gu = weight_only_blocks(num_pairs * F, D, tiles=2, num_sms=num_sms)
+    dn = weight_only_blocks(num_pairs * D, F, tiles=1, num_sms=num_sms)
+    return dict(block_n=gu["block_n"], block_k=gu["block_k"], split_k=gu["split_k"], block_n_down=dn["block_n"],
+                block_k_down=dn["block_k"], split_k_down=dn["split_k"], num_warps=4, num_stages=gu["num_stages"],
+                num_stages_down=dn["num_stages"])
 
 
 def moe_fp8_pairs(x, expert_idx, scores, w_gate, w_up, w_down, scales=None, *, block_n=None, block_k=None,

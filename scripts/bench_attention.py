@@ -45,7 +45,7 @@ import numpy as np  # noqa: E402
 
 from pallas_kernels.decode_attention import decode_attention, dequantize_kv  # noqa: E402
 
-from mavjax.benchmarking import copy_bandwidth  # noqa: E402
+from mavjax.benchmarking import copy_bandwidth, device_loop, time_loop  # noqa: E402
 from mavjax.model import attend, attention_mask  # noqa: E402
 
 try:
@@ -60,22 +60,19 @@ Dh = 128
 
 
 def time_op(fn, args_list, qs, inner, reps):
-    """Median seconds per call of fn(q, *args) over `reps` runs of one jitted program that calls it `inner`
-    times, cycling over args_list (distinct cache copies, so repeated calls don't hit L2) and over `inner`
-    distinct queries qs (so that XLA cannot merge identical calls)."""
+    """Best seconds per call of fn(q, *args) over `reps` device loops (mavjax.benchmarking.device_loop: no
+    host dispatch per call, nothing hoisted), each iteration calling it `inner` times, cycling over args_list
+    (distinct cache copies, so repeated calls don't hit L2) and over `inner` distinct queries qs. Also returns
+    fn(qs[0], *args_list[0]) (one untimed call) for the caller's check."""
     n = len(args_list)
 
-    def many(all_args, qs):
+    def many(qs, all_args):
         return [fn(qs[i], *all_args[i % n]) for i in range(inner)]
 
-    f = jax.jit(many)
-    first = jax.block_until_ready(f(args_list, qs))[0]  # fn(qs[0], *args_list[0]): checked by the caller
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        jax.block_until_ready(f(args_list, qs))
-        ts.append(time.perf_counter() - t)
-    return float(np.median(ts)) / inner, first
+    first = jax.block_until_ready(jax.jit(fn)(qs[0], *args_list[0]))
+    prog, leaves = device_loop(many, (qs, args_list), iters=4)
+    compiled = prog.lower(leaves, jnp.zeros((), jnp.float32)).compile()
+    return time_loop(compiled, leaves, 4 * inner, reps), first
 
 
 def rel_err(out, ref):

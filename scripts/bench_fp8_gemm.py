@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from mavjax.benchmarking import copy_bandwidth, fmt, speedup  # noqa: E402
+from mavjax.benchmarking import copy_bandwidth, device_loop, fmt, speedup, time_loop  # noqa: E402
 from pallas_kernels.fp8_gemm import (  # noqa: E402
     dequantize_activation, dequantize_weight, fp8_matmul, quantize_activation_per_token,
     quantize_weight_blockwise, quantize_weight_per_channel)
@@ -128,41 +128,31 @@ def n_buffers(K, N, target=200e6, cap=96):
 # ---------------------------------------------------------------------------------------------------------
 
 class Cell:
-    """One timed op: a jitted function over `unroll` rotating weight buffers."""
+    """One timed op over up to `unroll` distinct weight buffers, called back to back inside a device loop
+    (mavjax.benchmarking.device_loop: no host dispatch per call, nothing hoisted)."""
 
-    def __init__(self, op_keys, x, weights, unroll=16):
+    def __init__(self, op_keys, x, weights, unroll=32):
         op, keys = op_keys
-        u = max(1, min(unroll, max(8, len(weights))))
-        self.groups = [tuple(tuple(weights[(i + j) % len(weights)][k] for k in keys) for j in range(u))
-                       for i in range(0, len(weights), u)]
-        self.u, self.x = u, x
-        self.fn = jax.jit(lambda x, g: [op(x, *w) for w in g])
+        u = max(1, min(unroll, len(weights)))
+        self.ws = [tuple(weights[j][k] for k in keys) for j in range(u)]
+        self.u, self.iters = u, max(2, math.ceil(32 / u))
+        self.prog, self.leaves = device_loop(lambda x, ws: [op(x, *w) for w in ws], (x, self.ws), self.iters)
         self.compiled, self.error = None, None
 
     def compile(self):
         try:
-            self.compiled = self.fn.lower(self.x, self.groups[0]).compile()
+            self.compiled = self.prog.lower(self.leaves, jnp.zeros((), jnp.float32)).compile()
         except Exception as e:  # noqa: BLE001 - e.g. shared memory exhausted for one config
             self.error = f"{type(e).__name__}: {str(e)[:160]}"
         return self
 
-    def time(self, reps=50, min_ops=32):
+    def time(self, reps=50, min_ops=None):
+        """Microseconds per call (best of `reps` loops); None if the op did not compile."""
         if self.compiled is None and self.error is None:
             self.compile()
         if self.compiled is None:
             return None
-        c, x, g, u = self.compiled, self.x, self.groups, self.u
-        for grp in g[:3]:
-            jax.block_until_ready(c(x, grp))
-        n = max(len(g), math.ceil(min_ops / u))
-        ts = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            for i in range(n):
-                out = c(x, g[i % len(g)])
-            jax.block_until_ready(out)
-            ts.append((time.perf_counter() - t) / (n * u))
-        return float(np.median(ts)) * 1e6
+        return time_loop(self.compiled, self.leaves, self.iters * self.u, reps) * 1e6
 
 
 def compile_parallel(cells, workers=12):
@@ -391,7 +381,7 @@ def main():
             continue
         pre = prefill.get((name, M)) is row
         ws = W[name][:3] if pre else W[name]
-        c = Cell(XLA_OPS[b], X[(M, row["K"])], ws, unroll=3 if pre else 16)  # same unroll as the Pallas cells
+        c = Cell(XLA_OPS[b], X[(M, row["K"])], ws, unroll=3 if pre else 32)  # same unroll as the Pallas cells
         row[f"xla_{b}_us"] = c.time(reps=8 if pre else a.reps, min_ops=6 if pre else 32)
     if skipped:
         log(f"time budget reached: {skipped} XLA cells skipped (raise --budget-s)")

@@ -23,7 +23,7 @@ Columns: us (median per op), TB/s (bytes that must move / time) or TFLOP/s, xflo
 bytes / copy bandwidth, or FLOPs / the H100 dense-FP8 datasheet peak for prefill), then XLA time / Pallas time
 for each baseline of the same run (> 1: Pallas faster). Timing: bench_fp8_gemm.Cell (each jitted call runs
 the op on 8-16 rotating weight buffers, > L2 in total, median of reps), bench_attention.time_op,
-bench_moe.Cell and bench_decode.time_decode.
+bench_moe.Cell and bench_decode.decode_rows.
 """
 
 from __future__ import annotations
@@ -76,13 +76,13 @@ class Plan:
             self.shard = 2
             self.S_list, self.chunk, self.prefill_m = [256], 128, 96
             self.decode_m, self.moe_n = [1, 8], [1]
-            self.model = dict(preset="tiny", layers=2, prompt_len=8, new_tokens=3)
+            self.model = dict(preset="tiny", layers=2, context=8, iters=3)
         else:
             self.D, self.H, self.K, self.Dh, self.Fm, self.Fe, self.E = 5120, 40, 8, 128, 16384, 8192, 128
             self.shard = 8
             self.S_list, self.chunk, self.prefill_m = [8192, 32768, 131072], 8192, 4096
             self.decode_m, self.moe_n = [1, 8, 16, 64], [1, 8, 64]
-            self.model = dict(preset="maverick", layers=2, prompt_len=128, new_tokens=64)
+            self.model = dict(preset="maverick", layers=2, context=1024, iters=64)
         D, s = self.D, self.shard
         # GEMM shapes (name, K, N): the first four are core rows
         self.gemm = [(f"mlp gate|up {D}x{self.Fm}", D, self.Fm), (f"q|o {D}x{self.H * self.Dh}", D, self.H * self.Dh),
@@ -95,10 +95,8 @@ class Plan:
         self.gate_up = [("full", self.Fm), (f"/{s}", self.Fm // s)]
         self.qkv = [("full", self.H, self.K), (f"/{s}", self.H // s, max(1, self.K // s))]
         self.moe = [(f"/{s}", self.Fe // s), ("full", self.Fe)]
-        self.model_quants = (None, "fp8")
         if dry:
             self.gemm, self.gate_up, self.qkv, self.moe = self.gemm[2:4], self.gate_up[1:], self.qkv[1:], self.moe[:1]
-            self.model_quants = ("fp8",)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -492,7 +490,8 @@ def fusion_rows(run, plan, Ms, key, ok):
         log("  fusions failed validation: not timed")
         return
     D, Dh = plan.D, plan.Dh
-    for name, F in plan.gate_up:
+    kinds = getattr(plan, "fusion_kinds", ("gate_up", "qkv", "norm"))
+    for name, F in plan.gate_up if "gate_up" in kinds else []:
         if not run.guard(f"fusion gate/up {name}"):
             continue
         nbuf = 1 if INTERPRET else bgemm.n_buffers(D, 2 * F, 200e6)
@@ -502,11 +501,11 @@ def fusion_rows(run, plan, Ms, key, ok):
                 continue
             x = jax.random.normal(jax.random.fold_in(key, M), (M, D)).astype(jnp.bfloat16)
             row = dict(fusion="gate/up+SwiGLU", shape=f"{name} {D}x2x{F}", M=M)
-            row.update(time_cells(run, {k: bgemm.Cell(op, x, W, unroll=16 if M <= 64 else 3)
+            row.update(time_cells(run, {k: bgemm.Cell(op, x, W, unroll=32 if M <= 64 else 3)
                                         for k, op in _gate_up_ops().items()}))
             _fusion_floor(run, row, 2 * D * F + 8 * F + 2 * M * (D + F), 2 * M * D * 2 * F)
         del W
-    for name, H, K in plan.qkv:
+    for name, H, K in plan.qkv if "qkv" in kinds else []:
         if not run.guard(f"fusion qkv {name}"):
             continue
         N = (H + 2 * K) * Dh
@@ -517,11 +516,11 @@ def fusion_rows(run, plan, Ms, key, ok):
                 continue
             x = jax.random.normal(jax.random.fold_in(key, M), (M, D)).astype(jnp.bfloat16)
             row = dict(fusion="QKV+RoPE+qk-norm", shape=f"{name} {D}x{N}", M=M)
-            row.update(time_cells(run, {k: bgemm.Cell(op, x, W, unroll=16 if M <= 64 else 3)
+            row.update(time_cells(run, {k: bgemm.Cell(op, x, W, unroll=32 if M <= 64 else 3)
                                         for k, op in _qkv_ops(M, H, K, Dh, key).items()}))
             _fusion_floor(run, row, D * N + 4 * N + 2 * M * (D + N), 2 * M * D * N)
         del W
-    for M in Ms:
+    for M in Ms if "norm" in kinds else []:
         if not run.guard(f"fusion add+RMSNorm M={M}"):
             continue
         nbuf = 1 if INTERPRET else max(3, math.ceil(200e6 / (M * D * 2)))
@@ -551,55 +550,35 @@ def _fusion_floor(run, row, nbytes, flops):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 5. Reduced-depth Maverick-width model decode (bench_decode.time_decode)
+# 5. Reduced-depth Maverick-width model decode (bench_decode.decode_rows)
 # ---------------------------------------------------------------------------------------------------------
 
 def model_rows(run, plan, key):
-    from flax import nnx
-
+    """Random FP8 weights of the preset's width (generated as FP8, no bf16 copy), shared by both kernel paths:
+    logits of the two paths compared on a prompt, then a decode step of each timed and profiled."""
     from mavjax.api import LLM
+    from mavjax.bench import random_model, with_kernels
     from mavjax.config import preset
-    from mavjax.model import Llama4
-    from mavjax.quantize import quantize_model
 
     m = plan.model
     cfg = preset(m["preset"], num_hidden_layers=m["layers"], no_rope_layer_interval=2)
-    a = types.SimpleNamespace(batch=[1], prompt_len=m["prompt_len"], new_tokens=m["new_tokens"], dtype="bfloat16",
-                              quantize=None)
-
-    def twin(model, quant):  # the same arrays under kernels="pallas" (no second copy of the weights)
-        abstract = nnx.eval_shape(lambda: Llama4(cfg, dtype=jnp.bfloat16, kernels="pallas", quant=quant))
-        return nnx.merge(nnx.graphdef(abstract), nnx.state(model))
-
-    model = Llama4(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))  # bf16 weights; quantized below for the FP8 rows
-    for quant in plan.model_quants:
-        if not run.guard(f"model quant={quant}"):
-            break
-        if quant == "fp8":
-            model = quantize_model(model)  # the bf16 weights are freed below
-        llms = {k: LLM.from_model(net, max_batch_size=1) for k, net in (("xla", model), ("pallas", twin(model, quant)))}
-        ids = np.random.default_rng(0).integers(3, cfg.vocab_size, 24).tolist()
-        lx, lp = llms["xla"].logits(ids), llms["pallas"].logits(ids)
-        err = rel_err(lp, lx)
-        agree = float((lx.argmax(-1) == lp.argmax(-1)).mean())
-        # FP8 prefill through Pallas quantizes activations per token (fp8_fp8 above M=64; not here, M=32):
-        # the paths differ by bf16 rounding placement only.
-        valid = err < 3e-2
-        log(f"{'PASS' if valid else 'FAIL'} model quant={quant}: pallas vs xla logits err {err:.1e} "
-            f"(bound 3e-2), top-1 agreement {agree:.2f}")
-        run.validation.append(dict(kernel="model", case=f"quant={quant}", ok=valid, msg=f"err {err:.1e}"))
-        a.quantize = quant
-        for kernels in ("xla", "pallas"):
-            if kernels == "pallas" and not valid:
-                continue
-            if not run.guard(f"model quant={quant} kernels={kernels}"):
-                break
-            for r in bdec.time_decode(llms[kernels], cfg, a, run.bw, kernels):
-                r.update(quant=quant or "bf16", logits_err=err)
-                run.rows["model"].append(r)
-                log(f"  model {quant or 'bf16'} {kernels}: {r['ms_per_token']:.3f} ms/token, floor "
-                    f"{r['floor_ms']:.3f} ms ({r['ratio']:.2f}x)")
-        del llms
+    model = random_model(cfg, dtype=jnp.bfloat16, quant="fp8")
+    ids = np.random.default_rng(0).integers(3, cfg.vocab_size, 24).tolist()
+    lx = LLM.from_model(with_kernels(model, "xla"), max_batch_size=1).logits(ids)
+    lp = LLM.from_model(with_kernels(model, "pallas"), max_batch_size=1).logits(ids)
+    err = rel_err(lp, lx)
+    agree = float((lx.argmax(-1) == lp.argmax(-1)).mean())
+    # FP8 prefill through Pallas quantizes activations per token (fp8_fp8 above M=64; not here, M=24):
+    # the paths differ by bf16 rounding placement only.
+    valid = err < 3e-2
+    log(f"{'PASS' if valid else 'FAIL'} model fp8: pallas vs xla logits err {err:.1e} (bound 3e-2), top-1 "
+        f"agreement {agree:.2f}")
+    run.validation.append(dict(kernel="model", case="quant=fp8", ok=valid, msg=f"err {err:.1e}"))
+    paths = ["xla", "pallas"] if valid else ["xla"]
+    for r in bdec.decode_rows(model, paths, [1], m["context"], run.bw, iters=m["iters"], reps=run.reps,
+                              profile=True, log=log):
+        r.update(quant="fp8", logits_err=err)
+        run.rows["model"].append(r)
     del model
 
 
@@ -647,10 +626,12 @@ def print_tables(run, res):
               f"{f(r.get('TBps'), 5, 2)} {f(r.get('xfloor'), 6, 2)} {f(r.get('v_unfused'), 6, 2)} "
               f"{f(x.get('xla_upcast'), 6, 2)} {f(x.get('xla_bf16'), 6, 2)} {f(x.get('xla'), 6, 2)}")
     print(f"\n{plan_model_line(res)} decode at batch 1 (floor = bytes one step reads / copy bw)")
-    print(f"{'weights':>7s} {'kernels':>7s} {'ms/token':>9s} {'floor ms':>9s} {'xfloor':>7s} {'TTFT ms':>8s}")
+    print(f"{'weights':>7s} {'kernels':>7s} {'ms/token':>9s} {'floor ms':>9s} {'xfloor':>7s} {'kern/step':>9s} "
+          f"{'busy ms':>8s}")
     for r in run.rows["model"]:
+        p = r.get("profile") or {}
         print(f"{r['quant']:>7s} {r['kernels']:>7s} {r['ms_per_token']:9.3f} {r['floor_ms']:9.3f} {r['ratio']:7.2f} "
-              f"{r['ttft_ms']:8.1f}")
+              f"{f(p.get('kernels_per_step'), 9, 0)} {f((p.get('busy_us') or 0) / 1e3 or None, 8, 3)}")
     if run.skipped:
         print(f"\nbudget reached: {len(run.skipped)} rows not run (raise --budget-s): {run.skipped[:12]}")
     if run.errors:
@@ -659,7 +640,7 @@ def print_tables(run, res):
 
 def plan_model_line(res):
     m = res.get("model_plan", {})
-    return f"{m.get('preset', '?')} width, {m.get('layers', '?')} layers,"
+    return f"{m.get('preset', '?')} width, {m.get('layers', '?')} layers, FP8, context {m.get('context', '?')},"
 
 
 def main():
@@ -668,11 +649,14 @@ def main():
     ap.add_argument("--budget-s", type=float, default=400.0, help="start no new row after this many seconds")
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--skip", nargs="*", default=[], choices=["gemm", "attention", "moe", "fusion", "model"])
+    ap.add_argument("--fusion-kinds", nargs="+", default=["gate_up", "qkv", "norm"],
+                    choices=["gate_up", "qkv", "norm"], help="which fusions the fusion section times")
     ap.add_argument("--cache-dir", default="/tmp/jax_cache_bench_kernels", help="persistent compile cache ('' = off)")
     ap.add_argument("--dry-run", action="store_true", help="CPU flow check: Pallas interpreter, tiny shapes")
     ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "/tmp"), "bench_kernels.json"))
     a = ap.parse_args()
     plan = Plan(a.dry_run)
+    plan.fusion_kinds = tuple(a.fusion_kinds)
     if a.dry_run:
         INTERPRET = bgemm.INTERPRET = bmoe.INTERPRET = True
         bmoe.E, bmoe.D = plan.E, plan.D
@@ -694,20 +678,24 @@ def main():
 
     # ---- 0. validation of every kernel ----
     gres = {"validation": []}
-    ok_gemm = bgemm.validate(key, gres)
+    # a skipped section is neither validated nor timed
+    ok_gemm = bgemm.validate(key, gres) if "gemm" not in a.skip else False
     run.validation += [dict(kernel="fp8_gemm", **v) for v in gres["validation"]]
-    ok_att = validate_attention(run, plan)
-    ok_fus = validate_fusions(run, plan) if "fusion" not in a.skip else False  # (QKV prefill compiles ~3 min)
+    ok_att = validate_attention(run, plan) if "attention" not in a.skip else False
+    ok_fus = validate_fusions(run, plan) if "fusion" not in a.skip else False
     moe_w = {}
     shard_name = f"/{plan.shard}"
     mres = {"validation": []}
     try:
+        if "moe" in a.skip:
+            raise RuntimeError("skipped")
         moe_w[shard_name] = bmoe.make_weights(jax.random.fold_in(key, 300 + plan.Fe // plan.shard), plan.E,
                                               plan.Fe // plan.shard, ("bf16", "fp8"), dim=plan.D)
         ok_moe = (validate_moe_one if a.dry_run else bmoe.validate)(key, moe_w[shard_name], mres)
     except Exception as e:  # noqa: BLE001
         ok_moe = False
-        mres["validation"].append(dict(case="setup", ok=False, msg=f"{type(e).__name__}: {str(e)[:400]}"))
+        if "moe" not in a.skip:
+            mres["validation"].append(dict(case="setup", ok=False, msg=f"{type(e).__name__}: {str(e)[:400]}"))
     run.validation += [dict(kernel="moe", **v) for v in mres["validation"]]
     log(f"validation: gemm {ok_gemm}, attention {ok_att}, fusions {ok_fus}, moe {ok_moe}")
 

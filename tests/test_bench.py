@@ -112,10 +112,11 @@ def test_rank_slice_end_to_end(tmp_path, capsys):
     L = 2
     assert r["collectives_per_step"] == 2 * L + 2
     c = r["collectives_per_step"] * 19e-6
-    cd = r["collectives_per_draft_step"] * 19e-6
+    assert r["collectives_per_draft_round"] == 3 * (2 + 2) + 1  # K passes x (layer's 2 + embed + gather) + fc
+    cd = r["collectives_per_draft_round"] * 19e-6
     proj = {p["acceptance_length"]: p for p in r["projection"]}
     assert proj[1]["tokens_per_s_per_user"] == pytest.approx(1 / (steps[("decode", 1)]["ms"] / 1e3 + c))
-    t = 3 * (steps[("draft", 1)]["ms"] / 1e3 + cd) + steps[("verify", 1)]["ms"] / 1e3 + c
+    t = steps[("draft", 1)]["ms"] / 1e3 + cd + steps[("verify", 1)]["ms"] / 1e3 + c
     for a in (2, 3, 4):
         assert proj[a]["tokens_per_s_per_user"] == pytest.approx(a / t)
     text = capsys.readouterr().out

@@ -185,3 +185,21 @@ def test_rejects_bad_arguments():
         fp8_matmul(x, wq.astype(jnp.bfloat16), s, interpret=True)
     with pytest.raises(ValueError, match="power of two"):
         fp8_matmul(x, wq, s, block_k=48, interpret=True)
+
+
+@pytest.mark.parametrize("N, K, tiles", [(5120, 640, 1), (5120, 2048, 1), (2048, 5120, 2), (896, 5120, 1),
+                                         (1024, 5120, 2), (16384, 5120, 1), (5120, 16384, 1), (64, 64, 1)])
+def test_weight_only_blocks_fill_the_machine(N, K, tiles):
+    """The decode heuristic: 64-deep tiles; a small weight (<= SMALL_WEIGHT_BYTES) 64-wide with 2 stages, a
+    large one 128-wide with 4; enough K splits for ~4 programs per SM, never fewer than 2 K steps per split."""
+    from pallas_kernels.fp8_gemm import SMALL_WEIGHT_BYTES, weight_only_blocks
+
+    c = weight_only_blocks(N, K, tiles=tiles, num_sms=132)
+    nb, nk = -(-N // c["block_n"]), -(-K // c["block_k"])
+    programs = nb * c["split_k"]
+    small = K * N * tiles <= SMALL_WEIGHT_BYTES
+    assert (c["block_n"], c["block_k"], c["num_stages"]) == ((64, 64, 2) if small else (128, 64, 4))
+    assert c["split_k"] == 1 or nk // c["split_k"] >= 2
+    assert programs >= min(4 * 132, nb * max(1, nk // 2))  # as many as the K steps allow
+    assert programs < 4 * 132 + nb
+    assert weight_only_blocks(N, K, tiles=tiles, scale_kind="block")["block_k"] == 128

@@ -133,6 +133,23 @@ def test_reference_matches_model():
         assert _err(model_moe(x, idx, sc, *w, scales=s), reference(x, idx, sc, *w, scales=s)) < 2e-2
 
 
+def test_grouped_fp8_upcast_in_chunks(monkeypatch):
+    """The ragged_dot path upcasts FP8 experts a chunk at a time (never a bf16 copy of the whole layer): with
+    the chunk capped at 2 experts (3 chunks of E = 6, skewed routing so some chunks get no rows and rows sit on
+    both sides of every chunk), it equals the one-shot upcast bit for bit, and the reference."""
+    import mavjax.model as model
+
+    E, D, F = 6, 48, 40
+    qw, qs = quantize(*_weights(2, E, D, F))
+    idx, sc = _routing(30, 30, 2, E, [0, 3, 4, 5])
+    x = _x(30, 30, D)
+    whole = model.moe_experts_grouped(x, idx, sc, *qw, qs)
+    monkeypatch.setattr(model, "UPCAST_CHUNK_BYTES", 2 * D * F * 2)
+    chunked = model.moe_experts_grouped(x, idx, sc, *qw, qs)
+    np.testing.assert_array_equal(np.asarray(chunked, np.float32), np.asarray(whole, np.float32))
+    assert _err(chunked, reference(x, idx, sc, *qw, scales=qs)) < 2e-2
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Kernels vs reference
 # ---------------------------------------------------------------------------------------------------------

@@ -1,0 +1,196 @@
+"""Block-size sweep of the weight-streaming decode kernels at one shape set (default: one rank of an 8-way
+Maverick, batch 1), timed the way the model runs them: many calls back to back inside one jitted loop.
+
+For each op (FP8 GEMM, gate/up+SwiGLU, QKV+RoPE, the MoE pair kernels) every candidate (block_n, block_k,
+split_k, num_stages) is compiled (in parallel threads) and timed over `--unroll` distinct weight buffers per
+loop iteration (so that L2 holds none of them), next to the kernel's own default config. Prints, per op, the
+default's time, the best candidate and the bytes-read floor (weights + scales over the measured copy
+bandwidth); writes every candidate's time to --json. The defaults in pallas_kernels/ are set from these runs.
+
+  python scripts/tune_decode_kernels.py --shard 8 --m 1 --json $OUT/tune.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import itertools
+import json
+import math
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from mavjax.benchmarking import copy_bandwidth, device_loop, time_loop  # noqa: E402
+from pallas_kernels.fp8_gemm import FP8, fp8_matmul  # noqa: E402
+from pallas_kernels.fused_gemm import gate_up_swiglu, qkv_rope  # noqa: E402
+from pallas_kernels.moe_gemm import moe_fp8_pairs  # noqa: E402
+
+SMEM_LIMIT = 200 * 1024
+NUM_SMS = 132
+
+
+def _w(key, shape):
+    return (jax.random.normal(key, shape, jnp.bfloat16) * 32).clip(-448, 448).astype(FP8)
+
+
+def _s(key, n):
+    return jax.random.uniform(key, (n,), jnp.float32, 1e-3, 2e-3)
+
+
+def candidates(K, N, tiles, x_rows=16):
+    """(block_n, block_k, split_k, num_stages) with staged tiles in shared memory and split-K sized to
+    about 0.5, 1, 2 and 4 programs per SM."""
+    out = []
+    for bn, bk, st in itertools.product((32, 64, 128), (64, 128, 256), (2, 4)):
+        if st * (x_rows * bk * 2 + tiles * bk * bn) > SMEM_LIMIT:
+            continue
+        nb, nk = math.ceil(N / bn), math.ceil(K / bk)
+        splits = sorted({max(1, min(nk, math.ceil(f * NUM_SMS / nb))) for f in (0.5, 1, 2, 4)})
+        out += [dict(block_n=bn, block_k=bk, split_k=s, num_stages=st) for s in splits]
+    return out
+
+
+class Op:
+    """name, the op as f(x, weights_i, **cfg), U weight sets, bytes per call, and its candidates."""
+
+    def __init__(self, name, fn, x, weights, nbytes, cands, shared=()):
+        self.name, self.fn, self.x, self.weights, self.nbytes, self.cands = name, fn, x, weights, nbytes, cands
+        self.shared = shared  # arrays every call reads (arguments, never captured as constants)
+        self.results = []
+
+
+def loop_program(op, cfg, iters):
+    """The op over all its weight sets, `iters` times in a device loop (mavjax.benchmarking.device_loop)."""
+    def calls(x, ws, shared):
+        return [op.fn(x, w, *shared, **cfg) for w in ws]
+    prog, leaves = device_loop(calls, (op.x, op.weights, op.shared), iters)
+    return prog.lower(leaves, jnp.zeros((), jnp.float32)), leaves
+
+
+def build_ops(a, key):
+    D, H, Kh, Dh, Fm, Fe, E = 5120, 40, 8, 128, 16384, 8192, a.experts
+    s = a.shard
+    H, Kh, Fm, Fe = H // s, max(1, Kh // s), Fm // s, Fe // s
+    M, U = a.m, a.unroll
+    x = lambda K: jax.random.normal(jax.random.fold_in(key, K), (M, K), jnp.bfloat16)  # noqa: E731
+    ks = iter(jax.random.split(key, 4096))
+    ops = []
+
+    def mm(name, K, N):
+        ws = [(_w(next(ks), (K, N)), _s(next(ks), N)) for _ in range(U)]
+        ops.append(Op(name, lambda x, w, **c: fp8_matmul(x, *w, **c), x(K), ws, K * N + 4 * N,
+                      candidates(K, N, 1)))
+
+    mm(f"o {H * Dh}x{D}", H * Dh, D)
+    mm(f"mlp down {Fm}x{D}", Fm, D)
+    mm(f"shared down {Fe}x{D}", Fe, D)
+    for name, F in ((f"mlp gate/up {D}x2x{Fm}", Fm), (f"shared gate/up {D}x2x{Fe}", Fe)):
+        ws = [(_w(next(ks), (D, F)), _s(next(ks), F), _w(next(ks), (D, F)), _s(next(ks), F)) for _ in range(U)]
+        ops.append(Op(name, lambda x, w, **c: gate_up_swiglu(x, *w, **c), x(D), ws, 2 * (D * F + 4 * F),
+                      candidates(D, F, 2)))
+    ang = jax.random.uniform(next(ks), (M, Dh // 2), maxval=100.0)
+    rope = (jnp.cos(ang), jnp.sin(ang))
+    ws = [(_w(next(ks), (D, H * Dh)), _s(next(ks), H * Dh), _w(next(ks), (D, Kh * Dh)), _s(next(ks), Kh * Dh),
+           _w(next(ks), (D, Kh * Dh)), _s(next(ks), Kh * Dh)) for _ in range(U)]
+    ops.append(Op(f"qkv+rope+norm {D}x{(H + 2 * Kh) * Dh}",
+                  lambda x, w, cos, sin, **c: qkv_rope(x, *w, head_dim=Dh, rope=(cos, sin), qk_norm_eps=1e-5, **c),
+                  x(D), ws, D * (H + 2 * Kh) * Dh,
+                  [c for c in candidates(D, (H + 2 * Kh) * Dh, 1) if c["block_n"] <= Dh], shared=rope))
+    # MoE pairs: one expert per call (op i routes its tokens to expert i: no weight is read twice per loop)
+    wg, wu, wd = (jnp.stack([_w(next(ks), shp) for _ in range(E)]) for shp in ((D, Fe), (D, Fe), (Fe, D)))
+    sc = (jnp.stack([_s(next(ks), Fe) for _ in range(E)]), jnp.stack([_s(next(ks), Fe) for _ in range(E)]),
+          jnp.stack([_s(next(ks), D) for _ in range(E)]))
+    moe_w = [(jnp.full((M, 1), i, jnp.int32),) for i in range(U)]
+    scores = jnp.full((M, 1), 0.7, jnp.bfloat16)
+
+    def moe(x, w, wg, wu, wd, sc, **c):
+        return moe_fp8_pairs(x, w[0], scores, wg, wu, wd, sc, **c)
+
+    gu = [dict(block_n=c["block_n"], block_k=c["block_k"], split_k=c["split_k"], num_stages=c["num_stages"])
+          for c in candidates(D, Fe, 2)]
+    dn = [dict(block_n_down=c["block_n"], block_k_down=c["block_k"], split_k_down=c["split_k"],
+               num_stages_down=c["num_stages"]) for c in candidates(Fe, D, 1)]
+    shared = (wg, wu, wd, sc)
+    ops.append(Op(f"moe pair gate/up {D}x2x{Fe} (down at default)", moe, x(D), moe_w, 2 * D * Fe * M, gu, shared))
+    ops.append(Op(f"moe pair down {Fe}x{D} (gate/up at default)", moe, x(D), moe_w, Fe * D * M, dn, shared))
+    return ops
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shard", type=int, default=8)
+    ap.add_argument("--m", type=int, default=1, help="rows (batch) of the activations")
+    ap.add_argument("--unroll", type=int, default=16, help="distinct weight sets per loop iteration")
+    ap.add_argument("--iters", type=int, default=8)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=14)
+    ap.add_argument("--budget-s", type=float, default=300)
+    ap.add_argument("--only", nargs="*", default=None, help="op name prefixes")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--max-cands", type=int, default=None, help="first N candidates per op (smoke tests)")
+    ap.add_argument("--interpret", action="store_true", help="CPU smoke test: Pallas interpreter")
+    ap.add_argument("--experts", type=int, default=128, help="experts held (the pair op reads --unroll of them)")
+    a = ap.parse_args()
+    T0 = time.perf_counter()
+    bw = copy_bandwidth(16 << 20 if a.interpret else 2 << 30)
+    print(f"{jax.devices()[0].device_kind}: copy {bw / 1e12:.2f} TB/s", flush=True)
+    ops = build_ops(a, jax.random.key(0))
+    if a.only:
+        ops = [o for o in ops if any(o.name.startswith(p) for p in a.only)]
+    for op in ops:
+        op.cands = op.cands[:a.max_cands]
+        if a.interpret:
+            fn = op.fn
+            op.fn = lambda x, w, *sh, _fn=fn, **c: _fn(x, w, *sh, interpret=True, **c)
+    # defaults first, then the ops' candidates round-robin (a budget cut leaves every op some candidates)
+    jobs = [(op, None) for op in ops] + [(op, c) for group in itertools.zip_longest(*[op.cands for op in ops])
+                                         for op, c in zip(ops, group) if c is not None]
+    print(f"{len(jobs)} programs to compile", flush=True)
+
+    def compile_one(job):
+        op, cfg = job
+        if time.perf_counter() - T0 > a.budget_s:
+            return job, None, "budget"
+        try:
+            lowered, leaves = loop_program(op, cfg or {}, a.iters)
+            return job, (lowered.compile(), leaves), None
+        except Exception as e:  # noqa: BLE001 - e.g. out of shared memory for one config
+            return job, None, f"{type(e).__name__}: {str(e)[:120]}"
+
+    lowered_lock_free = []
+    with cf.ThreadPoolExecutor(a.threads) as pool:
+        for (op, cfg), compiled, err in pool.map(compile_one, jobs):
+            lowered_lock_free.append(((op, cfg), compiled, err))
+    print(f"compiled in {time.perf_counter() - T0:.0f} s", flush=True)
+    for (op, cfg), compiled, err in lowered_lock_free:
+        us = None if compiled is None else \
+            time_loop(*compiled, a.iters * len(op.weights), a.reps) * 1e6
+        op.results.append(dict(cfg=cfg or "default", us=us, error=err))
+    rows = []
+    print(f"\n{'op':44s} {'floor us':>8s} {'default':>8s} {'best':>8s} {'xfloor':>7s}  best config")
+    for op in ops:
+        floor = op.nbytes / bw * 1e6
+        ok = [r for r in op.results if r["us"]]
+        d = next((r["us"] for r in op.results if r["cfg"] == "default"), None)
+        best = min(ok, key=lambda r: r["us"]) if ok else None
+        print(f"{op.name:44s} {floor:8.2f} {d or float('nan'):8.2f} {best['us'] if best else float('nan'):8.2f} "
+              f"{(best['us'] / floor) if best else float('nan'):7.2f}  {best['cfg'] if best else '-'}")
+        top = sorted(ok, key=lambda r: r["us"])[:6]
+        for r in top[1:]:
+            print(f"{'':44s} {'':8s} {'':8s} {r['us']:8.2f} {r['us'] / floor:7.2f}  {r['cfg']}")
+        rows.append(dict(op=op.name, floor_us=floor, default_us=d, results=op.results))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(dict(device=jax.devices()[0].device_kind, copy_tb_s=bw / 1e12, m=a.m, shard=a.shard,
+                           rows=rows), f, indent=1, default=str)
+    print(f"done in {time.perf_counter() - T0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
