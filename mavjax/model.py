@@ -224,17 +224,25 @@ class MLP(nnx.Module):
         self.w_down, self.w_down_scale = _weight(rngs, (hidden, D), ("mlp", "embed"), dtype, std, (0,), quant)
 
     def __call__(self, x):
-        p = lambda x, w, s: dense(x, w[...], None if s is None else s[...], 1, self.kernels)  # noqa: E731
-        if self.kernels == "pallas" and self.w_gate_scale is not None:  # g and u never leave the kernel
-            from pallas_kernels.fused_gemm import gate_up_swiglu
+        val = lambda v: None if v is None else v[...]  # noqa: E731
+        return swiglu(x, val(self.w_gate), val(self.w_gate_scale), val(self.w_up), val(self.w_up_scale),
+                      val(self.w_down), val(self.w_down_scale), self.kernels)
 
-            F = self.w_gate.shape[1]
-            h = gate_up_swiglu(x.reshape(-1, x.shape[-1]), self.w_gate[...], self.w_gate_scale[...], self.w_up[...],
-                               self.w_up_scale[...], out_dtype=x.dtype, interpret=jax.default_backend() == "cpu")
-            return p(h.reshape(*x.shape[:-1], F), self.w_down, self.w_down_scale)  # [..., F] x [F, D] -> [..., D]
-        g = p(x, self.w_gate, self.w_gate_scale)  # [..., D] x [D, F] -> [..., F]
-        u = p(x, self.w_up, self.w_up_scale)  # [..., D] x [D, F] -> [..., F]
-        return p(jax.nn.silu(g) * u, self.w_down, self.w_down_scale)  # [..., F] x [F, D] -> [..., D]
+
+def swiglu(x, w_gate, s_gate, w_up, s_up, w_down, s_down, kernels):
+    """down(silu(x @ gate) * (x @ up)) on arrays (s_* the FP8 scales, or None). x [..., D], w_gate/w_up [D, F],
+    w_down [F, D]. kernels="pallas" with FP8 weights: gate, up and the SwiGLU in one launch (g and u never
+    leave the kernel). Used by MLP and by the tensor-parallel layers (mavjax.parallel) on their shards."""
+    if kernels == "pallas" and s_gate is not None:
+        from pallas_kernels.fused_gemm import gate_up_swiglu
+
+        F = w_gate.shape[1]
+        h = gate_up_swiglu(x.reshape(-1, x.shape[-1]), w_gate, s_gate, w_up, s_up, out_dtype=x.dtype,
+                           interpret=jax.default_backend() == "cpu")
+        return dense(h.reshape(*x.shape[:-1], F), w_down, s_down, 1, kernels)  # [..., F] x [F, D] -> [..., D]
+    g = dense(x, w_gate, s_gate, 1, kernels)  # [..., D] x [D, F] -> [..., F]
+    u = dense(x, w_up, s_up, 1, kernels)  # [..., D] x [D, F] -> [..., F]
+    return dense(jax.nn.silu(g) * u, w_down, s_down, 1, kernels)  # [..., F] x [F, D] -> [..., D]
 
 
 def route(x, router_w, top_k):

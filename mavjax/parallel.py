@@ -110,7 +110,7 @@ def hidden_states(model, tokens, positions, cache=None, write_index=None, collec
     new_kv, taps = [], {}
     for i, layer in enumerate(layers):
         kv = None if cache is None else (cache.k[i], cache.v[i])
-        o, kv = layer.attn(h, positions, rope, kv, cache_pos, write_index, attn_mask, project=False)  # [B,T,H,Dh]
+        o, kv = attention(par, layer.attn, h, positions, rope, kv, cache_pos, write_index, attn_mask)  # [B,T,H,Dh]
         new_kv.append(kv)
         x, h = attn_out(par, layer.attn, o, x, layer.ffn_norm)
         nxt = layers[i + 1].attn_norm if i + 1 < len(layers) else model.norm
@@ -120,6 +120,38 @@ def hidden_states(model, tokens, positions, cache=None, write_index=None, collec
     if cache is not None:
         cache = KVCache(k=[kv[0] for kv in new_kv], v=[kv[1] for kv in new_kv], pos=cache_pos)
     return h, cache, taps
+
+
+def attention(par: Parallel, attn, h, positions, rope, kv, cache_pos, write_index, attn_mask):
+    """One layer's attention before wo (q/k/v, the cache write, attention): o [B, T, H, Dh] sharded over heads,
+    and the updated (k, v). kernels="pallas" runs it under shard_map, each device on its own q heads, kv heads
+    and slice of the cache (the rules shard all three alike): a Pallas kernel is opaque to GSPMD, which would
+    otherwise gather its operands, weights and the whole KV cache, to every device. The XLA path is left to
+    GSPMD, which partitions its einsums the same way."""
+    if attn.kernels != "pallas":
+        return attn(h, positions, rope, kv, cache_pos, write_index, attn_mask, project=False)
+    from flax import nnx
+
+    from mavjax.sharding import CACHE_AXES
+
+    graphdef, state = nnx.split(attn)
+    arrays, treedef = jax.tree.flatten(state)
+    specs = [par.spec(v) for v in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable))]
+    heads = tuple(par.spec(attn.wq))[1] if len(par.spec(attn.wq)) > 1 else None
+    o_spec = P(None, None, heads, None)
+    kv_spec = None if kv is None else spec_for(CACHE_AXES, kv[0].shape, par.mesh, "kv cache")
+    extra = {"rope": rope, "cache_pos": cache_pos, "write_index": write_index, "attn_mask": attn_mask}
+    extra = {k: v for k, v in extra.items() if v is not None}  # shard_map takes arrays, not None
+
+    def body(arrays, h, positions, kv, extra):
+        m = nnx.merge(graphdef, jax.tree.unflatten(treedef, arrays))
+        return m(h, positions, extra.get("rope"), kv, extra.get("cache_pos"), extra.get("write_index"),
+                 extra.get("attn_mask"), project=False)
+
+    kv_specs = None if kv is None else (kv_spec, kv_spec)
+    out_specs = (o_spec, kv_specs)
+    return par.smap(body, (specs, P(), P(), kv_specs, jax.tree.map(lambda _: P(), extra)), out_specs)(
+        arrays, h, positions, kv, extra)
 
 
 def _operands(par: Parallel, **named):
@@ -159,11 +191,9 @@ def mlp(par: Parallel, ffn, h, residual, norm):
 
 
 def _swiglu(x, w, kernels):
-    from mavjax.model import dense
+    from mavjax.model import swiglu
 
-    g = dense(x, w["gate"], w.get("gate_s"), 1, kernels)  # [..., D] x [D, F/n] -> [..., F/n]
-    u = dense(x, w["up"], w.get("up_s"), 1, kernels)  # [..., D] x [D, F/n] -> [..., F/n]
-    return dense(jax.nn.silu(g) * u, w["down"], w.get("down_s"), 1, kernels)  # [..., F/n] x [F/n, D]
+    return swiglu(x, w["gate"], w.get("gate_s"), w["up"], w.get("up_s"), w["down"], w.get("down_s"), kernels)
 
 
 def moe(par: Parallel, ffn, h, residual, norm):
@@ -196,7 +226,7 @@ def moe(par: Parallel, ffn, h, residual, norm):
         elif exchange:
             routed = moe_exchange(x, idx, scores, *experts, scales, par.expert_axis)
         else:
-            routed = moe_local(x, idx, scores, *experts, scales, par.expert_axis)
+            routed = moe_local(x, idx, scores, *experts, scales, par.expert_axis, kernels)
         partial = (shared + routed)[:N].reshape(B, T, D)
         return allreduce_residual_rmsnorm(partial, residual, w["norm"], norm.eps, par.axes, par.allreduce)
 
@@ -216,19 +246,26 @@ def _check_expert_layout(par: Parallel, specs):
 
 
 # ---- routed experts inside shard_map --------------------------------------------------------------------------
-def moe_local(x, idx, scores, w_gate, w_up, w_down, scales, expert_axis):
+def moe_local(x, idx, scores, w_gate, w_up, w_down, scales, expert_axis, kernels="xla"):
     """Decode: x [N, D] replicated; idx/scores [N, k] global expert ids; w_* this device's experts
     [E/Ne, D, F/Nt] (and [E/Ne, F/Nt, D]). Pairs routed elsewhere get score 0 and the sentinel expert E/Ne,
     which the grouped GEMM leaves outside every group (no work) and the per-pair gather clamps (zero input).
+    kernels="pallas" (FP8 experts): the Pallas MoE kernels, where such pairs take local expert 0 with score 0
+    instead (their input is zero, so is their output; under expert parallelism each costs a read of that
+    expert, while the layout the min-latency deployment uses, expert=1, has no such pairs).
     Returns this device's partial sum [N, D]."""
     from mavjax.model import moe_experts
 
     E_loc = w_gate.shape[0]
     e0 = jax.lax.axis_index(expert_axis) * E_loc
     local = (idx >= e0) & (idx < e0 + E_loc)
-    lidx = jnp.where(local, idx - e0, E_loc)
     lsc = jnp.where(local, scores, jnp.zeros_like(scores))
-    return moe_experts(x, lidx, lsc, w_gate, w_up, w_down, scales)
+    if kernels == "pallas" and scales is not None:
+        from pallas_kernels.moe_gemm import moe_fp8
+
+        return moe_fp8(x, jnp.where(local, idx - e0, 0), lsc, w_gate, w_up, w_down, scales,
+                       interpret=jax.default_backend() == "cpu")
+    return moe_experts(x, jnp.where(local, idx - e0, E_loc), lsc, w_gate, w_up, w_down, scales)
 
 
 def moe_exchange(x, idx, scores, w_gate, w_up, w_down, scales, expert_axis):
