@@ -367,15 +367,22 @@ class DecoderLayer(nnx.Module):
         self.kernels = kernels
 
     def __call__(self, x, positions, rope, cache_kv=None, cache_pos=None, write_index=None, attn_mask=None):
+        """One layer on its own: x [B, T, D] -> (x [B, T, D], cache_kv). Llama4.hidden_states runs the same
+        arithmetic with each layer's last residual add fused into the next layer's first norm."""
         h, cache_kv = self.attn(self.attn_norm(x), positions, rope, cache_kv, cache_pos, write_index, attn_mask)
-        if self.kernels == "pallas":  # residual add + ffn norm in one pass over [B, T, D]
-            from pallas_kernels.fused_norm import add_rms_norm
+        x, normed = add_norm(x, h, self.ffn_norm, self.kernels)
+        return x + self.ffn(normed), cache_kv
 
-            x, normed = add_rms_norm(x, h, self.ffn_norm.scale[...], eps=self.ffn_norm.eps,
-                                     interpret=jax.default_backend() == "cpu")
-            return x + self.ffn(normed), cache_kv
-        x = x + h
-        return x + self.ffn(self.ffn_norm(x)), cache_kv
+
+def add_norm(x, delta, norm: RMSNorm, kernels: str):
+    """(x + delta, norm(x + delta)): a residual add and the RMSNorm after it; one pass over [B, T, D]
+    (pallas_kernels.fused_norm) when kernels="pallas"."""
+    if kernels == "pallas":
+        from pallas_kernels.fused_norm import add_rms_norm
+
+        return add_rms_norm(x, delta, norm.scale[...], eps=norm.eps, interpret=jax.default_backend() == "cpu")
+    x = x + delta
+    return x, norm(x)
 
 
 class Llama4(nnx.Module):
@@ -420,15 +427,21 @@ class Llama4(nnx.Module):
         rope = rope_tables(self.inv_freq[...], positions)
         cache_pos = None if cache is None else write_slots(cache.pos, positions, write_index)
         new_kv, taps = [], {}
-        for i, layer in enumerate(self.layers):
+        layers = list(self.layers)
+        h = layers[0].attn_norm(x)
+        for i, layer in enumerate(layers):
             kv = None if cache is None else (cache.k[i], cache.v[i])
-            x, kv = layer(x, positions, rope, kv, cache_pos, write_index, attn_mask)
+            o, kv = layer.attn(h, positions, rope, kv, cache_pos, write_index, attn_mask)  # [B, T, D]
             new_kv.append(kv)
+            x, h = add_norm(x, o, layer.ffn_norm, self.kernels)
+            # the layer's last residual add and the next layer's first norm (the final norm after the last)
+            nxt = layers[i + 1].attn_norm if i + 1 < len(layers) else self.norm
+            x, h = add_norm(x, layer.ffn(h), nxt, self.kernels)
             if i in collect_layers:
                 taps[i] = x
         if cache is not None:
             cache = KVCache(k=[kv[0] for kv in new_kv], v=[kv[1] for kv in new_kv], pos=cache_pos)
-        return self.norm(x), cache, taps
+        return h, cache, taps
 
     def logits(self, h):
         w = self.embed[...].T if self.lm_head is None else self.lm_head[...]

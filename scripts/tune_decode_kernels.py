@@ -102,6 +102,26 @@ def build_ops(a, key):
                   lambda x, w, cos, sin, **c: qkv_rope(x, *w, head_dim=Dh, rope=(cos, sin), qk_norm_eps=1e-5, **c),
                   x(D), ws, D * (H + 2 * Kh) * Dh,
                   [c for c in candidates(D, (H + 2 * Kh) * Dh, 1) if c["block_n"] <= Dh], shared=rope))
+    # Split-KV decode attention: one query token per row over a bf16 cache of `ctx` visible positions (the
+    # rank's 1 kv head, or all 8 at full width), every split count and tile size.
+    from pallas_kernels.decode_attention import decode_attention
+
+    for ctx in a.contexts:
+        S = ctx + 64
+        Ba = M
+        q = jax.random.normal(next(ks), (Ba, 1, H, Dh), jnp.bfloat16)
+        q_pos = jnp.full((Ba, 1), ctx, jnp.int32)
+        k_pos = jnp.broadcast_to(jnp.where(jnp.arange(S) <= ctx, jnp.arange(S), -1), (Ba, S)).astype(jnp.int32)
+        caches = [tuple(jax.random.normal(next(ks), (Ba, S, Kh, Dh), jnp.bfloat16) for _ in range(2))
+                  for _ in range(max(2, min(U, int(400e6 // (4 * Ba * S * Kh * Dh)))))]
+
+        def att(q, kv, q_pos, k_pos, **c):
+            return decode_attention(q, *kv, q_pos, k_pos, chunk_size=None, scale=Dh ** -0.5, **c)
+
+        cands = [dict(num_splits=ns, block_s=bs) for bs in (64, 128, 256) for ns in (1, 2, 4, 8, 16, 32, 64, 128)
+                 if ns * bs <= S]
+        ops.append(Op(f"attention {H}/{Kh} heads ctx {ctx}", att, q, caches, 4 * Ba * (ctx + 1) * Kh * Dh, cands,
+                      shared=(q_pos, k_pos)))
     # MoE pairs: one expert per call (op i routes its tokens to expert i: no weight is read twice per loop)
     wg, wu, wd = (jnp.stack([_w(next(ks), shp) for _ in range(E)]) for shp in ((D, Fe), (D, Fe), (Fe, D)))
     sc = (jnp.stack([_s(next(ks), Fe) for _ in range(E)]), jnp.stack([_s(next(ks), Fe) for _ in range(E)]),
@@ -136,6 +156,8 @@ def main():
     ap.add_argument("--max-cands", type=int, default=None, help="first N candidates per op (smoke tests)")
     ap.add_argument("--interpret", action="store_true", help="CPU smoke test: Pallas interpreter")
     ap.add_argument("--experts", type=int, default=128, help="experts held (the pair op reads --unroll of them)")
+    ap.add_argument("--contexts", type=int, nargs="*", default=[1024, 8192],
+                    help="cache lengths of the split-KV attention op (none: no attention op)")
     a = ap.parse_args()
     T0 = time.perf_counter()
     bw = copy_bandwidth(16 << 20 if a.interpret else 2 << 30)
