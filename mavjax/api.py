@@ -94,9 +94,6 @@ class LLM:
         if draft is not None:
             from mavjax.eagle3 import load_draft
 
-            if mesh is not None:
-                raise ValueError("speculative decoding (draft=...) over a device mesh is not supported yet: "
-                                 "pass one of draft or mesh")
             draft_model = load_draft(draft, dtype=dtype)[1]
         self._setup(net, tok, max_model_len, max_batch_size, extra_eos, draft_model, num_draft_tokens, draft_tree,
                     kv_cache_dtype)

@@ -543,6 +543,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-len", type=int, nargs="+", default=[128])
     p.add_argument("--output-len", type=int, nargs="+", default=[128])
     p.add_argument("--iters", type=int, default=3, help="timed repetitions after the warm-up (best is reported)")
+    p.add_argument("--random-draft", action="store_true",
+                   help="with --random-weights: also a random EAGLE-3 draft (sizes: --draft-intermediate-size, "
+                        "--draft-vocab-size), speculative decoding with --num-draft-tokens")
+    p.add_argument("--forced-acceptance", type=float, default=None, metavar="M",
+                   help="with --random-draft: make every greedy round accept a fixed schedule averaging M tokens "
+                        "(random weights accept nothing); the work per round is unchanged")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     r = p.add_argument_group("rank slice")
@@ -587,11 +593,21 @@ def main(a) -> int:
             if any(v < 1 for v in getattr(a, name)):
                 raise ValueError(f"--{name.replace('_', '-')} values must be >= 1")
         B = max(a.batch_sizes)
+        if a.random_draft and not a.random_weights:
+            raise ValueError("--random-draft goes with --random-weights (a checkpoint brings its own --draft)")
+        if a.forced_acceptance is not None:
+            K = a.num_draft_tokens or 3
+            if not a.random_draft:
+                raise ValueError("--forced-acceptance needs --random-draft")
+            if not 1 <= a.forced_acceptance <= K + 1:
+                raise ValueError(f"--forced-acceptance must lie in [1, {K + 1}] (tokens per round with "
+                                 f"--num-draft-tokens {K}), got {a.forced_acceptance}")
         if a.random_weights:
             if not a.preset:
                 raise ValueError("--random-weights needs --preset NAME")
             if a.model or a.draft:
-                raise ValueError("--random-weights takes no --model or --draft (a draft needs its trained target)")
+                raise ValueError("--random-weights takes no --model or --draft (a draft needs its trained target; "
+                                 "--random-draft gives a random one)")
             from mavjax.api import LLM
 
             cfg = preset(a.preset, **({} if a.layers is None else dict(num_hidden_layers=a.layers)))
@@ -616,7 +632,23 @@ def main(a) -> int:
             desc = f"random {a.preset}" + (f" ({a.layers} layers)" if a.layers else "")
             print(f"{desc}: {param_bytes(net) / 1e9:.2f} GB of parameters, quantize={a.quantize}, "
                   f"built in {time.perf_counter() - t:.1f} s", file=sys.stderr)
-            llm = LLM.from_model(net, max_model_len=a.max_model_len, max_batch_size=B)
+            draft = None
+            if a.random_draft:
+                from flax import nnx
+
+                from mavjax.eagle3 import Eagle3Config, Eagle3Draft
+
+                dcfg = Eagle3Config.for_target(cfg, draft_vocab_size=min(a.draft_vocab_size, cfg.vocab_size),
+                                               intermediate_size=a.draft_intermediate_size)
+                draft = Eagle3Draft(dcfg, dtype=jnp.dtype(a.dtype or "bfloat16"), rngs=nnx.Rngs(a.seed + 1))
+                desc += f" + random EAGLE-3 draft ({draft.num_params / 1e6:.0f}M parameters)"
+            llm = LLM.from_model(net, max_model_len=a.max_model_len, max_batch_size=B, draft=draft,
+                                 num_draft_tokens=a.num_draft_tokens or 3)
+            if a.forced_acceptance is not None:
+                llm.spec_engine.forced_acceptance = a.forced_acceptance
+                desc += f", acceptance FORCED to a mean of {a.forced_acceptance:g} tokens per round"
+            if draft is not None:
+                print(desc, file=sys.stderr)
         else:
             from mavjax.api import LLM
             from mavjax.batch import llm_kwargs
@@ -631,7 +663,8 @@ def main(a) -> int:
             return 0
         rows = sweep(llm, cfg.vocab_size, a.batch_sizes, a.input_len, a.output_len, a.iters, a.seed)
         result = dict(mode="sweep", model=desc, kernels=a.kernels, quantize=a.quantize, mesh=a.mesh,
-                      draft=a.draft, device=jax.devices()[0].device_kind, rows=rows)
+                      draft=a.draft, random_draft=a.random_draft, forced_acceptance=a.forced_acceptance,
+                      num_draft_tokens=a.num_draft_tokens, device=jax.devices()[0].device_kind, rows=rows)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(result, f, indent=1)

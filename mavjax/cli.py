@@ -49,7 +49,7 @@ def cmd_generate(a) -> int:
     if len(ids) >= limit:
         raise PromptError(f"prompt of {len(ids)} tokens is longer than the context: max_model_len is {limit}")
     draft = None
-    if not a.no_draft and (a.draft or a.mesh is None):  # --draft DIR, else MODEL/draft when there is one
+    if not a.no_draft:  # --draft DIR, else MODEL/draft when there is one
         from mavjax.eagle3 import is_draft_dir
 
         draft = Path(a.draft) if a.draft else (path / "draft" if is_draft_dir(path / "draft") else None)

@@ -42,6 +42,15 @@ class Batch:
     n_real: int
 
 
+def shard_cache(cache, cfg, mesh):
+    """The target's KV cache laid out over `mesh` by the rules (kv heads like wk/wv); unchanged without one."""
+    if mesh is None:
+        return cache
+    from mavjax.sharding import cache_shardings
+
+    return jax.lax.with_sharding_constraint(cache, cache_shardings(cfg, *cache.pos.shape, mesh))
+
+
 def make_keys(seeds, step):
     return jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), step))(seeds)
 
@@ -104,11 +113,7 @@ class Engine:
         return out, n, cache
 
     def _shard_cache(self, cache):
-        if self.mesh is None:
-            return cache
-        from mavjax.sharding import cache_shardings
-
-        return jax.lax.with_sharding_constraint(cache, cache_shardings(self.cfg, *cache.pos.shape, self.mesh))
+        return shard_cache(cache, self.cfg, self.mesh)
 
     def _forward_impl(self, state, tokens):
         model = nnx.merge(self.graphdef, state)

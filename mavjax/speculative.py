@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mavjax.generate import Batch, make_keys
+from mavjax.generate import Batch, make_keys, shard_cache
 from mavjax.kv_cache import KVCache, write_slots
 from mavjax.sampling import filtered_logits, sample
 
@@ -146,10 +146,24 @@ def speculative_accept(p, q, draft, keys):
     return a.astype(jnp.int32), fix
 
 
+def forced_accepts(rounds, mean: float, K: int):
+    """Draft tokens accepted in round r (per row, r = `rounds` [B], counted from 0) under a forced mean acceptance
+    length `mean` (tokens per round, 1..K+1): floor((r+1) m) - floor(r m) - 1, so that R rounds emit floor(R m)
+    tokens, e.g. m = 3.25: 2, 2, 2, 3, 2, 2, 2, 3, ... accepted drafts (3, 3, 3, 4, ... tokens)."""
+    r = rounds.astype(jnp.float32)
+    n = jnp.floor((r + 1) * mean) - jnp.floor(r * mean) - 1
+    return jnp.clip(n, 0, K).astype(jnp.int32)
+
+
 # ---- the engine --------------------------------------------------------------------------------------------
 class SpecEngine:
     """Target + EAGLE-3 draft: compiled prefill and speculative decode, the same host interface as
     `mavjax.generate.Engine` (prefill -> (first token, state); decode -> (tokens, counts, stats))."""
+
+    # Benchmarks only (`mavjax bench --random-draft --forced-acceptance M`): with random weights nothing is
+    # accepted, so greedy chain rounds may instead be told to accept a fixed schedule whose mean is M tokens per
+    # round (see `forced_accepts`); the work per round is unchanged. Read when decode is first traced.
+    forced_acceptance: float | None = None
 
     def __init__(self, target, draft, tree: DraftTree, *, pad_id: int = 0, kv_dtype=None, check: bool = True):
         if check:  # off only for one rank's tensor-parallel share of a pair (mavjax.bench), whose fc reads 1/n
@@ -157,6 +171,12 @@ class SpecEngine:
         self.cfg, self.dcfg, self.tree = target.cfg, draft.cfg, tree
         self.tgraph, self.tstate = nnx.split(target)
         self.dgraph, self.dstate = nnx.split(draft)
+        parallel = getattr(target, "parallel", None)
+        self.mesh = None if parallel is None else parallel.mesh  # the target runs sharded over it
+        if self.mesh is not None:  # the draft is small: a replica on every device, next to the target's shards
+            from jax.sharding import NamedSharding, PartitionSpec
+
+            self.dstate = jax.device_put(self.dstate, NamedSharding(self.mesh, PartitionSpec()))
         self.kv_dtype = kv_dtype or target.dtype
         self.pad_id = pad_id
         self._prefill = jax.jit(self._prefill_impl, static_argnames=("cache_len", "all_greedy"))
@@ -179,7 +199,7 @@ class SpecEngine:
                       all_greedy):
         target, draft = self._models(tstate, dstate)
         B, T = tokens.shape
-        tcache = KVCache.create(self.cfg, B, cache_len, self.kv_dtype)
+        tcache = shard_cache(KVCache.create(self.cfg, B, cache_len, self.kv_dtype), self.cfg, self.mesh)
         positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         zero = jnp.zeros((B,), jnp.int32)
         h, tcache, taps = target.hidden_states(tokens, positions, tcache, write_index=zero,
@@ -269,8 +289,12 @@ class SpecEngine:
     def _decode_impl(self, tstate, dstate, tcache, dcache, g_root, d_root, first, lengths, max_new, active,
                      stop_ids, temperature, top_k, top_p, seeds, *, out_len, all_greedy, tree):
         target, draft = self._models(tstate, dstate)
+        tcache = shard_cache(tcache, self.cfg, self.mesh)
         B = first.shape[0]
         N, D = tree.size, tree.depth
+        forced = self.forced_acceptance
+        if forced is not None and not (tree.is_chain and all_greedy):
+            raise ValueError("forced acceptance applies to greedy decoding with a chain draft only")
         parent, depth = jnp.asarray(tree.parent), jnp.asarray(tree.node_depth)
         is_stop = lambda t: jnp.any(t[..., None] == stop_ids, axis=-1)  # noqa: E731
         out = jnp.full((B, out_len + D + 1), self.pad_id, jnp.int32).at[:, 0].set(first)
@@ -302,6 +326,9 @@ class SpecEngine:
                 # path[j] = the accepted node at depth j (0 = root); siblings' tokens are distinct, so one per depth
                 at = (depth[None, :, None] == jnp.arange(D + 1)[None, None, :]) & ok[:, :, None]  # [B, N+1, D+1]
                 path = jnp.argmax(at, axis=1).astype(jnp.int32)  # [B, D+1]
+                if forced is not None:  # benchmark: the schedule's count, whatever the tokens (a chain's path)
+                    a = forced_accepts(rounds, forced, D)
+                    path = jnp.broadcast_to(jnp.arange(D + 1, dtype=jnp.int32), (B, D + 1))
                 last = jnp.take_along_axis(path, a[:, None], axis=1)[:, 0]
                 fix = jnp.take_along_axis(tgt, last[:, None], axis=1)[:, 0]
             j = jnp.arange(D + 1)[None, :]

@@ -159,3 +159,35 @@ def test_random_weights_sharded_over_a_mesh():
     r = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
                        timeout=600, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert r.returncode == 0 and "ok" in r.stdout, r.stdout + r.stderr
+
+
+def test_forced_acceptance_schedule():
+    """forced_accepts: R rounds of a mean M emit floor(R M) tokens, each round 1..K+1 of them."""
+    import jax.numpy as jnp
+
+    from mavjax.speculative import forced_accepts
+
+    r = jnp.arange(40)
+    for m, K in ((3.25, 3), (1.0, 3), (4.0, 3), (2.74, 5)):
+        n = forced_accepts(r, m, K)
+        assert int(jnp.min(n)) >= 0 and int(jnp.max(n)) <= K
+        assert int(jnp.sum(n + 1)) == int(np.floor(40 * m)), (m, K)
+
+
+def test_random_draft_with_forced_acceptance(tmp_path, capsys):
+    """`mavjax bench --random-weights --random-draft --forced-acceptance M`: speculative decoding on random
+    weights whose reported mean acceptance length is the forced one (random weights alone accept ~nothing)."""
+    for m, tol in ((2.5, 0.2), (4.0, 1e-9)):
+        out = tmp_path / f"forced{m}.json"
+        assert main(["bench", "--random-weights", "--preset", "tiny", "--random-draft", "--num-draft-tokens", "3",
+                     "--forced-acceptance", str(m), "--draft-vocab-size", "64", "--draft-intermediate-size", "64",
+                     "--batch-sizes", "1", "--input-len", "8", "--output-len", "33", "--iters", "1",
+                     "--json", str(out)]) == 0
+        r = json.loads(out.read_text())
+        assert r["forced_acceptance"] == m
+        assert abs(r["rows"][0]["mean_acceptance_length"] - m) <= tol, r["rows"][0]
+    assert "FORCED" in capsys.readouterr().err
+    assert main(["bench", "--random-weights", "--preset", "tiny", "--forced-acceptance", "2"]) == 2
+    assert "--forced-acceptance needs --random-draft" in capsys.readouterr().err
+    assert main(["bench", "--random-weights", "--preset", "tiny", "--random-draft", "--forced-acceptance", "5"]) == 2
+    assert "must lie in [1, 4]" in capsys.readouterr().err

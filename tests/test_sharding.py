@@ -204,3 +204,34 @@ def test_pallas_kernels_under_a_mesh(tmp_path):
             assert seen["moe"] > 0, mesh
             print(mesh, "ok")
     """)
+
+
+def test_speculative_decoding_over_a_mesh(tmp_path):
+    """LLM(path, mesh=..., draft=DIR): the target sharded (shard_map layers, cache by the rules), the draft a
+    replica on every device; greedy output token-identical to plain single-device decoding, with the draft
+    accepting part of its guesses (a draft that knows the target's successor map), Pallas path included."""
+    _run(f"""
+        import sys, numpy as np, jax.numpy as jnp
+        sys.path.insert(0, "{__import__('os').path.dirname(__file__)}")
+        from spec_helpers import configs, good_draft, successor_target
+        from mavjax import LLM, SamplingParams
+        from mavjax.checkpoint import save_model
+        from mavjax.eagle3 import save_draft
+        cfg = configs()["moe"].replace(num_attention_heads=8, num_key_value_heads=8, num_local_experts=8)
+        net, perm = successor_target(cfg, 3)
+        save_model(net, "{tmp_path}/t")
+        save_draft(good_draft(cfg, net, perm, 4), "{tmp_path}/d")
+        prompts = [np.random.default_rng(1).integers(3, cfg.vocab_size, n).tolist() for n in (6, 11)]
+        sp = SamplingParams(max_new_tokens=10, temperature=0.0, ignore_eos=True)
+        want = [o.token_ids for o in LLM("{tmp_path}/t").generate(prompts, sp)]
+        one = LLM("{tmp_path}/t", draft="{tmp_path}/d", num_draft_tokens=3).generate(prompts, sp)
+        want_acc = [o.metrics.mean_acceptance_length for o in one]
+        assert [o.token_ids for o in one] == want and max(want_acc) > 1.2, want_acc  # some guesses accepted
+        for mesh, kernels in (("expert=2,tensor=4", "xla"), ("expert=1,tensor=8", "pallas")):
+            llm = LLM("{tmp_path}/t", mesh=mesh, draft="{tmp_path}/d", num_draft_tokens=3, kernels=kernels)
+            outs = llm.generate(prompts, sp)
+            assert [o.token_ids for o in outs] == want, (mesh, kernels)
+            acc = [o.metrics.mean_acceptance_length for o in outs]
+            assert acc == want_acc, (mesh, kernels, acc, want_acc)  # the same guesses accepted
+            print(mesh, kernels, "ok", acc)
+    """)
