@@ -292,9 +292,9 @@ def moe_experts_grouped(x, expert_idx, scores, w_gate, w_up, w_down, scales):
     xs = x[token] * scores.reshape(-1)[order][:, None]  # [N*k, D]
     sizes = jnp.bincount(flat_e, length=E).astype(jnp.int32)  # [E]
     sg, su, sd = (None if s is None else s[flat_e[order]] for s in scales)  # [N*k, F|D]
-    g = _scaled(_ragged_dot(xs, w_gate, sizes), sg)  # [N*k, F]
-    u = _scaled(_ragged_dot(xs, w_up, sizes), su)  # [N*k, F]
-    y = _scaled(_ragged_dot(jax.nn.silu(g) * u, w_down, sizes), sd)  # [N*k, D]
+    g = _scaled(expert_ragged_dot(xs, w_gate, sizes), sg)  # [N*k, F]
+    u = _scaled(expert_ragged_dot(xs, w_up, sizes), su)  # [N*k, F]
+    y = _scaled(expert_ragged_dot(jax.nn.silu(g) * u, w_down, sizes), sd)  # [N*k, D]
     return jnp.zeros((N, D), y.dtype).at[token].add(y)
 
 
@@ -303,18 +303,18 @@ def moe_experts_grouped(x, expert_idx, scores, w_gate, w_up, w_down, scales):
 UPCAST_CHUNK_BYTES = 1 << 30
 
 
-def _ragged_dot(xs, w, sizes):
+def expert_ragged_dot(xs, w, sizes):
     """ragged_dot(xs [R, K], w [E, K, N], sizes [E]) -> [R, N], rows sorted by expert. Weights narrower than xs
     are upcast a chunk of G experts at a time: chunk c is a ragged_dot over G+1 groups whose first (a zero
-    expert) takes the rows of the experts before it; rows after the chunk fall outside every group and
-    come out zero, so the chunks' results add up to the whole product."""
-    if w.dtype == xs.dtype:
-        return jax.lax.ragged_dot(xs, w, sizes)
+    expert) takes the rows of the experts before it; rows after the chunk fall outside every group and are
+    zeroed (explicitly: not every backend promises it), so the chunks' results add up to the whole product.
+    Rows past sum(sizes) (sentinel rows of mavjax.parallel) come out zero."""
     E, K, N = w.shape
     per_expert = K * N * xs.dtype.itemsize
     G = max(g for g in range(1, E + 1) if E % g == 0 and (g * per_expert <= UPCAST_CHUNK_BYTES or g == 1))
-    if G == E:
-        return jax.lax.ragged_dot(xs, w.astype(xs.dtype), sizes)
+    if w.dtype == xs.dtype or G == E:
+        y = jax.lax.ragged_dot(xs, w.astype(xs.dtype), sizes)  # [R, N]
+        return jnp.where((jnp.arange(xs.shape[0]) < jnp.sum(sizes))[:, None], y, 0)
     before = jnp.cumsum(sizes) - sizes  # [E] rows of the experts ahead of each one
     zero = jnp.zeros((1, K, N), xs.dtype)
 
@@ -322,7 +322,9 @@ def _ragged_dot(xs, w, sizes):
         wc = jax.lax.dynamic_slice_in_dim(w, c * G, G).astype(xs.dtype)  # [G, K, N]
         sc = jax.lax.dynamic_slice_in_dim(sizes, c * G, G)  # [G]
         groups = jnp.concatenate([before[c * G][None], sc])  # [G+1]
-        return acc + jax.lax.ragged_dot(xs, jnp.concatenate([zero, wc]), groups), None
+        y = jax.lax.ragged_dot(xs, jnp.concatenate([zero, wc]), groups)  # [R, N]
+        inside = jnp.arange(xs.shape[0]) < jnp.sum(groups)  # [R] rows of this chunk's experts or before
+        return acc + jnp.where(inside[:, None], y, 0), None
 
     acc0 = jnp.zeros((xs.shape[0], N), xs.dtype)
     return jax.lax.scan(chunk, acc0, jnp.arange(E // G))[0]

@@ -363,6 +363,8 @@ def _ragged_all_to_all_emulated(operand, output, send_off, send_sizes, land_off,
 def expert_rows(xs, e, w_gate, w_up, w_down, scales):
     """Grouped SwiGLU over rows: xs [R, D] (already score-scaled), e [R] local expert id (E_loc = none) ->
     [R, D] in the same row order; sentinel rows are outside every group and come out zero."""
+    from mavjax.model import expert_ragged_dot
+
     E_loc = w_gate.shape[0]
     order = jnp.argsort(e, stable=True)
     se = e[order]
@@ -370,7 +372,8 @@ def expert_rows(xs, e, w_gate, w_up, w_down, scales):
     xs = xs[order]
     sg, su, sd = (None if s is None else s[se] for s in (scales or (None, None, None)))  # [R, F|D]
     sc = lambda y, s: y if s is None else (y * s).astype(y.dtype)  # noqa: E731
-    g = sc(jax.lax.ragged_dot(xs, w_gate.astype(xs.dtype), sizes), sg)  # [R, D] x [E, D, F] -> [R, F]
-    u = sc(jax.lax.ragged_dot(xs, w_up.astype(xs.dtype), sizes), su)  # [R, D] x [E, D, F] -> [R, F]
-    y = sc(jax.lax.ragged_dot(jax.nn.silu(g) * u, w_down.astype(xs.dtype), sizes), sd)  # [R, F] x [E, F, D]
+    # model.expert_ragged_dot: FP8 experts upcast a chunk at a time; sentinel rows (past sum(sizes)) come out zero
+    g = sc(expert_ragged_dot(xs, w_gate, sizes), sg)  # [R, D] x [E, D, F] -> [R, F]
+    u = sc(expert_ragged_dot(xs, w_up, sizes), su)  # [R, D] x [E, D, F] -> [R, F]
+    y = sc(expert_ragged_dot(jax.nn.silu(g) * u, w_down, sizes), sd)  # [R, F] x [E, F, D]
     return jnp.zeros_like(y).at[order].set(y)
