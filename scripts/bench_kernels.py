@@ -19,11 +19,11 @@ Order (most important rows first, so a run cut by --budget-s still has them):
      Maverick-width model decode at batch 1 (kernels="pallas" vs "xla", bf16 and FP8 weights), the fusions
      at decode.
   2. the rest: GEMM at M in {1, 8, 64} and prefill, more attention shapes, fusions at prefill, MoE N=64.
-Columns: us (median per op), TB/s (bytes that must move / time) or TFLOP/s, xfloor = time / floor (floor =
+Columns: us (best per op), TB/s (bytes that must move / time) or TFLOP/s, xfloor = time / floor (floor =
 bytes / copy bandwidth, or FLOPs / the H100 dense-FP8 datasheet peak for prefill), then XLA time / Pallas time
-for each baseline of the same run (> 1: Pallas faster). Timing: bench_fp8_gemm.Cell (each jitted call runs
-the op on 8-16 rotating weight buffers, > L2 in total, median of reps), bench_attention.time_op,
-bench_moe.Cell and bench_decode.decode_rows.
+for each baseline of the same run (> 1: Pallas faster). Timing: bench_fp8_gemm.Cell, bench_attention.time_op,
+bench_moe.Cell (each a device loop, mavjax.benchmarking.device_loop, calling the op on up to 32 distinct weight
+buffers per iteration, > L2 in total: no host dispatch per call) and bench_decode.decode_rows.
 """
 
 from __future__ import annotations
