@@ -101,7 +101,7 @@ def test_parse_mesh():
 
 
 def test_sharded_generation_equals_single_device(tmp_path):
-    """LLM(path, mesh=...) for meshes (8,1), (1,8), (2,4), (4,2): logits and greedy generations equal the
+    """LLM(path, mesh=...) for meshes (8,1), (1,8), (2,4): logits and greedy generations equal the
     single-device ones (prefill of 4 x 32 tokens through the all_to_all MoE dispatch, logits of 32 tokens and
     decode through the local one), with routing skewed so that nearly every token goes to one expert, and 2 kv heads for 8 devices (kv heads split over a mesh prefix); the
     KV cache comes out sharded as the rules say."""
@@ -138,7 +138,7 @@ def test_sharded_generation_equals_single_device(tmp_path):
         ref = LLM("{tmp_path}/ckpt")
         want_tokens = [o.token_ids for o in ref.generate(prompts, sp)]
         want_logits = ref.logits(prompts[2])
-        for mesh in ("expert=8,tensor=1", "expert=1,tensor=8", "expert=2,tensor=4", "expert=4,tensor=2"):
+        for mesh in ("expert=8,tensor=1", "expert=1,tensor=8", "expert=2,tensor=4"):
             traced.clear()
             llm = LLM("{tmp_path}/ckpt", mesh=mesh)
             assert len(llm.engine.state["layers"][1]["ffn"]["w_up"][...].sharding.device_set) == 8
@@ -164,7 +164,7 @@ def test_pallas_kernels_under_a_mesh(tmp_path):
     """LLM(path, mesh=..., kernels="pallas", quantize="fp8") equals the single-device Pallas model (logits and
     greedy tokens), with the kernels running on each device's shard: the split-KV attention sees the device's
     own heads (shard_map, not a GSPMD gather of the cache) and decode's routed experts go through the Pallas
-    MoE kernel, on the tensor-parallel layout and on an expert-parallel one (pairs routed elsewhere)."""
+    MoE kernel, with experts split over 2 devices (pairs routed elsewhere) and their units over 4."""
     _run(f"""
         import numpy as np, jax, jax.numpy as jnp
         from flax import nnx
@@ -193,7 +193,7 @@ def test_pallas_kernels_under_a_mesh(tmp_path):
         ref = LLM("{tmp_path}/ckpt", **kw)
         want_tokens, want_logits = ref.generate([prompt], sp)[0].token_ids, ref.logits(prompt)
         assert seen["heads"] == {{8}}, seen
-        for mesh in ("expert=1,tensor=8", "expert=2,tensor=4"):
+        for mesh in ("expert=2,tensor=4",):  # heads over all 8 devices; experts over 2 (pairs routed elsewhere)
             seen["heads"].clear(); seen["moe"] = 0
             llm = LLM("{tmp_path}/ckpt", mesh=mesh, **kw)
             got = llm.logits(prompt)
@@ -227,7 +227,7 @@ def test_speculative_decoding_over_a_mesh(tmp_path):
         one = LLM("{tmp_path}/t", draft="{tmp_path}/d", num_draft_tokens=3).generate(prompts, sp)
         want_acc = [o.metrics.mean_acceptance_length for o in one]
         assert [o.token_ids for o in one] == want and max(want_acc) > 1.2, want_acc  # some guesses accepted
-        for mesh, kernels in (("expert=2,tensor=4", "xla"), ("expert=1,tensor=8", "pallas")):
+        for mesh, kernels in (("expert=2,tensor=4", "pallas"),):  # the Pallas path: shard_map attention too
             llm = LLM("{tmp_path}/t", mesh=mesh, draft="{tmp_path}/d", num_draft_tokens=3, kernels=kernels)
             outs = llm.generate(prompts, sp)
             assert [o.token_ids for o in outs] == want, (mesh, kernels)
