@@ -83,21 +83,43 @@ def device_loop(fn, args, iters: int, vary: int = 0):
     return jax.jit(run), leaves
 
 
-def time_loop(compiled, leaves, calls: int, reps: int = 5) -> float:
-    """Best seconds per call over `reps` runs of a compiled `device_loop` program making `calls` calls."""
-    zero = jnp.zeros((), jnp.float32)
-    jax.block_until_ready(compiled(leaves, zero))  # warm-up
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        jax.block_until_ready(compiled(leaves, zero))
-        best = min(best, time.perf_counter() - t)
-    return best / calls
+class DeviceLoop:
+    """fn(*args), which makes `calls_per_iter` calls of the op being timed, run `iters` times in one device loop
+    (`device_loop`). `compile` keeps a compile error in `error` (e.g. one config's shared memory overflows)
+    instead of raising, so that sweeps compile many in threads; `time` gives the best seconds per call."""
+
+    def __init__(self, fn, args, iters: int, calls_per_iter: int = 1, vary: int = 0):
+        self.prog, self.leaves = device_loop(fn, args, iters, vary)
+        self.calls = iters * calls_per_iter
+        self.compiled, self.error = None, None
+
+    def compile(self) -> "DeviceLoop":
+        try:
+            self.compiled = self.prog.lower(self.leaves, jnp.zeros((), jnp.float32)).compile()
+        except Exception as e:  # noqa: BLE001 - reported by the caller
+            self.error = f"{type(e).__name__}: {str(e)[:300]}"
+        return self
+
+    def time(self, reps: int = 5) -> float | None:
+        """Best seconds per call over `reps` loops after a warm-up loop; None if it did not compile."""
+        if self.compiled is None and self.error is None:
+            self.compile()
+        if self.compiled is None:
+            return None
+        zero = jnp.zeros((), jnp.float32)
+        jax.block_until_ready(self.compiled(self.leaves, zero))  # warm-up
+        best = float("inf")
+        for _ in range(reps):
+            t = time.perf_counter()
+            jax.block_until_ready(self.compiled(self.leaves, zero))
+            best = min(best, time.perf_counter() - t)
+        return best / self.calls
 
 
 def device_time(fn, args, iters: int = 8, reps: int = 5, calls_per_iter: int = 1, vary: int = 0) -> float:
     """Best seconds per call of fn(*args) (which makes `calls_per_iter` calls) over `reps` loops of `iters`
     iterations on the device (`device_loop`), after one warm-up loop."""
-    prog, leaves = device_loop(fn, args, iters, vary)
-    compiled = prog.lower(leaves, jnp.zeros((), jnp.float32)).compile()
-    return time_loop(compiled, leaves, iters * calls_per_iter, reps)
+    loop = DeviceLoop(fn, args, iters, calls_per_iter, vary).compile()
+    if loop.error:
+        raise RuntimeError(loop.error)
+    return loop.time(reps)

@@ -137,7 +137,8 @@ def attention(par: Parallel, attn, h, positions, rope, kv, cache_pos, write_inde
     graphdef, state = nnx.split(attn)
     arrays, treedef = jax.tree.flatten(state)
     specs = [par.spec(v) for v in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable))]
-    heads = tuple(par.spec(attn.wq))[1] if len(par.spec(attn.wq)) > 1 else None
+    wq_spec = tuple(par.spec(attn.wq))
+    heads = wq_spec[1] if len(wq_spec) > 1 else None
     o_spec = P(None, None, heads, None)
     kv_spec = None if kv is None else spec_for(CACHE_AXES, kv[0].shape, par.mesh, "kv cache")
     extra = {"rope": rope, "cache_pos": cache_pos, "write_index": write_index, "attn_mask": attn_mask}

@@ -45,7 +45,7 @@ import numpy as np  # noqa: E402
 
 from pallas_kernels.decode_attention import decode_attention, dequantize_kv  # noqa: E402
 
-from mavjax.benchmarking import copy_bandwidth, device_loop, time_loop  # noqa: E402
+from mavjax.benchmarking import copy_bandwidth, device_time  # noqa: E402
 from mavjax.model import attend, attention_mask  # noqa: E402
 
 try:
@@ -70,9 +70,7 @@ def time_op(fn, args_list, qs, inner, reps):
         return [fn(qs[i], *all_args[i % n]) for i in range(inner)]
 
     first = jax.block_until_ready(jax.jit(fn)(qs[0], *args_list[0]))
-    prog, leaves = device_loop(many, (qs, args_list), iters=4)
-    compiled = prog.lower(leaves, jnp.zeros((), jnp.float32)).compile()
-    return time_loop(compiled, leaves, 4 * inner, reps), first
+    return device_time(many, (qs, args_list), iters=4, reps=reps, calls_per_iter=inner), first
 
 
 def rel_err(out, ref):

@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from mavjax.benchmarking import copy_bandwidth, device_loop, fmt, speedup, time_loop  # noqa: E402
+from mavjax.benchmarking import DeviceLoop, copy_bandwidth, fmt, speedup  # noqa: E402
 from pallas_kernels.fp8_gemm import (  # noqa: E402
     dequantize_activation, dequantize_weight, fp8_matmul, quantize_activation_per_token,
     quantize_weight_blockwise, quantize_weight_per_channel)
@@ -127,32 +127,20 @@ def n_buffers(K, N, target=200e6, cap=96):
 # Timing
 # ---------------------------------------------------------------------------------------------------------
 
-class Cell:
-    """One timed op over up to `unroll` distinct weight buffers, called back to back inside a device loop
-    (mavjax.benchmarking.device_loop: no host dispatch per call, nothing hoisted)."""
+class Cell(DeviceLoop):
+    """One timed op over up to `unroll` distinct weight buffers, called back to back in a device loop
+    (mavjax.benchmarking.DeviceLoop: no host dispatch per call, nothing hoisted). `time` gives microseconds."""
 
     def __init__(self, op_keys, x, weights, unroll=32):
         op, keys = op_keys
         u = max(1, min(unroll, len(weights)))
-        self.ws = [tuple(weights[j][k] for k in keys) for j in range(u)]
-        self.u, self.iters = u, max(2, math.ceil(32 / u))
-        self.prog, self.leaves = device_loop(lambda x, ws: [op(x, *w) for w in ws], (x, self.ws), self.iters)
-        self.compiled, self.error = None, None
+        ws = [tuple(weights[j][k] for k in keys) for j in range(u)]
+        super().__init__(lambda x, ws: [op(x, *w) for w in ws], (x, ws), iters=max(2, math.ceil(32 / u)),
+                         calls_per_iter=u)
 
-    def compile(self):
-        try:
-            self.compiled = self.prog.lower(self.leaves, jnp.zeros((), jnp.float32)).compile()
-        except Exception as e:  # noqa: BLE001 - e.g. shared memory exhausted for one config
-            self.error = f"{type(e).__name__}: {str(e)[:160]}"
-        return self
-
-    def time(self, reps=50, min_ops=None):
-        """Microseconds per call (best of `reps` loops); None if the op did not compile."""
-        if self.compiled is None and self.error is None:
-            self.compile()
-        if self.compiled is None:
-            return None
-        return time_loop(self.compiled, self.leaves, self.iters * self.u, reps) * 1e6
+    def time(self, reps=50):
+        t = super().time(reps)
+        return None if t is None else t * 1e6
 
 
 def compile_parallel(cells, workers=12):
@@ -357,7 +345,7 @@ def main():
     for row, k, c in pallas_cells:
         row[k] = c.time(reps=a.reps)
     for row, cfg, c in pre_tune:
-        t = c.time(reps=8, min_ops=6)
+        t = c.time(reps=8)
         if t is not None and (row.get("pallas_us") is None or t < row["pallas_us"]):
             row["pallas_us"], row["cfg"] = t, cfg
     log("Pallas timed; XLA baselines next (one compile at a time, ~1 s each)")
@@ -382,7 +370,7 @@ def main():
         pre = prefill.get((name, M)) is row
         ws = W[name][:3] if pre else W[name]
         c = Cell(XLA_OPS[b], X[(M, row["K"])], ws, unroll=3 if pre else 32)  # same unroll as the Pallas cells
-        row[f"xla_{b}_us"] = c.time(reps=8 if pre else a.reps, min_ops=6 if pre else 32)
+        row[f"xla_{b}_us"] = c.time(reps=8 if pre else a.reps)
     if skipped:
         log(f"time budget reached: {skipped} XLA cells skipped (raise --budget-s)")
 

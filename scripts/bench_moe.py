@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from mavjax.benchmarking import copy_bandwidth, device_loop, fmt, speedup, time_loop  # noqa: E402
+from mavjax.benchmarking import DeviceLoop, copy_bandwidth, fmt, speedup  # noqa: E402
 from mavjax.model import moe_experts  # noqa: E402
 from pallas_kernels.fp8_gemm import quantize_weight_per_channel  # noqa: E402
 from pallas_kernels.moe_gemm import (  # noqa: E402
@@ -177,34 +177,26 @@ def xla_op(w, s, sets):
     return [moe_experts(x, i, sc, *w, scales=s) for x, i, sc in sets]
 
 
-class Cell:
+class Cell(DeviceLoop):
     """One timed op over G groups of U routing sets: fn(w, s, sets) over all G*U sets called back to back in a
-    device loop (mavjax.benchmarking.device_loop: no host dispatch per call, nothing hoisted). `first` holds
-    fn's outputs on the first group (one untimed call) for the caller's check."""
+    device loop (mavjax.benchmarking.DeviceLoop: no host dispatch per call, nothing hoisted). `time` gives
+    microseconds and keeps fn's outputs on the first group (one untimed call) in `first` for the caller's check."""
 
     def __init__(self, fn, w, s, groups):
         self.fn, self.w, self.s, self.groups = fn, w, s, groups
-        self.sets = [st for grp in groups for st in grp]
-        self.iters = max(2, -(-32 // len(self.sets)))
-        self.prog, self.leaves = device_loop(lambda sets, w, s: fn(w, s, sets), (self.sets, w, s), self.iters)
-        self.compiled, self.error, self.first = None, None, None
-
-    def compile(self):
-        try:
-            self.compiled = self.prog.lower(self.leaves, jnp.zeros((), jnp.float32)).compile()
-        except Exception as e:  # noqa: BLE001 - e.g. shared memory exhausted for one config
-            self.error = f"{type(e).__name__}: {str(e)[:300]}"
-        return self
+        sets = [st for grp in groups for st in grp]
+        super().__init__(lambda sets, w, s: fn(w, s, sets), (sets, w, s), iters=max(2, -(-32 // len(sets))),
+                         calls_per_iter=len(sets))
+        self.first = None
 
     def time(self, reps):
-        """Microseconds per call (best of `reps` loops); None if the op failed."""
         if self.compiled is None and self.error is None:
             self.compile()
         if self.compiled is None:
             return None
         try:
             self.first = jax.block_until_ready(jax.jit(self.fn)(self.w, self.s, self.groups[0]))
-            return time_loop(self.compiled, self.leaves, self.iters * len(self.sets), reps) * 1e6
+            return super().time(reps) * 1e6
         except Exception as e:  # noqa: BLE001 - e.g. out of memory
             self.error = f"{type(e).__name__}: {str(e)[:300]}"
             return None

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mavjax.benchmarking import copy_bandwidth, device_loop, time_loop  # noqa: E402
+from mavjax.benchmarking import DeviceLoop, copy_bandwidth  # noqa: E402
 from pallas_kernels.fp8_gemm import FP8, fp8_matmul  # noqa: E402
 from pallas_kernels.fused_gemm import gate_up_swiglu, qkv_rope  # noqa: E402
 from pallas_kernels.moe_gemm import moe_fp8_pairs  # noqa: E402
@@ -66,11 +66,10 @@ class Op:
 
 
 def loop_program(op, cfg, iters):
-    """The op over all its weight sets, `iters` times in a device loop (mavjax.benchmarking.device_loop)."""
+    """The op over all its weight sets, `iters` times in a device loop (mavjax.benchmarking.DeviceLoop)."""
     def calls(x, ws, shared):
         return [op.fn(x, w, *shared, **cfg) for w in ws]
-    prog, leaves = device_loop(calls, (op.x, op.weights, op.shared), iters)
-    return prog.lower(leaves, jnp.zeros((), jnp.float32)), leaves
+    return DeviceLoop(calls, (op.x, op.weights, op.shared), iters, calls_per_iter=len(op.weights))
 
 
 def build_ops(a, key):
@@ -178,22 +177,15 @@ def main():
     def compile_one(job):
         op, cfg = job
         if time.perf_counter() - T0 > a.budget_s:
-            return job, None, "budget"
-        try:
-            lowered, leaves = loop_program(op, cfg or {}, a.iters)
-            return job, (lowered.compile(), leaves), None
-        except Exception as e:  # noqa: BLE001 - e.g. out of shared memory for one config
-            return job, None, f"{type(e).__name__}: {str(e)[:120]}"
+            return job, None
+        return job, loop_program(op, cfg or {}, a.iters).compile()
 
-    lowered_lock_free = []
     with cf.ThreadPoolExecutor(a.threads) as pool:
-        for (op, cfg), compiled, err in pool.map(compile_one, jobs):
-            lowered_lock_free.append(((op, cfg), compiled, err))
+        compiled = list(pool.map(compile_one, jobs))
     print(f"compiled in {time.perf_counter() - T0:.0f} s", flush=True)
-    for (op, cfg), compiled, err in lowered_lock_free:
-        us = None if compiled is None else \
-            time_loop(*compiled, a.iters * len(op.weights), a.reps) * 1e6
-        op.results.append(dict(cfg=cfg or "default", us=us, error=err))
+    for (op, cfg), loop in compiled:
+        us = None if loop is None or loop.error else loop.time(a.reps) * 1e6
+        op.results.append(dict(cfg=cfg or "default", us=us, error="budget" if loop is None else loop.error))
     rows = []
     print(f"\n{'op':44s} {'floor us':>8s} {'default':>8s} {'best':>8s} {'xfloor':>7s}  best config")
     for op in ops:
