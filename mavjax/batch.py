@@ -243,6 +243,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kernels", default="xla", choices=["xla", "pallas"])
     p.add_argument("--quantize", default=None, choices=["fp8"], help="quantize projection weights on load")
     p.add_argument("--mesh", default=None, metavar="expert=E,tensor=T", help="shard over a device mesh")
+    p.add_argument("--allreduce", default="xla", choices=["xla", "oneshot"],
+                   help="with --mesh: XLA's psum, or the one-shot NVLink peer-memory kernel (GPU)")
     p.add_argument("--draft", default=None, metavar="DIR", help="EAGLE-3 draft checkpoint (speculative decoding)")
     p.add_argument("--num-draft-tokens", type=int, default=None, metavar="K", help="draft tokens per step")
 
@@ -253,7 +255,7 @@ def llm_kwargs(a, batch_size: int) -> dict:
     from mavjax.api import LLM
 
     kw = dict(dtype=a.dtype, max_model_len=a.max_model_len, max_batch_size=batch_size, kernels=a.kernels,
-              quantize=a.quantize, mesh=a.mesh)
+              quantize=a.quantize, mesh=a.mesh, allreduce=a.allreduce)
     if a.num_draft_tokens is not None and a.draft is None:
         raise ValueError("--num-draft-tokens needs --draft DIR")
     if a.draft is not None:

@@ -69,10 +69,13 @@ def rank_slice_config(cfg, n: int):
 
 # ---- random weights on the device ----------------------------------------------------------------------------
 def random_model(cfg, *, dtype="bfloat16", quant=None, kernels="xla", mesh=None, seed=0,
-                 chunk_elems: int = 1 << 27):
+                 chunk_elems: int = 1 << 27, allreduce: str = "xla"):
     """A Llama4 with random weights, built abstractly and filled one parameter at a time on the device (or
     sharded over `mesh`). Large parameters are generated in chunks of about `chunk_elems` elements along their
-    leading axis, FP8 weights directly as FP8 codes, so the peak is the model plus one chunk's temporaries."""
+    leading axis, FP8 weights directly as FP8 codes, so the peak is the model plus one chunk's temporaries.
+    With a mesh the model runs its shard_map layers over it (`mavjax.parallel`, all-reduce `allreduce`), as
+    `LLM(path, mesh=...)` does: sharded weights alone would leave every Pallas call (opaque to GSPMD) to
+    gather its weights to every device each step."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -111,7 +114,12 @@ def random_model(cfg, *, dtype="bfloat16", quant=None, kernels="xla", mesh=None,
         chunked = mesh is None and v.size > chunk_elems and len(v.shape) > 1
         fill = _filler(tuple(v.shape), str(v.dtype), kind, std, chunked, chunk_elems, sharding)
         var.set_value(fill(jax.random.fold_in(key, i)))
-    return nnx.merge(graphdef, state)
+    model = nnx.merge(graphdef, state)
+    if mesh is not None:
+        from mavjax.parallel import Parallel
+
+        model.set_parallel(Parallel(mesh, allreduce=allreduce))
+    return model
 
 
 _FILLERS: dict = {}
@@ -628,7 +636,7 @@ def main(a) -> int:
                 mesh = make_mesh(**parse_mesh(a.mesh))
             t = time.perf_counter()
             net = random_model(cfg, dtype=jnp.dtype(a.dtype or "bfloat16"), quant=a.quantize, kernels=a.kernels,
-                               mesh=mesh, seed=a.seed)
+                               mesh=mesh, seed=a.seed, allreduce=a.allreduce)
             desc = f"random {a.preset}" + (f" ({a.layers} layers)" if a.layers else "")
             print(f"{desc}: {param_bytes(net) / 1e9:.2f} GB of parameters, quantize={a.quantize}, "
                   f"built in {time.perf_counter() - t:.1f} s", file=sys.stderr)

@@ -10,6 +10,8 @@ explicit KV cache (`mavjax.kv_cache`), so the same forward serves training (no c
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -41,6 +43,23 @@ def _weight(rngs, shape, axes, dtype, std, contract, quant):
     return w, nnx.Param(jnp.ones(out_shape, jnp.float32), logical_axes=out_axes)
 
 
+# The Pallas kernel families kernels="pallas" uses. MAVJAX_PALLAS_DISABLE="moe,attention" (a comma list) runs
+# those as on the XLA path instead, read when a function is traced: to bisect a GPU failure to one family, or
+# to time one family's share of a step, without touching the model code.
+PALLAS_OPS = ("gemm", "qkv", "gate_up", "moe", "attention", "norm")
+
+
+def use_pallas(kernels: str, op: str) -> bool:
+    """Whether kernel family `op` (one of PALLAS_OPS) runs as a Pallas kernel on the `kernels` path."""
+    if kernels != "pallas":
+        return False
+    off = {s.strip() for s in os.environ.get("MAVJAX_PALLAS_DISABLE", "").split(",") if s.strip()}
+    if off - set(PALLAS_OPS):
+        raise ValueError(f"MAVJAX_PALLAS_DISABLE names unknown kernel families {sorted(off - set(PALLAS_OPS))}; "
+                         f"known: {', '.join(PALLAS_OPS)}")
+    return op not in off
+
+
 def dense(x, w, scale, n_in, kernels="xla"):
     """x [..., *in] @ w [*in, *out] -> [..., *out], contracting x's last n_in axes with w's first n_in.
     w is bf16/f32 (scale None), or FP8 with a float32 scale per output channel [*out]: on the XLA path the
@@ -51,7 +70,7 @@ def dense(x, w, scale, n_in, kernels="xla"):
     in_shape, out_shape = w.shape[:n_in], w.shape[n_in:]
     x2 = x.reshape(-1, int(np.prod(in_shape)))
     w2 = w.reshape(x2.shape[1], -1)
-    if kernels == "pallas":
+    if use_pallas(kernels, "gemm"):
         from pallas_kernels.fp8_gemm import fp8_matmul
 
         y = fp8_matmul(x2, w2, scale.reshape(-1), out_dtype=x.dtype, interpret=jax.default_backend() == "cpu")
@@ -153,7 +172,7 @@ class Attention(nnx.Module):
         a draft node sees only its ancestors among the slots of the same call.
         Returns (out [B, T, D], updated (k, v) or None); `project=False`: out is the attention output before wo,
         [B, T, H, Dh] (the tensor-parallel path projects each device's heads itself, mavjax.parallel)."""
-        if self.kernels == "pallas" and self.wq_scale is not None:  # one FP8 launch, epilogue fused
+        if use_pallas(self.kernels, "qkv") and self.wq_scale is not None:  # one FP8 launch, epilogue fused
             q, k, v = self._fused_qkv(x, positions, rope)
         else:
             q = self._proj(x, self.wq, self.wq_scale, 1)  # [B, T, D] x [D, H, Dh] -> [B, T, H, Dh]
@@ -173,7 +192,7 @@ class Attention(nnx.Module):
             ck, cv = write_slots(ck, k, write_index), write_slots(cv, v, write_index)
             new_cache = (ck, cv)
             T, G = q.shape[1], q.shape[2] // ck.shape[2]
-            if self.kernels == "pallas" and T * G <= PALLAS_MAX_ROWS and attn_mask is None:
+            if use_pallas(self.kernels, "attention") and T * G <= PALLAS_MAX_ROWS and attn_mask is None:
                 from pallas_kernels.decode_attention import decode_attention
 
                 kv_scale = KV_FP8_SCALE if ck.dtype == FP8 else None  # FP8 cache: dequantized in registers
@@ -233,7 +252,7 @@ def swiglu(x, w_gate, s_gate, w_up, s_up, w_down, s_down, kernels):
     """down(silu(x @ gate) * (x @ up)) on arrays (s_* the FP8 scales, or None). x [..., D], w_gate/w_up [D, F],
     w_down [F, D]. kernels="pallas" with FP8 weights: gate, up and the SwiGLU in one launch (g and u never
     leave the kernel). Used by MLP and by the tensor-parallel layers (mavjax.parallel) on their shards."""
-    if kernels == "pallas" and s_gate is not None:
+    if use_pallas(kernels, "gate_up") and s_gate is not None:
         from pallas_kernels.fused_gemm import gate_up_swiglu
 
         F = w_gate.shape[1]
@@ -349,7 +368,7 @@ class MoE(nnx.Module):
         scales = None if self.w_gate_scale is None else \
             (self.w_gate_scale[...], self.w_up_scale[...], self.w_down_scale[...])
         weights = (self.w_gate[...], self.w_up[...], self.w_down[...])
-        if self.kernels == "pallas":  # one grouped-GEMM launch pair over all experts; unrouted experts not read
+        if use_pallas(self.kernels, "moe"):  # one grouped-GEMM launch pair over all experts; unrouted experts not read
             from pallas_kernels.moe_gemm import moe_fp8
 
             routed = moe_fp8(flat, idx, scores, *weights, scales, interpret=jax.default_backend() == "cpu")
@@ -379,7 +398,7 @@ class DecoderLayer(nnx.Module):
 def add_norm(x, delta, norm: RMSNorm, kernels: str):
     """(x + delta, norm(x + delta)): a residual add and the RMSNorm after it; one pass over [B, T, D]
     (pallas_kernels.fused_norm) when kernels="pallas"."""
-    if kernels == "pallas":
+    if use_pallas(kernels, "norm"):
         from pallas_kernels.fused_norm import add_rms_norm
 
         return add_rms_norm(x, delta, norm.scale[...], eps=norm.eps, interpret=jax.default_backend() == "cpu")

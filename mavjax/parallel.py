@@ -261,7 +261,9 @@ def moe_local(x, idx, scores, w_gate, w_up, w_down, scales, expert_axis, kernels
     e0 = jax.lax.axis_index(expert_axis) * E_loc
     local = (idx >= e0) & (idx < e0 + E_loc)
     lsc = jnp.where(local, scores, jnp.zeros_like(scores))
-    if kernels == "pallas" and scales is not None:
+    from mavjax.model import use_pallas
+
+    if use_pallas(kernels, "moe") and scales is not None:
         from pallas_kernels.moe_gemm import moe_fp8
 
         return moe_fp8(x, jnp.where(local, idx - e0, 0), lsc, w_gate, w_up, w_down, scales,

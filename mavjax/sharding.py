@@ -22,6 +22,7 @@ instead would put a row's cache on other devices than the query heads reading it
 from __future__ import annotations
 
 import math
+import re
 
 import jax
 import numpy as np
@@ -119,3 +120,24 @@ def cache_shardings(cfg, batch: int, length: int, mesh: Mesh, rules=None):
     pos = NamedSharding(mesh, spec_for(CACHE_AXES[:2], shape[:2], mesh, "kv cache positions", rules))
     L = cfg.num_hidden_layers
     return KVCache(k=[kv] * L, v=[kv] * L, pos=pos)
+
+
+_HLO_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
+              "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}
+_COLLECTIVE = re.compile(r"= (\(?[a-z0-9]+\[[^=]*?) (all-gather|all-reduce|all-to-all|collective-permute|"
+                         r"reduce-scatter|ragged-all-to-all)(?:-start)?\(")
+
+
+def collective_bytes(hlo_text: str) -> dict[str, int]:
+    """Bytes each kind of collective produces in a compiled (SPMD-partitioned, per-device) HLO module's text,
+    e.g. `jax.jit(f).lower(...).compile().as_text()`: {"all-gather": ..., "all-reduce": ...}. A decode step over
+    a mesh should move activations only (kilobytes); a parameter in there means some op outside shard_map that
+    GSPMD cannot partition (an opaque Pallas call) is gathering weights every step."""
+    out: dict[str, int] = {}
+    for m in _COLLECTIVE.finditer(hlo_text):
+        shapes, op = m.groups()
+        n = 0
+        for dt, dims in re.findall(r"([a-z0-9]+)\[([0-9,]*)\]", shapes):
+            n += _HLO_BYTES.get(dt, 4) * math.prod(int(d) for d in dims.split(",") if d)
+        out[op] = out.get(op, 0) + n
+    return out

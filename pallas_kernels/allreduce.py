@@ -1,6 +1,7 @@
 """One-shot all-reduce over NVLink peer memory, fused with the residual add (Pallas Mosaic GPU), then RMSNorm.
 
-UNVERIFIED ON GPU: written for the two-H200 machine, which was not available when this was written; jax 0.10.2's
+DOES NOT YET LOWER ON GPU (two H200s, jax 0.11.2, 2026-11-29: an AssertionError in pallas_call's GPU
+lowering, docs/benchmarks.md section 7). Written before any multi-GPU machine was lent; jax 0.10.2's
 Mosaic GPU interpreter has no remote refs or cross-device semaphores, so nothing here can run on CPU. It is kept
 out of the default path (`Parallel(allreduce="oneshot")` / `LLM(..., allreduce="oneshot")` opt in), and
 scripts/bench_allreduce.py checks it against `psum` on random data before timing it.
@@ -28,6 +29,7 @@ multi-process needs NVSHMEM (`pip install nvidia-nvshmem-cu12`, XLA_FLAGS=--xla_
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import jax
@@ -50,6 +52,14 @@ def oneshot_allreduce_add(partial, residual, axis_names):
     [..., D] of one dtype; returns [..., D] in residual's dtype (the sum is accumulated in float32)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    try:  # registers pallas_call's Mosaic GPU lowering. Without it the first run on two H200s (jax 0.11.2) failed
+        # with "assert rule is not None" in pallas_call's gpu_lowering; with it, it still failed to lower there
+        # (a bare AssertionError, traceback not kept; scripts/bench_allreduce.py now logs it): unresolved
+        importlib.import_module("jax._src.pallas.mosaic_gpu.pallas_call_registration")
+    except ImportError as e:
+        raise NotImplementedError(f"the one-shot all-reduce needs Pallas' Mosaic GPU backend, which this jax "
+                                  f"cannot import: {e!r}") from e
 
     axis_names = tuple(axis_names)
     sizes = tuple(jax.lax.axis_size(a) for a in axis_names)

@@ -90,8 +90,11 @@ def child(a):
         try:
             want_v, got_v = np.asarray(ref(x, res, scale), np.float32), np.asarray(got(x, res, scale), np.float32)
             check = float(np.max(np.abs(got_v - want_v)) / np.max(np.abs(want_v)))
-        except Exception as e:  # report, keep timing psum
-            check = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        except Exception as e:  # report (the whole traceback in the log), keep timing psum
+            import traceback
+
+            traceback.print_exc()
+            check = f"failed: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
             impls = ["xla"]
     if not on_gpu and a.oneshot:  # dry run: the kernel must at least build (trace) for this mesh
         smap(lambda p, r, s: allreduce_residual_rmsnorm(p[0], r, s, 1e-5, ("tensor",), "xla")[0], 3)

@@ -209,10 +209,11 @@ def test_model_options_pass_through_to_llm():
     batch_mod.add_arguments(p)
     base = ["--input", "i", "--output", "o"]
     a = p.parse_args(base + ["--kernels", "pallas", "--quantize", "fp8", "--mesh", "expert=1,tensor=2",
-                             "--dtype", "float32", "--max-model-len", "512"])
+                             "--dtype", "float32", "--max-model-len", "512", "--allreduce", "oneshot"])
     kw = batch_mod.llm_kwargs(a, 8)
     assert kw == dict(dtype="float32", max_model_len=512, max_batch_size=8, kernels="pallas", quantize="fp8",
-                      mesh="expert=1,tensor=2")  # no draft keywords unless asked for
+                      mesh="expert=1,tensor=2", allreduce="oneshot")  # no draft keywords unless asked for
+    assert set(kw) <= set(inspect.signature(LLM.__init__).parameters)
     a = p.parse_args(base + ["--draft", "d", "--num-draft-tokens", "4"])
     if "draft" in inspect.signature(LLM.__init__).parameters:
         kw = batch_mod.llm_kwargs(a, 8)

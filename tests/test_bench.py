@@ -150,6 +150,20 @@ def test_random_weights_sharded_over_a_mesh():
         for p, v in nnx.to_flat_state(nnx.state(m, nnx.Param)):
             name = ".".join(map(str, p))
             assert v.get_value().sharding.is_equivalent_to(want[name], v.get_value().ndim), name
+        # it runs over the mesh: a decode step's collectives move activations, not weights (sharded weights
+        # without the shard_map layers leave each Pallas call to gather its weights to every device)
+        import jax.numpy as jnp
+        from mavjax.kv_cache import KVCache
+        from mavjax.sharding import collective_bytes
+        p = random_model(cfg, quant="fp8", kernels="pallas", mesh=make_mesh(1, 2))
+        graphdef, state = nnx.split(p)
+        def step(state, tok, pos, cache):
+            return nnx.merge(graphdef, state)(tok, pos, cache, write_index=pos[:, 0])[0]
+        tok = pos = jnp.zeros((1, 1), jnp.int32)
+        hlo = jax.jit(step).lower(state, tok, pos, KVCache.create(cfg, 1, 16, jnp.bfloat16)).compile().as_text()
+        moved = collective_bytes(hlo)
+        weights = sum(x.nbytes for x in jax.tree.leaves(nnx.state(p, nnx.Param)))
+        assert moved.get("all-reduce", 0) > 0 and sum(moved.values()) < 0.05 * weights, (moved, weights)
         from mavjax.cli import main  # the sweep on random weights sharded over a mesh
         assert main(["bench", "--random-weights", "--preset", "tiny", "--layers", "2", "--mesh", "tensor=2",
                      "--input-len", "8", "--output-len", "4", "--iters", "1"]) == 0

@@ -1,0 +1,199 @@
+"""Every Pallas kernel the model calls, at the shapes one GPU sees when Maverick is split n ways (the 1/n
+shard of heads, dense-MLP and expert hidden units) and M tokens (prefill: M = 1024; decode: M = 1), run on the
+GPU against its jax.numpy reference; then a 2-layer model of those shapes, greedy-decoding a prompt of M tokens
+on the Pallas path against the XLA path on the same weights. Each check runs in its own process (an illegal
+memory access poisons the process that made it), spread over the visible GPUs; one line per check: ok and the
+relative error ||out - ref|| / ||ref||, or the error.
+
+  python3 scripts/check_kernels_gpu.py --shard 2 --tokens 1024
+  python3 scripts/check_kernels_gpu.py --interpret --small        # CPU smoke test of this script
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+TIMES: dict = {}  # compile / first-run seconds of the last kernel call (printed with the result)
+CHECKS = ["gemm_wo", "gemm_down", "gate_up", "qkv_rope", "qkv_nope", "moe", "add_norm", "attention", "model"]
+
+
+def rel(out, ref):
+    import numpy as np
+
+    out, ref = (np.asarray(a, np.float32) for a in (out, ref))
+    if not np.all(np.isfinite(out)):
+        return float("nan")
+    return float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+def run_one(name, n, M, interpret, small, mesh_devices=0):
+    """One check's error. mesh_devices > 1: the kernel runs inside jax.shard_map over that many devices, each
+    on the same (replicated) operands: a Pallas call in a shard_map body, as mavjax.parallel runs them."""
+    import jax
+    import jax.numpy as jnp
+
+    def call(fn, *args):
+        if mesh_devices > 1:
+            from jax.sharding import Mesh, PartitionSpec as P
+
+            mesh = Mesh(jax.devices()[:mesh_devices], ("x",))
+            fn = jax.shard_map(fn, mesh=mesh, in_specs=P(), out_specs=P(), check_vma=False)
+        t = time.perf_counter()
+        compiled = jax.jit(fn).lower(*args).compile()  # timed apart: a Triton compile can take minutes
+        TIMES["compile_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        out = jax.block_until_ready(compiled(*args))
+        TIMES["run_s"] = time.perf_counter() - t
+        return out
+
+    from mavjax.config import preset
+    from mavjax.bench import rank_slice_config
+
+    full = preset("tiny" if small else "maverick", num_hidden_layers=2)
+    cfg = rank_slice_config(full, n) if n > 1 else full
+    D, H, K, Dh = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    keys = iter(jax.random.split(jax.random.key(0), 16))
+    bf = jnp.bfloat16
+
+    def w8(*shape):  # FP8 codes and a per-output-channel scale giving weights of std ~ 1/sqrt(fan-in)
+        codes = jnp.clip(jax.random.normal(next(keys), shape, bf) * 64, -448, 448).astype(jnp.float8_e4m3fn)
+        return codes, jnp.full(shape[-1:], 1.0 / (64 * shape[-2] ** 0.5), jnp.float32)
+
+    x = jax.random.normal(next(keys), (M, D), bf)
+    if name in ("gemm_wo", "gemm_down"):
+        from pallas_kernels.fp8_gemm import fp8_matmul, fp8_matmul_ref
+
+        Kin = H * Dh if name == "gemm_wo" else cfg.intermediate_size_mlp
+        xi = jax.random.normal(next(keys), (M, Kin), bf)
+        w, s = w8(Kin, D)
+        out = call(lambda a: fp8_matmul(a, w, s, out_dtype=bf, interpret=interpret), xi)
+        mode = "fp8_fp8" if M > 64 else "weight_only"
+        return rel(out, fp8_matmul_ref(xi, w, s, quantize_x=mode == "fp8_fp8", out_dtype=jnp.float32))
+    if name == "gate_up":
+        from pallas_kernels.fused_gemm import gate_up_swiglu, gate_up_swiglu_ref
+
+        (wg, sg), (wu, su) = w8(D, cfg.intermediate_size_mlp), w8(D, cfg.intermediate_size_mlp)
+        out = call(lambda a: gate_up_swiglu(a, wg, sg, wu, su, out_dtype=bf, interpret=interpret), x)
+        mode = "fp8_fp8" if M > 64 else "weight_only"
+        return rel(out, gate_up_swiglu_ref(x, wg, sg, wu, su, mode=mode, out_dtype=jnp.float32))
+    if name in ("qkv_rope", "qkv_nope"):
+        from mavjax.model import attn_temperature, rope_tables
+        from pallas_kernels.fused_gemm import qkv_rope, qkv_rope_ref
+
+        (wq, sq), (wk, sk), (wv, sv) = w8(D, H * Dh), w8(D, K * Dh), w8(D, K * Dh)
+        pos = jnp.arange(M, dtype=jnp.int32)[None]
+        kw = dict(head_dim=Dh)
+        if name == "qkv_rope":
+            cos, sin = rope_tables(jnp.asarray(cfg.rope_inv_freq(), jnp.float32), pos)
+            kw.update(rope=(cos.reshape(M, -1), sin.reshape(M, -1)), qk_norm_eps=cfg.rms_norm_eps)
+        else:
+            kw.update(q_row_scale=attn_temperature(pos, cfg.floor_scale, cfg.attn_scale).reshape(M))
+        outs = call(lambda a: qkv_rope(a, wq, sq, wk, sk, wv, sv, out_dtype=bf, interpret=interpret, **kw), x)
+        mode = "fp8_fp8" if M > 64 else "weight_only"
+        refs = qkv_rope_ref(x, wq, sq, wk, sk, wv, sv, mode=mode, out_dtype=jnp.float32, **kw)
+        return max(rel(o, r) for o, r in zip(outs, refs))
+    if name == "moe":
+        from pallas_kernels.moe_gemm import moe_fp8, moe_reference
+
+        E, F = cfg.num_local_experts, cfg.intermediate_size
+        ws = [w8(E, D, F), w8(E, D, F), w8(E, F, D)]
+        (wg, sg), (wu, su), (wd, sd) = ws
+        sg, su, sd = (jnp.broadcast_to(s, (E, s.shape[-1])) for s in (sg, su, sd))
+        idx = jax.random.randint(next(keys), (M, 1), 0, E)
+        sc = jax.nn.sigmoid(jax.random.normal(next(keys), (M, 1), jnp.float32)).astype(bf)
+        out = call(lambda a: moe_fp8(a, idx, sc, wg, wu, wd, (sg, su, sd), interpret=interpret), x)
+        return rel(out, moe_reference(x, idx, sc, wg, wu, wd, scales=(sg, su, sd)))
+    if name == "add_norm":
+        from pallas_kernels.fused_norm import add_rms_norm, add_rms_norm_ref
+
+        h = jax.random.normal(next(keys), (M, D), bf)
+        scale = jnp.ones((D,), bf)
+        out = call(lambda a, b: add_rms_norm(a, b, scale, eps=1e-5, interpret=interpret), x, h)
+        ref = add_rms_norm_ref(x, h, scale, 1e-5)
+        return max(rel(o, r) for o, r in zip(out, ref))
+    if name == "attention":  # split-KV decode attention, M query positions (verify-like), 1024-slot cache
+        from pallas_kernels.decode_attention import decode_attention, decode_attention_reference
+
+        S = 1024
+        q = jax.random.normal(next(keys), (1, M, H, Dh), bf)
+        k, v = (jax.random.normal(next(keys), (1, S, K, Dh), bf) for _ in range(2))
+        q_pos = jnp.arange(S - M, S, dtype=jnp.int32)[None]
+        k_pos = jnp.arange(S, dtype=jnp.int32)[None]
+        kw = dict(chunk_size=None, scale=Dh ** -0.5)
+        out = call(lambda a, b, c: decode_attention(a, b, c, q_pos, k_pos, interpret=interpret, **kw), q, k, v)
+        return rel(out, decode_attention_reference(q, k, v, q_pos, k_pos, **kw))
+    if name == "model":
+        import numpy as np
+
+        from mavjax.api import LLM
+        from mavjax.bench import random_model, with_kernels
+        from mavjax.sampling import SamplingParams
+
+        net = random_model(cfg, quant="fp8", kernels="pallas")
+        prompt = [int(t) for t in np.random.default_rng(0).integers(1, cfg.vocab_size, M)]
+        sp = SamplingParams(max_new_tokens=8, temperature=0.0)
+        got = LLM.from_model(net, max_model_len=M + 16, max_batch_size=1).generate([prompt], sp)[0].token_ids
+        want = LLM.from_model(with_kernels(net, "xla"), max_model_len=M + 16,
+                              max_batch_size=1).generate([prompt], sp)[0].token_ids
+        agree = sum(a == b for a, b in zip(got, want)) / len(want)
+        return 1.0 - agree  # fraction of the 8 greedy tokens that differ (random weights: small logit margins)
+    raise ValueError(f"unknown check {name!r}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shard", type=int, nargs="+", default=[2])
+    ap.add_argument("--tokens", type=int, nargs="+", default=[1024])
+    ap.add_argument("--checks", nargs="+", default=CHECKS, choices=CHECKS)
+    ap.add_argument("--interpret", action="store_true")
+    ap.add_argument("--small", action="store_true", help="the tiny preset instead of maverick")
+    ap.add_argument("--timeout", type=int, default=400, help="seconds per check (a Triton compile can take minutes)")
+    ap.add_argument("--mesh", type=int, default=0, metavar="N",
+                    help="run each kernel inside jax.shard_map over N devices (one check at a time)")
+    ap.add_argument("--one", nargs=4, metavar=("CHECK", "SHARD", "TOKENS", "MESH"), help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.one:
+        err = run_one(a.one[0], int(a.one[1]), int(a.one[2]), a.interpret, a.small, int(a.one[3]))
+        times = " ".join(f"{k} {v:.1f}" for k, v in TIMES.items())
+        print(f"RESULT {err:.3e} {times}")
+        return
+    try:
+        import jax
+
+        ngpu = len(jax.devices("gpu"))
+    except RuntimeError:
+        ngpu = 0
+    jobs = [(c, n, M) for n in a.shard for M in a.tokens for c in a.checks]
+
+    def launch(i, job):
+        env = dict(os.environ)
+        if ngpu and not a.mesh:
+            env["CUDA_VISIBLE_DEVICES"] = str(i % ngpu)
+        cmd = [sys.executable, __file__, "--one", *map(str, job), str(a.mesh)] + ["--interpret"] * a.interpret + \
+            ["--small"] * a.small
+        try:
+            r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=a.timeout)
+        except subprocess.TimeoutExpired:
+            return job, f"TIMEOUT after {a.timeout} s"
+        lines = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT")]
+        if r.returncode == 0 and lines:
+            return job, "ok " + lines[-1].split(maxsplit=1)[1]
+        errs = [ln for ln in r.stderr.splitlines() if "Error" in ln or "error" in ln]
+        return job, f"FAIL rc {r.returncode}: " + (errs[0][:300] if errs else r.stderr[-300:])
+
+    with cf.ThreadPoolExecutor(1 if a.mesh else max(1, ngpu)) as ex:
+        for (c, n, M), res in ex.map(lambda ij: launch(*ij), enumerate(jobs)):
+            where = f" in shard_map over {a.mesh}" if a.mesh else ""
+            print(f"{c:>10} shard 1/{n} M={M:<5}{where} {res}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
