@@ -55,10 +55,14 @@ step mesh 330 bash -c "$BENCH --batch-sizes 1 --input-len 1024 8192 --max-model-
 step check 600 bash -c "python3 scripts/check_kernels_gpu.py --shard $NGPU 8 --tokens 16 1024 --timeout 280; \
   python3 scripts/check_kernels_gpu.py --shard 8 --tokens 16 --mesh $NGPU --checks moe gate_up attention \
   --timeout 280" && grep -E "shard 1/" "$OUT/check.log"
-step bisect 600 bash -c 'for off in "" moe attention qkv gate_up gemm norm moe,attention,qkv,gate_up,gemm,norm; do
-  MAVJAX_PALLAS_DISABLE=$off timeout 150 python3 -m mavjax.cli bench --random-weights --preset maverick --layers 2 \
-    --quantize fp8 --kernels pallas --mesh '"$MESH"' --batch-sizes 1 --input-len 8 --output-len 8 --iters 1 \
-    > '"$OUT"'/bisect_$off.log 2>&1
-  echo "pallas off: [${off:-none}] rc $?: $(grep -E "^ +1 |Error" '"$OUT"'/bisect_$off.log | head -1)"; done' \
-  && cat "$OUT/bisect.log"
+# First without XLA's command buffers (CUDA graphs): the crash was reported while checking a stream's capture
+# status, every kernel passed alone inside shard_map (programs too small for a command buffer), and the XLA
+# path (no Triton custom calls in its graphs) ran. Then each Pallas family switched off in turn.
+step bisect 600 bash -c 'for off in nocb "" moe attention qkv gate_up gemm norm moe,attention,qkv,gate_up,gemm,norm; do
+  flags=${XLA_FLAGS:-}; tag=${off:-none}; [ "$off" = nocb ] && flags="$flags --xla_gpu_enable_command_buffer=" && off=
+  XLA_FLAGS=$flags MAVJAX_PALLAS_DISABLE=$off timeout 150 python3 -m mavjax.cli bench --random-weights \
+    --preset maverick --layers 2 --quantize fp8 --kernels pallas --mesh '"$MESH"' --batch-sizes 1 --input-len 8 \
+    --output-len 8 --iters 1 > '"$OUT"'/bisect_$tag.log 2>&1
+  echo "XLA_FLAGS [$flags] pallas off: [${off:-none}] rc $?: $(grep -E "^ +1 |Error" '"$OUT"'/bisect_$tag.log | head -1)"
+  done' && cat "$OUT/bisect.log"
 exit 0
