@@ -174,20 +174,62 @@ def param_bytes(model) -> int:
 
 
 # ---- sweep -----------------------------------------------------------------------------------------------------
+MAX = "max"  # --batch-sizes max: the largest batch that fits in device memory (`largest_fitting_batch`)
+
+
+def batch_size_arg(text: str):
+    """argparse type of --batch-sizes: a positive int, or "max"."""
+    if text == MAX:
+        return MAX
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a batch size or 'max', got {text!r}") from None
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """An XLA allocation failure (at compile or run time), as opposed to any other error."""
+    text = str(e)
+    return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
+
+
+def largest_fitting_batch(run, ceiling: int, log=print) -> int:
+    """The largest power of two b <= ceiling for which run(b) completes without running out of device memory:
+    tried largest first, halving after each allocation failure (what a whole batch's prefill needs is easier
+    to find by trying than to predict). Any other error, or running out of memory at batch 1, propagates."""
+    b = 1 << (int(ceiling).bit_length() - 1)
+    while True:
+        try:
+            run(b)
+            return b
+        except Exception as e:
+            if b == 1 or not is_out_of_memory(e):
+                raise
+            log(f"batch {b}: out of device memory ({str(e).splitlines()[0][:120]}); trying {b // 2}")
+            b //= 2
+
+
 def sweep(llm, vocab: int, batch_sizes, input_lens, output_lens, iters: int = 3, seed: int = 0, log=print):
-    """One row of vLLM-named metrics per (batch, input, output)."""
+    """One row of vLLM-named metrics per (batch, input, output). A batch size of "max" is the largest power of
+    two up to `llm.max_batch_size` whose warm-up run fits in device memory, found anew for each (input,
+    output) pair (its row says `largest_fitting: true`)."""
     from mavjax.sampling import SamplingParams
 
     rng = np.random.default_rng(seed)
     rows = []
-    for B in batch_sizes:
+    for B_arg in batch_sizes:
         for L_in in input_lens:
             for L_out in output_lens:
                 if L_in + L_out > llm.max_model_len:
                     raise ValueError(f"input {L_in} + output {L_out} exceeds max_model_len {llm.max_model_len}")
-                prompts = [rng.integers(0, vocab, L_in).tolist() for _ in range(B)]
                 sp = SamplingParams(max_new_tokens=L_out, temperature=0.0, ignore_eos=True)
-                llm.generate(prompts, sp)  # compile and warm up
+                make = lambda b: [rng.integers(0, vocab, L_in).tolist() for _ in range(b)]  # noqa: E731
+                if B_arg == MAX:
+                    B = largest_fitting_batch(lambda b: llm.generate(make(b), sp), llm.max_batch_size, log)
+                else:
+                    B = B_arg
+                    llm.generate(make(B), sp)  # compile and warm up
+                prompts = make(B)
                 best = None
                 for _ in range(iters):
                     outs = llm.generate(prompts, sp)
@@ -204,7 +246,8 @@ def sweep(llm, vocab: int, batch_sizes, input_lens, output_lens, iters: int = 3,
                            tpot_ms=tpot * 1e3, itl_ms=tpot * 1e3, e2el_ms=e2el * 1e3,
                            tokens_per_s_per_user=1.0 / tpot if L_out > 1 else None,
                            output_throughput=n_out / e2el, total_token_throughput=(n_out + B * L_in) / e2el,
-                           mean_acceptance_length=float(np.mean(acc)) if acc else None)
+                           mean_acceptance_length=float(np.mean(acc)) if acc else None,
+                           largest_fitting=B_arg == MAX)
                 rows.append(row)
                 log(format_rows([row], header=len(rows) == 1))
     return rows
@@ -547,7 +590,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--random-weights", action="store_true", help="random weights of --preset (no checkpoint)")
     p.add_argument("--preset", default=None, help="with --random-weights: maverick, scout, tiny, default-small")
     p.add_argument("--layers", type=int, default=None, help="with --random-weights: cut the preset to N layers")
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1])
+    p.add_argument("--batch-sizes", type=batch_size_arg, nargs="+", default=[1],
+                   help="batch sizes to sweep; 'max': the largest power of two up to --max-num-seqs that fits in "
+                        "device memory (tried largest first, halving on each allocation failure)")
+    p.add_argument("--max-num-seqs", type=int, default=1024, help="ceiling of --batch-sizes max")
     p.add_argument("--input-len", type=int, nargs="+", default=[128])
     p.add_argument("--output-len", type=int, nargs="+", default=[128])
     p.add_argument("--iters", type=int, default=3, help="timed repetitions after the warm-up (best is reported)")
@@ -598,9 +644,11 @@ def main(a) -> int:
         print_rank_slice(result)
     else:
         for name in ("batch_sizes", "input_len", "output_len"):
-            if any(v < 1 for v in getattr(a, name)):
+            if any(v != MAX and v < 1 for v in getattr(a, name)):
                 raise ValueError(f"--{name.replace('_', '-')} values must be >= 1")
-        B = max(a.batch_sizes)
+        if a.max_num_seqs < 1:
+            raise ValueError(f"--max-num-seqs must be >= 1, got {a.max_num_seqs}")
+        B = max(a.max_num_seqs if v == MAX else v for v in a.batch_sizes)
         if a.random_draft and not a.random_weights:
             raise ValueError("--random-draft goes with --random-weights (a checkpoint brings its own --draft)")
         if a.forced_acceptance is not None:

@@ -49,7 +49,7 @@ step mesh 330 bash -c "$BENCH --batch-sizes 1 --input-len 1024 8192 --max-model-
   $BENCH --batch-sizes 1 --input-len 1024 --max-model-len 1280 --random-draft --num-draft-tokens 3 \
   --forced-acceptance 3.11 --json $OUT/mesh_draft.json; \
   $BENCH --batch-sizes 1 --input-len 1024 --max-model-len 1280 --allreduce oneshot --json $OUT/mesh_oneshot.json; \
-  $BENCH --batch-sizes 64 --input-len 1024 --max-model-len 1280 --json $OUT/mesh_b64.json" \
+  $BENCH --batch-sizes max --max-num-seqs 512 --input-len 1024 --max-model-len 1280 --json $OUT/mesh_bmax.json" \
   && grep -E "^ *[0-9]+ +[0-9]+ +[0-9]+ |^random|Error" "$OUT/mesh.log"
 # the Pallas path over a mesh crashed in prefill on 2 H200s (2026-11-29, illegal memory access); these find where
 step check 600 bash -c "python3 scripts/check_kernels_gpu.py --shard $NGPU 8 --tokens 16 1024 --timeout 280; \

@@ -99,6 +99,39 @@ def test_sweep_end_to_end(tmp_path, capsys):
     assert "ttft_ms" in text and "tpot_ms" in text and "output_tok/s" in text
 
 
+def test_largest_fitting_batch_halves_on_out_of_memory_only():
+    """--batch-sizes max: the largest power of two <= the ceiling that runs; allocation failures halve the batch,
+    any other error (or an allocation failure at batch 1) propagates."""
+    from mavjax.bench import is_out_of_memory, largest_fitting_batch
+
+    tried = []
+
+    def run(b, fits=6, error="RESOURCE_EXHAUSTED: Out of memory while trying to allocate 12.5GiB."):
+        tried.append(b)
+        if b > fits:
+            raise RuntimeError(error)
+
+    assert largest_fitting_batch(run, 100, log=lambda *_: None) == 4 and tried == [64, 32, 16, 8, 4]
+    assert largest_fitting_batch(run, 6, log=lambda *_: None) == 4  # a ceiling that is no power of two
+    with pytest.raises(RuntimeError, match="RESOURCE_EXHAUSTED"):
+        largest_fitting_batch(lambda b: run(b, fits=0), 8, log=lambda *_: None)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        largest_fitting_batch(lambda b: run(b, error="shape mismatch"), 8, log=lambda *_: None)
+    assert is_out_of_memory(RuntimeError("INTERNAL: ... out of memory")) and not is_out_of_memory(ValueError("x"))
+
+
+def test_sweep_max_batch_end_to_end(tmp_path):
+    out = tmp_path / "sweep.json"
+    assert main(["bench", "--random-weights", "--preset", "tiny", "--layers", "2", "--batch-sizes", "1", "max",
+                 "--max-num-seqs", "6", "--input-len", "8", "--output-len", "4", "--iters", "1",
+                 "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]  # nothing runs out of memory here: max = the ceiling's power of 2
+    assert [(r["batch_size"], r["largest_fitting"]) for r in rows] == [(1, False), (4, True)]
+    with pytest.raises(SystemExit) as e:  # argparse's own usage error
+        main(["bench", "--random-weights", "--preset", "tiny", "--batch-sizes", "most"])
+    assert e.value.code == 2
+
+
 def test_rank_slice_end_to_end(tmp_path, capsys):
     out = tmp_path / "rank.json"
     assert main(["bench", "--random-weights", "--preset", "tiny", "--rank-slice", "2", "--layers", "2",
