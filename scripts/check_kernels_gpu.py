@@ -165,11 +165,12 @@ def main():
         times = " ".join(f"{k} {v:.1f}" for k, v in TIMES.items())
         print(f"RESULT {err:.3e} {times}")
         return
+    # Count GPUs without starting a JAX backend here: this process would preallocate most of every GPU's memory
+    # (XLA_PYTHON_CLIENT_MEM_FRACTION) and leave the checks' own processes the rest.
     try:
-        import jax
-
-        ngpu = len(jax.devices("gpu"))
-    except RuntimeError:
+        ngpu = 0 if a.interpret else len(subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True,
+                                                          check=True).stdout.strip().splitlines())
+    except (OSError, subprocess.CalledProcessError):
         ngpu = 0
     jobs = [(c, n, M) for n in a.shard for M in a.tokens for c in a.checks]
 
