@@ -45,8 +45,9 @@ def _weight(rngs, shape, axes, dtype, std, contract, quant):
 
 # The Pallas kernel families kernels="pallas" uses. MAVJAX_PALLAS_DISABLE="moe,attention" (a comma list) runs
 # those as on the XLA path instead, read when a function is traced: to bisect a GPU failure to one family, or
-# to time one family's share of a step, without touching the model code.
-PALLAS_OPS = ("gemm", "qkv", "gate_up", "moe", "attention", "norm")
+# to time one family's share of a step, without touching the model code. "moe_shared" is the shared expert
+# riding in the MoE pair kernels at decode; switched off, it runs as its own MLP (gate_up + gemm kernels).
+PALLAS_OPS = ("gemm", "qkv", "gate_up", "moe", "moe_shared", "attention", "norm")
 
 
 def use_pallas(kernels: str, op: str) -> bool:
@@ -369,9 +370,19 @@ class MoE(nnx.Module):
             (self.w_gate_scale[...], self.w_up_scale[...], self.w_down_scale[...])
         weights = (self.w_gate[...], self.w_up[...], self.w_down[...])
         if use_pallas(self.kernels, "moe"):  # one grouped-GEMM launch pair over all experts; unrouted experts not read
-            from pallas_kernels.moe_gemm import moe_fp8
+            from pallas_kernels.moe_gemm import PAIRS_MAX, moe_fp8
 
-            routed = moe_fp8(flat, idx, scores, *weights, scales, interpret=jax.default_backend() == "cpu")
+            interpret = jax.default_backend() == "cpu"
+            sh = self.shared
+            if idx.size <= PAIRS_MAX and use_pallas(self.kernels, "moe_shared") and \
+                    sh.w_gate.shape == self.w_gate.shape[1:] and sh.w_gate.dtype == self.w_gate.dtype:
+                # decode: the shared expert as one more program row per token of the same two launches
+                val = lambda v: None if v is None else v[...]  # noqa: E731
+                s_sh = None if scales is None else (val(sh.w_gate_scale), val(sh.w_up_scale), val(sh.w_down_scale))
+                out = moe_fp8(flat, idx, scores, *weights, scales, interpret=interpret,
+                              shared=(sh.w_gate[...], sh.w_up[...], sh.w_down[...], s_sh))
+                return out.reshape(B, T, D)
+            routed = moe_fp8(flat, idx, scores, *weights, scales, interpret=interpret)
         else:
             routed = moe_experts(flat, idx, scores, *weights, scales)
         return (self.shared(flat) + routed).reshape(B, T, D)

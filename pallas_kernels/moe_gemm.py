@@ -53,7 +53,8 @@ SwiGLU as it loads them (no epilogue launch in between); the token's row is the 
 non-zero row of a 16-row dot operand (Triton dots need >= 16 rows; the tensor cores have time to spare, the
 weights' bytes are the cost), and the k pairs of a token are summed at the end. Only the routed experts are
 read; two pairs on one expert read it twice (at Maverick's 128 experts and top-1, rare at decode batch sizes,
-and the second read is likely an L2 hit).
+and the second read is likely an L2 hit). `shared=` adds Llama 4's shared expert as one more program row per
+token in the same two launches (rows P.. of both grids read the shared weights instead of an expert's).
 
 Everything runs under interpret=True on CPU (tests/test_moe_gemm.py); scripts/bench_moe.py validates both
 paths on the GPU before timing (sorted path: validated and timed on an H100, JAX 0.11.2).
@@ -259,56 +260,87 @@ def _pair_rows(v, rows=_MIN_BLOCK):
     return jnp.where(jnp.arange(rows)[:, None] == 0, v[None, :], jnp.zeros((), v.dtype))
 
 
-def _pair_gate_up_kernel(*refs, k, d, f, block_n, block_k, kb_per_split, partial, has_scales, cdt, evict):
-    idx_ref, sc_ref, x_ref, wg_ref, wu_ref, *rest = refs
-    sg_ref, su_ref, *outs = rest if has_scales else (None, None, *rest)
+def _pair_gate_up_kernel(*refs, k, d, f, num_pairs, block_n, block_k, kb_per_split, partial, has_scales,
+                         has_shared, cdt, evict):
+    """Program rows p < num_pairs: (token p // k, its expert idx[p]), input scaled by the router score. With
+    has_shared, rows p >= num_pairs are the shared expert on token p - num_pairs (score 1): the same loop over
+    the shared weights' refs ([1, D, F], scales [1, F]), so the shared expert costs no launch of its own."""
+    idx_ref, sc_ref, x_ref, wg_ref, wu_ref, *rest = refs  # then (sg, su), shared (wg, wu, (sg, su)), outputs
+    sg_ref = su_ref = wgs_ref = wus_ref = sgs_ref = sus_ref = None
+    if has_scales:
+        sg_ref, su_ref, *rest = rest
+    if has_shared:
+        wgs_ref, wus_ref, *rest = rest
+        if has_scales:
+            sgs_ref, sus_ref, *rest = rest
+    outs = rest
     p, pid_n, pid_s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    e = idx_ref[p]
     n0 = pl.multiple_of(pid_n * block_n, block_n)
     n_in = _in_bounds(n0, block_n, f)
     kb_lo, kb_hi = _k_range(pid_s, pl.cdiv(d, block_k), kb_per_split)
-    score = sc_ref[p]
     hint_w = "evict_first" if evict else None
 
-    def body(kb, acc):
-        g, u = acc
-        k0 = pl.multiple_of(kb * block_k, block_k)
-        k_in = _in_bounds(k0, block_k, d)
-        xt = _load(x_ref.at[p // k, pl.ds(k0, block_k)], k_in)                              # [bk]
-        xt = _pair_rows((xt * score).astype(cdt))           # router score on the input (x's dtype), [16, bk]
-        wmask = _mask2(k_in, n_in)
-        wg = _load(wg_ref.at[e, pl.ds(k0, block_k), pl.ds(n0, block_n)], wmask, hint_w).astype(cdt)
-        wu = _load(wu_ref.at[e, pl.ds(k0, block_k), pl.ds(n0, block_n)], wmask, hint_w).astype(cdt)
-        return (g + jnp.dot(xt, wg, preferred_element_type=jnp.float32),
-                u + jnp.dot(xt, wu, preferred_element_type=jnp.float32))
+    def run(e, row, score, wg_ref, wu_ref, sg_ref, su_ref):
+        def body(kb, acc):
+            g, u = acc
+            k0 = pl.multiple_of(kb * block_k, block_k)
+            k_in = _in_bounds(k0, block_k, d)
+            xt = _load(x_ref.at[row, pl.ds(k0, block_k)], k_in)                               # [bk]
+            if score is not None:
+                xt = xt * score                            # router score on the input (x's dtype)
+            xt = _pair_rows(xt.astype(cdt))                                                   # [16, bk]
+            wmask = _mask2(k_in, n_in)
+            wg = _load(wg_ref.at[e, pl.ds(k0, block_k), pl.ds(n0, block_n)], wmask, hint_w).astype(cdt)
+            wu = _load(wu_ref.at[e, pl.ds(k0, block_k), pl.ds(n0, block_n)], wmask, hint_w).astype(cdt)
+            return (g + jnp.dot(xt, wg, preferred_element_type=jnp.float32),
+                    u + jnp.dot(xt, wu, preferred_element_type=jnp.float32))
 
-    zero = jnp.zeros((_MIN_BLOCK, block_n), jnp.float32)
-    g, u = lax.fori_loop(kb_lo, kb_hi, body, (zero, zero))
-    g, u = jnp.sum(g, axis=0), jnp.sum(u, axis=0)  # rows 1.. are exact zeros: this is row 0, [bn]
-    if has_scales:
-        g = g * _load(sg_ref.at[e, pl.ds(n0, block_n)], n_in)
-        u = u * _load(su_ref.at[e, pl.ds(n0, block_n)], n_in)
-    if partial:
-        g_ref, u_ref = outs
-        _store(g_ref.at[pid_s, p, pl.ds(n0, block_n)], g, n_in)
-        _store(u_ref.at[pid_s, p, pl.ds(n0, block_n)], u, n_in)
-    else:
-        (h_ref,) = outs
-        _store(h_ref.at[p, pl.ds(n0, block_n)], (_silu(g) * u).astype(h_ref.dtype), n_in)
+        zero = jnp.zeros((_MIN_BLOCK, block_n), jnp.float32)
+        g, u = lax.fori_loop(kb_lo, kb_hi, body, (zero, zero))
+        g, u = jnp.sum(g, axis=0), jnp.sum(u, axis=0)  # rows 1.. are exact zeros: this is row 0, [bn]
+        if has_scales:
+            g = g * _load(sg_ref.at[e, pl.ds(n0, block_n)], n_in)
+            u = u * _load(su_ref.at[e, pl.ds(n0, block_n)], n_in)
+        if partial:
+            g_ref, u_ref = outs
+            _store(g_ref.at[pid_s, p, pl.ds(n0, block_n)], g, n_in)
+            _store(u_ref.at[pid_s, p, pl.ds(n0, block_n)], u, n_in)
+        else:
+            (h_ref,) = outs
+            _store(h_ref.at[p, pl.ds(n0, block_n)], (_silu(g) * u).astype(h_ref.dtype), n_in)
+
+    if not has_shared:
+        run(idx_ref[p], p // k, sc_ref[p], wg_ref, wu_ref, sg_ref, su_ref)
+        return
+
+    @pl.when(p < num_pairs)
+    def _():
+        run(idx_ref[p], p // k, sc_ref[p], wg_ref, wu_ref, sg_ref, su_ref)
+
+    @pl.when(p >= num_pairs)
+    def _():
+        run(jnp.int32(0), p - num_pairs, None, wgs_ref, wus_ref, sgs_ref, sus_ref)  # int32 index, as for routed
 
 
-def _pair_down_kernel(*refs, f, d, block_n, block_k, kb_per_split, partial, n_gu_splits, has_scales, cdt,
-                      evict):
+def _pair_down_kernel(*refs, f, d, num_pairs, block_n, block_k, kb_per_split, partial, n_gu_splits, has_scales,
+                      has_shared, cdt, evict):
     """n_gu_splits == 0: h [P, F] (cdt) is kernel 1's finished SwiGLU output. n_gu_splits > 0: kernel 1 left f32
     split-K partials g, u [n_gu_splits, P, F]; they are summed and the SwiGLU applied here, on load (they sit
-    in L2: a few KB per pair), which saves an XLA epilogue launch and a round trip of h through memory."""
+    in L2: a few KB per pair), which saves an XLA epilogue launch and a round trip of h through memory.
+    has_shared: rows p >= num_pairs use the shared expert's down weights ([1, F, D], scales [1, D])."""
     if n_gu_splits:
         idx_ref, g_ref, u_ref, wd_ref, *rest = refs
     else:
         idx_ref, h_ref, wd_ref, *rest = refs
-    sd_ref, o_ref = rest if has_scales else (None, *rest)
+    sd_ref = wds_ref = sds_ref = None
+    if has_scales:
+        sd_ref, *rest = rest
+    if has_shared:
+        wds_ref, *rest = rest
+        if has_scales:
+            sds_ref, *rest = rest
+    (o_ref,) = rest
     p, pid_n, pid_s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    e = idx_ref[p]
     n0 = pl.multiple_of(pid_n * block_n, block_n)
     n_in = _in_bounds(n0, block_n, d)
     kb_lo, kb_hi = _k_range(pid_s, pl.cdiv(f, block_k), kb_per_split)
@@ -324,20 +356,33 @@ def _pair_down_kernel(*refs, f, d, block_n, block_k, kb_per_split, partial, n_gu
             u = u + _load(u_ref.at[jnp.int32(i), p, pl.ds(k0, block_k)], k_in)
         return (_silu(g) * u).astype(cdt)                                                     # [bk]
 
-    def body(kb, acc):
-        k0 = pl.multiple_of(kb * block_k, block_k)
-        k_in = _in_bounds(k0, block_k, f)
-        ht = _pair_rows(h_tile(k0, k_in))                                                     # [16, bk]
-        wt = _load(wd_ref.at[e, pl.ds(k0, block_k), pl.ds(n0, block_n)], _mask2(k_in, n_in), hint_w)
-        return acc + jnp.dot(ht, wt.astype(ht.dtype), preferred_element_type=jnp.float32)
+    def run(e, wd_ref, sd_ref):
+        def body(kb, acc):
+            k0 = pl.multiple_of(kb * block_k, block_k)
+            k_in = _in_bounds(k0, block_k, f)
+            ht = _pair_rows(h_tile(k0, k_in))                                                 # [16, bk]
+            wt = _load(wd_ref.at[e, pl.ds(k0, block_k), pl.ds(n0, block_n)], _mask2(k_in, n_in), hint_w)
+            return acc + jnp.dot(ht, wt.astype(ht.dtype), preferred_element_type=jnp.float32)
 
-    y = jnp.sum(lax.fori_loop(kb_lo, kb_hi, body, jnp.zeros((_MIN_BLOCK, block_n), jnp.float32)), axis=0)
-    if has_scales:
-        y = y * _load(sd_ref.at[e, pl.ds(n0, block_n)], n_in)
-    if partial:
-        _store(o_ref.at[pid_s, p, pl.ds(n0, block_n)], y, n_in)
-    else:
-        _store(o_ref.at[p, pl.ds(n0, block_n)], y.astype(o_ref.dtype), n_in)
+        y = jnp.sum(lax.fori_loop(kb_lo, kb_hi, body, jnp.zeros((_MIN_BLOCK, block_n), jnp.float32)), axis=0)
+        if has_scales:
+            y = y * _load(sd_ref.at[e, pl.ds(n0, block_n)], n_in)
+        if partial:
+            _store(o_ref.at[pid_s, p, pl.ds(n0, block_n)], y, n_in)
+        else:
+            _store(o_ref.at[p, pl.ds(n0, block_n)], y.astype(o_ref.dtype), n_in)
+
+    if not has_shared:
+        run(idx_ref[p], wd_ref, sd_ref)
+        return
+
+    @pl.when(p < num_pairs)
+    def _():
+        run(idx_ref[p], wd_ref, sd_ref)
+
+    @pl.when(p >= num_pairs)
+    def _():
+        run(jnp.int32(0), wds_ref, sds_ref)
 
 
 def _splits(K, block_k, split_k):
@@ -454,9 +499,9 @@ _STATIC = ("method", "block_m", "block_n", "block_k", "split_k", "block_n_down",
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def moe_fp8(x, expert_idx, scores, w_gate, w_up, w_down, scales=None, *, method="auto", block_m=None, block_n=None,
-            block_k=None, split_k=None, block_n_down=None, block_k_down=None, split_k_down=None, num_warps=None,
-            num_stages=None, num_stages_down=None, evict=True, compute_dtype=None, interpret=False,
+def moe_fp8(x, expert_idx, scores, w_gate, w_up, w_down, scales=None, *, shared=None, method="auto", block_m=None,
+            block_n=None, block_k=None, split_k=None, block_n_down=None, block_k_down=None, split_k_down=None,
+            num_warps=None, num_stages=None, num_stages_down=None, evict=True, compute_dtype=None, interpret=False,
             poison_output=False):
     """Routed experts of a Llama 4 MoE layer: `moe_reference` semantics, two Pallas launches over all experts.
 
@@ -471,16 +516,22 @@ def moe_fp8(x, expert_idx, scores, w_gate, w_up, w_down, scales=None, *, method=
     poison_output: debugging aid, every kernel output starts as NaN (aliased in).
     interpret: Pallas interpreter (CPU tests).
     method: "sorted" (grouped GEMM over expert-sorted row blocks), "pairs" (`moe_fp8_pairs`: one program row
-    per (token, expert) pair, no sort) or "auto": pairs up to PAIRS_MAX pairs (decode), sorted beyond."""
+    per (token, expert) pair, no sort) or "auto": pairs up to PAIRS_MAX pairs (decode), sorted beyond.
+    shared: the shared expert, run inside the pair path's launches (`moe_fp8_pairs`); the result is then routed
+    + shared. The sorted path does not take it (at prefill sizes the shared expert is a GEMM of its own)."""
     N, D, E, F = _check_args(x, expert_idx, scores, w_gate, w_up, w_down, scales)
     P = expert_idx.size
     if method not in ("auto", "pairs", "sorted"):
         raise ValueError(f"method must be 'auto', 'pairs' or 'sorted', got {method!r}")
-    if P == 0:
+    pairs = method == "pairs" or (method == "auto" and P <= PAIRS_MAX and block_m is None)
+    if shared is not None and not pairs:
+        raise ValueError(f"shared= runs on the pair path only (method 'pairs', or 'auto' with at most "
+                         f"{PAIRS_MAX} pairs and no block_m); got method {method!r} with {P} pairs")
+    if P == 0 and shared is None:
         return jnp.zeros((N, D), x.dtype)
-    if method == "pairs" or (method == "auto" and P <= PAIRS_MAX and block_m is None):
+    if pairs:
         return moe_fp8_pairs(
-            x, expert_idx, scores, w_gate, w_up, w_down, scales, block_n=block_n, block_k=block_k,
+            x, expert_idx, scores, w_gate, w_up, w_down, scales, shared=shared, block_n=block_n, block_k=block_k,
             split_k=split_k, block_n_down=block_n_down, block_k_down=block_k_down, split_k_down=split_k_down,
             num_warps=num_warps, num_stages=num_stages, num_stages_down=num_stages_down, evict=evict,
             compute_dtype=compute_dtype, interpret=interpret, poison_output=poison_output)
@@ -554,17 +605,36 @@ def pairs_config(num_pairs, D, F, num_sms=NUM_SMS_H100):
                 num_stages_down=dn["num_stages"])
 
 
-def moe_fp8_pairs(x, expert_idx, scores, w_gate, w_up, w_down, scales=None, *, block_n=None, block_k=None,
-                  split_k=None, block_n_down=None, block_k_down=None, split_k_down=None, num_warps=None,
-                  num_stages=None, num_stages_down=None, evict=True, compute_dtype=None, interpret=False,
-                  poison_output=False):
+def moe_fp8_pairs(x, expert_idx, scores, w_gate, w_up, w_down, scales=None, *, shared=None, block_n=None,
+                  block_k=None, split_k=None, block_n_down=None, block_k_down=None, split_k_down=None,
+                  num_warps=None, num_stages=None, num_stages_down=None, evict=True, compute_dtype=None,
+                  interpret=False, poison_output=False):
     """`moe_fp8` for few pairs: each (token, expert) pair reads its expert's weights directly (see the module
-    docstring). Arguments as `moe_fp8` (no block_m: one row per pair)."""
+    docstring). Arguments as `moe_fp8` (no block_m: one row per pair).
+
+    shared: None, or Llama 4's shared expert (w_gate [D, F], w_up [D, F], w_down [F, D], scales), scales None
+    or (s_gate [F], s_up [F], s_down [D]), in the routed experts' dtypes and with their F: it runs as one more
+    program row per token in the same two launches (input not scaled by a router score), and the result is
+    routed + shared, what `mavjax.model.MoE` computes. At decode this saves the shared expert's own launches
+    (the gate/up + SwiGLU kernel, the down GEMM, their split-K reductions)."""
     N, D = x.shape
     E, _, F = w_gate.shape
     k = expert_idx.shape[1]
     P = N * k
-    cfg = pairs_config(P, D, F)
+    has_shared = shared is not None
+    if has_shared:
+        wgs, wus, wds, s_sh = shared
+        if wgs.shape != (D, F) or wus.shape != (D, F) or wds.shape != (F, D):
+            raise ValueError(f"shared expert must be w_gate/w_up [D={D}, F={F}] and w_down [F, D] (the routed "
+                             f"experts' F), got {wgs.shape} / {wus.shape} / {wds.shape}")
+        if (s_sh is None) != (scales is None) or any(w.dtype != w_gate.dtype for w in (wgs, wus, wds)):
+            raise ValueError("the shared expert must be stored like the routed experts (same dtype, and scales "
+                             "exactly when they have them)")
+        if s_sh is not None and tuple(tuple(v.shape) for v in s_sh) != ((F,), (F,), (D,)):
+            raise ValueError(f"shared expert scales must be [F={F}], [F], [D={D}], got "
+                             f"{[tuple(v.shape) for v in s_sh]}")
+    rows = P + (N if has_shared else 0)  # program rows: the routed pairs, then one shared row per token
+    cfg = pairs_config(rows, D, F)
     pick = lambda v, key: cfg[key] if v is None else v  # noqa: E731
     block_n, block_k, split_k = pick(block_n, "block_n"), pick(block_k, "block_k"), pick(split_k, "split_k")
     block_n_down, block_k_down = pick(block_n_down, "block_n_down"), pick(block_k_down, "block_k_down")
@@ -580,25 +650,37 @@ def moe_fp8_pairs(x, expert_idx, scores, w_gate, w_up, w_down, scales=None, *, b
     sc = scores.reshape(-1).astype(x.dtype)                                                     # [P]
     common = dict(num_warps=num_warps, interpret=interpret, poison_output=poison_output)
 
-    # Kernel 1: h [P, F] = silu(xs @ gate_e) * (xs @ up_e), xs = x[token] * score.
-    split1, kbps1 = _splits(D, block_k, split_k)
-    kern1 = functools.partial(_pair_gate_up_kernel, k=k, d=D, f=F, block_n=block_n, block_k=block_k,
-                              kb_per_split=kbps1, partial=split1 > 1, has_scales=has_scales, cdt=cdt, evict=evict)
-    args1 = [idx, sc, x, w_gate, w_up] + ([sg.astype(jnp.float32), su.astype(jnp.float32)] if has_scales else [])
-    outs1 = ([jax.ShapeDtypeStruct((split1, P, F), jnp.float32)] * 2 if split1 > 1
-             else [jax.ShapeDtypeStruct((P, F), cdt)])
-    res = _call(kern1, args1, outs1, (P, pl.cdiv(F, block_n), split1), num_stages=num_stages,
-                name=f"moe_gate_up_pairs_n{block_n}_k{block_k}_s{split1}", **common)
-    # (h [P, F] if split1 == 1, else the f32 partials of g and u, summed + SwiGLU'd inside kernel 2)
+    f32 = lambda v: v.astype(jnp.float32)  # noqa: E731
+    # the shared expert as a one-expert stack ([1, D, F] ...: free reshapes), indexed like the routed ones
+    sh1 = sh2 = []
+    if has_shared:
+        sh1 = [wgs[None], wus[None]] + ([f32(s_sh[0])[None], f32(s_sh[1])[None]] if has_scales else [])
+        sh2 = [wds[None]] + ([f32(s_sh[2])[None]] if has_scales else [])
 
-    # Kernel 2: y [P, D] = h @ down_e.
+    # Kernel 1: h [rows, F] = silu(xs @ gate_e) * (xs @ up_e), xs = x[token] * score (shared rows: x[token]).
+    split1, kbps1 = _splits(D, block_k, split_k)
+    kern1 = functools.partial(_pair_gate_up_kernel, k=k, d=D, f=F, num_pairs=P, block_n=block_n, block_k=block_k,
+                              kb_per_split=kbps1, partial=split1 > 1, has_scales=has_scales, has_shared=has_shared,
+                              cdt=cdt, evict=evict)
+    args1 = [idx, sc, x, w_gate, w_up] + ([f32(sg), f32(su)] if has_scales else []) + sh1
+    outs1 = ([jax.ShapeDtypeStruct((split1, rows, F), jnp.float32)] * 2 if split1 > 1
+             else [jax.ShapeDtypeStruct((rows, F), cdt)])
+    res = _call(kern1, args1, outs1, (rows, pl.cdiv(F, block_n), split1), num_stages=num_stages,
+                name=f"moe_gate_up_pairs_n{block_n}_k{block_k}_s{split1}", **common)
+    # (h [rows, F] if split1 == 1, else the f32 partials of g and u, summed + SwiGLU'd inside kernel 2)
+
+    # Kernel 2: y [rows, D] = h @ down_e.
     split2, kbps2 = _splits(F, block_k_down, split_k_down)
-    kern2 = functools.partial(_pair_down_kernel, f=F, d=D, block_n=block_n_down, block_k=block_k_down,
-                              kb_per_split=kbps2, partial=split2 > 1, n_gu_splits=split1 if split1 > 1 else 0,
-                              has_scales=has_scales, cdt=cdt, evict=evict)
-    args2 = [idx, *res, w_down] + ([sd.astype(jnp.float32)] if has_scales else [])
-    out2 = jax.ShapeDtypeStruct((split2, P, D) if split2 > 1 else (P, D), jnp.float32)
-    (y,) = _call(kern2, args2, [out2], (P, pl.cdiv(D, block_n_down), split2), num_stages=num_stages_down,
+    kern2 = functools.partial(_pair_down_kernel, f=F, d=D, num_pairs=P, block_n=block_n_down,
+                              block_k=block_k_down, kb_per_split=kbps2, partial=split2 > 1,
+                              n_gu_splits=split1 if split1 > 1 else 0, has_scales=has_scales,
+                              has_shared=has_shared, cdt=cdt, evict=evict)
+    args2 = [idx, *res, w_down] + ([f32(sd)] if has_scales else []) + sh2
+    out2 = jax.ShapeDtypeStruct((split2, rows, D) if split2 > 1 else (rows, D), jnp.float32)
+    (y,) = _call(kern2, args2, [out2], (rows, pl.cdiv(D, block_n_down), split2), num_stages=num_stages_down,
                  name=f"moe_down_pairs_n{block_n_down}_k{block_k_down}_s{split2}", **common)
-    y = jnp.sum(y, axis=0) if split2 > 1 else y                                                 # [P, D] f32
-    return jnp.sum(y.reshape(N, k, D), axis=1).astype(x.dtype)                                  # [N, D]
+    y = jnp.sum(y, axis=0) if split2 > 1 else y                                                 # [rows, D] f32
+    out = jnp.sum(y[:P].reshape(N, k, D), axis=1)                                               # [N, D]
+    if has_shared:
+        out = out + y[P:]
+    return out.astype(x.dtype)

@@ -4,7 +4,8 @@
 #   bash scripts/gpu_benchmarks.sh                      the single-GPU steps: tune rank decode kernels (~9 min)
 #   bash scripts/gpu_benchmarks.sh allreduce sharded mesh   the steps that need 2+ GPUs of one host
 #   bash scripts/gpu_benchmarks.sh check bisect             where the Pallas path over a mesh fails
-# Steps: tune (decode tile sweep), rank (one 8-GPU rank, section 6), decode (2-layer model, section 5),
+# Steps: tune (decode tile sweep), rank (one 8-GPU rank, section 6), rank_sep (the same, shared expert in its
+# own launches: MAVJAX_PALLAS_DISABLE=moe_shared), decode (2-layer model, section 5),
 # kernels (bench_kernels, section 5), allreduce (psum variants and the one-shot kernel), sharded (2-layer
 # model over expert/tensor meshes, bench_sharded_decode), mesh (mavjax bench over a tensor mesh, FP8 + Pallas,
 # with and without a forced-acceptance draft: issue 7's commands at reduced depth), check (every Pallas kernel
@@ -34,6 +35,10 @@ step tune 150 python3 scripts/tune_decode_kernels.py --budget-s 90 --contexts 10
 step rank 200 python3 scripts/benchmark.py --random-weights --preset maverick --rank-slice 8 \
   --rank-kernels pallas xla --rank-batch-sizes 1 8 --profile --json "$OUT/rank.json" \
   && { grep -E "B=[0-9]+ T=|copy|profile of" "$OUT/rank.log"; sed -n '/^PROJECTION/,$p' "$OUT/rank.log"; }
+# the same rank with the shared expert in its own launches (before 2026-11-29's fusion into the MoE pair kernels)
+step rank_sep 150 env MAVJAX_PALLAS_DISABLE=moe_shared python3 scripts/benchmark.py --random-weights \
+  --preset maverick --rank-slice 8 --rank-kernels pallas --rank-batch-sizes 1 8 --json "$OUT/rank_sep.json" \
+  && grep -E "B=[0-9]+ T=|copy" "$OUT/rank_sep.log"
 step decode 120 python3 scripts/bench_decode.py --preset maverick --layers 2 --batch 1 8 --kernels xla pallas \
   --quantize fp8 --profile --json "$OUT/decode.json" && grep -E "copy|^ +(xla|pallas) " "$OUT/decode.log"
 step kernels 240 python3 scripts/bench_kernels.py --skip model --budget-s 200 --reps 10 --json "$OUT/kernels.json" \

@@ -27,3 +27,21 @@ def run_on_8_devices(code: str) -> str:
                        timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     return r.stdout
+
+
+def pallas_call_names(jaxpr) -> list[str]:
+    """The `name` of every pallas_call in a jaxpr (`jax.make_jaxpr(f)(...).jaxpr`), nested calls included,
+    one entry per call site: what a traced step launches, countable per kernel."""
+    from jax.extend import core as jcore
+
+    out = []
+    for e in jaxpr.eqns:
+        if e.primitive.name == "pallas_call":
+            out.append(str(e.params.get("name")))
+        for v in e.params.values():
+            for sub in (v if isinstance(v, (list, tuple)) else [v]):
+                if isinstance(sub, jcore.ClosedJaxpr):
+                    out += pallas_call_names(sub.jaxpr)
+                elif isinstance(sub, jcore.Jaxpr):
+                    out += pallas_call_names(sub)
+    return out

@@ -245,19 +245,24 @@ _FAMILY_KERNELS = {"gemm": "fp8_weight_only", "qkv": "fp8_qkv_rope", "gate_up": 
                    "moe": "moe_gate_up", "attention": "split_kv_decode_attention", "norm": "add_rms_norm"}
 
 
-@pytest.mark.parametrize("off", ["moe", "qkv,norm", "attention", "gemm,qkv,gate_up,moe,attention,norm"])
+@pytest.mark.parametrize("off", ["moe", "qkv,norm", "attention", "moe_shared", "gemm,qkv,gate_up,moe,attention,norm"])
 def test_pallas_kernel_families_can_be_switched_off(monkeypatch, off):
     """MAVJAX_PALLAS_DISABLE runs the named kernel families as on the XLA path (bisecting a GPU failure): the
     traced decode step of an FP8 model on kernels="pallas" loses exactly those Pallas calls, and the logits stay
-    those of the XLA path; an unknown family name is an error that lists the known ones."""
+    those of the XLA path; an unknown family name is an error that lists the known ones. At decode the shared
+    expert rides in the MoE pair kernels (no gate/up launch of its own) unless "moe_shared" is off."""
     import jax.numpy as jnp
 
     from mavjax.kv_cache import KVCache
     from mavjax.model import PALLAS_OPS
     from mavjax.quantize import quantize_model
+    from helpers import pallas_call_names
 
-    assert set(_FAMILY_KERNELS) == set(PALLAS_OPS)
+    assert set(_FAMILY_KERNELS) | {"moe_shared"} == set(PALLAS_OPS)
     cfg = preset("tiny")
+    n_moe = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
+    n_dense = cfg.num_hidden_layers - n_moe
+    assert n_moe and n_dense
     nets = {k: quantize_model(Llama4(cfg, dtype=jnp.float32, rngs=nnx.Rngs(8), kernels=k)) for k in ("xla", "pallas")}
     tok, pos = jnp.array([[5]], jnp.int32), jnp.array([[3]], jnp.int32)
     cache = KVCache.create(cfg, 1, 8, jnp.float32)
@@ -265,15 +270,21 @@ def test_pallas_kernel_families_can_be_switched_off(monkeypatch, off):
     def step(net):
         graphdef, state = nnx.split(net)
         f = lambda st: nnx.merge(graphdef, st)(tok, pos, cache, write_index=pos[:, 0])[0]  # noqa: E731
-        return str(jax.make_jaxpr(f)(state)), f(state)
+        return pallas_call_names(jax.make_jaxpr(f)(state).jaxpr), f(state)
 
-    text, _ = step(nets["pallas"])
-    assert all(name in text for name in _FAMILY_KERNELS.values())  # all six families in a decode step
+    def count(names, family):
+        return sum(n.startswith(_FAMILY_KERNELS[family]) for n in names)
+
+    names, _ = step(nets["pallas"])
+    assert all(count(names, fam) for fam in _FAMILY_KERNELS)  # all six families in a decode step
+    assert count(names, "gate_up") == n_dense  # the MoE layers' shared experts ride in the pair kernels
     monkeypatch.setenv("MAVJAX_PALLAS_DISABLE", off)
-    text, logits = step(nets["pallas"])
+    names, logits = step(nets["pallas"])
     gone = off.split(",")
-    for fam, name in _FAMILY_KERNELS.items():
-        assert (name in text) == (fam not in gone), (fam, off)
+    for fam in _FAMILY_KERNELS:
+        assert (count(names, fam) > 0) == (fam not in gone), (fam, off)
+    if off == "moe_shared":
+        assert count(names, "gate_up") == n_dense + n_moe and count(names, "moe") == n_moe
     np.testing.assert_allclose(np.asarray(logits), np.asarray(step(nets["xla"])[1]), rtol=2e-3, atol=2e-3)
     monkeypatch.setenv("MAVJAX_PALLAS_DISABLE", "moe,flash")
     with pytest.raises(ValueError, match="unknown kernel families.*flash"):

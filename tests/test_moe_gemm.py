@@ -270,3 +270,50 @@ def test_rejects_bad_arguments():
         moe_fp8(x, idx, sc, *qw, interpret=True)
     with pytest.raises(ValueError, match="scales must be"):
         moe_fp8(x, idx, sc, *qw, (qs[0], qs[1], qs[1]), interpret=True)
+
+
+@pytest.mark.parametrize("N,k,wkind,cfg", [
+    (1, 1, "fp8", {}),                                                     # the default decode config (split-K)
+    (3, 2, "fp8", dict(T, method="pairs", split_k=2, split_k_down=3)),    # partials summed in kernel 2
+    (2, 1, "bf16", dict(T, method="pairs", split_k=1, split_k_down=1)),   # h stored by kernel 1, bf16 weights
+])
+def test_shared_expert_rides_in_the_pair_kernels(N, k, wkind, cfg):
+    """shared=: Llama 4's shared expert as one more program row per token of the pair kernels gives routed +
+    shared (the shared expert's input unscaled by any router score); its weights are read once per token, every
+    output element written (poisoned outputs), unrouted experts still unread (NaN there leaves it exact)."""
+    E, D, F = 8, 80, 48
+    ws = _weights(N * 3 + k, E + 1, D, F)  # expert E: the shared one
+    if wkind == "fp8":
+        ws, scales = quantize(*ws)
+    else:
+        ws, scales = tuple(w.astype(jnp.bfloat16) for w in ws), None
+    routed_w = tuple(w[:E] for w in ws)
+    routed_s = None if scales is None else tuple(s[:E] for s in scales)
+    shared = (ws[0][E], ws[1][E], ws[2][E], None if scales is None else tuple(s[E] for s in scales))
+    used = [1, 4, 6]
+    idx, sc = _routing(N + 5, N, k, E, used)
+    x = _x(N + 5, N, D)
+    ones = jnp.ones((N, 1), x.dtype)
+    want = (reference(x, idx, sc, *routed_w, scales=routed_s).astype(jnp.float32)
+            + reference(x, jnp.full((N, 1), E, jnp.int32), ones, *ws, scales=scales).astype(jnp.float32))
+    dead = jnp.asarray([e not in used for e in range(E)])
+    nan_w = lambda w: jnp.where(dead[:, None, None], jnp.asarray(jnp.nan, w.dtype), w)  # noqa: E731
+    nan_s = lambda s: jnp.where(dead[:, None], jnp.nan, s)  # noqa: E731
+    y = moe_fp8(x, idx, sc, *map(nan_w, routed_w), None if routed_s is None else tuple(map(nan_s, routed_s)),
+                shared=shared, interpret=True, poison_output=True, **cfg)
+    assert y.shape == x.shape and y.dtype == x.dtype and bool(jnp.isfinite(y).all())
+    assert _err(y, want) < BOUND, _err(y, want)
+
+
+def test_shared_expert_bad_arguments():
+    E, D, F, N = 4, 64, 32, 2
+    ws, scales = quantize(*_weights(1, E, D, F))
+    idx, sc = _routing(2, N, 1, E)
+    x = _x(2, N, D)
+    good = (ws[0][0], ws[1][0], ws[2][0], tuple(s[0] for s in scales))
+    with pytest.raises(ValueError, match="the routed experts' F"):
+        moe_fp8(x, idx, sc, *ws, scales, shared=(ws[0][0][:, :16], *good[1:]), interpret=True)
+    with pytest.raises(ValueError, match="stored like the routed experts"):
+        moe_fp8(x, idx, sc, *ws, scales, shared=(*good[:3], None), interpret=True)
+    with pytest.raises(ValueError, match="pair path only"):
+        moe_fp8(x, idx, sc, *ws, scales, shared=good, method="sorted", interpret=True)
