@@ -54,8 +54,8 @@ def oneshot_allreduce_add(partial, residual, axis_names):
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     try:  # registers pallas_call's Mosaic GPU lowering. Without it the first run on two H200s (jax 0.11.2) failed
-        # with "assert rule is not None" in pallas_call's gpu_lowering; with it, it still failed to lower there
-        # (a bare AssertionError, traceback not kept; scripts/bench_allreduce.py now logs it): unresolved
+        # with "assert rule is not None" in pallas_call's gpu_lowering; with it, it still failed there with a bare
+        # AssertionError (traceback not kept; scripts/bench_allreduce.py now logs it): unresolved
         importlib.import_module("jax._src.pallas.mosaic_gpu.pallas_call_registration")
     except ImportError as e:
         raise NotImplementedError(f"the one-shot all-reduce needs Pallas' Mosaic GPU backend, which this jax "
