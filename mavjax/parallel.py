@@ -219,9 +219,18 @@ def moe(par: Parallel, ffn, h, residual, norm):
     kernels = ffn.shared.kernels
 
     def body(x, idx, scores, residual, w):
-        shared = _swiglu(x, {k[3:]: v for k, v in w.items() if k.startswith("sh_")}, kernels)  # [N, D] partial
+        sh = {k[3:]: v for k, v in w.items() if k.startswith("sh_")}
         experts = (w["gate"], w["up"], w["down"])
         scales = None if "gate_s" not in w else (w["gate_s"], w["up_s"], w["down_s"])
+        if not exchange and _shared_in_pair_kernels(kernels, idx.size, sh, experts, scales):
+            # decode with expert=1 (the shared expert's units then split like the routed experts'): it rides
+            # in the Pallas pair kernels, as on one device (mavjax.model.MoE)
+            s_sh = None if scales is None else (sh["gate_s"], sh["up_s"], sh["down_s"])
+            partial = moe_local(x, idx, scores, *experts, scales, par.expert_axis, kernels,
+                                shared=(sh["gate"], sh["up"], sh["down"], s_sh))
+            return allreduce_residual_rmsnorm(partial[:N].reshape(B, T, D), residual, w["norm"], norm.eps,
+                                              par.axes, par.allreduce)
+        shared = _swiglu(x, sh, kernels)  # [N, D] partial
         if exchange and par.exchange == "ragged":
             routed = moe_exchange_ragged(x, idx, scores, *experts, scales, par.expert_axis)
         elif exchange:
@@ -232,6 +241,17 @@ def moe(par: Parallel, ffn, h, residual, norm):
         return allreduce_residual_rmsnorm(partial, residual, w["norm"], norm.eps, par.axes, par.allreduce)
 
     return par.smap(body, (P(), P(), P(), P(), s), (P(), P()))(flat, idx, scores, residual, w)
+
+
+def _shared_in_pair_kernels(kernels, num_pairs, sh, experts, scales) -> bool:
+    """Whether this device's shard of the shared expert can ride in the Pallas MoE pair kernels: the Pallas MoE
+    path at decode size, and the shard stored like the routed experts' (same hidden units per device: expert=1)."""
+    from mavjax.model import use_pallas
+    from pallas_kernels.moe_gemm import PAIRS_MAX
+
+    return (use_pallas(kernels, "moe") and use_pallas(kernels, "moe_shared") and num_pairs <= PAIRS_MAX
+            and scales is not None and sh.get("gate_s") is not None
+            and sh["gate"].shape == experts[0].shape[1:] and sh["gate"].dtype == experts[0].dtype)
 
 
 def _check_expert_layout(par: Parallel, specs):
@@ -247,27 +267,28 @@ def _check_expert_layout(par: Parallel, specs):
 
 
 # ---- routed experts inside shard_map --------------------------------------------------------------------------
-def moe_local(x, idx, scores, w_gate, w_up, w_down, scales, expert_axis, kernels="xla"):
+def moe_local(x, idx, scores, w_gate, w_up, w_down, scales, expert_axis, kernels="xla", shared=None):
     """Decode: x [N, D] replicated; idx/scores [N, k] global expert ids; w_* this device's experts
     [E/Ne, D, F/Nt] (and [E/Ne, F/Nt, D]). Pairs routed elsewhere get score 0 and the sentinel expert E/Ne,
     which the grouped GEMM leaves outside every group (no work) and the per-pair gather clamps (zero input).
     kernels="pallas" (FP8 experts): the Pallas MoE kernels, where such pairs take local expert 0 with score 0
     instead (their input is zero, so is their output; under expert parallelism each costs a read of that
     expert, while the layout the min-latency deployment uses, expert=1, has no such pairs).
-    Returns this device's partial sum [N, D]."""
-    from mavjax.model import moe_experts
+    shared (Pallas path only): this device's shard of the shared expert, computed in the same kernels and
+    added (`pallas_kernels.moe_gemm.moe_fp8_pairs`). Returns this device's partial sum [N, D]."""
+    from mavjax.model import moe_experts, use_pallas
 
     E_loc = w_gate.shape[0]
     e0 = jax.lax.axis_index(expert_axis) * E_loc
     local = (idx >= e0) & (idx < e0 + E_loc)
     lsc = jnp.where(local, scores, jnp.zeros_like(scores))
-    from mavjax.model import use_pallas
-
     if use_pallas(kernels, "moe") and scales is not None:
         from pallas_kernels.moe_gemm import moe_fp8
 
-        return moe_fp8(x, jnp.where(local, idx - e0, 0), lsc, w_gate, w_up, w_down, scales,
+        return moe_fp8(x, jnp.where(local, idx - e0, 0), lsc, w_gate, w_up, w_down, scales, shared=shared,
                        interpret=jax.default_backend() == "cpu")
+    if shared is not None:
+        raise ValueError("moe_local: shared= is for the Pallas path (FP8 experts)")
     return moe_experts(x, jnp.where(local, idx - e0, E_loc), lsc, w_gate, w_up, w_down, scales)
 
 

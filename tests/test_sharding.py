@@ -164,7 +164,8 @@ def test_pallas_kernels_under_a_mesh(tmp_path):
     """LLM(path, mesh=..., kernels="pallas", quantize="fp8") equals the single-device Pallas model (logits and
     greedy tokens), with the kernels running on each device's shard: the split-KV attention sees the device's
     own heads (shard_map, not a GSPMD gather of the cache) and decode's routed experts go through the Pallas
-    MoE kernel, with experts split over 2 devices (pairs routed elsewhere) and their units over 4."""
+    MoE kernel, with experts split over 2 devices (pairs routed elsewhere) and their units over 4; with experts
+    whole on every device (expert=1, tensor=8) the shared expert's shard rides in the MoE pair kernels."""
     _run(f"""
         import numpy as np, jax, jax.numpy as jnp
         from flax import nnx
@@ -174,7 +175,7 @@ def test_pallas_kernels_under_a_mesh(tmp_path):
         from mavjax.config import preset
         from mavjax.model import Llama4
         from mavjax.checkpoint import save_model
-        seen = {{"heads": set(), "moe": 0}}
+        seen = {{"heads": set(), "moe": 0, "shared": 0}}
         att = da.decode_attention
         def spy_att(q, *a, **k):
             seen["heads"].add(q.shape[2])
@@ -183,6 +184,7 @@ def test_pallas_kernels_under_a_mesh(tmp_path):
         moe = mg.moe_fp8
         def spy_moe(*a, **k):
             seen["moe"] += 1
+            seen["shared"] += k.get("shared") is not None
             return moe(*a, **k)
         mg.moe_fp8 = spy_moe
         cfg = preset("tiny", num_attention_heads=8, num_key_value_heads=8, num_local_experts=8)
@@ -193,8 +195,8 @@ def test_pallas_kernels_under_a_mesh(tmp_path):
         ref = LLM("{tmp_path}/ckpt", **kw)
         want_tokens, want_logits = ref.generate([prompt], sp)[0].token_ids, ref.logits(prompt)
         assert seen["heads"] == {{8}}, seen
-        for mesh in ("expert=2,tensor=4",):  # heads over all 8 devices; experts over 2 (pairs routed elsewhere)
-            seen["heads"].clear(); seen["moe"] = 0
+        for mesh in ("expert=2,tensor=4", "expert=1,tensor=8"):  # heads over all 8 devices; experts over 2
+            seen["heads"].clear(); seen["moe"] = seen["shared"] = 0       # (pairs routed elsewhere), or whole
             llm = LLM("{tmp_path}/ckpt", mesh=mesh, **kw)
             got = llm.logits(prompt)
             rel = np.linalg.norm(got - want_logits) / np.linalg.norm(want_logits)
@@ -202,6 +204,7 @@ def test_pallas_kernels_under_a_mesh(tmp_path):
             assert llm.generate([prompt], sp)[0].token_ids == want_tokens, mesh
             assert seen["heads"] == {{1}}, (mesh, seen)  # 8 heads over 8 devices: one per device
             assert seen["moe"] > 0, mesh
+            assert (seen["shared"] > 0) == (mesh == "expert=1,tensor=8"), (mesh, seen)
             print(mesh, "ok")
     """)
 
