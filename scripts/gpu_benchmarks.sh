@@ -3,7 +3,7 @@
 # the tables on stdout. Each step has its own time limit so that one slow step cannot take the others' time.
 #   bash scripts/gpu_benchmarks.sh                      the single-GPU steps: tune rank decode kernels (~9 min)
 #   bash scripts/gpu_benchmarks.sh allreduce sharded mesh   the steps that need 2+ GPUs of one host
-#   bash scripts/gpu_benchmarks.sh check bisect             where the Pallas path over a mesh fails
+#   bash scripts/gpu_benchmarks.sh bisect (then check, check_mesh: one per call) where the Pallas mesh path fails
 # Steps: tune (decode tile sweep), rank (one 8-GPU rank, section 6), rank_sep (the same, shared expert in its
 # own launches: MAVJAX_PALLAS_DISABLE=moe_shared), decode (2-layer model, section 5),
 # kernels (bench_kernels, section 5), allreduce (psum variants and the one-shot kernel), sharded (2-layer
@@ -57,15 +57,17 @@ step mesh 330 bash -c "$BENCH --batch-sizes 1 --input-len 1024 8192 --max-model-
   $BENCH --batch-sizes max --max-num-seqs 512 --input-len 1024 --max-model-len 1280 --json $OUT/mesh_bmax.json" \
   && grep -E "^ *[0-9]+ +[0-9]+ +[0-9]+ |^random|Error" "$OUT/mesh.log"
 # the Pallas path over a mesh crashed in prefill on 2 H200s (2026-11-29, illegal memory access); these find where
-step check 600 bash -c "python3 scripts/check_kernels_gpu.py --shard $NGPU 8 --tokens 16 1024 --timeout 280; \
-  python3 scripts/check_kernels_gpu.py --shard 8 --tokens 16 --mesh $NGPU --checks moe gate_up attention \
-  --timeout 280" && grep -E "shard 1/" "$OUT/check.log"
+# (each of check / check_mesh / bisect fills most of one 10-minute device call: ask for one per call)
+step check 560 python3 scripts/check_kernels_gpu.py --shard $NGPU --tokens 16 1024 --checks moe model \
+  --timeout 260 && grep -E "shard 1/" "$OUT/check.log"
+step check_mesh 560 python3 scripts/check_kernels_gpu.py --shard 8 --tokens 16 --mesh $NGPU \
+  --checks moe gate_up attention --timeout 250 && grep -E "shard 1/" "$OUT/check_mesh.log"
 # First without XLA's command buffers (CUDA graphs): the crash was reported while checking a stream's capture
-# status, every kernel passed alone inside shard_map (programs too small for a command buffer), and the XLA
-# path (no Triton custom calls in its graphs) ran. Then each Pallas family switched off in turn.
-step bisect 600 bash -c 'for off in nocb "" moe attention qkv gate_up gemm norm moe,attention,qkv,gate_up,gemm,norm; do
+# status, and the programs that ran held Triton kernels without collectives (each kernel alone inside
+# shard_map) or collectives without Triton kernels (the XLA path). Then each Pallas family switched off in turn.
+step bisect 560 bash -c 'for off in nocb "" moe attention qkv gate_up gemm norm moe,attention,qkv,gate_up,gemm,norm; do
   flags=${XLA_FLAGS:-}; tag=${off:-none}; [ "$off" = nocb ] && flags="$flags --xla_gpu_enable_command_buffer=" && off=
-  XLA_FLAGS=$flags MAVJAX_PALLAS_DISABLE=$off timeout 150 python3 -m mavjax.cli bench --random-weights \
+  XLA_FLAGS=$flags MAVJAX_PALLAS_DISABLE=$off timeout 60 python3 -m mavjax.cli bench --random-weights \
     --preset maverick --layers 2 --quantize fp8 --kernels pallas --mesh '"$MESH"' --batch-sizes 1 --input-len 8 \
     --output-len 8 --iters 1 > '"$OUT"'/bisect_$tag.log 2>&1
   echo "XLA_FLAGS [$flags] pallas off: [${off:-none}] rc $?: $(grep -E "^ +1 |Error" '"$OUT"'/bisect_$tag.log | head -1)"
