@@ -138,6 +138,20 @@ def build_ops(a, key):
     shared = (wg, wu, wd, sc)
     ops.append(Op(f"moe pair gate/up {D}x2x{Fe} (down at default)", moe, x(D), moe_w, 2 * D * Fe * M, gu, shared))
     ops.append(Op(f"moe pair down {Fe}x{D} (gate/up at default)", moe, x(D), moe_w, Fe * D * M, dn, shared))
+    # The decode MoE layer as the model runs it: routed pairs plus the shared expert as one more row per token
+    # in the same two launches (moe_fp8_pairs(shared=...)), default tiles. Op i's shared expert is stack entry
+    # U + i (distinct from every routed one, so no weight is an L2 hit); compare with the pair op's time plus
+    # the "shared" gate/up and down ops above.
+    if E >= 2 * U:
+        moe_sh_w = [(jnp.full((M, 1), i, jnp.int32), (wg[U + i], wu[U + i], wd[U + i],
+                                                      (sc[0][U + i], sc[1][U + i], sc[2][U + i])))
+                    for i in range(U)]
+
+        def moe_sh(x, w, wg, wu, wd, sc, **c):
+            return moe_fp8_pairs(x, w[0], scores, wg, wu, wd, sc, shared=w[1], **c)
+
+        ops.append(Op(f"moe pairs + shared expert {D}x3x{Fe} (default tiles)", moe_sh, x(D), moe_sh_w,
+                      3 * D * Fe * (M + 1), [], shared))  # defaults only
     return ops
 
 
