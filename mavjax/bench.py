@@ -190,7 +190,7 @@ def batch_size_arg(text: str):
 def is_out_of_memory(e: BaseException) -> bool:
     """An XLA allocation failure (at compile or run time), as opposed to any other error."""
     text = str(e)
-    return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
+    return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
 
 
 def largest_fitting_batch(run, ceiling: int, log=print) -> int:

@@ -61,6 +61,16 @@ def use_pallas(kernels: str, op: str) -> bool:
     return op not in off
 
 
+def shared_in_moe_kernels(kernels: str, num_pairs: int, w_gate_shared, w_gate_routed) -> bool:
+    """Whether the shared expert rides in the Pallas MoE pair kernels (`moe_fp8_pairs(shared=...)`): the Pallas
+    MoE path at decode size (<= PAIRS_MAX pairs), "moe_shared" not switched off, and the shared expert stored
+    like the routed ones (w_gate [D, F] beside [E, D, F], one dtype; over a mesh that means expert=1)."""
+    from pallas_kernels.moe_gemm import PAIRS_MAX
+
+    return (use_pallas(kernels, "moe") and use_pallas(kernels, "moe_shared") and num_pairs <= PAIRS_MAX
+            and w_gate_shared.shape == w_gate_routed.shape[1:] and w_gate_shared.dtype == w_gate_routed.dtype)
+
+
 def dense(x, w, scale, n_in, kernels="xla"):
     """x [..., *in] @ w [*in, *out] -> [..., *out], contracting x's last n_in axes with w's first n_in.
     w is bf16/f32 (scale None), or FP8 with a float32 scale per output channel [*out]: on the XLA path the
@@ -370,12 +380,11 @@ class MoE(nnx.Module):
             (self.w_gate_scale[...], self.w_up_scale[...], self.w_down_scale[...])
         weights = (self.w_gate[...], self.w_up[...], self.w_down[...])
         if use_pallas(self.kernels, "moe"):  # one grouped-GEMM launch pair over all experts; unrouted experts not read
-            from pallas_kernels.moe_gemm import PAIRS_MAX, moe_fp8
+            from pallas_kernels.moe_gemm import moe_fp8
 
             interpret = jax.default_backend() == "cpu"
             sh = self.shared
-            if idx.size <= PAIRS_MAX and use_pallas(self.kernels, "moe_shared") and \
-                    sh.w_gate.shape == self.w_gate.shape[1:] and sh.w_gate.dtype == self.w_gate.dtype:
+            if shared_in_moe_kernels(self.kernels, idx.size, sh.w_gate, self.w_gate):
                 # decode: the shared expert as one more program row per token of the same two launches
                 val = lambda v: None if v is None else v[...]  # noqa: E731
                 s_sh = None if scales is None else (val(sh.w_gate_scale), val(sh.w_up_scale), val(sh.w_down_scale))

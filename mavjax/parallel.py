@@ -200,7 +200,7 @@ def _swiglu(x, w, kernels):
 def moe(par: Parallel, ffn, h, residual, norm):
     """MoE layer over the mesh: shared expert + routed experts as one partial sum, then the fused boundary.
     h, residual [B, T, D]. Routing is computed replicated (the router is small and replicated)."""
-    from mavjax.model import route
+    from mavjax.model import route, shared_in_moe_kernels
 
     B, T, D = h.shape
     flat = h.reshape(B * T, D)
@@ -222,36 +222,24 @@ def moe(par: Parallel, ffn, h, residual, norm):
         sh = {k[3:]: v for k, v in w.items() if k.startswith("sh_")}
         experts = (w["gate"], w["up"], w["down"])
         scales = None if "gate_s" not in w else (w["gate_s"], w["up_s"], w["down_s"])
-        if not exchange and _shared_in_pair_kernels(kernels, idx.size, sh, experts, scales):
+        if not exchange and scales is not None and shared_in_moe_kernels(kernels, idx.size, sh["gate"], experts[0]):
             # decode with expert=1 (the shared expert's units then split like the routed experts'): it rides
             # in the Pallas pair kernels, as on one device (mavjax.model.MoE)
-            s_sh = None if scales is None else (sh["gate_s"], sh["up_s"], sh["down_s"])
             partial = moe_local(x, idx, scores, *experts, scales, par.expert_axis, kernels,
-                                shared=(sh["gate"], sh["up"], sh["down"], s_sh))
-            return allreduce_residual_rmsnorm(partial[:N].reshape(B, T, D), residual, w["norm"], norm.eps,
-                                              par.axes, par.allreduce)
-        shared = _swiglu(x, sh, kernels)  # [N, D] partial
-        if exchange and par.exchange == "ragged":
-            routed = moe_exchange_ragged(x, idx, scores, *experts, scales, par.expert_axis)
-        elif exchange:
-            routed = moe_exchange(x, idx, scores, *experts, scales, par.expert_axis)
+                                shared=(sh["gate"], sh["up"], sh["down"], (sh["gate_s"], sh["up_s"], sh["down_s"])))
         else:
-            routed = moe_local(x, idx, scores, *experts, scales, par.expert_axis, kernels)
-        partial = (shared + routed)[:N].reshape(B, T, D)
+            shared = _swiglu(x, sh, kernels)  # [N, D] partial
+            if exchange and par.exchange == "ragged":
+                routed = moe_exchange_ragged(x, idx, scores, *experts, scales, par.expert_axis)
+            elif exchange:
+                routed = moe_exchange(x, idx, scores, *experts, scales, par.expert_axis)
+            else:
+                routed = moe_local(x, idx, scores, *experts, scales, par.expert_axis, kernels)
+            partial = shared + routed
+        partial = partial[:N].reshape(B, T, D)
         return allreduce_residual_rmsnorm(partial, residual, w["norm"], norm.eps, par.axes, par.allreduce)
 
     return par.smap(body, (P(), P(), P(), P(), s), (P(), P()))(flat, idx, scores, residual, w)
-
-
-def _shared_in_pair_kernels(kernels, num_pairs, sh, experts, scales) -> bool:
-    """Whether this device's shard of the shared expert can ride in the Pallas MoE pair kernels: the Pallas MoE
-    path at decode size, and the shard stored like the routed experts' (same hidden units per device: expert=1)."""
-    from mavjax.model import use_pallas
-    from pallas_kernels.moe_gemm import PAIRS_MAX
-
-    return (use_pallas(kernels, "moe") and use_pallas(kernels, "moe_shared") and num_pairs <= PAIRS_MAX
-            and scales is not None and sh.get("gate_s") is not None
-            and sh["gate"].shape == experts[0].shape[1:] and sh["gate"].dtype == experts[0].dtype)
 
 
 def _check_expert_layout(par: Parallel, specs):
