@@ -349,11 +349,13 @@ def _pair_down_kernel(*refs, f, d, num_pairs, block_n, block_k, kb_per_split, pa
     def h_tile(k0, k_in):
         if not n_gu_splits:
             return _load(h_ref.at[p, pl.ds(k0, block_k)], k_in)                               # [bk]
-        g = _load(g_ref.at[jnp.int32(0), p, pl.ds(k0, block_k)], k_in)
-        u = _load(u_ref.at[jnp.int32(0), p, pl.ds(k0, block_k)], k_in)
-        for i in range(1, n_gu_splits):
-            g = g + _load(g_ref.at[jnp.int32(i), p, pl.ds(k0, block_k)], k_in)
-            u = u + _load(u_ref.at[jnp.int32(i), p, pl.ds(k0, block_k)], k_in)
+
+        def add_split(i, gu):  # a loop, not unrolled: 27 unrolled partial reads took Triton minutes to compile
+            return (gu[0] + _load(g_ref.at[i, p, pl.ds(k0, block_k)], k_in),
+                    gu[1] + _load(u_ref.at[i, p, pl.ds(k0, block_k)], k_in))
+
+        zero = jnp.zeros((block_k,), jnp.float32)
+        g, u = lax.fori_loop(0, n_gu_splits, add_split, (zero, zero))
         return (_silu(g) * u).astype(cdt)                                                     # [bk]
 
     def run(e, wd_ref, sd_ref):
@@ -495,14 +497,15 @@ def _check_args(x, expert_idx, scores, w_gate, w_up, w_down, scales):
 
 
 _STATIC = ("method", "block_m", "block_n", "block_k", "split_k", "block_n_down", "block_k_down", "split_k_down",
-           "num_warps", "num_stages", "num_stages_down", "evict", "compute_dtype", "interpret", "poison_output")
+           "num_warps", "num_stages", "num_stages_down", "evict", "compute_dtype", "interpret", "poison_output",
+           "gu_epilogue")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def moe_fp8(x, expert_idx, scores, w_gate, w_up, w_down, scales=None, *, shared=None, method="auto", block_m=None,
             block_n=None, block_k=None, split_k=None, block_n_down=None, block_k_down=None, split_k_down=None,
             num_warps=None, num_stages=None, num_stages_down=None, evict=True, compute_dtype=None, interpret=False,
-            poison_output=False):
+            poison_output=False, gu_epilogue="down"):
     """Routed experts of a Llama 4 MoE layer: `moe_reference` semantics, two Pallas launches over all experts.
 
     x [N, D]; expert_idx, scores [N, k]; w_gate, w_up [E, D, F]; w_down [E, F, D]: FP8 (e4m3fn) with
@@ -518,7 +521,8 @@ def moe_fp8(x, expert_idx, scores, w_gate, w_up, w_down, scales=None, *, shared=
     method: "sorted" (grouped GEMM over expert-sorted row blocks), "pairs" (`moe_fp8_pairs`: one program row
     per (token, expert) pair, no sort) or "auto": pairs up to PAIRS_MAX pairs (decode), sorted beyond.
     shared: the shared expert, run inside the pair path's launches (`moe_fp8_pairs`); the result is then routed
-    + shared. The sorted path does not take it (at prefill sizes the shared expert is a GEMM of its own)."""
+    + shared. The sorted path does not take it (at prefill sizes the shared expert is a GEMM of its own).
+    gu_epilogue: the pair path's (`moe_fp8_pairs`); the sorted path always sums its partials in XLA."""
     N, D, E, F = _check_args(x, expert_idx, scores, w_gate, w_up, w_down, scales)
     P = expert_idx.size
     if method not in ("auto", "pairs", "sorted"):
@@ -534,7 +538,7 @@ def moe_fp8(x, expert_idx, scores, w_gate, w_up, w_down, scales=None, *, shared=
             x, expert_idx, scores, w_gate, w_up, w_down, scales, shared=shared, block_n=block_n, block_k=block_k,
             split_k=split_k, block_n_down=block_n_down, block_k_down=block_k_down, split_k_down=split_k_down,
             num_warps=num_warps, num_stages=num_stages, num_stages_down=num_stages_down, evict=evict,
-            compute_dtype=compute_dtype, interpret=interpret, poison_output=poison_output)
+            compute_dtype=compute_dtype, gu_epilogue=gu_epilogue, interpret=interpret, poison_output=poison_output)
     cfg = default_config(P, E, D, F, jnp.dtype(w_gate.dtype).itemsize)
     block_m = block_m or cfg["block_m"]
     _check_block("block_m", block_m)
@@ -608,9 +612,14 @@ def pairs_config(num_pairs, D, F, num_sms=NUM_SMS_H100):
 def moe_fp8_pairs(x, expert_idx, scores, w_gate, w_up, w_down, scales=None, *, shared=None, block_n=None,
                   block_k=None, split_k=None, block_n_down=None, block_k_down=None, split_k_down=None,
                   num_warps=None, num_stages=None, num_stages_down=None, evict=True, compute_dtype=None,
-                  interpret=False, poison_output=False):
+                  gu_epilogue="down", interpret=False, poison_output=False):
     """`moe_fp8` for few pairs: each (token, expert) pair reads its expert's weights directly (see the module
     docstring). Arguments as `moe_fp8` (no block_m: one row per pair).
+
+    gu_epilogue: where kernel 1's split-K partials are summed and the SwiGLU applied, when kernel 1 splits K:
+    "down" (in kernel 2, as it loads its h tiles: no launch in between, but each of kernel 2's D blocks re-reads
+    all partials of its K range from L2) or "xla" (one small XLA fusion writes h [rows, F] once). Which is
+    faster depends on the split count and the GPU: scripts/tune_decode_kernels.py times both.
 
     shared: None, or Llama 4's shared expert (w_gate [D, F], w_up [D, F], w_down [F, D], scales), scales None
     or (s_gate [F], s_up [F], s_down [D]), in the routed experts' dtypes and with their F: it runs as one more
@@ -668,12 +677,17 @@ def moe_fp8_pairs(x, expert_idx, scores, w_gate, w_up, w_down, scales=None, *, s
     res = _call(kern1, args1, outs1, (rows, pl.cdiv(F, block_n), split1), num_stages=num_stages,
                 name=f"moe_gate_up_pairs_n{block_n}_k{block_k}_s{split1}", **common)
     # (h [rows, F] if split1 == 1, else the f32 partials of g and u, summed + SwiGLU'd inside kernel 2)
+    if gu_epilogue not in ("down", "xla"):
+        raise ValueError(f"gu_epilogue must be 'down' or 'xla', got {gu_epilogue!r}")
+    if split1 > 1 and gu_epilogue == "xla":
+        res = ((_silu(jnp.sum(res[0], axis=0)) * jnp.sum(res[1], axis=0)).astype(cdt),)     # h [rows, F]
+    n_gu_splits = split1 if len(res) == 2 else 0
 
     # Kernel 2: y [rows, D] = h @ down_e.
     split2, kbps2 = _splits(F, block_k_down, split_k_down)
     kern2 = functools.partial(_pair_down_kernel, f=F, d=D, num_pairs=P, block_n=block_n_down,
                               block_k=block_k_down, kb_per_split=kbps2, partial=split2 > 1,
-                              n_gu_splits=split1 if split1 > 1 else 0, has_scales=has_scales,
+                              n_gu_splits=n_gu_splits, has_scales=has_scales,
                               has_shared=has_shared, cdt=cdt, evict=evict)
     args2 = [idx, *res, w_down] + ([f32(sd)] if has_scales else []) + sh2
     out2 = jax.ShapeDtypeStruct((split2, rows, D) if split2 > 1 else (rows, D), jnp.float32)

@@ -150,8 +150,12 @@ def build_ops(a, key):
         def moe_sh(x, w, wg, wu, wd, sc, **c):
             return moe_fp8_pairs(x, w[0], scores, wg, wu, wd, sc, shared=w[1], **c)
 
-        ops.append(Op(f"moe pairs + shared expert {D}x3x{Fe} (default tiles)", moe_sh, x(D), moe_sh_w,
-                      3 * D * Fe * (M + 1), [], shared))  # defaults only
+        # candidates: where kernel 1's split-K partials are reduced (in kernel 2's loads, or one XLA fusion),
+        # and fewer kernel-1 splits (fewer partials for kernel 2 to re-read)
+        variants = [dict(gu_epilogue="xla")] + [dict(split_k=s, gu_epilogue=e) for s in (4, 8, 16)
+                                                for e in ("down", "xla")]
+        ops.append(Op(f"moe pairs + shared expert {D}x3x{Fe}", moe_sh, x(D), moe_sh_w,
+                      3 * D * Fe * (M + 1), variants, shared))
     return ops
 
 

@@ -166,6 +166,8 @@ MOE_CASES = [
     ("pairs: N=1 k=1 fp8 default cfg (auto picks pairs)", 1, 1, 8, 64, 96, "fp8", jnp.bfloat16, None, {}),
     ("pairs: ragged D/F, k=2 fp8, uneven split-K", 5, 2, 8, 80, 48, "fp8", jnp.bfloat16, None,
      dict(T, method="pairs", split_k=2, split_k_down=3)),
+    ("pairs: ragged, split-K partials summed by XLA", 5, 2, 8, 80, 48, "fp8", jnp.bfloat16, None,
+     dict(T, method="pairs", split_k=3, split_k_down=2, gu_epilogue="xla")),
     ("pairs: two pairs per expert, bf16 w, x f32", 3, 2, 4, 64, 80, "bf16", jnp.float32, [1, 2],
      dict(T, method="pairs", split_k=1, split_k_down=1)),
     ("pairs: N=16 k=1 fp8 (PAIRS_MAX), one split", 16, 1, 8, 64, 64, "fp8", jnp.bfloat16, None,
@@ -260,6 +262,8 @@ def test_rejects_bad_arguments():
         moe_fp8(x, idx, sc, *ws, block_m=8, interpret=True)
     with pytest.raises(ValueError, match="method"):
         moe_fp8(x, idx, sc, *ws, method="dense", interpret=True)
+    with pytest.raises(ValueError, match="gu_epilogue"):
+        moe_fp8(x, idx, sc, *ws, method="pairs", gu_epilogue="kernel", interpret=True)
     with pytest.raises(ValueError, match="w_down"):
         moe_fp8(x, idx, sc, ws[0], ws[1], ws[2][:, :16], interpret=True)
     with pytest.raises(ValueError, match="expert_idx"):
@@ -275,6 +279,7 @@ def test_rejects_bad_arguments():
 @pytest.mark.parametrize("N,k,wkind,cfg", [
     (1, 1, "fp8", {}),                                                     # the default decode config (split-K)
     (3, 2, "fp8", dict(T, method="pairs", split_k=2, split_k_down=3)),    # partials summed in kernel 2
+    (3, 2, "fp8", dict(T, method="pairs", split_k=2, gu_epilogue="xla")),  # partials summed by XLA
     (2, 1, "bf16", dict(T, method="pairs", split_k=1, split_k_down=1)),   # h stored by kernel 1, bf16 weights
 ])
 def test_shared_expert_rides_in_the_pair_kernels(N, k, wkind, cfg):
