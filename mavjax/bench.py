@@ -209,6 +209,22 @@ def largest_fitting_batch(run, ceiling: int, log=print) -> int:
             b //= 2
 
 
+def profile_generate(llm, vocab: int, row: dict, seed: int = 0, log=print) -> dict:
+    """One more generate call of a sweep row's shape (compiled by the sweep) under the profiler: GPU 0's
+    kernels per output token, prefill included (a short prompt keeps its share small), and the busy time
+    against the span (what host round trips and launch gaps cost)."""
+    from mavjax.profiling import format_profile, profile_kernels
+    from mavjax.sampling import SamplingParams
+
+    rng = np.random.default_rng(seed + 1)
+    B, L_in, L_out = row["batch_size"], row["input_len"], row["output_len"]
+    prompts = [rng.integers(0, vocab, L_in).tolist() for _ in range(B)]
+    sp = SamplingParams(max_new_tokens=L_out, temperature=0.0, ignore_eos=True)
+    prof = profile_kernels(lambda: llm.generate(prompts, sp), steps=L_out, device=0)
+    log(format_profile(prof, f"profile, batch {B}, input {L_in}, output {L_out}, GPU 0, per output token"))
+    return prof
+
+
 def sweep(llm, vocab: int, batch_sizes, input_lens, output_lens, iters: int = 3, seed: int = 0, log=print):
     """One row of vLLM-named metrics per (batch, input, output). A batch size of "max" is the largest power of
     two up to `llm.max_batch_size` whose warm-up run fits in device memory, found anew for each (input,
@@ -605,6 +621,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(random weights accept nothing); the work per round is unchanged")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+    p.add_argument("--profile", action="store_true",
+                   help="also trace and print where the device time goes, kernel by kernel (rank slice: each "
+                        "timed step; sweep: one more generate call of the first row's shape, GPU 0's kernels "
+                        "per output token)")
     r = p.add_argument_group("rank slice")
     r.add_argument("--rank-slice", type=int, default=None, metavar="N",
                    help="time one rank of an N-GPU (expert=1, tensor=N) deployment of --preset")
@@ -620,8 +640,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--collective-us", type=float, default=19.0, help="latency of one all-reduce (us)")
     r.add_argument("--collectives-per-layer", type=int, default=2)
     r.add_argument("--draft-intermediate-size", type=int, default=16384)
-    r.add_argument("--profile", action="store_true",
-                   help="also trace each timed step and print where its device time goes, kernel by kernel")
     r.add_argument("--draft-vocab-size", type=int, default=32000)
     p.add_argument("--dry-run", action="store_true",
                    help="random weights: print the plan and the parameter bytes, allocate and time nothing")
@@ -718,6 +736,8 @@ def main(a) -> int:
             print("dry run: model loaded, nothing timed")
             return 0
         rows = sweep(llm, cfg.vocab_size, a.batch_sizes, a.input_len, a.output_len, a.iters, a.seed)
+        if a.profile:
+            rows[0]["profile"] = profile_generate(llm, cfg.vocab_size, rows[0], a.seed)
         result = dict(mode="sweep", model=desc, kernels=a.kernels, quantize=a.quantize, mesh=a.mesh,
                       draft=a.draft, random_draft=a.random_draft, forced_acceptance=a.forced_acceptance,
                       num_draft_tokens=a.num_draft_tokens, device=jax.devices()[0].device_kind, rows=rows)

@@ -16,14 +16,17 @@ import tempfile
 from collections import defaultdict
 
 
-def _device_events(xplane_path):
-    """(name, start_ns, duration_ns) of every kernel/memcpy event on the GPU planes of one trace."""
+def _device_events(xplane_path, device=None):
+    """(name, start_ns, duration_ns) of every kernel/memcpy event on the GPU planes of one trace (only GPU
+    `device`'s plane if given: over a mesh, one device's step, not the union of all of theirs)."""
     from jax.profiler import ProfileData
 
     data = ProfileData.from_file(xplane_path)
     out = []
     for plane in data.planes:
         if not plane.name.startswith("/device:GPU"):
+            continue
+        if device is not None and plane.name != f"/device:GPU:{device}":
             continue
         for line in plane.lines:
             # Stream lines hold the kernels; derived lines ("XLA Ops", "XLA Modules", "Steps") repeat them.
@@ -59,8 +62,9 @@ def summarize(events, steps: int, top: int = 25) -> dict:
                 rows=[dict(name=n, per_step=c, us_per_step=t) for n, c, t in rows[:top]])
 
 
-def profile_kernels(run, steps: int, top: int = 25) -> dict:
-    """Trace one call of `run` (already compiled and warm) and summarize its device kernels per step."""
+def profile_kernels(run, steps: int, top: int = 25, device=None) -> dict:
+    """Trace one call of `run` (already compiled and warm) and summarize its device kernels per step (those
+    of GPU `device` only, if given)."""
     import jax
 
     d = tempfile.mkdtemp(prefix="mavjax_prof_")
@@ -70,7 +74,7 @@ def profile_kernels(run, steps: int, top: int = 25) -> dict:
     finally:
         jax.profiler.stop_trace()
     paths = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)
-    events = [e for p in paths for e in _device_events(p)]
+    events = [e for p in paths for e in _device_events(p, device)]
     return summarize(events, steps, top)
 
 

@@ -99,6 +99,17 @@ def test_sweep_end_to_end(tmp_path, capsys):
     assert "ttft_ms" in text and "tpot_ms" in text and "output_tok/s" in text
 
 
+def test_sweep_profile(tmp_path, capsys):
+    """--profile traces one more generate call of the first row (on the CPU: no GPU kernels, so no rows, but
+    the per-output-token summary is there and printed)."""
+    out = tmp_path / "sweep.json"
+    assert main(["bench", "--random-weights", "--preset", "tiny", "--layers", "1", "--input-len", "8",
+                 "--output-len", "4", "--iters", "1", "--profile", "--json", str(out)]) == 0
+    prof = json.loads(out.read_text())["rows"][0]["profile"]
+    assert prof["steps"] == 4 and prof["rows"] == []
+    assert "profile, batch 1, input 8, output 4, GPU 0, per output token" in capsys.readouterr().out
+
+
 def test_largest_fitting_batch_halves_on_out_of_memory_only():
     """--batch-sizes max: the largest power of two <= the ceiling that runs; allocation failures halve the batch,
     any other error (or an allocation failure at batch 1) propagates."""
