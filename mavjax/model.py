@@ -486,6 +486,10 @@ class Llama4(nnx.Module):
 
     def logits(self, h):
         w = self.embed[...].T if self.lm_head is None else self.lm_head[...]
+        if self.parallel is not None:  # vocabulary-sharded head: whole logits on every device
+            from mavjax import parallel
+
+            return parallel.logits(self.parallel, h, w)
         return jnp.einsum("btd,dv->btv", h, w, preferred_element_type=jnp.float32)  # [B, T, V]
 
     def __call__(self, tokens, positions=None, cache=None, write_index=None):

@@ -31,6 +31,7 @@ Routed experts (experts over the `expert` axis, each expert's hidden units over 
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import jax
 import jax.numpy as jnp
@@ -54,8 +55,14 @@ class Parallel:
     allreduce: str = "xla"
     exchange_min_tokens: int = EXCHANGE_MIN_TOKENS
     exchange: str = "all_to_all"
+    # How the vocabulary-sharded logits become whole on every device (`logits`): "psum" (each device adds its
+    # slice into zeros: one all-reduce), "all_gather", or "gspmd" (left sharded; XLA partitions the sampler's
+    # argmax / sort itself). MAVJAX_LOGITS_GATHER sets the default (A/B runs on GPUs).
+    logits_gather: str = dataclasses.field(default_factory=lambda: os.environ.get("MAVJAX_LOGITS_GATHER", "psum"))
 
     def __post_init__(self):
+        if self.logits_gather not in ("psum", "all_gather", "gspmd"):
+            raise ValueError(f"logits_gather must be 'psum', 'all_gather' or 'gspmd', got {self.logits_gather!r}")
         if self.allreduce not in ("xla", "oneshot"):
             raise ValueError(f"allreduce must be 'xla' or 'oneshot', got {self.allreduce!r}")
         if self.exchange not in ("all_to_all", "ragged"):
@@ -93,6 +100,34 @@ def allreduce_residual_rmsnorm(partial, residual, scale, eps, axis_names, impl: 
         return oneshot_allreduce_residual_rmsnorm(partial, residual, scale, eps, axis_names)
     x = residual + jax.lax.psum(partial, axis_names).astype(residual.dtype)
     return x, rms_norm(x, scale, eps)
+
+
+# ---- the LM head ---------------------------------------------------------------------------------------------
+def logits(par: Parallel, h, w):
+    """h [B, T, D] (replicated) @ w [D, V] (vocabulary sharded by the rules) -> float32 logits [B, T, V],
+    whole on every device, so the sampler and speculative acceptance after it run locally, with no collective
+    of their own. Left to GSPMD ("gspmd"), every argmax over sharded logits becomes an NCCL all-gather of the
+    shards' partial results inside the decode loop: on 2 H200s each took ~1.8 ms (waiting, not moving bytes:
+    2 per token, two thirds of an 8-layer step; docs/benchmarks.md section 7)."""
+    if par.logits_gather == "gspmd":
+        return jnp.einsum("btd,dv->btv", h, w, preferred_element_type=jnp.float32)
+    spec = tuple(spec_for(("embed", "vocab"), w.shape, par.mesh, "lm_head"))
+    vocab_axes = spec[1]
+    if vocab_axes is None:
+        return jnp.einsum("btd,dv->btv", h, w, preferred_element_type=jnp.float32)
+    vocab_axes = (vocab_axes,) if isinstance(vocab_axes, str) else tuple(vocab_axes)
+    V = w.shape[1]
+
+    def body(h, w):
+        local = jnp.einsum("btd,dv->btv", h, w, preferred_element_type=jnp.float32)  # [B, T, V/n]
+        if par.logits_gather == "all_gather":
+            return jax.lax.all_gather(local, vocab_axes, axis=2, tiled=True)
+        shard = jax.lax.axis_index(vocab_axes)  # the slice's place, counted over the vocabulary's axes in order
+        whole = jnp.zeros(local.shape[:2] + (V,), local.dtype)
+        whole = jax.lax.dynamic_update_slice_in_dim(whole, local, shard * local.shape[2], axis=2)
+        return jax.lax.psum(whole, vocab_axes)  # exact: every element is one shard's value plus zeros
+
+    return par.smap(body, (P(), P(None, spec[1])), P())(h, w)
 
 
 # ---- the forward pass ---------------------------------------------------------------------------------------
