@@ -181,9 +181,10 @@ class Eagle3Draft(nnx.Module):
 
     def qkv(self, tokens, hidden, embed, positions):
         """Attention inputs of one draft layer pass: tokens [B, T] (target ids), hidden [B, T, D] (the projected
-        target feature or the draft's previous output), embed [V, D] (the target's table). Returns q [B, T, H, Dh],
-        k, v [B, T, K, Dh] (RoPE applied at `positions` [B, T])."""
-        e = embed[tokens].astype(self.dtype)  # [B, T, D]
+        target feature or the draft's previous output), embed: the target's table [V, D], or its lookup
+        (`Llama4.embed_tokens`, vocabulary-parallel over a mesh). Returns q [B, T, H, Dh], k, v [B, T, K, Dh]
+        (RoPE applied at `positions` [B, T])."""
+        e = (embed(tokens) if callable(embed) else embed[tokens]).astype(self.dtype)  # [B, T, D]
         x = jnp.concatenate([self.input_norm(e), self.hidden_norm(hidden.astype(self.dtype))], axis=-1)  # [B, T, 2D]
         q = jnp.einsum("btc,chd->bthd", x, self.wq[...])  # [B, T, 2D] x [2D, H, Dh] -> [B, T, H, Dh]
         k = jnp.einsum("btc,ckd->btkd", x, self.wk[...])  # [B, T, 2D] x [2D, K, Dh] -> [B, T, K, Dh]

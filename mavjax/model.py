@@ -464,7 +464,7 @@ class Llama4(nnx.Module):
             from mavjax import parallel
 
             return parallel.hidden_states(self, tokens, positions, cache, write_index, collect_layers, attn_mask)
-        x = self.embed[...][tokens]  # [B, T, D]
+        x = self.embed_tokens(tokens)  # [B, T, D]
         rope = rope_tables(self.inv_freq[...], positions)
         cache_pos = None if cache is None else write_slots(cache.pos, positions, write_index)
         new_kv, taps = [], {}
@@ -483,6 +483,14 @@ class Llama4(nnx.Module):
         if cache is not None:
             cache = KVCache(k=[kv[0] for kv in new_kv], v=[kv[1] for kv in new_kv], pos=cache_pos)
         return h, cache, taps
+
+    def embed_tokens(self, tokens):
+        """tokens [B, T] -> [B, T, D] (over a mesh: the vocabulary-parallel lookup of mavjax.parallel)."""
+        if self.parallel is not None:
+            from mavjax import parallel
+
+            return parallel.embed(self.parallel, self.embed[...], tokens)
+        return self.embed[...][tokens]
 
     def logits(self, h):
         w = self.embed[...].T if self.lm_head is None else self.lm_head[...]

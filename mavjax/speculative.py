@@ -211,7 +211,7 @@ class SpecEngine:
         shifted = jnp.concatenate([tokens[:, 1:], tokens[:, :1]], axis=1)
         shifted = jnp.where(positions == (lengths - 1)[:, None], first[:, None], shifted)  # [B, T]
         dcache = draft.cache(B, cache_len, self.kv_dtype)
-        g, dlogits, dcache = draft(shifted, draft.project(self._features(taps)), target.embed[...], positions,
+        g, dlogits, dcache = draft(shifted, draft.project(self._features(taps)), target.embed_tokens, positions,
                                    dcache, zero)
         g_root = jnp.take_along_axis(g, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [B, D]
         d_root = jnp.take_along_axis(dlogits, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [B, Vd]
@@ -235,7 +235,7 @@ class SpecEngine:
                     sampling: bool):
         """Draft the tree: tokens of nodes 1..N [B, N] (target ids), the chain's draft distributions over the
         target vocabulary [B, D, V] (sampling only, else None), and the draft cache."""
-        embed, d2t = target.embed[...], draft.d2t[...]
+        embed, d2t = target.embed_tokens, draft.d2t[...]
         B, D = g_root.shape[0], tree.depth
         toks, qs = [], []
         front_g, front_l = g_root[:, None], d_root[:, None]  # [B, 1, D], [B, 1, Vd]
@@ -281,7 +281,7 @@ class SpecEngine:
         cpos = jnp.where(j <= a[:, None], pos[:, None] + j, -1)  # [B, D+1]; -1: never read
         width = max(tree.size, D + 1)  # clear the draft's tree region first: its slots may hold stale positions
         dcache = dataclasses.replace(dcache, pos=write_slots(dcache.pos, jnp.full((B, width), -1, jnp.int32), pos))
-        g, dl, dcache = draft(emitted, draft.project(fpath), target.embed[...], cpos, dcache, pos)
+        g, dl, dcache = draft(emitted, draft.project(fpath), target.embed_tokens, cpos, dcache, pos)
         g_new = jnp.take_along_axis(g, a[:, None, None], axis=1)[:, 0]
         d_new = jnp.take_along_axis(dl, a[:, None, None], axis=1)[:, 0]
         return g_new, d_new, dcache

@@ -82,8 +82,9 @@ def test_moe_dispatch_and_fused_allreduce_equal_single_device():
 
 def test_vocab_sharded_logits_are_whole_on_every_device():
     """parallel.logits: every gather mode gives the single-device logits exactly (f32), over meshes that split
-    the vocabulary over one or both axes, and the greedy decode step's program has no all-gather in "psum" mode
-    (GSPMD's argmax over sharded logits made two NCCL all-gathers per token: ~1.8 ms each on 2 H200s)."""
+    the vocabulary over one or both axes; parallel.embed looks tokens up exactly; and the greedy decode step's
+    program has no all-gather in "psum" mode and moves no table (on 2 H200s GSPMD all-gathered the whole
+    embedding table every step, and its argmax over sharded logits made two more NCCL all-gathers)."""
     _run("""
         import re, numpy as np, jax, jax.numpy as jnp
         from flax import nnx
@@ -106,6 +107,15 @@ def test_vocab_sharded_logits_are_whole_on_every_device():
                 np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=f"{E}x{Tn} {how}")
                 if how != "gspmd":
                     assert got.sharding.is_fully_replicated, (E, Tn, how, got.sharding)
+        # the vocabulary-parallel embedding lookup: exact, replicated, for every token (first and last rows too)
+        table = jnp.asarray(rng.standard_normal((cfg.vocab_size, cfg.hidden_size)), jnp.bfloat16)
+        tokens = jnp.asarray([[0, 1, cfg.vocab_size - 1], [cfg.vocab_size // 2, 7, cfg.vocab_size // 2 - 1]])
+        for E, Tn in ((1, 8), (2, 4), (8, 1), (1, 2)):
+            mesh = make_mesh(E, Tn)
+            ts = jax.device_put(table, NamedSharding(mesh, spec_for(("vocab", "embed"), table.shape, mesh)))
+            got = jax.jit(lambda t, x: par.embed(par.Parallel(mesh), t, x))(ts, tokens)
+            np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(table[tokens], np.float32))
+            assert got.sharding.is_fully_replicated and got.dtype == table.dtype
         try:
             par.Parallel(make_mesh(1, 8), logits_gather="ring")
             raise AssertionError("bad logits_gather accepted")
@@ -121,6 +131,10 @@ def test_vocab_sharded_logits_are_whole_on_every_device():
             return jnp.argmax(nnx.merge(graphdef, state)(tok)[0][:, -1], -1)
         hlo = jax.jit(step).lower(state, jnp.zeros((1, 4), jnp.int32)).compile().as_text()
         assert not re.search(r"all-gather(-start)?\\(", hlo), [l for l in hlo.splitlines() if "all-gather" in l][:3]
+        # nothing the size of a parameter travels (the embedding table was all-gathered on GPUs)
+        from mavjax.sharding import collective_bytes
+        moved = collective_bytes(hlo)
+        assert sum(moved.values()) < net.embed[...].nbytes // 4, moved
         print("ok")
     """)
 
