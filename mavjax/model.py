@@ -61,14 +61,19 @@ def use_pallas(kernels: str, op: str) -> bool:
     return op not in off
 
 
-def shared_in_moe_kernels(kernels: str, num_pairs: int, w_gate_shared, w_gate_routed) -> bool:
+def shared_in_moe_kernels(kernels: str, idx, w_gate_shared, w_gate_routed) -> bool:
     """Whether the shared expert rides in the Pallas MoE pair kernels (`moe_fp8_pairs(shared=...)`): the Pallas
-    MoE path at decode size (<= PAIRS_MAX pairs), "moe_shared" not switched off, and the shared expert stored
-    like the routed ones (w_gate [D, F] beside [E, D, F], one dtype; over a mesh that means expert=1)."""
+    MoE path, "moe_shared" not switched off, the shared expert stored like the routed ones (w_gate [D, F]
+    beside [E, D, F], one dtype; over a mesh that means expert=1), and ONE token (idx [N, k], N == 1). Each
+    token's shared row reads the whole shared expert, so N tokens read it N times: on one H200 (one 8-way rank
+    of Maverick, docs/benchmarks.md section 8) riding along made the batch-1 decode step 9% faster (two
+    launches and their split-K reductions saved per MoE layer) but the 4-token verify 7% and the batch-8 step
+    22% slower than the shared expert's own batched launches."""
     from pallas_kernels.moe_gemm import PAIRS_MAX
 
-    return (use_pallas(kernels, "moe") and use_pallas(kernels, "moe_shared") and num_pairs <= PAIRS_MAX
-            and w_gate_shared.shape == w_gate_routed.shape[1:] and w_gate_shared.dtype == w_gate_routed.dtype)
+    return (use_pallas(kernels, "moe") and use_pallas(kernels, "moe_shared") and idx.shape[0] == 1
+            and idx.size <= PAIRS_MAX and w_gate_shared.shape == w_gate_routed.shape[1:]
+            and w_gate_shared.dtype == w_gate_routed.dtype)
 
 
 def dense(x, w, scale, n_in, kernels="xla"):
@@ -384,7 +389,7 @@ class MoE(nnx.Module):
 
             interpret = jax.default_backend() == "cpu"
             sh = self.shared
-            if shared_in_moe_kernels(self.kernels, idx.size, sh.w_gate, self.w_gate):
+            if shared_in_moe_kernels(self.kernels, idx, sh.w_gate, self.w_gate):
                 # decode: the shared expert as one more program row per token of the same two launches
                 val = lambda v: None if v is None else v[...]  # noqa: E731
                 s_sh = None if scales is None else (val(sh.w_gate_scale), val(sh.w_up_scale), val(sh.w_down_scale))

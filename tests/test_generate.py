@@ -289,3 +289,31 @@ def test_pallas_kernel_families_can_be_switched_off(monkeypatch, off):
     monkeypatch.setenv("MAVJAX_PALLAS_DISABLE", "moe,flash")
     with pytest.raises(ValueError, match="unknown kernel families.*flash"):
         step(nets["pallas"])
+
+
+@pytest.mark.parametrize("B,T", [(2, 1), (1, 4)])
+def test_shared_expert_rides_in_the_moe_kernels_for_one_token_only(B, T):
+    """Each token's shared-expert row re-reads the whole shared expert, so with several tokens (batch 2, a
+    4-token verify) the shared expert keeps its own batched launches; the logits equal the XLA path's."""
+    import jax.numpy as jnp
+
+    from mavjax.kv_cache import KVCache
+    from mavjax.quantize import quantize_model
+    from helpers import pallas_call_names
+
+    cfg = preset("tiny")
+    n_moe = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
+    nets = {k: quantize_model(Llama4(cfg, dtype=jnp.float32, rngs=nnx.Rngs(8), kernels=k)) for k in ("xla", "pallas")}
+    tok = jnp.full((B, T), 5, jnp.int32)
+    pos = jnp.broadcast_to(jnp.arange(3, 3 + T, dtype=jnp.int32), (B, T))
+
+    def step(net):
+        graphdef, state = nnx.split(net)
+        f = lambda st: nnx.merge(graphdef, st)(tok, pos, KVCache.create(cfg, B, 8, jnp.float32),  # noqa: E731
+                                               write_index=pos[:, 0])[0]
+        return pallas_call_names(jax.make_jaxpr(f)(state).jaxpr), f(state)
+
+    names, logits = step(nets["pallas"])
+    assert sum(n.startswith(_FAMILY_KERNELS["gate_up"]) for n in names) == cfg.num_hidden_layers  # dense + shared
+    assert sum(n.startswith(_FAMILY_KERNELS["moe"]) for n in names) == n_moe  # routed experts only
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(step(nets["xla"])[1]), rtol=2e-3, atol=2e-3)
