@@ -287,9 +287,9 @@ def moe(par: Parallel, ffn, h, residual, norm):
         else:
             shared = _swiglu(x, sh, kernels)  # [N, D] partial
             if exchange and par.exchange == "ragged":
-                routed = moe_exchange_ragged(x, idx, scores, *experts, scales, par.expert_axis)
+                routed = moe_exchange_ragged(x, idx, scores, *experts, scales, par.expert_axis, kernels)
             elif exchange:
-                routed = moe_exchange(x, idx, scores, *experts, scales, par.expert_axis)
+                routed = moe_exchange(x, idx, scores, *experts, scales, par.expert_axis, kernels)
             else:
                 routed = moe_local(x, idx, scores, *experts, scales, par.expert_axis, kernels)
             partial = shared + routed
@@ -337,7 +337,7 @@ def moe_local(x, idx, scores, w_gate, w_up, w_down, scales, expert_axis, kernels
     return moe_experts(x, jnp.where(local, idx - e0, E_loc), lsc, w_gate, w_up, w_down, scales)
 
 
-def moe_exchange(x, idx, scores, w_gate, w_up, w_down, scales, expert_axis):
+def moe_exchange(x, idx, scores, w_gate, w_up, w_down, scales, expert_axis, kernels="xla"):
     """Prefill: x [N, D] replicated (N a multiple of the expert-axis size Ne); idx/scores [N, k].
     This device's expert shard c takes tokens [c*N/Ne, (c+1)*N/Ne) and returns their routed outputs placed at
     those rows of a zero [N, D] (a partial sum over both mesh axes: other rows come from the other shards,
@@ -367,13 +367,14 @@ def moe_exchange(x, idx, scores, w_gate, w_up, w_down, scales, expert_axis):
     send_e = jnp.full((Ne, Pc), E_loc, jnp.int32).at[dest, slot].set(ic % E_loc)
     recv_x = jax.lax.all_to_all(send_x, expert_axis, 0, 0)  # [Ne, Pc, D]: recv[s] = what shard s sent here
     recv_e = jax.lax.all_to_all(send_e, expert_axis, 0, 0)  # [Ne, Pc]
-    y = expert_rows(recv_x.reshape(Ne * Pc, D), recv_e.reshape(-1), w_gate, w_up, w_down, scales)  # [Ne*Pc, D]
+    y = expert_rows(recv_x.reshape(Ne * Pc, D), recv_e.reshape(-1), w_gate, w_up, w_down, scales,
+                    kernels)  # [Ne*Pc, D]
     back = jax.lax.all_to_all(y.reshape(Ne, Pc, D), expert_axis, 0, 0)  # [Ne, Pc, D]: my pairs' outputs
     out = jnp.zeros((Nc, D), y.dtype).at[token].add(back[dest, slot])  # [Nc, D]
     return jax.lax.dynamic_update_slice_in_dim(jnp.zeros((N, D), y.dtype), out, c * Nc, axis=0)
 
 
-def moe_exchange_ragged(x, idx, scores, w_gate, w_up, w_down, scales, expert_axis):
+def moe_exchange_ragged(x, idx, scores, w_gate, w_up, w_down, scales, expert_axis, kernels="xla"):
     """`moe_exchange` with `ragged_all_to_all`: only the real (token, expert) rows travel. Same inputs and output.
 
     Each shard sorts its Pc pairs by owning shard and sends each run to its owner. The count matrix
@@ -404,7 +405,7 @@ def moe_exchange_ragged(x, idx, scores, w_gate, w_up, w_down, scales, expert_axi
     a2a = _ragged_all_to_all if jax.default_backend() != "cpu" else _ragged_all_to_all_emulated
     rx = a2a(xs, jnp.zeros((R, D), xs.dtype), send_off, counts, land_off, recv, expert_axis)  # [R, D]
     re = a2a(es, jnp.full((R, 1), E_loc, jnp.int32), send_off, counts, land_off, recv, expert_axis)[:, 0]
-    y = expert_rows(rx, re, w_gate, w_up, w_down, scales)  # [R, D]
+    y = expert_rows(rx, re, w_gate, w_up, w_down, scales, kernels)  # [R, D]
     # Back: the run from source s sits at recv offset sum_{s' < s} C[s', me]; it returns to where s took it from
     # (its send offset for me: sum_{d < me} C[s, d]).
     back = a2a(y, jnp.zeros((Pc, D), y.dtype), jnp.cumsum(recv) - recv, recv,
@@ -429,11 +430,21 @@ def _ragged_all_to_all_emulated(operand, output, send_off, send_sizes, land_off,
     return output.at[dst.reshape(-1)].set(ops.reshape(-1, *operand.shape[1:]), mode="drop")
 
 
-def expert_rows(xs, e, w_gate, w_up, w_down, scales):
+def expert_rows(xs, e, w_gate, w_up, w_down, scales, kernels="xla"):
     """Grouped SwiGLU over rows: xs [R, D] (already score-scaled), e [R] local expert id (E_loc = none) ->
-    [R, D] in the same row order; sentinel rows are outside every group and come out zero."""
-    from mavjax.model import expert_ragged_dot
+    [R, D] in the same row order; sentinel rows are outside every group and come out zero.
+    kernels="pallas" with FP8 experts: the Pallas sorted grouped GEMM (`moe_fp8(method="sorted")`, which gives
+    sentinel rows no buffer row), reading the FP8 weights directly. XLA's `ragged_dot` path upcasts every local
+    expert's weights to bf16 first; on 2 H200s, with it, expert=2 prefill took 4x tensor=2's time
+    (docs/benchmarks.md section 8; the likely cause, not yet profiled)."""
+    from mavjax.model import expert_ragged_dot, use_pallas
 
+    if use_pallas(kernels, "moe") and scales is not None:
+        from pallas_kernels.moe_gemm import moe_fp8
+
+        ones = jnp.ones((xs.shape[0], 1), xs.dtype)  # the router score is already on the input
+        return moe_fp8(xs, e[:, None], ones, w_gate, w_up, w_down, scales, method="sorted",
+                       interpret=jax.default_backend() == "cpu")
     E_loc = w_gate.shape[0]
     order = jnp.argsort(e, stable=True)
     se = e[order]

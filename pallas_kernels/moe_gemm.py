@@ -8,7 +8,8 @@ Computes what `mavjax.model.moe_experts` computes: the sigmoid router score scal
 Shapes: N tokens, k experts per token (P = N*k (token, expert) pairs), E experts, D hidden, F expert hidden.
 
   x                 [N, D]     bf16 / f16 / f32
-  expert_idx        [N, k]     int32 in [0, E)
+  expert_idx        [N, k]     int32 in [0, E); a pair with an id outside contributes nothing (the sorted
+                               path gives it no row; the pair path runs it on a zero input)
   scores            [N, k]     x's dtype (as `mavjax.model.route` returns them)
   w_gate, w_up      [E, D, F]  float8_e4m3fn (with scales) or bf16 / f32 (scales=None)
   w_down            [E, F, D]
@@ -137,7 +138,7 @@ def moe_reference(x, expert_idx, scores, w_gate, w_up, w_down, *, scales=None):
 class MoERouting(NamedTuple):
     """Sorted-buffer layout of one routing (all int32). P = N*k pairs, pair p = (token p // k, slot p % k);
     R buffer rows (static, `num_buffer_rows`), R / block_m row blocks."""
-    pair_row: jax.Array           # [P] buffer row of each pair
+    pair_row: jax.Array           # [P] buffer row of each pair (>= R: a dropped pair, id outside [0, E))
     row_pair: jax.Array           # [R] pair held by each row; P on padding rows
     group_sizes: jax.Array        # [E] pairs routed to each expert
     group_offsets: jax.Array      # [E] first row of each expert's group (multiples of block_m)
@@ -153,21 +154,27 @@ def num_buffer_rows(num_pairs, num_experts, block_m):
 
 def sort_tokens(expert_idx, num_experts, block_m):
     """Stable sort of the (token, expert) pairs by expert, every group padded to a multiple of block_m rows.
-    expert_idx [N, k] int -> MoERouting. Ids outside [0, E) are not supported (undefined result)."""
+    expert_idx [N, k] int -> MoERouting. A pair whose id is outside [0, E) (e.g. the expert-parallel exchange's
+    empty slots, id E) is dropped: it gets no row (its pair_row is >= R) and contributes nothing."""
     flat_e = expert_idx.reshape(-1).astype(jnp.int32)
     P, E, bm = flat_e.shape[0], num_experts, block_m
     R = num_buffer_rows(P, E, bm)
-    sizes = jnp.bincount(flat_e, length=E).astype(jnp.int32)
+    flat_e = jnp.where((flat_e >= 0) & (flat_e < E), flat_e, E)  # dropped pairs: id E, sorted last
+    sizes = jnp.bincount(flat_e, length=E).astype(jnp.int32)   # (bincount ignores ids >= E)
     blocks = (sizes + bm - 1) // bm
     ends = jnp.cumsum(sizes)
     block_ends = jnp.cumsum(blocks)
     offsets = ((block_ends - blocks) * bm).astype(jnp.int32)   # padded group starts
     order = jnp.argsort(flat_e, stable=True)                   # sorted position i -> pair
     e_sorted = flat_e[order]
-    rank = jnp.arange(P, dtype=jnp.int32) - (ends - sizes)[e_sorted]  # index within its group
-    rows_sorted = offsets[e_sorted] + rank
+    ec = jnp.minimum(e_sorted, E - 1)
+    pos = jnp.arange(P, dtype=jnp.int32)
+    rank = pos - (ends - sizes)[ec]                            # index within its group
+    # dropped pairs: distinct rows past the buffer (R + position), so the scatters below stay unique and drop them
+    rows_sorted = jnp.where(e_sorted < E, offsets[ec] + rank, R + pos)
     pair_row = jnp.zeros((P,), jnp.int32).at[order].set(rows_sorted, unique_indices=True)
-    row_pair = jnp.full((R,), P, jnp.int32).at[rows_sorted].set(order.astype(jnp.int32), unique_indices=True)
+    row_pair = jnp.full((R,), P, jnp.int32).at[rows_sorted].set(order.astype(jnp.int32), unique_indices=True,
+                                                                 mode="drop")
     blk = jnp.arange(R // bm, dtype=jnp.int32)
     block_expert = jnp.minimum(jnp.searchsorted(block_ends, blk, side="right"), E - 1).astype(jnp.int32)
     return MoERouting(pair_row, row_pair, sizes, offsets, block_expert, block_ends[-1:].astype(jnp.int32))
@@ -585,8 +592,9 @@ def moe_fp8_sorted(x, routing: MoERouting, scores, w_gate, w_up, w_down, scales=
                  split_k=split_k, num_stages=num_stages, cdt=jnp.dtype(compute_dtype), **common)  # [R, F]
     y_sorted = _down(h, routing, w_down, sd, block_n=block_n_down, block_k=block_k_down, split_k=split_k_down,
                      num_stages=num_stages_down, out_dtype=x.dtype if k == 1 else jnp.float32, **common)
-    # Back to token order: each pair's row, summed over the k slots of its token.
-    y = y_sorted[routing.pair_row].reshape(N, k, D)
+    # Back to token order: each pair's row (zero for dropped pairs, whose row is past the buffer), summed over
+    # the k slots of its token.
+    y = jnp.take(y_sorted, routing.pair_row, axis=0, mode="fill", fill_value=0).reshape(N, k, D)
     return (y[:, 0] if k == 1 else jnp.sum(y.astype(jnp.float32), axis=1)).astype(x.dtype)
 
 
@@ -657,6 +665,8 @@ def moe_fp8_pairs(x, expert_idx, scores, w_gate, w_up, w_down, scales=None, *, s
     has_scales = scales is not None
     idx = expert_idx.reshape(-1).astype(jnp.int32)                                              # [P]
     sc = scores.reshape(-1).astype(x.dtype)                                                     # [P]
+    valid = (idx >= 0) & (idx < E)  # a pair outside [0, E) contributes zero: expert 0 on a zero input
+    idx, sc = jnp.where(valid, idx, 0), jnp.where(valid, sc, jnp.zeros((), sc.dtype))
     common = dict(num_warps=num_warps, interpret=interpret, poison_output=poison_output)
 
     f32 = lambda v: v.astype(jnp.float32)  # noqa: E731

@@ -197,6 +197,31 @@ def test_moe_matches_reference(name, N, k, E, D, F, wkind, xdt, experts, cfg):
     assert _err(y, ref) < BOUND, _err(y, ref)
 
 
+@pytest.mark.parametrize("method", ["sorted", "pairs"])
+def test_out_of_range_expert_ids_contribute_nothing(method):
+    """Pairs with an id outside [0, E) (the expert-parallel exchange's empty slots carry id E) are dropped: the
+    output equals the reference over the valid pairs only, every written element finite (poisoned outputs)."""
+    E, D, F, N, k = 8, 64, 48, 12, 2
+    qw, qs = quantize(*_weights(3, E, D, F))
+    idx, sc = _routing(4, N, k, E)
+    idx = idx.at[::3, 0].set(E).at[1::4, 1].set(-1).at[5].set(E + 7)  # row 5: no valid pair at all
+    valid = (idx >= 0) & (idx < E)
+    x = _x(4, N, D)
+    y = _run(x, idx, sc, qw, qs, dict(T, method=method, split_k=1, split_k_down=1))
+    want = reference(x, jnp.where(valid, idx, 0), jnp.where(valid, sc, 0), *qw, scales=qs)
+    assert _err(y, want) < BOUND, _err(y, want)
+    assert float(jnp.max(jnp.abs(y[5]))) == 0.0
+
+
+def test_sort_tokens_drops_out_of_range_ids():
+    idx = jnp.asarray([[2], [4], [0], [2], [9]])
+    r = sort_tokens(idx, 4, 16)
+    R = r.row_pair.shape[0]
+    assert [int(v) for v in r.group_sizes] == [1, 0, 2, 0]
+    assert int(r.pair_row[1]) >= R and int(r.pair_row[4]) >= R  # no row
+    assert sorted(int(v) for v in r.row_pair if int(v) < 5) == [0, 2, 3]  # only the valid pairs hold rows
+
+
 def test_pair_path_reads_only_routed_experts():
     """The pair path reads only the experts named by expert_idx: NaN weights and scales elsewhere leave the
     output exact."""
