@@ -50,21 +50,20 @@ MESH=${MESH:-expert=1,tensor=$NGPU}
 BENCH="python3 -m mavjax.cli bench --random-weights --preset maverick --layers $MESH_LAYERS --quantize fp8 \
   --kernels pallas --mesh $MESH --iters 2 --output-len 128"
 # each run on its own (one failing does not stop the others); the log holds all their tables
-step mesh 330 bash -c "$BENCH --batch-sizes 1 --input-len 1024 8192 --max-model-len 8448 --json $OUT/mesh_b1.json; \
+step mesh 330 bash -c "$BENCH --batch-sizes 1 --input-len 1024 8192 --max-model-len 8448 --profile --json $OUT/mesh_b1.json; \
   $BENCH --batch-sizes 1 --input-len 1024 --max-model-len 1280 --random-draft --num-draft-tokens 3 \
   --forced-acceptance 3.11 --json $OUT/mesh_draft.json; \
   $BENCH --batch-sizes 1 --input-len 1024 --max-model-len 1280 --allreduce oneshot --json $OUT/mesh_oneshot.json; \
   $BENCH --batch-sizes max --max-num-seqs 512 --input-len 1024 --max-model-len 1280 --json $OUT/mesh_bmax.json" \
   && grep -E "^ *[0-9]+ +[0-9]+ +[0-9]+ |^random|Error" "$OUT/mesh.log"
-# the Pallas path over a mesh crashed in prefill on 2 H200s (2026-11-29, illegal memory access); these find where
-# (each of check / check_mesh / bisect fills most of one 10-minute device call: ask for one per call)
+# Where a Pallas mesh run fails (the 2026-11-29 illegal memory access was JAX's int32 addressing of large FP8
+# arrays, fixed: docs/benchmarks.md section 8); each of check / check_mesh / bisect fills most of one device call
 step check 560 python3 scripts/check_kernels_gpu.py --shard $NGPU --tokens 16 1024 --checks moe model \
   --timeout 260 && grep -E "shard 1/" "$OUT/check.log"
 step check_mesh 560 python3 scripts/check_kernels_gpu.py --shard 8 --tokens 16 --mesh $NGPU \
   --checks moe gate_up attention --timeout 250 && grep -E "shard 1/" "$OUT/check_mesh.log"
-# First without XLA's command buffers (CUDA graphs): the crash was reported while checking a stream's capture
-# status, and the programs that ran held Triton kernels without collectives (each kernel alone inside
-# shard_map) or collectives without Triton kernels (the XLA path). Then each Pallas family switched off in turn.
+# The 2-layer mesh model without XLA's command buffers (CUDA graphs), then with each Pallas family switched off
+# in turn.
 step bisect 560 bash -c 'for off in nocb "" moe attention qkv gate_up gemm norm moe,attention,qkv,gate_up,gemm,norm; do
   flags=${XLA_FLAGS:-}; tag=${off:-none}; [ "$off" = nocb ] && flags="$flags --xla_gpu_enable_command_buffer=" && off=
   XLA_FLAGS=$flags MAVJAX_PALLAS_DISABLE=$off timeout 60 python3 -m mavjax.cli bench --random-weights \
