@@ -71,10 +71,15 @@ def test_small_arrays_keep_32_bit_offsets(monkeypatch):
 
 
 def test_jax_rule_alone_would_use_int32_here(monkeypatch):
-    """The bug the fix exists for. If a JAX upgrade fixes it, this fails: then drop triton_offsets."""
+    """The bug the fix exists for, still in this JAX (a JAX that fixed it skips this, saying the workaround can
+    go: pyproject admits newer JAX releases, and one fixing the bug must not fail CI)."""
     wrapped = triton_lowering._compute_offsets_from_indices
     monkeypatch.setattr(triton_lowering, "_compute_offsets_from_indices", wrapped.__wrapped__)
-    assert _widths(MOE_TP2, jnp.float8_e4m3fn, monkeypatch) == {"32"}
+    widths = _widths(MOE_TP2, jnp.float8_e4m3fn, monkeypatch)
+    if widths == {"64"}:
+        pytest.skip(f"JAX {jax.__version__} addresses such arrays with 64-bit offsets itself: "
+                    "pallas_kernels/triton_offsets.py can be removed")
+    assert widths == {"32"}
 
 
 def test_moe_pair_kernels_address_tp2_experts_with_64_bit_offsets(monkeypatch):
