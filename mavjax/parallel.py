@@ -316,9 +316,8 @@ def moe_local(x, idx, scores, w_gate, w_up, w_down, scales, expert_axis, kernels
     """Decode: x [N, D] replicated; idx/scores [N, k] global expert ids; w_* this device's experts
     [E/Ne, D, F/Nt] (and [E/Ne, F/Nt, D]). Pairs routed elsewhere get score 0 and the sentinel expert E/Ne,
     which the grouped GEMM leaves outside every group (no work) and the per-pair gather clamps (zero input).
-    kernels="pallas" (FP8 experts): the Pallas MoE kernels, where such pairs take local expert 0 with score 0
-    instead (their input is zero, so is their output; under expert parallelism each costs a read of that
-    expert, while the layout the min-latency deployment uses, expert=1, has no such pairs).
+    kernels="pallas" (FP8 experts): the Pallas MoE kernels, which drop such pairs (no weight read, zero output),
+    so a device reads only the experts it owns that were routed to.
     shared (Pallas path only): this device's shard of the shared expert, computed in the same kernels and
     added (`pallas_kernels.moe_gemm.moe_fp8_pairs`). Returns this device's partial sum [N, D]."""
     from mavjax.model import moe_experts, use_pallas
@@ -330,7 +329,7 @@ def moe_local(x, idx, scores, w_gate, w_up, w_down, scales, expert_axis, kernels
     if use_pallas(kernels, "moe") and scales is not None:
         from pallas_kernels.moe_gemm import moe_fp8
 
-        return moe_fp8(x, jnp.where(local, idx - e0, 0), lsc, w_gate, w_up, w_down, scales, shared=shared,
+        return moe_fp8(x, jnp.where(local, idx - e0, E_loc), lsc, w_gate, w_up, w_down, scales, shared=shared,
                        interpret=jax.default_backend() == "cpu")
     if shared is not None:
         raise ValueError("moe_local: shared= is for the Pallas path (FP8 experts)")

@@ -8,8 +8,9 @@ Computes what `mavjax.model.moe_experts` computes: the sigmoid router score scal
 Shapes: N tokens, k experts per token (P = N*k (token, expert) pairs), E experts, D hidden, F expert hidden.
 
   x                 [N, D]     bf16 / f16 / f32
-  expert_idx        [N, k]     int32 in [0, E); a pair with an id outside contributes nothing (the sorted
-                               path gives it no row; the pair path runs it on a zero input)
+  expert_idx        [N, k]     int32 in [0, E); a pair with an id outside is dropped: it contributes
+                               nothing and reads no weights (the sorted path gives it no row, the pair
+                               path's programs for it store zeros)
   scores            [N, k]     x's dtype (as `mavjax.model.route` returns them)
   w_gate, w_up      [E, D, F]  float8_e4m3fn (with scales) or bf16 / f32 (scales=None)
   w_down            [E, F, D]
@@ -308,6 +309,9 @@ def _pair_gate_up_kernel(*refs, k, d, f, num_pairs, block_n, block_k, kb_per_spl
         if has_scales:
             g = g * _load(sg_ref.at[e, pl.ds(n0, block_n)], n_in)
             u = u * _load(su_ref.at[e, pl.ds(n0, block_n)], n_in)
+        store(g, u)
+
+    def store(g, u):
         if partial:
             g_ref, u_ref = outs
             _store(g_ref.at[pid_s, p, pl.ds(n0, block_n)], g, n_in)
@@ -316,13 +320,26 @@ def _pair_gate_up_kernel(*refs, k, d, f, num_pairs, block_n, block_k, kb_per_spl
             (h_ref,) = outs
             _store(h_ref.at[p, pl.ds(n0, block_n)], (_silu(g) * u).astype(h_ref.dtype), n_in)
 
+    def routed():
+        e = idx_ref[p]
+        valid = (e >= 0) & (e < wg_ref.shape[0])
+
+        @pl.when(valid)
+        def _():
+            run(e, p // k, sc_ref[p], wg_ref, wu_ref, sg_ref, su_ref)
+
+        @pl.when(jnp.logical_not(valid))  # a dropped pair (id outside [0, E)): zeros, no weight read
+        def _():
+            zero = jnp.zeros((block_n,), jnp.float32)
+            store(zero, zero)
+
     if not has_shared:
-        run(idx_ref[p], p // k, sc_ref[p], wg_ref, wu_ref, sg_ref, su_ref)
+        routed()
         return
 
     @pl.when(p < num_pairs)
     def _():
-        run(idx_ref[p], p // k, sc_ref[p], wg_ref, wu_ref, sg_ref, su_ref)
+        routed()
 
     @pl.when(p >= num_pairs)
     def _():
@@ -376,18 +393,33 @@ def _pair_down_kernel(*refs, f, d, num_pairs, block_n, block_k, kb_per_split, pa
         y = jnp.sum(lax.fori_loop(kb_lo, kb_hi, body, jnp.zeros((_MIN_BLOCK, block_n), jnp.float32)), axis=0)
         if has_scales:
             y = y * _load(sd_ref.at[e, pl.ds(n0, block_n)], n_in)
+        store(y)
+
+    def store(y):
         if partial:
             _store(o_ref.at[pid_s, p, pl.ds(n0, block_n)], y, n_in)
         else:
             _store(o_ref.at[p, pl.ds(n0, block_n)], y.astype(o_ref.dtype), n_in)
 
+    def routed():
+        e = idx_ref[p]
+        valid = (e >= 0) & (e < wd_ref.shape[0])
+
+        @pl.when(valid)
+        def _():
+            run(e, wd_ref, sd_ref)
+
+        @pl.when(jnp.logical_not(valid))  # a dropped pair: zeros, no weight read
+        def _():
+            store(jnp.zeros((block_n,), jnp.float32))
+
     if not has_shared:
-        run(idx_ref[p], wd_ref, sd_ref)
+        routed()
         return
 
     @pl.when(p < num_pairs)
     def _():
-        run(idx_ref[p], wd_ref, sd_ref)
+        routed()
 
     @pl.when(p >= num_pairs)
     def _():
@@ -665,8 +697,7 @@ def moe_fp8_pairs(x, expert_idx, scores, w_gate, w_up, w_down, scales=None, *, s
     has_scales = scales is not None
     idx = expert_idx.reshape(-1).astype(jnp.int32)                                              # [P]
     sc = scores.reshape(-1).astype(x.dtype)                                                     # [P]
-    valid = (idx >= 0) & (idx < E)  # a pair outside [0, E) contributes zero: expert 0 on a zero input
-    idx, sc = jnp.where(valid, idx, 0), jnp.where(valid, sc, jnp.zeros((), sc.dtype))
+    # a pair whose id is outside [0, E) is dropped: its programs store zeros and read no weights
     common = dict(num_warps=num_warps, interpret=interpret, poison_output=poison_output)
 
     f32 = lambda v: v.astype(jnp.float32)  # noqa: E731
