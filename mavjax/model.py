@@ -283,7 +283,11 @@ def swiglu(x, w_gate, s_gate, w_up, s_up, w_down, s_down, kernels):
 def route(x, router_w, top_k):
     """Top-k sigmoid routing. x [N, D] -> expert ids [N, k], scores [N, k] (in x's dtype)."""
     logits = jnp.einsum("nd,de->ne", x, router_w)  # [N, E]
-    top_vals, top_idx = jax.lax.top_k(logits, top_k)  # [N, k]
+    if top_k == 1:  # Maverick: an argmax is a reduction; XLA:GPU lowers top_k to a sort kernel of its own
+        top_idx = jnp.argmax(logits, axis=-1)[:, None].astype(jnp.int32)  # [N, 1] (ties: lowest id, as top_k)
+        top_vals = jnp.take_along_axis(logits, top_idx, axis=-1)  # [N, 1]
+    else:
+        top_vals, top_idx = jax.lax.top_k(logits, top_k)  # [N, k]
     return top_idx, jax.nn.sigmoid(top_vals.astype(jnp.float32)).astype(x.dtype)
 
 

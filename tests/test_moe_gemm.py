@@ -119,6 +119,23 @@ def test_sort_tokens_layout(N, k, E, bm, experts):
         assert r.group_offsets[e] <= b * bm < r.group_offsets[e] + padded[e]
 
 
+def test_route_top1_equals_top_k():
+    """route's top-1 shortcut (argmax, no sort) picks what lax.top_k picks, ties to the lowest id included, with
+    the same sigmoid score."""
+    from mavjax.model import route
+
+    x = jnp.asarray([[1.0, 3.0, 3.0, 0.0], [2.0, 2.0, 1.0, 5.0], [0.5, 0.5, 0.5, 0.5]], jnp.bfloat16)
+    w = jnp.eye(4, dtype=jnp.bfloat16)  # logits = x
+    idx, sc = route(x, w, 1)
+    vals, want = jax.lax.top_k(x, 1)
+    assert idx.dtype == jnp.int32 and idx.shape == (3, 1)
+    np.testing.assert_array_equal(np.asarray(idx), np.asarray(want))  # [[1], [3], [0]]
+    np.testing.assert_array_equal(np.asarray(sc, np.float32),
+                                  np.asarray(jax.nn.sigmoid(vals.astype(jnp.float32)).astype(x.dtype), np.float32))
+    idx2, _ = route(x, w, 2)
+    np.testing.assert_array_equal(np.asarray(idx2[:, 0]), np.asarray(want[:, 0]))
+
+
 def test_reference_matches_model():
     """moe_reference (float32) vs mavjax.model.moe_experts (bf16 throughout), both of the model's paths
     (<= 8 pairs: per-pair gather; more: ragged_dot); FP8 weights with scales too."""
