@@ -10,8 +10,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 from jax._src.pallas.triton import lowering as triton_lowering
 
-import pallas_kernels  # noqa: F401  (installs the fix)
-from pallas_kernels import triton_offsets
+from pallas_kernels import triton_offsets  # (importing the package installs the fix)
 from pallas_kernels.moe_gemm import moe_fp8_pairs
 
 MOE_TP2 = (128, 5120, 4096)  # Maverick's experts over 2 GPUs, [E, D, F]: 2.7e9 FP8 elements
