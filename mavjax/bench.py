@@ -457,7 +457,7 @@ def rank_slice(a, log=print) -> dict:
     dcfg = rank_draft_config(full, n, a.draft_intermediate_size, a.draft_vocab_size)
     K, C, L = a.num_draft_tokens or 3, a.context, full.num_hidden_layers
     dtype = jnp.dtype(a.dtype or "bfloat16")
-    n_coll = a.collectives_per_layer * L + 2  # + the embedding's all-reduce and the sampled token's gather
+    n_coll = a.collectives_per_layer * L + 2  # + the embedding's and the logits' all-reduces (mavjax.parallel)
     # per draft pass: its layer's all-reduces, the embedding's and the draft token's gather; + the fc's, once
     n_coll_draft = K * (a.collectives_per_layer + 2) + 1
     coll_s, coll_draft_s = n_coll * a.collective_us * 1e-6, n_coll_draft * a.collective_us * 1e-6
@@ -574,8 +574,8 @@ def print_rank_slice(r, log=print):
     log(f"\nOne rank of {r['rank_slice']} (min-latency layout), {r['layers']} layers, FP8, context {r['context']}, "
         f"kernels {'/'.join(r['kernels'])}, on {r['device']} (copy {r['copy_tb_s']:.2f} TB/s).")
     log(f"Collectives are NOT run: {r['collectives_per_step']} per target step ({r['collectives_per_layer']} "
-        f"all-reduces per layer x {r['layers']} layers, + the embedding's all-reduce and the sampled token's "
-        f"gather) and {r['collectives_per_draft_round']} per draft round ({r['num_draft_tokens']} passes x "
+        f"all-reduces per layer x {r['layers']} layers, + the embedding's and the logits' all-reduces, "
+        f"mavjax.parallel) and {r['collectives_per_draft_round']} per draft round ({r['num_draft_tokens']} passes x "
         f"({r['collectives_per_layer']} per layer + the embedding's + the draft token's gather), + the fc's) are "
         f"added at {r['collective_us']:g} us each.")
     log("floor = bytes the step must read (weights it uses + KV cache) / copy bandwidth; "
