@@ -268,6 +268,23 @@ def _pair_rows(v, rows=_MIN_BLOCK):
     return jnp.where(jnp.arange(rows)[:, None] == 0, v[None, :], jnp.zeros((), v.dtype))
 
 
+def _pair_row(p, idx_ref, num_experts, num_pairs, has_shared, routed, dropped, shared):
+    """The work of program row p in both pair kernels: rows < num_pairs are (token, expert) pairs, routed(e) for
+    an id e in [0, E) and dropped() (zeros, no weight read) otherwise; rows >= num_pairs (has_shared) are the
+    shared expert, shared()."""
+    def pair():
+        e = idx_ref[p]
+        valid = (e >= 0) & (e < num_experts)
+        pl.when(valid)(lambda: routed(e))
+        pl.when(jnp.logical_not(valid))(dropped)
+
+    if not has_shared:
+        pair()
+        return
+    pl.when(p < num_pairs)(pair)
+    pl.when(p >= num_pairs)(shared)
+
+
 def _pair_gate_up_kernel(*refs, k, d, f, num_pairs, block_n, block_k, kb_per_split, partial, has_scales,
                          has_shared, cdt, evict):
     """Program rows p < num_pairs: (token p // k, its expert idx[p]), input scaled by the router score. With
@@ -320,30 +337,11 @@ def _pair_gate_up_kernel(*refs, k, d, f, num_pairs, block_n, block_k, kb_per_spl
             (h_ref,) = outs
             _store(h_ref.at[p, pl.ds(n0, block_n)], (_silu(g) * u).astype(h_ref.dtype), n_in)
 
-    def routed():
-        e = idx_ref[p]
-        valid = (e >= 0) & (e < wg_ref.shape[0])
-
-        @pl.when(valid)
-        def _():
-            run(e, p // k, sc_ref[p], wg_ref, wu_ref, sg_ref, su_ref)
-
-        @pl.when(jnp.logical_not(valid))  # a dropped pair (id outside [0, E)): zeros, no weight read
-        def _():
-            zero = jnp.zeros((block_n,), jnp.float32)
-            store(zero, zero)
-
-    if not has_shared:
-        routed()
-        return
-
-    @pl.when(p < num_pairs)
-    def _():
-        routed()
-
-    @pl.when(p >= num_pairs)
-    def _():
-        run(jnp.int32(0), p - num_pairs, None, wgs_ref, wus_ref, sgs_ref, sus_ref)  # int32 index, as for routed
+    zero = jnp.zeros((block_n,), jnp.float32)
+    _pair_row(p, idx_ref, wg_ref.shape[0], num_pairs, has_shared,
+              routed=lambda e: run(e, p // k, sc_ref[p], wg_ref, wu_ref, sg_ref, su_ref),
+              dropped=lambda: store(zero, zero),
+              shared=lambda: run(jnp.int32(0), p - num_pairs, None, wgs_ref, wus_ref, sgs_ref, sus_ref))
 
 
 def _pair_down_kernel(*refs, f, d, num_pairs, block_n, block_k, kb_per_split, partial, n_gu_splits, has_scales,
@@ -401,29 +399,10 @@ def _pair_down_kernel(*refs, f, d, num_pairs, block_n, block_k, kb_per_split, pa
         else:
             _store(o_ref.at[p, pl.ds(n0, block_n)], y.astype(o_ref.dtype), n_in)
 
-    def routed():
-        e = idx_ref[p]
-        valid = (e >= 0) & (e < wd_ref.shape[0])
-
-        @pl.when(valid)
-        def _():
-            run(e, wd_ref, sd_ref)
-
-        @pl.when(jnp.logical_not(valid))  # a dropped pair: zeros, no weight read
-        def _():
-            store(jnp.zeros((block_n,), jnp.float32))
-
-    if not has_shared:
-        routed()
-        return
-
-    @pl.when(p < num_pairs)
-    def _():
-        routed()
-
-    @pl.when(p >= num_pairs)
-    def _():
-        run(jnp.int32(0), wds_ref, sds_ref)
+    _pair_row(p, idx_ref, wd_ref.shape[0], num_pairs, has_shared,
+              routed=lambda e: run(e, wd_ref, sd_ref),
+              dropped=lambda: store(jnp.zeros((block_n,), jnp.float32)),
+              shared=lambda: run(jnp.int32(0), wds_ref, sds_ref))  # int32 index, as for routed
 
 
 def _splits(K, block_k, split_k):
