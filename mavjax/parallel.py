@@ -103,16 +103,20 @@ def allreduce_residual_rmsnorm(partial, residual, scale, eps, axis_names, impl: 
 
 
 # ---- the token embedding and the LM head ---------------------------------------------------------------------
+def _mesh_axes(entry) -> tuple[str, ...]:
+    """One PartitionSpec entry (None, an axis name or a tuple of them) as a tuple of mesh axis names."""
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
 def embed(par: Parallel, table, tokens):
     """table [V, D] (vocabulary sharded by the rules), tokens [B, T] -> [B, T, D] replicated: each device looks
     up the tokens its rows hold (zeros for the others) and one psum joins them (vLLM's vocabulary-parallel
     embedding). Left to GSPMD, XLA:GPU all-gathered the whole table for every lookup: 1 GB per decode step
-    for Maverick over 2 H200s, 3.7 ms of a 4.4 ms step (docs/benchmarks.md section 7)."""
-    spec = tuple(spec_for(("vocab", "embed"), table.shape, par.mesh, "embed"))
-    vocab_axes = spec[0] if spec else None
-    if vocab_axes is None:
+    for Maverick over 2 H200s, 3.7 ms of a 4.4 ms step (docs/benchmarks.md section 8)."""
+    spec = spec_for(("vocab", "embed"), table.shape, par.mesh, "embed")
+    vocab_axes = _mesh_axes(spec[0])
+    if not vocab_axes:
         return table[tokens]
-    vocab_axes = (vocab_axes,) if isinstance(vocab_axes, str) else tuple(vocab_axes)
 
     def body(table, tokens):
         rows = table.shape[0]  # this device's slice of the vocabulary: [start, start + rows)
@@ -124,24 +128,21 @@ def embed(par: Parallel, table, tokens):
     return par.smap(body, (P(spec[0], None), P()), P())(table, tokens)
 
 
-# ---- the LM head ---------------------------------------------------------------------------------------------
 def logits(par: Parallel, h, w):
     """h [B, T, D] (replicated) @ w [D, V] (vocabulary sharded by the rules) -> float32 logits [B, T, V],
     whole on every device, so the sampler and speculative acceptance after it run locally, with no collective
-    of their own. Left to GSPMD ("gspmd"), every argmax over sharded logits becomes an NCCL all-gather of the
-    shards' partial results inside the decode loop: on 2 H200s each took ~1.8 ms (waiting, not moving bytes:
-    2 per token, two thirds of an 8-layer step; docs/benchmarks.md section 7)."""
-    if par.logits_gather == "gspmd":
-        return jnp.einsum("btd,dv->btv", h, w, preferred_element_type=jnp.float32)
-    spec = tuple(spec_for(("embed", "vocab"), w.shape, par.mesh, "lm_head"))
-    vocab_axes = spec[1]
-    if vocab_axes is None:
-        return jnp.einsum("btd,dv->btv", h, w, preferred_element_type=jnp.float32)
-    vocab_axes = (vocab_axes,) if isinstance(vocab_axes, str) else tuple(vocab_axes)
+    of their own (one psum of the logits per step). Left to GSPMD ("gspmd"), every argmax, sort or top-k over
+    the sharded logits gets collectives of XLA's choosing inside the decode loop (small NCCL all-gathers for a
+    greedy argmax; docs/benchmarks.md section 8 times the modes)."""
+    head = lambda h, w: jnp.einsum("btd,dv->btv", h, w, preferred_element_type=jnp.float32)  # noqa: E731
+    spec = spec_for(("embed", "vocab"), w.shape, par.mesh, "lm_head")
+    vocab_axes = _mesh_axes(spec[1])
+    if par.logits_gather == "gspmd" or not vocab_axes:
+        return head(h, w)
     V = w.shape[1]
 
     def body(h, w):
-        local = jnp.einsum("btd,dv->btv", h, w, preferred_element_type=jnp.float32)  # [B, T, V/n]
+        local = head(h, w)  # [B, T, V/n]
         if par.logits_gather == "all_gather":
             return jax.lax.all_gather(local, vocab_axes, axis=2, tiled=True)
         shard = jax.lax.axis_index(vocab_axes)  # the slice's place, counted over the vocabulary's axes in order
