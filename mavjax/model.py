@@ -230,6 +230,11 @@ class Attention(nnx.Module):
     def _proj(self, x, w, scale, n_in):
         return dense(x, w[...], None if scale is None else scale[...], n_in, self.kernels)
 
+    def out_add_norm(self, o, x, norm: "RMSNorm"):
+        """(x + wo(o), norm of it) for the attention output o [B, T, H, Dh] (dense_add_norm)."""
+        return dense_add_norm(o, self.wo[...], None if self.wo_scale is None else self.wo_scale[...], 2, x, norm,
+                              self.kernels)
+
     def _fused_qkv(self, x, positions, rope):
         """kernels="pallas", FP8 weights: q, k, v through pallas_kernels.fused_gemm.qkv_rope, with RoPE, the
         qk norm and the temperature in the GEMM epilogue (same function as the unfused branch)."""
@@ -263,25 +268,46 @@ class MLP(nnx.Module):
         return swiglu(x, val(self.w_gate), val(self.w_gate_scale), val(self.w_up), val(self.w_up_scale),
                       val(self.w_down), val(self.w_down_scale), self.kernels)
 
+    def down_add_norm(self, x, residual, norm: "RMSNorm"):
+        """(residual + self(x), norm of it): the MLP, the residual add and the next norm (dense_add_norm)."""
+        val = lambda v: None if v is None else v[...]  # noqa: E731
+        h = swiglu_hidden(x, val(self.w_gate), val(self.w_gate_scale), val(self.w_up), val(self.w_up_scale),
+                          self.kernels)  # [..., F]
+        return dense_add_norm(h, self.w_down[...], val(self.w_down_scale), 1, residual, norm, self.kernels)
 
-def swiglu(x, w_gate, s_gate, w_up, s_up, w_down, s_down, kernels):
-    """down(silu(x @ gate) * (x @ up)) on arrays (s_* the FP8 scales, or None). x [..., D], w_gate/w_up [D, F],
-    w_down [F, D]. kernels="pallas" with FP8 weights: gate, up and the SwiGLU in one launch (g and u never
-    leave the kernel). Used by MLP and by the tensor-parallel layers (mavjax.parallel) on their shards."""
+
+def swiglu_hidden(x, w_gate, s_gate, w_up, s_up, kernels):
+    """silu(x @ gate) * (x @ up): x [..., D], w_gate/w_up [D, F] (s_* the FP8 scales, or None) -> [..., F].
+    kernels="pallas" with FP8 weights: gate, up and the SwiGLU in one launch (g and u never leave it)."""
     if use_pallas(kernels, "gate_up") and s_gate is not None:
         from pallas_kernels.fused_gemm import gate_up_swiglu
 
-        F = w_gate.shape[1]
         h = gate_up_swiglu(x.reshape(-1, x.shape[-1]), w_gate, s_gate, w_up, s_up, out_dtype=x.dtype,
                            interpret=jax.default_backend() == "cpu")
-        return dense(h.reshape(*x.shape[:-1], F), w_down, s_down, 1, kernels)  # [..., F] x [F, D] -> [..., D]
+        return h.reshape(*x.shape[:-1], w_gate.shape[1])
     g = dense(x, w_gate, s_gate, 1, kernels)  # [..., D] x [D, F] -> [..., F]
     u = dense(x, w_up, s_up, 1, kernels)  # [..., D] x [D, F] -> [..., F]
-    return dense(jax.nn.silu(g) * u, w_down, s_down, 1, kernels)  # [..., F] x [F, D] -> [..., D]
+    return jax.nn.silu(g) * u
 
 
-def route(x, router_w, top_k):
-    """Top-k sigmoid routing. x [N, D] -> expert ids [N, k], scores [N, k] (in x's dtype)."""
+def swiglu(x, w_gate, s_gate, w_up, s_up, w_down, s_down, kernels):
+    """down(silu(x @ gate) * (x @ up)) on arrays (s_* the FP8 scales, or None). x [..., D], w_gate/w_up [D, F],
+    w_down [F, D]. Used by MLP and by the tensor-parallel layers (mavjax.parallel) on their shards."""
+    h = swiglu_hidden(x, w_gate, s_gate, w_up, s_up, kernels)  # [..., F]
+    return dense(h, w_down, s_down, 1, kernels)  # [..., F] x [F, D] -> [..., D]
+
+
+def route(x, router_w, top_k, kernels="xla"):
+    """Top-k sigmoid routing. x [N, D] -> expert ids [N, k], scores [N, k] (in x's dtype). kernels="pallas",
+    top-1 and few tokens (decode): one Pallas launch (pallas_kernels.router) where XLA runs four."""
+    from pallas_kernels.router import MAX_ROWS
+    from pallas_kernels.split_k import default_reduce
+
+    if (top_k == 1 and x.shape[0] <= MAX_ROWS and use_pallas(kernels, "moe") and router_w.dtype == x.dtype
+            and default_reduce() == "kernel"):  # MAVJAX_SPLIT_K_REDUCE=xla: XLA's routing, for A/B runs
+        from pallas_kernels.router import route_top1
+
+        return route_top1(x, router_w, interpret=jax.default_backend() == "cpu")
     logits = jnp.einsum("nd,de->ne", x, router_w)  # [N, E]
     if top_k == 1:  # Maverick: an argmax is a reduction; XLA:GPU lowers top_k to a sort kernel of its own
         top_idx = jnp.argmax(logits, axis=-1)[:, None].astype(jnp.int32)  # [N, 1] (ties: lowest id, as top_k)
@@ -384,7 +410,7 @@ class MoE(nnx.Module):
     def __call__(self, x):
         B, T, D = x.shape
         flat = x.reshape(B * T, D)
-        idx, scores = route(flat, self.router[...], self.top_k)
+        idx, scores = route(flat, self.router[...], self.top_k, self.kernels)
         scales = None if self.w_gate_scale is None else \
             (self.w_gate_scale[...], self.w_up_scale[...], self.w_down_scale[...])
         weights = (self.w_gate[...], self.w_up[...], self.w_down[...])
@@ -435,6 +461,22 @@ def add_norm(x, delta, norm: RMSNorm, kernels: str):
     return x, norm(x)
 
 
+def dense_add_norm(h, w, scale, n_in, x, norm: RMSNorm, kernels: str):
+    """(x + dense(h), norm of it): an output projection (wo, an MLP's down), the residual add and the next
+    RMSNorm. kernels="pallas" with FP8 weights: one launch (pallas_kernels.fp8_gemm.fp8_matmul_add_rms_norm:
+    the GEMM's last split adds the residual, its last tile normalizes the rows) where three ran (GEMM,
+    split-K sum, add + norm). h [..., *in] with in = w.shape[:n_in]; x [..., D]."""
+    if scale is not None and use_pallas(kernels, "gemm") and use_pallas(kernels, "norm"):
+        from pallas_kernels.fp8_gemm import fp8_matmul_add_rms_norm
+
+        K = int(np.prod(w.shape[:n_in]))
+        s, y = fp8_matmul_add_rms_norm(h.reshape(-1, K), w.reshape(K, -1), scale.reshape(-1),
+                                       x.reshape(-1, x.shape[-1]), norm.scale[...], eps=norm.eps,
+                                       interpret=jax.default_backend() == "cpu")
+        return s.reshape(x.shape), y.reshape(x.shape)
+    return add_norm(x, dense(h, w, scale, n_in, kernels), norm, kernels)
+
+
 class Llama4(nnx.Module):
     """Token ids in, logits (or final hidden states) out. `kernels`: "xla" (plain jax.numpy) or "pallas"
     (the kernels of pallas_kernels/ where they apply; both compute the same function)."""
@@ -481,12 +523,15 @@ class Llama4(nnx.Module):
         h = layers[0].attn_norm(x)
         for i, layer in enumerate(layers):
             kv = None if cache is None else (cache.k[i], cache.v[i])
-            o, kv = layer.attn(h, positions, rope, kv, cache_pos, write_index, attn_mask)  # [B, T, D]
+            o, kv = layer.attn(h, positions, rope, kv, cache_pos, write_index, attn_mask, project=False)
             new_kv.append(kv)
-            x, h = add_norm(x, o, layer.ffn_norm, self.kernels)
+            x, h = layer.attn.out_add_norm(o, x, layer.ffn_norm)  # wo, the residual add, the FFN's norm
             # the layer's last residual add and the next layer's first norm (the final norm after the last)
             nxt = layers[i + 1].attn_norm if i + 1 < len(layers) else self.norm
-            x, h = add_norm(x, layer.ffn(h), nxt, self.kernels)
+            if layer.is_moe:
+                x, h = add_norm(x, layer.ffn(h), nxt, self.kernels)
+            else:
+                x, h = layer.ffn.down_add_norm(h, x, nxt)
             if i in collect_layers:
                 taps[i] = x
         if cache is not None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import tempfile
 from collections import defaultdict
 
@@ -37,10 +38,22 @@ def _device_events(xplane_path, device=None):
     return out
 
 
+def family(name: str) -> str:
+    """A kernel's kind: its name without XLA's numeric suffixes ("loop_add_fusion_12" and "loop_add_fusion.3"
+    are both "loop_add_fusion"), so hundreds of small fusions of one kind add up to one row."""
+    return re.sub(r"([._]\d+)+$", "", name)
+
+
+def _rows(groups, steps, top):
+    rows = sorted(((n, c / steps, t / steps / 1e3) for n, (c, t) in groups.items()), key=lambda r: -r[2])
+    return [dict(name=n, per_step=c, us_per_step=t) for n, c, t in rows[:top]]
+
+
 def summarize(events, steps: int, top: int = 25) -> dict:
-    """Per-step busy time, span, kernel count and the `top` kernel names by time, from device events."""
+    """Per-step busy time, span, kernel count, and the `top` kernel names and kernel families (`family`) by
+    time, from device events."""
     if not events:
-        return dict(steps=steps, kernels_per_step=0, rows=[], busy_us=0.0, span_us=0.0)
+        return dict(steps=steps, kernels_per_step=0, rows=[], families=[], busy_us=0.0, span_us=0.0)
     events = sorted(events, key=lambda e: e[1])
     busy, cur_s, cur_e = 0.0, None, None
     for _, s, d in events:  # union of intervals (streams may overlap)
@@ -52,17 +65,16 @@ def summarize(events, steps: int, top: int = 25) -> dict:
             cur_e = max(cur_e, e)
     busy += cur_e - cur_s
     span = max(s + d for _, s, d in events) - events[0][1]
-    by = defaultdict(lambda: [0, 0.0])
+    by, fam = defaultdict(lambda: [0, 0.0]), defaultdict(lambda: [0, 0.0])
     for name, _, d in events:
-        by[name][0] += 1
-        by[name][1] += d
-    rows = sorted(((n, c / steps, t / steps / 1e3) for n, (c, t) in by.items()), key=lambda r: -r[2])
+        for g, key in ((by, name), (fam, family(name))):
+            g[key][0] += 1
+            g[key][1] += d
     return dict(steps=steps, kernels_per_step=len(events) / steps, busy_us=busy / steps / 1e3,
-                span_us=span / steps / 1e3,
-                rows=[dict(name=n, per_step=c, us_per_step=t) for n, c, t in rows[:top]])
+                span_us=span / steps / 1e3, rows=_rows(by, steps, top), families=_rows(fam, steps, top))
 
 
-def profile_kernels(run, steps: int, top: int = 25, device=None) -> dict:
+def profile_kernels(run, steps: int, top: int = 40, device=None) -> dict:
     """Trace one call of `run` (already compiled and warm) and summarize its device kernels per step (those
     of GPU `device` only, if given)."""
     import jax
@@ -81,9 +93,10 @@ def profile_kernels(run, steps: int, top: int = 25, device=None) -> dict:
 def format_profile(p: dict, title: str = "") -> str:
     lines = [f"{title}: {p['kernels_per_step']:.1f} kernels per step, device busy {p['busy_us']:.1f} us of a "
              f"{p['span_us']:.1f} us span per step (gaps {p['span_us'] - p['busy_us']:.1f} us)"]
-    if p["rows"]:
-        lines.append(f"  {'us/step':>9} {'n/step':>7} {'us each':>8}  kernel")
-        for r in p["rows"]:
-            lines.append(f"  {r['us_per_step']:>9.1f} {r['per_step']:>7.1f} "
-                         f"{r['us_per_step'] / max(r['per_step'], 1e-9):>8.2f}  {r['name'][:90]}")
+    for key, label in (("rows", "kernel"), ("families", "kernel family (numeric suffixes folded)")):
+        if p.get(key):
+            lines.append(f"  {'us/step':>9} {'n/step':>7} {'us each':>8}  {label}")
+            for r in p[key]:
+                lines.append(f"  {r['us_per_step']:>9.1f} {r['per_step']:>7.1f} "
+                             f"{r['us_per_step'] / max(r['per_step'], 1e-9):>8.2f}  {r['name'][:90]}")
     return "\n".join(lines)

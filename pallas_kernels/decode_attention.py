@@ -20,19 +20,28 @@ tiles are only converted to the query dtype in registers before the dot products
 
 Design
 ------
-Grid (B, K, num_splits). One program owns one (batch row, kv head) pair and one share of the cache:
+Grid (B, K, num_splits), one launch. One program owns one (batch row, kv head) pair and one share of the cache:
   * GQA packing: the G query heads of the kv head and the T query positions are the R rows of one block
     (row = t * G + g, R padded to a power of two >= 16 with rows whose q_pos = -1), so each K/V tile is read
-    from memory once per kv head, not once per query head.
+    from memory once per kv head, not once per query head. The rows are gathered straight from q (viewed as
+    [B, T*H, Dh], a free reshape: row r is q row t * H + h * G + g) with a masked load, and q_pos likewise;
+    no padded copy is made.
   * Tile skipping: each batch row has a slot range [lo, hi) that holds every visible key (default: derived
-    from q_pos assuming slot i holds position i, as `mavjax.kv_cache` does: hi = max q_pos + 1, lo = start of
-    the chunk of the smallest q_pos on chunked layers, else 0; or passed as `kv_range`). Only the block_s
-    tiles overlapping [lo, hi) are visited, and they are divided evenly among the num_splits programs of the
-    row, so at long contexts on chunked layers (most of the cache invisible) all splits still share the
-    visible chunk. Inside a visited tile, visibility is decided by k_pos alone.
+    in the kernel from the row's q_pos assuming slot i holds position i, as `mavjax.kv_cache` does:
+    hi = max q_pos + 1, lo = start of the chunk of the smallest q_pos on chunked layers, else 0; or passed
+    as `kv_range`). Only the block_s tiles overlapping [lo, hi) are visited, and they are divided evenly
+    among the num_splits programs of the row, so at long contexts on chunked layers (most of the cache
+    invisible) all splits still share the visible chunk. Inside a visited tile, visibility is decided by
+    k_pos alone.
   * Each program runs an online softmax over its tiles (m = -inf safe: an all-masked tile or an empty range
-    leaves the neutral partial o = 0, m = -inf, l = 0) and writes float32 partials o [R, Dh], m [R], l [R].
-  * A small jnp epilogue merges the partials with log-sum-exp (splits with m = -inf weigh 0; l = 0 -> 0).
+    leaves the neutral partial o = 0, m = -inf, l = 0) and stores float32 partials o [R, Dh], m [R], l [R]
+    (combine="kernel": only the G*T real rows, and no o for an empty split).
+  * combine="kernel" (default): the program that arrives last at its pair's counter (`split_k.arrive`)
+    merges the pair's partials with log-sum-exp, as `combine_partials` does (splits with m = -inf weigh 0;
+    l = 0 -> 0), and stores the G*T rows in q.dtype straight into the output [B, T, H, Dh] (masked scatter
+    of rows t * H + h * G + g), so the wrapper's only ops are free reshapes. num_splits = 1 skips the
+    partials. combine="xla": the partials are returned and merged by `combine_partials` plus a transpose
+    (two more XLA kernels; kept for A/B runs).
   * S not a multiple of block_s: the last tile's load is shifted back to end at S and slots it shares with
     the previous tile are masked by slot index, so the cache is never padded or copied (only S < 16 pads).
 """
@@ -40,6 +49,7 @@ Grid (B, K, num_splits). One program owns one (batch row, kv head) pair and one 
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -50,6 +60,8 @@ try:  # Triton compiler params (GPU); absent from CPU-only installs of some vers
     from jax.experimental.pallas import triton as plgpu
 except ImportError:  # pragma: no cover
     plgpu = None
+
+from pallas_kernels.split_k import default_reduce, arrive, counters, load_partial
 
 FP8_DTYPES = (jnp.float8_e4m3fn,)
 _MIN_DIM = 16  # Triton dot operands need every dim >= 16
@@ -122,9 +134,23 @@ def kv_range_from_k_pos(q_pos, k_pos, chunk_size):
     return jnp.stack([lo, hi], axis=1).astype(jnp.int32)
 
 
-def default_num_splits(batch, kv_heads, num_slots, chunk_size, block_s, num_sms=None):
-    """Enough programs to fill the GPU (~4 per SM) without giving a split fewer than ~4 tiles of the span a
-    query can see (the chunk on chunked layers, the whole cache on global ones)."""
+def default_num_splits(batch, kv_heads, num_slots, chunk_size, block_s, num_sms=None, *, rows=16,
+                       kv_itemsize=2):
+    """Programs per (batch row, kv head) pair. rows: partial rows stored per split (G * T when the kernel
+    merges, R when XLA does); kv_itemsize: bytes per KV element.
+
+    With the merge inside the kernel a split costs little (one partial, rows x Dh float32, stored once and
+    read once through L2), so the count is set by filling the GPU; the smallest of:
+      * ~4 programs per SM over the B * K pairs (at small B * K, down to a single tile per split);
+      * the block_s tiles of the span a query can see (the chunk on chunked layers, the whole cache on global
+        ones): at least a tile per split;
+      * partial traffic <= 1/8 of the KV bytes: 2 * NS * rows * Dh * 4 <= span * 2 * Dh * kv_itemsize / 8;
+      * the last program's merge (NS * rows * Dh * 4 bytes, read by that one program) <= one split's share of
+        the KV (span / NS * 2 * Dh * kv_itemsize bytes), so the serial tail it adds stays below a program's
+        time;
+      * 256.
+    Then lowered to the fewest splits with the same tiles per split, so rounding leaves no split empty. (A
+    context shorter than the cache leaves splits empty at run time: they store no o and the merge skips it.)"""
     if num_sms is None:
         try:
             num_sms = int(getattr(jax.devices()[0], "core_count", 0)) or 132
@@ -132,22 +158,48 @@ def default_num_splits(batch, kv_heads, num_slots, chunk_size, block_s, num_sms=
             num_sms = 132
     span = num_slots if chunk_size is None else min(num_slots, chunk_size + block_s)
     tiles = pl.cdiv(span, block_s)
+    rows = max(1, rows)
     want = pl.cdiv(4 * num_sms, batch * kv_heads)
-    return int(max(1, min(want, pl.cdiv(tiles, 4), 256)))
+    traffic = span * kv_itemsize // (32 * rows)
+    tail = math.isqrt(span * kv_itemsize // (2 * rows))
+    ns = int(max(1, min(want, tiles, traffic, tail, 256)))
+    return pl.cdiv(tiles, pl.cdiv(tiles, ns))
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Kernel
 
 
-def _kernel(range_ref, scales_ref, qpos_ref, q_ref, kpos_ref, k_ref, v_ref, *rest, block_s, num_splits,
-            num_slots, chunk_size, scale, compute_dtype, ragged):
-    o_ref, m_ref, l_ref = rest[-3:]  # (poison inputs aliased to the outputs, if any, come first and are unused)
-    split = pl.program_id(2)
-    R = q_ref.shape[0]
+def _kernel(*refs, names, block_s, num_splits, num_slots, range_slots, chunk_size, scale, compute_dtype, ragged,
+            T, H, K, G, combine, merge_splits, interpret):
+    """names: the role of each ref (inputs, then outputs), see `_call`."""
+    refs = dict(zip(names, refs))
+    b, h, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    q_ref = refs["q"]
+    Dh = q_ref.shape[-1]
+    rows = G * T
+    R = _row_block(rows)
+    div, rem = lax.div, lax.rem  # truncating: every operand here is >= 0 (cheaper than floor division)
 
-    lo, hi = range_ref[0], range_ref[1]
-    div = lax.div  # truncating division: every operand here is >= 0 (cheaper than floor division)
+    # Rows r = t * G + g of this kv head: query head h * G + g at position t; rows >= G * T are padding.
+    r = jnp.arange(R, dtype=jnp.int32)
+    real = r < rows  # [R]
+    col = jnp.arange(Dh, dtype=jnp.int32)[None, :]
+    q_row = jnp.where(real, div(r, G) * H + h * G + rem(r, G), T * H)  # row of q viewed [T*H, Dh]
+    qp = plgpu.load(refs["q_pos"].at[jnp.minimum(div(r, G), T - 1)], mask=real, other=-1)  # [R]
+    q = plgpu.load(q_ref.at[q_row[:, None], col], mask=real[:, None], other=0)  # [R, Dh]
+
+    if "range" in refs:
+        lo, hi = refs["range"][0], refs["range"][1]
+    else:  # kv_range_from_q_pos, on this row's queries
+        valid = qp >= 0
+        hi = jnp.max(jnp.where(valid, qp, -1)) + 1
+        if chunk_size is None:
+            lo = jnp.int32(0)
+        else:
+            lo = div(jnp.min(jnp.where(valid, qp, jnp.iinfo(jnp.int32).max)), jnp.int32(chunk_size)) * chunk_size
+    lo = jnp.clip(lo, 0, range_slots)
+    hi = jnp.clip(hi, 0, range_slots)
     lo_t = div(lo, block_s)
     hi_t = div(hi + (block_s - 1), block_s)
     n_t = jnp.maximum(hi_t - lo_t, 0)
@@ -157,15 +209,22 @@ def _kernel(range_ref, scales_ref, qpos_ref, q_ref, kpos_ref, k_ref, v_ref, *res
 
     cd = compute_dtype
     prec = lax.Precision.HIGHEST if jnp.dtype(cd) == jnp.float32 else None
-    q = q_ref[...].astype(cd)  # [R, Dh]
-    qp = qpos_ref[...]  # [R]
+    q = q.astype(cd)
     if chunk_size is None:
         q_lo = jnp.zeros_like(qp)
     else:  # same chunk and causal  <=>  chunk_start(q) <= k <= q  (for k >= 0, q >= 0)
         q_lo = div(jnp.maximum(qp, 0), jnp.int32(chunk_size)) * chunk_size
     q_lo = jnp.maximum(q_lo, 0)[:, None]  # [R, 1]; also enforces k_pos >= 0
     q_hi = qp[:, None]
-    s_scale = scale * scales_ref[0]
+
+    def kv_scale(name):
+        if name not in refs:
+            return 1.0
+        s_ref = refs[name]
+        return s_ref[h if s_ref.shape[0] > 1 else 0]
+
+    s_scale = scale * kv_scale("k_scale")
+    kpos_ref, k_ref, v_ref = refs["k_pos"], refs["k"], refs["v"]
 
     def body(t, carry):
         o, m, l = carry
@@ -192,38 +251,105 @@ def _kernel(range_ref, scales_ref, qpos_ref, q_ref, kpos_ref, k_ref, v_ref, *res
                              precision=prec)
         return alpha[:, None] * o + pv, m_new, l
 
-    Dh = q_ref.shape[1]
     init = (jnp.zeros((R, Dh), jnp.float32), jnp.full((R,), -jnp.inf, jnp.float32), jnp.zeros((R,), jnp.float32))
     o, m, l = lax.fori_loop(t0, t1, body, init)
-    o_ref[...] = o * scales_ref[1]
-    m_ref[...] = m
-    l_ref[...] = l
+    o = o * kv_scale("v_scale")
+
+    if combine == "xla":  # every row, for combine_partials
+        refs["po"][split] = o
+        refs["pm"][split] = m
+        refs["pl"][split] = l
+        return
+
+    def write(O, L):  # merged [n, Dh] float32 and [n] -> rows 0..n-1 of the output, in q.dtype
+        out_ref = refs["out"]
+        n = O.shape[0]
+        rn = jnp.arange(n, dtype=jnp.int32)
+        keep = rn < rows
+        # padding rows point past the end: masked on the GPU, dropped by the interpreter's scatter
+        o_row = jnp.where(keep, div(rn, G) * H + h * G + rem(rn, G), T * H)
+        out = jnp.where(L[:, None] > 0, O / jnp.where(L > 0, L, 1.0)[:, None], 0.0).astype(out_ref.dtype)
+        plgpu.store(out_ref.at[o_row[:, None], col], out, mask=keep[:, None])
+
+    if num_splits == 1:
+        write(o, l)
+        return
+
+    # Empty splits (m = -inf everywhere) store no o: the merge gives them weight 0 and does not read it.
+    live = real & (m > -jnp.inf)  # [R]
+    plgpu.store(refs["po"].at[split], o, mask=live[:, None])
+    plgpu.store(refs["pm"].at[split], m, mask=real)
+    plgpu.store(refs["pl"].at[split], l, mask=real)
+    last = arrive(refs["cnt"], b * K + h, num_splits, interpret=interpret)
+
+    @pl.when(last)
+    def _combine():
+        write(*_merge(refs["po"], refs["pm"], refs["pl"], num_splits=num_splits, rows=rows, chunk=merge_splits))
 
 
-def _scales(s, K):
-    if s is None:
-        return jnp.ones((K,), jnp.float32)
-    return jnp.broadcast_to(jnp.asarray(s, jnp.float32), (K,))
+def _merge(po_ref, pm_ref, pl_ref, *, num_splits, rows, chunk):
+    """combine_partials inside the kernel: log-sum-exp merge of the num_splits partials of this pair, read
+    `chunk` splits at a time as [chunk, Rr, Dh] tiles (Rr = the real rows rounded up to a power of two) with an
+    online rescale between chunks. Returns O [Rr, Dh], L [Rr] float32 (out = O / L; L = 0 -> 0)."""
+    Dh = po_ref.shape[-1]
+    Rr = _next_pow2(rows)
+    sp = jnp.arange(chunk, dtype=jnp.int32)[:, None]  # [C, 1]
+    row_ok = jnp.arange(Rr, dtype=jnp.int32)[None, :] < rows  # [1, Rr]
+
+    def step(c, carry):
+        M, L, O = carry
+        s0 = c * chunk
+        mask = (s0 + sp < num_splits) & row_ok  # [C, Rr]
+        idx = (pl.ds(s0, chunk), pl.ds(0, Rr))
+        m = jnp.where(mask, load_partial(pm_ref.at[idx], mask), -jnp.inf)  # [C, Rr]
+        l = load_partial(pl_ref.at[idx], mask)
+        live = mask & (m > -jnp.inf)  # empty splits stored no o
+        o = load_partial(po_ref.at[idx], jnp.broadcast_to(live[:, :, None], (chunk, Rr, Dh)))  # [C, Rr, Dh]
+        M_new = jnp.maximum(M, jnp.max(m, axis=0))  # [Rr]
+        M_use = jnp.where(M_new == -jnp.inf, 0.0, M_new)
+        a = jnp.exp(M - M_use)
+        w = jnp.exp(m - M_use[None, :])  # [C, Rr]; 0 for empty or masked splits
+        return M_new, a * L + jnp.sum(w * l, axis=0), a[:, None] * O + jnp.sum(w[:, :, None] * o, axis=0)
+
+    carry = (jnp.full((Rr,), -jnp.inf, jnp.float32), jnp.zeros((Rr,), jnp.float32),
+             jnp.zeros((Rr, Dh), jnp.float32))
+    n = pl.cdiv(num_splits, chunk)
+    if n <= 2:  # straight-line: the loads of both chunks can be in flight together
+        for c in range(n):
+            carry = step(c, carry)
+    else:
+        carry = lax.fori_loop(0, n, step, carry)
+    _, L, O = carry
+    return O, L
 
 
-@functools.partial(jax.jit, static_argnames=("chunk_size", "scale", "block_s", "num_splits", "num_warps",
-                                             "num_stages", "interpret"))
-def decode_attention_partials(q, k, v, q_pos, k_pos, kv_range=None, k_scale=None, v_scale=None, poison=None, *,
-                              chunk_size, scale, block_s, num_splits, num_warps=None, num_stages=2,
-                              interpret=False):
-    """The split kernel alone. Returns float32 partials o [B, K, NS, R, Dh], m, l [B, K, NS, R] (rows
-    r = t * G + g for r < G * T; rows up to R = max(16, next power of two) are padding). `poison`: optional (o, m, l) buffers of those shapes,
-    aliased to the outputs, so a test can check that the kernel writes every element."""
+def _row_block(rows):
+    return max(_MIN_DIM, _next_pow2(rows))
+
+
+def _merge_splits(num_splits, rows, Dh, budget=8192):
+    """Splits per merge step: [C, Rr, Dh] float32 tiles of at most `budget` elements (64 registers a thread at
+    4 warps)."""
+    return max(1, min(_next_pow2(num_splits), _prev_pow2(max(1, budget // (_next_pow2(rows) * Dh)))))
+
+
+def _scale_arg(s, K):
+    """A scalar or [K] float32 scale as a [1] or [K] vector (a free reshape)."""
+    s = jnp.asarray(s, jnp.float32)
+    assert s.ndim == 0 or s.shape == (K,), s.shape
+    return s.reshape(-1)
+
+
+def _call(q, k, v, q_pos, k_pos, kv_range, k_scale, v_scale, poison, *, chunk_size, scale, block_s, num_splits,
+          num_warps, num_stages, interpret, combine):
+    """The pallas_call. combine="xla": returns the partials (o, m, l); "kernel": the output [B, T, H, Dh]."""
     B, T, H, Dh = q.shape
     S, K = k.shape[1], k.shape[2]
     assert H % K == 0 and v.shape == k.shape and q_pos.shape == (B, T) and k_pos.shape == (B, S)
+    assert combine in ("kernel", "xla"), combine
     G = H // K
-    rows = G * T
-    R = max(_MIN_DIM, _next_pow2(rows))
-
-    if kv_range is None:
-        kv_range = kv_range_from_q_pos(q_pos, chunk_size, S)
-    kv_range = jnp.clip(kv_range.astype(jnp.int32), 0, S)
+    R = _row_block(G * T)
+    range_slots = S
 
     if S < _MIN_DIM:  # tiny caches only (tests): pad to one minimal tile; never taken at real sizes
         pad = _MIN_DIM - S
@@ -234,49 +360,86 @@ def decode_attention_partials(q, k, v, q_pos, k_pos, kv_range=None, k_scale=None
     bs = min(block_s, _prev_pow2(S))
     ragged = S % bs != 0
 
-    # Rows: [B, K, R, Dh], row t * G + g holds query head k * G + g at position t.
-    qr = q.reshape(B, T, K, G, Dh).transpose(0, 2, 1, 3, 4).reshape(B, K, rows, Dh)
-    qr = jnp.pad(qr, ((0, 0), (0, 0), (0, R - rows), (0, 0)))
-    qpr = jnp.pad(jnp.repeat(q_pos.astype(jnp.int32), G, axis=1), ((0, 0), (0, R - rows)), constant_values=-1)
-    scales = jnp.stack([_scales(k_scale, K), _scales(v_scale, K)], axis=1)  # [K, 2]
-    k_pos = k_pos.astype(jnp.int32)
-
     if _is_fp8(k.dtype) or _is_fp8(v.dtype):
         cd = q.dtype
     else:
         cd = jnp.promote_types(q.dtype, jnp.promote_types(k.dtype, v.dtype))
 
     NS = num_splits
-    kernel = functools.partial(_kernel, block_s=bs, num_splits=NS, num_slots=S, chunk_size=chunk_size,
-                               scale=float(scale), compute_dtype=cd, ragged=ragged)
-    o_spec = pl.BlockSpec((None, None, None, R, Dh), lambda b, h, s: (b, h, s, 0, 0))
-    ml_spec = pl.BlockSpec((None, None, None, R), lambda b, h, s: (b, h, s, 0))
-    out_specs = [o_spec, ml_spec, ml_spec]
-    out_shape = [jax.ShapeDtypeStruct((B, K, NS, R, Dh), jnp.float32),
-                 jax.ShapeDtypeStruct((B, K, NS, R), jnp.float32),
-                 jax.ShapeDtypeStruct((B, K, NS, R), jnp.float32)]
-    in_specs = [
-        pl.BlockSpec((None, 2), lambda b, h, s: (b, 0)),  # kv_range
-        pl.BlockSpec((None, 2), lambda b, h, s: (h, 0)),  # scales
-        pl.BlockSpec((None, R), lambda b, h, s: (b, 0)),  # row q_pos
-        pl.BlockSpec((None, None, R, Dh), lambda b, h, s: (b, h, 0, 0)),  # q rows
-        pl.BlockSpec((None, S), lambda b, h, s: (b, 0)),  # k_pos
-        pl.BlockSpec((None, S, None, Dh), lambda b, h, s: (b, 0, h, 0)),  # k
-        pl.BlockSpec((None, S, None, Dh), lambda b, h, s: (b, 0, h, 0)),  # v
-    ]
-    args = [kv_range, scales, qpr, qr, k_pos, k, v]
+    zero2 = lambda b, h, s: (b, 0)  # noqa: E731
+    names, args, in_specs = [], [], []
+
+    def arg(name, x, spec):
+        names.append(name)
+        args.append(x)
+        in_specs.append(spec)
+
+    # Only free reshapes and dtype no-ops here: the kernel reads q, q_pos and the range in place.
+    if kv_range is not None:
+        arg("range", kv_range.astype(jnp.int32), pl.BlockSpec((None, 2), zero2))
+    for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if s is not None:
+            s = _scale_arg(s, K)
+            arg(name, s, pl.BlockSpec(s.shape, lambda b, h, i: (0,)))
+    arg("q_pos", q_pos.astype(jnp.int32), pl.BlockSpec((None, T), zero2))
+    arg("q", q.reshape(B, T * H, Dh), pl.BlockSpec((None, T * H, Dh), lambda b, h, s: (b, 0, 0)))
+    arg("k_pos", k_pos.astype(jnp.int32), pl.BlockSpec((None, S), zero2))
+    arg("k", k, pl.BlockSpec((None, S, None, Dh), lambda b, h, s: (b, 0, h, 0)))
+    arg("v", v, pl.BlockSpec((None, S, None, Dh), lambda b, h, s: (b, 0, h, 0)))
+
+    # Outputs. Partials [B, K, NP, R(, Dh)] float32, a program's block holding all splits of its pair; in-kernel
+    # merging reads them merge_splits at a time, so NP rounds NS up to a multiple of that (the rest unused).
+    merge_splits = _merge_splits(NS, G * T, Dh)
+    NP = NS if combine == "xla" else pl.cdiv(NS, merge_splits) * merge_splits
+    o_spec = pl.BlockSpec((None, None, NP, R, Dh), lambda b, h, s: (b, h, 0, 0, 0))
+    ml_spec = pl.BlockSpec((None, None, NP, R), lambda b, h, s: (b, h, 0, 0))
+    part_shapes = [jax.ShapeDtypeStruct((B, K, NP, R, Dh), jnp.float32),
+                   jax.ShapeDtypeStruct((B, K, NP, R), jnp.float32),
+                   jax.ShapeDtypeStruct((B, K, NP, R), jnp.float32)]
+    out_names, out_shape, out_specs = [], [], []
+    if combine == "kernel":  # the output as [B, T*H, Dh]: row t * H + head, a free reshape of [B, T, H, Dh]
+        out_names.append("out")
+        out_shape.append(jax.ShapeDtypeStruct((B, T * H, Dh), q.dtype))
+        out_specs.append(pl.BlockSpec((None, T * H, Dh), lambda b, h, s: (b, 0, 0)))
+    if combine == "xla" or NS > 1:
+        out_names += ["po", "pm", "pl"]
+        out_shape += part_shapes
+        out_specs += [o_spec, ml_spec, ml_spec]
+    if combine == "kernel" and NS > 1:
+        arg("cnt", counters(B * K), pl.BlockSpec((B * K,), lambda b, h, s: (0,)))
+
     aliases = {}
-    if poison is not None:
-        aliases = {len(args) + i: i for i in range(3)}
-        in_specs += out_specs
-        args += list(poison)
+    if poison is not None:  # aliased to the outputs the caller checks: out ("kernel") or (o, m, l) ("xla")
+        poison = [poison.reshape(B, T * H, Dh)] if combine == "kernel" else list(poison)
+        for i, x in enumerate(poison):
+            aliases[len(args)] = i
+            arg(f"poison{i}", x, out_specs[i])
+
+    kernel = functools.partial(
+        _kernel, names=tuple(names + out_names), block_s=bs, num_splits=NS, num_slots=S, range_slots=range_slots,
+        chunk_size=chunk_size, scale=float(scale), compute_dtype=cd, ragged=ragged, T=T, H=H, K=K, G=G,
+        combine=combine, merge_splits=merge_splits, interpret=interpret)
     if num_warps is None:
         num_warps = 4 if R <= 32 else 8
     params = dict(compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)) \
         if plgpu is not None else {}
-    o, m, l = pl.pallas_call(kernel, out_shape=out_shape, grid=(B, K, NS), in_specs=in_specs,
-                             out_specs=out_specs, input_output_aliases=aliases, interpret=interpret,
-                             name="split_kv_decode_attention", **params)(*args)
+    return pl.pallas_call(kernel, out_shape=out_shape, grid=(B, K, NS), in_specs=in_specs, out_specs=out_specs,
+                          input_output_aliases=aliases, interpret=interpret, name="split_kv_decode_attention",
+                          **params)(*args)
+
+
+@functools.partial(jax.jit, static_argnames=("chunk_size", "scale", "block_s", "num_splits", "num_warps",
+                                             "num_stages", "interpret"))
+def decode_attention_partials(q, k, v, q_pos, k_pos, kv_range=None, k_scale=None, v_scale=None, poison=None, *,
+                              chunk_size, scale, block_s, num_splits, num_warps=None, num_stages=2,
+                              interpret=False):
+    """The split kernel alone (the combine="xla" path). Returns float32 partials o [B, K, NS, R, Dh], m, l
+    [B, K, NS, R] (rows r = t * G + g for r < G * T; rows up to R = max(16, next power of two) are padding).
+    `poison`: optional (o, m, l) buffers of those shapes, aliased to the outputs, so a test can check that the
+    kernel writes every element."""
+    o, m, l = _call(q, k, v, q_pos, k_pos, kv_range, k_scale, v_scale, poison, chunk_size=chunk_size, scale=scale,
+                    block_s=block_s, num_splits=num_splits, num_warps=num_warps, num_stages=num_stages,
+                    interpret=interpret, combine="xla")
     return o, m, l
 
 
@@ -292,9 +455,10 @@ def combine_partials(o, m, l):
 
 
 @functools.partial(jax.jit, static_argnames=("chunk_size", "scale", "block_s", "num_splits", "num_warps",
-                                             "num_stages", "interpret"))
+                                             "num_stages", "interpret", "combine"))
 def decode_attention(q, k, v, q_pos, k_pos, *, chunk_size, scale, block_s=128, num_splits=None, k_scale=None,
-                     v_scale=None, kv_range=None, num_warps=None, num_stages=2, interpret=False):
+                     v_scale=None, kv_range=None, num_warps=None, num_stages=2, interpret=False, combine=None,
+                     poison=None):
     """Split-KV attention of q [B, T, H, Dh] over the cache k, v [B, S, K, Dh] -> [B, T, H, Dh] in q.dtype.
 
     chunk_size: static, None for global layers. scale: softmax scale (static float). block_s: slots per tile
@@ -302,16 +466,29 @@ def decode_attention(q, k, v, q_pos, k_pos, *, chunk_size, scale, block_s=128, n
     (batch row, kv head); None picks `default_num_splits`. k_scale / v_scale: scalar or [K] float32
     dequantization scales (FP8 KV). kv_range: optional [B, 2] int32 slot range [lo, hi) containing every
     visible key of each row; default assumes slot i holds position i (mavjax.kv_cache) and derives it from
-    q_pos; pass `kv_range_from_k_pos(...)` or [[0, S]] * B for other layouts."""
+    q_pos; pass `kv_range_from_k_pos(...)` or [[0, S]] * B for other layouts. combine: "kernel" (one launch:
+    the last split of each pair merges the partials and writes the output) or "xla" (the partials, then
+    combine_partials and a transpose in XLA; for A/B runs); None: split_k.default_reduce() ("kernel" unless
+    MAVJAX_SPLIT_K_REDUCE=xla). poison: testing hook ("kernel" only), a
+    [B, T, H, Dh] buffer aliased to the output, so a test can check that every element is written."""
     B, T, H, Dh = q.shape
     S, K = k.shape[1], k.shape[2]
-    if num_splits is None:
-        num_splits = default_num_splits(B, K, S, chunk_size, min(block_s, _prev_pow2(max(S, _MIN_DIM))))
-    o, m, l = decode_attention_partials(q, k, v, q_pos, k_pos, kv_range, k_scale, v_scale,
-                                              chunk_size=chunk_size, scale=scale, block_s=block_s,
-                                              num_splits=num_splits, num_warps=num_warps,
-                                              num_stages=num_stages, interpret=interpret)
     G = H // K
+    combine = combine or default_reduce()
+    if num_splits is None:
+        rows = G * T if combine == "kernel" else _row_block(G * T)
+        num_splits = default_num_splits(B, K, S, chunk_size, min(block_s, _prev_pow2(max(S, _MIN_DIM))),
+                                        rows=rows, kv_itemsize=jnp.dtype(k.dtype).itemsize)
+    kw = dict(chunk_size=chunk_size, scale=scale, block_s=block_s, num_splits=num_splits, num_warps=num_warps,
+              num_stages=num_stages, interpret=interpret)
+    if combine == "kernel":
+        out = _call(q, k, v, q_pos, k_pos, kv_range, k_scale, v_scale, poison, combine="kernel", **kw)[0]
+        return out.reshape(B, T, H, Dh)
+    if combine != "xla":
+        raise ValueError(f"combine must be 'kernel' or 'xla', got {combine!r}")
+    if poison is not None:
+        raise ValueError("poison is for combine='kernel'; decode_attention_partials takes the partials' buffers")
+    o, m, l = _call(q, k, v, q_pos, k_pos, kv_range, k_scale, v_scale, None, combine="xla", **kw)
     out = combine_partials(o, m, l)[:, :, :T * G]  # [B, K, T*G, Dh]
     out = out.reshape(B, K, T, G, Dh).transpose(0, 2, 1, 3, 4).reshape(B, T, H, Dh)
     return out.astype(q.dtype)

@@ -12,9 +12,11 @@ Two kernels:
   * weight-only (decode, M <= 64): bf16 activations, FP8 weights upcast to bf16 in registers (exact), bf16
     tensor-core dot with f32 accumulation. Memory-bound: the job is streaming w once, so the grid is
     (N blocks, split-K) to give every SM work even on N=640 tensor-parallel shards; split-K partials (f32,
-    scale applied) are summed over the split axis outside the kernel (one tiny XLA reduction; none when
-    split_k == 1). x is padded (by masked loads, not copies) to >= 16 rows for the tensor-core dot;
-    swap_ab=True computes y^T = w^T x^T instead (weight tile as the MMA's A operand).
+    scale applied) are summed by the last split of each tile to finish (pallas_kernels.split_k; or, with
+    reduce="xla", by a jnp sum after the kernel). x is padded (by masked loads, not copies) to >= 16 rows for
+    the tensor-core dot; swap_ab=True computes y^T = w^T x^T instead (weight tile as the MMA's A operand).
+    `fp8_matmul_add_rms_norm` adds a residual to each finished tile and RMS-normalizes the rows in the last
+    tile to finish: an output projection, the residual add and the next norm in one launch.
   * fp8 x fp8 (prefill / large batch): activations quantized per token to e4m3 (jnp, outside the kernel), FP8
     x FP8 tensor-core dot (jnp.dot on float8_e4m3fn operands, preferred_element_type=f32: the Pallas Triton
     lowering accepts it) with f32 accumulation; row scale x column scale on the f32 accumulator. Grid over
@@ -45,6 +47,9 @@ try:  # Pallas' Triton backend: masked loads/stores and compiler params.
 except ImportError:  # pragma: no cover - very old / very new jax without the Triton backend
     plgpu = None
 
+from pallas_kernels.split_k import arrive, default_reduce, load_partial, sum_partials
+from pallas_kernels.split_k import counters as split_k_counters
+
 FP8 = jnp.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 NUM_SMS_H100 = 132
@@ -53,7 +58,7 @@ __all__ = [
     "FP8", "FP8_MAX",
     "quantize_weight_per_channel", "quantize_weight_blockwise", "quantize_activation_per_token",
     "dequantize_weight", "dequantize_activation",
-    "fp8_matmul_ref", "fp8_matmul", "default_config",
+    "fp8_matmul_ref", "fp8_matmul", "fp8_matmul_add_rms_norm", "default_config",
 ]
 
 
@@ -247,8 +252,17 @@ def _block_scale(s_ref, kb, pid_n, block_k, block_n, scale_block, w_transposed):
 # Kernel A: weight-only FP8 (bf16 activations), grid (N blocks, split-K)
 # ----------------------------------------------------------------------------------------------------------
 
-def _weight_only_kernel(x_ref, w_ref, s_ref, o_ref, *, m, n, k, block_m, block_n, block_k, kb_per_split,
-                        scale_kind, scale_block, partial, w_transposed, evict, swap_ab):
+def _weight_only_kernel(x_ref, w_ref, s_ref, *refs, m, n, k, block_m, block_n, block_k, kb_per_split,
+                        num_splits, scale_kind, scale_block, partial, reduce, epilogue, eps, block_norm,
+                        w_transposed, evict, swap_ab, interpret):
+    """One [block_m, block_n] output tile's share (K blocks of split pid_s). refs: the epilogue's inputs
+    (add_norm: residual [M, N], norm scale [N]), the tile counters (reduce="kernel" or add_norm), then the
+    outputs: partials [S, M, N] f32 when split and reduced in XLA; else (partials if split,) y, and with
+    add_norm (partials if split,) s, y."""
+    n_epi = 2 if epilogue == "add_norm" else 0
+    in_kernel = (partial and reduce == "kernel") or epilogue == "add_norm"
+    epi_refs, refs = refs[:n_epi], refs[n_epi:]
+    cnt_ref, outs = (refs[0], refs[1:]) if in_kernel else (None, refs)
     pid_n = pl.program_id(0)
     pid_s = pl.program_id(1)
     n0 = pl.multiple_of(pid_n * block_n, block_n)
@@ -289,43 +303,120 @@ def _weight_only_kernel(x_ref, w_ref, s_ref, o_ref, *, m, n, k, block_m, block_n
     if swap_ab:
         acc = acc.T
     out_mask = _mask2(m_in, n_in)
-    if partial:
-        _store(o_ref.at[pid_s, pl.ds(0, block_m), pl.ds(n0, block_n)], acc, out_mask)
+    tile = (pl.ds(0, block_m), pl.ds(n0, block_n))
+
+    def finish(y):  # the whole K sum of this tile [bm, bn] f32
+        if epilogue is None:
+            _store(outs[-1].at[tile], y.astype(outs[-1].dtype), out_mask)
+            return
+        res_ref, nw_ref = epi_refs
+        sum_ref, y_ref = outs[-2:]
+        r = _load(res_ref.at[tile], out_mask)
+        # the model's order: the projection rounded to the residual's dtype, then the residual add
+        _store(sum_ref.at[tile], (r + y.astype(r.dtype)).astype(sum_ref.dtype), out_mask)
+        # RMSNorm needs whole rows: the last of the N blocks to finish its sum normalizes every row
+        nb = pl.cdiv(n, block_n)
+        last_n = arrive(cnt_ref, nb, nb, interpret=interpret)
+        pl.when(last_n)(lambda: _rms_norm_rows(sum_ref, nw_ref, y_ref, m=m, n=n, block_m=block_m,
+                                               block_norm=block_norm, eps=eps))
+
+    if not partial:
+        finish(acc)
+    elif reduce == "xla":
+        _store(outs[0].at[(pid_s, *tile)], acc, out_mask)
     else:
-        _store(o_ref.at[pl.ds(0, block_m), pl.ds(n0, block_n)], acc.astype(o_ref.dtype), out_mask)
+        _store(outs[0].at[(pid_s, *tile)], acc, out_mask)
+        last = arrive(cnt_ref, pid_n, num_splits, interpret=interpret)
+        pl.when(last)(lambda: finish(sum_partials(outs[0], num_splits, tile, (block_m, block_n), out_mask)))
+
+
+def _rms_norm_rows(s_ref, w_ref, y_ref, *, m, n, block_m, block_norm, eps):
+    """y = rms_norm(s) * w over whole rows of s [M, N] (written by other programs of this launch: read through
+    L2), as mavjax.model.rms_norm: float32 statistics, cast, then the scale. Two passes of block_norm lanes."""
+    m_in = _in_bounds(0, block_m, m) if m != block_m else None
+    nc = pl.cdiv(n, block_norm)
+
+    def chunk(c):
+        c0 = pl.multiple_of(c * block_norm, block_norm)
+        c_in = _in_bounds(c0, block_norm, n)
+        return (pl.ds(0, block_m), pl.ds(c0, block_norm)), c_in, _mask2(m_in, c_in)
+
+    def sumsq(c, acc):
+        idx, _, mask = chunk(c)
+        v = load_partial(s_ref.at[idx], mask).astype(jnp.float32)            # [bm, bc]
+        return acc + jnp.sum(v * v, axis=1)
+
+    rs = lax.rsqrt(lax.fori_loop(0, nc, sumsq, jnp.zeros((block_m,), jnp.float32)) / n + eps)  # [bm]
+
+    def write(c, carry):
+        idx, c_in, mask = chunk(c)
+        v = load_partial(s_ref.at[idx], mask).astype(jnp.float32)
+        w = _load(w_ref.at[idx[1]], c_in)                                               # [bc]
+        _store(y_ref.at[idx], ((v * rs[:, None]).astype(s_ref.dtype) * w[None, :]).astype(y_ref.dtype), mask)
+        return carry
+
+    lax.fori_loop(0, nc, write, 0)
 
 
 def _weight_only_pallas(x, w_fp8, w_scale, *, scale_kind, scale_block, block_n, block_k, split_k, num_warps,
-                        num_stages, out_dtype, interpret, poison_output, w_transposed, evict, swap_ab):
+                        num_stages, out_dtype, interpret, poison_output, w_transposed, evict, swap_ab,
+                        reduce="kernel", add_norm=None):
+    """add_norm: None, or (residual [M, N], norm scale [N], eps): returns (residual + y, rms_norm of it)."""
     M, K = x.shape
     N = w_fp8.shape[0 if w_transposed else 1]
     block_m = max(16, _next_pow2(M))  # tensor-core dots need >= 16 rows; Triton blocks are powers of two
     nk = pl.cdiv(K, block_k)
-    split_k = max(1, min(split_k, nk))
-    kb_per_split = pl.cdiv(nk, split_k)
-    split_k = pl.cdiv(nk, kb_per_split)  # no empty splits
-    partial = split_k > 1
-    grid = (pl.cdiv(N, block_n), split_k)
-    out_shape = jax.ShapeDtypeStruct((split_k, M, N) if partial else (M, N),
-                                     jnp.float32 if partial else out_dtype)
+    split = max(1, min(split_k, nk))
+    kb_per_split = pl.cdiv(nk, split)
+    split = pl.cdiv(nk, kb_per_split)  # no empty splits
+    partial = split > 1
+    nb = pl.cdiv(N, block_n)
+    epilogue = None if add_norm is None else "add_norm"
+    if reduce not in ("kernel", "xla"):
+        raise ValueError(f"reduce must be 'kernel' or 'xla', got {reduce!r}")
+    if epilogue and reduce == "xla":
+        raise ValueError("the add_norm epilogue needs reduce='kernel'")
+    in_kernel = (partial and reduce == "kernel") or epilogue is not None
+    args = [x, w_fp8, w_scale]
+    if epilogue:
+        res, nw, eps = add_norm
+        args += [res, nw]
+    if in_kernel:  # tile counters, then one for the whole-row norm
+        args.append(split_k_counters(nb + 1))
+    part = jax.ShapeDtypeStruct((split, M, N), jnp.float32)
+    final = [jax.ShapeDtypeStruct((M, N), out_dtype)]
+    if epilogue:
+        final = [jax.ShapeDtypeStruct((M, N), res.dtype), jax.ShapeDtypeStruct((M, N), out_dtype)]
+    if partial and reduce == "xla":
+        out_shapes = [part]
+    else:
+        out_shapes = ([part] if partial else []) + final
     kernel = functools.partial(
         _weight_only_kernel, m=M, n=N, k=K, block_m=block_m, block_n=block_n, block_k=block_k,
-        kb_per_split=kb_per_split, scale_kind=scale_kind, scale_block=scale_block, partial=partial,
-        w_transposed=w_transposed, evict=evict, swap_ab=swap_ab)
-    args = [x, w_fp8, w_scale]
+        kb_per_split=kb_per_split, num_splits=split, scale_kind=scale_kind, scale_block=scale_block,
+        partial=partial, reduce=reduce, epilogue=epilogue, eps=float(add_norm[2]) if epilogue else None,
+        block_norm=min(_next_pow2(N), max(64, 16384 // block_m)), w_transposed=w_transposed, evict=evict,
+        swap_ab=swap_ab, interpret=interpret)
+    n_scratch = 1 if partial and reduce == "kernel" else 0
     aliases = {}
-    if poison_output:  # every element the kernel does not write stays NaN
-        args.append(jnp.full(out_shape.shape, jnp.nan, out_shape.dtype))
-        aliases = {3: 0}
-        kernel = _drop_last_input(kernel, n_in=3)
-    out = pl.pallas_call(
-        kernel, out_shape=out_shape, grid=grid, input_output_aliases=aliases, interpret=interpret,
-        compiler_params=_compiler_params(num_warps, num_stages),
-        name=f"fp8_weight_only_m{block_m}_n{block_n}_k{block_k}_s{split_k}",
+    if poison_output:  # every element of the final outputs the kernel does not write stays NaN
+        n_in = len(args)
+        poisoned = out_shapes[n_scratch:] if not (partial and reduce == "xla") else out_shapes
+        args += [jnp.full(o.shape, jnp.nan, o.dtype) for o in poisoned]
+        aliases = {n_in + i: len(out_shapes) - len(poisoned) + i for i in range(len(poisoned))}
+        inner = kernel
+
+        def kernel(*refs):  # the aliased inputs are the outputs' own refs: drop them
+            return inner(*refs[:n_in], *refs[n_in + len(poisoned):])
+    outs = pl.pallas_call(
+        kernel, out_shape=tuple(out_shapes), grid=(nb, split), input_output_aliases=aliases,
+        interpret=interpret, compiler_params=_compiler_params(num_warps, num_stages),
+        name=f"fp8_weight_only{'_add_norm' if epilogue else ''}_m{block_m}_n{block_n}_k{block_k}_s{split}",
     )(*args)
-    if partial:
-        out = jnp.sum(out, axis=0).astype(out_dtype)
-    return out
+    if partial and reduce == "xla":
+        return jnp.sum(outs[0], axis=0).astype(out_dtype)
+    final = outs[n_scratch:]
+    return tuple(final) if epilogue else final[0]
 
 
 def _drop_last_input(kernel, n_in):
@@ -430,13 +521,16 @@ def default_config(mode, M, N, K, scale_kind="channel", num_sms=NUM_SMS_H100, ti
     return dict(block_m=128, block_n=128, block_k=128, split_k=1, num_warps=4, num_stages=3, swap_ab=False)
 
 
-@functools.partial(jax.jit, static_argnames=(
-    "mode", "block_m", "block_n", "block_k", "split_k", "group_m", "num_warps", "num_stages", "out_dtype",
-    "scale_block", "w_transposed", "evict", "swap_ab", "compute_dtype", "interpret", "poison_output"))
+_MATMUL_STATIC = ("mode", "block_m", "block_n", "block_k", "split_k", "group_m", "num_warps", "num_stages",
+                  "out_dtype", "scale_block", "w_transposed", "evict", "swap_ab", "compute_dtype", "reduce",
+                  "interpret", "poison_output")
+
+
+@functools.partial(jax.jit, static_argnames=_MATMUL_STATIC)
 def fp8_matmul(x, w_fp8, w_scale, *, mode="auto", block_m=None, block_n=None, block_k=None, split_k=None,
                group_m=8, num_warps=None, num_stages=None, out_dtype=None, scale_block=(128, 128),
-               w_transposed=False, evict=True, swap_ab=None, compute_dtype=None, interpret=False,
-               poison_output=False):
+               w_transposed=False, evict=True, swap_ab=None, compute_dtype=None, reduce=None,
+               interpret=False, poison_output=False):
     """y[..., N] = x[..., K] @ (w_fp8[K, N] dequantized with w_scale), f32 accumulation, cast to out_dtype.
 
     mode: "weight_only" (bf16 activations x upcast FP8 weights; memory-bound decode path), "fp8_fp8"
@@ -451,15 +545,50 @@ def fp8_matmul(x, w_fp8, w_scale, *, mode="auto", block_m=None, block_n=None, bl
     swap_ab (weight_only): compute y^T = w^T x^T so the weight tile is the MMA's A operand.
     compute_dtype (weight_only): dtype of the in-register dot (default: x's if bf16/f16, else bf16); e4m3
       converts exactly to both bf16 and f16, but x is rounded to it (f16: |x| must stay < 65504).
+    reduce (weight_only with split_k > 1): "kernel" (the last split of each tile sums the partials:
+      pallas_kernels.split_k, one launch) or "xla" (a jnp sum after the kernel: a second launch); None:
+      split_k.default_reduce() ("kernel" unless MAVJAX_SPLIT_K_REDUCE=xla).
     poison_output: debugging aid; the output buffer starts as NaN (aliased in), so unwritten elements show.
     interpret: run the kernels in the Pallas interpreter (CPU tests).
     """
+    return _fp8_matmul(x, w_fp8, w_scale, None, **_kwargs(locals()))
+
+
+@functools.partial(jax.jit, static_argnames=_MATMUL_STATIC + ("eps",))
+def fp8_matmul_add_rms_norm(x, w_fp8, w_scale, residual, norm_scale, *, eps, mode="auto", block_m=None,
+                            block_n=None, block_k=None, split_k=None, group_m=8, num_warps=None, num_stages=None,
+                            out_dtype=None, scale_block=(128, 128), w_transposed=False, evict=True, swap_ab=None,
+                            compute_dtype=None, reduce=None, interpret=False, poison_output=False):
+    """(s, y): s = residual + (x @ dequant(w_fp8)) rounded to residual's dtype first (the model's residual
+    add), y = rms_norm(s) * norm_scale (mavjax.model.rms_norm's arithmetic), what an output projection and
+    the next layer's norm compute. residual [..., N] like the output, norm_scale [N]. Weight-only mode with
+    reduce="kernel": one launch (the last split of each tile adds the residual; the last tile to finish
+    normalizes the rows: pallas_kernels.split_k); otherwise fp8_matmul then fused_norm.add_rms_norm.
+    Other arguments as fp8_matmul; out_dtype is y's (default: residual's)."""
+    kw = _kwargs(locals())
+    kw["out_dtype"] = out_dtype or residual.dtype
+    return _fp8_matmul(x, w_fp8, w_scale, (residual, norm_scale, eps), **kw)
+
+
+def _kwargs(loc):
+    return {k: loc[k] for k in _MATMUL_STATIC}
+
+
+def _fp8_matmul(x, w_fp8, w_scale, add_norm, *, mode, block_m, block_n, block_k, split_k, group_m, num_warps,
+                num_stages, out_dtype, scale_block, w_transposed, evict, swap_ab, compute_dtype, reduce,
+                interpret, poison_output):
     *lead, K = x.shape
     N, Kw = w_fp8.shape if w_transposed else w_fp8.shape[::-1]
     if Kw != K:
         raise ValueError(f"x has K={K}, w_fp8 {w_fp8.shape} has K={Kw} (w_transposed={w_transposed})")
     if w_fp8.dtype != FP8:
         raise TypeError(f"w_fp8 must be float8_e4m3fn, got {w_fp8.dtype}")
+    if add_norm is not None:
+        residual, norm_scale, eps = add_norm
+        if residual.shape != (*lead, N):
+            raise ValueError(f"residual must be the output's shape {(*lead, N)}, got {residual.shape}")
+        if norm_scale.shape != (N,):
+            raise ValueError(f"norm_scale must be [{N}], got {norm_scale.shape}")
     scale_block = tuple(scale_block)
     scale_kind = _scale_kind(w_scale.T if w_transposed else w_scale, K, N, scale_block)
     out_dtype = jnp.dtype(out_dtype or x.dtype)
@@ -469,8 +598,25 @@ def fp8_matmul(x, w_fp8, w_scale, *, mode="auto", block_m=None, block_n=None, bl
         mode = "weight_only" if M <= 64 else "fp8_fp8"
     if mode not in ("weight_only", "fp8_fp8"):
         raise ValueError(f"unknown mode {mode!r}")
-    if M == 0 or N == 0 or K == 0:
-        return jnp.zeros((*lead, N), out_dtype)
+    reduce = reduce or default_reduce()
+    if reduce not in ("kernel", "xla"):
+        raise ValueError(f"reduce must be 'kernel' or 'xla', got {reduce!r}")
+    if M == 0 or N == 0 or K == 0 or (add_norm is not None and (mode != "weight_only" or reduce != "kernel")):
+        # empty, or the add + norm as its own kernel after the GEMM
+        y = (jnp.zeros((*lead, N), out_dtype) if M == 0 or N == 0 or K == 0 else
+             _fp8_matmul(x, w_fp8, w_scale, None, mode=mode, block_m=block_m, block_n=block_n, block_k=block_k,
+                         split_k=split_k, group_m=group_m, num_warps=num_warps, num_stages=num_stages,
+                         out_dtype=add_norm[0].dtype if add_norm is not None else out_dtype,
+                         scale_block=scale_block, w_transposed=w_transposed, evict=evict, swap_ab=swap_ab,
+                         compute_dtype=compute_dtype, reduce=reduce, interpret=interpret,
+                         poison_output=poison_output))
+        if add_norm is None:
+            return y
+        from pallas_kernels.fused_norm import add_rms_norm
+
+        s, yn = add_rms_norm(add_norm[0], y.astype(add_norm[0].dtype), add_norm[1], eps=add_norm[2],
+                             interpret=interpret, poison_output=poison_output)
+        return s, yn.astype(out_dtype)
 
     cfg = default_config(mode, M, N, K, scale_kind)
     block_n = block_n or cfg["block_n"]
@@ -494,8 +640,14 @@ def fp8_matmul(x, w_fp8, w_scale, *, mode="auto", block_m=None, block_n=None, bl
         if compute_dtype is None:
             compute_dtype = x2.dtype if x2.dtype in (jnp.bfloat16, jnp.float16) else jnp.bfloat16
         swap_ab = cfg["swap_ab"] if swap_ab is None else swap_ab
+        if add_norm is not None:
+            res2 = add_norm[0].reshape(M, N)
+            s, y = _weight_only_pallas(x2.astype(compute_dtype), w_fp8, w_scale, split_k=split_k or cfg["split_k"],
+                                       evict=evict, swap_ab=swap_ab, reduce=reduce,
+                                       add_norm=(res2, add_norm[1], add_norm[2]), **common)
+            return s.reshape(*lead, N), y.reshape(*lead, N)
         y = _weight_only_pallas(x2.astype(compute_dtype), w_fp8, w_scale, split_k=split_k or cfg["split_k"],
-                                evict=evict, swap_ab=swap_ab, **common)
+                                evict=evict, swap_ab=swap_ab, reduce=reduce, **common)
     else:
         block_m = block_m or cfg["block_m"]
         if block_m & (block_m - 1):

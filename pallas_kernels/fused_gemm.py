@@ -23,9 +23,12 @@ sin2[c] = -sin(.) on even c, +sin(.) on odd c ([M, Dh] tables built once per cal
 rope tables). Block_n must divide Dh, so a tile never straddles two heads.
 
 Split-K (decode: few N blocks would leave most SMs idle): RoPE and the temperature are linear, so each
-split applies them to its partial; the partials (f32) are summed by a small jnp epilogue that also does what
-is not linear - SwiGLU, and the qk norm (which in-kernel needs the whole head in one tile: block_n == Dh and
-split_k == 1, the prefill default). Ragged M, N, K are masked loads/stores, as in fp8_gemm.
+split applies them to its partial and stores it (f32). With reduce="kernel" (split_k.default_reduce()) the
+kernel finishes the sum itself (pallas_kernels/split_k.py): the last split of each output tile - for the qk
+norm, of each head, whose column blocks (block_n < Dh) are programs too - sums the partials and runs what is
+not linear, SwiGLU or the norm, so the GEMM's launch is the only one. reduce="xla" keeps the older epilogue,
+a jnp sum plus SwiGLU / norm (1-2 more small kernels), for A/B runs. Ragged M, N, K are masked loads/stores,
+as in fp8_gemm.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from jax.experimental import pallas as pl
 from pallas_kernels.fp8_gemm import (
     FP8, _call, _silu, _exact_upcast, _in_bounds, _load, _mask2, _next_pow2, _store, default_config,
     quantize_activation_per_token)
+from pallas_kernels.split_k import arrive, counters, default_reduce, load_partial
 
 __all__ = ["gate_up_swiglu_ref", "gate_up_swiglu", "qkv_rope_ref", "qkv_rope", "rope_columns"]
 
@@ -161,6 +165,25 @@ def _pair_swap(acc):
     return out
 
 
+def _split_sum(part_ref, num_splits, index, mask):
+    """float32 sum over the splits of one tile's partials (part_ref.at[s, *index]), in split order. Unrolled,
+    unlike split_k.sum_partials' loop (the Triton lowering has no unrolled scan): the S loads are independent
+    and can all be in flight at once, not one L2 round trip after another."""
+    acc = None
+    for s in range(num_splits):
+        p = load_partial(part_ref.at[(jnp.int32(s), *index)], mask).astype(jnp.float32)  # (interpret: not an int)
+        acc = p if acc is None else acc + p
+    return acc
+
+
+def _l2norm_tiles(tiles, dtype, head_dim, eps):
+    """The qk L2 norm of one head given as column tiles [bm, bn] (f32), of the values rounded to the output
+    dtype first (as the model, which norms the stored q / k)."""
+    tiles = [a.astype(dtype).astype(jnp.float32) for a in tiles]
+    ss = functools.reduce(jnp.add, [jnp.sum(a * a, axis=1) for a in tiles])  # [bm]
+    return [a * lax.rsqrt(ss / head_dim + eps)[:, None] for a in tiles]
+
+
 def _setup(x, weights, scales, mode, N_total, block_m, block_n, block_k, split_k, num_warps, num_stages,
            compute_dtype, tiles_per_step):
     """Argument checks, mode, config and the activations as the kernel reads them."""
@@ -212,8 +235,9 @@ def _setup(x, weights, scales, mode, N_total, block_m, block_n, block_k, split_k
 # gate/up + SwiGLU
 # ----------------------------------------------------------------------------------------------------------
 
-def _gate_up_kernel(x_ref, xs_ref, wg_ref, sg_ref, wu_ref, su_ref, *outs, m, n, k, block_m, block_n, block_k,
-                    kb_per_split, partial, x_fp8, cdt, evict):
+def _gate_up_kernel(x_ref, xs_ref, wg_ref, sg_ref, wu_ref, su_ref, *refs, m, n, k, block_m, block_n, block_k,
+                    kb_per_split, num_splits, reduce, x_fp8, cdt, evict, interpret):
+    """refs: reduce None (no split) -> h; "xla" -> g, u partials [S, M, F]; "kernel" -> counters, g, u, h."""
     pid_m, pid_n, pid_s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     m0 = pl.multiple_of(pid_m * block_m, block_m)
     n0 = pl.multiple_of(pid_n * block_n, block_n)
@@ -226,26 +250,46 @@ def _gate_up_kernel(x_ref, xs_ref, wg_ref, sg_ref, wu_ref, su_ref, *outs, m, n, 
     g = _scale_acc(g, sg_ref, xs, n0, n_in, block_n)  # [bm, bn] f32
     u = _scale_acc(u, su_ref, xs, n0, n_in, block_n)
     mask = _mask2(m_in, n_in)
-    if partial:  # SwiGLU is not linear: the epilogue applies it after summing the splits
-        g_ref, u_ref = outs
-        _store(g_ref.at[pid_s, pl.ds(m0, block_m), pl.ds(n0, block_n)], g, mask)
-        _store(u_ref.at[pid_s, pl.ds(m0, block_m), pl.ds(n0, block_n)], u, mask)
-    else:
-        (h_ref,) = outs
-        _store(h_ref.at[pl.ds(m0, block_m), pl.ds(n0, block_n)], (_silu(g) * u).astype(h_ref.dtype), mask)
+    tile = (pl.ds(m0, block_m), pl.ds(n0, block_n))
+    if reduce is None:
+        (h_ref,) = refs
+        _store(h_ref.at[tile], (_silu(g) * u).astype(h_ref.dtype), mask)
+        return
+    # SwiGLU is not linear: it follows the sum of the splits' partials
+    cnt_ref, g_ref, u_ref, h_ref = refs if reduce == "kernel" else (None, *refs, None)
+    _store(g_ref.at[(pid_s, *tile)], g, mask)
+    _store(u_ref.at[(pid_s, *tile)], u, mask)
+    if reduce == "kernel":
+        last = arrive(cnt_ref, pid_m * pl.cdiv(n, block_n) + pid_n, num_splits, interpret=interpret)
+
+        @pl.when(last)
+        def _epilogue():
+            gs = _split_sum(g_ref, num_splits, tile, mask)
+            us = _split_sum(u_ref, num_splits, tile, mask)
+            _store(h_ref.at[tile], (_silu(gs) * us).astype(h_ref.dtype), mask)
 
 
 _STATIC = ("mode", "block_m", "block_n", "block_k", "split_k", "num_warps", "num_stages", "out_dtype",
-           "compute_dtype", "evict", "interpret", "poison_output")
+           "compute_dtype", "evict", "interpret", "poison_output", "reduce")
+
+
+def _check_reduce(reduce):
+    reduce = reduce or default_reduce()
+    if reduce not in ("kernel", "xla"):
+        raise ValueError(f"reduce must be 'kernel' or 'xla', got {reduce!r}")
+    return reduce
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def gate_up_swiglu(x, wg, sg, wu, su, *, mode="auto", block_m=None, block_n=None, block_k=None, split_k=None,
                    num_warps=None, num_stages=None, out_dtype=None, compute_dtype=None, evict=True,
-                   interpret=False, poison_output=False):
+                   interpret=False, poison_output=False, reduce=None):
     """h [M, F] = silu(x @ deq(wg)) * (x @ deq(wu)) in one kernel. x [M, D] (bf16 / f16 / f32), wg, wu [D, F]
     float8_e4m3fn, sg, su [F] float32. Arguments as fp8_gemm.fp8_matmul (mode, blocks, split_k, warps,
-    stages, compute_dtype, evict, interpret, poison_output)."""
+    stages, compute_dtype, evict, interpret, poison_output). reduce (split_k > 1): "kernel" - the last split
+    of each tile sums the partials and applies SwiGLU; "xla" - a jnp epilogue does (two more launches); None:
+    split_k.default_reduce() ("kernel" unless MAVJAX_SPLIT_K_REDUCE=xla)."""
+    reduce = _check_reduce(reduce)
     if wg.shape != wu.shape:
         raise ValueError(f"w_gate {wg.shape} and w_up {wu.shape} must have the same shape")
     out_dtype = jnp.dtype(out_dtype or x.dtype)
@@ -256,76 +300,117 @@ def gate_up_swiglu(x, wg, sg, wu, su, *, mode="auto", block_m=None, block_n=None
     if M == 0 or F == 0 or K == 0:
         return jnp.zeros((M, F), out_dtype)
     bm, bn, S = c["block_m"], c["block_n"], c["split_k"]
-    partial = S > 1
+    red = None if S == 1 else reduce
     kernel = functools.partial(
         _gate_up_kernel, m=M, n=F, k=K, block_m=bm, block_n=bn, block_k=c["block_k"],
-        kb_per_split=c["kb_per_split"], partial=partial, x_fp8=c["mode"] == "fp8_fp8", cdt=c["cdt"], evict=evict)
-    outs = [jax.ShapeDtypeStruct((S, M, F), jnp.float32)] * 2 if partial else [jax.ShapeDtypeStruct((M, F), out_dtype)]
-    res = _call(kernel, [c["xk"], c["xs"], wg, sg.astype(jnp.float32), wu, su.astype(jnp.float32)], outs,
-                (pl.cdiv(M, bm), pl.cdiv(F, bn), S), num_warps=c["num_warps"], num_stages=c["num_stages"],
-                interpret=interpret, poison_output=poison_output,
+        kb_per_split=c["kb_per_split"], num_splits=S, reduce=red, x_fp8=c["mode"] == "fp8_fp8", cdt=c["cdt"],
+        evict=evict, interpret=interpret)
+    args = [c["xk"], c["xs"], wg, sg.astype(jnp.float32), wu, su.astype(jnp.float32)]
+    partials = [jax.ShapeDtypeStruct((S, M, F), jnp.float32)] * 2
+    final = [jax.ShapeDtypeStruct((M, F), out_dtype)]
+    if red == "kernel":  # one counter per output tile
+        args.append(counters(pl.cdiv(M, bm) * pl.cdiv(F, bn)))
+    outs = {None: final, "xla": partials, "kernel": partials + final}[red]
+    res = _call(kernel, args, outs, (pl.cdiv(M, bm), pl.cdiv(F, bn), S), num_warps=c["num_warps"],
+                num_stages=c["num_stages"], interpret=interpret, poison_output=poison_output,
                 name=f"fp8_gate_up_swiglu_{c['mode']}_m{bm}_n{bn}_k{c['block_k']}_s{S}")
-    if partial:
+    if red == "xla":
         g, u = jnp.sum(res[0], axis=0), jnp.sum(res[1], axis=0)  # [M, F] each
         return (_silu(g) * u).astype(out_dtype)
-    return res[0]
+    return res[-1]
 
 
 # ----------------------------------------------------------------------------------------------------------
 # QKV + RoPE / qk-norm / temperature
 # ----------------------------------------------------------------------------------------------------------
 
-def _qkv_kernel(x_ref, xs_ref, cos_ref, sin_ref, rs_ref, wq_ref, sq_ref, wk_ref, sk_ref, wv_ref, sv_ref,
-                q_ref, k_ref, v_ref, *, m, k, ns, nbs, head_dim, block_m, block_n, block_k, kb_per_split,
-                partial, x_fp8, cdt, evict, rope, norm_eps, q_scaled):
+def _qkv_kernel(x_ref, xs_ref, cos_ref, sin_ref, rs_ref, wq_ref, sq_ref, wk_ref, sk_ref, wv_ref, sv_ref, *refs,
+                m, k, ns, nbs, head_dim, block_m, block_n, block_k, kb_per_split, num_splits, reduce, groups,
+                x_fp8, cdt, evict, rope, norm_eps, q_scaled, interpret):
+    """refs: reduce None -> q, k, v; "xla" -> their partials [S, M, N*]; "kernel" -> counters, the partials,
+    q, k, v. norm_eps: the qk norm is done here (None: not at all, or by the caller). q_scaled: q's row scale
+    is applied here (after the norm, if any). groups: column blocks per counter of q, k, v (a head's, Dh //
+    block_n, where the norm needs the whole head; else 1)."""
     pid_m, pid_j, pid_s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     m0 = pl.multiple_of(pid_m * block_m, block_m)
     m_in = _in_bounds(m0, block_m, m)
     kb_lo = pid_s * kb_per_split
     kb_hi = jnp.minimum(kb_lo + kb_per_split, pl.cdiv(k, block_k))
     xs = _load(xs_ref.at[pl.ds(m0, block_m)], m_in) if x_fp8 else None
+    rows = pl.ds(m0, block_m)
+    if reduce == "kernel":
+        cnt_ref, parts, finals = refs[0], refs[1:4], refs[4:]
+    else:
+        parts, finals = (refs, (None,) * 3) if reduce == "xla" else ((None,) * 3, refs)
+    ngs = [nb // g for nb, g in zip(nbs, groups)]  # counters per M block of q, k, v
+    n_m = pl.cdiv(m, block_m)
+    bases = (0, n_m * ngs[0], n_m * (ngs[0] + ngs[1]))  # counters: q's, then k's, then v's, each M-block major
 
-    def branch(w_ref, s_ref, o_ref, n, j, do_rope, do_norm, do_scale):
+    def row_scale(a):
+        return a * _load(rs_ref.at[rows], m_in)[:, None]
+
+    def branch(t, w_ref, s_ref, j):
+        n, part_ref, o_ref = ns[t], parts[t], finals[t]
+        do_norm = norm_eps is not None and t < 2
         n0 = pl.multiple_of(j * block_n, block_n)
         n_in = _in_bounds(n0, block_n, n)
         (acc,) = _k_loop(x_ref, (w_ref,), (n0,), (n_in,), m0=m0, m_in=m_in, k=k, block_m=block_m,
                          block_n=block_n, block_k=block_k, kb_lo=kb_lo, kb_hi=kb_hi, x_fp8=x_fp8, cdt=cdt,
                          evict=evict)
         acc = _scale_acc(acc, s_ref, xs, n0, n_in, block_n)  # [bm, bn] f32
-        if do_rope:  # linear: fine on a split-K partial
+        if rope and t < 2:  # linear: fine on a split-K partial
             c0 = pl.multiple_of(lax.rem(n0, jnp.int32(head_dim)), block_n)  # column within the head (block_n | Dh)
             tmask = _mask2(m_in, None)
-            cos2 = _load(cos_ref.at[pl.ds(m0, block_m), pl.ds(c0, block_n)], tmask)  # [bm, bn]
-            sin2 = _load(sin_ref.at[pl.ds(m0, block_m), pl.ds(c0, block_n)], tmask)
+            cos2 = _load(cos_ref.at[rows, pl.ds(c0, block_n)], tmask)  # [bm, bn]
+            sin2 = _load(sin_ref.at[rows, pl.ds(c0, block_n)], tmask)
             acc = acc * cos2 + _pair_swap(acc) * sin2
-        if do_norm:  # the whole head is this tile (block_n == Dh, no split): L2 norm of the rounded values
-            a = acc.astype(o_ref.dtype).astype(jnp.float32)
-            acc = a * lax.rsqrt(jnp.sum(a * a, axis=1) / head_dim + norm_eps)[:, None]
-        if do_scale:  # attention temperature per token (linear)
-            acc = acc * _load(rs_ref.at[pl.ds(m0, block_m)], m_in)[:, None]
+        if t == 0 and q_scaled and not do_norm:  # attention temperature per token (linear)
+            acc = row_scale(acc)
         mask = _mask2(m_in, n_in)
-        if partial:
-            _store(o_ref.at[pid_s, pl.ds(m0, block_m), pl.ds(n0, block_n)], acc, mask)
-        else:
-            _store(o_ref.at[pl.ds(m0, block_m), pl.ds(n0, block_n)], acc.astype(o_ref.dtype), mask)
+        if reduce is None:
+            if do_norm:  # the whole head is this tile (block_n == Dh, no split)
+                (acc,) = _l2norm_tiles([acc], o_ref.dtype, head_dim, norm_eps)
+                if t == 0 and q_scaled:
+                    acc = row_scale(acc)
+            _store(o_ref.at[rows, pl.ds(n0, block_n)], acc.astype(o_ref.dtype), mask)
+            return
+        _store(part_ref.at[pid_s, rows, pl.ds(n0, block_n)], acc, mask)
+        if reduce == "xla":
+            return
+        g = groups[t]  # column blocks of this counter: all of a head's where the norm needs them
+        last = arrive(cnt_ref, bases[t] + pid_m * ngs[t] + j // g, num_splits * g, interpret=interpret)
+
+        @pl.when(last)
+        def _epilogue():  # the partials of every split (and column block) of this head / tile
+            c0 = pl.multiple_of((j // g) * (g * block_n), block_n)
+            cols = [pl.ds(c0 + i * block_n, block_n) for i in range(g)]
+            tiles = [_split_sum(part_ref, num_splits, (rows, cs), mask) for cs in cols]
+            if do_norm:
+                tiles = _l2norm_tiles(tiles, o_ref.dtype, head_dim, norm_eps)
+                if t == 0 and q_scaled:
+                    tiles = [row_scale(a) for a in tiles]
+            for cs, a in zip(cols, tiles):  # (n_in is None: N* are multiples of Dh, so of block_n)
+                _store(o_ref.at[rows, cs], a.astype(o_ref.dtype), mask)
 
     nbq, nbk, _ = nbs
-    in_norm = norm_eps is not None
-    pl.when(pid_j < nbq)(lambda: branch(wq_ref, sq_ref, q_ref, ns[0], pid_j, rope, in_norm, q_scaled))
-    pl.when((pid_j >= nbq) & (pid_j < nbq + nbk))(
-        lambda: branch(wk_ref, sk_ref, k_ref, ns[1], pid_j - nbq, rope, in_norm, False))
-    pl.when(pid_j >= nbq + nbk)(lambda: branch(wv_ref, sv_ref, v_ref, ns[2], pid_j - nbq - nbk, False, False, False))
+    pl.when(pid_j < nbq)(lambda: branch(0, wq_ref, sq_ref, pid_j))
+    pl.when((pid_j >= nbq) & (pid_j < nbq + nbk))(lambda: branch(1, wk_ref, sk_ref, pid_j - nbq))
+    pl.when(pid_j >= nbq + nbk)(lambda: branch(2, wv_ref, sv_ref, pid_j - nbq - nbk))
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC + ("head_dim", "qk_norm_eps"))
 def qkv_rope(x, wq, sq, wk, sk, wv, sv, *, head_dim, rope=None, q_row_scale=None, qk_norm_eps=None, mode="auto",
              block_m=None, block_n=None, block_k=None, split_k=None, num_warps=None, num_stages=None,
-             out_dtype=None, compute_dtype=None, evict=True, interpret=False, poison_output=False):
+             out_dtype=None, compute_dtype=None, evict=True, interpret=False, poison_output=False,
+             reduce=None):
     """q [M, Nq], k [M, Nk], v [M, Nv] = x @ deq(wq | wk | wv) in one launch, with the attention epilogue:
     rope = (cos, sin) [M, Dh/2] (the model's tables for each token) rotates q and k; qk_norm_eps: L2 norm of
     each head of q and k after RoPE; q_row_scale [M]: per-token scale of q (NoPE attention temperature).
     x [M, D]; w* [D, N*] float8_e4m3fn with s* [N*] float32, N* multiples of head_dim. block_n must divide
-    head_dim (default min(64 or 128, head_dim)). Other arguments as fp8_gemm.fp8_matmul."""
+    head_dim (default min(64 or 128, head_dim)). reduce: where split-K partials are summed and the qk norm of
+    heads wider than block_n is done: "kernel" (the last program of each tile / head), "xla" (a jnp epilogue:
+    one or two more launches) or None (split_k.default_reduce()). Other arguments as fp8_gemm.fp8_matmul."""
+    reduce = _check_reduce(reduce)
     out_dtype = jnp.dtype(out_dtype or x.dtype)
     ws, ss = {"wq": wq, "wk": wk, "wv": wv}, {"wq": sq, "wk": sk, "wv": sv}
     ns = tuple(w.shape[1] if w.ndim == 2 else 0 for w in (wq, wk, wv))
@@ -347,28 +432,40 @@ def qkv_rope(x, wq, sq, wk, sk, wv, sv, *, head_dim, rope=None, q_row_scale=None
         raise ValueError(f"q_row_scale must be [{M}], got {q_row_scale.shape}")
     if M == 0 or K == 0:
         return tuple(jnp.zeros((M, n), out_dtype) for n in ns)
-    partial = S > 1
-    norm_in_kernel = qk_norm_eps is not None and not partial and bn == head_dim
-    norm_late = qk_norm_eps is not None and not norm_in_kernel  # then q's row scale must follow it too
+    norm = qk_norm_eps is not None
+    if reduce == "kernel":  # partials whenever a sum or a norm spans programs; all finished in-kernel
+        red = "kernel" if S > 1 or (norm and bn < head_dim) else None
+        norm_in_kernel = norm
+    else:
+        red = "xla" if S > 1 else None
+        norm_in_kernel = norm and S == 1 and bn == head_dim
+    norm_late = norm and not norm_in_kernel  # then q's row scale must follow it too
     if rope is not None:
         cos2, sin2 = rope_columns(*rope)  # [M, Dh] each (tiny; shared by q and k)
     else:
         cos2 = sin2 = jnp.zeros((M, head_dim), jnp.float32)
     rs = jnp.ones((M,), jnp.float32) if q_row_scale is None else q_row_scale.astype(jnp.float32)
     nbs = tuple(pl.cdiv(n, bn) for n in ns)
+    g = head_dim // bn if norm_in_kernel else 1  # column blocks per counter of q and k: a head
+    groups = (g, g, 1)
     kernel = functools.partial(
         _qkv_kernel, m=M, k=K, ns=ns, nbs=nbs, head_dim=head_dim, block_m=bm, block_n=bn, block_k=c["block_k"],
-        kb_per_split=c["kb_per_split"], partial=partial, x_fp8=c["mode"] == "fp8_fp8", cdt=c["cdt"], evict=evict,
-        rope=rope is not None, norm_eps=float(qk_norm_eps) if norm_in_kernel else None,
-        q_scaled=q_row_scale is not None and not norm_late)
-    outs = [jax.ShapeDtypeStruct((S, M, n) if partial else (M, n), jnp.float32 if partial else out_dtype)
-            for n in ns]
+        kb_per_split=c["kb_per_split"], num_splits=S, reduce=red, groups=groups, x_fp8=c["mode"] == "fp8_fp8",
+        cdt=c["cdt"], evict=evict, rope=rope is not None, norm_eps=float(qk_norm_eps) if norm_in_kernel else None,
+        q_scaled=q_row_scale is not None and not norm_late, interpret=interpret)
     args = [c["xk"], c["xs"], cos2, sin2, rs, wq, sq.astype(jnp.float32), wk, sk.astype(jnp.float32), wv,
             sv.astype(jnp.float32)]
-    q, k, v = _call(kernel, args, outs, (pl.cdiv(M, bm), sum(nbs), S), num_warps=c["num_warps"],
-                    num_stages=c["num_stages"], interpret=interpret, poison_output=poison_output,
-                    name=f"fp8_qkv_rope_{c['mode']}_m{bm}_n{bn}_k{c['block_k']}_s{S}")
-    if partial:
+    partials = [jax.ShapeDtypeStruct((S, M, n), jnp.float32) for n in ns]
+    finals = [jax.ShapeDtypeStruct((M, n), out_dtype) for n in ns]
+    if red == "kernel":  # per M block, one counter per head of q and k (column block, without the norm) and
+        # per column block of v
+        args.append(counters(pl.cdiv(M, bm) * sum(nb // gg for nb, gg in zip(nbs, groups))))
+    outs = {None: finals, "xla": partials, "kernel": partials + finals}[red]
+    res = _call(kernel, args, outs, (pl.cdiv(M, bm), sum(nbs), S), num_warps=c["num_warps"],
+                num_stages=c["num_stages"], interpret=interpret, poison_output=poison_output,
+                name=f"fp8_qkv_rope_{c['mode']}_m{bm}_n{bn}_k{c['block_k']}_s{S}")
+    q, k, v = res[-3:]
+    if red == "xla":
         q, k, v = (jnp.sum(t, axis=0) for t in (q, k, v))  # [M, N*] f32
     if norm_late:  # after the split sum / across the tiles of a head; then q's row scale
         rnd = lambda y: y.astype(out_dtype).astype(jnp.float32)  # noqa: E731

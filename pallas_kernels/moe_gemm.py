@@ -50,8 +50,12 @@ Decode path (few pairs, P <= PAIRS_MAX): no sorting at all. Sorting costs a doze
 bincount, searchsorted, scatters: ~60-120 us measured on an H100, more than the expert bytes take to stream)
 and pads each pair to block_m rows. Instead `moe_fp8_pairs` runs one program row per (token, expert) pair:
 kernel 1 (grid (P, F blocks, split-K)) reads that pair's expert's gate/up tiles straight from the [E, D, F]
-weights by the expert id, kernel 2 (grid (P, D blocks, split-K)) its down tiles, summing kernel 1's split-K partials and applying the
-SwiGLU as it loads them (no epilogue launch in between); the token's row is the only
+weights by the expert id, kernel 2 (grid (P, D blocks, split-K)) its down tiles. Both finish their own split-K
+sums (reduce="kernel", the protocol of pallas_kernels/split_k.py): every split stores an f32 partial and counts
+its arrival on its tile's atomic counter; the last split of each h tile sums the tile's partials and stores
+h = silu(g) * u, and the last of the (k + shared rows) x splits programs feeding a [token, D block] output tile
+sums them and stores the final output, so no XLA op follows the two launches (reduce="xla" / gu_epilogue keep
+the earlier reductions, in kernel 2's loads or XLA, for A/B runs); the token's row is the only
 non-zero row of a 16-row dot operand (Triton dots need >= 16 rows; the tensor cores have time to spare, the
 weights' bytes are the cost), and the k pairs of a token are summed at the end. Only the routed experts are
 read; two pairs on one expert read it twice (at Maverick's 128 experts and top-1, rare at decode batch sizes,
@@ -72,6 +76,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from pallas_kernels import split_k as _split_k
 from pallas_kernels.fp8_gemm import (
     FP8, NUM_SMS_H100, _call, _silu, _exact_upcast, _in_bounds, _load, _mask2, _next_pow2, _store,
     quantize_weight_per_channel, weight_only_blocks)
@@ -263,6 +268,22 @@ def _down_kernel(*refs, f, d, block_m, block_n, block_k, kb_per_split, partial, 
             _store(o_ref.at[pl.ds(m0, block_m), pl.ds(n0, block_n)], y.astype(o_ref.dtype), omask)
 
 
+# Split-K finished by the last split of each tile (reduce="kernel"): split_k.arrive counts the arrivals; the
+# partials are summed here rather than by split_k.sum_partials, in one [S_pad, bn] load (one L2 round trip, not
+# one per split) and one reduce.
+
+def _sum_splits(part_ref, num_splits, index, lanes):
+    """float32 sum over the leading split axis of part_ref [S_pad, ...] (S_pad = num_splits rounded up to a power
+    of two; rows >= num_splits are never written and masked off) at `index` (the other axes: a [bn] row), read
+    with split_k.load_partial (the other programs' partials: never a stale L1 line)."""
+    s_pad = part_ref.shape[0]
+    s_in = None if s_pad == num_splits else jnp.arange(s_pad) < num_splits
+    mask = _mask2(s_in, lanes)
+    ref = part_ref.at[(pl.ds(0, s_pad), *index)]
+    tile = _split_k.load_partial(ref, mask)
+    return jnp.sum(tile.astype(jnp.float32), axis=0)
+
+
 def _pair_rows(v, rows=_MIN_BLOCK):
     """[bk] -> [rows, bk] with v in row 0 and zeros below: a Triton dot operand (>= 16 rows) for one token."""
     return jnp.where(jnp.arange(rows)[:, None] == 0, v[None, :], jnp.zeros((), v.dtype))
@@ -285,11 +306,16 @@ def _pair_row(p, idx_ref, num_experts, num_pairs, has_shared, routed, dropped, s
     pl.when(p >= num_pairs)(shared)
 
 
-def _pair_gate_up_kernel(*refs, k, d, f, num_pairs, block_n, block_k, kb_per_split, partial, has_scales,
-                         has_shared, cdt, evict):
+def _pair_gate_up_kernel(*refs, k, d, f, num_pairs, block_n, block_k, kb_per_split, num_splits, finish,
+                         has_scales, has_shared, cdt, evict, interpret):
     """Program rows p < num_pairs: (token p // k, its expert idx[p]), input scaled by the router score. With
     has_shared, rows p >= num_pairs are the shared expert on token p - num_pairs (score 1): the same loop over
-    the shared weights' refs ([1, D, F], scales [1, F]), so the shared expert costs no launch of its own."""
+    the shared weights' refs ([1, D, F], scales [1, F]), so the shared expert costs no launch of its own.
+    num_splits == 1: h [rows, F] is the output. Split-K: f32 partials g, u [S, rows, F] (scales applied); with
+    finish ([S_pad, rows, F]), the last split of each (row, F block) tile also sums them and stores h [rows, F]
+    (counter p * F blocks + n)."""
+    if finish:
+        cnt_ref, *refs = refs
     idx_ref, sc_ref, x_ref, wg_ref, wu_ref, *rest = refs  # then (sg, su), shared (wg, wu, (sg, su)), outputs
     sg_ref = su_ref = wgs_ref = wus_ref = sgs_ref = sus_ref = None
     if has_scales:
@@ -329,8 +355,8 @@ def _pair_gate_up_kernel(*refs, k, d, f, num_pairs, block_n, block_k, kb_per_spl
         store(g, u)
 
     def store(g, u):
-        if partial:
-            g_ref, u_ref = outs
+        if num_splits > 1:
+            g_ref, u_ref = outs[:2]
             _store(g_ref.at[pid_s, p, pl.ds(n0, block_n)], g, n_in)
             _store(u_ref.at[pid_s, p, pl.ds(n0, block_n)], u, n_in)
         else:
@@ -340,16 +366,32 @@ def _pair_gate_up_kernel(*refs, k, d, f, num_pairs, block_n, block_k, kb_per_spl
     zero = jnp.zeros((block_n,), jnp.float32)
     _pair_row(p, idx_ref, wg_ref.shape[0], num_pairs, has_shared,
               routed=lambda e: run(e, p // k, sc_ref[p], wg_ref, wu_ref, sg_ref, su_ref),
-              dropped=lambda: store(zero, zero),
+              dropped=lambda: store(zero, zero),  # (dropped rows still arrive: their h is 0)
               shared=lambda: run(jnp.int32(0), p - num_pairs, None, wgs_ref, wus_ref, sgs_ref, sus_ref))
+    if finish:
+        g_ref, u_ref, h_ref = outs
+
+        @pl.when(_split_k.arrive(cnt_ref, p * pl.cdiv(f, block_n) + pid_n, num_splits, interpret=interpret))
+        def _():
+            tile = (p, pl.ds(n0, block_n))
+            g, u = _sum_splits(g_ref, num_splits, tile, n_in), _sum_splits(u_ref, num_splits, tile, n_in)
+            _store(h_ref.at[tile], (_silu(g) * u).astype(h_ref.dtype), n_in)
 
 
-def _pair_down_kernel(*refs, f, d, num_pairs, block_n, block_k, kb_per_split, partial, n_gu_splits, has_scales,
-                      has_shared, cdt, evict):
+def _pair_down_kernel(*refs, f, d, k, num_pairs, block_n, block_k, kb_per_split, num_splits, n_gu_splits,
+                      token_rows, has_scales, has_shared, cdt, evict, interpret):
     """n_gu_splits == 0: h [P, F] (cdt) is kernel 1's finished SwiGLU output. n_gu_splits > 0: kernel 1 left f32
     split-K partials g, u [n_gu_splits, P, F]; they are summed and the SwiGLU applied here, on load (they sit
     in L2: a few KB per pair), which saves an XLA epilogue launch and a round trip of h through memory.
-    has_shared: rows p >= num_pairs use the shared expert's down weights ([1, F, D], scales [1, D])."""
+    has_shared: rows p >= num_pairs use the shared expert's down weights ([1, F, D], scales [1, D]).
+    token_rows == 0: the output is y per row, f32 ([S, rows, D] partials if split-K), summed by XLA. token_rows
+    (k + has_shared) > 0: the output is [N, D] in its final dtype; with more than one arrival per (token, D block)
+    tile (token_rows x S), each program stores an f32 partial [S_pad, rows, D] and the tile's last arrival (counter
+    token * D blocks + n) sums the token's rows and splits into it; with one, the program stores it directly."""
+    arrivals = token_rows * num_splits
+    finish = arrivals > 1
+    if finish:
+        cnt_ref, *refs = refs
     if n_gu_splits:
         idx_ref, g_ref, u_ref, wd_ref, *rest = refs
     else:
@@ -361,7 +403,7 @@ def _pair_down_kernel(*refs, f, d, num_pairs, block_n, block_k, kb_per_split, pa
         wds_ref, *rest = rest
         if has_scales:
             sds_ref, *rest = rest
-    (o_ref,) = rest
+    outs = rest
     p, pid_n, pid_s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     n0 = pl.multiple_of(pid_n * block_n, block_n)
     n_in = _in_bounds(n0, block_n, d)
@@ -394,15 +436,32 @@ def _pair_down_kernel(*refs, f, d, num_pairs, block_n, block_k, kb_per_split, pa
         store(y)
 
     def store(y):
-        if partial:
-            _store(o_ref.at[pid_s, p, pl.ds(n0, block_n)], y, n_in)
-        else:
-            _store(o_ref.at[p, pl.ds(n0, block_n)], y.astype(o_ref.dtype), n_in)
+        if finish or (not token_rows and num_splits > 1):
+            _store(outs[0].at[pid_s, p, pl.ds(n0, block_n)], y, n_in)
+        else:  # one row and split per output row (reduce="kernel": p is the token)
+            _store(outs[0].at[p, pl.ds(n0, block_n)], y.astype(outs[0].dtype), n_in)
 
     _pair_row(p, idx_ref, wd_ref.shape[0], num_pairs, has_shared,
               routed=lambda e: run(e, wd_ref, sd_ref),
-              dropped=lambda: store(jnp.zeros((block_n,), jnp.float32)),
+              dropped=lambda: store(jnp.zeros((block_n,), jnp.float32)),  # (still arrives: a zero partial)
               shared=lambda: run(jnp.int32(0), wds_ref, sds_ref))  # int32 index, as for routed
+    if finish:
+        part_ref, o_ref = outs
+        if not has_shared:
+            t = p // k
+        elif k == 0:
+            t = p - num_pairs
+        else:
+            t = jnp.where(p < num_pairs, p // k, p - num_pairs)
+
+        @pl.when(_split_k.arrive(cnt_ref, t * pl.cdiv(d, block_n) + pid_n, arrivals, interpret=interpret))
+        def _():
+            def add_row(j, acc):  # the token's k pair rows, then its shared row
+                r = t * k + j if not has_shared else jnp.where(j < k, t * k + j, num_pairs + t)
+                return acc + _sum_splits(part_ref, num_splits, (r, pl.ds(n0, block_n)), n_in)
+
+            y = lax.fori_loop(0, token_rows, add_row, jnp.zeros((block_n,), jnp.float32))
+            _store(o_ref.at[t, pl.ds(n0, block_n)], y.astype(o_ref.dtype), n_in)
 
 
 def _splits(K, block_k, split_k):
@@ -516,14 +575,14 @@ def _check_args(x, expert_idx, scores, w_gate, w_up, w_down, scales):
 
 _STATIC = ("method", "block_m", "block_n", "block_k", "split_k", "block_n_down", "block_k_down", "split_k_down",
            "num_warps", "num_stages", "num_stages_down", "evict", "compute_dtype", "interpret", "poison_output",
-           "gu_epilogue")
+           "reduce", "gu_epilogue")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def moe_fp8(x, expert_idx, scores, w_gate, w_up, w_down, scales=None, *, shared=None, method="auto", block_m=None,
             block_n=None, block_k=None, split_k=None, block_n_down=None, block_k_down=None, split_k_down=None,
             num_warps=None, num_stages=None, num_stages_down=None, evict=True, compute_dtype=None, interpret=False,
-            poison_output=False, gu_epilogue="down"):
+            poison_output=False, reduce=None, gu_epilogue=None):
     """Routed experts of a Llama 4 MoE layer: `moe_reference` semantics, two Pallas launches over all experts.
 
     x [N, D]; expert_idx, scores [N, k]; w_gate, w_up [E, D, F]; w_down [E, F, D]: FP8 (e4m3fn) with
@@ -540,7 +599,8 @@ def moe_fp8(x, expert_idx, scores, w_gate, w_up, w_down, scales=None, *, shared=
     per (token, expert) pair, no sort) or "auto": pairs up to PAIRS_MAX pairs (decode), sorted beyond.
     shared: the shared expert, run inside the pair path's launches (`moe_fp8_pairs`); the result is then routed
     + shared. The sorted path does not take it (at prefill sizes the shared expert is a GEMM of its own).
-    gu_epilogue: the pair path's (`moe_fp8_pairs`); the sorted path always sums its partials in XLA."""
+    reduce, gu_epilogue: the pair path's (`moe_fp8_pairs`): where split-K partials are summed (default: in the
+    kernels that made them); the sorted path always sums its partials in XLA."""
     N, D, E, F = _check_args(x, expert_idx, scores, w_gate, w_up, w_down, scales)
     P = expert_idx.size
     if method not in ("auto", "pairs", "sorted"):
@@ -556,7 +616,8 @@ def moe_fp8(x, expert_idx, scores, w_gate, w_up, w_down, scales=None, *, shared=
             x, expert_idx, scores, w_gate, w_up, w_down, scales, shared=shared, block_n=block_n, block_k=block_k,
             split_k=split_k, block_n_down=block_n_down, block_k_down=block_k_down, split_k_down=split_k_down,
             num_warps=num_warps, num_stages=num_stages, num_stages_down=num_stages_down, evict=evict,
-            compute_dtype=compute_dtype, gu_epilogue=gu_epilogue, interpret=interpret, poison_output=poison_output)
+            compute_dtype=compute_dtype, reduce=reduce, gu_epilogue=gu_epilogue, interpret=interpret,
+            poison_output=poison_output)
     cfg = default_config(P, E, D, F, jnp.dtype(w_gate.dtype).itemsize)
     block_m = block_m or cfg["block_m"]
     _check_block("block_m", block_m)
@@ -631,14 +692,21 @@ def pairs_config(num_pairs, D, F, num_sms=NUM_SMS_H100):
 def moe_fp8_pairs(x, expert_idx, scores, w_gate, w_up, w_down, scales=None, *, shared=None, block_n=None,
                   block_k=None, split_k=None, block_n_down=None, block_k_down=None, split_k_down=None,
                   num_warps=None, num_stages=None, num_stages_down=None, evict=True, compute_dtype=None,
-                  gu_epilogue="down", interpret=False, poison_output=False):
+                  reduce=None, gu_epilogue=None, interpret=False, poison_output=False):
     """`moe_fp8` for few pairs: each (token, expert) pair reads its expert's weights directly (see the module
     docstring). Arguments as `moe_fp8` (no block_m: one row per pair).
 
+    reduce: who finishes kernel 2's sums (its split-K partials, a token's k pair rows and its shared row) and the
+    cast: "kernel" (the last arriving program of each output tile, `pallas_kernels/split_k.py`'s protocol: the
+    output leaves kernel 2 final, no XLA op after it) or "xla" (kernel 2 writes f32 rows, one XLA fusion sums
+    and casts: the earlier path, kept for A/B runs); None: `split_k.default_reduce()` ("kernel" unless
+    MAVJAX_SPLIT_K_REDUCE=xla).
     gu_epilogue: where kernel 1's split-K partials are summed and the SwiGLU applied, when kernel 1 splits K:
-    "down" (in kernel 2, as it loads its h tiles: no launch in between, but each of kernel 2's D blocks re-reads
-    all partials of its K range from L2) or "xla" (one small XLA fusion writes h [rows, F] once). Which is
-    faster depends on the split count and the GPU: scripts/tune_decode_kernels.py times both.
+    "kernel" (the last split of each h tile, which writes h [rows, F] in the compute dtype: no launch in between
+    and kernel 2 reads h once), "down" (in kernel 2, as it loads its h tiles: each of kernel 2's D blocks re-reads
+    all partials of its K range from L2) or "xla" (one small XLA fusion writes h). None: "kernel" with
+    reduce="kernel", "down" with reduce="xla" (reduce="xla" alone is the earlier path). Which is fastest depends
+    on the split counts and the GPU: scripts/tune_decode_kernels.py times them.
 
     shared: None, or Llama 4's shared expert (w_gate [D, F], w_up [D, F], w_down [F, D], scales), scales None
     or (s_gate [F], s_up [F], s_down [D]), in the routed experts' dtypes and with their F: it runs as one more
@@ -686,33 +754,57 @@ def moe_fp8_pairs(x, expert_idx, scores, w_gate, w_up, w_down, scales=None, *, s
         sh1 = [wgs[None], wus[None]] + ([f32(s_sh[0])[None], f32(s_sh[1])[None]] if has_scales else [])
         sh2 = [wds[None]] + ([f32(s_sh[2])[None]] if has_scales else [])
 
+    reduce = reduce or _split_k.default_reduce()
+    if reduce not in ("kernel", "xla"):
+        raise ValueError(f"reduce must be 'kernel' or 'xla', got {reduce!r}")
+    if gu_epilogue is None:
+        gu_epilogue = "kernel" if reduce == "kernel" else "down"
+    if gu_epilogue not in ("kernel", "down", "xla"):
+        raise ValueError(f"gu_epilogue must be 'kernel', 'down' or 'xla', got {gu_epilogue!r}")
+
     # Kernel 1: h [rows, F] = silu(xs @ gate_e) * (xs @ up_e), xs = x[token] * score (shared rows: x[token]).
     split1, kbps1 = _splits(D, block_k, split_k)
+    finish1 = split1 > 1 and gu_epilogue == "kernel"
+    # Kernel 2: out [N, D] = sum over each token's rows (k pairs, shared) of h @ down_e.
+    split2, kbps2 = _splits(F, block_k_down, split_k_down)
+    token_rows = k + has_shared if reduce == "kernel" else 0
+    finish2 = token_rows * split2 > 1
+    nf, nd = pl.cdiv(F, block_n), pl.cdiv(D, block_n_down)
+    # One set of tile counters for both launches (zero between them): see split_k.counters.
+    cnt = [_split_k.counters(max(rows * nf if finish1 else 0, N * nd if finish2 else 0))]
+    pad = lambda s: _next_pow2(s) if s > 1 else 1  # noqa: E731  (partials' split axis: one [S_pad, bn] load)
+
     kern1 = functools.partial(_pair_gate_up_kernel, k=k, d=D, f=F, num_pairs=P, block_n=block_n, block_k=block_k,
-                              kb_per_split=kbps1, partial=split1 > 1, has_scales=has_scales, has_shared=has_shared,
-                              cdt=cdt, evict=evict)
-    args1 = [idx, sc, x, w_gate, w_up] + ([f32(sg), f32(su)] if has_scales else []) + sh1
-    outs1 = ([jax.ShapeDtypeStruct((split1, rows, F), jnp.float32)] * 2 if split1 > 1
-             else [jax.ShapeDtypeStruct((rows, F), cdt)])
-    res = _call(kern1, args1, outs1, (rows, pl.cdiv(F, block_n), split1), num_stages=num_stages,
-                name=f"moe_gate_up_pairs_n{block_n}_k{block_k}_s{split1}", **common)
-    # (h [rows, F] if split1 == 1, else the f32 partials of g and u, summed + SwiGLU'd inside kernel 2)
-    if gu_epilogue not in ("down", "xla"):
-        raise ValueError(f"gu_epilogue must be 'down' or 'xla', got {gu_epilogue!r}")
-    if split1 > 1 and gu_epilogue == "xla":
+                              kb_per_split=kbps1, num_splits=split1, finish=finish1, has_scales=has_scales,
+                              has_shared=has_shared, cdt=cdt, evict=evict, interpret=interpret)
+    args1 = (cnt if finish1 else []) + [idx, sc, x, w_gate, w_up] + ([f32(sg), f32(su)] if has_scales else []) + sh1
+    part1 = jax.ShapeDtypeStruct((pad(split1) if finish1 else split1, rows, F), jnp.float32)
+    outs1 = ([part1] * 2 if split1 > 1 else []) + ([jax.ShapeDtypeStruct((rows, F), cdt)] if split1 == 1 or finish1
+                                                  else [])
+    res = _call(kern1, args1, outs1, (rows, nf, split1), num_stages=num_stages,
+                name=f"moe_gate_up_pairs_n{block_n}_k{block_k}_s{split1}{'_fin' if finish1 else ''}", **common)
+    # h [rows, F] (split1 == 1 or finish1), else the f32 partials of g and u: summed + SwiGLU'd by XLA or kernel 2
+    if finish1:
+        res = res[2:]
+    elif split1 > 1 and gu_epilogue == "xla":
         res = ((_silu(jnp.sum(res[0], axis=0)) * jnp.sum(res[1], axis=0)).astype(cdt),)     # h [rows, F]
     n_gu_splits = split1 if len(res) == 2 else 0
 
-    # Kernel 2: y [rows, D] = h @ down_e.
-    split2, kbps2 = _splits(F, block_k_down, split_k_down)
-    kern2 = functools.partial(_pair_down_kernel, f=F, d=D, num_pairs=P, block_n=block_n_down,
-                              block_k=block_k_down, kb_per_split=kbps2, partial=split2 > 1,
-                              n_gu_splits=n_gu_splits, has_scales=has_scales,
-                              has_shared=has_shared, cdt=cdt, evict=evict)
-    args2 = [idx, *res, w_down] + ([f32(sd)] if has_scales else []) + sh2
-    out2 = jax.ShapeDtypeStruct((split2, rows, D) if split2 > 1 else (rows, D), jnp.float32)
-    (y,) = _call(kern2, args2, [out2], (rows, pl.cdiv(D, block_n_down), split2), num_stages=num_stages_down,
-                 name=f"moe_down_pairs_n{block_n_down}_k{block_k_down}_s{split2}", **common)
+    kern2 = functools.partial(_pair_down_kernel, f=F, d=D, k=k, num_pairs=P, block_n=block_n_down,
+                              block_k=block_k_down, kb_per_split=kbps2, num_splits=split2, n_gu_splits=n_gu_splits,
+                              token_rows=token_rows, has_scales=has_scales, has_shared=has_shared, cdt=cdt,
+                              evict=evict, interpret=interpret)
+    args2 = (cnt if finish2 else []) + [idx, *res, w_down] + ([f32(sd)] if has_scales else []) + sh2
+    if token_rows:
+        outs2 = ([jax.ShapeDtypeStruct((pad(split2), rows, D), jnp.float32)] if finish2 else []) + [
+            jax.ShapeDtypeStruct((N, D), x.dtype)]
+    else:
+        outs2 = [jax.ShapeDtypeStruct((split2, rows, D) if split2 > 1 else (rows, D), jnp.float32)]
+    y = _call(kern2, args2, outs2, (rows, nd, split2), num_stages=num_stages_down,
+              name=f"moe_down_pairs_n{block_n_down}_k{block_k_down}_s{split2}{'_fin' if token_rows else ''}",
+              **common)[-1]
+    if token_rows:
+        return y                                                                                # [N, D] final
     y = jnp.sum(y, axis=0) if split2 > 1 else y                                                 # [rows, D] f32
     out = jnp.sum(y[:P].reshape(N, k, D), axis=1)                                               # [N, D]
     if has_shared:

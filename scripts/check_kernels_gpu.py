@@ -22,7 +22,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 TIMES: dict = {}  # compile / first-run seconds of the last kernel call (printed with the result)
-CHECKS = ["gemm_wo", "gemm_down", "gate_up", "qkv_rope", "qkv_nope", "moe", "add_norm", "attention", "model"]
+CHECKS = ["gemm_wo", "gemm_down", "gemm_add_norm", "gate_up", "qkv_rope", "qkv_nope", "router", "moe", "add_norm",
+          "attention", "model"]
+REPEATS = 3  # each kernel runs this many times on the same inputs: a split-K counter a launch left non-zero
+# (pallas_kernels.split_k) would change a later launch's result
 
 
 def rel(out, ref):
@@ -52,6 +55,11 @@ def run_one(name, n, M, interpret, small, mesh_devices=0):
         t = time.perf_counter()
         out = jax.block_until_ready(compiled(*args))
         TIMES["run_s"] = time.perf_counter() - t
+        for _ in range(REPEATS - 1):
+            again = jax.block_until_ready(compiled(*args))
+            if not all(bool(jnp.array_equal(a, b, equal_nan=True)) for a, b in
+                       zip(jax.tree.leaves(out), jax.tree.leaves(again))):
+                raise RuntimeError("a repeated launch on the same inputs gave a different result")
         return out
 
     from mavjax.config import preset
@@ -77,6 +85,17 @@ def run_one(name, n, M, interpret, small, mesh_devices=0):
         out = call(lambda a: fp8_matmul(a, w, s, out_dtype=bf, interpret=interpret), xi)
         mode = "fp8_fp8" if M > 64 else "weight_only"
         return rel(out, fp8_matmul_ref(xi, w, s, quantize_x=mode == "fp8_fp8", out_dtype=jnp.float32))
+    if name == "gemm_add_norm":  # wo, the residual add and the next RMSNorm in one launch
+        from pallas_kernels.fp8_gemm import fp8_matmul_add_rms_norm, fp8_matmul_ref
+        from pallas_kernels.fused_norm import add_rms_norm_ref
+
+        xi = jax.random.normal(next(keys), (M, H * Dh), bf)
+        w, s = w8(H * Dh, D)
+        scale = (1.0 + 0.1 * jax.random.normal(next(keys), (D,), jnp.float32)).astype(bf)
+        out = call(lambda a, r: fp8_matmul_add_rms_norm(a, w, s, r, scale, eps=1e-5, interpret=interpret), xi, x)
+        mode = "fp8_fp8" if M > 64 else "weight_only"
+        y = fp8_matmul_ref(xi, w, s, quantize_x=mode == "fp8_fp8", out_dtype=bf)
+        return max(rel(o, r) for o, r in zip(out, add_rms_norm_ref(x, y, scale, 1e-5)))
     if name == "gate_up":
         from pallas_kernels.fused_gemm import gate_up_swiglu, gate_up_swiglu_ref
 
@@ -100,6 +119,14 @@ def run_one(name, n, M, interpret, small, mesh_devices=0):
         mode = "fp8_fp8" if M > 64 else "weight_only"
         refs = qkv_rope_ref(x, wq, sq, wk, sk, wv, sv, mode=mode, out_dtype=jnp.float32, **kw)
         return max(rel(o, r) for o, r in zip(outs, refs))
+    if name == "router":  # top-1 routing; error = fraction of tokens routed elsewhere than XLA's route
+        from mavjax.model import route
+        from pallas_kernels.router import route_top1
+
+        xs = x[:64]
+        w = (jax.random.normal(next(keys), (D, cfg.num_local_experts), jnp.float32) / D ** 0.5).astype(bf)
+        idx, _ = call(lambda a: route_top1(a, w, interpret=interpret), xs)
+        return float((idx != route(xs, w, 1)[0]).mean())
     if name == "moe":
         from pallas_kernels.moe_gemm import moe_fp8, moe_reference
 

@@ -5,11 +5,15 @@ Runs the kernels in Pallas interpret mode on CPU. DECODE_ATTN_INTERPRET=0 runs t
 
 Error bounds, ||out - ref|| / ||ref|| with ref in float64 on the same (dequantized) inputs:
   float32 q and KV: 1e-5;  bf16 q and KV: 1e-2;  bf16 q with FP8 KV (vs reference on the dequantized KV): 1e-2.
+The default path merges the splits inside the kernel (combine="kernel"); every case also runs the two-stage
+path (combine="xla": partials, then combine_partials in XLA) and the two agree to float32 rounding (bf16
+outputs: within one bf16 ulp).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import zlib
 
 import jax
@@ -19,7 +23,7 @@ import pytest
 
 from mavjax.model import attend, attention_mask
 from pallas_kernels.decode_attention import (combine_partials, decode_attention, decode_attention_partials,
-                                             decode_attention_reference, kv_range_from_k_pos)
+                                             decode_attention_reference, default_num_splits, kv_range_from_k_pos)
 
 INTERPRET = os.environ.get("DECODE_ATTN_INTERPRET", "1") != "0"
 TOL = {"float32": 1e-5, "bfloat16": 1e-2, "float8_e4m3fn": 1e-2}
@@ -108,32 +112,58 @@ CASES = {
     "fp8_head_chunked_T1_G5": (2, 1, 2, 5, 16, 112, [112, 64], 32, 16, 3, FP8, jnp.bfloat16),
     # tiny cache (S < 16: padded to one tile), T longer than a row (padding queries with q_pos < 0)
     "f32_tiny_S10_padded_queries": (2, 4, 1, 2, 16, 10, [10, 2], None, 32, 2, jnp.float32, jnp.float32),
+    # one split: no partials, the program normalizes and stores its rows itself
+    "bf16_one_split_G5": (1, 1, 1, 5, 16, 64, [64], None, 16, 1, jnp.bfloat16, jnp.bfloat16),
+    # G = 8, three kv heads, one batch row, chunked: 3 splits for the chunk's one visible tile (two empty)
+    "f32_B1_K3_G8_chunked": (1, 1, 3, 8, 16, 90, [75], 32, 16, 3, jnp.float32, jnp.float32),
+    # 40 splits over 13 tiles (27 empty): the in-kernel merge loops over 3 chunks of 16 splits, the last short
+    "f32_T4_G5_40_splits": (1, 4, 1, 5, 16, 200, [200], None, 16, 40, jnp.float32, jnp.float32),
+    # 20 splits, Dh 64: the merge in two unrolled chunks of 16; an empty row (its query is padding)
+    "bf16_Dh64_20_splits": (2, 1, 1, 5, 64, 320, [320, 0], None, 16, 20, jnp.bfloat16, jnp.bfloat16),
+    # FP8 with more splits than a short row's tiles, chunked
+    "fp8_head_chunked_G8_6_splits": (2, 1, 1, 8, 16, 64, [64, 9], 32, 16, 6, FP8, jnp.bfloat16),
 }
 
 
 _xla_reference = jax.jit(decode_attention_reference, static_argnames=("chunk_size", "scale"))
 
 
-def _run(case, seed=0, scale_kind="head"):
+def _run(case, seed=0, scale_kind="head", combine="kernel"):
+    """decode_attention on the case's inputs; combine="kernel" writes into a NaN-filled output (`poison`)."""
     B, T, K, G, Dh, S, lengths, chunk, bs, ns, kvd, qd = case
     inp, (qe, ke, ve) = make_inputs(seed, B, T, K, G, Dh, S, lengths, kvd, qd, scale_kind)
     scale = Dh ** -0.5
     kw = {} if bs is None else dict(block_s=bs)
     if ns is not None:
         kw["num_splits"] = ns
-    out = decode_attention(**inp, chunk_size=chunk, scale=scale, interpret=INTERPRET, **kw)
+    if combine == "kernel":
+        kw["poison"] = jnp.full(inp["q"].shape, jnp.nan, inp["q"].dtype)
+    out = decode_attention(**inp, chunk_size=chunk, scale=scale, interpret=INTERPRET, combine=combine, **kw)
     ref = ref64(qe, ke, ve, inp["q_pos"], inp["k_pos"], chunk, scale)
     return inp, out, ref, chunk, scale
+
+
+def assert_same_as_xla_combine(out, xla):
+    """combine="kernel" vs "xla": the same float32 merge in another order (bf16 outputs: one ulp apart at most)."""
+    rtol = 1e-5 if out.dtype == jnp.float32 else 2.0 ** -7
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(xla, np.float32), rtol=rtol, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_matches_reference(name):
     case = CASES[name]
-    inp, out, ref, chunk, scale = _run(case, seed=zlib.crc32(name.encode()) % 1000)
+    seed = zlib.crc32(name.encode()) % 1000
+    inp, out, ref, chunk, scale = _run(case, seed=seed)
     assert out.shape == inp["q"].shape and out.dtype == inp["q"].dtype
+    # every element written: the output buffer started as NaN
+    assert not np.isnan(np.asarray(out, np.float32)).any()
     kvd = jnp.dtype(case[10]).name
     err = rel_err(out, ref)
     assert err < TOL[kvd], (name, err)
+    # the two-stage path (XLA combine) on the same inputs
+    two_stage = _run(case, seed=seed, combine="xla")[1]
+    assert rel_err(two_stage, ref) < TOL[kvd]
+    assert_same_as_xla_combine(out, two_stage)
     # Rows with no visible key (padding queries) are exactly 0, as in the reference.
     empty = np.asarray(inp["q_pos"]) < 0
     if empty.any():
@@ -213,6 +243,107 @@ def test_arbitrary_slot_layout_with_kv_range(chunk):
                                chunk_size=chunk, scale=0.25, block_s=16, num_splits=3, kv_range=rng,
                                interpret=INTERPRET)
         assert rel_err(out, ref) < TOL["float32"]
+
+
+def test_rows_without_visible_keys_are_zero():
+    """Real queries (q_pos >= 0) that see no key give exactly 0 in both paths: row 0's cache is empty; row 1's
+    second query (position 40, chunk [32, 48)) finds only empty slots in its chunk, its first sees keys."""
+    B, T, K, G, Dh, S, chunk = 2, 2, 1, 5, 16, 48, 16
+    inp, (qe, ke, ve) = make_inputs(9, B, T, K, G, Dh, S, [S, S], jnp.float32, jnp.float32)
+    slot = np.arange(S)
+    k_pos = np.stack([np.full(S, -1), np.where(slot < 32, slot, -1)]).astype(np.int32)
+    q_pos = np.asarray([[10, 11], [31, 40]], np.int32)
+    ref = ref64(qe, ke, ve, q_pos, k_pos, chunk, 0.25)
+    kw = dict(chunk_size=chunk, scale=0.25, block_s=16, num_splits=3, interpret=INTERPRET)
+    args = (inp["q"], inp["k"], inp["v"], jnp.asarray(q_pos), jnp.asarray(k_pos))
+    out = decode_attention(*args, poison=jnp.full(inp["q"].shape, jnp.nan, jnp.float32), **kw)
+    two_stage = decode_attention(*args, combine="xla", **kw)
+    for o in (np.asarray(out), np.asarray(two_stage)):
+        assert np.all(o[0] == 0) and np.all(o[1, 1] == 0) and np.any(o[1, 0] != 0)
+    assert rel_err(out, ref) < TOL["float32"]
+    assert_same_as_xla_combine(out, two_stage)
+
+
+@pytest.mark.parametrize("itemsize", [1, 2])
+@pytest.mark.parametrize("rows", [1, 5, 16, 20, 64])
+@pytest.mark.parametrize("pairs", [1, 8, 64, 1024])
+def test_default_num_splits_rule(pairs, rows, itemsize):
+    """Programs fill the GPU (~4 per SM) while every split keeps a tile, the partials' traffic stays within 1/8
+    of the KV bytes, the last program's merge reads no more than one split's KV share, and tiles divide evenly
+    (no split left empty)."""
+    for S, chunk in [(64, None), (1088, None), (8256, None), (131072, None), (131072, 8192)]:
+        block_s = 128
+        ns = default_num_splits(1, pairs, S, chunk, block_s, 132, rows=rows, kv_itemsize=itemsize)
+        span = S if chunk is None else min(S, chunk + block_s)
+        tiles = -(-span // block_s)
+        per = -(-tiles // ns)
+        assert 1 <= ns <= min(tiles, 256) and per * (ns - 1) < tiles
+        assert ns <= -(-4 * 132 // pairs)
+        if ns > 1:
+            assert 2 * ns * rows * 4 <= span * 2 * itemsize / 8
+            assert ns * rows * 4 <= span / ns * 2 * itemsize
+    # one 8-way rank of Maverick (5 query heads / 1 kv head), 1K context: a split per tile
+    assert default_num_splits(1, 1, 1088, None, 128, 132, rows=5) == 9
+    # all 8 kv heads at 8K: 2 tiles a split (the merge-tail cap), 8 x 33 programs
+    assert default_num_splits(1, 8, 8256, None, 128, 132, rows=5) == 33
+
+
+def _lower_for_cuda(fn, *shapes, monkeypatch):
+    """(StableHLO text, [Triton IR text of each pallas_call]) of fn lowered for CUDA from shapes (no GPU)."""
+    from jax._src.pallas.triton import lowering as triton_lowering
+
+    texts = []
+    orig = triton_lowering.lower_jaxpr_to_triton_module
+
+    def capture(*a, **k):
+        res = orig(*a, **k)
+        texts.append(res.module.operation.get_asm())
+        return res
+
+    monkeypatch.setattr(triton_lowering, "lower_jaxpr_to_triton_module", capture)
+    return jax.jit(fn).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text(), texts
+
+
+MAVERICK_RANK = dict(B=1, T=1, H=5, K=1, Dh=128, S=1088)  # one 8-way rank of Maverick, 1K context
+
+
+def _lower_rank(monkeypatch, **kw):
+    B, T, H, K, Dh, S = MAVERICK_RANK.values()
+    sd = jax.ShapeDtypeStruct
+    shapes = (sd((B, T, H, Dh), jnp.bfloat16), sd((B, S, K, Dh), jnp.bfloat16), sd((B, S, K, Dh), jnp.bfloat16),
+              sd((B, T), jnp.int32), sd((B, S), jnp.int32))
+    return _lower_for_cuda(lambda *a: decode_attention(*a, chunk_size=None, scale=Dh ** -0.5, num_splits=9, **kw),
+                           *shapes, monkeypatch=monkeypatch)
+
+
+def test_one_launch_lowered_for_cuda(monkeypatch):
+    """Lowered for CUDA on the CPU: one pallas_call and around it only free reshapes (and the counters'
+    constant): no pad, transpose, slice or combine fusion. In its Triton IR every warp's partial stores pass a
+    barrier before the arrival, an acquire-release atomic at GPU scope, and the last program reads the
+    partials with volatile loads (not from L1); the output is a masked store in q.dtype."""
+    hlo, (ttir,) = _lower_rank(monkeypatch)
+    ops = set(re.findall(r"stablehlo\.(\w+)", hlo))
+    assert ops <= {"custom_call", "reshape", "constant"}, ops
+    assert hlo.count("stablehlo.custom_call") == 1
+    lines = ttir.splitlines()
+    atomics = [ln for ln in lines if "tt.atomic_rmw" in ln]
+    assert atomics and all("acq_rel" in ln and "gpu" in ln for ln in atomics), atomics
+    first = ttir.index("tt.atomic_rmw")
+    assert "gpu.barrier" in ttir[:first]
+    after = ttir[first:].splitlines()
+    assert any("tt.load" in ln and "isVolatile = true" in ln for ln in after)
+    assert any(re.search(r"tt\.store .*tensor<\d+x128x!tt\.ptr<bf16>>", ln) for ln in after)
+    # the two-stage path keeps its XLA combine
+    hlo, _ = _lower_rank(monkeypatch, combine="xla")
+    assert "stablehlo.transpose" in hlo and "stablehlo.exponential" in hlo
+
+
+def test_arrival_is_an_integer_add(monkeypatch):
+    """The arrival counts with an integer add (split_k.arrive passes a scalar: JAX lowers a 1-element int32
+    tensor value to a float add on the counter's bits)."""
+    _, (ttir,) = _lower_rank(monkeypatch)
+    atomics = [ln for ln in ttir.splitlines() if "tt.atomic_rmw" in ln]
+    assert atomics and not any("fadd" in ln for ln in atomics), atomics
 
 
 def test_reference_is_model_attend():

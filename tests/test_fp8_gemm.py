@@ -22,8 +22,9 @@ import numpy as np
 import pytest
 
 from pallas_kernels.fp8_gemm import (
-    FP8, FP8_MAX, dequantize_activation, dequantize_weight, fp8_matmul, fp8_matmul_ref,
+    FP8, FP8_MAX, dequantize_activation, dequantize_weight, fp8_matmul, fp8_matmul_add_rms_norm, fp8_matmul_ref,
     quantize_activation_per_token, quantize_weight_blockwise, quantize_weight_per_channel)
+from pallas_kernels.fused_norm import add_rms_norm_ref
 
 SB = (32, 32)  # block-scale granularity for the tests (128x128 in production; same code path, smaller shapes)
 
@@ -127,6 +128,64 @@ def test_weight_only_matches_reference(M, K, N, kind, cfg, wt):
     if M in (1, 17):  # bf16 output (the production dtype): only the final cast differs (1 compile per case)
         ybf = _run(x, wq, s, "weight_only", cfg, None, wt)
         assert _err(ybf, ref) < 1e-2
+
+
+@pytest.mark.parametrize("M,K,N,kind,cfg,wt", [WEIGHT_ONLY_CASES[i] for i in (1, 3, 5)])
+def test_split_k_reduced_in_the_kernel_equals_the_xla_sum(M, K, N, kind, cfg, wt):
+    """reduce="kernel" (the last split of each tile sums the partials, pallas_kernels.split_k; the default,
+    exercised by every split case above) and reduce="xla" (a jnp sum after the kernel) give the same sums
+    up to f32 summation order."""
+    x, wq, s = _inputs(M * 5 + N, M, K, N, kind)
+    yk = _run(x, wq, s, "weight_only", dict(cfg, reduce="kernel"), jnp.float32, wt)
+    yx = _run(x, wq, s, "weight_only", dict(cfg, reduce="xla"), jnp.float32, wt)
+    assert _err(yk, yx) < 1e-6
+
+
+ADD_NORM_CASES = [  # M, K, N, cfg, w_transposed
+    (1, 256, 160, dict(block_n=32, block_k=64, split_k=3), False),    # 5 column blocks, uneven split
+    (3, 200, 136, dict(block_n=64, block_k=32, split_k=1), True),     # no split: the row norm still waits
+    (17, 96, 72, dict(block_n=32, block_k=32, split_k=2, swap_ab=True), False),  # ragged M and N
+]
+
+
+@pytest.mark.parametrize("M,K,N,cfg,wt", ADD_NORM_CASES)
+def test_matmul_add_rms_norm_matches_its_reference(M, K, N, cfg, wt):
+    """One launch: residual add on each finished tile, RMSNorm of whole rows by the last tile to finish.
+    Reference: the model's own order (projection cast to bf16, residual add in bf16, fused_norm's reference
+    norm). Every step is the same arithmetic up to f32 summation order, so s and y may differ only where a
+    last-bit difference of the f32 sum flips a bf16 rounding: bound 1e-2 (as for a bf16 GEMM output)."""
+    x, wq, s = _inputs(M * 3 + K, M, K, N, "channel")
+    kr, kw = jax.random.split(jax.random.key(M + N))
+    res = jax.random.normal(kr, (M, N), jnp.float32).astype(jnp.bfloat16)
+    nw = (1.0 + 0.2 * jax.random.normal(kw, (N,), jnp.float32)).astype(jnp.bfloat16)
+    wq_, s_ = (wq.T, s) if wt else (wq, s)
+    out, y = fp8_matmul_add_rms_norm(x, wq_, s_, res, nw, eps=1e-5, w_transposed=wt, interpret=True,
+                                     poison_output=True, **cfg)
+    assert out.dtype == jnp.bfloat16 and y.dtype == jnp.bfloat16 and out.shape == y.shape == (M, N)
+    assert bool(jnp.isfinite(out).all() and jnp.isfinite(y).all()), "unwritten (NaN-poisoned) elements"
+    s_ref, y_ref = add_rms_norm_ref(res, fp8_matmul_ref(x, wq, s).astype(jnp.bfloat16), nw, 1e-5)
+    assert _err(out, s_ref) < 1e-2 and _err(y, y_ref) < 1e-2
+    # the same with the add + norm as a second kernel (reduce="xla"): the two paths agree as closely
+    out2, y2 = fp8_matmul_add_rms_norm(x, wq_, s_, res, nw, eps=1e-5, w_transposed=wt, reduce="xla",
+                                       interpret=True, **cfg)
+    assert _err(out, out2) < 1e-2 and _err(y, y2) < 1e-2
+
+
+def test_matmul_add_rms_norm_prefill_and_bad_shapes():
+    """M > 64 takes the fp8 x fp8 GEMM and then the add + norm kernel; shapes are checked."""
+    x, wq, s = _inputs(4, 70, 64, 48, "channel")
+    res = jax.random.normal(jax.random.key(1), (70, 48), jnp.float32).astype(jnp.bfloat16)
+    nw = jnp.ones((48,), jnp.bfloat16)
+    out, y = fp8_matmul_add_rms_norm(x, wq, s, res, nw, eps=1e-5, block_m=32, block_n=32, block_k=32,
+                                     interpret=True)
+    s_ref, y_ref = add_rms_norm_ref(res, fp8_matmul_ref(x, wq, s, quantize_x=True).astype(jnp.bfloat16), nw, 1e-5)
+    assert _err(out, s_ref) < 1e-2 and _err(y, y_ref) < 1e-2
+    with pytest.raises(ValueError, match="residual must be"):
+        fp8_matmul_add_rms_norm(x, wq, s, res[:3], nw, eps=1e-5, interpret=True)
+    with pytest.raises(ValueError, match="norm_scale must be"):
+        fp8_matmul_add_rms_norm(x, wq, s, res, nw[:8], eps=1e-5, interpret=True)
+    with pytest.raises(ValueError, match="reduce must be"):
+        fp8_matmul(x, wq, s, reduce="atomic", interpret=True)
 
 
 def test_weight_only_float16_compute():

@@ -11,6 +11,9 @@ Every output starts as NaN (poison_output aliases a NaN buffer in), so an elemen
 finiteness check. Shapes are ragged (not multiples of the blocks), with single rows and forced split-K.
 """
 
+import functools
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -176,3 +179,200 @@ def test_qkv_rope_bad_input():
         qkv_rope(x, wq, s, wq, s, wq, s, head_dim=16, block_n=32, interpret=True)
     with pytest.raises(ValueError, match="rope tables"):
         qkv_rope(x, wq, s, wq, s, wq, s, head_dim=16, rope=(jnp.ones((2, 4)), jnp.ones((2, 4))), interpret=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Split-K finished in the kernel (reduce="kernel": the last split of each tile / head sums the partials)
+# ---------------------------------------------------------------------------------------------------------
+# Bounds as above against the references; reduce="kernel" against reduce="xla" (same partials, summed in
+# the same split order by the kernel and by XLA's reduction): float32 outputs agree to 1e-6 relative.
+# The interpreter runs the programs one by one, so these check the sums, epilogues and counter layout, not
+# the cross-program ordering on a GPU (the IR test below checks what provides it is there).
+
+def _n_splits(K, block_k, split_k):
+    """The split count the kernels use (no empty splits): the cases below state the one they exercise."""
+    nk = -(-K // block_k)
+    return -(-nk // -(-nk // split_k))
+
+
+def _close(a, b, rtol=1e-6):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * np.abs(b).max())
+
+
+SPLIT_GATE_UP = [  # (M, D, F, mode, cfg, splits): ragged M / N / K everywhere
+    (3, 300, 80, "weight_only", dict(block_n=32, block_k=32, split_k=5), 5),
+    (17, 270, 50, "weight_only", dict(block_m=32, block_n=16, block_k=32, split_k=3), 3),
+    (20, 100, 72, "fp8_fp8", dict(block_m=16, block_n=32, block_k=64, split_k=2), 2),  # 2 M blocks
+]
+
+
+@pytest.mark.parametrize("M,D,F,mode,cfg,splits", SPLIT_GATE_UP)
+def test_gate_up_swiglu_split_k_in_kernel(M, D, F, mode, cfg, splits):
+    assert _n_splits(D, cfg["block_k"], cfg["split_k"]) == splits
+    kx, kg, ku = jax.random.split(jax.random.key(M * 7 + F), 3)
+    x = (jax.random.normal(kx, (M, D)) + 0.1).astype(jnp.bfloat16)
+    (wg, sg), (wu, su) = _w(kg, D, F), _w(ku, D, F)
+    kw = dict(mode=mode, interpret=True, poison_output=True, **cfg)
+    got = gate_up_swiglu(x, wg, sg, wu, su, out_dtype=jnp.float32, **kw)  # reduce="kernel" is the default
+    xla = gate_up_swiglu(x, wg, sg, wu, su, out_dtype=jnp.float32, reduce="xla", **kw)
+    ref = gate_up_swiglu_ref(x, wg, sg, wu, su, mode=mode, out_dtype=jnp.float32)
+    _finite(got)
+    assert got.shape == (M, F) and got.dtype == jnp.float32
+    assert _err(got, ref) < 1e-5
+    _close(got, xla)
+    if splits == 5:  # the final cast happens in the last split's epilogue too
+        bf = gate_up_swiglu(x, wg, sg, wu, su, out_dtype=jnp.bfloat16, **kw)
+        _finite(bf)
+        assert bf.dtype == jnp.bfloat16 and _err(bf, ref) < 1e-2
+
+
+SPLIT_QKV = [  # (M, D, H, K, Dh, rope, norm, temp, mode, cfg, splits)
+    # qk norm with a head over 2 column blocks, q's row scale after the norm, ragged K
+    (3, 300, 2, 1, 32, True, True, True, "weight_only", dict(block_n=16, block_k=32, split_k=5), 5),
+    # no norm: a counter per column block; 2 M blocks, ragged M
+    (20, 200, 2, 1, 32, True, False, True, "fp8_fp8", dict(block_m=16, block_n=16, block_k=32, split_k=3), 3),
+    # NoPE with the norm, a head over 4 column blocks, 2 M blocks
+    (18, 100, 2, 1, 64, False, True, False, "fp8_fp8", dict(block_m=16, block_n=16, block_k=64, split_k=2), 2),
+    # the whole head in one tile (counters per head = per tile)
+    (2, 200, 2, 2, 32, True, True, False, "weight_only", dict(block_n=32, block_k=32, split_k=3), 3),
+    # no split, but the norm spans 2 column blocks: still finished in-kernel
+    (2, 100, 2, 1, 32, True, True, False, "weight_only", dict(block_n=16, block_k=64, split_k=1), 1),
+]
+
+
+def _qkv_case(M, D, H, K, Dh, rope, norm, temp, mode):
+    keys = jax.random.split(jax.random.key(M * 31 + D + Dh), 6)
+    x = (jax.random.normal(keys[0], (M, D)) + 0.1).astype(jnp.bfloat16)
+    ws = (*_w(keys[1], D, H * Dh), *_w(keys[2], D, K * Dh), *_w(keys[3], D, K * Dh))
+    pos = jax.random.randint(keys[4], (1, M), 0, 9000)
+    inv_freq = 1.0 / (500000.0 ** (jnp.arange(0, Dh, 2, dtype=jnp.float32) / Dh))
+    tables = tuple(t[0] for t in rope_tables(inv_freq, pos)) if rope else None
+    rs = 1.0 + jax.random.uniform(keys[5], (M,)) if temp else None
+    return x, ws, dict(head_dim=Dh, rope=tables, q_row_scale=rs, qk_norm_eps=1e-5 if norm else None, mode=mode)
+
+
+@pytest.mark.parametrize("M,D,H,K,Dh,rope,norm,temp,mode,cfg,splits", SPLIT_QKV)
+def test_qkv_rope_split_k_in_kernel(M, D, H, K, Dh, rope, norm, temp, mode, cfg, splits):
+    assert _n_splits(D, cfg["block_k"], cfg["split_k"]) == splits
+    x, ws, kw = _qkv_case(M, D, H, K, Dh, rope, norm, temp, mode)
+    run = functools.partial(qkv_rope, x, *ws, interpret=True, poison_output=True, **kw, **cfg)
+    got, xla = run(out_dtype=jnp.float32), run(out_dtype=jnp.float32, reduce="xla")
+    want = qkv_rope_ref(x, *ws, out_dtype=jnp.float32, **kw)
+    for name, g, a, r, n in zip("qkv", got, xla, want, (H, K, K)):
+        _finite(g)
+        assert g.shape == (M, n * Dh) and g.dtype == jnp.float32, name
+        assert _err(g, r) < 1e-5, name
+        _close(g, a)
+    if norm and temp:  # the norm of the bf16-rounded head, the row scale, the bf16 cast, in the epilogue
+        bf = run(out_dtype=jnp.bfloat16)
+        for name, g, r in zip("qkv", bf, want):
+            _finite(g)
+            assert g.dtype == jnp.bfloat16 and _err(g, r) < 1e-2, name
+
+
+@pytest.fixture
+def arrivals_log(monkeypatch):
+    """Every arrive() of the fused kernels run in the test (interpret mode): (counter, arrivals, last, *grid
+    position)."""
+    from jax.experimental import pallas as pl
+
+    import pallas_kernels.fused_gemm as fg
+
+    log, pids, real = [], [], fg.arrive
+
+    def top_level_ids(kernel):  # (the interpreter substitutes program ids only outside pl.when bodies)
+        def k(*refs, **kw):
+            pids[:] = [pl.program_id(i) for i in range(3)]
+            return kernel(*refs, **kw)
+        return k
+
+    def spy(cnt_ref, idx, arrivals, *, interpret):
+        last = real(cnt_ref, idx, arrivals, interpret=interpret)
+        jax.debug.callback(lambda *v: log.append(tuple(int(a) for a in v)), idx, arrivals, last, *pids)
+        return last
+
+    monkeypatch.setattr(fg, "arrive", spy)
+    for name in ("_gate_up_kernel", "_qkv_kernel"):
+        monkeypatch.setattr(fg, name, top_level_ids(getattr(fg, name)))
+    jax.clear_caches()  # the jitted entry points retrace with the spy, and without it after the test
+    yield log
+    jax.clear_caches()
+
+
+def _check_counters(log, group_of, n_counters):
+    """Each counter serves exactly one output group, which arrives there `arrivals` times, one of them last."""
+    by_idx = {}
+    for idx, arrivals, last, *pid in log:
+        by_idx.setdefault(idx, []).append((arrivals, last, group_of(*pid)))
+    assert sorted(by_idx) == list(range(n_counters))
+    groups = set()
+    for idx, rec in by_idx.items():
+        (arrivals,), (group,) = {a for a, _, _ in rec}, {g for _, _, g in rec}
+        assert len(rec) == arrivals and sum(last for _, last, _ in rec) == 1, (idx, rec)
+        groups.add(group)
+    assert len(groups) == n_counters  # no two groups share a counter
+
+
+def test_split_k_counter_layout(arrivals_log):
+    """Which programs count on which counter: gate/up one per output tile (split_k arrivals); qkv one per
+    (M block, head) of q and k under the norm (split_k * Dh / block_n arrivals), one per column block of v.
+    (Sequential programs would hide a wrong layout from the value tests: an early last arrival's epilogue is
+    redone by a later one.)"""
+    log = arrivals_log
+    M, D, F = 20, 96, 48
+    kg, ku = jax.random.split(jax.random.key(5))
+    x = jnp.ones((M, D), jnp.bfloat16)
+    (wg, sg), (wu, su) = _w(kg, D, F), _w(ku, D, F)
+    gate_up_swiglu(x, wg, sg, wu, su, mode="fp8_fp8", block_m=16, block_n=16, block_k=32, split_k=3,
+                   interpret=True).block_until_ready()
+    jax.effects_barrier()
+    assert {a for _, a, *_ in log} == {3}
+    _check_counters(log, lambda m, n, s: (m, n), n_counters=2 * 3)
+
+    log.clear()
+    M, D, H, K, Dh, bn = 20, 64, 2, 1, 32, 16
+    x, ws, kw = _qkv_case(M, D, H, K, Dh, True, True, False, "fp8_fp8")
+    qkv_rope(x, *ws, block_m=16, block_n=bn, block_k=32, split_k=2, interpret=True, **kw)[0].block_until_ready()
+    jax.effects_barrier()
+    nbq, nbk = H * Dh // bn, K * Dh // bn
+
+    def head(m, j, s):  # (M block, tensor, head of q / k, column block of v)
+        if j < nbq:
+            return m, "q", j // (Dh // bn)
+        if j < nbq + nbk:
+            return m, "k", (j - nbq) // (Dh // bn)
+        return m, "v", j - nbq - nbk
+
+    assert {(a, head(*p)[1]) for _, a, _, *p in log} == {(4, "q"), (4, "k"), (2, "v")}
+    _check_counters(log, head, n_counters=2 * (H + K + K * Dh // bn))
+
+
+def test_reduce_argument():
+    wq, s = _w(jax.random.key(0), 64, 32)
+    x = jnp.ones((2, 64), jnp.bfloat16)
+    with pytest.raises(ValueError, match="reduce"):
+        gate_up_swiglu(x, wq, s, wq, s, reduce="atomic", interpret=True)
+    with pytest.raises(ValueError, match="reduce"):
+        qkv_rope(x, wq, s, wq, s, wq, s, head_dim=16, reduce="atomic", interpret=True)
+
+
+def test_gate_up_split_k_lowers_to_a_semaphore(monkeypatch):
+    """Lowered for CUDA (on the CPU, shapes only): a barrier, then the arrival, a GPU-scope acquire-release
+    atomic add of the counters' type (`fadd` on i32 would add bit patterns as floats, flushed to zero as
+    subnormals: no split would ever arrive last), and the last split reads the partials bypassing L1."""
+    from test_triton_offsets import triton_modules
+
+    f8, S = jnp.float8_e4m3fn, jax.ShapeDtypeStruct
+    shapes = (S((3, 512), jnp.bfloat16), S((512, 200), f8), S((200,), jnp.float32), S((512, 200), f8),
+              S((200,), jnp.float32))
+    (text,) = triton_modules(lambda *a: gate_up_swiglu(*a, mode="weight_only", block_n=64, block_k=64, split_k=4,
+                                                       reduce="kernel"), *shapes, monkeypatch=monkeypatch)
+    atomics = re.findall(r"tt\.atomic_rmw (\w+), (\w+), (\w+), .*-> (?:tensor<\d+x)?(\w+)", text)
+    assert atomics, "no atomic in the kernel"
+    for op, sem, scope, elt in atomics:  # the arrival and the reset
+        assert (sem, scope) == ("acq_rel", "gpu")
+        assert op == ("fadd" if elt.startswith("f") else "add"), f"tt.atomic_rmw {op} on {elt}"
+    assert "gpu.barrier" in text[:text.index("tt.atomic_rmw")]
+    # the last split's reads of the partials: g and u, 4 splits each ([16, 64] f32 tiles)
+    assert len(re.findall(r"tt\.load .*(?:isVolatile = true|cache = cg).*: tensor<16x64x!tt\.ptr<f32>>", text)) == 8

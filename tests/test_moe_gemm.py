@@ -185,6 +185,8 @@ MOE_CASES = [
      dict(T, method="pairs", split_k=2, split_k_down=3)),
     ("pairs: ragged, split-K partials summed by XLA", 5, 2, 8, 80, 48, "fp8", jnp.bfloat16, None,
      dict(T, method="pairs", split_k=3, split_k_down=2, gu_epilogue="xla")),
+    ("pairs: ragged, the earlier reductions (reduce='xla')", 5, 2, 8, 80, 48, "fp8", jnp.bfloat16, None,
+     dict(T, method="pairs", split_k=2, split_k_down=3, reduce="xla")),
     ("pairs: two pairs per expert, bf16 w, x f32", 3, 2, 4, 64, 80, "bf16", jnp.float32, [1, 2],
      dict(T, method="pairs", split_k=1, split_k_down=1)),
     ("pairs: N=16 k=1 fp8 (PAIRS_MAX), one split", 16, 1, 8, 64, 64, "fp8", jnp.bfloat16, None,
@@ -310,7 +312,9 @@ def test_rejects_bad_arguments():
     with pytest.raises(ValueError, match="method"):
         moe_fp8(x, idx, sc, *ws, method="dense", interpret=True)
     with pytest.raises(ValueError, match="gu_epilogue"):
-        moe_fp8(x, idx, sc, *ws, method="pairs", gu_epilogue="kernel", interpret=True)
+        moe_fp8(x, idx, sc, *ws, method="pairs", gu_epilogue="kernel2", interpret=True)
+    with pytest.raises(ValueError, match="reduce"):
+        moe_fp8(x, idx, sc, *ws, method="pairs", reduce="triton", interpret=True)
     with pytest.raises(ValueError, match="w_down"):
         moe_fp8(x, idx, sc, ws[0], ws[1], ws[2][:, :16], interpret=True)
     with pytest.raises(ValueError, match="expert_idx"):
@@ -325,8 +329,9 @@ def test_rejects_bad_arguments():
 
 @pytest.mark.parametrize("N,k,wkind,cfg", [
     (1, 1, "fp8", {}),                                                     # the default decode config (split-K)
-    (3, 2, "fp8", dict(T, method="pairs", split_k=2, split_k_down=3)),    # partials summed in kernel 2
-    (3, 2, "fp8", dict(T, method="pairs", split_k=2, gu_epilogue="xla")),  # partials summed by XLA
+    (3, 2, "fp8", dict(T, method="pairs", split_k=2, split_k_down=3)),    # every sum in the kernels
+    (3, 2, "fp8", dict(T, method="pairs", split_k=2, split_k_down=3, reduce="xla")),  # in kernel 2 and XLA
+    (3, 2, "fp8", dict(T, method="pairs", split_k=2, gu_epilogue="xla")),  # gate/up partials summed by XLA
     (2, 1, "bf16", dict(T, method="pairs", split_k=1, split_k_down=1)),   # h stored by kernel 1, bf16 weights
 ])
 def test_shared_expert_rides_in_the_pair_kernels(N, k, wkind, cfg):
@@ -369,3 +374,99 @@ def test_shared_expert_bad_arguments():
         moe_fp8(x, idx, sc, *ws, scales, shared=(*good[:3], None), interpret=True)
     with pytest.raises(ValueError, match="pair path only"):
         moe_fp8(x, idx, sc, *ws, scales, shared=good, method="sorted", interpret=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Pair path: split-K sums finished inside the kernels (reduce="kernel", pallas_kernels/split_k.py's protocol)
+# ---------------------------------------------------------------------------------------------------------
+
+PAIR_REDUCE_CASES = [
+    # id, N, k, shared, D, F, split_k, split_k_down, block_k_down, dropped pairs, x dtype
+    ("top-1, 1 token, splits 3/2", 1, 1, False, 80, 48, 3, 2, 32, False, jnp.bfloat16),
+    ("top-1 + shared, 1 token, one down split", 1, 1, True, 80, 48, 2, 1, 32, False, jnp.bfloat16),
+    ("top-2 + shared, 3 tokens, splits 3/3, dropped", 3, 2, True, 80, 48, 3, 3, 16, True, jnp.float32),
+    ("top-2, 4 tokens, 5 (padded to 8) / 3 splits, dropped", 4, 2, False, 144, 48, 5, 3, 16, True, jnp.float32),
+    ("top-1 + shared, 4 tokens, token 2 all dropped", 4, 1, True, 144, 48, 5, 2, 32, True, jnp.bfloat16),
+    ("top-1, 2 tokens, no split: direct stores", 2, 1, False, 80, 48, 1, 1, 32, False, jnp.bfloat16),
+]
+
+
+@pytest.mark.parametrize("name,N,k,shared,D,F,s1,s2,bkd,drop,xdt", PAIR_REDUCE_CASES,
+                         ids=[c[0] for c in PAIR_REDUCE_CASES])
+def test_pair_sums_finished_in_kernel(name, N, k, shared, D, F, s1, s2, bkd, drop, xdt):
+    """reduce="kernel" (the last split of each h tile writes h; the last of a token's (k + shared) x splits
+    programs per output tile writes the final output) equals the reference and the earlier XLA-reduced path
+    (reduce="xla"). D, F ragged against 32-wide tiles. Every output and partial buffer starts as NaN, so an
+    output tile finished before all its partials were stored, or never finished, fails. Dropped pairs (ids
+    outside [0, E)) still arrive: their tiles complete and contribute zero. (The interpreter runs a tile's
+    splits back to back, so two gate/up tiles sharing a counter would go unnoticed here; kernel 2's tiles
+    interleave: a token's shared row runs after all pair rows.)"""
+    E = 6
+    ws, scales = quantize(*_weights(N * 5 + D + k, E + 1, D, F))  # expert E: the shared one
+    routed_w, routed_s = tuple(w[:E] for w in ws), tuple(s_[:E] for s_ in scales)
+    idx, sc = _routing(N + 17 * k, N, k, E, None, xdt)
+    if drop:
+        idx = idx.at[0, k - 1].set(E).at[N - 1, 0].set(-1)
+        if N > 2:
+            idx = idx.at[2].set(E + 3)  # a token with no valid pair
+    valid = (idx >= 0) & (idx < E)
+    x = _x(N + 3, N, D, xdt)
+    want = reference(x, jnp.where(valid, idx, 0), jnp.where(valid, sc, 0), *routed_w, scales=routed_s)
+    sh = None
+    if shared:
+        sh = (ws[0][E], ws[1][E], ws[2][E], tuple(s_[E] for s_ in scales))
+        want = (want.astype(jnp.float32)
+                + reference(x, jnp.full((N, 1), E, jnp.int32), jnp.ones((N, 1), xdt), *ws, scales=scales))
+    cfg = dict(T, method="pairs", split_k=s1, split_k_down=s2, block_k_down=bkd, shared=sh)
+    y = _run(x, idx, sc, routed_w, routed_s, dict(cfg, reduce="kernel"))
+    y_xla = _run(x, idx, sc, routed_w, routed_s, dict(cfg, reduce="xla"))
+    assert _err(y, want) < BOUND, _err(y, want)
+    # the same partials summed in another order (h too, before its bf16 cast): 0 measured on CPU
+    assert _err(y, y_xla) < (1e-3 if xdt == jnp.bfloat16 else 1e-5), _err(y, y_xla)
+    if drop and N > 2 and not shared:
+        assert float(jnp.max(jnp.abs(y[2]))) == 0.0
+
+
+def test_pair_kernels_lower_with_the_split_k_protocol(monkeypatch):
+    """Both pair kernels, lowered for CUDA on the CPU (shapes only), carry the protocol: a barrier, then an
+    integer acquire-release atomic add on a scalar counter (a pl.ds(i, 1) slice would lower to `fadd` on the
+    int32 tensor), then volatile loads of the partials (never a stale L1 line). reduce="xla" lowers no
+    atomics."""
+    import re
+
+    from jax._src.pallas.triton import lowering as triton_lowering
+
+    from pallas_kernels.moe_gemm import moe_fp8_pairs
+
+    E, D, F, N, k = 8, 80, 48, 2, 2
+    f8, S = FP8, jax.ShapeDtypeStruct
+    shapes = [S((N, D), jnp.bfloat16), S((N, k), jnp.int32), S((N, k), jnp.bfloat16), S((E, D, F), f8),
+              S((E, D, F), f8), S((E, F, D), f8), (S((E, F), jnp.float32),) * 2 + (S((E, D), jnp.float32),),
+              (S((D, F), f8), S((D, F), f8), S((F, D), f8), (S((F,), jnp.float32),) * 2 + (S((D,), jnp.float32),))]
+
+    def lower(reduce):
+        texts = []
+        orig = triton_lowering.lower_jaxpr_to_triton_module
+
+        def capture(*a, **kw):
+            res = orig(*a, **kw)
+            texts.append(res.module.operation.get_asm(enable_debug_info=False))
+            return res
+
+        monkeypatch.setattr(triton_lowering, "lower_jaxpr_to_triton_module", capture)
+        fn = lambda *a: moe_fp8_pairs(*a[:7], shared=a[7], reduce=reduce, split_k=3, split_k_down=2,  # noqa: E731
+                                      **T)
+        jax.jit(fn).trace(*shapes).lower(lowering_platforms=("cuda",))
+        monkeypatch.setattr(triton_lowering, "lower_jaxpr_to_triton_module", orig)
+        return texts
+
+    texts = lower("kernel")
+    assert len(texts) == 2  # gate/up and down
+    for text in texts:
+        atom = re.search(r"tt\.atomic_rmw add, acq_rel, gpu, .*: \(!tt\.ptr<i32>, i32\) -> i32", text)
+        assert atom, text[:2000]
+        assert "fadd" not in text
+        barrier = text.find("gpu.barrier")
+        assert 0 <= barrier < atom.start()
+        assert text.find("isVolatile = true", atom.end()) > 0
+    assert not any("atomic_rmw" in t for t in lower("xla"))

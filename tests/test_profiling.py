@@ -21,3 +21,14 @@ def test_summarize_counts_busy_time_as_the_union_of_kernels():
 def test_summarize_without_device_kernels():
     p = summarize([], steps=3)
     assert p["rows"] == [] and p["busy_us"] == 0
+
+
+def test_families_fold_numeric_suffixes():
+    ev = [("loop_add_fusion_1", 0, 10), ("loop_add_fusion.2", 20, 30), ("loop_add_fusion_3_1", 60, 5),
+          ("moe_gate_up", 100, 50), ("fusion", 200, 1)]
+    p = summarize(ev, steps=1)
+    fam = {r["name"]: r for r in p["families"]}
+    assert set(fam) == {"loop_add_fusion", "moe_gate_up", "fusion"}
+    assert fam["loop_add_fusion"]["per_step"] == 3 and fam["loop_add_fusion"]["us_per_step"] == pytest.approx(0.045)
+    assert [r["name"] for r in p["families"]][0] == "moe_gate_up"
+    assert "kernel family" in format_profile(p, "x")
