@@ -297,17 +297,8 @@ def swiglu(x, w_gate, s_gate, w_up, s_up, w_down, s_down, kernels):
     return dense(h, w_down, s_down, 1, kernels)  # [..., F] x [F, D] -> [..., D]
 
 
-def route(x, router_w, top_k, kernels="xla"):
-    """Top-k sigmoid routing. x [N, D] -> expert ids [N, k], scores [N, k] (in x's dtype). kernels="pallas",
-    top-1 and few tokens (decode): one Pallas launch (pallas_kernels.router) where XLA runs four."""
-    from pallas_kernels.router import MAX_ROWS
-    from pallas_kernels.split_k import default_reduce
-
-    if (top_k == 1 and x.shape[0] <= MAX_ROWS and use_pallas(kernels, "moe") and router_w.dtype == x.dtype
-            and default_reduce() == "kernel"):  # MAVJAX_SPLIT_K_REDUCE=xla: XLA's routing, for A/B runs
-        from pallas_kernels.router import route_top1
-
-        return route_top1(x, router_w, interpret=jax.default_backend() == "cpu")
+def route(x, router_w, top_k):
+    """Top-k sigmoid routing. x [N, D] -> expert ids [N, k], scores [N, k] (in x's dtype)."""
     logits = jnp.einsum("nd,de->ne", x, router_w)  # [N, E]
     if top_k == 1:  # Maverick: an argmax is a reduction; XLA:GPU lowers top_k to a sort kernel of its own
         top_idx = jnp.argmax(logits, axis=-1)[:, None].astype(jnp.int32)  # [N, 1] (ties: lowest id, as top_k)
@@ -410,7 +401,7 @@ class MoE(nnx.Module):
     def __call__(self, x):
         B, T, D = x.shape
         flat = x.reshape(B * T, D)
-        idx, scores = route(flat, self.router[...], self.top_k, self.kernels)
+        idx, scores = route(flat, self.router[...], self.top_k)
         scales = None if self.w_gate_scale is None else \
             (self.w_gate_scale[...], self.w_up_scale[...], self.w_down_scale[...])
         weights = (self.w_gate[...], self.w_up[...], self.w_down[...])

@@ -262,7 +262,7 @@ def moe(par: Parallel, ffn, h, residual, norm):
 
     B, T, D = h.shape
     flat = h.reshape(B * T, D)
-    idx, scores = route(flat, ffn.router[...], ffn.top_k, ffn.kernels)  # [N, k]
+    idx, scores = route(flat, ffn.router[...], ffn.top_k)  # [N, k]
     E_axis = par.mesh.shape[par.expert_axis]
     exchange = B * T >= par.exchange_min_tokens and E_axis > 1
     N = B * T

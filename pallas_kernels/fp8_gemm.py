@@ -253,8 +253,8 @@ def _block_scale(s_ref, kb, pid_n, block_k, block_n, scale_block, w_transposed):
 # ----------------------------------------------------------------------------------------------------------
 
 def _weight_only_kernel(x_ref, w_ref, s_ref, *refs, m, n, k, block_m, block_n, block_k, kb_per_split,
-                        num_splits, scale_kind, scale_block, partial, reduce, epilogue, eps, block_norm,
-                        w_transposed, evict, swap_ab, interpret):
+                        num_splits, scale_kind, scale_block, partial, reduce, epilogue, eps, w_transposed,
+                        evict, swap_ab, interpret):
     """One [block_m, block_n] output tile's share (K blocks of split pid_s). refs: the epilogue's inputs
     (add_norm: residual [M, N], norm scale [N]), the tile counters (reduce="kernel" or add_norm), then the
     outputs: partials [S, M, N] f32 when split and reduced in XLA; else (partials if split,) y, and with
@@ -317,8 +317,7 @@ def _weight_only_kernel(x_ref, w_ref, s_ref, *refs, m, n, k, block_m, block_n, b
         # RMSNorm needs whole rows: the last of the N blocks to finish its sum normalizes every row
         nb = pl.cdiv(n, block_n)
         last_n = arrive(cnt_ref, nb, nb, interpret=interpret)
-        pl.when(last_n)(lambda: _rms_norm_rows(sum_ref, nw_ref, y_ref, m=m, n=n, block_m=block_m,
-                                               block_norm=block_norm, eps=eps))
+        pl.when(last_n)(lambda: _rms_norm_rows(sum_ref, nw_ref, y_ref, m=m, n=n, eps=eps))
 
     if not partial:
         finish(acc)
@@ -330,32 +329,21 @@ def _weight_only_kernel(x_ref, w_ref, s_ref, *refs, m, n, k, block_m, block_n, b
         pl.when(last)(lambda: finish(sum_partials(outs[0], num_splits, tile, (block_m, block_n), out_mask)))
 
 
-def _rms_norm_rows(s_ref, w_ref, y_ref, *, m, n, block_m, block_norm, eps):
-    """y = rms_norm(s) * w over whole rows of s [M, N] (written by other programs of this launch: read through
-    L2), as mavjax.model.rms_norm: float32 statistics, cast, then the scale. Two passes of block_norm lanes."""
-    m_in = _in_bounds(0, block_m, m) if m != block_m else None
-    nc = pl.cdiv(n, block_norm)
+def _rms_norm_rows(s_ref, w_ref, y_ref, *, m, n, eps):
+    """y = rms_norm(s) * w over whole rows of s [M, N] (written by other programs of this launch: volatile
+    loads), as mavjax.model.rms_norm: float32 statistics, cast, then the scale. A row at a time, the whole row
+    in one load (one L2 round trip per row: decode has one or a few rows)."""
+    bn = _next_pow2(n)
+    c_in = _in_bounds(0, bn, n)
+    w = _load(w_ref.at[pl.ds(0, bn)], c_in)                                             # [bn]
 
-    def chunk(c):
-        c0 = pl.multiple_of(c * block_norm, block_norm)
-        c_in = _in_bounds(c0, block_norm, n)
-        return (pl.ds(0, block_m), pl.ds(c0, block_norm)), c_in, _mask2(m_in, c_in)
-
-    def sumsq(c, acc):
-        idx, _, mask = chunk(c)
-        v = load_partial(s_ref.at[idx], mask).astype(jnp.float32)            # [bm, bc]
-        return acc + jnp.sum(v * v, axis=1)
-
-    rs = lax.rsqrt(lax.fori_loop(0, nc, sumsq, jnp.zeros((block_m,), jnp.float32)) / n + eps)  # [bm]
-
-    def write(c, carry):
-        idx, c_in, mask = chunk(c)
-        v = load_partial(s_ref.at[idx], mask).astype(jnp.float32)
-        w = _load(w_ref.at[idx[1]], c_in)                                               # [bc]
-        _store(y_ref.at[idx], ((v * rs[:, None]).astype(s_ref.dtype) * w[None, :]).astype(y_ref.dtype), mask)
+    def row(i, carry):
+        v = load_partial(s_ref.at[i, pl.ds(0, bn)], c_in).astype(jnp.float32)          # [bn]
+        r = lax.rsqrt(jnp.sum(v * v) / n + eps)
+        _store(y_ref.at[i, pl.ds(0, bn)], ((v * r).astype(s_ref.dtype) * w).astype(y_ref.dtype), c_in)
         return carry
 
-    lax.fori_loop(0, nc, write, 0)
+    lax.fori_loop(0, m, row, 0)
 
 
 def _weight_only_pallas(x, w_fp8, w_scale, *, scale_kind, scale_block, block_n, block_k, split_k, num_warps,
@@ -395,7 +383,7 @@ def _weight_only_pallas(x, w_fp8, w_scale, *, scale_kind, scale_block, block_n, 
         _weight_only_kernel, m=M, n=N, k=K, block_m=block_m, block_n=block_n, block_k=block_k,
         kb_per_split=kb_per_split, num_splits=split, scale_kind=scale_kind, scale_block=scale_block,
         partial=partial, reduce=reduce, epilogue=epilogue, eps=float(add_norm[2]) if epilogue else None,
-        block_norm=min(_next_pow2(N), max(64, 16384 // block_m)), w_transposed=w_transposed, evict=evict,
+        w_transposed=w_transposed, evict=evict,
         swap_ab=swap_ab, interpret=interpret)
     n_scratch = 1 if partial and reduce == "kernel" else 0
     aliases = {}
@@ -547,7 +535,7 @@ def fp8_matmul(x, w_fp8, w_scale, *, mode="auto", block_m=None, block_n=None, bl
       converts exactly to both bf16 and f16, but x is rounded to it (f16: |x| must stay < 65504).
     reduce (weight_only with split_k > 1): "kernel" (the last split of each tile sums the partials:
       pallas_kernels.split_k, one launch) or "xla" (a jnp sum after the kernel: a second launch); None:
-      split_k.default_reduce() ("kernel" unless MAVJAX_SPLIT_K_REDUCE=xla).
+      split_k.default_reduce("gemm") ("kernel" unless MAVJAX_SPLIT_K_REDUCE=xla).
     poison_output: debugging aid; the output buffer starts as NaN (aliased in), so unwritten elements show.
     interpret: run the kernels in the Pallas interpreter (CPU tests).
     """
@@ -598,7 +586,7 @@ def _fp8_matmul(x, w_fp8, w_scale, add_norm, *, mode, block_m, block_n, block_k,
         mode = "weight_only" if M <= 64 else "fp8_fp8"
     if mode not in ("weight_only", "fp8_fp8"):
         raise ValueError(f"unknown mode {mode!r}")
-    reduce = reduce or default_reduce()
+    reduce = reduce or default_reduce("gemm")
     if reduce not in ("kernel", "xla"):
         raise ValueError(f"reduce must be 'kernel' or 'xla', got {reduce!r}")
     if M == 0 or N == 0 or K == 0 or (add_norm is not None and (mode != "weight_only" or reduce != "kernel")):

@@ -23,7 +23,7 @@ sin2[c] = -sin(.) on even c, +sin(.) on odd c ([M, Dh] tables built once per cal
 rope tables). Block_n must divide Dh, so a tile never straddles two heads.
 
 Split-K (decode: few N blocks would leave most SMs idle): RoPE and the temperature are linear, so each
-split applies them to its partial and stores it (f32). With reduce="kernel" (split_k.default_reduce()) the
+split applies them to its partial and stores it (f32). With reduce="kernel" (split_k.default_reduce(family)) the
 kernel finishes the sum itself (pallas_kernels/split_k.py): the last split of each output tile - for the qk
 norm, of each head, whose column blocks (block_n < Dh) are programs too - sums the partials and runs what is
 not linear, SwiGLU or the norm, so the GEMM's launch is the only one. reduce="xla" keeps the older epilogue,
@@ -273,8 +273,8 @@ _STATIC = ("mode", "block_m", "block_n", "block_k", "split_k", "num_warps", "num
            "compute_dtype", "evict", "interpret", "poison_output", "reduce")
 
 
-def _check_reduce(reduce):
-    reduce = reduce or default_reduce()
+def _check_reduce(reduce, family):
+    reduce = reduce or default_reduce(family)
     if reduce not in ("kernel", "xla"):
         raise ValueError(f"reduce must be 'kernel' or 'xla', got {reduce!r}")
     return reduce
@@ -288,8 +288,8 @@ def gate_up_swiglu(x, wg, sg, wu, su, *, mode="auto", block_m=None, block_n=None
     float8_e4m3fn, sg, su [F] float32. Arguments as fp8_gemm.fp8_matmul (mode, blocks, split_k, warps,
     stages, compute_dtype, evict, interpret, poison_output). reduce (split_k > 1): "kernel" - the last split
     of each tile sums the partials and applies SwiGLU; "xla" - a jnp epilogue does (two more launches); None:
-    split_k.default_reduce() ("kernel" unless MAVJAX_SPLIT_K_REDUCE=xla)."""
-    reduce = _check_reduce(reduce)
+    split_k.default_reduce("gate_up") ("kernel" unless MAVJAX_SPLIT_K_REDUCE says otherwise)."""
+    reduce = _check_reduce(reduce, "gate_up")
     if wg.shape != wu.shape:
         raise ValueError(f"w_gate {wg.shape} and w_up {wu.shape} must have the same shape")
     out_dtype = jnp.dtype(out_dtype or x.dtype)
@@ -409,8 +409,8 @@ def qkv_rope(x, wq, sq, wk, sk, wv, sv, *, head_dim, rope=None, q_row_scale=None
     x [M, D]; w* [D, N*] float8_e4m3fn with s* [N*] float32, N* multiples of head_dim. block_n must divide
     head_dim (default min(64 or 128, head_dim)). reduce: where split-K partials are summed and the qk norm of
     heads wider than block_n is done: "kernel" (the last program of each tile / head), "xla" (a jnp epilogue:
-    one or two more launches) or None (split_k.default_reduce()). Other arguments as fp8_gemm.fp8_matmul."""
-    reduce = _check_reduce(reduce)
+    one or two more launches) or None (split_k.default_reduce("qkv")). Other arguments as fp8_gemm.fp8_matmul."""
+    reduce = _check_reduce(reduce, "qkv")
     out_dtype = jnp.dtype(out_dtype or x.dtype)
     ws, ss = {"wq": wq, "wk": wk, "wv": wv}, {"wq": sq, "wk": sk, "wv": sv}
     ns = tuple(w.shape[1] if w.ndim == 2 else 0 for w in (wq, wk, wv))

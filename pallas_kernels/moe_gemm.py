@@ -699,7 +699,7 @@ def moe_fp8_pairs(x, expert_idx, scores, w_gate, w_up, w_down, scales=None, *, s
     reduce: who finishes kernel 2's sums (its split-K partials, a token's k pair rows and its shared row) and the
     cast: "kernel" (the last arriving program of each output tile, `pallas_kernels/split_k.py`'s protocol: the
     output leaves kernel 2 final, no XLA op after it) or "xla" (kernel 2 writes f32 rows, one XLA fusion sums
-    and casts: the earlier path, kept for A/B runs); None: `split_k.default_reduce()` ("kernel" unless
+    and casts: the earlier path, kept for A/B runs); None: `split_k.default_reduce("moe")` ("kernel" unless
     MAVJAX_SPLIT_K_REDUCE=xla).
     gu_epilogue: where kernel 1's split-K partials are summed and the SwiGLU applied, when kernel 1 splits K:
     "kernel" (the last split of each h tile, which writes h [rows, F] in the compute dtype: no launch in between
@@ -754,7 +754,7 @@ def moe_fp8_pairs(x, expert_idx, scores, w_gate, w_up, w_down, scales=None, *, s
         sh1 = [wgs[None], wus[None]] + ([f32(s_sh[0])[None], f32(s_sh[1])[None]] if has_scales else [])
         sh2 = [wds[None]] + ([f32(s_sh[2])[None]] if has_scales else [])
 
-    reduce = reduce or _split_k.default_reduce()
+    reduce = reduce or _split_k.default_reduce("moe")
     if reduce not in ("kernel", "xla"):
         raise ValueError(f"reduce must be 'kernel' or 'xla', got {reduce!r}")
     if gu_epilogue is None:

@@ -18,8 +18,8 @@ allocated once per executable and never re-initialised: no memset per launch. Be
 counters at zero, XLA's view of that constant (all zeros) holds at every kernel boundary; kernels that share
 such a buffer run one after the other on the stream, so they never see each other's counts.
 
-`default_reduce()` is the default of every such kernel's `reduce` argument ("kernel"; MAVJAX_SPLIT_K_REDUCE=xla
-brings back the XLA epilogues for A/B timing).
+`default_reduce(family)` is the default of every such kernel's `reduce` argument ("kernel"; MAVJAX_SPLIT_K_REDUCE=xla
+or a comma list of families brings back the XLA epilogues for A/B timing).
 
 Interpret mode (CPU tests) runs the programs one by one: the atomics are plain read-modify-writes there and
 the barrier, which the interpreter lacks, is skipped.
@@ -39,21 +39,30 @@ except ImportError:  # pragma: no cover
     plgpu = None
 
 
-def default_reduce() -> str:
-    """Where kernels sum split-K partials unless told: "kernel" (here), or "xla" when MAVJAX_SPLIT_K_REDUCE=xla
-    (read when a kernel is traced: A/B runs of the older XLA epilogues on a GPU, without code changes)."""
-    v = os.environ.get("MAVJAX_SPLIT_K_REDUCE", "kernel")
-    if v not in ("kernel", "xla"):
-        raise ValueError(f"MAVJAX_SPLIT_K_REDUCE must be 'kernel' or 'xla', got {v!r}")
-    return v
+FAMILIES = ("gemm", "gate_up", "qkv", "moe", "attention")
+
+
+def default_reduce(family: str) -> str:
+    """Where kernel `family` (one of FAMILIES) sums split-K partials unless told: "kernel" (here), or "xla" when
+    MAVJAX_SPLIT_K_REDUCE is "xla" (every family) or a comma list naming it. Read when a kernel is traced:
+    A/B runs of the XLA epilogues on a GPU, family by family, without code changes."""
+    assert family in FAMILIES, family
+    v = os.environ.get("MAVJAX_SPLIT_K_REDUCE", "kernel").strip()
+    if v in ("", "kernel"):
+        return "kernel"
+    names = {n.strip() for n in v.split(",") if n.strip()}
+    if names - set(FAMILIES) - {"xla"}:
+        raise ValueError(f"MAVJAX_SPLIT_K_REDUCE must be 'kernel', 'xla' or a comma list of {', '.join(FAMILIES)}; "
+                         f"got {v!r}")
+    return "xla" if "xla" in names or family in names else "kernel"
 
 
 def counters(n: int) -> np.ndarray:
     """n tile counters, zero, as a numpy array (under jit an XLA constant, see the module doc), plus one last
-    element that is never counted on and holds 1: XLA's algebraic simplifier turns an all-equal constant into
-    a broadcast, which would be materialized (a memset) before every launch."""
+    element that is never counted on and holds an odd value: XLA's simplifier turns an all-equal constant into
+    a broadcast and [0, 1] into an iota, and either is then materialized by a kernel before every launch."""
     c = np.zeros((max(1, int(n)) + 1,), np.int32)
-    c[-1] = 1
+    c[-1] = 0x5EED
     return c
 
 
@@ -88,10 +97,9 @@ def load_partial(ref, mask=None):
 
 def sum_partials(part_ref, num_splits: int, index, shape, mask=None):
     """float32 sum over the leading split axis of part_ref: part_ref.at[s, *index] for s < num_splits, each
-    a `shape` tile (index: the tile's slices of the remaining axes)."""
-    from jax import lax
-
-    def body(s, acc):
-        return acc + load_partial(part_ref.at[(s, *index)], mask).astype(jnp.float32)
-
-    return lax.fori_loop(0, num_splits, body, jnp.zeros(shape, jnp.float32))
+    a `shape` tile (index: the tile's slices of the remaining axes). Unrolled, so the loads are in flight
+    together (a loop would wait one L2 round trip per split)."""
+    acc = jnp.zeros(shape, jnp.float32)
+    for s in range(num_splits):
+        acc = acc + load_partial(part_ref.at[(jnp.int32(s), *index)], mask).astype(jnp.float32)
+    return acc

@@ -22,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 TIMES: dict = {}  # compile / first-run seconds of the last kernel call (printed with the result)
-CHECKS = ["gemm_wo", "gemm_down", "gemm_add_norm", "gate_up", "qkv_rope", "qkv_nope", "router", "moe", "add_norm",
+CHECKS = ["gemm_wo", "gemm_down", "gemm_add_norm", "gate_up", "qkv_rope", "qkv_nope", "moe", "add_norm",
           "attention", "model"]
 REPEATS = 3  # each kernel runs this many times on the same inputs: a split-K counter a launch left non-zero
 # (pallas_kernels.split_k) would change a later launch's result
@@ -119,14 +119,6 @@ def run_one(name, n, M, interpret, small, mesh_devices=0):
         mode = "fp8_fp8" if M > 64 else "weight_only"
         refs = qkv_rope_ref(x, wq, sq, wk, sk, wv, sv, mode=mode, out_dtype=jnp.float32, **kw)
         return max(rel(o, r) for o, r in zip(outs, refs))
-    if name == "router":  # top-1 routing; error = fraction of tokens routed elsewhere than XLA's route
-        from mavjax.model import route
-        from pallas_kernels.router import route_top1
-
-        xs = x[:64]
-        w = (jax.random.normal(next(keys), (D, cfg.num_local_experts), jnp.float32) / D ** 0.5).astype(bf)
-        idx, _ = call(lambda a: route_top1(a, w, interpret=interpret), xs)
-        return float((idx != route(xs, w, 1)[0]).mean())
     if name == "moe":
         from pallas_kernels.moe_gemm import moe_fp8, moe_reference
 

@@ -6,6 +6,7 @@ GPU needs (barrier, acquire-release atomic at GPU scope, partials read through L
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from jax.experimental import pallas as pl
 
 from pallas_kernels.fp8_gemm import fp8_matmul, quantize_weight_per_channel
@@ -77,3 +78,17 @@ def test_triton_ir_orders_partials_before_the_atomic(monkeypatch):
     assert "gpu.barrier" in text[:first_atomic]
     loads = [ln for ln in text.splitlines() if "tt.load" in ln]
     assert any("isVolatile = true" in ln for ln in loads), loads
+
+
+def test_reduce_default_per_family(monkeypatch):
+    from pallas_kernels.split_k import FAMILIES, default_reduce
+
+    monkeypatch.delenv("MAVJAX_SPLIT_K_REDUCE", raising=False)
+    assert {default_reduce(f) for f in FAMILIES} == {"kernel"}
+    monkeypatch.setenv("MAVJAX_SPLIT_K_REDUCE", "xla")
+    assert {default_reduce(f) for f in FAMILIES} == {"xla"}
+    monkeypatch.setenv("MAVJAX_SPLIT_K_REDUCE", "gemm, qkv")
+    assert [default_reduce(f) for f in FAMILIES] == ["xla", "kernel", "xla", "kernel", "kernel"]
+    monkeypatch.setenv("MAVJAX_SPLIT_K_REDUCE", "gemm,router")
+    with pytest.raises(ValueError, match="comma list"):
+        default_reduce("gemm")
