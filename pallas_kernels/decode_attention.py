@@ -468,8 +468,8 @@ def decode_attention(q, k, v, q_pos, k_pos, *, chunk_size, scale, block_s=128, n
     visible key of each row; default assumes slot i holds position i (mavjax.kv_cache) and derives it from
     q_pos; pass `kv_range_from_k_pos(...)` or [[0, S]] * B for other layouts. combine: "kernel" (one launch:
     the last split of each pair merges the partials and writes the output) or "xla" (the partials, then
-    combine_partials and a transpose in XLA; for A/B runs); None: split_k.default_reduce("attention") ("kernel" unless
-    MAVJAX_SPLIT_K_REDUCE=xla). poison: testing hook ("kernel" only), a
+    combine_partials and a transpose in XLA; for A/B runs); None: split_k.default_reduce("attention")
+    (split_k.DEFAULTS: "kernel"; MAVJAX_SPLIT_K_REDUCE overrides). poison: testing hook ("kernel" only), a
     [B, T, H, Dh] buffer aliased to the output, so a test can check that every element is written."""
     B, T, H, Dh = q.shape
     S, K = k.shape[1], k.shape[2]

@@ -535,7 +535,7 @@ def fp8_matmul(x, w_fp8, w_scale, *, mode="auto", block_m=None, block_n=None, bl
       converts exactly to both bf16 and f16, but x is rounded to it (f16: |x| must stay < 65504).
     reduce (weight_only with split_k > 1): "kernel" (the last split of each tile sums the partials:
       pallas_kernels.split_k, one launch) or "xla" (a jnp sum after the kernel: a second launch); None:
-      split_k.default_reduce("gemm") ("kernel" unless MAVJAX_SPLIT_K_REDUCE=xla).
+      split_k.default_reduce("gemm") (split_k.DEFAULTS: "xla", measured faster).
     poison_output: debugging aid; the output buffer starts as NaN (aliased in), so unwritten elements show.
     interpret: run the kernels in the Pallas interpreter (CPU tests).
     """

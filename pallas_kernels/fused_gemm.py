@@ -288,7 +288,7 @@ def gate_up_swiglu(x, wg, sg, wu, su, *, mode="auto", block_m=None, block_n=None
     float8_e4m3fn, sg, su [F] float32. Arguments as fp8_gemm.fp8_matmul (mode, blocks, split_k, warps,
     stages, compute_dtype, evict, interpret, poison_output). reduce (split_k > 1): "kernel" - the last split
     of each tile sums the partials and applies SwiGLU; "xla" - a jnp epilogue does (two more launches); None:
-    split_k.default_reduce("gate_up") ("kernel" unless MAVJAX_SPLIT_K_REDUCE says otherwise)."""
+    split_k.default_reduce("gate_up") (split_k.DEFAULTS: "xla", measured faster)."""
     reduce = _check_reduce(reduce, "gate_up")
     if wg.shape != wu.shape:
         raise ValueError(f"w_gate {wg.shape} and w_up {wu.shape} must have the same shape")

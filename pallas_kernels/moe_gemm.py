@@ -699,8 +699,8 @@ def moe_fp8_pairs(x, expert_idx, scores, w_gate, w_up, w_down, scales=None, *, s
     reduce: who finishes kernel 2's sums (its split-K partials, a token's k pair rows and its shared row) and the
     cast: "kernel" (the last arriving program of each output tile, `pallas_kernels/split_k.py`'s protocol: the
     output leaves kernel 2 final, no XLA op after it) or "xla" (kernel 2 writes f32 rows, one XLA fusion sums
-    and casts: the earlier path, kept for A/B runs); None: `split_k.default_reduce("moe")` ("kernel" unless
-    MAVJAX_SPLIT_K_REDUCE=xla).
+    and casts: the earlier path, kept for A/B runs); None: `split_k.default_reduce("moe")`
+    (split_k.DEFAULTS: "xla", measured faster; MAVJAX_SPLIT_K_REDUCE overrides).
     gu_epilogue: where kernel 1's split-K partials are summed and the SwiGLU applied, when kernel 1 splits K:
     "kernel" (the last split of each h tile, which writes h [rows, F] in the compute dtype: no launch in between
     and kernel 2 reads h once), "down" (in kernel 2, as it loads its h tiles: each of kernel 2's D blocks re-reads

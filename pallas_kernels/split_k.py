@@ -18,8 +18,8 @@ allocated once per executable and never re-initialised: no memset per launch. Be
 counters at zero, XLA's view of that constant (all zeros) holds at every kernel boundary; kernels that share
 such a buffer run one after the other on the stream, so they never see each other's counts.
 
-`default_reduce(family)` is the default of every such kernel's `reduce` argument ("kernel"; MAVJAX_SPLIT_K_REDUCE=xla
-or a comma list of families brings back the XLA epilogues for A/B timing).
+`default_reduce(family)` is the default of every such kernel's `reduce` argument: DEFAULTS (measured: only the
+attention keeps its sum in the kernel), overridden by MAVJAX_SPLIT_K_REDUCE for A/B timing.
 
 Interpret mode (CPU tests) runs the programs one by one: the atomics are plain read-modify-writes there and
 the barrier, which the interpreter lacks, is skipped.
@@ -39,22 +39,32 @@ except ImportError:  # pragma: no cover
     plgpu = None
 
 
-FAMILIES = ("gemm", "gate_up", "qkv", "moe", "attention")
+# Where each kernel family sums its split-K partials by default, from one 8-way rank of Maverick on an H200
+# (docs/benchmarks.md section 9): only the attention gains from its in-kernel merge (it replaces three XLA
+# kernels and lets a split be one tile); for the weight GEMMs the last arrival's tail (barrier, atomic, a
+# dependent L2 read of the partials) costs as much as the small XLA reduction it replaces, which XLA often
+# fuses into the consumer anyway (the KV-cache write, the residual add), and each family moved into its kernel
+# made the decode step slower (2.78 ms with attention alone in-kernel, 2.99 with all five).
+DEFAULTS = {"gemm": "xla", "gate_up": "xla", "qkv": "xla", "moe": "xla", "attention": "kernel"}
+FAMILIES = tuple(DEFAULTS)
 
 
 def default_reduce(family: str) -> str:
-    """Where kernel `family` (one of FAMILIES) sums split-K partials unless told: "kernel" (here), or "xla" when
-    MAVJAX_SPLIT_K_REDUCE is "xla" (every family) or a comma list naming it. Read when a kernel is traced:
-    A/B runs of the XLA epilogues on a GPU, family by family, without code changes."""
+    """Where kernel `family` (one of FAMILIES) sums split-K partials unless told: DEFAULTS, overridden by
+    MAVJAX_SPLIT_K_REDUCE: "kernel" or "xla" (every family), or a comma list of family=kernel|xla. Read when
+    a kernel is traced: A/B runs on a GPU without code changes."""
     assert family in FAMILIES, family
-    v = os.environ.get("MAVJAX_SPLIT_K_REDUCE", "kernel").strip()
-    if v in ("", "kernel"):
-        return "kernel"
-    names = {n.strip() for n in v.split(",") if n.strip()}
-    if names - set(FAMILIES) - {"xla"}:
-        raise ValueError(f"MAVJAX_SPLIT_K_REDUCE must be 'kernel', 'xla' or a comma list of {', '.join(FAMILIES)}; "
-                         f"got {v!r}")
-    return "xla" if "xla" in names or family in names else "kernel"
+    v = os.environ.get("MAVJAX_SPLIT_K_REDUCE", "").strip()
+    if v in ("kernel", "xla"):
+        return v
+    where = dict(DEFAULTS)
+    for item in filter(None, (t.strip() for t in v.split(","))):
+        name, _, value = item.partition("=")
+        if name.strip() not in DEFAULTS or value.strip() not in ("kernel", "xla"):
+            raise ValueError(f"MAVJAX_SPLIT_K_REDUCE must be 'kernel', 'xla' or a comma list of family=kernel|xla "
+                             f"(families: {', '.join(FAMILIES)}); got {v!r}")
+        where[name.strip()] = value.strip()
+    return where[family]
 
 
 def counters(n: int) -> np.ndarray:

@@ -132,9 +132,9 @@ def test_weight_only_matches_reference(M, K, N, kind, cfg, wt):
 
 @pytest.mark.parametrize("M,K,N,kind,cfg,wt", [WEIGHT_ONLY_CASES[i] for i in (1, 3, 5)])
 def test_split_k_reduced_in_the_kernel_equals_the_xla_sum(M, K, N, kind, cfg, wt):
-    """reduce="kernel" (the last split of each tile sums the partials, pallas_kernels.split_k; the default,
-    exercised by every split case above) and reduce="xla" (a jnp sum after the kernel) give the same sums
-    up to f32 summation order."""
+    """reduce="kernel" (the last split of each tile sums the partials, pallas_kernels.split_k) and
+    reduce="xla" (a jnp sum after the kernel: split_k.DEFAULTS' choice for this family) give the same sums up
+    to f32 summation order."""
     x, wq, s = _inputs(M * 5 + N, M, K, N, kind)
     yk = _run(x, wq, s, "weight_only", dict(cfg, reduce="kernel"), jnp.float32, wt)
     yx = _run(x, wq, s, "weight_only", dict(cfg, reduce="xla"), jnp.float32, wt)
@@ -159,8 +159,8 @@ def test_matmul_add_rms_norm_matches_its_reference(M, K, N, cfg, wt):
     res = jax.random.normal(kr, (M, N), jnp.float32).astype(jnp.bfloat16)
     nw = (1.0 + 0.2 * jax.random.normal(kw, (N,), jnp.float32)).astype(jnp.bfloat16)
     wq_, s_ = (wq.T, s) if wt else (wq, s)
-    out, y = fp8_matmul_add_rms_norm(x, wq_, s_, res, nw, eps=1e-5, w_transposed=wt, interpret=True,
-                                     poison_output=True, **cfg)
+    out, y = fp8_matmul_add_rms_norm(x, wq_, s_, res, nw, eps=1e-5, w_transposed=wt, reduce="kernel",
+                                     interpret=True, poison_output=True, **cfg)
     assert out.dtype == jnp.bfloat16 and y.dtype == jnp.bfloat16 and out.shape == y.shape == (M, N)
     assert bool(jnp.isfinite(out).all() and jnp.isfinite(y).all()), "unwritten (NaN-poisoned) elements"
     s_ref, y_ref = add_rms_norm_ref(res, fp8_matmul_ref(x, wq, s).astype(jnp.bfloat16), nw, 1e-5)

@@ -214,7 +214,7 @@ def test_gate_up_swiglu_split_k_in_kernel(M, D, F, mode, cfg, splits):
     x = (jax.random.normal(kx, (M, D)) + 0.1).astype(jnp.bfloat16)
     (wg, sg), (wu, su) = _w(kg, D, F), _w(ku, D, F)
     kw = dict(mode=mode, interpret=True, poison_output=True, **cfg)
-    got = gate_up_swiglu(x, wg, sg, wu, su, out_dtype=jnp.float32, **kw)  # reduce="kernel" is the default
+    got = gate_up_swiglu(x, wg, sg, wu, su, out_dtype=jnp.float32, reduce="kernel", **kw)
     xla = gate_up_swiglu(x, wg, sg, wu, su, out_dtype=jnp.float32, reduce="xla", **kw)
     ref = gate_up_swiglu_ref(x, wg, sg, wu, su, mode=mode, out_dtype=jnp.float32)
     _finite(got)
@@ -222,7 +222,7 @@ def test_gate_up_swiglu_split_k_in_kernel(M, D, F, mode, cfg, splits):
     assert _err(got, ref) < 1e-5
     _close(got, xla)
     if splits == 5:  # the final cast happens in the last split's epilogue too
-        bf = gate_up_swiglu(x, wg, sg, wu, su, out_dtype=jnp.bfloat16, **kw)
+        bf = gate_up_swiglu(x, wg, sg, wu, su, out_dtype=jnp.bfloat16, reduce="kernel", **kw)
         _finite(bf)
         assert bf.dtype == jnp.bfloat16 and _err(bf, ref) < 1e-2
 
@@ -257,7 +257,7 @@ def test_qkv_rope_split_k_in_kernel(M, D, H, K, Dh, rope, norm, temp, mode, cfg,
     assert _n_splits(D, cfg["block_k"], cfg["split_k"]) == splits
     x, ws, kw = _qkv_case(M, D, H, K, Dh, rope, norm, temp, mode)
     run = functools.partial(qkv_rope, x, *ws, interpret=True, poison_output=True, **kw, **cfg)
-    got, xla = run(out_dtype=jnp.float32), run(out_dtype=jnp.float32, reduce="xla")
+    got, xla = run(out_dtype=jnp.float32, reduce="kernel"), run(out_dtype=jnp.float32, reduce="xla")
     want = qkv_rope_ref(x, *ws, out_dtype=jnp.float32, **kw)
     for name, g, a, r, n in zip("qkv", got, xla, want, (H, K, K)):
         _finite(g)
@@ -265,7 +265,7 @@ def test_qkv_rope_split_k_in_kernel(M, D, H, K, Dh, rope, norm, temp, mode, cfg,
         assert _err(g, r) < 1e-5, name
         _close(g, a)
     if norm and temp:  # the norm of the bf16-rounded head, the row scale, the bf16 cast, in the epilogue
-        bf = run(out_dtype=jnp.bfloat16)
+        bf = run(out_dtype=jnp.bfloat16, reduce="kernel")
         for name, g, r in zip("qkv", bf, want):
             _finite(g)
             assert g.dtype == jnp.bfloat16 and _err(g, r) < 1e-2, name
@@ -325,7 +325,7 @@ def test_split_k_counter_layout(arrivals_log):
     x = jnp.ones((M, D), jnp.bfloat16)
     (wg, sg), (wu, su) = _w(kg, D, F), _w(ku, D, F)
     gate_up_swiglu(x, wg, sg, wu, su, mode="fp8_fp8", block_m=16, block_n=16, block_k=32, split_k=3,
-                   interpret=True).block_until_ready()
+                   reduce="kernel", interpret=True).block_until_ready()
     jax.effects_barrier()
     assert {a for _, a, *_ in log} == {3}
     _check_counters(log, lambda m, n, s: (m, n), n_counters=2 * 3)
@@ -333,7 +333,8 @@ def test_split_k_counter_layout(arrivals_log):
     log.clear()
     M, D, H, K, Dh, bn = 20, 64, 2, 1, 32, 16
     x, ws, kw = _qkv_case(M, D, H, K, Dh, True, True, False, "fp8_fp8")
-    qkv_rope(x, *ws, block_m=16, block_n=bn, block_k=32, split_k=2, interpret=True, **kw)[0].block_until_ready()
+    qkv_rope(x, *ws, block_m=16, block_n=bn, block_k=32, split_k=2, reduce="kernel", interpret=True,
+             **kw)[0].block_until_ready()
     jax.effects_barrier()
     nbq, nbk = H * Dh // bn, K * Dh // bn
 

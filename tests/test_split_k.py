@@ -66,7 +66,7 @@ def test_triton_ir_orders_partials_before_the_atomic(monkeypatch):
     w, s = quantize_weight_per_channel(jnp.ones((256, 128), jnp.float32))
 
     def f(x, w, s):
-        return fp8_matmul(x, w, s, split_k=4, block_n=64, block_k=64, mode="weight_only")
+        return fp8_matmul(x, w, s, split_k=4, block_n=64, block_k=64, mode="weight_only", reduce="kernel")
 
     (text,) = triton_modules(f, jax.ShapeDtypeStruct((1, 256), jnp.bfloat16), jax.ShapeDtypeStruct(w.shape, w.dtype),
                              jax.ShapeDtypeStruct(s.shape, s.dtype), monkeypatch=monkeypatch)
@@ -81,14 +81,18 @@ def test_triton_ir_orders_partials_before_the_atomic(monkeypatch):
 
 
 def test_reduce_default_per_family(monkeypatch):
-    from pallas_kernels.split_k import FAMILIES, default_reduce
+    from pallas_kernels.split_k import DEFAULTS, FAMILIES, default_reduce
 
     monkeypatch.delenv("MAVJAX_SPLIT_K_REDUCE", raising=False)
-    assert {default_reduce(f) for f in FAMILIES} == {"kernel"}
-    monkeypatch.setenv("MAVJAX_SPLIT_K_REDUCE", "xla")
-    assert {default_reduce(f) for f in FAMILIES} == {"xla"}
-    monkeypatch.setenv("MAVJAX_SPLIT_K_REDUCE", "gemm, qkv")
-    assert [default_reduce(f) for f in FAMILIES] == ["xla", "kernel", "xla", "kernel", "kernel"]
-    monkeypatch.setenv("MAVJAX_SPLIT_K_REDUCE", "gemm,router")
-    with pytest.raises(ValueError, match="comma list"):
-        default_reduce("gemm")
+    assert {f: default_reduce(f) for f in FAMILIES} == DEFAULTS
+    assert DEFAULTS["attention"] == "kernel" and DEFAULTS["gemm"] == "xla"
+    for v in ("kernel", "xla"):
+        monkeypatch.setenv("MAVJAX_SPLIT_K_REDUCE", v)
+        assert {default_reduce(f) for f in FAMILIES} == {v}
+    monkeypatch.setenv("MAVJAX_SPLIT_K_REDUCE", "gemm=kernel, attention=xla")
+    assert default_reduce("gemm") == "kernel" and default_reduce("attention") == "xla"
+    assert default_reduce("qkv") == DEFAULTS["qkv"]
+    for bad in ("gemm", "router=kernel", "gemm=atomic"):
+        monkeypatch.setenv("MAVJAX_SPLIT_K_REDUCE", bad)
+        with pytest.raises(ValueError, match="comma list"):
+            default_reduce("gemm")
