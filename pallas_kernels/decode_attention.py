@@ -135,7 +135,7 @@ def kv_range_from_k_pos(q_pos, k_pos, chunk_size):
 
 
 def default_num_splits(batch, kv_heads, num_slots, chunk_size, block_s, num_sms=None, *, rows=16,
-                       kv_itemsize=2):
+                       kv_itemsize=2, merge_in_kernel=True):
     """Programs per (batch row, kv head) pair. rows: partial rows stored per split (G * T when the kernel
     merges, R when XLA does); kv_itemsize: bytes per KV element.
 
@@ -145,9 +145,9 @@ def default_num_splits(batch, kv_heads, num_slots, chunk_size, block_s, num_sms=
       * the block_s tiles of the span a query can see (the chunk on chunked layers, the whole cache on global
         ones): at least a tile per split;
       * partial traffic <= 1/8 of the KV bytes: 2 * NS * rows * Dh * 4 <= span * 2 * Dh * kv_itemsize / 8;
-      * the last program's merge (NS * rows * Dh * 4 bytes, read by that one program) <= one split's share of
-        the KV (span / NS * 2 * Dh * kv_itemsize bytes), so the serial tail it adds stays below a program's
-        time;
+      * with the merge in the kernel (merge_in_kernel), the last program's merge (NS * rows * Dh * 4 bytes,
+        read by that one program) <= one split's share of the KV (span / NS * 2 * Dh * kv_itemsize bytes), so
+        the serial tail it adds stays below a program's time;
       * 256.
     Then lowered to the fewest splits with the same tiles per split, so rounding leaves no split empty. (A
     context shorter than the cache leaves splits empty at run time: they store no o and the merge skips it.)"""
@@ -161,9 +161,33 @@ def default_num_splits(batch, kv_heads, num_slots, chunk_size, block_s, num_sms=
     rows = max(1, rows)
     want = pl.cdiv(4 * num_sms, batch * kv_heads)
     traffic = span * kv_itemsize // (32 * rows)
-    tail = math.isqrt(span * kv_itemsize // (2 * rows))
+    tail = math.isqrt(span * kv_itemsize // (2 * rows)) if merge_in_kernel else 256
     ns = int(max(1, min(want, tiles, traffic, tail, 256)))
     return pl.cdiv(tiles, pl.cdiv(tiles, ns))
+
+
+# The in-kernel merge is one program reading all of its pair's partials; past this many bytes per pair the
+# two-stage path (XLA's combine over all pairs at once) is faster. On an H200 (docs/benchmarks.md section 9)
+# the one-launch kernel won where its merge read <= ~150 KB (one 8-way rank of Maverick at 1K context: 9 splits,
+# 37 KB; 40/8 heads at 8K: 32 splits, 131 KB, 30.3 -> 25.6 us) and lost where it read more (40/8 heads at
+# 32K: 64 splits, 262 KB, 55 -> 58 us; 5/1 heads at 128K, 4 queries: 79 splits, 1.3 MB, 44 -> 84 us).
+MERGE_MAX_BYTES = 160 << 10
+
+
+def plan(batch, T, H, K, num_slots, chunk_size, block_s, head_dim, kv_itemsize, combine=None):
+    """(combine, num_splits) decode_attention uses when not told. combine None: split_k.default_reduce
+    ("attention"); "kernel" then falls back to "xla" where the merge would read more than MERGE_MAX_BYTES."""
+    G = H // K
+    bs = min(block_s, _prev_pow2(max(num_slots, _MIN_DIM)))
+    given = combine
+    combine = combine or default_reduce("attention")
+    if combine == "kernel":
+        ns = default_num_splits(batch, K, num_slots, chunk_size, bs, rows=G * T, kv_itemsize=kv_itemsize)
+        if given is not None or ns * _next_pow2(G * T) * head_dim * 4 <= MERGE_MAX_BYTES:
+            return "kernel", ns
+        combine = "xla"
+    return combine, default_num_splits(batch, K, num_slots, chunk_size, bs, rows=_row_block(G * T),
+                                       kv_itemsize=kv_itemsize, merge_in_kernel=False)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -469,16 +493,17 @@ def decode_attention(q, k, v, q_pos, k_pos, *, chunk_size, scale, block_s=128, n
     q_pos; pass `kv_range_from_k_pos(...)` or [[0, S]] * B for other layouts. combine: "kernel" (one launch:
     the last split of each pair merges the partials and writes the output) or "xla" (the partials, then
     combine_partials and a transpose in XLA; for A/B runs); None: split_k.default_reduce("attention")
-    (split_k.DEFAULTS: "kernel"; MAVJAX_SPLIT_K_REDUCE overrides). poison: testing hook ("kernel" only), a
+    (split_k.DEFAULTS: "kernel"; MAVJAX_SPLIT_K_REDUCE overrides); left None with num_splits None, `plan`
+    also falls back to "xla" where the in-kernel merge would read more than MERGE_MAX_BYTES. poison: testing hook ("kernel" only), a
     [B, T, H, Dh] buffer aliased to the output, so a test can check that every element is written."""
     B, T, H, Dh = q.shape
     S, K = k.shape[1], k.shape[2]
     G = H // K
-    combine = combine or default_reduce("attention")
+    if poison is not None and combine is None:  # the hook is the one-launch path's
+        combine = "kernel"
     if num_splits is None:
-        rows = G * T if combine == "kernel" else _row_block(G * T)
-        num_splits = default_num_splits(B, K, S, chunk_size, min(block_s, _prev_pow2(max(S, _MIN_DIM))),
-                                        rows=rows, kv_itemsize=jnp.dtype(k.dtype).itemsize)
+        combine, num_splits = plan(B, T, H, K, S, chunk_size, block_s, Dh, jnp.dtype(k.dtype).itemsize, combine)
+    combine = combine or default_reduce("attention")
     kw = dict(chunk_size=chunk_size, scale=scale, block_s=block_s, num_splits=num_splits, num_warps=num_warps,
               num_stages=num_stages, interpret=interpret)
     if combine == "kernel":

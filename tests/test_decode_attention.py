@@ -353,3 +353,23 @@ def test_reference_is_model_attend():
         with jax.default_matmul_precision("highest"):
             got = attend(inp["q"], inp["k"], inp["v"], attention_mask(inp["q_pos"], inp["k_pos"], chunk), 0.25)
         assert rel_err(got, ref64(qe, ke, ve, inp["q_pos"], inp["k_pos"], chunk, 0.25)) < 1e-5
+
+
+@pytest.mark.parametrize("B,T,H,K,S,chunk,want,ns", [
+    (1, 1, 5, 1, 1088, None, "kernel", 9),      # one 8-way rank of Maverick at 1K: the one-launch kernel
+    (1, 1, 40, 8, 8192, None, "kernel", 32),    # 8K, 40/8 heads: merge of 131 KB, still in the kernel
+    (1, 1, 40, 8, 32768, None, "xla", None),    # 32K: 64 splits' merge by one program was slower (section 9)
+    (1, 4, 5, 1, 131072, None, "xla", None),    # 128K, 4 queries, one kv head: a 1.3 MB merge
+    (1, 1, 40, 8, 131072, 8192, "kernel", None),  # a chunked layer sees its 8K window only
+])
+def test_plan_keeps_the_merge_in_the_kernel_only_where_it_is_small(monkeypatch, B, T, H, K, S, chunk, want, ns):
+    from pallas_kernels.decode_attention import MERGE_MAX_BYTES, plan
+
+    monkeypatch.delenv("MAVJAX_SPLIT_K_REDUCE", raising=False)
+    combine, n = plan(B, T, H, K, S, chunk, 128, 128, 2)
+    assert combine == want and (ns is None or n == ns), (combine, n)
+    if combine == "kernel":
+        assert n * max(1, 1 << (H // K * T - 1).bit_length()) * 128 * 4 <= MERGE_MAX_BYTES
+    assert plan(B, T, H, K, S, chunk, 128, 128, 2, combine="kernel")[0] == "kernel"  # told: kept
+    monkeypatch.setenv("MAVJAX_SPLIT_K_REDUCE", "attention=xla")
+    assert plan(B, T, H, K, S, chunk, 128, 128, 2)[0] == "xla"
