@@ -43,7 +43,7 @@ from jax.experimental import pallas as pl
 from pallas_kernels.fp8_gemm import (
     FP8, _call, _silu, _exact_upcast, _in_bounds, _load, _mask2, _next_pow2, _store, default_config,
     quantize_activation_per_token)
-from pallas_kernels.split_k import arrive, counters, default_reduce, load_partial
+from pallas_kernels.split_k import arrive, counters, default_reduce, sum_partials
 
 __all__ = ["gate_up_swiglu_ref", "gate_up_swiglu", "qkv_rope_ref", "qkv_rope", "rope_columns"]
 
@@ -165,17 +165,6 @@ def _pair_swap(acc):
     return out
 
 
-def _split_sum(part_ref, num_splits, index, mask):
-    """float32 sum over the splits of one tile's partials (part_ref.at[s, *index]), in split order. Unrolled,
-    unlike split_k.sum_partials' loop (the Triton lowering has no unrolled scan): the S loads are independent
-    and can all be in flight at once, not one L2 round trip after another."""
-    acc = None
-    for s in range(num_splits):
-        p = load_partial(part_ref.at[(jnp.int32(s), *index)], mask).astype(jnp.float32)  # (interpret: not an int)
-        acc = p if acc is None else acc + p
-    return acc
-
-
 def _l2norm_tiles(tiles, dtype, head_dim, eps):
     """The qk L2 norm of one head given as column tiles [bm, bn] (f32), of the values rounded to the output
     dtype first (as the model, which norms the stored q / k)."""
@@ -264,8 +253,8 @@ def _gate_up_kernel(x_ref, xs_ref, wg_ref, sg_ref, wu_ref, su_ref, *refs, m, n, 
 
         @pl.when(last)
         def _epilogue():
-            gs = _split_sum(g_ref, num_splits, tile, mask)
-            us = _split_sum(u_ref, num_splits, tile, mask)
+            gs = sum_partials(g_ref, num_splits, tile, (block_m, block_n), mask)
+            us = sum_partials(u_ref, num_splits, tile, (block_m, block_n), mask)
             _store(h_ref.at[tile], (_silu(gs) * us).astype(h_ref.dtype), mask)
 
 
@@ -384,7 +373,7 @@ def _qkv_kernel(x_ref, xs_ref, cos_ref, sin_ref, rs_ref, wq_ref, sq_ref, wk_ref,
         def _epilogue():  # the partials of every split (and column block) of this head / tile
             c0 = pl.multiple_of((j // g) * (g * block_n), block_n)
             cols = [pl.ds(c0 + i * block_n, block_n) for i in range(g)]
-            tiles = [_split_sum(part_ref, num_splits, (rows, cs), mask) for cs in cols]
+            tiles = [sum_partials(part_ref, num_splits, (rows, cs), (block_m, block_n), mask) for cs in cols]
             if do_norm:
                 tiles = _l2norm_tiles(tiles, o_ref.dtype, head_dim, norm_eps)
                 if t == 0 and q_scaled:
