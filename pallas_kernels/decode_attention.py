@@ -430,7 +430,8 @@ def _call(q, k, v, q_pos, k_pos, kv_range, k_scale, v_scale, poison, *, chunk_si
         out_shape += part_shapes
         out_specs += [o_spec, ml_spec, ml_spec]
     if combine == "kernel" and NS > 1:
-        arg("cnt", counters(B * K), pl.BlockSpec((B * K,), lambda b, h, s: (0,)))
+        cnt = counters(B * K)
+        arg("cnt", cnt, pl.BlockSpec(cnt.shape, lambda b, h, s: (0,)))
 
     aliases = {}
     if poison is not None:  # aliased to the outputs the caller checks: out ("kernel") or (o, m, l) ("xla")
