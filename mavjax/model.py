@@ -454,9 +454,9 @@ def add_norm(x, delta, norm: RMSNorm, kernels: str):
 
 def dense_add_norm(h, w, scale, n_in, x, norm: RMSNorm, kernels: str):
     """(x + dense(h), norm of it): an output projection (wo, an MLP's down), the residual add and the next
-    RMSNorm. kernels="pallas" with FP8 weights: one launch (pallas_kernels.fp8_gemm.fp8_matmul_add_rms_norm:
-    the GEMM's last split adds the residual, its last tile normalizes the rows) where three ran (GEMM,
-    split-K sum, add + norm). h [..., *in] with in = w.shape[:n_in]; x [..., D]."""
+    RMSNorm. kernels="pallas" with FP8 weights: pallas_kernels.fp8_gemm.fp8_matmul_add_rms_norm, by default
+    the FP8 GEMM then the add + norm kernel; with the GEMM family's split-K sums in the kernel
+    (MAVJAX_SPLIT_K_REDUCE=gemm=kernel) one launch. h [..., *in] with in = w.shape[:n_in]; x [..., D]."""
     if scale is not None and use_pallas(kernels, "gemm") and use_pallas(kernels, "norm"):
         from pallas_kernels.fp8_gemm import fp8_matmul_add_rms_norm
 

@@ -47,8 +47,7 @@ try:  # Pallas' Triton backend: masked loads/stores and compiler params.
 except ImportError:  # pragma: no cover - very old / very new jax without the Triton backend
     plgpu = None
 
-from pallas_kernels.split_k import arrive, default_reduce, load_partial, sum_partials
-from pallas_kernels.split_k import counters as split_k_counters
+from pallas_kernels.split_k import arrive, counters, default_reduce, load_partial, sum_partials
 
 FP8 = jnp.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -360,8 +359,6 @@ def _weight_only_pallas(x, w_fp8, w_scale, *, scale_kind, scale_block, block_n, 
     partial = split > 1
     nb = pl.cdiv(N, block_n)
     epilogue = None if add_norm is None else "add_norm"
-    if reduce not in ("kernel", "xla"):
-        raise ValueError(f"reduce must be 'kernel' or 'xla', got {reduce!r}")
     if epilogue and reduce == "xla":
         raise ValueError("the add_norm epilogue needs reduce='kernel'")
     in_kernel = (partial and reduce == "kernel") or epilogue is not None
@@ -370,7 +367,7 @@ def _weight_only_pallas(x, w_fp8, w_scale, *, scale_kind, scale_block, block_n, 
         res, nw, eps = add_norm
         args += [res, nw]
     if in_kernel:  # tile counters, then one for the whole-row norm
-        args.append(split_k_counters(nb + 1))
+        args.append(counters(nb + 1))
     part = jax.ShapeDtypeStruct((split, M, N), jnp.float32)
     final = [jax.ShapeDtypeStruct((M, N), out_dtype)]
     if epilogue:
@@ -389,7 +386,7 @@ def _weight_only_pallas(x, w_fp8, w_scale, *, scale_kind, scale_block, block_n, 
     aliases = {}
     if poison_output:  # every element of the final outputs the kernel does not write stays NaN
         n_in = len(args)
-        poisoned = out_shapes[n_scratch:] if not (partial and reduce == "xla") else out_shapes
+        poisoned = out_shapes[n_scratch:]
         args += [jnp.full(o.shape, jnp.nan, o.dtype) for o in poisoned]
         aliases = {n_in + i: len(out_shapes) - len(poisoned) + i for i in range(len(poisoned))}
         inner = kernel
@@ -554,6 +551,20 @@ def fp8_matmul_add_rms_norm(x, w_fp8, w_scale, residual, norm_scale, *, eps, mod
     normalizes the rows: pallas_kernels.split_k); otherwise fp8_matmul then fused_norm.add_rms_norm.
     Other arguments as fp8_matmul; out_dtype is y's (default: residual's)."""
     kw = _kwargs(locals())
+    N = w_fp8.shape[0 if w_transposed else 1]
+    if residual.shape != (*x.shape[:-1], N):
+        raise ValueError(f"residual must be the output's shape {(*x.shape[:-1], N)}, got {residual.shape}")
+    if norm_scale.shape != (N,):
+        raise ValueError(f"norm_scale must be [{N}], got {norm_scale.shape}")
+    M = x.size // x.shape[-1] if x.shape[-1] else 0
+    one_launch = (M > 0 and w_fp8.size > 0 and (reduce or default_reduce("gemm")) == "kernel"
+                  and (mode == "weight_only" or (mode == "auto" and M <= 64)))
+    if not one_launch:  # the GEMM, then the add + norm kernel
+        from pallas_kernels.fused_norm import add_rms_norm
+
+        y = _fp8_matmul(x, w_fp8, w_scale, None, **dict(kw, out_dtype=residual.dtype))
+        s, yn = add_rms_norm(residual, y, norm_scale, eps=eps, interpret=interpret, poison_output=poison_output)
+        return s, yn.astype(out_dtype or residual.dtype)
     kw["out_dtype"] = out_dtype or residual.dtype
     return _fp8_matmul(x, w_fp8, w_scale, (residual, norm_scale, eps), **kw)
 
@@ -571,12 +582,6 @@ def _fp8_matmul(x, w_fp8, w_scale, add_norm, *, mode, block_m, block_n, block_k,
         raise ValueError(f"x has K={K}, w_fp8 {w_fp8.shape} has K={Kw} (w_transposed={w_transposed})")
     if w_fp8.dtype != FP8:
         raise TypeError(f"w_fp8 must be float8_e4m3fn, got {w_fp8.dtype}")
-    if add_norm is not None:
-        residual, norm_scale, eps = add_norm
-        if residual.shape != (*lead, N):
-            raise ValueError(f"residual must be the output's shape {(*lead, N)}, got {residual.shape}")
-        if norm_scale.shape != (N,):
-            raise ValueError(f"norm_scale must be [{N}], got {norm_scale.shape}")
     scale_block = tuple(scale_block)
     scale_kind = _scale_kind(w_scale.T if w_transposed else w_scale, K, N, scale_block)
     out_dtype = jnp.dtype(out_dtype or x.dtype)
@@ -589,22 +594,8 @@ def _fp8_matmul(x, w_fp8, w_scale, add_norm, *, mode, block_m, block_n, block_k,
     reduce = reduce or default_reduce("gemm")
     if reduce not in ("kernel", "xla"):
         raise ValueError(f"reduce must be 'kernel' or 'xla', got {reduce!r}")
-    if M == 0 or N == 0 or K == 0 or (add_norm is not None and (mode != "weight_only" or reduce != "kernel")):
-        # empty, or the add + norm as its own kernel after the GEMM
-        y = (jnp.zeros((*lead, N), out_dtype) if M == 0 or N == 0 or K == 0 else
-             _fp8_matmul(x, w_fp8, w_scale, None, mode=mode, block_m=block_m, block_n=block_n, block_k=block_k,
-                         split_k=split_k, group_m=group_m, num_warps=num_warps, num_stages=num_stages,
-                         out_dtype=add_norm[0].dtype if add_norm is not None else out_dtype,
-                         scale_block=scale_block, w_transposed=w_transposed, evict=evict, swap_ab=swap_ab,
-                         compute_dtype=compute_dtype, reduce=reduce, interpret=interpret,
-                         poison_output=poison_output))
-        if add_norm is None:
-            return y
-        from pallas_kernels.fused_norm import add_rms_norm
-
-        s, yn = add_rms_norm(add_norm[0], y.astype(add_norm[0].dtype), add_norm[1], eps=add_norm[2],
-                             interpret=interpret, poison_output=poison_output)
-        return s, yn.astype(out_dtype)
+    if M == 0 or N == 0 or K == 0:
+        return jnp.zeros((*lead, N), out_dtype)
 
     cfg = default_config(mode, M, N, K, scale_kind)
     block_n = block_n or cfg["block_n"]

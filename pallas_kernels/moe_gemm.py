@@ -268,22 +268,6 @@ def _down_kernel(*refs, f, d, block_m, block_n, block_k, kb_per_split, partial, 
             _store(o_ref.at[pl.ds(m0, block_m), pl.ds(n0, block_n)], y.astype(o_ref.dtype), omask)
 
 
-# Split-K finished by the last split of each tile (reduce="kernel"): split_k.arrive counts the arrivals; the
-# partials are summed here rather than by split_k.sum_partials, in one [S_pad, bn] load (one L2 round trip, not
-# one per split) and one reduce.
-
-def _sum_splits(part_ref, num_splits, index, lanes):
-    """float32 sum over the leading split axis of part_ref [S_pad, ...] (S_pad = num_splits rounded up to a power
-    of two; rows >= num_splits are never written and masked off) at `index` (the other axes: a [bn] row), read
-    with split_k.load_partial (the other programs' partials: never a stale L1 line)."""
-    s_pad = part_ref.shape[0]
-    s_in = None if s_pad == num_splits else jnp.arange(s_pad) < num_splits
-    mask = _mask2(s_in, lanes)
-    ref = part_ref.at[(pl.ds(0, s_pad), *index)]
-    tile = _split_k.load_partial(ref, mask)
-    return jnp.sum(tile.astype(jnp.float32), axis=0)
-
-
 def _pair_rows(v, rows=_MIN_BLOCK):
     """[bk] -> [rows, bk] with v in row 0 and zeros below: a Triton dot operand (>= 16 rows) for one token."""
     return jnp.where(jnp.arange(rows)[:, None] == 0, v[None, :], jnp.zeros((), v.dtype))
@@ -312,7 +296,7 @@ def _pair_gate_up_kernel(*refs, k, d, f, num_pairs, block_n, block_k, kb_per_spl
     has_shared, rows p >= num_pairs are the shared expert on token p - num_pairs (score 1): the same loop over
     the shared weights' refs ([1, D, F], scales [1, F]), so the shared expert costs no launch of its own.
     num_splits == 1: h [rows, F] is the output. Split-K: f32 partials g, u [S, rows, F] (scales applied); with
-    finish ([S_pad, rows, F]), the last split of each (row, F block) tile also sums them and stores h [rows, F]
+    finish, the last split of each (row, F block) tile also sums them and stores h [rows, F]
     (counter p * F blocks + n)."""
     if finish:
         cnt_ref, *refs = refs
@@ -374,7 +358,7 @@ def _pair_gate_up_kernel(*refs, k, d, f, num_pairs, block_n, block_k, kb_per_spl
         @pl.when(_split_k.arrive(cnt_ref, p * pl.cdiv(f, block_n) + pid_n, num_splits, interpret=interpret))
         def _():
             tile = (p, pl.ds(n0, block_n))
-            g, u = _sum_splits(g_ref, num_splits, tile, n_in), _sum_splits(u_ref, num_splits, tile, n_in)
+            g, u = (_split_k.sum_partials(r, num_splits, tile, (block_n,), n_in) for r in (g_ref, u_ref))
             _store(h_ref.at[tile], (_silu(g) * u).astype(h_ref.dtype), n_in)
 
 
@@ -386,7 +370,7 @@ def _pair_down_kernel(*refs, f, d, k, num_pairs, block_n, block_k, kb_per_split,
     has_shared: rows p >= num_pairs use the shared expert's down weights ([1, F, D], scales [1, D]).
     token_rows == 0: the output is y per row, f32 ([S, rows, D] partials if split-K), summed by XLA. token_rows
     (k + has_shared) > 0: the output is [N, D] in its final dtype; with more than one arrival per (token, D block)
-    tile (token_rows x S), each program stores an f32 partial [S_pad, rows, D] and the tile's last arrival (counter
+    tile (token_rows x S), each program stores an f32 partial [S, rows, D] and the tile's last arrival (counter
     token * D blocks + n) sums the token's rows and splits into it; with one, the program stores it directly."""
     arrivals = token_rows * num_splits
     finish = arrivals > 1
@@ -458,7 +442,7 @@ def _pair_down_kernel(*refs, f, d, k, num_pairs, block_n, block_k, kb_per_split,
         def _():
             def add_row(j, acc):  # the token's k pair rows, then its shared row
                 r = t * k + j if not has_shared else jnp.where(j < k, t * k + j, num_pairs + t)
-                return acc + _sum_splits(part_ref, num_splits, (r, pl.ds(n0, block_n)), n_in)
+                return acc + _split_k.sum_partials(part_ref, num_splits, (r, pl.ds(n0, block_n)), (block_n,), n_in)
 
             y = lax.fori_loop(0, token_rows, add_row, jnp.zeros((block_n,), jnp.float32))
             _store(o_ref.at[t, pl.ds(n0, block_n)], y.astype(o_ref.dtype), n_in)
@@ -772,13 +756,12 @@ def moe_fp8_pairs(x, expert_idx, scores, w_gate, w_up, w_down, scales=None, *, s
     nf, nd = pl.cdiv(F, block_n), pl.cdiv(D, block_n_down)
     # One set of tile counters for both launches (zero between them): see split_k.counters.
     cnt = [_split_k.counters(max(rows * nf if finish1 else 0, N * nd if finish2 else 0))]
-    pad = lambda s: _next_pow2(s) if s > 1 else 1  # noqa: E731  (partials' split axis: one [S_pad, bn] load)
 
     kern1 = functools.partial(_pair_gate_up_kernel, k=k, d=D, f=F, num_pairs=P, block_n=block_n, block_k=block_k,
                               kb_per_split=kbps1, num_splits=split1, finish=finish1, has_scales=has_scales,
                               has_shared=has_shared, cdt=cdt, evict=evict, interpret=interpret)
     args1 = (cnt if finish1 else []) + [idx, sc, x, w_gate, w_up] + ([f32(sg), f32(su)] if has_scales else []) + sh1
-    part1 = jax.ShapeDtypeStruct((pad(split1) if finish1 else split1, rows, F), jnp.float32)
+    part1 = jax.ShapeDtypeStruct((split1, rows, F), jnp.float32)
     outs1 = ([part1] * 2 if split1 > 1 else []) + ([jax.ShapeDtypeStruct((rows, F), cdt)] if split1 == 1 or finish1
                                                   else [])
     res = _call(kern1, args1, outs1, (rows, nf, split1), num_stages=num_stages,
@@ -796,7 +779,7 @@ def moe_fp8_pairs(x, expert_idx, scores, w_gate, w_up, w_down, scales=None, *, s
                               evict=evict, interpret=interpret)
     args2 = (cnt if finish2 else []) + [idx, *res, w_down] + ([f32(sd)] if has_scales else []) + sh2
     if token_rows:
-        outs2 = ([jax.ShapeDtypeStruct((pad(split2), rows, D), jnp.float32)] if finish2 else []) + [
+        outs2 = ([jax.ShapeDtypeStruct((split2, rows, D), jnp.float32)] if finish2 else []) + [
             jax.ShapeDtypeStruct((N, D), x.dtype)]
     else:
         outs2 = [jax.ShapeDtypeStruct((split2, rows, D) if split2 > 1 else (rows, D), jnp.float32)]

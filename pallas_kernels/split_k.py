@@ -2,15 +2,14 @@
 
 At decode a weight-streaming kernel splits K over several programs per output tile to fill the GPU, so each
 tile ends as S float32 partials. Summing them in XLA costs one more kernel launch (and applying a nonlinear
-epilogue, SwiGLU or the qk norm, often another): at one 8-way rank of Maverick about 1.3 us each, a third of a
-layer's device time (docs/benchmarks.md section 9). Here every split stores its partial, then counts its
+epilogue, SwiGLU or the qk norm, often another): at one 8-way rank of Maverick about 1.3 us each, ~10 of them
+per layer (docs/benchmarks.md section 9). Here every split stores its partial, then counts its
 arrival on the tile's counter with an atomic add; the program that arrives last (it reads S - 1) sums the S
 partials and runs the epilogue itself, so the GEMM's launch is the only one.
 
 Ordering. Before counting, a barrier makes every warp's partial stores precede the (acquire-release, GPU
-scope) atomic; the last program reads the partials after its atomic with volatile loads (not cached in
-L1), so it sees what
-the other programs released. This is CUTLASS's serial split-K semaphore.
+scope) atomic; the last program reads the partials after its atomic with volatile loads (not cached in L1),
+so it sees what the other programs released. This is CUTLASS's serial split-K semaphore.
 
 Counters. An int32 vector that is zero before the kernel and zero after it: the last arrival subtracts the S
 arrivals again. They are a numpy constant of the calling function (`counters`), i.e. an XLA constant buffer
