@@ -61,7 +61,9 @@ try:  # Triton compiler params (GPU); absent from CPU-only installs of some vers
 except ImportError:  # pragma: no cover
     plgpu = None
 
+from pallas_kernels import upcast
 from pallas_kernels.split_k import default_reduce, arrive, counters, load_partial
+from pallas_kernels.upcast import to_compute
 
 FP8_DTYPES = (jnp.float8_e4m3fn,)
 _MIN_DIM = 16  # Triton dot operands need every dim >= 16
@@ -233,7 +235,7 @@ def _kernel(*refs, names, block_s, num_splits, num_slots, range_slots, chunk_siz
 
     cd = compute_dtype
     prec = lax.Precision.HIGHEST if jnp.dtype(cd) == jnp.float32 else None
-    q = q.astype(cd)
+    q, q_scale = to_compute(q, cd)  # f16: each row rescaled by a power of two (undone on the logits)
     if chunk_size is None:
         q_lo = jnp.zeros_like(qp)
     else:  # same chunk and causal  <=>  chunk_start(q) <= k <= q  (for k >= 0, q >= 0)
@@ -248,6 +250,8 @@ def _kernel(*refs, names, block_s, num_splits, num_slots, range_slots, chunk_siz
         return s_ref[h if s_ref.shape[0] > 1 else 0]
 
     s_scale = scale * kv_scale("k_scale")
+    if q_scale is not None:
+        s_scale = (s_scale * q_scale)[:, None]  # [R, 1]
     kpos_ref, k_ref, v_ref = refs["k_pos"], refs["k"], refs["v"]
 
     def body(t, carry):
@@ -365,7 +369,7 @@ def _scale_arg(s, K):
 
 
 def _call(q, k, v, q_pos, k_pos, kv_range, k_scale, v_scale, poison, *, chunk_size, scale, block_s, num_splits,
-          num_warps, num_stages, interpret, combine):
+          num_warps, num_stages, interpret, combine, compute_dtype=None):
     """The pallas_call. combine="xla": returns the partials (o, m, l); "kernel": the output [B, T, H, Dh]."""
     B, T, H, Dh = q.shape
     S, K = k.shape[1], k.shape[2]
@@ -384,8 +388,10 @@ def _call(q, k, v, q_pos, k_pos, kv_range, k_scale, v_scale, poison, *, chunk_si
     bs = min(block_s, _prev_pow2(S))
     ragged = S % bs != 0
 
-    if _is_fp8(k.dtype) or _is_fp8(v.dtype):
-        cd = q.dtype
+    if compute_dtype is not None:
+        cd = jnp.dtype(compute_dtype)
+    elif _is_fp8(k.dtype) or _is_fp8(v.dtype):
+        cd = upcast.compute_dtype()  # float16: see pallas_kernels/upcast.py
     else:
         cd = jnp.promote_types(q.dtype, jnp.promote_types(k.dtype, v.dtype))
 
@@ -480,10 +486,10 @@ def combine_partials(o, m, l):
 
 
 @functools.partial(jax.jit, static_argnames=("chunk_size", "scale", "block_s", "num_splits", "num_warps",
-                                             "num_stages", "interpret", "combine"))
+                                             "num_stages", "interpret", "combine", "compute_dtype"))
 def decode_attention(q, k, v, q_pos, k_pos, *, chunk_size, scale, block_s=128, num_splits=None, k_scale=None,
                      v_scale=None, kv_range=None, num_warps=None, num_stages=2, interpret=False, combine=None,
-                     poison=None):
+                     poison=None, compute_dtype=None):
     """Split-KV attention of q [B, T, H, Dh] over the cache k, v [B, S, K, Dh] -> [B, T, H, Dh] in q.dtype.
 
     chunk_size: static, None for global layers. scale: softmax scale (static float). block_s: slots per tile
@@ -495,7 +501,9 @@ def decode_attention(q, k, v, q_pos, k_pos, *, chunk_size, scale, block_s=128, n
     the last split of each pair merges the partials and writes the output) or "xla" (the partials, then
     combine_partials and a transpose in XLA; for A/B runs); None: split_k.default_reduce("attention")
     (split_k.DEFAULTS: "kernel"; MAVJAX_SPLIT_K_REDUCE overrides); left None with num_splits None, `plan`
-    also falls back to "xla" where the in-kernel merge would read more than MERGE_MAX_BYTES. poison: testing hook ("kernel" only), a
+    also falls back to "xla" where the in-kernel merge would read more than MERGE_MAX_BYTES. compute_dtype: of the
+    in-register dots (default: q's, promoted with the cache's; an FP8 cache: float16, pallas_kernels/upcast.py,
+    q rows rescaled by powers of two). poison: testing hook ("kernel" only), a
     [B, T, H, Dh] buffer aliased to the output, so a test can check that every element is written."""
     B, T, H, Dh = q.shape
     S, K = k.shape[1], k.shape[2]
@@ -506,7 +514,7 @@ def decode_attention(q, k, v, q_pos, k_pos, *, chunk_size, scale, block_s=128, n
         combine, num_splits = plan(B, T, H, K, S, chunk_size, block_s, Dh, jnp.dtype(k.dtype).itemsize, combine)
     combine = combine or default_reduce("attention")
     kw = dict(chunk_size=chunk_size, scale=scale, block_s=block_s, num_splits=num_splits, num_warps=num_warps,
-              num_stages=num_stages, interpret=interpret)
+              num_stages=num_stages, interpret=interpret, compute_dtype=compute_dtype)
     if combine == "kernel":
         out = _call(q, k, v, q_pos, k_pos, kv_range, k_scale, v_scale, poison, combine="kernel", **kw)[0]
         return out.reshape(B, T, H, Dh)

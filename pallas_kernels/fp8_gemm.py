@@ -47,6 +47,7 @@ try:  # Pallas' Triton backend: masked loads/stores and compiler params.
 except ImportError:  # pragma: no cover - very old / very new jax without the Triton backend
     plgpu = None
 
+from pallas_kernels import upcast
 from pallas_kernels.split_k import arrive, counters, default_reduce, load_partial, sum_partials
 
 FP8 = jnp.float8_e4m3fn
@@ -253,7 +254,7 @@ def _block_scale(s_ref, kb, pid_n, block_k, block_n, scale_block, w_transposed):
 
 def _weight_only_kernel(x_ref, w_ref, s_ref, *refs, m, n, k, block_m, block_n, block_k, kb_per_split,
                         num_splits, scale_kind, scale_block, partial, reduce, epilogue, eps, w_transposed,
-                        evict, swap_ab, interpret):
+                        evict, swap_ab, cdt, interpret):
     """One [block_m, block_n] output tile's share (K blocks of split pid_s). refs: the epilogue's inputs
     (add_norm: residual [M, N], norm scale [N]), the tile counters (reduce="kernel" or add_norm), then the
     outputs: partials [S, M, N] f32 when split and reduced in XLA; else (partials if split,) y, and with
@@ -272,20 +273,26 @@ def _weight_only_kernel(x_ref, w_ref, s_ref, *refs, m, n, k, block_m, block_n, b
     # Static decisions: masks only on the edges that are actually ragged.
     m_in = _in_bounds(0, block_m, m) if m != block_m else None
     n_in = _in_bounds(n0, block_n, n)
-    cdt = x_ref.dtype
     # swap_ab: accumulate y^T [bn, bm] = w^T x^T, so the weight tile is the MMA's A operand (M = block_n
     # rows) and the few activation rows are its N; otherwise y [bm, bn] = x w with x padded to >= 16 rows.
     acc_shape = (block_n, block_m) if swap_ab else (block_m, block_n)
 
+    def load_x(kb):  # x is re-read by every program (keep it in L2)
+        k0 = pl.multiple_of(kb * block_k, block_k)
+        return _load(x_ref.at[pl.ds(0, block_m), pl.ds(k0, block_k)], _mask2(m_in, _in_bounds(k0, block_k, k)),
+                     "evict_last" if evict else None)                                  # [bm, bk]
+
+    # f16 dots: one power-of-two scale per row over this program's K range (pallas_kernels/upcast.py)
+    x_mul, x_s = upcast.row_scales(load_x, kb_lo, kb_hi, (block_m, block_k), cdt)
+
     def body(kb, acc):
         k0 = pl.multiple_of(kb * block_k, block_k)
         k_in = _in_bounds(k0, block_k, k)
-        # x is re-read by every program (keep it in L2); w is streamed exactly once (evict it first).
-        x = _load(x_ref.at[pl.ds(0, block_m), pl.ds(k0, block_k)], _mask2(m_in, k_in),
-                  "evict_last" if evict else None)                                     # [bm, bk]
+        x = upcast.scaled(load_x(kb), x_mul, cdt)                                     # [bm, bk]
+        # w is streamed exactly once (evict it first)
         w = _load_w_tile(w_ref, k0, n0, block_k, block_n, k_in, n_in, w_transposed,
                          "evict_first" if evict else None)                              # fp8
-        w = w.astype(cdt)                                                              # e4m3 -> bf16 is exact
+        w = w.astype(cdt)                                                              # e4m3 -> f16 is exact
         if swap_ab:
             dims = (((1,), (1,)), ((), ())) if w_transposed else (((0,), (1,)), ((), ()))
             part = lax.dot_general(w, x, dims, preferred_element_type=jnp.float32)     # [bn, bm]
@@ -296,6 +303,8 @@ def _weight_only_kernel(x_ref, w_ref, s_ref, *refs, m, n, k, block_m, block_n, b
         return acc + part
 
     acc = lax.fori_loop(kb_lo, kb_hi, body, jnp.zeros(acc_shape, jnp.float32))
+    if x_s is not None:
+        acc = acc * (x_s[None, :] if swap_ab else x_s[:, None])
     if scale_kind == "channel":  # once, after the K loop
         s = _load(s_ref.at[pl.ds(n0, block_n)], n_in)
         acc = acc * (s[:, None] if swap_ab else s[None, :])
@@ -347,7 +356,7 @@ def _rms_norm_rows(s_ref, w_ref, y_ref, *, m, n, eps):
 
 def _weight_only_pallas(x, w_fp8, w_scale, *, scale_kind, scale_block, block_n, block_k, split_k, num_warps,
                         num_stages, out_dtype, interpret, poison_output, w_transposed, evict, swap_ab,
-                        reduce="kernel", add_norm=None):
+                        cdt, reduce="kernel", add_norm=None):
     """add_norm: None, or (residual [M, N], norm scale [N], eps): returns (residual + y, rms_norm of it)."""
     M, K = x.shape
     N = w_fp8.shape[0 if w_transposed else 1]
@@ -381,7 +390,7 @@ def _weight_only_pallas(x, w_fp8, w_scale, *, scale_kind, scale_block, block_n, 
         kb_per_split=kb_per_split, num_splits=split, scale_kind=scale_kind, scale_block=scale_block,
         partial=partial, reduce=reduce, epilogue=epilogue, eps=float(add_norm[2]) if epilogue else None,
         w_transposed=w_transposed, evict=evict,
-        swap_ab=swap_ab, interpret=interpret)
+        swap_ab=swap_ab, cdt=jnp.dtype(cdt), interpret=interpret)
     n_scratch = 1 if partial and reduce == "kernel" else 0
     aliases = {}
     if poison_output:  # every element of the final outputs the kernel does not write stays NaN
@@ -528,8 +537,10 @@ def fp8_matmul(x, w_fp8, w_scale, *, mode="auto", block_m=None, block_n=None, bl
       default_config(); block sizes must be powers of two (Triton); with block scales block_k and block_n
       are clamped to divide scale_block. evict: L2 eviction hints in the weight-only kernel (stream w, keep x).
     swap_ab (weight_only): compute y^T = w^T x^T so the weight tile is the MMA's A operand.
-    compute_dtype (weight_only): dtype of the in-register dot (default: x's if bf16/f16, else bf16); e4m3
-      converts exactly to both bf16 and f16, but x is rounded to it (f16: |x| must stay < 65504).
+    compute_dtype (weight_only): dtype of the in-register dot (default float16 up to M = 16, bfloat16 above:
+      pallas_kernels/upcast.py; f16 is one conversion per two weights instead of bf16's three); e4m3 converts
+      exactly to both; x is cast inside the kernel (f16: each row rescaled by a power of two over the
+      program's K range, so any bf16 magnitude is safe).
     reduce (weight_only with split_k > 1): "kernel" (the last split of each tile sums the partials:
       pallas_kernels.split_k, one launch) or "xla" (a jnp sum after the kernel: a second launch); None:
       split_k.default_reduce("gemm") (split_k.DEFAULTS: "xla", measured faster).
@@ -616,17 +627,16 @@ def _fp8_matmul(x, w_fp8, w_scale, add_norm, *, mode, block_m, block_n, block_k,
                   poison_output=poison_output, w_transposed=w_transposed)
 
     if mode == "weight_only":
-        if compute_dtype is None:
-            compute_dtype = x2.dtype if x2.dtype in (jnp.bfloat16, jnp.float16) else jnp.bfloat16
+        cdt = upcast.compute_dtype(compute_dtype, rows=M)  # x is cast (f16: rescaled) inside the kernel
         swap_ab = cfg["swap_ab"] if swap_ab is None else swap_ab
         if add_norm is not None:
             res2 = add_norm[0].reshape(M, N)
-            s, y = _weight_only_pallas(x2.astype(compute_dtype), w_fp8, w_scale, split_k=split_k or cfg["split_k"],
-                                       evict=evict, swap_ab=swap_ab, reduce=reduce,
+            s, y = _weight_only_pallas(x2, w_fp8, w_scale, split_k=split_k or cfg["split_k"],
+                                       evict=evict, swap_ab=swap_ab, cdt=cdt, reduce=reduce,
                                        add_norm=(res2, add_norm[1], add_norm[2]), **common)
             return s.reshape(*lead, N), y.reshape(*lead, N)
-        y = _weight_only_pallas(x2.astype(compute_dtype), w_fp8, w_scale, split_k=split_k or cfg["split_k"],
-                                evict=evict, swap_ab=swap_ab, reduce=reduce, **common)
+        y = _weight_only_pallas(x2, w_fp8, w_scale, split_k=split_k or cfg["split_k"],
+                                evict=evict, swap_ab=swap_ab, cdt=cdt, reduce=reduce, **common)
     else:
         block_m = block_m or cfg["block_m"]
         if block_m & (block_m - 1):

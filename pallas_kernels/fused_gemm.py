@@ -43,6 +43,7 @@ from jax.experimental import pallas as pl
 from pallas_kernels.fp8_gemm import (
     FP8, _call, _silu, _exact_upcast, _in_bounds, _load, _mask2, _next_pow2, _store, default_config,
     quantize_activation_per_token)
+from pallas_kernels import upcast
 from pallas_kernels.split_k import arrive, counters, default_reduce, sum_partials
 
 __all__ = ["gate_up_swiglu_ref", "gate_up_swiglu", "qkv_rope_ref", "qkv_rope", "rope_columns"]
@@ -126,20 +127,29 @@ def _k_loop(x_ref, w_refs, n0s, n_ins, *, m0, m_in, k, block_m, block_n, block_k
     tile is loaded once per K step and shared by every weight."""
     hint_x, hint_w = ("evict_last", "evict_first") if (evict and not x_fp8) else (None, None)
 
+    def load_x(kb):
+        k0 = pl.multiple_of(kb * block_k, block_k)
+        return _load(x_ref.at[pl.ds(m0, block_m), pl.ds(k0, block_k)], _mask2(m_in, _in_bounds(k0, block_k, k)),
+                     hint_x)                                                                    # [bm, bk]
+
+    # f16 dots: one power-of-two scale per row over this program's K range (pallas_kernels/upcast.py)
+    x_mul, x_s = (None, None) if x_fp8 else upcast.row_scales(load_x, kb_lo, kb_hi, (block_m, block_k), cdt)
+
     def body(kb, accs):
         k0 = pl.multiple_of(kb * block_k, block_k)
         k_in = _in_bounds(k0, block_k, k)
-        xt = _load(x_ref.at[pl.ds(m0, block_m), pl.ds(k0, block_k)], _mask2(m_in, k_in), hint_x)  # [bm, bk]
+        xt = load_x(kb) if x_fp8 else upcast.scaled(load_x(kb), x_mul, cdt)  # [bm, bk]
         out = []
         for w_ref, n0, n_in, acc in zip(w_refs, n0s, n_ins, accs):
             w = _load(w_ref.at[pl.ds(k0, block_k), pl.ds(n0, block_n)], _mask2(k_in, n_in), hint_w)  # [bk, bn]
             if not x_fp8:
-                w = w.astype(cdt)  # e4m3 -> bf16 is exact
+                w = w.astype(cdt)  # e4m3 -> f16 / bf16 is exact
             out.append(acc + jnp.dot(xt, w, preferred_element_type=jnp.float32))  # [bm, bk] x [bk, bn]
         return tuple(out)
 
     zero = jnp.zeros((block_m, block_n), jnp.float32)
-    return lax.fori_loop(kb_lo, kb_hi, body, tuple(zero for _ in w_refs))
+    accs = lax.fori_loop(kb_lo, kb_hi, body, tuple(zero for _ in w_refs))
+    return accs if x_s is None else tuple(a * x_s[:, None] for a in accs)
 
 
 def _scale_acc(acc, s_ref, xs, n0, n_in, block_n):
@@ -212,10 +222,8 @@ def _setup(x, weights, scales, mode, N_total, block_m, block_n, block_k, split_k
     if mode == "fp8_fp8":
         xk, xs = quantize_activation_per_token(x)
     else:
-        if compute_dtype is None:
-            compute_dtype = x.dtype if x.dtype in (jnp.bfloat16, jnp.float16) else jnp.bfloat16
-        xk, xs = x.astype(compute_dtype), jnp.ones((M,), jnp.float32)
-    cdt = jnp.dtype(compute_dtype or jnp.bfloat16)
+        xk, xs = x, jnp.ones((M,), jnp.float32)  # cast (f16: rescaled) inside the kernel
+    cdt = upcast.compute_dtype(compute_dtype, rows=block_m)
     return dict(mode=mode, M=M, K=K, xk=xk, xs=xs, block_m=block_m, block_n=block_n, block_k=block_k,
                 split_k=split_k, kb_per_split=kb_per_split, num_warps=num_warps, num_stages=num_stages, cdt=cdt)
 

@@ -77,6 +77,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import split_k as _split_k
+from pallas_kernels import upcast
 from pallas_kernels.fp8_gemm import (
     FP8, NUM_SMS_H100, _call, _silu, _exact_upcast, _in_bounds, _load, _mask2, _next_pow2, _store,
     quantize_weight_per_channel, weight_only_blocks)
@@ -210,20 +211,29 @@ def _gate_up_kernel(*refs, d, f, block_m, block_n, block_k, kb_per_split, partia
         score = rs_ref[pl.ds(m0, block_m)]                                                  # [bm], x dtype
         hint_x, hint_w = ("evict_last", "evict_first") if evict else (None, None)
 
+        def load_x(kb):  # router score on the input (x's dtype)
+            k0 = pl.multiple_of(kb * block_k, block_k)
+            xt = _load(x_ref.at[pl.ds(m0, block_m), pl.ds(k0, block_k)], _mask2(None, _in_bounds(k0, block_k, d)),
+                       hint_x)
+            return xt * score[:, None]                                                      # [bm, bk]
+
+        x_mul, x_s = upcast.row_scales(load_x, kb_lo, kb_hi, (block_m, block_k), cdt)  # f16: per row scales
+
         def body(kb, acc):
             g, u = acc
             k0 = pl.multiple_of(kb * block_k, block_k)
             k_in = _in_bounds(k0, block_k, d)
-            xt = _load(x_ref.at[pl.ds(m0, block_m), pl.ds(k0, block_k)], _mask2(None, k_in), hint_x)
-            xt = (xt * score[:, None]).astype(cdt)              # router score on the input (x's dtype), bf16
+            xt = upcast.scaled(load_x(kb), x_mul, cdt)
             wmask = _mask2(k_in, n_in)
             wg = _load(wg_ref.at[e, pl.ds(k0, block_k), pl.ds(n0, block_n)], wmask, hint_w).astype(cdt)
             wu = _load(wu_ref.at[e, pl.ds(k0, block_k), pl.ds(n0, block_n)], wmask, hint_w).astype(cdt)
-            return (g + jnp.dot(xt, wg, preferred_element_type=jnp.float32),
+            return (g + jnp.dot(xt, wg, preferred_element_type=jnp.float32),    # [bm, bk] x [bk, bn]
                     u + jnp.dot(xt, wu, preferred_element_type=jnp.float32))
 
         zero = jnp.zeros((block_m, block_n), jnp.float32)
         g, u = lax.fori_loop(kb_lo, kb_hi, body, (zero, zero))
+        if x_s is not None:
+            g, u = g * x_s[:, None], u * x_s[:, None]
         if has_scales:
             g = g * _load(sg_ref.at[e, pl.ds(n0, block_n)], n_in)[None, :]
             u = u * _load(su_ref.at[e, pl.ds(n0, block_n)], n_in)[None, :]
@@ -237,7 +247,7 @@ def _gate_up_kernel(*refs, d, f, block_m, block_n, block_k, kb_per_split, partia
             _store(h_ref.at[pl.ds(m0, block_m), pl.ds(n0, block_n)], (_silu(g) * u).astype(h_ref.dtype), omask)
 
 
-def _down_kernel(*refs, f, d, block_m, block_n, block_k, kb_per_split, partial, has_scales, evict):
+def _down_kernel(*refs, f, d, block_m, block_n, block_k, kb_per_split, partial, has_scales, cdt, evict):
     be_ref, na_ref, h_ref, wd_ref, *rest = refs
     sd_ref, o_ref = rest if has_scales else (None, *rest)
     pid_m, pid_n, pid_s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -255,8 +265,10 @@ def _down_kernel(*refs, f, d, block_m, block_n, block_k, kb_per_split, partial, 
             k0 = pl.multiple_of(kb * block_k, block_k)
             k_in = _in_bounds(k0, block_k, f)
             ht = _load(h_ref.at[pl.ds(m0, block_m), pl.ds(k0, block_k)], _mask2(None, k_in), hint_x)
+            ht, hs = upcast.to_compute(ht, cdt)
             wt = _load(wd_ref.at[e, pl.ds(k0, block_k), pl.ds(n0, block_n)], _mask2(k_in, n_in), hint_w)
-            return acc + jnp.dot(ht, wt.astype(ht.dtype), preferred_element_type=jnp.float32)
+            part = jnp.dot(ht, wt.astype(cdt), preferred_element_type=jnp.float32)  # [bm, bk] x [bk, bn]
+            return acc + (part if hs is None else part * hs[:, None])
 
         y = lax.fori_loop(kb_lo, kb_hi, body, jnp.zeros((block_m, block_n), jnp.float32))
         if has_scales:
@@ -316,23 +328,29 @@ def _pair_gate_up_kernel(*refs, k, d, f, num_pairs, block_n, block_k, kb_per_spl
     hint_w = "evict_first" if evict else None
 
     def run(e, row, score, wg_ref, wu_ref, sg_ref, su_ref):
+        def load_x(kb):
+            k0 = pl.multiple_of(kb * block_k, block_k)
+            xt = _load(x_ref.at[row, pl.ds(k0, block_k)], _in_bounds(k0, block_k, d))          # [bk]
+            return xt if score is None else xt * score     # router score on the input (x's dtype)
+
+        x_mul, x_s = upcast.row_scales(load_x, kb_lo, kb_hi, (block_k,), cdt)  # f16: the row's scale (scalars)
+
         def body(kb, acc):
             g, u = acc
             k0 = pl.multiple_of(kb * block_k, block_k)
             k_in = _in_bounds(k0, block_k, d)
-            xt = _load(x_ref.at[row, pl.ds(k0, block_k)], k_in)                               # [bk]
-            if score is not None:
-                xt = xt * score                            # router score on the input (x's dtype)
-            xt = _pair_rows(xt.astype(cdt))                                                   # [16, bk]
+            xt = _pair_rows(upcast.scaled(load_x(kb), x_mul, cdt))                            # [16, bk]
             wmask = _mask2(k_in, n_in)
             wg = _load(wg_ref.at[e, pl.ds(k0, block_k), pl.ds(n0, block_n)], wmask, hint_w).astype(cdt)
             wu = _load(wu_ref.at[e, pl.ds(k0, block_k), pl.ds(n0, block_n)], wmask, hint_w).astype(cdt)
-            return (g + jnp.dot(xt, wg, preferred_element_type=jnp.float32),
+            return (g + jnp.dot(xt, wg, preferred_element_type=jnp.float32),    # [16, bk] x [bk, bn]
                     u + jnp.dot(xt, wu, preferred_element_type=jnp.float32))
 
         zero = jnp.zeros((_MIN_BLOCK, block_n), jnp.float32)
         g, u = lax.fori_loop(kb_lo, kb_hi, body, (zero, zero))
         g, u = jnp.sum(g, axis=0), jnp.sum(u, axis=0)  # rows 1.. are exact zeros: this is row 0, [bn]
+        if x_s is not None:
+            g, u = g * x_s, u * x_s
         if has_scales:
             g = g * _load(sg_ref.at[e, pl.ds(n0, block_n)], n_in)
             u = u * _load(su_ref.at[e, pl.ds(n0, block_n)], n_in)
@@ -404,15 +422,17 @@ def _pair_down_kernel(*refs, f, d, k, num_pairs, block_n, block_k, kb_per_split,
 
         zero = jnp.zeros((block_k,), jnp.float32)
         g, u = lax.fori_loop(0, n_gu_splits, add_split, (zero, zero))
-        return (_silu(g) * u).astype(cdt)                                                     # [bk]
+        return (_silu(g) * u).astype(upcast.storage_dtype(cdt))  # rounded as a stored h would be     # [bk]
 
     def run(e, wd_ref, sd_ref):
         def body(kb, acc):
             k0 = pl.multiple_of(kb * block_k, block_k)
             k_in = _in_bounds(k0, block_k, f)
-            ht = _pair_rows(h_tile(k0, k_in))                                                 # [16, bk]
+            ht, hs = upcast.to_compute(h_tile(k0, k_in), cdt)  # hs: a scalar (f16) or None
+            ht = _pair_rows(ht)                                                               # [16, bk]
             wt = _load(wd_ref.at[e, pl.ds(k0, block_k), pl.ds(n0, block_n)], _mask2(k_in, n_in), hint_w)
-            return acc + jnp.dot(ht, wt.astype(ht.dtype), preferred_element_type=jnp.float32)
+            part = jnp.dot(ht, wt.astype(cdt), preferred_element_type=jnp.float32)  # [16, bk] x [bk, bn]
+            return acc + (part if hs is None else part * hs)
 
         y = jnp.sum(lax.fori_loop(kb_lo, kb_hi, body, jnp.zeros((_MIN_BLOCK, block_n), jnp.float32)), axis=0)
         if has_scales:
@@ -469,17 +489,17 @@ def _gate_up(x_sorted, row_score, routing, w_gate, w_up, s_gate, s_up, *, block_
     if has_scales:
         args += [s_gate.astype(jnp.float32), s_up.astype(jnp.float32)]
     outs = ([jax.ShapeDtypeStruct((split_k, R, F), jnp.float32)] * 2 if partial
-            else [jax.ShapeDtypeStruct((R, F), cdt)])
+            else [jax.ShapeDtypeStruct((R, F), upcast.storage_dtype(cdt))])
     res = _call(kernel, args, outs, grid, num_warps=num_warps, num_stages=num_stages, interpret=interpret,
                 poison_output=poison_output, name=f"moe_gate_up_m{block_m}_n{block_n}_k{block_k}_s{split_k}")
     if partial:  # epilogue of the split-K partials (decode: R is a few blocks)
         g, u = jnp.sum(res[0], axis=0), jnp.sum(res[1], axis=0)
-        return (_silu(g) * u).astype(cdt)
+        return (_silu(g) * u).astype(upcast.storage_dtype(cdt))
     return res[0]
 
 
 def _down(h, routing, w_down, s_down, *, block_m, block_n, block_k, split_k, num_warps, num_stages, out_dtype,
-          evict, interpret, poison_output):
+          cdt, evict, interpret, poison_output):
     R, F = h.shape
     D = w_down.shape[2]
     split_k, kbps = _splits(F, block_k, split_k)
@@ -487,7 +507,7 @@ def _down(h, routing, w_down, s_down, *, block_m, block_n, block_k, split_k, num
     has_scales = s_down is not None
     grid = (R // block_m, pl.cdiv(D, block_n), split_k)
     kernel = functools.partial(_down_kernel, f=F, d=D, block_m=block_m, block_n=block_n, block_k=block_k,
-                               kb_per_split=kbps, partial=partial, has_scales=has_scales, evict=evict)
+                               kb_per_split=kbps, partial=partial, has_scales=has_scales, cdt=cdt, evict=evict)
     args = [routing.block_expert, routing.num_active_blocks, h, w_down]
     if has_scales:
         args.append(s_down.astype(jnp.float32))
@@ -576,7 +596,9 @@ def moe_fp8(x, expert_idx, scores, w_gate, w_up, w_down, scales=None, *, shared=
     pairs of one expert), kernel 1 (gate/up) block_n over F / block_k over D / split_k, kernel 2 (down)
     block_n_down over D / block_k_down over F / split_k_down. num_warps / num_stages (kernel 1) /
     num_stages_down (kernel 2): Triton compiler parameters. evict: L2 hints (stream weights, keep x / h).
-    compute_dtype: dtype of the in-register dots (default x's if bf16/f16, else bf16); h is stored in it.
+    compute_dtype: dtype of the in-register dots (default: upcast.compute_dtype; the pair path's one-row programs
+      use float16, row blocks above 16 rows bfloat16; f16 activations are rescaled by powers of two in the
+      kernel); h is stored in upcast.storage_dtype of it (bf16 for f16).
     poison_output: debugging aid, every kernel output starts as NaN (aliased in).
     interpret: Pallas interpreter (CPU tests).
     method: "sorted" (grouped GEMM over expert-sorted row blocks), "pairs" (`moe_fp8_pairs`: one program row
@@ -634,8 +656,7 @@ def moe_fp8_sorted(x, routing: MoERouting, scores, w_gate, w_up, w_down, scales=
     for name, v in (("block_m", block_m), ("block_n", block_n), ("block_k", block_k),
                     ("block_n_down", block_n_down), ("block_k_down", block_k_down)):
         _check_block(name, v)
-    if compute_dtype is None:
-        compute_dtype = x.dtype if x.dtype in (jnp.bfloat16, jnp.float16) else jnp.bfloat16
+    compute_dtype = upcast.compute_dtype(compute_dtype, rows=block_m)
     sg, su, sd = scales if scales is not None else (None, None, None)
 
     # Sorted input rows; padding rows (row_pair == P) read token 0 with score 0.
@@ -647,7 +668,8 @@ def moe_fp8_sorted(x, routing: MoERouting, scores, w_gate, w_up, w_down, scales=
     h = _gate_up(x_sorted, row_score, routing, w_gate, w_up, sg, su, block_n=block_n, block_k=block_k,
                  split_k=split_k, num_stages=num_stages, cdt=jnp.dtype(compute_dtype), **common)  # [R, F]
     y_sorted = _down(h, routing, w_down, sd, block_n=block_n_down, block_k=block_k_down, split_k=split_k_down,
-                     num_stages=num_stages_down, out_dtype=x.dtype if k == 1 else jnp.float32, **common)
+                     num_stages=num_stages_down, out_dtype=x.dtype if k == 1 else jnp.float32,
+                     cdt=jnp.dtype(compute_dtype), **common)
     # Back to token order: each pair's row (zero for dropped pairs, whose row is past the buffer), summed over
     # the k slots of its token.
     y = jnp.take(y_sorted, routing.pair_row, axis=0, mode="fill", fill_value=0).reshape(N, k, D)
@@ -723,7 +745,7 @@ def moe_fp8_pairs(x, expert_idx, scores, w_gate, w_up, w_down, scales=None, *, s
     for name, v in (("block_n", block_n), ("block_k", block_k), ("block_n_down", block_n_down),
                     ("block_k_down", block_k_down)):
         _check_block(name, v)
-    cdt = jnp.dtype(compute_dtype or (x.dtype if x.dtype in (jnp.bfloat16, jnp.float16) else jnp.bfloat16))
+    cdt = upcast.compute_dtype(compute_dtype)
     sg, su, sd = scales if scales is not None else (None, None, None)
     has_scales = scales is not None
     idx = expert_idx.reshape(-1).astype(jnp.int32)                                              # [P]
@@ -762,7 +784,7 @@ def moe_fp8_pairs(x, expert_idx, scores, w_gate, w_up, w_down, scales=None, *, s
                               has_shared=has_shared, cdt=cdt, evict=evict, interpret=interpret)
     args1 = (cnt if finish1 else []) + [idx, sc, x, w_gate, w_up] + ([f32(sg), f32(su)] if has_scales else []) + sh1
     part1 = jax.ShapeDtypeStruct((split1, rows, F), jnp.float32)
-    outs1 = ([part1] * 2 if split1 > 1 else []) + ([jax.ShapeDtypeStruct((rows, F), cdt)] if split1 == 1 or finish1
+    outs1 = ([part1] * 2 if split1 > 1 else []) + ([jax.ShapeDtypeStruct((rows, F), upcast.storage_dtype(cdt))] if split1 == 1 or finish1
                                                   else [])
     res = _call(kern1, args1, outs1, (rows, nf, split1), num_stages=num_stages,
                 name=f"moe_gate_up_pairs_n{block_n}_k{block_k}_s{split1}{'_fin' if finish1 else ''}", **common)
@@ -770,7 +792,7 @@ def moe_fp8_pairs(x, expert_idx, scores, w_gate, w_up, w_down, scales=None, *, s
     if finish1:
         res = res[2:]
     elif split1 > 1 and gu_epilogue == "xla":
-        res = ((_silu(jnp.sum(res[0], axis=0)) * jnp.sum(res[1], axis=0)).astype(cdt),)     # h [rows, F]
+        res = ((_silu(jnp.sum(res[0], axis=0)) * jnp.sum(res[1], axis=0)).astype(upcast.storage_dtype(cdt)),)
     n_gu_splits = split1 if len(res) == 2 else 0
 
     kern2 = functools.partial(_pair_down_kernel, f=F, d=D, k=k, num_pairs=P, block_n=block_n_down,

@@ -6,7 +6,7 @@
 #   bash scripts/gpu_benchmarks.sh bisect (then check, check_mesh: one per call) where the Pallas mesh path fails
 # Steps: tune (decode tile sweep), rank (one 8-GPU rank, section 6), rank_sep (the same, shared expert in its
 # own launches: MAVJAX_PALLAS_DISABLE=moe_shared), split_k (the rank with split-K sums in the kernels or in XLA,
-# section 9), decode (2-layer model, section 5),
+# section 9), dtype (the rank with bf16 or f16 dots, section 10), decode (2-layer model, section 5),
 # kernels (bench_kernels, section 5), allreduce (psum variants and the one-shot kernel), sharded (2-layer
 # model over expert/tensor meshes, bench_sharded_decode), mesh (mavjax bench over a tensor mesh, FP8 + Pallas,
 # with and without a forced-acceptance draft: issue 7's commands at reduced depth), check (every Pallas kernel
@@ -45,6 +45,11 @@ step rank_sep 150 env MAVJAX_PALLAS_DISABLE=moe_shared python3 scripts/benchmark
 step split_k 200 bash -c 'for v in "" kernel xla; do MAVJAX_SPLIT_K_REDUCE=$v python3 scripts/benchmark.py \
   --random-weights --preset maverick --rank-slice 8 --rank-kernels pallas --rank-batch-sizes 1 \
   | sed "s/^/[${v:-defaults}] /"; done' && grep -E "B=[0-9]+ T=|copy" "$OUT/split_k.log"
+# the dtype FP8 operands are widened to in the kernels (pallas_kernels/upcast.py, docs/benchmarks.md section 10):
+# the earlier bf16 against the f16 default, on the rank
+step dtype 200 bash -c 'for v in bfloat16 float16; do MAVJAX_FP8_COMPUTE_DTYPE=$v python3 scripts/benchmark.py \
+  --random-weights --preset maverick --rank-slice 8 --rank-kernels pallas --rank-batch-sizes 1 8 \
+  | sed "s/^/[$v] /"; done' && grep -E "B=[0-9]+ T=|copy" "$OUT/dtype.log"
 step decode 120 python3 scripts/bench_decode.py --preset maverick --layers 2 --batch 1 8 --kernels xla pallas \
   --quantize fp8 --profile --json "$OUT/decode.json" && grep -E "copy|^ +(xla|pallas) " "$OUT/decode.log"
 step kernels 240 python3 scripts/bench_kernels.py --skip model --budget-s 200 --reps 10 --json "$OUT/kernels.json" \

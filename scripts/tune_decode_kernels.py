@@ -105,22 +105,27 @@ def build_ops(a, key):
     # rank's 1 kv head, or all 8 at full width), every split count and tile size.
     from pallas_kernels.decode_attention import decode_attention
 
-    for ctx in a.contexts:
+    for kv_dtype, ctx in itertools.product(a.kv, a.contexts):
         S = ctx + 64
         Ba = M
+        fp8_kv = kv_dtype == "fp8"
         q = jax.random.normal(next(ks), (Ba, 1, H, Dh), jnp.bfloat16)
         q_pos = jnp.full((Ba, 1), ctx, jnp.int32)
         k_pos = jnp.broadcast_to(jnp.where(jnp.arange(S) <= ctx, jnp.arange(S), -1), (Ba, S)).astype(jnp.int32)
-        caches = [tuple(jax.random.normal(next(ks), (Ba, S, Kh, Dh), jnp.bfloat16) for _ in range(2))
-                  for _ in range(max(2, min(U, int(400e6 // (4 * Ba * S * Kh * Dh)))))]
+        item = 1 if fp8_kv else 2
+        caches = [tuple((_w(next(ks), (Ba, S, Kh, Dh)) if fp8_kv else
+                         jax.random.normal(next(ks), (Ba, S, Kh, Dh), jnp.bfloat16)) for _ in range(2))
+                  for _ in range(max(2, min(U, int(400e6 // (2 * item * Ba * S * Kh * Dh)))))]
+        kv_scales = (jnp.float32(0.01), jnp.float32(0.01)) if fp8_kv else (None, None)
 
-        def att(q, kv, q_pos, k_pos, **c):
-            return decode_attention(q, *kv, q_pos, k_pos, chunk_size=None, scale=Dh ** -0.5, **c)
+        def att(q, kv, q_pos, k_pos, _s=kv_scales, **c):
+            return decode_attention(q, *kv, q_pos, k_pos, chunk_size=None, scale=Dh ** -0.5, k_scale=_s[0],
+                                    v_scale=_s[1], **c)
 
         cands = [dict(num_splits=ns, block_s=bs) for bs in (64, 128, 256) for ns in (1, 2, 4, 8, 16, 32, 64, 128)
                  if ns * bs <= S]
-        ops.append(Op(f"attention {H}/{Kh} heads ctx {ctx}", att, q, caches, 4 * Ba * (ctx + 1) * Kh * Dh, cands,
-                      shared=(q_pos, k_pos)))
+        ops.append(Op(f"attention {kv_dtype} {H}/{Kh} heads ctx {ctx}", att, q, caches,
+                      2 * item * Ba * (ctx + 1) * Kh * Dh, cands, shared=(q_pos, k_pos)))
     # MoE pairs: one expert per call (op i routes its tokens to expert i: no weight is read twice per loop)
     wg, wu, wd = (jnp.stack([_w(next(ks), shp) for _ in range(E)]) for shp in ((D, Fe), (D, Fe), (Fe, D)))
     sc = (jnp.stack([_s(next(ks), Fe) for _ in range(E)]), jnp.stack([_s(next(ks), Fe) for _ in range(E)]),
@@ -175,6 +180,13 @@ def main():
     ap.add_argument("--experts", type=int, default=128, help="experts held (the pair op reads --unroll of them)")
     ap.add_argument("--contexts", type=int, nargs="*", default=[1024, 8192],
                     help="cache lengths of the split-KV attention op (none: no attention op)")
+    ap.add_argument("--kv", nargs="*", default=["bf16"], choices=["bf16", "fp8"],
+                    help="KV-cache dtypes of the attention op")
+    ap.add_argument("--compute-dtypes", nargs="*", default=None,
+                    help="in-register dot dtypes: each op's default tiles once per dtype "
+                         "(e.g. bfloat16 float16), then the sweep in each: the FP8 upcast's cost")
+    ap.add_argument("--same-weights", action="store_true",
+                    help="all --unroll calls read one weight set (L2-resident weights: the kernels' fixed cost)")
     a = ap.parse_args()
     T0 = time.perf_counter()
     bw = copy_bandwidth(16 << 20 if a.interpret else 2 << 30)
@@ -183,7 +195,12 @@ def main():
     if a.only:
         ops = [o for o in ops if any(o.name.startswith(p) for p in a.only)]
     for op in ops:
+        if a.compute_dtypes is not None:  # every dtype's default tiles first, then the sweep in each dtype
+            op.cands = ([dict(compute_dtype=d) for d in a.compute_dtypes]
+                        + [dict(c, compute_dtype=d) for c in op.cands for d in a.compute_dtypes])
         op.cands = op.cands[:a.max_cands]
+        if a.same_weights:  # every call reads the first weight set: after the first call, from L2
+            op.weights = [op.weights[0]] * len(op.weights)
         if a.interpret:
             fn = op.fn
             op.fn = lambda x, w, *sh, _fn=fn, **c: _fn(x, w, *sh, interpret=True, **c)

@@ -373,3 +373,23 @@ def test_plan_keeps_the_merge_in_the_kernel_only_where_it_is_small(monkeypatch, 
     assert plan(B, T, H, K, S, chunk, 128, 128, 2, combine="kernel")[0] == "kernel"  # told: kept
     monkeypatch.setenv("MAVJAX_SPLIT_K_REDUCE", "attention=xla")
     assert plan(B, T, H, K, S, chunk, 128, 128, 2)[0] == "xla"
+
+
+@pytest.mark.parametrize("factor", [1e5, 1e-6])
+def test_fp8_cache_f16_dots_keep_any_q_magnitude(factor):
+    """An FP8 cache is read into f16 dots (one conversion per two values, not bf16's three); f16 ends at 65504
+    and goes subnormal below 6e-5, so each q row is rescaled by a power of two inside the kernel. q scaled by
+    1e5 (beyond f16's range) or 1e-6 (f16-subnormal), with the softmax scale divided by the same factor, gives
+    the reference's output; without the rescale the first would be inf/NaN and the second lose its digits."""
+    case = (2, 2, 2, 5, 16, 64, [64, 30], None, 16, 3, FP8, jnp.bfloat16)
+    B, T, K, G, Dh, S, lengths, chunk, bs, ns, kvd, qd = case
+    inp, (qe, ke, ve) = make_inputs(11, B, T, K, G, Dh, S, lengths, kvd, qd)
+    q = jnp.asarray(np.asarray(inp["q"], np.float32) * factor, jnp.bfloat16)
+    scale = Dh ** -0.5 / factor
+    inp["q"] = q
+    ref = ref64(np.asarray(q, np.float32), ke, ve, inp["q_pos"], inp["k_pos"], chunk, scale)
+    for combine in ("kernel", "xla"):
+        out = decode_attention(**inp, chunk_size=chunk, scale=scale, block_s=bs, num_splits=ns, combine=combine,
+                               interpret=INTERPRET)
+        assert np.isfinite(np.asarray(out, np.float32)).all()
+        assert rel_err(out, ref) < TOL["float8_e4m3fn"], (combine, rel_err(out, ref))

@@ -293,7 +293,8 @@ def test_unrouted_experts_are_not_read():
                   split_k=1)
     h = _gate_up(x[row_token], row_score, routing, ws[0], ws[1], scales[0], scales[1], block_n=32, block_k=32,
                  cdt=jnp.dtype(jnp.bfloat16), **common)
-    ys = _down(h, routing, ws[2], scales[2], block_n=32, block_k=32, out_dtype=jnp.bfloat16, **common)
+    ys = _down(h, routing, ws[2], scales[2], block_n=32, block_k=32, out_dtype=jnp.bfloat16,
+               cdt=jnp.dtype(jnp.bfloat16), **common)
     for a in (h, ys):
         a = np.asarray(a, np.float32)
         assert np.isfinite(a[:n_act * bm]).all()
