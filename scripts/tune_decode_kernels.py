@@ -122,8 +122,10 @@ def build_ops(a, key):
             return decode_attention(q, *kv, q_pos, k_pos, chunk_size=None, scale=Dh ** -0.5, k_scale=_s[0],
                                     v_scale=_s[1], **c)
 
-        cands = [dict(num_splits=ns, block_s=bs) for bs in (64, 128, 256) for ns in (1, 2, 4, 8, 16, 32, 64, 128)
-                 if ns * bs <= S]
+        # pipeline depth too: each program's tile loop is a dependent chain (load, QK dot, exp, PV dot), and at
+        # 32K XLA's attention beat every split count at the default 2 stages (docs/benchmarks.md section 10)
+        cands = [dict(num_splits=ns, block_s=bs, num_stages=st) for st in (2, 3, 4) for bs in (64, 128, 256)
+                 for ns in (1, 2, 4, 8, 16, 32, 64, 128) if ns * bs <= S and not (st > 2 and bs == 256)]
         ops.append(Op(f"attention {kv_dtype} {H}/{Kh} heads ctx {ctx}", att, q, caches,
                       2 * item * Ba * (ctx + 1) * Kh * Dh, cands, shared=(q_pos, k_pos)))
     # MoE pairs: one expert per call (op i routes its tokens to expert i: no weight is read twice per loop)
