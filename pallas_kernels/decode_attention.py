@@ -63,7 +63,6 @@ except ImportError:  # pragma: no cover
 
 from pallas_kernels import upcast
 from pallas_kernels.split_k import default_reduce, arrive, counters, load_partial
-from pallas_kernels.upcast import to_compute
 
 FP8_DTYPES = (jnp.float8_e4m3fn,)
 _MIN_DIM = 16  # Triton dot operands need every dim >= 16
@@ -235,7 +234,7 @@ def _kernel(*refs, names, block_s, num_splits, num_slots, range_slots, chunk_siz
 
     cd = compute_dtype
     prec = lax.Precision.HIGHEST if jnp.dtype(cd) == jnp.float32 else None
-    q, q_scale = to_compute(q, cd)  # f16: each row rescaled by a power of two (undone on the logits)
+    q, q_scale = upcast.to_compute(q, cd)  # f16: each row rescaled by a power of two (undone on the logits)
     if chunk_size is None:
         q_lo = jnp.zeros_like(qp)
     else:  # same chunk and causal  <=>  chunk_start(q) <= k <= q  (for k >= 0, q >= 0)

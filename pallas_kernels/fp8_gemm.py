@@ -391,33 +391,13 @@ def _weight_only_pallas(x, w_fp8, w_scale, *, scale_kind, scale_block, block_n, 
         partial=partial, reduce=reduce, epilogue=epilogue, eps=float(add_norm[2]) if epilogue else None,
         w_transposed=w_transposed, evict=evict,
         swap_ab=swap_ab, cdt=jnp.dtype(cdt), interpret=interpret)
-    n_scratch = 1 if partial and reduce == "kernel" else 0
-    aliases = {}
-    if poison_output:  # every element of the final outputs the kernel does not write stays NaN
-        n_in = len(args)
-        poisoned = out_shapes[n_scratch:]
-        args += [jnp.full(o.shape, jnp.nan, o.dtype) for o in poisoned]
-        aliases = {n_in + i: len(out_shapes) - len(poisoned) + i for i in range(len(poisoned))}
-        inner = kernel
-
-        def kernel(*refs):  # the aliased inputs are the outputs' own refs: drop them
-            return inner(*refs[:n_in], *refs[n_in + len(poisoned):])
-    outs = pl.pallas_call(
-        kernel, out_shape=tuple(out_shapes), grid=(nb, split), input_output_aliases=aliases,
-        interpret=interpret, compiler_params=_compiler_params(num_warps, num_stages),
-        name=f"fp8_weight_only{'_add_norm' if epilogue else ''}_m{block_m}_n{block_n}_k{block_k}_s{split}",
-    )(*args)
+    outs = _call(kernel, args, out_shapes, (nb, split), num_warps=num_warps, num_stages=num_stages,
+                 interpret=interpret, poison_output=poison_output,
+                 name=f"fp8_weight_only{'_add_norm' if epilogue else ''}_m{block_m}_n{block_n}_k{block_k}_s{split}")
     if partial and reduce == "xla":
         return jnp.sum(outs[0], axis=0).astype(out_dtype)
-    final = outs[n_scratch:]
+    final = outs[1:] if partial else outs  # the in-kernel sum's partials are scratch
     return tuple(final) if epilogue else final[0]
-
-
-def _drop_last_input(kernel, n_in):
-    """Kernel wrapper for the aliased poison buffer: its input ref is the output ref, so ignore it."""
-    def k(*refs):
-        return kernel(*refs[:n_in], *refs[n_in + 1:])
-    return k
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -468,17 +448,8 @@ def _fp8_fp8_pallas(x, w_fp8, w_scale, *, scale_kind, scale_block, block_m, bloc
     kernel = functools.partial(
         _fp8_fp8_kernel, m=M, n=N, k=K, block_m=block_m, block_n=block_n, block_k=block_k, group_m=group_m,
         scale_kind=scale_kind, scale_block=scale_block, w_transposed=w_transposed)
-    args = [xq, xs, w_fp8, w_scale]
-    aliases = {}
-    if poison_output:
-        args.append(jnp.full((M, N), jnp.nan, out_dtype))
-        aliases = {4: 0}
-        kernel = _drop_last_input(kernel, n_in=4)
-    return pl.pallas_call(
-        kernel, out_shape=out_shape, grid=grid, input_output_aliases=aliases, interpret=interpret,
-        compiler_params=_compiler_params(num_warps, num_stages),
-        name=f"fp8_fp8_m{block_m}_n{block_n}_k{block_k}",
-    )(*args)
+    return _call(kernel, [xq, xs, w_fp8, w_scale], [out_shape], grid, num_warps=num_warps, num_stages=num_stages,
+                 interpret=interpret, poison_output=poison_output, name=f"fp8_fp8_m{block_m}_n{block_n}_k{block_k}")[0]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -568,7 +539,7 @@ def fp8_matmul_add_rms_norm(x, w_fp8, w_scale, residual, norm_scale, *, eps, mod
     if norm_scale.shape != (N,):
         raise ValueError(f"norm_scale must be [{N}], got {norm_scale.shape}")
     M = x.size // x.shape[-1] if x.shape[-1] else 0
-    one_launch = (M > 0 and w_fp8.size > 0 and (reduce or default_reduce("gemm")) == "kernel"
+    one_launch = (M > 0 and w_fp8.size > 0 and default_reduce("gemm", reduce) == "kernel"
                   and (mode == "weight_only" or (mode == "auto" and M <= 64)))
     if not one_launch:  # the GEMM, then the add + norm kernel
         from pallas_kernels.fused_norm import add_rms_norm
@@ -602,9 +573,7 @@ def _fp8_matmul(x, w_fp8, w_scale, add_norm, *, mode, block_m, block_n, block_k,
         mode = "weight_only" if M <= 64 else "fp8_fp8"
     if mode not in ("weight_only", "fp8_fp8"):
         raise ValueError(f"unknown mode {mode!r}")
-    reduce = reduce or default_reduce("gemm")
-    if reduce not in ("kernel", "xla"):
-        raise ValueError(f"reduce must be 'kernel' or 'xla', got {reduce!r}")
+    reduce = default_reduce("gemm", reduce)
     if M == 0 or N == 0 or K == 0:
         return jnp.zeros((*lead, N), out_dtype)
 

@@ -270,13 +270,6 @@ _STATIC = ("mode", "block_m", "block_n", "block_k", "split_k", "num_warps", "num
            "compute_dtype", "evict", "interpret", "poison_output", "reduce")
 
 
-def _check_reduce(reduce, family):
-    reduce = reduce or default_reduce(family)
-    if reduce not in ("kernel", "xla"):
-        raise ValueError(f"reduce must be 'kernel' or 'xla', got {reduce!r}")
-    return reduce
-
-
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def gate_up_swiglu(x, wg, sg, wu, su, *, mode="auto", block_m=None, block_n=None, block_k=None, split_k=None,
                    num_warps=None, num_stages=None, out_dtype=None, compute_dtype=None, evict=True,
@@ -286,7 +279,7 @@ def gate_up_swiglu(x, wg, sg, wu, su, *, mode="auto", block_m=None, block_n=None
     stages, compute_dtype, evict, interpret, poison_output). reduce (split_k > 1): "kernel" - the last split
     of each tile sums the partials and applies SwiGLU; "xla" - a jnp epilogue does (two more launches); None:
     split_k.default_reduce("gate_up") (split_k.DEFAULTS: "xla", measured faster)."""
-    reduce = _check_reduce(reduce, "gate_up")
+    reduce = default_reduce("gate_up", reduce)
     if wg.shape != wu.shape:
         raise ValueError(f"w_gate {wg.shape} and w_up {wu.shape} must have the same shape")
     out_dtype = jnp.dtype(out_dtype or x.dtype)
@@ -407,7 +400,7 @@ def qkv_rope(x, wq, sq, wk, sk, wv, sv, *, head_dim, rope=None, q_row_scale=None
     head_dim (default min(64 or 128, head_dim)). reduce: where split-K partials are summed and the qk norm of
     heads wider than block_n is done: "kernel" (the last program of each tile / head), "xla" (a jnp epilogue:
     one or two more launches) or None (split_k.default_reduce("qkv")). Other arguments as fp8_gemm.fp8_matmul."""
-    reduce = _check_reduce(reduce, "qkv")
+    reduce = default_reduce("qkv", reduce)
     out_dtype = jnp.dtype(out_dtype or x.dtype)
     ws, ss = {"wq": wq, "wk": wk, "wv": wv}, {"wq": sq, "wk": sk, "wv": sv}
     ns = tuple(w.shape[1] if w.ndim == 2 else 0 for w in (wq, wk, wv))

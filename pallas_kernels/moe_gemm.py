@@ -708,7 +708,7 @@ def moe_fp8_pairs(x, expert_idx, scores, w_gate, w_up, w_down, scales=None, *, s
     and casts: the earlier path, kept for A/B runs); None: `split_k.default_reduce("moe")`
     (split_k.DEFAULTS: "xla", measured faster; MAVJAX_SPLIT_K_REDUCE overrides).
     gu_epilogue: where kernel 1's split-K partials are summed and the SwiGLU applied, when kernel 1 splits K:
-    "kernel" (the last split of each h tile, which writes h [rows, F] in the compute dtype: no launch in between
+    "kernel" (the last split of each h tile, which writes h [rows, F] (upcast.storage_dtype): no launch in between
     and kernel 2 reads h once), "down" (in kernel 2, as it loads its h tiles: each of kernel 2's D blocks re-reads
     all partials of its K range from L2) or "xla" (one small XLA fusion writes h). None: "kernel" with
     reduce="kernel", "down" with reduce="xla" (reduce="xla" alone is the earlier path). Which is fastest depends
@@ -746,6 +746,7 @@ def moe_fp8_pairs(x, expert_idx, scores, w_gate, w_up, w_down, scales=None, *, s
                     ("block_k_down", block_k_down)):
         _check_block(name, v)
     cdt = upcast.compute_dtype(compute_dtype)
+    h_dtype = upcast.storage_dtype(cdt)  # of h between the two kernels
     sg, su, sd = scales if scales is not None else (None, None, None)
     has_scales = scales is not None
     idx = expert_idx.reshape(-1).astype(jnp.int32)                                              # [P]
@@ -760,9 +761,7 @@ def moe_fp8_pairs(x, expert_idx, scores, w_gate, w_up, w_down, scales=None, *, s
         sh1 = [wgs[None], wus[None]] + ([f32(s_sh[0])[None], f32(s_sh[1])[None]] if has_scales else [])
         sh2 = [wds[None]] + ([f32(s_sh[2])[None]] if has_scales else [])
 
-    reduce = reduce or _split_k.default_reduce("moe")
-    if reduce not in ("kernel", "xla"):
-        raise ValueError(f"reduce must be 'kernel' or 'xla', got {reduce!r}")
+    reduce = _split_k.default_reduce("moe", reduce)
     if gu_epilogue is None:
         gu_epilogue = "kernel" if reduce == "kernel" else "down"
     if gu_epilogue not in ("kernel", "down", "xla"):
@@ -784,15 +783,15 @@ def moe_fp8_pairs(x, expert_idx, scores, w_gate, w_up, w_down, scales=None, *, s
                               has_shared=has_shared, cdt=cdt, evict=evict, interpret=interpret)
     args1 = (cnt if finish1 else []) + [idx, sc, x, w_gate, w_up] + ([f32(sg), f32(su)] if has_scales else []) + sh1
     part1 = jax.ShapeDtypeStruct((split1, rows, F), jnp.float32)
-    outs1 = ([part1] * 2 if split1 > 1 else []) + ([jax.ShapeDtypeStruct((rows, F), upcast.storage_dtype(cdt))] if split1 == 1 or finish1
-                                                  else [])
+    outs1 = ([part1] * 2 if split1 > 1 else []) + ([jax.ShapeDtypeStruct((rows, F), h_dtype)]
+                                                  if split1 == 1 or finish1 else [])
     res = _call(kern1, args1, outs1, (rows, nf, split1), num_stages=num_stages,
                 name=f"moe_gate_up_pairs_n{block_n}_k{block_k}_s{split1}{'_fin' if finish1 else ''}", **common)
     # h [rows, F] (split1 == 1 or finish1), else the f32 partials of g and u: summed + SwiGLU'd by XLA or kernel 2
     if finish1:
         res = res[2:]
     elif split1 > 1 and gu_epilogue == "xla":
-        res = ((_silu(jnp.sum(res[0], axis=0)) * jnp.sum(res[1], axis=0)).astype(upcast.storage_dtype(cdt)),)
+        res = ((_silu(jnp.sum(res[0], axis=0)) * jnp.sum(res[1], axis=0)).astype(h_dtype),)  # h [rows, F]
     n_gu_splits = split1 if len(res) == 2 else 0
 
     kern2 = functools.partial(_pair_down_kernel, f=F, d=D, k=k, num_pairs=P, block_n=block_n_down,

@@ -48,11 +48,15 @@ DEFAULTS = {"gemm": "xla", "gate_up": "xla", "qkv": "xla", "moe": "xla", "attent
 FAMILIES = tuple(DEFAULTS)
 
 
-def default_reduce(family: str) -> str:
-    """Where kernel `family` (one of FAMILIES) sums split-K partials unless told: DEFAULTS, overridden by
-    MAVJAX_SPLIT_K_REDUCE: "kernel" or "xla" (every family), or a comma list of family=kernel|xla. Read when
-    a kernel is traced: A/B runs on a GPU without code changes."""
+def default_reduce(family: str, reduce: str | None = None) -> str:
+    """Where kernel `family` (one of FAMILIES) sums split-K partials: `reduce` if given ("kernel" or "xla",
+    checked), else DEFAULTS, overridden by MAVJAX_SPLIT_K_REDUCE: "kernel" or "xla" (every family), or a comma
+    list of family=kernel|xla. Read when a kernel is traced: A/B runs on a GPU without code changes."""
     assert family in FAMILIES, family
+    if reduce is not None:
+        if reduce not in ("kernel", "xla"):
+            raise ValueError(f"reduce must be 'kernel' or 'xla', got {reduce!r}")
+        return reduce
     v = os.environ.get("MAVJAX_SPLIT_K_REDUCE", "").strip()
     if v in ("kernel", "xla"):
         return v
