@@ -135,6 +135,33 @@ def kv_range_from_k_pos(q_pos, k_pos, chunk_size):
     return jnp.stack([lo, hi], axis=1).astype(jnp.int32)
 
 
+# Long spans (>= LONG_SPAN slots a query can see) with one row block of queries per pair (G * T <= 16: decode)
+# are read by one program per SM (bf16 cache; FP8: two, whose conversions need the extra warps), each streaming
+# its share through a 3-deep pipeline of TILE_BYTES tiles (bf16, Dh = 128: 64 slots; FP8: 128). On an H200
+# (docs/benchmarks.md section 11: every split count x tile x depth swept at 8K-128K, batch 1 and 8) that beat
+# 4 programs per SM over 2-deep 128-slot tiles by 9-21%: the 2-deep loop left each program's dependent chain
+# (load, QK dot, exp, PV dot) waiting on memory. Short spans (one 8-way rank at 1K: 9 splits of one tile) and
+# verification's wider row blocks (4 queries x 5 heads: 16 splits were 18-40% slower at 128K) keep the old shape.
+LONG_SPAN = 4096
+TILE_BYTES = 16 << 10
+
+
+def _span(num_slots, chunk_size, block_s):
+    """Slots a query can see: the whole cache on global layers, about a chunk on chunked ones."""
+    return num_slots if chunk_size is None else min(num_slots, chunk_size + block_s)
+
+
+def _long_stream(num_slots, chunk_size, rows):
+    return _span(num_slots, chunk_size, 0) >= LONG_SPAN and rows <= _MIN_DIM
+
+
+def default_tiles(num_slots, chunk_size, head_dim, kv_itemsize, rows):
+    """(block_s, num_stages) decode_attention uses when not told (see LONG_SPAN); rows: G * T."""
+    if not _long_stream(num_slots, chunk_size, rows):
+        return 128, 2
+    return max(_MIN_DIM, _prev_pow2(TILE_BYTES // (head_dim * kv_itemsize))), 3
+
+
 def default_num_splits(batch, kv_heads, num_slots, chunk_size, block_s, num_sms=None, *, rows=16,
                        kv_itemsize=2, merge_in_kernel=True):
     """Programs per (batch row, kv head) pair. rows: partial rows stored per split (G * T when the kernel
@@ -142,7 +169,8 @@ def default_num_splits(batch, kv_heads, num_slots, chunk_size, block_s, num_sms=
 
     With the merge inside the kernel a split costs little (one partial, rows x Dh float32, stored once and
     read once through L2), so the count is set by filling the GPU; the smallest of:
-      * ~4 programs per SM over the B * K pairs (at small B * K, down to a single tile per split);
+      * ~4 programs per SM over the B * K pairs (long spans of at most 16 rows: 1, FP8 2; see LONG_SPAN; at
+        small B * K, down to a single tile per split);
       * the block_s tiles of the span a query can see (the chunk on chunked layers, the whole cache on global
         ones): at least a tile per split;
       * partial traffic <= 1/8 of the KV bytes: 2 * NS * rows * Dh * 4 <= span * 2 * Dh * kv_itemsize / 8;
@@ -157,10 +185,14 @@ def default_num_splits(batch, kv_heads, num_slots, chunk_size, block_s, num_sms=
             num_sms = int(getattr(jax.devices()[0], "core_count", 0)) or 132
         except Exception:  # pragma: no cover
             num_sms = 132
-    span = num_slots if chunk_size is None else min(num_slots, chunk_size + block_s)
+    span = _span(num_slots, chunk_size, block_s)
     tiles = pl.cdiv(span, block_s)
     rows = max(1, rows)
-    want = pl.cdiv(4 * num_sms, batch * kv_heads)
+    if _long_stream(num_slots, chunk_size, rows):  # whole waves: a 17th split of 8 pairs (136 programs on 132
+        # SMs) ran as a second wave and cost 15-20% at 32K-128K (docs/benchmarks.md section 11)
+        want = (1 if kv_itemsize >= 2 else 2) * num_sms // (batch * kv_heads)
+    else:
+        want = pl.cdiv(4 * num_sms, batch * kv_heads)
     traffic = span * kv_itemsize // (32 * rows)
     tail = math.isqrt(span * kv_itemsize // (2 * rows)) if merge_in_kernel else 256
     ns = int(max(1, min(want, tiles, traffic, tail, 256)))
@@ -486,14 +518,15 @@ def combine_partials(o, m, l):
 
 @functools.partial(jax.jit, static_argnames=("chunk_size", "scale", "block_s", "num_splits", "num_warps",
                                              "num_stages", "interpret", "combine", "compute_dtype"))
-def decode_attention(q, k, v, q_pos, k_pos, *, chunk_size, scale, block_s=128, num_splits=None, k_scale=None,
-                     v_scale=None, kv_range=None, num_warps=None, num_stages=2, interpret=False, combine=None,
+def decode_attention(q, k, v, q_pos, k_pos, *, chunk_size, scale, block_s=None, num_splits=None, k_scale=None,
+                     v_scale=None, kv_range=None, num_warps=None, num_stages=None, interpret=False, combine=None,
                      poison=None, compute_dtype=None):
     """Split-KV attention of q [B, T, H, Dh] over the cache k, v [B, S, K, Dh] -> [B, T, H, Dh] in q.dtype.
 
     chunk_size: static, None for global layers. scale: softmax scale (static float). block_s: slots per tile
-    (a power of two >= 16; lowered to the largest power of two <= S for short caches). num_splits: programs per
-    (batch row, kv head); None picks `default_num_splits`. k_scale / v_scale: scalar or [K] float32
+    (a power of two >= 16; lowered to the largest power of two <= S for short caches); num_stages: the tile
+    loop's pipeline depth; None: `default_tiles` (128 and 2; long spans at decode: 16 KB tiles 3 deep). num_splits:
+    programs per (batch row, kv head); None picks `default_num_splits`. k_scale / v_scale: scalar or [K] float32
     dequantization scales (FP8 KV). kv_range: optional [B, 2] int32 slot range [lo, hi) containing every
     visible key of each row; default assumes slot i holds position i (mavjax.kv_cache) and derives it from
     q_pos; pass `kv_range_from_k_pos(...)` or [[0, S]] * B for other layouts. combine: "kernel" (one launch:
@@ -507,6 +540,9 @@ def decode_attention(q, k, v, q_pos, k_pos, *, chunk_size, scale, block_s=128, n
     B, T, H, Dh = q.shape
     S, K = k.shape[1], k.shape[2]
     G = H // K
+    tiles = default_tiles(S, chunk_size, Dh, jnp.dtype(k.dtype).itemsize, G * T)
+    block_s = tiles[0] if block_s is None else block_s
+    num_stages = tiles[1] if num_stages is None else num_stages
     if poison is not None and combine is None:  # the hook is the one-launch path's
         combine = "kernel"
     if num_splits is None:

@@ -462,18 +462,23 @@ def _fp8_fp8_pallas(x, w_fp8, w_scale, *, scale_kind, scale_block, block_m, bloc
 # hold ~160 KB of shared memory, allow one program per SM and leave the grid's second wave nearly empty. The
 # full-width fused gate/up (168 MB): 128-wide, 64-deep tiles, 4 stages, 640 programs: 1.43x its byte floor,
 # 1.87x faster than the 256-deep config. Block-scaled weights keep 128-deep tiles (one scale per tile).
-SMALL_WEIGHT_BYTES = 32 << 20
+# H200 sweeps with f16 dots (docs/benchmarks.md sections 10-11, three calls agreeing): the 26 MB 5120x5120
+# projection is 20% faster with the large-weight tiles (hence 24 MB, not 32), and the full-width gate/up,
+# whose programs each stream two tiles (gate and up), was best at split 3 (384 programs), 17% under split 5:
+# a large weight's split counts each program's tiles, ~4 streamed tiles per SM.
+SMALL_WEIGHT_BYTES = 24 << 20
 
 
 def weight_only_blocks(N, K, *, tiles=1, scale_kind="channel", num_sms=NUM_SMS_H100):
     """block_n, block_k, split_k, num_stages of a weight-streaming kernel whose programs each read `tiles`
     [block_k, block_n] FP8 tiles per K step out of `N` output columns (summed over the programs' rows: pairs
-    or weights) and a depth K: split-K for ~4 programs per SM, never fewer than 2 K steps per split."""
+    or weights) and a depth K: split-K for ~4 programs per SM (a large weight: ~4 / tiles), never fewer than 2
+    K steps per split."""
     small = K * N * tiles <= SMALL_WEIGHT_BYTES
     bn, stages = (64, 2) if small else (128, 4)
     bk = 128 if scale_kind == "block" else 64
     nb, nk = pl.cdiv(N, bn), pl.cdiv(K, bk)
-    split = max(1, min(pl.cdiv(4 * num_sms, nb), nk // 2))
+    split = max(1, min(pl.cdiv(4 * num_sms, nb * (1 if small else tiles)), nk // 2))
     return dict(block_n=bn, block_k=bk, split_k=int(split), num_stages=stages)
 
 

@@ -50,6 +50,21 @@ step split_k 200 bash -c 'for v in "" kernel xla; do MAVJAX_SPLIT_K_REDUCE=$v py
 step dtype 200 bash -c 'for v in bfloat16 float16; do MAVJAX_FP8_COMPUTE_DTYPE=$v python3 scripts/benchmark.py \
   --random-weights --preset maverick --rank-slice 8 --rank-kernels pallas --rank-batch-sizes 1 8 \
   | sed "s/^/[$v] /"; done' && grep -E "B=[0-9]+ T=|copy" "$OUT/dtype.log"
+# Programmatic dependent launch (XLA's --xla_gpu_enable_pdl, Hopper+): a kernel launches while its predecessor
+# drains and waits (griddepcontrol.wait) before reading what it produced. The rank at batch 1, off and on twice,
+# alternating; then the rank's kernels alone (default tiles, loop-timed) off and on, and whether the PTX of the
+# Pallas kernels carries the wait at all.
+step pdl 300 bash -c 'for p in false true false true; do XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_pdl=$p" \
+  python3 scripts/benchmark.py --random-weights --preset maverick --rank-slice 8 --rank-kernels pallas \
+  --rank-batch-sizes 1 2>&1 | sed "s/^/[pdl=$p] /"; done' && grep -E "B=[0-9]+ T=|copy|rror" "$OUT/pdl.log"
+step pdl_kernels 120 bash -c 'for p in false true; do XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_pdl=$p \
+  --xla_dump_to=/tmp/pdl_dump_$p" python3 scripts/tune_decode_kernels.py --max-cands 0 --contexts 1024 \
+  --budget-s 50 2>&1 | sed "s/^/[pdl=$p] /"; echo "[pdl=$p] ptx files $(ls /tmp/pdl_dump_$p/*.ptx | wc -l), \
+  with griddepcontrol.wait: $(grep -l griddepcontrol.wait /tmp/pdl_dump_$p/*.ptx | wc -l), with launch_dependents: \
+  $(grep -l launch_dependents /tmp/pdl_dump_$p/*.ptx | wc -l)"; done' && grep -E "copy|floor us|^\[pdl=[a-z]+\] [a-zA-Z]|ptx" "$OUT/pdl_kernels.log"
+# The split-KV attention's pipeline depth at 8K and 32K (docs/benchmarks.md section 10: XLA won at 32K, bf16)
+step attn_stages 160 python3 scripts/tune_decode_kernels.py --shard 1 --only attention --contexts 8192 32768 \
+  --kv bf16 fp8 --unroll 2 --budget-s 100 --json "$OUT/attn_stages.json" && sed -n '/^op /,$p' "$OUT/attn_stages.log"
 step decode 120 python3 scripts/bench_decode.py --preset maverick --layers 2 --batch 1 8 --kernels xla pallas \
   --quantize fp8 --profile --json "$OUT/decode.json" && grep -E "copy|^ +(xla|pallas) " "$OUT/decode.log"
 step kernels 240 python3 scripts/bench_kernels.py --skip model --budget-s 200 --reps 10 --json "$OUT/kernels.json" \

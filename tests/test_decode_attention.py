@@ -268,9 +268,11 @@ def test_rows_without_visible_keys_are_zero():
 @pytest.mark.parametrize("rows", [1, 5, 16, 20, 64])
 @pytest.mark.parametrize("pairs", [1, 8, 64, 1024])
 def test_default_num_splits_rule(pairs, rows, itemsize):
-    """Programs fill the GPU (~4 per SM) while every split keeps a tile, the partials' traffic stays within 1/8
-    of the KV bytes, the last program's merge reads no more than one split's KV share, and tiles divide evenly
-    (no split left empty)."""
+    """Programs fill the GPU (~4 per SM; long spans of <= 16 rows: 1, FP8 2) while every split keeps a tile, the
+    partials' traffic stays within 1/8 of the KV bytes, the last program's merge reads no more than one split's
+    KV share, and tiles divide evenly (no split left empty)."""
+    from pallas_kernels.decode_attention import LONG_SPAN
+
     for S, chunk in [(64, None), (1088, None), (8256, None), (131072, None), (131072, 8192)]:
         block_s = 128
         ns = default_num_splits(1, pairs, S, chunk, block_s, 132, rows=rows, kv_itemsize=itemsize)
@@ -278,14 +280,37 @@ def test_default_num_splits_rule(pairs, rows, itemsize):
         tiles = -(-span // block_s)
         per = -(-tiles // ns)
         assert 1 <= ns <= min(tiles, 256) and per * (ns - 1) < tiles
-        assert ns <= -(-4 * 132 // pairs)
+        if span >= LONG_SPAN and rows <= 16:  # whole waves of 1 (FP8: 2) programs per SM
+            assert ns <= max(1, (1 if itemsize == 2 else 2) * 132 // pairs)
+        else:
+            assert ns <= -(-4 * 132 // pairs)
         if ns > 1:
             assert 2 * ns * rows * 4 <= span * 2 * itemsize / 8
             assert ns * rows * 4 <= span / ns * 2 * itemsize
     # one 8-way rank of Maverick (5 query heads / 1 kv head), 1K context: a split per tile
     assert default_num_splits(1, 1, 1088, None, 128, 132, rows=5) == 9
-    # all 8 kv heads at 8K: 2 tiles a split (the merge-tail cap), 8 x 33 programs
-    assert default_num_splits(1, 8, 8256, None, 128, 132, rows=5) == 33
+    # all 8 kv heads at 8K (a long span): one whole wave, 8 x 15 programs (129 tiles: 9 each; the sweep: 16)
+    assert default_num_splits(1, 8, 8256, None, 64, 132, rows=5) == 15
+    # ... and at batch 8: 64 pairs x 2 (the sweep's best); an FP8 cache two per SM: 8 x 33 programs
+    assert default_num_splits(8, 8, 131136, None, 64, 132, rows=5) == 2
+    assert default_num_splits(1, 8, 131136, None, 128, 132, rows=5, kv_itemsize=1) == 33
+    # verification's 4 x 5 rows keep ~4 per SM
+    assert default_num_splits(1, 8, 131136, None, 128, 132, rows=20, merge_in_kernel=False) == 65
+
+
+def test_default_tiles():
+    """Short spans and verification's wider row blocks: 128-slot tiles 2 deep; long spans at decode (a global
+    layer's whole cache, a chunked layer's window; <= 16 rows): 16 KB tiles (bf16 64 slots, FP8 128, Dh = 64
+    bf16 128) 3 deep."""
+    from pallas_kernels.decode_attention import default_tiles
+
+    assert default_tiles(1088, None, 128, 2, 5) == (128, 2)
+    assert default_tiles(131072, 1024, 128, 2, 5) == (128, 2)  # chunked layer, 1K window
+    assert default_tiles(8256, None, 128, 2, 5) == (64, 3)
+    assert default_tiles(8256, None, 128, 1, 16) == (128, 3)
+    assert default_tiles(131072, 8192, 128, 2, 1) == (64, 3)
+    assert default_tiles(32768, None, 64, 2, 5) == (128, 3)
+    assert default_tiles(131072, None, 128, 2, 20) == (128, 2)  # 4 queries x 5 heads
 
 
 def _lower_for_cuda(fn, *shapes, monkeypatch):
@@ -357,8 +382,8 @@ def test_reference_is_model_attend():
 
 @pytest.mark.parametrize("B,T,H,K,S,chunk,want,ns", [
     (1, 1, 5, 1, 1088, None, "kernel", 9),      # one 8-way rank of Maverick at 1K: the one-launch kernel
-    (1, 1, 40, 8, 8192, None, "kernel", 32),    # 8K, 40/8 heads: merge of 131 KB, still in the kernel
-    (1, 1, 40, 8, 32768, None, "xla", None),    # 32K: 64 splits' merge by one program was slower (section 9)
+    (1, 1, 40, 8, 8192, None, "kernel", 16),    # 8K, 40/8 heads: ~one program per SM (section 11)
+    (1, 1, 40, 8, 32768, None, "kernel", 16),   # 32K: 16 splits, a 64 KB merge (64 splits' was slower: section 9)
     (1, 4, 5, 1, 131072, None, "xla", None),    # 128K, 4 queries, one kv head: a 1.3 MB merge
     (1, 1, 40, 8, 131072, 8192, "kernel", None),  # a chunked layer sees its 8K window only
 ])

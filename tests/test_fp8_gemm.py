@@ -247,18 +247,30 @@ def test_rejects_bad_arguments():
 
 
 @pytest.mark.parametrize("N, K, tiles", [(5120, 640, 1), (5120, 2048, 1), (2048, 5120, 2), (896, 5120, 1),
-                                         (1024, 5120, 2), (16384, 5120, 1), (5120, 16384, 1), (64, 64, 1)])
+                                         (1024, 5120, 2), (16384, 5120, 1), (5120, 16384, 1), (64, 64, 1),
+                                         (5120, 5120, 1), (16384, 5120, 2), (65536, 5120, 2)])
 def test_weight_only_blocks_fill_the_machine(N, K, tiles):
     """The decode heuristic: 64-deep tiles; a small weight (<= SMALL_WEIGHT_BYTES) 64-wide with 2 stages, a
-    large one 128-wide with 4; enough K splits for ~4 programs per SM, never fewer than 2 K steps per split."""
+    large one 128-wide with 4; enough K splits for ~4 programs per SM (a large weight: ~4 streamed tiles per
+    SM), never fewer than 2 K steps per split."""
     from pallas_kernels.fp8_gemm import SMALL_WEIGHT_BYTES, weight_only_blocks
 
     c = weight_only_blocks(N, K, tiles=tiles, num_sms=132)
     nb, nk = -(-N // c["block_n"]), -(-K // c["block_k"])
-    programs = nb * c["split_k"]
     small = K * N * tiles <= SMALL_WEIGHT_BYTES
+    streams = nb * c["split_k"] * (1 if small else tiles)  # programs, or tiles streamed at once if large
     assert (c["block_n"], c["block_k"], c["num_stages"]) == ((64, 64, 2) if small else (128, 64, 4))
     assert c["split_k"] == 1 or nk // c["split_k"] >= 2
-    assert programs >= min(4 * 132, nb * max(1, nk // 2))  # as many as the K steps allow
-    assert programs < 4 * 132 + nb
+    assert streams >= min(4 * 132, nb * max(1, nk // 2))  # as many as the K steps allow
+    assert streams < 4 * 132 + nb * tiles
     assert weight_only_blocks(N, K, tiles=tiles, scale_kind="block")["block_k"] == 128
+
+
+def test_weight_only_blocks_measured_shapes():
+    """The H200 sweeps' winners (docs/benchmarks.md section 11): o 5120x5120 (26 MB) takes the large tiles;
+    the full-width gate/up (two tiles a step) split 3; one rank's shapes keep the small tiles."""
+    from pallas_kernels.fp8_gemm import weight_only_blocks
+
+    assert weight_only_blocks(5120, 5120, num_sms=132) == dict(block_n=128, block_k=64, split_k=14, num_stages=4)
+    assert weight_only_blocks(16384, 5120, tiles=2, num_sms=132)["split_k"] == 3
+    assert weight_only_blocks(2048, 5120, tiles=2, num_sms=132)["block_n"] == 64  # the rank's dense gate/up

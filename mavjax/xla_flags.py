@@ -1,0 +1,57 @@
+"""XLA flags mavjax turns on by default, added to XLA_FLAGS when mavjax is imported (before JAX's backend
+starts; XLA reads XLA_FLAGS once, at its first client).
+
+* `--xla_gpu_enable_pdl=true`: programmatic dependent launch (Hopper and later). A kernel may launch while its
+  predecessor drains; XLA puts a grid-dependency wait ahead of its kernels' first reads, so results do not
+  change. On one H200 it took the 8-way rank's batch-1 decode step from 2.888 / 2.898 ms to 2.818 / 2.799 ms
+  (docs/benchmarks.md section 11: off and on twice, alternating, in one call), and the 2-layer model decoded
+  the same tokens on the Pallas and XLA paths with it on. It is the launch-gap removal TensorRT-LLM does by
+  hand; off by default in this XLA.
+
+A flag the user's XLA_FLAGS already names is left as given (`--xla_gpu_enable_pdl=false` turns it off);
+MAVJAX_DEFAULT_XLA_FLAGS=0 adds none. XLA aborts on a flag it does not know, so the defaults are added only
+under jaxlib releases known to carry them (KNOWN_JAXLIB); a later release gets none until it is checked.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+DEFAULTS = {"xla_gpu_enable_pdl": "true"}
+KNOWN_JAXLIB = {(0, 10), (0, 11)}  # (major, minor) releases whose XLA parses every flag in DEFAULTS
+
+
+def _jaxlib_release():
+    try:
+        import jaxlib
+
+        major, minor = (int(p) for p in jaxlib.__version__.split(".")[:2])
+        return major, minor
+    except Exception:  # pragma: no cover - an unparseable version: treat as unknown
+        return None
+
+
+def _backends_started():
+    try:
+        from jax._src import xla_bridge
+
+        return xla_bridge.backends_are_initialized()
+    except Exception:  # pragma: no cover - a JAX without the helper: assume not started
+        return False
+
+
+def apply_defaults(environ=None, release=None):
+    """Append DEFAULTS' flags that XLA_FLAGS does not name; returns the flags added (none when opted out, when
+    the jaxlib release is not in KNOWN_JAXLIB, or when JAX's backend has already read its flags)."""
+    environ = os.environ if environ is None else environ
+    if environ.get("MAVJAX_DEFAULT_XLA_FLAGS", "1") == "0":
+        return []
+    if (release or _jaxlib_release()) not in KNOWN_JAXLIB or (environ is os.environ and _backends_started()):
+        return []
+    flags = environ.get("XLA_FLAGS", "")
+    added = [f"--{name}={value}" for name, value in DEFAULTS.items()
+             if not re.search(rf"(^|\s)--{name}(=|\s|$)", flags)]
+    if added:
+        environ["XLA_FLAGS"] = " ".join([flags.strip()] + added).strip()
+    return added
