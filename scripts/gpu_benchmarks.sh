@@ -6,7 +6,9 @@
 #   bash scripts/gpu_benchmarks.sh bisect (then check, check_mesh: one per call) where the Pallas mesh path fails
 # Steps: tune (decode tile sweep), rank (one 8-GPU rank, section 6), rank_sep (the same, shared expert in its
 # own launches: MAVJAX_PALLAS_DISABLE=moe_shared), split_k (the rank with split-K sums in the kernels or in XLA,
-# section 9), dtype (the rank with bf16 or f16 dots, section 10), decode (2-layer model, section 5),
+# section 9), dtype (the rank with bf16 or f16 dots, section 10), pdl / pdl_kernels (the rank and its kernels
+# with XLA's programmatic dependent launch off and on, section 11), attn_stages (the attention's split x tile x
+# pipeline-depth sweep at 8K / 32K, section 11), decode (2-layer model, section 5),
 # kernels (bench_kernels, section 5), allreduce (psum variants and the one-shot kernel), sharded (2-layer
 # model over expert/tensor meshes, bench_sharded_decode), mesh (mavjax bench over a tensor mesh, FP8 + Pallas,
 # with and without a forced-acceptance draft: issue 7's commands at reduced depth), check (every Pallas kernel
@@ -52,16 +54,14 @@ step dtype 200 bash -c 'for v in bfloat16 float16; do MAVJAX_FP8_COMPUTE_DTYPE=$
   | sed "s/^/[$v] /"; done' && grep -E "B=[0-9]+ T=|copy" "$OUT/dtype.log"
 # Programmatic dependent launch (XLA's --xla_gpu_enable_pdl, Hopper+): a kernel launches while its predecessor
 # drains and waits (griddepcontrol.wait) before reading what it produced. The rank at batch 1, off and on twice,
-# alternating; then the rank's kernels alone (default tiles, loop-timed) off and on, and whether the PTX of the
-# Pallas kernels carries the wait at all.
+# alternating; then the rank's kernels alone (default tiles, loop-timed) off and on. mavjax turns it on by
+# default (mavjax/xla_flags.py); a value in XLA_FLAGS, as here, wins.
 step pdl 300 bash -c 'for p in false true false true; do XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_pdl=$p" \
   python3 scripts/benchmark.py --random-weights --preset maverick --rank-slice 8 --rank-kernels pallas \
   --rank-batch-sizes 1 2>&1 | sed "s/^/[pdl=$p] /"; done' && grep -E "B=[0-9]+ T=|copy|rror" "$OUT/pdl.log"
-step pdl_kernels 120 bash -c 'for p in false true; do XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_pdl=$p \
-  --xla_dump_to=/tmp/pdl_dump_$p" python3 scripts/tune_decode_kernels.py --max-cands 0 --contexts 1024 \
-  --budget-s 50 2>&1 | sed "s/^/[pdl=$p] /"; echo "[pdl=$p] ptx files $(ls /tmp/pdl_dump_$p/*.ptx | wc -l), \
-  with griddepcontrol.wait: $(grep -l griddepcontrol.wait /tmp/pdl_dump_$p/*.ptx | wc -l), with launch_dependents: \
-  $(grep -l launch_dependents /tmp/pdl_dump_$p/*.ptx | wc -l)"; done' && grep -E "copy|floor us|^\[pdl=[a-z]+\] [a-zA-Z]|ptx" "$OUT/pdl_kernels.log"
+step pdl_kernels 120 bash -c 'for p in false true; do XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_pdl=$p" \
+  python3 scripts/tune_decode_kernels.py --max-cands 0 --contexts 1024 --budget-s 50 2>&1 | sed "s/^/[pdl=$p] /"; \
+  done' && grep -E "copy|floor us|^\[pdl=[a-z]+\] [a-zA-Z]" "$OUT/pdl_kernels.log"
 # The split-KV attention's pipeline depth at 8K and 32K (docs/benchmarks.md section 10: XLA won at 32K, bf16)
 step attn_stages 160 python3 scripts/tune_decode_kernels.py --shard 1 --only attention --contexts 8192 32768 \
   --kv bf16 fp8 --unroll 2 --budget-s 100 --json "$OUT/attn_stages.json" && sed -n '/^op /,$p' "$OUT/attn_stages.log"
