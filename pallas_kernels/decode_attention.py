@@ -141,7 +141,8 @@ def kv_range_from_k_pos(q_pos, k_pos, chunk_size):
 # (docs/benchmarks.md section 11: every split count x tile x depth swept at 8K-128K, batch 1 and 8) that beat
 # 4 programs per SM over 2-deep 128-slot tiles by 9-21%: the 2-deep loop left each program's dependent chain
 # (load, QK dot, exp, PV dot) waiting on memory. Short spans (one 8-way rank at 1K: 9 splits of one tile) and
-# verification's wider row blocks (4 queries x 5 heads: 16 splits were 18-40% slower at 128K) keep the old shape.
+# verification's wider row blocks (4 queries x 5 heads: one program per SM was 18-39% slower at 128K) keep the
+# old shape.
 LONG_SPAN = 4096
 TILE_BYTES = 16 << 10
 
