@@ -61,7 +61,7 @@ try:  # Triton compiler params (GPU); absent from CPU-only installs of some vers
 except ImportError:  # pragma: no cover
     plgpu = None
 
-from pallas_kernels import pdl, upcast
+from pallas_kernels import upcast
 from pallas_kernels.split_k import default_reduce, arrive, counters, load_partial
 
 FP8_DTYPES = (jnp.float8_e4m3fn,)
@@ -486,7 +486,7 @@ def _call(q, k, v, q_pos, k_pos, kv_range, k_scale, v_scale, poison, *, chunk_si
         num_warps = 4 if R <= 32 else 8
     params = dict(compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)) \
         if plgpu is not None else {}
-    return pl.pallas_call(pdl.with_prologue(kernel, interpret), out_shape=out_shape, grid=(B, K, NS), in_specs=in_specs, out_specs=out_specs,
+    return pl.pallas_call(kernel, out_shape=out_shape, grid=(B, K, NS), in_specs=in_specs, out_specs=out_specs,
                           input_output_aliases=aliases, interpret=interpret, name="split_kv_decode_attention",
                           **params)(*args)
 

@@ -47,7 +47,7 @@ try:  # Pallas' Triton backend: masked loads/stores and compiler params.
 except ImportError:  # pragma: no cover - very old / very new jax without the Triton backend
     plgpu = None
 
-from pallas_kernels import pdl, upcast
+from pallas_kernels import upcast
 from pallas_kernels.split_k import arrive, counters, default_reduce, load_partial, sum_partials
 
 FP8 = jnp.float8_e4m3fn
@@ -202,7 +202,7 @@ def _call(kernel, args, out_shapes, grid, *, num_warps, num_stages, interpret, p
         def kernel(*refs):  # the aliased inputs are the outputs' own refs: drop them
             return inner(*refs[:n_in], *refs[n_in + len(out_shapes):])
     out = pl.pallas_call(
-        pdl.with_prologue(kernel, interpret), out_shape=tuple(out_shapes), grid=grid, input_output_aliases=aliases, interpret=interpret,
+        kernel, out_shape=tuple(out_shapes), grid=grid, input_output_aliases=aliases, interpret=interpret,
         compiler_params=_compiler_params(num_warps, num_stages), name=name)(*args)
     return tuple(out)
 

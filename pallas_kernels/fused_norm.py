@@ -20,7 +20,6 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels import pdl
 from pallas_kernels.fp8_gemm import _compiler_params, _in_bounds, _load, _mask2, _next_pow2, _store
 
 __all__ = ["add_rms_norm_ref", "add_rms_norm"]
@@ -82,7 +81,7 @@ def add_rms_norm(x, h, scale, *, eps, block_m=4, num_warps=None, interpret=False
             return inner(*refs[:3], *refs[5:])
     if num_warps is None:  # whole rows of D lanes per program: more warps for wide rows
         num_warps = 4 if block_m * block_d <= 4096 else 8 if block_m * block_d <= 16384 else 16
-    s, y = pl.pallas_call(pdl.with_prologue(kernel, interpret), out_shape=out_shape, grid=(pl.cdiv(M, block_m),), input_output_aliases=aliases,
+    s, y = pl.pallas_call(kernel, out_shape=out_shape, grid=(pl.cdiv(M, block_m),), input_output_aliases=aliases,
                           interpret=interpret, compiler_params=_compiler_params(num_warps, 1),
                           name=f"add_rms_norm_m{block_m}_d{block_d}")(*args)
     return s.reshape(*lead, D), y.reshape(*lead, D)

@@ -7,9 +7,7 @@
 # Steps: tune (decode tile sweep), rank (one 8-GPU rank, section 6), rank_sep (the same, shared expert in its
 # own launches: MAVJAX_PALLAS_DISABLE=moe_shared), split_k (the rank with split-K sums in the kernels or in XLA,
 # section 9), dtype (the rank with bf16 or f16 dots, section 10), pdl / pdl_kernels (the rank and its kernels
-# with XLA's programmatic dependent launch off and on, section 11), pdl_trigger / pdl_trigger_kernels (the
-# Pallas kernels' own early-launch trigger off and on, section 12), check_model (the 2-layer model's tokens,
-# Pallas against XLA, and the attention), attn_stages (the attention's split x tile x
+# with XLA's programmatic dependent launch off and on, section 11), attn_stages (the attention's split x tile x
 # pipeline-depth sweep at 8K / 32K, section 11), decode (2-layer model, section 5),
 # kernels (bench_kernels, section 5), allreduce (psum variants and the one-shot kernel), sharded (2-layer
 # model over expert/tensor meshes, bench_sharded_decode), mesh (mavjax bench over a tensor mesh, FP8 + Pallas,
@@ -64,17 +62,6 @@ step pdl 300 bash -c 'for p in false true false true; do XLA_FLAGS="${XLA_FLAGS:
 step pdl_kernels 120 bash -c 'for p in false true; do XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_pdl=$p" \
   python3 scripts/tune_decode_kernels.py --max-cands 0 --contexts 1024 --budget-s 50 2>&1 | sed "s/^/[pdl=$p] /"; \
   done' && grep -E "copy|floor us|^\[pdl=[a-z]+\] [a-zA-Z]" "$OUT/pdl_kernels.log"
-# The Pallas kernels' own PDL trigger (pallas_kernels/pdl.py: griddepcontrol.launch_dependents first thing in
-# every kernel, so the next kernel launches while this one runs): the rank's kernels alone (loop-timed), then
-# the rank at batch 1, off / on twice alternating.
-step pdl_trigger_kernels 150 bash -c 'for t in 0 1; do MAVJAX_PDL_TRIGGER=$t python3 scripts/tune_decode_kernels.py \
-  --max-cands 0 --contexts 1024 --budget-s 50 2>&1 | sed "s/^/[trigger=$t] /"; done' \
-  && grep -E "copy|floor us|^\[trigger=[01]\] [a-zA-Z]" "$OUT/pdl_trigger_kernels.log"
-step pdl_trigger 330 bash -c 'for t in 0 1 0 1; do MAVJAX_PDL_TRIGGER=$t python3 scripts/benchmark.py \
-  --random-weights --preset maverick --rank-slice 8 --rank-kernels pallas --rank-batch-sizes 1 2>&1 \
-  | sed "s/^/[trigger=$t] /"; done' && grep -E "B=[0-9]+ T=|copy|rror" "$OUT/pdl_trigger.log"
-step check_model 150 python3 scripts/check_kernels_gpu.py --shard 8 --tokens 16 --checks model attention \
-  --timeout 120 && grep -E "shard 1/|match|MISMATCH|FAIL|rror" "$OUT/check_model.log" | head -20
 # The split-KV attention's pipeline depth at 8K and 32K (docs/benchmarks.md section 10: XLA won at 32K, bf16)
 step attn_stages 160 python3 scripts/tune_decode_kernels.py --shard 1 --only attention --contexts 8192 32768 \
   --kv bf16 fp8 --unroll 2 --budget-s 100 --json "$OUT/attn_stages.json" && sed -n '/^op /,$p' "$OUT/attn_stages.log"
