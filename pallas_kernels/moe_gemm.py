@@ -711,8 +711,9 @@ def moe_fp8_pairs(x, expert_idx, scores, w_gate, w_up, w_down, scales=None, *, s
     "kernel" (the last split of each h tile, which writes h [rows, F] (upcast.storage_dtype): no launch in between
     and kernel 2 reads h once), "down" (in kernel 2, as it loads its h tiles: each of kernel 2's D blocks re-reads
     all partials of its K range from L2) or "xla" (one small XLA fusion writes h). None: "kernel" with
-    reduce="kernel", "down" with reduce="xla" (reduce="xla" alone is the earlier path). Which is fastest depends
-    on the split counts and the GPU: scripts/tune_decode_kernels.py times them.
+    reduce="kernel"; with reduce="xla", "xla" when the shared expert rides along (the model's decode: 4-7%
+    faster than "down" at the 8-way rank's and at full width, section 12) and "down" otherwise. Which is
+    fastest depends on the split counts and the GPU: scripts/tune_decode_kernels.py times them.
 
     shared: None, or Llama 4's shared expert (w_gate [D, F], w_up [D, F], w_down [F, D], scales), scales None
     or (s_gate [F], s_up [F], s_down [D]), in the routed experts' dtypes and with their F: it runs as one more
@@ -762,8 +763,8 @@ def moe_fp8_pairs(x, expert_idx, scores, w_gate, w_up, w_down, scales=None, *, s
         sh2 = [wds[None]] + ([f32(s_sh[2])[None]] if has_scales else [])
 
     reduce = _split_k.default_reduce("moe", reduce)
-    if gu_epilogue is None:
-        gu_epilogue = "kernel" if reduce == "kernel" else "down"
+    if gu_epilogue is None:  # measured (docs/benchmarks.md section 12): with the shared expert's row, XLA's sum
+        gu_epilogue = "kernel" if reduce == "kernel" else "xla" if has_shared else "down"
     if gu_epilogue not in ("kernel", "down", "xla"):
         raise ValueError(f"gu_epilogue must be 'kernel', 'down' or 'xla', got {gu_epilogue!r}")
 

@@ -159,8 +159,8 @@ def build_ops(a, key):
 
         # candidates: where kernel 1's split-K partials are reduced (in kernel 2's loads, or one XLA fusion),
         # and fewer kernel-1 splits (fewer partials for kernel 2 to re-read)
-        variants = [dict(gu_epilogue="xla")] + [dict(split_k=s, gu_epilogue=e) for s in (4, 8, 16)
-                                                for e in ("down", "xla")]
+        variants = [dict(gu_epilogue=e) for e in ("down", "xla")] + [
+            dict(split_k=s, gu_epilogue=e) for s in (4, 8, 16) for e in ("down", "xla")]
         ops.append(Op(f"moe pairs + shared expert {D}x3x{Fe}", moe_sh, x(D), moe_sh_w,
                       3 * D * Fe * (M + 1), variants, shared))
     return ops
@@ -187,6 +187,8 @@ def main():
     ap.add_argument("--compute-dtypes", nargs="*", default=None,
                     help="in-register dot dtypes: each op's default tiles once per dtype "
                          "(e.g. bfloat16 float16), then the sweep in each: the FP8 upcast's cost")
+    ap.add_argument("--profile", action="store_true",
+                    help="then each op's default once more under the profiler: its kernels, us per call")
     ap.add_argument("--same-weights", action="store_true",
                     help="all --unroll calls read one weight set (L2-resident weights: the kernels' fixed cost)")
     a = ap.parse_args()
@@ -236,6 +238,14 @@ def main():
         for r in top[1:]:
             print(f"{'':44s} {'':8s} {'':8s} {r['us']:8.2f} {r['us'] / floor:7.2f}  {r['cfg']}")
         rows.append(dict(op=op.name, floor_us=floor, default_us=d, results=op.results))
+    if a.profile:  # where each op's default time goes: its kernels (Pallas, XLA's sums and glue) per call
+        from mavjax.profiling import format_profile, profile_kernels
+
+        for (op, cfg), loop in compiled:
+            if cfg is None and loop is not None and loop.compiled is not None:
+                p = profile_kernels(lambda: loop.time(1), steps=2 * loop.calls)  # warm-up + one timed loop
+                print(format_profile(p, f"\nprofile of {op.name} (default tiles), per call"))
+                rows[ops.index(op)]["profile"] = p
     if a.json:
         with open(a.json, "w") as f:
             json.dump(dict(device=jax.devices()[0].device_kind, copy_tb_s=bw / 1e12, m=a.m, shard=a.shard,
