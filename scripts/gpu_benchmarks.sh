@@ -7,7 +7,8 @@
 # Steps: tune (decode tile sweep), rank (one 8-GPU rank, section 6), rank_sep (the same, shared expert in its
 # own launches: MAVJAX_PALLAS_DISABLE=moe_shared), split_k (the rank with split-K sums in the kernels or in XLA,
 # section 9), dtype (the rank with bf16 or f16 dots, section 10), pdl / pdl_kernels (the rank and its kernels
-# with XLA's programmatic dependent launch off and on, section 11), attn_stages (the attention's split x tile x
+# with XLA's programmatic dependent launch off and on, section 11), kernel_profile (each op's kernels under
+# the profiler, section 12), attn_stages (the attention's split x tile x
 # pipeline-depth sweep at 8K / 32K, section 11), decode (2-layer model, section 5),
 # kernels (bench_kernels, section 5), allreduce (psum variants and the one-shot kernel), sharded (2-layer
 # model over expert/tensor meshes, bench_sharded_decode), mesh (mavjax bench over a tensor mesh, FP8 + Pallas,
@@ -62,6 +63,12 @@ step pdl 300 bash -c 'for p in false true false true; do XLA_FLAGS="${XLA_FLAGS:
 step pdl_kernels 120 bash -c 'for p in false true; do XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_pdl=$p" \
   python3 scripts/tune_decode_kernels.py --max-cands 0 --contexts 1024 --budget-s 50 2>&1 | sed "s/^/[pdl=$p] /"; \
   done' && grep -E "copy|floor us|^\[pdl=[a-z]+\] [a-zA-Z]" "$OUT/pdl_kernels.log"
+# Where each op's time goes (section 12): the rank's ops and the full-width ones at their default tiles, each
+# once more under the profiler (its kernels per call: the Pallas kernel, XLA's sums and glue)
+step kernel_profile 200 bash -c 'python3 scripts/tune_decode_kernels.py --max-cands 0 --contexts 1024 --profile \
+  && python3 scripts/tune_decode_kernels.py --shard 1 --experts 16 --unroll 4 --max-cands 0 --contexts \
+  --only "moe pair gate" "moe pairs" "mlp" "o " --profile' && grep -E "copy|^profile|^ +[0-9.]+ +1\.0 " \
+  "$OUT/kernel_profile.log"
 # The split-KV attention's pipeline depth at 8K and 32K (docs/benchmarks.md section 10: XLA won at 32K, bf16)
 step attn_stages 160 python3 scripts/tune_decode_kernels.py --shard 1 --only attention --contexts 8192 32768 \
   --kv bf16 fp8 --unroll 2 --budget-s 100 --json "$OUT/attn_stages.json" && sed -n '/^op /,$p' "$OUT/attn_stages.log"
