@@ -180,16 +180,17 @@ class Attention(nnx.Module):
         self.kernels = kernels
 
     def __call__(self, x, positions, rope, cache_kv=None, cache_pos=None, write_index=None, attn_mask=None,
-                 project=True):
+                 project=True, prefetch=()):
         """x [B, T, D], positions [B, T]. Without a cache, keys are this call's tokens. With one
         (k, v: [B, S, K, Dh]; cache_pos [B, S] the position each slot holds, already updated for this call),
         this call's keys are written at slots `write_index` [B] onward and attention reads the whole cache.
         `attn_mask` [B, T, S] (optional) is ANDed into the position mask: speculative tree verification, where
         a draft node sees only its ancestors among the slots of the same call.
         Returns (out [B, T, D], updated (k, v) or None); `project=False`: out is the attention output before wo,
-        [B, T, H, Dh] (the tensor-parallel path projects each device's heads itself, mavjax.parallel)."""
+        [B, T, H, Dh] (the tensor-parallel path projects each device's heads itself, mavjax.parallel).
+        `prefetch`: weights the QKV kernel pulls into L2 for the ops after it (Llama4.hidden_states)."""
         if use_pallas(self.kernels, "qkv") and self.wq_scale is not None:  # one FP8 launch, epilogue fused
-            q, k, v = self._fused_qkv(x, positions, rope)
+            q, k, v = self._fused_qkv(x, positions, rope, prefetch)
         else:
             q = self._proj(x, self.wq, self.wq_scale, 1)  # [B, T, D] x [D, H, Dh] -> [B, T, H, Dh]
             k = self._proj(x, self.wk, self.wk_scale, 1)  # [B, T, D] x [D, K, Dh] -> [B, T, K, Dh]
@@ -230,12 +231,16 @@ class Attention(nnx.Module):
     def _proj(self, x, w, scale, n_in):
         return dense(x, w[...], None if scale is None else scale[...], n_in, self.kernels)
 
-    def out_add_norm(self, o, x, norm: "RMSNorm"):
+    def out_add_norm(self, o, x, norm: "RMSNorm", prefetch=()):
         """(x + wo(o), norm of it) for the attention output o [B, T, H, Dh] (dense_add_norm)."""
         return dense_add_norm(o, self.wo[...], None if self.wo_scale is None else self.wo_scale[...], 2, x, norm,
-                              self.kernels)
+                              self.kernels, prefetch)
 
-    def _fused_qkv(self, x, positions, rope):
+    def weights(self):
+        """(the QKV kernel's weights, the output projection's): what a kernel before them can prefetch."""
+        return (self.wq[...], self.wk[...], self.wv[...]), (self.wo[...],)
+
+    def _fused_qkv(self, x, positions, rope, prefetch=()):
         """kernels="pallas", FP8 weights: q, k, v through pallas_kernels.fused_gemm.qkv_rope, with RoPE, the
         qk norm and the temperature in the GEMM epilogue (same function as the unfused branch)."""
         from pallas_kernels.fused_gemm import qkv_rope
@@ -248,7 +253,7 @@ class Attention(nnx.Module):
             if self.temperature_tuning else None
         q, k, v = qkv_rope(x.reshape(B * T, D), *flat(self.wq, self.wq_scale, H), *flat(self.wk, self.wk_scale, K),
                            *flat(self.wv, self.wv_scale, K), head_dim=Dh, rope=tables, q_row_scale=t,
-                           qk_norm_eps=self.eps if self.qk_norm else None, out_dtype=x.dtype,
+                           qk_norm_eps=self.eps if self.qk_norm else None, out_dtype=x.dtype, prefetch=prefetch,
                            interpret=jax.default_backend() == "cpu")  # [B*T, N*] each
         return q.reshape(B, T, H, Dh), k.reshape(B, T, K, Dh), v.reshape(B, T, K, Dh)
 
@@ -268,22 +273,28 @@ class MLP(nnx.Module):
         return swiglu(x, val(self.w_gate), val(self.w_gate_scale), val(self.w_up), val(self.w_up_scale),
                       val(self.w_down), val(self.w_down_scale), self.kernels)
 
-    def down_add_norm(self, x, residual, norm: "RMSNorm"):
-        """(residual + self(x), norm of it): the MLP, the residual add and the next norm (dense_add_norm)."""
+    def down_add_norm(self, x, residual, norm: "RMSNorm", prefetch=((), ())):
+        """(residual + self(x), norm of it): the MLP, the residual add and the next norm (dense_add_norm).
+        prefetch: (what the gate/up kernel, what the down kernel pulls into L2 for the ops after it)."""
         val = lambda v: None if v is None else v[...]  # noqa: E731
         h = swiglu_hidden(x, val(self.w_gate), val(self.w_gate_scale), val(self.w_up), val(self.w_up_scale),
-                          self.kernels)  # [..., F]
-        return dense_add_norm(h, self.w_down[...], val(self.w_down_scale), 1, residual, norm, self.kernels)
+                          self.kernels, prefetch[0])  # [..., F]
+        return dense_add_norm(h, self.w_down[...], val(self.w_down_scale), 1, residual, norm, self.kernels,
+                              prefetch[1])
+
+    def weights(self):
+        """(gate/up kernel's weights, down kernel's): what a kernel before them can prefetch."""
+        return (self.w_gate[...], self.w_up[...]), (self.w_down[...],)
 
 
-def swiglu_hidden(x, w_gate, s_gate, w_up, s_up, kernels):
+def swiglu_hidden(x, w_gate, s_gate, w_up, s_up, kernels, prefetch=()):
     """silu(x @ gate) * (x @ up): x [..., D], w_gate/w_up [D, F] (s_* the FP8 scales, or None) -> [..., F].
     kernels="pallas" with FP8 weights: gate, up and the SwiGLU in one launch (g and u never leave it)."""
     if use_pallas(kernels, "gate_up") and s_gate is not None:
         from pallas_kernels.fused_gemm import gate_up_swiglu
 
         h = gate_up_swiglu(x.reshape(-1, x.shape[-1]), w_gate, s_gate, w_up, s_up, out_dtype=x.dtype,
-                           interpret=jax.default_backend() == "cpu")
+                           prefetch=prefetch, interpret=jax.default_backend() == "cpu")
         return h.reshape(*x.shape[:-1], w_gate.shape[1])
     g = dense(x, w_gate, s_gate, 1, kernels)  # [..., D] x [D, F] -> [..., F]
     u = dense(x, w_up, s_up, 1, kernels)  # [..., D] x [D, F] -> [..., F]
@@ -398,7 +409,16 @@ class MoE(nnx.Module):
         self.w_down, self.w_down_scale = _weight(rngs, (E, F, D), ax_out, dtype, std, (1,), quant)
         self.shared = MLP(cfg, F, dtype, rngs, kernels, quant)
 
-    def __call__(self, x):
+    def weights(self):
+        """(what the layer reads before the router has chosen: router and shared gate/up; the shared down).
+        The routed experts' weights are known only from the router on: the MoE kernels prefetch those."""
+        (g, u), (d,) = self.shared.weights()
+        return (self.router[...], g, u), (d,)
+
+    def __call__(self, x, prefetch=(), prefetch_experts=False):
+        """x [B, T, D] -> routed + shared expert outputs [B, T, D]. prefetch: weights the last Pallas kernel
+        pulls into L2 for the ops after the layer; prefetch_experts: the gate/up kernel pulls in the chosen
+        experts' down weights (Llama4.hidden_states; pallas_kernels/prefetch.py)."""
         B, T, D = x.shape
         flat = x.reshape(B * T, D)
         idx, scores = route(flat, self.router[...], self.top_k)
@@ -414,10 +434,11 @@ class MoE(nnx.Module):
                 # decode: the shared expert as one more program row per token of the same two launches
                 val = lambda v: None if v is None else v[...]  # noqa: E731
                 s_sh = None if scales is None else (val(sh.w_gate_scale), val(sh.w_up_scale), val(sh.w_down_scale))
-                out = moe_fp8(flat, idx, scores, *weights, scales, interpret=interpret,
-                              shared=(sh.w_gate[...], sh.w_up[...], sh.w_down[...], s_sh))
+                out = moe_fp8(flat, idx, scores, *weights, scales, interpret=interpret, prefetch=prefetch,
+                              prefetch_experts=prefetch_experts, shared=(sh.w_gate[...], sh.w_up[...], sh.w_down[...], s_sh))
                 return out.reshape(B, T, D)
-            routed = moe_fp8(flat, idx, scores, *weights, scales, interpret=interpret)
+            routed = moe_fp8(flat, idx, scores, *weights, scales, interpret=interpret, prefetch=prefetch,
+                             prefetch_experts=prefetch_experts)
         else:
             routed = moe_experts(flat, idx, scores, *weights, scales)
         return (self.shared(flat) + routed).reshape(B, T, D)
@@ -452,7 +473,7 @@ def add_norm(x, delta, norm: RMSNorm, kernels: str):
     return x, norm(x)
 
 
-def dense_add_norm(h, w, scale, n_in, x, norm: RMSNorm, kernels: str):
+def dense_add_norm(h, w, scale, n_in, x, norm: RMSNorm, kernels: str, prefetch=()):
     """(x + dense(h), norm of it): an output projection (wo, an MLP's down), the residual add and the next
     RMSNorm. kernels="pallas" with FP8 weights: pallas_kernels.fp8_gemm.fp8_matmul_add_rms_norm, by default
     the FP8 GEMM then the add + norm kernel; with the GEMM family's split-K sums in the kernel
@@ -463,7 +484,7 @@ def dense_add_norm(h, w, scale, n_in, x, norm: RMSNorm, kernels: str):
         K = int(np.prod(w.shape[:n_in]))
         s, y = fp8_matmul_add_rms_norm(h.reshape(-1, K), w.reshape(K, -1), scale.reshape(-1),
                                        x.reshape(-1, x.shape[-1]), norm.scale[...], eps=norm.eps,
-                                       interpret=jax.default_backend() == "cpu")
+                                       prefetch=prefetch, interpret=jax.default_backend() == "cpu")
         return s.reshape(x.shape), y.reshape(x.shape)
     return add_norm(x, dense(h, w, scale, n_in, kernels), norm, kernels)
 
@@ -511,23 +532,45 @@ class Llama4(nnx.Module):
         cache_pos = None if cache is None else write_slots(cache.pos, positions, write_index)
         new_kv, taps = [], {}
         layers = list(self.layers)
+        plan = self.prefetch_plan(tokens.shape[0] * tokens.shape[1])
+        ahead = lambda g: () if plan is None else plan[g]  # noqa: E731  (4 weight groups a layer)
         h = layers[0].attn_norm(x)
         for i, layer in enumerate(layers):
             kv = None if cache is None else (cache.k[i], cache.v[i])
-            o, kv = layer.attn(h, positions, rope, kv, cache_pos, write_index, attn_mask, project=False)
+            o, kv = layer.attn(h, positions, rope, kv, cache_pos, write_index, attn_mask, project=False,
+                               prefetch=ahead(4 * i))
             new_kv.append(kv)
-            x, h = layer.attn.out_add_norm(o, x, layer.ffn_norm)  # wo, the residual add, the FFN's norm
+            # wo, the residual add, the FFN's norm
+            x, h = layer.attn.out_add_norm(o, x, layer.ffn_norm, prefetch=ahead(4 * i + 1))
             # the layer's last residual add and the next layer's first norm (the final norm after the last)
             nxt = layers[i + 1].attn_norm if i + 1 < len(layers) else self.norm
             if layer.is_moe:
-                x, h = add_norm(x, layer.ffn(h), nxt, self.kernels)
+                x, h = add_norm(x, layer.ffn(h, prefetch=ahead(4 * i + 3), prefetch_experts=plan is not None), nxt,
+                                self.kernels)
             else:
-                x, h = layer.ffn.down_add_norm(h, x, nxt)
+                x, h = layer.ffn.down_add_norm(h, x, nxt, prefetch=(ahead(4 * i + 2), ahead(4 * i + 3)))
             if i in collect_layers:
                 taps[i] = x
         if cache is not None:
             cache = KVCache(k=[kv[0] for kv in new_kv], v=[kv[1] for kv in new_kv], pos=cache_pos)
         return h, cache, taps
+
+    def prefetch_plan(self, num_tokens: int) -> list | None:
+        """plan[g]: the weights the kernel of weight group g pulls into L2 (pallas_kernels/prefetch.py), those
+        of the next `prefetch.depth()` groups (and its own, with prefetch.first() == 0); None: no prefetching. A layer's groups, in decode order: QKV, wo,
+        the FFN's first weights (dense gate/up; MoE router and shared gate/up), its last (dense down; MoE shared
+        down); the MoE kernels prefetch the chosen experts' own. Only for decode-shaped calls (<= 64 tokens:
+        memory-bound weight-only kernels) of the Pallas path with FP8 weights."""
+        from pallas_kernels import prefetch
+
+        depth, first = prefetch.depth(), prefetch.first()
+        fp8 = self.layers[0].attn.wq_scale is not None
+        if depth + 1 - first == 0 or num_tokens > 64 or self.kernels != "pallas" or not fp8:
+            return None
+        groups = []
+        for layer in self.layers:
+            groups += [*layer.attn.weights(), *layer.ffn.weights()]
+        return [tuple(w for grp in groups[g + first:g + 1 + depth] for w in grp) for g in range(len(groups))]
 
     def embed_tokens(self, tokens):
         """tokens [B, T] -> [B, T, D] (over a mesh: the vocabulary-parallel lookup of mavjax.parallel)."""
