@@ -47,7 +47,9 @@ def _weight(rngs, shape, axes, dtype, std, contract, quant):
 # those as on the XLA path instead, read when a function is traced: to bisect a GPU failure to one family, or
 # to time one family's share of a step, without touching the model code. "moe_shared" is the shared expert
 # riding in the MoE pair kernels at decode; switched off, it runs as its own MLP (gate_up + gemm kernels).
-PALLAS_OPS = ("gemm", "qkv", "gate_up", "moe", "moe_shared", "attention", "norm")
+# "mlp_persistent" is a dense MLP block at decode (gate/up, down, residual add, next norm) as one persistent
+# launch (pallas_kernels/persistent_mlp.py); switched off, the gate_up, gemm and norm kernels.
+PALLAS_OPS = ("gemm", "qkv", "gate_up", "moe", "moe_shared", "attention", "norm", "mlp_persistent")
 
 
 def use_pallas(kernels: str, op: str) -> bool:
@@ -275,8 +277,20 @@ class MLP(nnx.Module):
 
     def down_add_norm(self, x, residual, norm: "RMSNorm", prefetch=((), ())):
         """(residual + self(x), norm of it): the MLP, the residual add and the next norm (dense_add_norm).
-        prefetch: (what the gate/up kernel, what the down kernel pulls into L2 for the ops after it)."""
+        prefetch: (what the gate/up kernel, what the down kernel pulls into L2 for the ops after it).
+        kernels="pallas", FP8, at most persistent_mlp.MAX_ROWS tokens: all of it in one persistent launch."""
         val = lambda v: None if v is None else v[...]  # noqa: E731
+        from pallas_kernels.persistent_mlp import MAX_ROWS, mlp_add_rms_norm
+
+        D = x.shape[-1]
+        rows = int(np.prod(x.shape[:-1]))
+        if self.w_gate_scale is not None and 0 < rows <= MAX_ROWS and all(
+                use_pallas(self.kernels, op) for op in ("mlp_persistent", "gate_up", "gemm", "norm")):
+            s, y = mlp_add_rms_norm(x.reshape(rows, D), self.w_gate[...], self.w_gate_scale[...], self.w_up[...],
+                                    self.w_up_scale[...], self.w_down[...], self.w_down_scale[...],
+                                    residual.reshape(rows, D), norm.scale[...], eps=norm.eps,
+                                    interpret=jax.default_backend() == "cpu")
+            return s.reshape(residual.shape), y.reshape(residual.shape)
         h = swiglu_hidden(x, val(self.w_gate), val(self.w_gate_scale), val(self.w_up), val(self.w_up_scale),
                           self.kernels, prefetch[0])  # [..., F]
         return dense_add_norm(h, self.w_down[...], val(self.w_down_scale), 1, residual, norm, self.kernels,
