@@ -197,19 +197,20 @@ def _kernel(x_ref, wg_ref, sg_ref, wu_ref, su_ref, wd_ref, sd_ref, res_ref, nw_r
     deal(pid, m, row)
 
 
-_STATIC = ("eps", "block_k1", "block_k2", "num_programs", "num_warps", "num_stages", "compute_dtype", "evict",
+_STATIC = ("eps", "block_k1", "block_k2", "num_programs", "programs_per_sm", "num_warps", "num_stages", "compute_dtype", "evict",
            "volatile", "interpret", "poison_output")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def mlp_add_rms_norm(x, wg, sg, wu, su, wd, sd, residual, norm_w, *, eps, block_k1=128, block_k2=64,
-                     num_programs=None, num_warps=8, num_stages=3, compute_dtype=None, evict=True,
+                     num_programs=None, programs_per_sm=1, num_warps=8, num_stages=3, compute_dtype=None, evict=True,
                      volatile=False, interpret=False, poison_output=False):
     """(s, y) = (residual + mlp(x), rms_norm of it * norm_w) in one persistent launch (module doc).
 
     x [M, D] (M <= MAX_ROWS), wg / wu [D, F] and wd [F, D] float8_e4m3fn with per-output-channel float32 scales
     sg / su [F], sd [D]; residual [M, D]; norm_w [D]. s has residual's dtype, y too. num_programs: the grid,
-    which must fit on the GPU at once (default: one program per SM); block_k1 / block_k2: the K steps of the
+    which must fit on the GPU at once (default: programs_per_sm per SM; more than fit would never pass the
+    first barrier); block_k1 / block_k2: the K steps of the
     two GEMM phases (their column tiles and splits follow from num_programs: phase_config). compute_dtype,
     evict, num_warps, num_stages: as pallas_kernels.fp8_gemm.fp8_matmul. volatile: read the partials other
     programs stored with volatile loads instead of plain ones. interpret: run on CPU (the phases one after
@@ -228,7 +229,7 @@ def mlp_add_rms_norm(x, wg, sg, wu, su, wd, sd, residual, norm_w, *, eps, block_
             raise ValueError(f"{name} must be [{n}], got {s.shape}")
     if residual.shape != (M, D):
         raise ValueError(f"residual must be [{M}, {D}], got {residual.shape}")
-    programs = num_programs or (8 if interpret else num_sms())
+    programs = num_programs or (8 if interpret else num_sms() * programs_per_sm)
     block_m = max(16, _next_pow2(M))
     p1 = phase_config(F, D, programs, block_k1)
     p2 = phase_config(D, F, programs, block_k2)

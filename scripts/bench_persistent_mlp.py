@@ -76,6 +76,10 @@ def main():
     ap.add_argument("--dry-run", action="store_true")
     ap.add_argument("--validate-only", action="store_true")
     ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--only", help="time only the variants whose name contains this (rank shape, M = 1)")
+    ap.add_argument("--pps", type=int, nargs="+", default=[],
+                    help="persistent variants with this many programs per SM (all must be resident at once: a "
+                         "count that does not fit hangs at the first barrier, so run it under a timeout)")
     a = ap.parse_args()
     interpret = a.dry_run
     shapes = [("rank 1/8", 64, 48), ("full", 96, 160)] if a.dry_run else [("rank 1/8", 5120, 2048),
@@ -91,12 +95,19 @@ def main():
                                       (16, 128, 128, 2, False)):
             variants[f"persistent w{nw} k{bk1}/{bk2} s{st}{' vol' if vol else ''}"] = persistent(
                 False, num_warps=nw, block_k1=bk1, block_k2=bk2, num_stages=st, volatile=vol)
+        for pps in a.pps:
+            for nw, bk1, bk2, st in ((4, 64, 64, 2), (4, 64, 64, 3), (8, 64, 64, 4)):
+                variants[f"persistent w{nw} k{bk1}/{bk2} s{st} pps{pps}"] = persistent(
+                    False, num_warps=nw, block_k1=bk1, block_k2=bk2, num_stages=st, programs_per_sm=pps)
+    if a.only:
+        variants = {k: v for k, v in variants.items() if a.only in k}
+        shapes = shapes[:1]
     rows = []
     for name, D, F in shapes:
         wbytes = 3 * D * F + 4 * (2 * F + D)
         G = 1 if a.dry_run else max(2, math.ceil(150e6 / wbytes))  # weight copies: no L2 repeats
         ws = [weights(jax.random.key(g), D, F) for g in range(G)]
-        for M in (1, 8):
+        for M in ((1,) if a.only else (1, 8)):
             k = jax.random.split(jax.random.key(100 + M), 3)
             x = jax.random.normal(k[0], (M, D), jnp.bfloat16)
             res = jax.random.normal(k[1], (M, D), jnp.bfloat16)
