@@ -47,9 +47,7 @@ def _weight(rngs, shape, axes, dtype, std, contract, quant):
 # those as on the XLA path instead, read when a function is traced: to bisect a GPU failure to one family, or
 # to time one family's share of a step, without touching the model code. "moe_shared" is the shared expert
 # riding in the MoE pair kernels at decode; switched off, it runs as its own MLP (gate_up + gemm kernels).
-# "mlp_persistent" is a dense MLP block at decode (gate/up, down, residual add, next norm) as one persistent
-# launch (pallas_kernels/persistent_mlp.py); switched off, the gate_up, gemm and norm kernels.
-PALLAS_OPS = ("gemm", "qkv", "gate_up", "moe", "moe_shared", "attention", "norm", "mlp_persistent")
+PALLAS_OPS = ("gemm", "qkv", "gate_up", "moe", "moe_shared", "attention", "norm")
 
 
 def use_pallas(kernels: str, op: str) -> bool:
@@ -182,17 +180,16 @@ class Attention(nnx.Module):
         self.kernels = kernels
 
     def __call__(self, x, positions, rope, cache_kv=None, cache_pos=None, write_index=None, attn_mask=None,
-                 project=True, prefetch=()):
+                 project=True):
         """x [B, T, D], positions [B, T]. Without a cache, keys are this call's tokens. With one
         (k, v: [B, S, K, Dh]; cache_pos [B, S] the position each slot holds, already updated for this call),
         this call's keys are written at slots `write_index` [B] onward and attention reads the whole cache.
         `attn_mask` [B, T, S] (optional) is ANDed into the position mask: speculative tree verification, where
         a draft node sees only its ancestors among the slots of the same call.
         Returns (out [B, T, D], updated (k, v) or None); `project=False`: out is the attention output before wo,
-        [B, T, H, Dh] (the tensor-parallel path projects each device's heads itself, mavjax.parallel).
-        `prefetch`: weights the QKV kernel pulls into L2 for the ops after it (Llama4.hidden_states)."""
+        [B, T, H, Dh] (the tensor-parallel path projects each device's heads itself, mavjax.parallel)."""
         if use_pallas(self.kernels, "qkv") and self.wq_scale is not None:  # one FP8 launch, epilogue fused
-            q, k, v = self._fused_qkv(x, positions, rope, prefetch)
+            q, k, v = self._fused_qkv(x, positions, rope)
         else:
             q = self._proj(x, self.wq, self.wq_scale, 1)  # [B, T, D] x [D, H, Dh] -> [B, T, H, Dh]
             k = self._proj(x, self.wk, self.wk_scale, 1)  # [B, T, D] x [D, K, Dh] -> [B, T, K, Dh]
@@ -233,16 +230,12 @@ class Attention(nnx.Module):
     def _proj(self, x, w, scale, n_in):
         return dense(x, w[...], None if scale is None else scale[...], n_in, self.kernels)
 
-    def out_add_norm(self, o, x, norm: "RMSNorm", prefetch=()):
+    def out_add_norm(self, o, x, norm: "RMSNorm"):
         """(x + wo(o), norm of it) for the attention output o [B, T, H, Dh] (dense_add_norm)."""
         return dense_add_norm(o, self.wo[...], None if self.wo_scale is None else self.wo_scale[...], 2, x, norm,
-                              self.kernels, prefetch)
+                              self.kernels)
 
-    def weights(self):
-        """(the QKV kernel's weights, the output projection's): what a kernel before them can prefetch."""
-        return (self.wq[...], self.wk[...], self.wv[...]), (self.wo[...],)
-
-    def _fused_qkv(self, x, positions, rope, prefetch=()):
+    def _fused_qkv(self, x, positions, rope):
         """kernels="pallas", FP8 weights: q, k, v through pallas_kernels.fused_gemm.qkv_rope, with RoPE, the
         qk norm and the temperature in the GEMM epilogue (same function as the unfused branch)."""
         from pallas_kernels.fused_gemm import qkv_rope
@@ -255,7 +248,7 @@ class Attention(nnx.Module):
             if self.temperature_tuning else None
         q, k, v = qkv_rope(x.reshape(B * T, D), *flat(self.wq, self.wq_scale, H), *flat(self.wk, self.wk_scale, K),
                            *flat(self.wv, self.wv_scale, K), head_dim=Dh, rope=tables, q_row_scale=t,
-                           qk_norm_eps=self.eps if self.qk_norm else None, out_dtype=x.dtype, prefetch=prefetch,
+                           qk_norm_eps=self.eps if self.qk_norm else None, out_dtype=x.dtype,
                            interpret=jax.default_backend() == "cpu")  # [B*T, N*] each
         return q.reshape(B, T, H, Dh), k.reshape(B, T, K, Dh), v.reshape(B, T, K, Dh)
 
@@ -275,40 +268,22 @@ class MLP(nnx.Module):
         return swiglu(x, val(self.w_gate), val(self.w_gate_scale), val(self.w_up), val(self.w_up_scale),
                       val(self.w_down), val(self.w_down_scale), self.kernels)
 
-    def down_add_norm(self, x, residual, norm: "RMSNorm", prefetch=((), ())):
-        """(residual + self(x), norm of it): the MLP, the residual add and the next norm (dense_add_norm).
-        prefetch: (what the gate/up kernel, what the down kernel pulls into L2 for the ops after it).
-        kernels="pallas", FP8, at most persistent_mlp.MAX_ROWS tokens: all of it in one persistent launch."""
+    def down_add_norm(self, x, residual, norm: "RMSNorm"):
+        """(residual + self(x), norm of it): the MLP, the residual add and the next norm (dense_add_norm)."""
         val = lambda v: None if v is None else v[...]  # noqa: E731
-        from pallas_kernels.persistent_mlp import MAX_ROWS, mlp_add_rms_norm
-
-        D = x.shape[-1]
-        rows = int(np.prod(x.shape[:-1]))
-        if self.w_gate_scale is not None and 0 < rows <= MAX_ROWS and all(
-                use_pallas(self.kernels, op) for op in ("mlp_persistent", "gate_up", "gemm", "norm")):
-            s, y = mlp_add_rms_norm(x.reshape(rows, D), self.w_gate[...], self.w_gate_scale[...], self.w_up[...],
-                                    self.w_up_scale[...], self.w_down[...], self.w_down_scale[...],
-                                    residual.reshape(rows, D), norm.scale[...], eps=norm.eps,
-                                    interpret=jax.default_backend() == "cpu")
-            return s.reshape(residual.shape), y.reshape(residual.shape)
         h = swiglu_hidden(x, val(self.w_gate), val(self.w_gate_scale), val(self.w_up), val(self.w_up_scale),
-                          self.kernels, prefetch[0])  # [..., F]
-        return dense_add_norm(h, self.w_down[...], val(self.w_down_scale), 1, residual, norm, self.kernels,
-                              prefetch[1])
-
-    def weights(self):
-        """(gate/up kernel's weights, down kernel's): what a kernel before them can prefetch."""
-        return (self.w_gate[...], self.w_up[...]), (self.w_down[...],)
+                          self.kernels)  # [..., F]
+        return dense_add_norm(h, self.w_down[...], val(self.w_down_scale), 1, residual, norm, self.kernels)
 
 
-def swiglu_hidden(x, w_gate, s_gate, w_up, s_up, kernels, prefetch=()):
+def swiglu_hidden(x, w_gate, s_gate, w_up, s_up, kernels):
     """silu(x @ gate) * (x @ up): x [..., D], w_gate/w_up [D, F] (s_* the FP8 scales, or None) -> [..., F].
     kernels="pallas" with FP8 weights: gate, up and the SwiGLU in one launch (g and u never leave it)."""
     if use_pallas(kernels, "gate_up") and s_gate is not None:
         from pallas_kernels.fused_gemm import gate_up_swiglu
 
         h = gate_up_swiglu(x.reshape(-1, x.shape[-1]), w_gate, s_gate, w_up, s_up, out_dtype=x.dtype,
-                           prefetch=prefetch, interpret=jax.default_backend() == "cpu")
+                           interpret=jax.default_backend() == "cpu")
         return h.reshape(*x.shape[:-1], w_gate.shape[1])
     g = dense(x, w_gate, s_gate, 1, kernels)  # [..., D] x [D, F] -> [..., F]
     u = dense(x, w_up, s_up, 1, kernels)  # [..., D] x [D, F] -> [..., F]
@@ -423,16 +398,7 @@ class MoE(nnx.Module):
         self.w_down, self.w_down_scale = _weight(rngs, (E, F, D), ax_out, dtype, std, (1,), quant)
         self.shared = MLP(cfg, F, dtype, rngs, kernels, quant)
 
-    def weights(self):
-        """(what the layer reads before the router has chosen: router and shared gate/up; the shared down).
-        The routed experts' weights are known only from the router on: the MoE kernels prefetch those."""
-        (g, u), (d,) = self.shared.weights()
-        return (self.router[...], g, u), (d,)
-
-    def __call__(self, x, prefetch=(), prefetch_experts=False):
-        """x [B, T, D] -> routed + shared expert outputs [B, T, D]. prefetch: weights the last Pallas kernel
-        pulls into L2 for the ops after the layer; prefetch_experts: the gate/up kernel pulls in the chosen
-        experts' down weights (Llama4.hidden_states; pallas_kernels/prefetch.py)."""
+    def __call__(self, x):
         B, T, D = x.shape
         flat = x.reshape(B * T, D)
         idx, scores = route(flat, self.router[...], self.top_k)
@@ -448,11 +414,10 @@ class MoE(nnx.Module):
                 # decode: the shared expert as one more program row per token of the same two launches
                 val = lambda v: None if v is None else v[...]  # noqa: E731
                 s_sh = None if scales is None else (val(sh.w_gate_scale), val(sh.w_up_scale), val(sh.w_down_scale))
-                out = moe_fp8(flat, idx, scores, *weights, scales, interpret=interpret, prefetch=prefetch,
-                              prefetch_experts=prefetch_experts, shared=(sh.w_gate[...], sh.w_up[...], sh.w_down[...], s_sh))
+                out = moe_fp8(flat, idx, scores, *weights, scales, interpret=interpret,
+                              shared=(sh.w_gate[...], sh.w_up[...], sh.w_down[...], s_sh))
                 return out.reshape(B, T, D)
-            routed = moe_fp8(flat, idx, scores, *weights, scales, interpret=interpret, prefetch=prefetch,
-                             prefetch_experts=prefetch_experts)
+            routed = moe_fp8(flat, idx, scores, *weights, scales, interpret=interpret)
         else:
             routed = moe_experts(flat, idx, scores, *weights, scales)
         return (self.shared(flat) + routed).reshape(B, T, D)
@@ -487,7 +452,7 @@ def add_norm(x, delta, norm: RMSNorm, kernels: str):
     return x, norm(x)
 
 
-def dense_add_norm(h, w, scale, n_in, x, norm: RMSNorm, kernels: str, prefetch=()):
+def dense_add_norm(h, w, scale, n_in, x, norm: RMSNorm, kernels: str):
     """(x + dense(h), norm of it): an output projection (wo, an MLP's down), the residual add and the next
     RMSNorm. kernels="pallas" with FP8 weights: pallas_kernels.fp8_gemm.fp8_matmul_add_rms_norm, by default
     the FP8 GEMM then the add + norm kernel; with the GEMM family's split-K sums in the kernel
@@ -498,7 +463,7 @@ def dense_add_norm(h, w, scale, n_in, x, norm: RMSNorm, kernels: str, prefetch=(
         K = int(np.prod(w.shape[:n_in]))
         s, y = fp8_matmul_add_rms_norm(h.reshape(-1, K), w.reshape(K, -1), scale.reshape(-1),
                                        x.reshape(-1, x.shape[-1]), norm.scale[...], eps=norm.eps,
-                                       prefetch=prefetch, interpret=jax.default_backend() == "cpu")
+                                       interpret=jax.default_backend() == "cpu")
         return s.reshape(x.shape), y.reshape(x.shape)
     return add_norm(x, dense(h, w, scale, n_in, kernels), norm, kernels)
 
@@ -546,45 +511,23 @@ class Llama4(nnx.Module):
         cache_pos = None if cache is None else write_slots(cache.pos, positions, write_index)
         new_kv, taps = [], {}
         layers = list(self.layers)
-        plan = self.prefetch_plan(tokens.shape[0] * tokens.shape[1])
-        ahead = lambda g: () if plan is None else plan[g]  # noqa: E731  (4 weight groups a layer)
         h = layers[0].attn_norm(x)
         for i, layer in enumerate(layers):
             kv = None if cache is None else (cache.k[i], cache.v[i])
-            o, kv = layer.attn(h, positions, rope, kv, cache_pos, write_index, attn_mask, project=False,
-                               prefetch=ahead(4 * i))
+            o, kv = layer.attn(h, positions, rope, kv, cache_pos, write_index, attn_mask, project=False)
             new_kv.append(kv)
-            # wo, the residual add, the FFN's norm
-            x, h = layer.attn.out_add_norm(o, x, layer.ffn_norm, prefetch=ahead(4 * i + 1))
+            x, h = layer.attn.out_add_norm(o, x, layer.ffn_norm)  # wo, the residual add, the FFN's norm
             # the layer's last residual add and the next layer's first norm (the final norm after the last)
             nxt = layers[i + 1].attn_norm if i + 1 < len(layers) else self.norm
             if layer.is_moe:
-                x, h = add_norm(x, layer.ffn(h, prefetch=ahead(4 * i + 3), prefetch_experts=plan is not None), nxt,
-                                self.kernels)
+                x, h = add_norm(x, layer.ffn(h), nxt, self.kernels)
             else:
-                x, h = layer.ffn.down_add_norm(h, x, nxt, prefetch=(ahead(4 * i + 2), ahead(4 * i + 3)))
+                x, h = layer.ffn.down_add_norm(h, x, nxt)
             if i in collect_layers:
                 taps[i] = x
         if cache is not None:
             cache = KVCache(k=[kv[0] for kv in new_kv], v=[kv[1] for kv in new_kv], pos=cache_pos)
         return h, cache, taps
-
-    def prefetch_plan(self, num_tokens: int) -> list | None:
-        """plan[g]: the weights the kernel of weight group g pulls into L2 (pallas_kernels/prefetch.py), those
-        of the next `prefetch.depth()` groups (and its own, with prefetch.first() == 0); None: no prefetching. A layer's groups, in decode order: QKV, wo,
-        the FFN's first weights (dense gate/up; MoE router and shared gate/up), its last (dense down; MoE shared
-        down); the MoE kernels prefetch the chosen experts' own. Only for decode-shaped calls (<= 64 tokens:
-        memory-bound weight-only kernels) of the Pallas path with FP8 weights."""
-        from pallas_kernels import prefetch
-
-        depth, first = prefetch.depth(), prefetch.first()
-        fp8 = self.layers[0].attn.wq_scale is not None
-        if depth + 1 - first == 0 or num_tokens > 64 or self.kernels != "pallas" or not fp8:
-            return None
-        groups = []
-        for layer in self.layers:
-            groups += [*layer.attn.weights(), *layer.ffn.weights()]
-        return [tuple(w for grp in groups[g + first:g + 1 + depth] for w in grp) for g in range(len(groups))]
 
     def embed_tokens(self, tokens):
         """tokens [B, T] -> [B, T, D] (over a mesh: the vocabulary-parallel lookup of mavjax.parallel)."""

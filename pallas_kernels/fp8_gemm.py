@@ -48,7 +48,6 @@ except ImportError:  # pragma: no cover - very old / very new jax without the Tr
     plgpu = None
 
 from pallas_kernels import upcast
-from pallas_kernels.prefetch import with_prefetch
 from pallas_kernels.split_k import arrive, counters, default_reduce, load_partial, sum_partials
 
 FP8 = jnp.float8_e4m3fn
@@ -191,12 +190,8 @@ def _store(ref, val, mask):
         plgpu.store(ref, val, mask=mask)
 
 
-def _call(kernel, args, out_shapes, grid, *, num_warps, num_stages, interpret, poison_output, name, prefetch=()):
-    """pallas_call; poison_output aliases NaN-filled output buffers in, so an element never written stays NaN.
-    prefetch: arrays (or (array, index) rows) whose bytes every program helps pull into L2 before its own work
-    (pallas_kernels/prefetch.py: the next op's weights)."""
-    kernel, extra = with_prefetch(kernel, prefetch, len(args), grid, interpret)
-    args = [*args, *extra]
+def _call(kernel, args, out_shapes, grid, *, num_warps, num_stages, interpret, poison_output, name):
+    """pallas_call; poison_output aliases NaN-filled output buffers in, so an element never written stays NaN."""
     aliases = {}
     if poison_output:
         n_in = len(args)
@@ -361,7 +356,7 @@ def _rms_norm_rows(s_ref, w_ref, y_ref, *, m, n, eps):
 
 def _weight_only_pallas(x, w_fp8, w_scale, *, scale_kind, scale_block, block_n, block_k, split_k, num_warps,
                         num_stages, out_dtype, interpret, poison_output, w_transposed, evict, swap_ab,
-                        cdt, reduce="kernel", add_norm=None, prefetch=()):
+                        cdt, reduce="kernel", add_norm=None):
     """add_norm: None, or (residual [M, N], norm scale [N], eps): returns (residual + y, rms_norm of it)."""
     M, K = x.shape
     N = w_fp8.shape[0 if w_transposed else 1]
@@ -397,7 +392,7 @@ def _weight_only_pallas(x, w_fp8, w_scale, *, scale_kind, scale_block, block_n, 
         w_transposed=w_transposed, evict=evict,
         swap_ab=swap_ab, cdt=jnp.dtype(cdt), interpret=interpret)
     outs = _call(kernel, args, out_shapes, (nb, split), num_warps=num_warps, num_stages=num_stages,
-                 interpret=interpret, poison_output=poison_output, prefetch=prefetch,
+                 interpret=interpret, poison_output=poison_output,
                  name=f"fp8_weight_only{'_add_norm' if epilogue else ''}_m{block_m}_n{block_n}_k{block_k}_s{split}")
     if partial and reduce == "xla":
         return jnp.sum(outs[0], axis=0).astype(out_dtype)
@@ -505,7 +500,7 @@ _MATMUL_STATIC = ("mode", "block_m", "block_n", "block_k", "split_k", "group_m",
 def fp8_matmul(x, w_fp8, w_scale, *, mode="auto", block_m=None, block_n=None, block_k=None, split_k=None,
                group_m=8, num_warps=None, num_stages=None, out_dtype=None, scale_block=(128, 128),
                w_transposed=False, evict=True, swap_ab=None, compute_dtype=None, reduce=None,
-               interpret=False, poison_output=False, prefetch=()):
+               interpret=False, poison_output=False):
     """y[..., N] = x[..., K] @ (w_fp8[K, N] dequantized with w_scale), f32 accumulation, cast to out_dtype.
 
     mode: "weight_only" (bf16 activations x upcast FP8 weights; memory-bound decode path), "fp8_fp8"
@@ -527,17 +522,15 @@ def fp8_matmul(x, w_fp8, w_scale, *, mode="auto", block_m=None, block_n=None, bl
       split_k.default_reduce("gemm") (split_k.DEFAULTS: "xla", measured faster).
     poison_output: debugging aid; the output buffer starts as NaN (aliased in), so unwritten elements show.
     interpret: run the kernels in the Pallas interpreter (CPU tests).
-    prefetch: arrays or (array, index) pairs the kernel pulls into L2 for the ops after it (weight-only mode;
-      pallas_kernels/prefetch.py); the result does not depend on them.
     """
-    return _fp8_matmul(x, w_fp8, w_scale, None, **_kwargs(locals()), prefetch=prefetch)
+    return _fp8_matmul(x, w_fp8, w_scale, None, **_kwargs(locals()))
 
 
 @functools.partial(jax.jit, static_argnames=_MATMUL_STATIC + ("eps",))
 def fp8_matmul_add_rms_norm(x, w_fp8, w_scale, residual, norm_scale, *, eps, mode="auto", block_m=None,
                             block_n=None, block_k=None, split_k=None, group_m=8, num_warps=None, num_stages=None,
                             out_dtype=None, scale_block=(128, 128), w_transposed=False, evict=True, swap_ab=None,
-                            compute_dtype=None, reduce=None, interpret=False, poison_output=False, prefetch=()):
+                            compute_dtype=None, reduce=None, interpret=False, poison_output=False):
     """(s, y): s = residual + (x @ dequant(w_fp8)) rounded to residual's dtype first (the model's residual
     add), y = rms_norm(s) * norm_scale (mavjax.model.rms_norm's arithmetic), what an output projection and
     the next layer's norm compute. residual [..., N] like the output, norm_scale [N]. Weight-only mode with
@@ -556,11 +549,11 @@ def fp8_matmul_add_rms_norm(x, w_fp8, w_scale, residual, norm_scale, *, eps, mod
     if not one_launch:  # the GEMM, then the add + norm kernel
         from pallas_kernels.fused_norm import add_rms_norm
 
-        y = _fp8_matmul(x, w_fp8, w_scale, None, **dict(kw, out_dtype=residual.dtype), prefetch=prefetch)
+        y = _fp8_matmul(x, w_fp8, w_scale, None, **dict(kw, out_dtype=residual.dtype))
         s, yn = add_rms_norm(residual, y, norm_scale, eps=eps, interpret=interpret, poison_output=poison_output)
         return s, yn.astype(out_dtype or residual.dtype)
     kw["out_dtype"] = out_dtype or residual.dtype
-    return _fp8_matmul(x, w_fp8, w_scale, (residual, norm_scale, eps), **kw, prefetch=prefetch)
+    return _fp8_matmul(x, w_fp8, w_scale, (residual, norm_scale, eps), **kw)
 
 
 def _kwargs(loc):
@@ -569,7 +562,7 @@ def _kwargs(loc):
 
 def _fp8_matmul(x, w_fp8, w_scale, add_norm, *, mode, block_m, block_n, block_k, split_k, group_m, num_warps,
                 num_stages, out_dtype, scale_block, w_transposed, evict, swap_ab, compute_dtype, reduce,
-                interpret, poison_output, prefetch=()):
+                interpret, poison_output):
     *lead, K = x.shape
     N, Kw = w_fp8.shape if w_transposed else w_fp8.shape[::-1]
     if Kw != K:
@@ -614,10 +607,10 @@ def _fp8_matmul(x, w_fp8, w_scale, add_norm, *, mode, block_m, block_n, block_k,
             res2 = add_norm[0].reshape(M, N)
             s, y = _weight_only_pallas(x2, w_fp8, w_scale, split_k=split_k or cfg["split_k"],
                                        evict=evict, swap_ab=swap_ab, cdt=cdt, reduce=reduce,
-                                       add_norm=(res2, add_norm[1], add_norm[2]), prefetch=prefetch, **common)
+                                       add_norm=(res2, add_norm[1], add_norm[2]), **common)
             return s.reshape(*lead, N), y.reshape(*lead, N)
         y = _weight_only_pallas(x2, w_fp8, w_scale, split_k=split_k or cfg["split_k"],
-                                evict=evict, swap_ab=swap_ab, cdt=cdt, reduce=reduce, prefetch=prefetch, **common)
+                                evict=evict, swap_ab=swap_ab, cdt=cdt, reduce=reduce, **common)
     else:
         block_m = block_m or cfg["block_m"]
         if block_m & (block_m - 1):

@@ -273,13 +273,12 @@ _STATIC = ("mode", "block_m", "block_n", "block_k", "split_k", "num_warps", "num
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def gate_up_swiglu(x, wg, sg, wu, su, *, mode="auto", block_m=None, block_n=None, block_k=None, split_k=None,
                    num_warps=None, num_stages=None, out_dtype=None, compute_dtype=None, evict=True,
-                   interpret=False, poison_output=False, reduce=None, prefetch=()):
+                   interpret=False, poison_output=False, reduce=None):
     """h [M, F] = silu(x @ deq(wg)) * (x @ deq(wu)) in one kernel. x [M, D] (bf16 / f16 / f32), wg, wu [D, F]
     float8_e4m3fn, sg, su [F] float32. Arguments as fp8_gemm.fp8_matmul (mode, blocks, split_k, warps,
     stages, compute_dtype, evict, interpret, poison_output). reduce (split_k > 1): "kernel" - the last split
     of each tile sums the partials and applies SwiGLU; "xla" - a jnp epilogue does (two more launches); None:
-    split_k.default_reduce("gate_up") (split_k.DEFAULTS: "xla", measured faster). prefetch: arrays the kernel
-    pulls into L2 for the ops after it (pallas_kernels/prefetch.py)."""
+    split_k.default_reduce("gate_up") (split_k.DEFAULTS: "xla", measured faster)."""
     reduce = default_reduce("gate_up", reduce)
     if wg.shape != wu.shape:
         raise ValueError(f"w_gate {wg.shape} and w_up {wu.shape} must have the same shape")
@@ -303,7 +302,7 @@ def gate_up_swiglu(x, wg, sg, wu, su, *, mode="auto", block_m=None, block_n=None
         args.append(counters(pl.cdiv(M, bm) * pl.cdiv(F, bn)))
     outs = {None: final, "xla": partials, "kernel": partials + final}[red]
     res = _call(kernel, args, outs, (pl.cdiv(M, bm), pl.cdiv(F, bn), S), num_warps=c["num_warps"],
-                num_stages=c["num_stages"], interpret=interpret, poison_output=poison_output, prefetch=prefetch,
+                num_stages=c["num_stages"], interpret=interpret, poison_output=poison_output,
                 name=f"fp8_gate_up_swiglu_{c['mode']}_m{bm}_n{bn}_k{c['block_k']}_s{S}")
     if red == "xla":
         g, u = jnp.sum(res[0], axis=0), jnp.sum(res[1], axis=0)  # [M, F] each
@@ -393,15 +392,14 @@ def _qkv_kernel(x_ref, xs_ref, cos_ref, sin_ref, rs_ref, wq_ref, sq_ref, wk_ref,
 def qkv_rope(x, wq, sq, wk, sk, wv, sv, *, head_dim, rope=None, q_row_scale=None, qk_norm_eps=None, mode="auto",
              block_m=None, block_n=None, block_k=None, split_k=None, num_warps=None, num_stages=None,
              out_dtype=None, compute_dtype=None, evict=True, interpret=False, poison_output=False,
-             reduce=None, prefetch=()):
+             reduce=None):
     """q [M, Nq], k [M, Nk], v [M, Nv] = x @ deq(wq | wk | wv) in one launch, with the attention epilogue:
     rope = (cos, sin) [M, Dh/2] (the model's tables for each token) rotates q and k; qk_norm_eps: L2 norm of
     each head of q and k after RoPE; q_row_scale [M]: per-token scale of q (NoPE attention temperature).
     x [M, D]; w* [D, N*] float8_e4m3fn with s* [N*] float32, N* multiples of head_dim. block_n must divide
     head_dim (default min(64 or 128, head_dim)). reduce: where split-K partials are summed and the qk norm of
     heads wider than block_n is done: "kernel" (the last program of each tile / head), "xla" (a jnp epilogue:
-    one or two more launches) or None (split_k.default_reduce("qkv")). prefetch: arrays the kernel pulls into L2
-    for the ops after it (pallas_kernels/prefetch.py). Other arguments as fp8_gemm.fp8_matmul."""
+    one or two more launches) or None (split_k.default_reduce("qkv")). Other arguments as fp8_gemm.fp8_matmul."""
     reduce = default_reduce("qkv", reduce)
     out_dtype = jnp.dtype(out_dtype or x.dtype)
     ws, ss = {"wq": wq, "wk": wk, "wv": wv}, {"wq": sq, "wk": sk, "wv": sv}
@@ -454,7 +452,7 @@ def qkv_rope(x, wq, sq, wk, sk, wv, sv, *, head_dim, rope=None, q_row_scale=None
         args.append(counters(pl.cdiv(M, bm) * sum(nb // gg for nb, gg in zip(nbs, groups))))
     outs = {None: finals, "xla": partials, "kernel": partials + finals}[red]
     res = _call(kernel, args, outs, (pl.cdiv(M, bm), sum(nbs), S), num_warps=c["num_warps"],
-                num_stages=c["num_stages"], interpret=interpret, poison_output=poison_output, prefetch=prefetch,
+                num_stages=c["num_stages"], interpret=interpret, poison_output=poison_output,
                 name=f"fp8_qkv_rope_{c['mode']}_m{bm}_n{bn}_k{c['block_k']}_s{S}")
     q, k, v = res[-3:]
     if red == "xla":

@@ -78,7 +78,6 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels import split_k as _split_k
 from pallas_kernels import upcast
-from pallas_kernels.prefetch import Prefetch
 from pallas_kernels.fp8_gemm import (
     FP8, NUM_SMS_H100, _call, _silu, _exact_upcast, _in_bounds, _load, _mask2, _next_pow2, _store,
     quantize_weight_per_channel, weight_only_blocks)
@@ -580,14 +579,14 @@ def _check_args(x, expert_idx, scores, w_gate, w_up, w_down, scales):
 
 _STATIC = ("method", "block_m", "block_n", "block_k", "split_k", "block_n_down", "block_k_down", "split_k_down",
            "num_warps", "num_stages", "num_stages_down", "evict", "compute_dtype", "interpret", "poison_output",
-           "reduce", "gu_epilogue", "prefetch_experts")
+           "reduce", "gu_epilogue")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def moe_fp8(x, expert_idx, scores, w_gate, w_up, w_down, scales=None, *, shared=None, method="auto", block_m=None,
             block_n=None, block_k=None, split_k=None, block_n_down=None, block_k_down=None, split_k_down=None,
             num_warps=None, num_stages=None, num_stages_down=None, evict=True, compute_dtype=None, interpret=False,
-            poison_output=False, reduce=None, gu_epilogue=None, prefetch=(), prefetch_experts=False):
+            poison_output=False, reduce=None, gu_epilogue=None):
     """Routed experts of a Llama 4 MoE layer: `moe_reference` semantics, two Pallas launches over all experts.
 
     x [N, D]; expert_idx, scores [N, k]; w_gate, w_up [E, D, F]; w_down [E, F, D]: FP8 (e4m3fn) with
@@ -607,9 +606,7 @@ def moe_fp8(x, expert_idx, scores, w_gate, w_up, w_down, scales=None, *, shared=
     shared: the shared expert, run inside the pair path's launches (`moe_fp8_pairs`); the result is then routed
     + shared. The sorted path does not take it (at prefill sizes the shared expert is a GEMM of its own).
     reduce, gu_epilogue: the pair path's (`moe_fp8_pairs`): where split-K partials are summed (default: in the
-    kernels that made them); the sorted path always sums its partials in XLA.
-    prefetch, prefetch_experts: the pair path's (`moe_fp8_pairs`): L2 prefetches for the ops after the layer,
-    and of the chosen experts' down weights during the gate/up launch."""
+    kernels that made them); the sorted path always sums its partials in XLA."""
     N, D, E, F = _check_args(x, expert_idx, scores, w_gate, w_up, w_down, scales)
     P = expert_idx.size
     if method not in ("auto", "pairs", "sorted"):
@@ -626,7 +623,7 @@ def moe_fp8(x, expert_idx, scores, w_gate, w_up, w_down, scales=None, *, shared=
             split_k=split_k, block_n_down=block_n_down, block_k_down=block_k_down, split_k_down=split_k_down,
             num_warps=num_warps, num_stages=num_stages, num_stages_down=num_stages_down, evict=evict,
             compute_dtype=compute_dtype, reduce=reduce, gu_epilogue=gu_epilogue, interpret=interpret,
-            poison_output=poison_output, prefetch=prefetch, prefetch_experts=prefetch_experts)
+            poison_output=poison_output)
     cfg = default_config(P, E, D, F, jnp.dtype(w_gate.dtype).itemsize)
     block_m = block_m or cfg["block_m"]
     _check_block("block_m", block_m)
@@ -701,8 +698,7 @@ def pairs_config(num_pairs, D, F, num_sms=NUM_SMS_H100):
 def moe_fp8_pairs(x, expert_idx, scores, w_gate, w_up, w_down, scales=None, *, shared=None, block_n=None,
                   block_k=None, split_k=None, block_n_down=None, block_k_down=None, split_k_down=None,
                   num_warps=None, num_stages=None, num_stages_down=None, evict=True, compute_dtype=None,
-                  reduce=None, gu_epilogue=None, interpret=False, poison_output=False, prefetch=(),
-                  prefetch_experts=False):
+                  reduce=None, gu_epilogue=None, interpret=False, poison_output=False):
     """`moe_fp8` for few pairs: each (token, expert) pair reads its expert's weights directly (see the module
     docstring). Arguments as `moe_fp8` (no block_m: one row per pair).
 
@@ -723,11 +719,7 @@ def moe_fp8_pairs(x, expert_idx, scores, w_gate, w_up, w_down, scales=None, *, s
     or (s_gate [F], s_up [F], s_down [D]), in the routed experts' dtypes and with their F: it runs as one more
     program row per token in the same two launches (input not scaled by a router score), and the result is
     routed + shared, what `mavjax.model.MoE` computes. At decode this saves the shared expert's own launches
-    (the gate/up + SwiGLU kernel, the down GEMM, their split-K reductions).
-
-    prefetch: arrays (or (array, index) rows) kernel 2 pulls into L2 for the ops after this one
-    (pallas_kernels/prefetch.py). prefetch_experts: kernel 1 prefetches what kernel 2 will read, the routed
-    experts' down rows w_down[idx] and the shared expert's down (the model's decode asks for both)."""
+    (the gate/up + SwiGLU kernel, the down GEMM, their split-K reductions)."""
     N, D = x.shape
     E, _, F = w_gate.shape
     k = expert_idx.shape[1]
@@ -794,11 +786,7 @@ def moe_fp8_pairs(x, expert_idx, scores, w_gate, w_up, w_down, scales=None, *, s
     part1 = jax.ShapeDtypeStruct((split1, rows, F), jnp.float32)
     outs1 = ([part1] * 2 if split1 > 1 else []) + ([jax.ShapeDtypeStruct((rows, F), h_dtype)]
                                                   if split1 == 1 or finish1 else [])
-    pf1 = ()
-    if prefetch_experts:  # kernel 2's weights, known once the router has chosen: pulled in while kernel 1 streams
-        # (a dropped pair's id, outside [0, E), is clamped: a prefetch never leaves the tensor)
-        pf1 = (Prefetch(w_down, jnp.clip(idx, 0, E - 1)),) + ((Prefetch(wds),) if has_shared else ())
-    res = _call(kern1, args1, outs1, (rows, nf, split1), num_stages=num_stages, prefetch=pf1,
+    res = _call(kern1, args1, outs1, (rows, nf, split1), num_stages=num_stages,
                 name=f"moe_gate_up_pairs_n{block_n}_k{block_k}_s{split1}{'_fin' if finish1 else ''}", **common)
     # h [rows, F] (split1 == 1 or finish1), else the f32 partials of g and u: summed + SwiGLU'd by XLA or kernel 2
     if finish1:
@@ -817,7 +805,7 @@ def moe_fp8_pairs(x, expert_idx, scores, w_gate, w_up, w_down, scales=None, *, s
             jax.ShapeDtypeStruct((N, D), x.dtype)]
     else:
         outs2 = [jax.ShapeDtypeStruct((split2, rows, D) if split2 > 1 else (rows, D), jnp.float32)]
-    y = _call(kern2, args2, outs2, (rows, nd, split2), num_stages=num_stages_down, prefetch=prefetch,
+    y = _call(kern2, args2, outs2, (rows, nd, split2), num_stages=num_stages_down,
               name=f"moe_down_pairs_n{block_n_down}_k{block_k_down}_s{split2}{'_fin' if token_rows else ''}",
               **common)[-1]
     if token_rows:

@@ -8,9 +8,7 @@
 # own launches: MAVJAX_PALLAS_DISABLE=moe_shared), split_k (the rank with split-K sums in the kernels or in XLA,
 # section 9), dtype (the rank with bf16 or f16 dots, section 10), pdl / pdl_kernels (the rank and its kernels
 # with XLA's programmatic dependent launch off and on, section 11), kernel_profile (each op's kernels under
-# the profiler, section 12), prefetch / prefetch_check (the rank with L2 prefetches of the next ops' weights
-# at several depths and off, and the model's tokens with them, section 13), persistent_mlp / persistent_rank
-# (the dense MLP block in one persistent launch: alone, and in the rank, section 13), attn_stages (the attention's split x tile x
+# the profiler, section 12), attn_stages (the attention's split x tile x
 # pipeline-depth sweep at 8K / 32K, section 11), decode (2-layer model, section 5),
 # kernels (bench_kernels, section 5), allreduce (psum variants and the one-shot kernel), sharded (2-layer
 # model over expert/tensor meshes, bench_sharded_decode), mesh (mavjax bench over a tensor mesh, FP8 + Pallas,
@@ -71,26 +69,6 @@ step kernel_profile 200 bash -c 'python3 scripts/tune_decode_kernels.py --max-ca
   && python3 scripts/tune_decode_kernels.py --shard 1 --experts 16 --unroll 4 --max-cands 0 --contexts \
   --only "moe pair gate" "moe pairs" "mlp" "o " --profile' && grep -E "copy|^profile|^ +[0-9.]+ +1\.0 " \
   "$OUT/kernel_profile.log"
-# L2 prefetch of the next ops' weights from inside the kernels (pallas_kernels/prefetch.py, section 13): the
-# rank at batch 1 and 8 with MAVJAX_PREFETCH = ops ahead (0 = off), alternating processes; then the 2-layer
-# model's tokens on both paths with the default
-# (PREFETCH_RUNS: depth:where:from triples: MAVJAX_PREFETCH, MAVJAX_PREFETCH_AT, MAVJAX_PREFETCH_FROM)
-step prefetch 560 bash -c 'for r in ${PREFETCH_RUNS:-0:end:1 1:end:1 2:end:1 0:end:1 1:end:1 1:start:0 0:start:0 1:start:1}; do \
-  IFS=: read d a f <<< "$r"; MAVJAX_PREFETCH=$d MAVJAX_PREFETCH_AT=$a MAVJAX_PREFETCH_FROM=$f python3 scripts/benchmark.py --random-weights \
-  --preset maverick --rank-slice 8 --rank-kernels pallas --rank-batch-sizes 1 8 2>&1 | sed "s/^/[pf=$r] /"; \
-  done' && grep -E "B=[0-9]+ T=|copy|rror" "$OUT/prefetch.log"
-step prefetch_check 200 python3 scripts/check_kernels_gpu.py --shard 8 --tokens 16 --checks moe model \
-  --timeout 150 && grep -E "shard 1/|FAIL|rror" "$OUT/prefetch_check.log"
-# The dense MLP block as one persistent launch (pallas_kernels/persistent_mlp.py, section 13): validated alone
-# first (a grid barrier that never opens would hang: a short limit), then timed against the launches it
-# replaces and XLA; then the rank with it on and off (MAVJAX_PALLAS_DISABLE=mlp_persistent), alternating
-step persistent_mlp 330 bash -c 'timeout 120 python3 scripts/bench_persistent_mlp.py --validate-only \
-  && python3 scripts/bench_persistent_mlp.py --json "$OUT/persistent_mlp.json"' \
-  && sed -n '/^device/p;/FAIL/p;/^shape/,$p' "$OUT/persistent_mlp.log"
-step persistent_rank 330 bash -c 'for off in "" mlp_persistent "" mlp_persistent; do \
-  MAVJAX_PALLAS_DISABLE=$off python3 scripts/benchmark.py --random-weights --preset maverick --rank-slice 8 \
-  --rank-kernels pallas --rank-batch-sizes 1 8 2>&1 | sed "s/^/[off=${off:-none}] /"; done' \
-  && grep -E "B=[0-9]+ T=|copy|rror" "$OUT/persistent_rank.log"
 # The split-KV attention's pipeline depth at 8K and 32K (docs/benchmarks.md section 10: XLA won at 32K, bf16)
 step attn_stages 160 python3 scripts/tune_decode_kernels.py --shard 1 --only attention --contexts 8192 32768 \
   --kv bf16 fp8 --unroll 2 --budget-s 100 --json "$OUT/attn_stages.json" && sed -n '/^op /,$p' "$OUT/attn_stages.log"
