@@ -36,7 +36,6 @@ the benchmark's autotuner skips.
 from __future__ import annotations
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -357,10 +356,8 @@ def _rms_norm_rows(s_ref, w_ref, y_ref, *, m, n, eps):
 
 def _weight_only_pallas(x, w_fp8, w_scale, *, scale_kind, scale_block, block_n, block_k, split_k, num_warps,
                         num_stages, out_dtype, interpret, poison_output, w_transposed, evict, swap_ab,
-                        cdt, reduce="kernel", add_norm=None, partials_out=False):
-    """add_norm: None, or (residual [M, N], norm scale [N], eps): returns (residual + y, rms_norm of it).
-    partials_out (reduce="xla"): return the split-K partials [S, M, N] float32 unsummed when K is split (the
-    caller's next kernel sums them); without a split y as usual."""
+                        cdt, reduce="kernel", add_norm=None):
+    """add_norm: None, or (residual [M, N], norm scale [N], eps): returns (residual + y, rms_norm of it)."""
     M, K = x.shape
     N = w_fp8.shape[0 if w_transposed else 1]
     block_m = max(16, _next_pow2(M))  # tensor-core dots need >= 16 rows; Triton blocks are powers of two
@@ -398,7 +395,7 @@ def _weight_only_pallas(x, w_fp8, w_scale, *, scale_kind, scale_block, block_n, 
                  interpret=interpret, poison_output=poison_output,
                  name=f"fp8_weight_only{'_add_norm' if epilogue else ''}_m{block_m}_n{block_n}_k{block_k}_s{split}")
     if partial and reduce == "xla":
-        return outs[0] if partials_out else jnp.sum(outs[0], axis=0).astype(out_dtype)
+        return jnp.sum(outs[0], axis=0).astype(out_dtype)
     final = outs[1:] if partial else outs  # the in-kernel sum's partials are scratch
     return tuple(final) if epilogue else final[0]
 
@@ -538,8 +535,7 @@ def fp8_matmul_add_rms_norm(x, w_fp8, w_scale, residual, norm_scale, *, eps, mod
     add), y = rms_norm(s) * norm_scale (mavjax.model.rms_norm's arithmetic), what an output projection and
     the next layer's norm compute. residual [..., N] like the output, norm_scale [N]. Weight-only mode with
     reduce="kernel": one launch (the last split of each tile adds the residual; the last tile to finish
-    normalizes the rows: pallas_kernels.split_k); otherwise fp8_matmul then fused_norm.add_rms_norm, which
-    with reduce="xla" also sums the GEMM's split-K partials (`sum_in_norm`: no XLA launch in between).
+    normalizes the rows: pallas_kernels.split_k); otherwise fp8_matmul then fused_norm.add_rms_norm.
     Other arguments as fp8_matmul; out_dtype is y's (default: residual's)."""
     kw = _kwargs(locals())
     N = w_fp8.shape[0 if w_transposed else 1]
@@ -550,29 +546,14 @@ def fp8_matmul_add_rms_norm(x, w_fp8, w_scale, residual, norm_scale, *, eps, mod
     M = x.size // x.shape[-1] if x.shape[-1] else 0
     one_launch = (M > 0 and w_fp8.size > 0 and default_reduce("gemm", reduce) == "kernel"
                   and (mode == "weight_only" or (mode == "auto" and M <= 64)))
-    if not one_launch:  # the GEMM, then the add + norm kernel, which also sums the GEMM's split-K partials
+    if not one_launch:  # the GEMM, then the add + norm kernel
         from pallas_kernels.fused_norm import add_rms_norm
 
-        kw["out_dtype"] = residual.dtype
-        if sum_in_norm():
-            y, parts = _fp8_matmul(x, w_fp8, w_scale, None, **kw, partials_out=True)
-        else:
-            y, parts = _fp8_matmul(x, w_fp8, w_scale, None, **kw), False
-        s, yn = add_rms_norm(residual, y, norm_scale, eps=eps, partials=parts, interpret=interpret,
-                             poison_output=poison_output)
+        y = _fp8_matmul(x, w_fp8, w_scale, None, **dict(kw, out_dtype=residual.dtype))
+        s, yn = add_rms_norm(residual, y, norm_scale, eps=eps, interpret=interpret, poison_output=poison_output)
         return s, yn.astype(out_dtype or residual.dtype)
     kw["out_dtype"] = out_dtype or residual.dtype
     return _fp8_matmul(x, w_fp8, w_scale, (residual, norm_scale, eps), **kw)
-
-
-def sum_in_norm() -> bool:
-    """Whether fp8_matmul_add_rms_norm, on its two-launch path, leaves the GEMM's split-K partials to the add +
-    norm kernel to sum (one XLA launch fewer per output projection / down projection) rather than summing them
-    in XLA first: MAVJAX_SUM_IN_NORM (default 1; 0 for A/B timing). Read when a function is traced."""
-    v = os.environ.get("MAVJAX_SUM_IN_NORM", "1").strip()
-    if v not in ("0", "1"):
-        raise ValueError(f"MAVJAX_SUM_IN_NORM must be 0 or 1, got {v!r}")
-    return v == "1"
 
 
 def _kwargs(loc):
@@ -581,9 +562,7 @@ def _kwargs(loc):
 
 def _fp8_matmul(x, w_fp8, w_scale, add_norm, *, mode, block_m, block_n, block_k, split_k, group_m, num_warps,
                 num_stages, out_dtype, scale_block, w_transposed, evict, swap_ab, compute_dtype, reduce,
-                interpret, poison_output, partials_out=False):
-    """fp8_matmul's body. partials_out: return (y or the split-K partials [S, *lead, N] float32, whether they
-    are partials) - weight-only mode with reduce="xla" and K split gives the partials (_weight_only_pallas)."""
+                interpret, poison_output):
     *lead, K = x.shape
     N, Kw = w_fp8.shape if w_transposed else w_fp8.shape[::-1]
     if Kw != K:
@@ -600,9 +579,8 @@ def _fp8_matmul(x, w_fp8, w_scale, add_norm, *, mode, block_m, block_n, block_k,
     if mode not in ("weight_only", "fp8_fp8"):
         raise ValueError(f"unknown mode {mode!r}")
     reduce = default_reduce("gemm", reduce)
-    done = (lambda y: (y, False)) if partials_out else (lambda y: y)  # noqa: E731
     if M == 0 or N == 0 or K == 0:
-        return done(jnp.zeros((*lead, N), out_dtype))
+        return jnp.zeros((*lead, N), out_dtype)
 
     cfg = default_config(mode, M, N, K, scale_kind)
     block_n = block_n or cfg["block_n"]
@@ -632,13 +610,10 @@ def _fp8_matmul(x, w_fp8, w_scale, add_norm, *, mode, block_m, block_n, block_k,
                                        add_norm=(res2, add_norm[1], add_norm[2]), **common)
             return s.reshape(*lead, N), y.reshape(*lead, N)
         y = _weight_only_pallas(x2, w_fp8, w_scale, split_k=split_k or cfg["split_k"],
-                                evict=evict, swap_ab=swap_ab, cdt=cdt, reduce=reduce, partials_out=partials_out,
-                                **common)
-        if y.ndim == 3:  # the split-K partials [S, M, N] (partials_out)
-            return y.reshape(y.shape[0], *lead, N), True
+                                evict=evict, swap_ab=swap_ab, cdt=cdt, reduce=reduce, **common)
     else:
         block_m = block_m or cfg["block_m"]
         if block_m & (block_m - 1):
             raise ValueError(f"block_m={block_m} must be a power of two")
         y = _fp8_fp8_pallas(x2, w_fp8, w_scale, block_m=block_m, group_m=group_m, **common)
-    return done(y.reshape(*lead, N))
+    return y.reshape(*lead, N)

@@ -3,11 +3,7 @@
     s = x + h                                   (in x's dtype: the model's residual stream)
     y = rms_norm(s, scale, eps)                 (mavjax.model.rms_norm: float32 statistics, cast, then * scale)
 
-Returns (s, y). `h` may also be the split-K partials of the projection that produced it, float32 [S, ..., D]
-(`partials=True`): the kernel sums them (in split order, float32), rounds the sum to x's dtype (what XLA's sum
-and cast after the GEMM give) and goes on as above, so the projection's split-K sum costs no launch of its own.
-
-Unfused, XLA reads x and h, writes s, then reads s again for the norm (or fuses the two but
+Returns (s, y). Unfused, XLA reads x and h, writes s, then reads s again for the norm (or fuses the two but
 still materialises s and y separately); here one program reads a block of rows of x and h once and writes
 both outputs, so the pair costs exactly 2 reads + 2 writes of [M, D].
 
@@ -37,19 +33,14 @@ def add_rms_norm_ref(x, h, scale, eps):
     return s, rms_norm(s, scale, eps)
 
 
-def _kernel(x_ref, h_ref, w_ref, s_ref, y_ref, *, m, d, block_m, block_d, eps, num_parts):
+def _kernel(x_ref, h_ref, w_ref, s_ref, y_ref, *, m, d, block_m, block_d, eps):
     pid = pl.program_id(0)
     m0 = pl.multiple_of(pid * block_m, block_m)
     r_in = _in_bounds(m0, block_m, m)
     c_in = _in_bounds(0, block_d, d)
     mask = _mask2(r_in, c_in)
-    tile = (pl.ds(m0, block_m), pl.ds(0, block_d))
-    x = _load(x_ref.at[tile], mask)                                                  # [bm, bd]
-    if num_parts:  # h's split-K partials [S, M, D] f32: their sum, rounded to x's dtype
-        h = functools.reduce(jnp.add, [_load(h_ref.at[(jnp.int32(i), *tile)], mask) for i in range(num_parts)])
-        h = h.astype(x.dtype)
-    else:
-        h = _load(h_ref.at[tile], mask)                                              # [bm, bd]
+    x = _load(x_ref.at[pl.ds(m0, block_m), pl.ds(0, block_d)], mask)                 # [bm, bd]
+    h = _load(h_ref.at[pl.ds(m0, block_m), pl.ds(0, block_d)], mask)                 # [bm, bd]
     s = (x + h).astype(s_ref.dtype)                                                  # residual, rounded as XLA does
     sf = s.astype(jnp.float32)                                                       # masked lanes are 0
     r = jax.lax.rsqrt(jnp.sum(sf * sf, axis=1) / d + eps)                            # [bm]
@@ -59,17 +50,12 @@ def _kernel(x_ref, h_ref, w_ref, s_ref, y_ref, *, m, d, block_m, block_d, eps, n
     _store(y_ref.at[pl.ds(m0, block_m), pl.ds(0, block_d)], y.astype(y_ref.dtype), mask)
 
 
-@functools.partial(jax.jit, static_argnames=("eps", "partials", "block_m", "num_warps", "interpret", "poison_output"))
-def add_rms_norm(x, h, scale, *, eps, partials=False, block_m=4, num_warps=None, interpret=False,
-                 poison_output=False):
-    """(x + h, rms_norm(x + h, scale, eps)) in one kernel. x, h [..., D]; scale [D]. partials=True: h is instead
-    float32 [S, ..., D], split-K partials whose sum (rounded to x's dtype) is the h added (module doc).
+@functools.partial(jax.jit, static_argnames=("eps", "block_m", "num_warps", "interpret", "poison_output"))
+def add_rms_norm(x, h, scale, *, eps, block_m=4, num_warps=None, interpret=False, poison_output=False):
+    """(x + h, rms_norm(x + h, scale, eps)) in one kernel. x, h [..., D]; scale [D].
     block_m: rows per program (a power of two). poison_output: outputs start as NaN (aliased in), so an
     element the kernel does not write shows up (tests)."""
-    if partials:
-        if h.ndim != x.ndim + 1 or h.shape[1:] != x.shape or h.dtype != jnp.float32 or h.shape[0] < 1:
-            raise ValueError(f"partials must be float32 [S, *{x.shape}], got {h.shape} {h.dtype}")
-    elif x.shape != h.shape or x.dtype != h.dtype:
+    if x.shape != h.shape or x.dtype != h.dtype:
         raise ValueError(f"x {x.shape} {x.dtype} and h {h.shape} {h.dtype} must have the same shape and dtype")
     D = x.shape[-1]
     if scale.shape != (D,):
@@ -77,15 +63,13 @@ def add_rms_norm(x, h, scale, *, eps, partials=False, block_m=4, num_warps=None,
     if block_m < 1 or block_m & (block_m - 1):
         raise ValueError(f"block_m={block_m} must be a power of two")
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, D)
-    h2 = h.reshape(h.shape[0], -1, D) if partials else h.reshape(-1, D)
+    x2, h2 = x.reshape(-1, D), h.reshape(-1, D)
     M = x2.shape[0]
     if M == 0:
         return x, x
     y_dtype = jnp.promote_types(x.dtype, scale.dtype)
     block_d = _next_pow2(D)
-    kernel = functools.partial(_kernel, m=M, d=D, block_m=block_m, block_d=block_d, eps=float(eps),
-                               num_parts=h.shape[0] if partials else 0)
+    kernel = functools.partial(_kernel, m=M, d=D, block_m=block_m, block_d=block_d, eps=float(eps))
     out_shape = (jax.ShapeDtypeStruct((M, D), x.dtype), jax.ShapeDtypeStruct((M, D), y_dtype))
     args, aliases = [x2, h2, scale], {}
     if poison_output:

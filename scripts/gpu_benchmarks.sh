@@ -8,8 +8,7 @@
 # own launches: MAVJAX_PALLAS_DISABLE=moe_shared), split_k (the rank with split-K sums in the kernels or in XLA,
 # section 9), dtype (the rank with bf16 or f16 dots, section 10), pdl / pdl_kernels (the rank and its kernels
 # with XLA's programmatic dependent launch off and on, section 11), kernel_profile (each op's kernels under
-# the profiler, section 12), sum_in_norm (the projections' split-K sums in the add + norm kernel or in XLA,
-# section 14), attn_stages (the attention's split x tile x
+# the profiler, section 12), attn_stages (the attention's split x tile x
 # pipeline-depth sweep at 8K / 32K, section 11), decode (2-layer model, section 5),
 # kernels (bench_kernels, section 5), allreduce (psum variants and the one-shot kernel), sharded (2-layer
 # model over expert/tensor meshes, bench_sharded_decode), mesh (mavjax bench over a tensor mesh, FP8 + Pallas,
@@ -70,12 +69,6 @@ step kernel_profile 200 bash -c 'python3 scripts/tune_decode_kernels.py --max-ca
   && python3 scripts/tune_decode_kernels.py --shard 1 --experts 16 --unroll 4 --max-cands 0 --contexts \
   --only "moe pair gate" "moe pairs" "mlp" "o " --profile' && grep -E "copy|^profile|^ +[0-9.]+ +1\.0 " \
   "$OUT/kernel_profile.log"
-# The output / down projections' split-K partials summed in the add + RMSNorm kernel (MAVJAX_SUM_IN_NORM=1, the
-# default) or by XLA before it (0): the rank at batch 1, then the 2-layer model's tokens on both paths (section 14)
-step sum_in_norm 240 bash -c 'for v in 1 0; do MAVJAX_SUM_IN_NORM=$v timeout 90 python3 scripts/benchmark.py \
-  --random-weights --preset maverick --rank-slice 8 --rank-kernels pallas --rank-batch-sizes 1 2>&1 \
-  | sed "s/^/[sum_in_norm=$v] /"; done; timeout 80 python3 scripts/check_kernels_gpu.py --shard 8 --tokens 16 \
-  --checks model --timeout 70' && grep -E "B=[0-9]+ T=|copy|rror|shard 1/" "$OUT/sum_in_norm.log"
 # The split-KV attention's pipeline depth at 8K and 32K (docs/benchmarks.md section 10: XLA won at 32K, bf16)
 step attn_stages 160 python3 scripts/tune_decode_kernels.py --shard 1 --only attention --contexts 8192 32768 \
   --kv bf16 fp8 --unroll 2 --budget-s 100 --json "$OUT/attn_stages.json" && sed -n '/^op /,$p' "$OUT/attn_stages.log"
