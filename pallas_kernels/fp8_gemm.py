@@ -48,6 +48,7 @@ except ImportError:  # pragma: no cover - very old / very new jax without the Tr
     plgpu = None
 
 from pallas_kernels import upcast
+from pallas_kernels.k_loop import stream_k
 from pallas_kernels.split_k import arrive, counters, default_reduce, load_partial, sum_partials
 
 FP8 = jnp.float8_e4m3fn
@@ -282,16 +283,12 @@ def _weight_only_kernel(x_ref, w_ref, s_ref, *refs, m, n, k, block_m, block_n, b
         return _load(x_ref.at[pl.ds(0, block_m), pl.ds(k0, block_k)], _mask2(m_in, _in_bounds(k0, block_k, k)),
                      "evict_last" if evict else None)                                  # [bm, bk]
 
-    # f16 dots: one power-of-two scale per row over this program's K range (pallas_kernels/upcast.py)
-    x_mul, x_s = upcast.row_scales(load_x, kb_lo, kb_hi, (block_m, block_k), cdt)
-
-    def body(kb, acc):
+    def load_w(kb):  # w is streamed exactly once (evict it first)
         k0 = pl.multiple_of(kb * block_k, block_k)
-        k_in = _in_bounds(k0, block_k, k)
-        x = upcast.scaled(load_x(kb), x_mul, cdt)                                     # [bm, bk]
-        # w is streamed exactly once (evict it first)
-        w = _load_w_tile(w_ref, k0, n0, block_k, block_n, k_in, n_in, w_transposed,
-                         "evict_first" if evict else None)                              # fp8
+        return _load_w_tile(w_ref, k0, n0, block_k, block_n, _in_bounds(k0, block_k, k), n_in, w_transposed,
+                            "evict_first" if evict else None)                           # fp8
+
+    def step(kb, x, w, acc):  # x [bm, bk] in cdt (f16: scaled per row, pallas_kernels/k_loop.py)
         w = w.astype(cdt)                                                              # e4m3 -> f16 is exact
         if swap_ab:
             dims = (((1,), (1,)), ((), ())) if w_transposed else (((0,), (1,)), ((), ()))
@@ -302,7 +299,8 @@ def _weight_only_kernel(x_ref, w_ref, s_ref, *refs, m, n, k, block_m, block_n, b
             part = part * _block_scale(s_ref, kb, pid_n, block_k, block_n, scale_block, w_transposed)
         return acc + part
 
-    acc = lax.fori_loop(kb_lo, kb_hi, body, jnp.zeros(acc_shape, jnp.float32))
+    acc, x_s = stream_k(load_x, load_w, step, jnp.zeros(acc_shape, jnp.float32), kb_lo, kb_hi, kb_per_split,
+                        (block_m, block_k), cdt)
     if x_s is not None:
         acc = acc * (x_s[None, :] if swap_ab else x_s[:, None])
     if scale_kind == "channel":  # once, after the K loop

@@ -44,6 +44,7 @@ from pallas_kernels.fp8_gemm import (
     FP8, _call, _silu, _exact_upcast, _in_bounds, _load, _mask2, _next_pow2, _store, default_config,
     quantize_activation_per_token)
 from pallas_kernels import upcast
+from pallas_kernels.k_loop import stream_k
 from pallas_kernels.split_k import arrive, counters, default_reduce, sum_partials
 
 __all__ = ["gate_up_swiglu_ref", "gate_up_swiglu", "qkv_rope_ref", "qkv_rope", "rope_columns"]
@@ -121,10 +122,10 @@ def qkv_rope_ref(x, wq, sq, wk, sk, wv, sv, *, head_dim, rope=None, q_row_scale=
 # Shared kernel pieces
 # ----------------------------------------------------------------------------------------------------------
 
-def _k_loop(x_ref, w_refs, n0s, n_ins, *, m0, m_in, k, block_m, block_n, block_k, kb_lo, kb_hi, x_fp8, cdt,
-            evict):
-    """f32 accumulators x[m0:m0+bm] @ w[:, n0:n0+bn] for each (w, n0) over K blocks [kb_lo, kb_hi): the x
-    tile is loaded once per K step and shared by every weight."""
+def _k_loop(x_ref, w_refs, n0s, n_ins, *, m0, m_in, k, block_m, block_n, block_k, kb_lo, kb_hi, steps, x_fp8,
+            cdt, evict):
+    """f32 accumulators x[m0:m0+bm] @ w[:, n0:n0+bn] for each (w, n0) over K blocks [kb_lo, kb_hi) (at most
+    `steps`): the x tile is loaded once per K step and shared by every weight (pallas_kernels/k_loop.py)."""
     hint_x, hint_w = ("evict_last", "evict_first") if (evict and not x_fp8) else (None, None)
 
     def load_x(kb):
@@ -132,23 +133,20 @@ def _k_loop(x_ref, w_refs, n0s, n_ins, *, m0, m_in, k, block_m, block_n, block_k
         return _load(x_ref.at[pl.ds(m0, block_m), pl.ds(k0, block_k)], _mask2(m_in, _in_bounds(k0, block_k, k)),
                      hint_x)                                                                    # [bm, bk]
 
-    # f16 dots: one power-of-two scale per row over this program's K range (pallas_kernels/upcast.py)
-    x_mul, x_s = (None, None) if x_fp8 else upcast.row_scales(load_x, kb_lo, kb_hi, (block_m, block_k), cdt)
-
-    def body(kb, accs):
+    def load_ws(kb):
         k0 = pl.multiple_of(kb * block_k, block_k)
         k_in = _in_bounds(k0, block_k, k)
-        xt = load_x(kb) if x_fp8 else upcast.scaled(load_x(kb), x_mul, cdt)  # [bm, bk]
-        out = []
-        for w_ref, n0, n_in, acc in zip(w_refs, n0s, n_ins, accs):
-            w = _load(w_ref.at[pl.ds(k0, block_k), pl.ds(n0, block_n)], _mask2(k_in, n_in), hint_w)  # [bk, bn]
-            if not x_fp8:
-                w = w.astype(cdt)  # e4m3 -> f16 / bf16 is exact
-            out.append(acc + jnp.dot(xt, w, preferred_element_type=jnp.float32))  # [bm, bk] x [bk, bn]
-        return tuple(out)
+        return tuple(_load(w_ref.at[pl.ds(k0, block_k), pl.ds(n0, block_n)], _mask2(k_in, n_in), hint_w)
+                     for w_ref, n0, n_in in zip(w_refs, n0s, n_ins))                           # [bk, bn] each
+
+    def step(kb, xt, ws, accs):  # xt [bm, bk]: FP8 as loaded, else in cdt (f16: scaled per row)
+        # e4m3 -> f16 / bf16 is exact
+        return tuple(acc + jnp.dot(xt, w if x_fp8 else w.astype(cdt), preferred_element_type=jnp.float32)
+                     for w, acc in zip(ws, accs))                                              # [bm, bn]
 
     zero = jnp.zeros((block_m, block_n), jnp.float32)
-    accs = lax.fori_loop(kb_lo, kb_hi, body, tuple(zero for _ in w_refs))
+    accs, x_s = stream_k(load_x, load_ws, step, tuple(zero for _ in w_refs), kb_lo, kb_hi, steps,
+                         (block_m, block_k), cdt, scale_x=not x_fp8)
     return accs if x_s is None else tuple(a * x_s[:, None] for a in accs)
 
 
@@ -242,7 +240,8 @@ def _gate_up_kernel(x_ref, xs_ref, wg_ref, sg_ref, wu_ref, su_ref, *refs, m, n, 
     kb_lo = pid_s * kb_per_split
     kb_hi = jnp.minimum(kb_lo + kb_per_split, pl.cdiv(k, block_k))
     g, u = _k_loop(x_ref, (wg_ref, wu_ref), (n0, n0), (n_in, n_in), m0=m0, m_in=m_in, k=k, block_m=block_m,
-                   block_n=block_n, block_k=block_k, kb_lo=kb_lo, kb_hi=kb_hi, x_fp8=x_fp8, cdt=cdt, evict=evict)
+                   block_n=block_n, block_k=block_k, kb_lo=kb_lo, kb_hi=kb_hi, steps=kb_per_split, x_fp8=x_fp8,
+                   cdt=cdt, evict=evict)
     xs = _load(xs_ref.at[pl.ds(m0, block_m)], m_in) if x_fp8 else None
     g = _scale_acc(g, sg_ref, xs, n0, n_in, block_n)  # [bm, bn] f32
     u = _scale_acc(u, su_ref, xs, n0, n_in, block_n)
@@ -345,8 +344,8 @@ def _qkv_kernel(x_ref, xs_ref, cos_ref, sin_ref, rs_ref, wq_ref, sq_ref, wk_ref,
         n0 = pl.multiple_of(j * block_n, block_n)
         n_in = _in_bounds(n0, block_n, n)
         (acc,) = _k_loop(x_ref, (w_ref,), (n0,), (n_in,), m0=m0, m_in=m_in, k=k, block_m=block_m,
-                         block_n=block_n, block_k=block_k, kb_lo=kb_lo, kb_hi=kb_hi, x_fp8=x_fp8, cdt=cdt,
-                         evict=evict)
+                         block_n=block_n, block_k=block_k, kb_lo=kb_lo, kb_hi=kb_hi, steps=kb_per_split,
+                         x_fp8=x_fp8, cdt=cdt, evict=evict)
         acc = _scale_acc(acc, s_ref, xs, n0, n_in, block_n)  # [bm, bn] f32
         if rope and t < 2:  # linear: fine on a split-K partial
             c0 = pl.multiple_of(lax.rem(n0, jnp.int32(head_dim)), block_n)  # column within the head (block_n | Dh)

@@ -78,6 +78,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels import split_k as _split_k
 from pallas_kernels import upcast
+from pallas_kernels.k_loop import stream_k
 from pallas_kernels.fp8_gemm import (
     FP8, NUM_SMS_H100, _call, _silu, _exact_upcast, _in_bounds, _load, _mask2, _next_pow2, _store,
     quantize_weight_per_channel, weight_only_blocks)
@@ -217,21 +218,19 @@ def _gate_up_kernel(*refs, d, f, block_m, block_n, block_k, kb_per_split, partia
                        hint_x)
             return xt * score[:, None]                                                      # [bm, bk]
 
-        x_mul, x_s = upcast.row_scales(load_x, kb_lo, kb_hi, (block_m, block_k), cdt)  # f16: per row scales
-
-        def body(kb, acc):
-            g, u = acc
+        def load_w(kb):
             k0 = pl.multiple_of(kb * block_k, block_k)
-            k_in = _in_bounds(k0, block_k, d)
-            xt = upcast.scaled(load_x(kb), x_mul, cdt)
-            wmask = _mask2(k_in, n_in)
-            wg = _load(wg_ref.at[e, pl.ds(k0, block_k), pl.ds(n0, block_n)], wmask, hint_w).astype(cdt)
-            wu = _load(wu_ref.at[e, pl.ds(k0, block_k), pl.ds(n0, block_n)], wmask, hint_w).astype(cdt)
-            return (g + jnp.dot(xt, wg, preferred_element_type=jnp.float32),    # [bm, bk] x [bk, bn]
-                    u + jnp.dot(xt, wu, preferred_element_type=jnp.float32))
+            wmask = _mask2(_in_bounds(k0, block_k, d), n_in)
+            return (_load(wg_ref.at[e, pl.ds(k0, block_k), pl.ds(n0, block_n)], wmask, hint_w),
+                    _load(wu_ref.at[e, pl.ds(k0, block_k), pl.ds(n0, block_n)], wmask, hint_w))
+
+        def step(kb, xt, w, acc):  # xt [bm, bk] in cdt (f16: scaled per row)
+            return tuple(a + jnp.dot(xt, wt.astype(cdt), preferred_element_type=jnp.float32)  # [bm, bk] x [bk, bn]
+                         for a, wt in zip(acc, w))
 
         zero = jnp.zeros((block_m, block_n), jnp.float32)
-        g, u = lax.fori_loop(kb_lo, kb_hi, body, (zero, zero))
+        (g, u), x_s = stream_k(load_x, load_w, step, (zero, zero), kb_lo, kb_hi, kb_per_split, (block_m, block_k),
+                               cdt)
         if x_s is not None:
             g, u = g * x_s[:, None], u * x_s[:, None]
         if has_scales:
@@ -333,21 +332,19 @@ def _pair_gate_up_kernel(*refs, k, d, f, num_pairs, block_n, block_k, kb_per_spl
             xt = _load(x_ref.at[row, pl.ds(k0, block_k)], _in_bounds(k0, block_k, d))          # [bk]
             return xt if score is None else xt * score     # router score on the input (x's dtype)
 
-        x_mul, x_s = upcast.row_scales(load_x, kb_lo, kb_hi, (block_k,), cdt)  # f16: the row's scale (scalars)
-
-        def body(kb, acc):
-            g, u = acc
+        def load_w(kb):
             k0 = pl.multiple_of(kb * block_k, block_k)
-            k_in = _in_bounds(k0, block_k, d)
-            xt = _pair_rows(upcast.scaled(load_x(kb), x_mul, cdt))                            # [16, bk]
-            wmask = _mask2(k_in, n_in)
-            wg = _load(wg_ref.at[e, pl.ds(k0, block_k), pl.ds(n0, block_n)], wmask, hint_w).astype(cdt)
-            wu = _load(wu_ref.at[e, pl.ds(k0, block_k), pl.ds(n0, block_n)], wmask, hint_w).astype(cdt)
-            return (g + jnp.dot(xt, wg, preferred_element_type=jnp.float32),    # [16, bk] x [bk, bn]
-                    u + jnp.dot(xt, wu, preferred_element_type=jnp.float32))
+            wmask = _mask2(_in_bounds(k0, block_k, d), n_in)
+            return (_load(wg_ref.at[e, pl.ds(k0, block_k), pl.ds(n0, block_n)], wmask, hint_w),
+                    _load(wu_ref.at[e, pl.ds(k0, block_k), pl.ds(n0, block_n)], wmask, hint_w))
+
+        def step(kb, xt, w, acc):  # xt [bk] in cdt (f16: the row's scale, a scalar)
+            xt = _pair_rows(xt)                                                               # [16, bk]
+            return tuple(a + jnp.dot(xt, wt.astype(cdt), preferred_element_type=jnp.float32)  # [16, bk] x [bk, bn]
+                         for a, wt in zip(acc, w))
 
         zero = jnp.zeros((_MIN_BLOCK, block_n), jnp.float32)
-        g, u = lax.fori_loop(kb_lo, kb_hi, body, (zero, zero))
+        (g, u), x_s = stream_k(load_x, load_w, step, (zero, zero), kb_lo, kb_hi, kb_per_split, (block_k,), cdt)
         g, u = jnp.sum(g, axis=0), jnp.sum(u, axis=0)  # rows 1.. are exact zeros: this is row 0, [bn]
         if x_s is not None:
             g, u = g * x_s, u * x_s

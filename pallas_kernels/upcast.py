@@ -73,6 +73,17 @@ def row_scales(load_x, lo, hi, shape, cdt):
     return _scales(jnp.max(amax, axis=-1))
 
 
+def row_scales_of(blocks, cdt):
+    """row_scales over blocks already loaded (a list of [rows, cols] or [cols] arrays): (mul, s), or (None, None)
+    for cdt other than float16."""
+    if jnp.dtype(cdt) != jnp.float16:
+        return None, None
+    amax = jnp.abs(blocks[0].astype(jnp.float32))
+    for b in blocks[1:]:
+        amax = jnp.maximum(amax, jnp.abs(b.astype(jnp.float32)))
+    return _scales(jnp.max(amax, axis=-1))
+
+
 def scaled(x, mul, cdt):
     """x [rows, cols] in cdt, each row multiplied by mul [rows] first (None: a plain cast)."""
     if mul is None:
