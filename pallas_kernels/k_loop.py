@@ -24,15 +24,22 @@ from pallas_kernels import upcast
 
 # Programs with more K blocks than this keep the loop: every unrolled tile is live in registers at once.
 UNROLL_MAX = 8
+# ... and with more than this, the x blocks of the pre-pass are not all loaded at once either.
+PREPASS_MAX = 8
 
 
 def order(steps: int) -> str:
-    """"loop" or "unroll" for a program of `steps` K blocks: $MAVJAX_K_LOOP if set, else unroll up to UNROLL_MAX."""
-    v = os.environ.get("MAVJAX_K_LOOP", "").strip()
-    if v and v not in ("loop", "unroll"):
-        raise ValueError(f"MAVJAX_K_LOOP must be 'loop' or 'unroll', got {v!r}")
-    if v == "unroll" or (not v and steps <= UNROLL_MAX):
+    """How a program of `steps` K blocks runs: "unroll", "prepass" (the pre-pass's x loads all issued at once,
+    then the pipelined loop) or "loop". $MAVJAX_K_LOOP: loop | prepass | unroll | unroll:N (unroll up to N
+    steps, the pre-pass above); default unroll up to UNROLL_MAX."""
+    v = os.environ.get("MAVJAX_K_LOOP", "").strip() or "unroll"
+    mode, _, n = v.partition(":")
+    if mode not in ("loop", "prepass", "unroll") or (n and (mode != "unroll" or not n.isdigit())):
+        raise ValueError(f"MAVJAX_K_LOOP must be loop, prepass, unroll or unroll:N, got {v!r}")
+    if mode == "unroll" and steps <= (int(n) if n else UNROLL_MAX):
         return "unroll"
+    if mode != "loop" and steps <= PREPASS_MAX:
+        return "prepass"
     return "loop"
 
 
@@ -43,11 +50,17 @@ def stream_k(load_x, load_ws, step, init, lo, hi, steps, x_shape, cdt, *, scale_
     the weight tiles as loaded. The caller multiplies acc by s (per row) once."""
     f16 = scale_x and jnp.dtype(cdt) == jnp.float16
     convert = (lambda v, mul: upcast.scaled(v, mul, cdt)) if scale_x else (lambda v, mul: v)
-    if order(steps) == "loop":
-        mul, s = upcast.row_scales(load_x, lo, hi, x_shape, cdt) if f16 else (None, None)
+    how = order(steps)
+    kbs = [jnp.minimum(lo + i, hi - 1) for i in range(steps)]
+    if how != "unroll":
+        if not f16:
+            mul, s = None, None
+        elif how == "prepass":  # x's blocks all in flight at once (re-read blocks do not change the max)
+            mul, s = upcast.row_scales_of([load_x(kb) for kb in kbs], cdt)
+        else:
+            mul, s = upcast.row_scales(load_x, lo, hi, x_shape, cdt)
         return lax.fori_loop(lo, hi, lambda kb, acc: step(kb, convert(load_x(kb), mul), load_ws(kb), acc),
                              init), s
-    kbs = [jnp.minimum(lo + i, hi - 1) for i in range(steps)]
     xs = [load_x(kb) for kb in kbs]                     # every load of the program issued before any use
     ws = [load_ws(kb) for kb in kbs]
     mul, s = upcast.row_scales_of(xs, cdt) if f16 else (None, None)
