@@ -2,15 +2,17 @@
 program's K blocks [lo, hi), at most `steps` of them (split-K: steps = K blocks per split, static).
 
 At decode a program of one 8-way rank's kernels streams only 2-5 K blocks, and what it costs is the chain of
-dependent memory round trips more than the bytes (docs/benchmarks.md sections 12-14). Two orders:
+dependent memory round trips more than the bytes (docs/benchmarks.md sections 12-14). Three orders:
 
 * "loop": the f16 row-scale pre-pass over x (upcast.row_scales: one L2 round trip per K block, in sequence),
   then a fori_loop that loads x and the weight tiles per step (Triton pipelines it num_stages deep).
-* "unroll" (steps <= UNROLL_MAX): every x block and weight tile of the program is requested first, all in
-  flight together, then the scale and the dots follow: one round trip in all. Steps past hi (the last split's
-  missing blocks) re-read block hi - 1 (an L1 hit) and contribute zero (their x block is zeroed).
+* "prepass": the same loop, but the pre-pass requests all its x blocks at once (one round trip).
+* "unroll": every x block and weight tile of the program is requested first, all in flight together, then the
+  scale and the dots follow. Steps past hi (the last split's missing blocks) re-read block hi - 1 (an L1 hit)
+  and contribute zero (their x block is zeroed). It holds every tile in registers, and loses to the
+  pipeline's asynchronous copies beyond a few tiles (UNROLL_MAX_TILES).
 
-MAVJAX_K_LOOP=loop|unroll forces one order (A/B timing); read when a kernel is traced.
+MAVJAX_K_LOOP (see `order`) forces one for A/B timing; read when a kernel is traced.
 """
 
 from __future__ import annotations
@@ -22,35 +24,37 @@ from jax import lax
 
 from pallas_kernels import upcast
 
-# Programs with more K blocks than this keep the loop: every unrolled tile is live in registers at once.
-UNROLL_MAX = 8
-# ... and with more than this, the x blocks of the pre-pass are not all loaded at once either.
+# Unrolled when a program streams at most this many weight tiles (K steps x weights per step): from the rank's
+# kernels on an H200 (docs/benchmarks.md section 14) - the output projection (2 steps) and QKV (3) gained 0.5-1 us
+# unrolled, the gate/up kernels (two tiles a step) lost 1-2 us against the "prepass" order.
+UNROLL_MAX_TILES = 3
+# Programs with more K blocks than this keep the loop's pre-pass (its x blocks would all be live at once).
 PREPASS_MAX = 8
 
 
-def order(steps: int) -> str:
-    """How a program of `steps` K blocks runs: "unroll", "prepass" (the pre-pass's x loads all issued at once,
-    then the pipelined loop) or "loop". $MAVJAX_K_LOOP: loop | prepass | unroll | unroll:N (unroll up to N
-    steps, the pre-pass above); default unroll up to UNROLL_MAX."""
-    v = os.environ.get("MAVJAX_K_LOOP", "").strip() or "unroll"
+def order(steps: int, tiles: int = 1) -> str:
+    """How a program of `steps` K blocks, `tiles` weight tiles each, runs: "unroll", "prepass" (the pre-pass's x
+    loads all issued at once, then the pipelined loop) or "loop". $MAVJAX_K_LOOP (A/B timing): loop | prepass |
+    unroll:N (unroll up to N weight tiles, the pre-pass above); default unroll:UNROLL_MAX_TILES."""
+    v = os.environ.get("MAVJAX_K_LOOP", "").strip() or f"unroll:{UNROLL_MAX_TILES}"
     mode, _, n = v.partition(":")
-    if mode not in ("loop", "prepass", "unroll") or (n and (mode != "unroll" or not n.isdigit())):
-        raise ValueError(f"MAVJAX_K_LOOP must be loop, prepass, unroll or unroll:N, got {v!r}")
-    if mode == "unroll" and steps <= (int(n) if n else UNROLL_MAX):
+    if mode not in ("loop", "prepass", "unroll") or (mode == "unroll") != n.isdigit():
+        raise ValueError(f"MAVJAX_K_LOOP must be loop, prepass or unroll:N, got {v!r}")
+    if mode == "unroll" and steps * tiles <= int(n):
         return "unroll"
     if mode != "loop" and steps <= PREPASS_MAX:
         return "prepass"
     return "loop"
 
 
-def stream_k(load_x, load_ws, step, init, lo, hi, steps, x_shape, cdt, *, scale_x=True):
+def stream_k(load_x, load_ws, step, init, lo, hi, steps, x_shape, cdt, *, tiles=1, scale_x=True):
     """(acc, s): acc after step(kb, x, ws, acc) for each K block kb in [lo, hi), where x = load_x(kb) [x_shape]
     in cdt (f16: each row divided by its power-of-two scale s [rows] over the whole range, upcast.row_scales;
     s is None for other dtypes or scale_x=False, which casts x as it is: FP8 activations) and ws = load_ws(kb),
-    the weight tiles as loaded. The caller multiplies acc by s (per row) once."""
+    the weight tiles as loaded (`tiles` of them). The caller multiplies acc by s (per row) once."""
     f16 = scale_x and jnp.dtype(cdt) == jnp.float16
     convert = (lambda v, mul: upcast.scaled(v, mul, cdt)) if scale_x else (lambda v, mul: v)
-    how = order(steps)
+    how = order(steps, tiles)
     kbs = [jnp.minimum(lo + i, hi - 1) for i in range(steps)]
     if how != "unroll":
         if not f16:

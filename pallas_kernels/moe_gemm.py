@@ -230,7 +230,7 @@ def _gate_up_kernel(*refs, d, f, block_m, block_n, block_k, kb_per_split, partia
 
         zero = jnp.zeros((block_m, block_n), jnp.float32)
         (g, u), x_s = stream_k(load_x, load_w, step, (zero, zero), kb_lo, kb_hi, kb_per_split, (block_m, block_k),
-                               cdt)
+                               cdt, tiles=2)
         if x_s is not None:
             g, u = g * x_s[:, None], u * x_s[:, None]
         if has_scales:
@@ -344,7 +344,8 @@ def _pair_gate_up_kernel(*refs, k, d, f, num_pairs, block_n, block_k, kb_per_spl
                          for a, wt in zip(acc, w))
 
         zero = jnp.zeros((_MIN_BLOCK, block_n), jnp.float32)
-        (g, u), x_s = stream_k(load_x, load_w, step, (zero, zero), kb_lo, kb_hi, kb_per_split, (block_k,), cdt)
+        (g, u), x_s = stream_k(load_x, load_w, step, (zero, zero), kb_lo, kb_hi, kb_per_split, (block_k,), cdt,
+                               tiles=2)
         g, u = jnp.sum(g, axis=0), jnp.sum(u, axis=0)  # rows 1.. are exact zeros: this is row 0, [bn]
         if x_s is not None:
             g, u = g * x_s, u * x_s

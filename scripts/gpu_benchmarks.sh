@@ -77,7 +77,7 @@ step k_loop_check 300 python3 scripts/check_kernels_gpu.py --shard 8 --tokens 1 
 step k_loop_kernels 400 bash -c 'for v in ${K_LOOP_MODES:-loop unroll}; do MAVJAX_K_LOOP=$v python3 scripts/tune_decode_kernels.py \
   --max-cands 0 --contexts 1024 --budget-s 60 2>&1 | sed "s/^/[$v] /"; done' \
   && grep -E "copy|floor us|^\[[a-z:0-9]+\] [a-zA-Z]" "$OUT/k_loop_kernels.log"
-step k_loop 400 bash -c 'for v in ${K_LOOP_MODES:-loop unroll loop unroll}; do MAVJAX_K_LOOP=$v python3 scripts/benchmark.py \
+step k_loop 560 bash -c 'for v in ${K_LOOP_MODES:-loop unroll loop unroll}; do MAVJAX_K_LOOP=$v python3 scripts/benchmark.py \
   --random-weights --preset maverick --rank-slice 8 --rank-kernels pallas --rank-batch-sizes 1 2>&1 \
   | sed "s/^/[$v] /"; done' && grep -E "B=[0-9]+ T=|copy|rror" "$OUT/k_loop.log"
 # The split-KV attention's pipeline depth at 8K and 32K (docs/benchmarks.md section 10: XLA won at 32K, bf16)
