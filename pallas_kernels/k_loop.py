@@ -49,9 +49,10 @@ def order(steps: int, tiles: int = 1) -> str:
 
 def stream_k(load_x, load_ws, step, init, lo, hi, steps, x_shape, cdt, *, tiles=1, scale_x=True):
     """(acc, s): acc after step(kb, x, ws, acc) for each K block kb in [lo, hi), where x = load_x(kb) [x_shape]
-    in cdt (f16: each row divided by its power-of-two scale s [rows] over the whole range, upcast.row_scales;
-    s is None for other dtypes or scale_x=False, which casts x as it is: FP8 activations) and ws = load_ws(kb),
-    the weight tiles as loaded (`tiles` of them). The caller multiplies acc by s (per row) once."""
+    in cdt (f16: each row divided by its power-of-two scale s [rows] over the whole range, upcast.row_scales; s
+    is None for other dtypes) and ws = load_ws(kb), the weight tiles as loaded (`tiles` of them). The caller
+    multiplies acc by s (per row) once. scale_x=False hands step x as loaded (FP8 activations, or blocks that
+    step scales itself) and s is None."""
     f16 = scale_x and jnp.dtype(cdt) == jnp.float16
     convert = (lambda v, mul: upcast.scaled(v, mul, cdt)) if scale_x else (lambda v, mul: v)
     how = order(steps, tiles)

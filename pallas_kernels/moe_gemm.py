@@ -260,16 +260,23 @@ def _down_kernel(*refs, f, d, block_m, block_n, block_k, kb_per_split, partial, 
         kb_lo, kb_hi = _k_range(pid_s, pl.cdiv(f, block_k), kb_per_split)
         hint_x, hint_w = ("evict_last", "evict_first") if evict else (None, None)
 
-        def body(kb, acc):
+        def load_h(kb):
             k0 = pl.multiple_of(kb * block_k, block_k)
-            k_in = _in_bounds(k0, block_k, f)
-            ht = _load(h_ref.at[pl.ds(m0, block_m), pl.ds(k0, block_k)], _mask2(None, k_in), hint_x)
-            ht, hs = upcast.to_compute(ht, cdt)
-            wt = _load(wd_ref.at[e, pl.ds(k0, block_k), pl.ds(n0, block_n)], _mask2(k_in, n_in), hint_w)
-            part = jnp.dot(ht, wt.astype(cdt), preferred_element_type=jnp.float32)  # [bm, bk] x [bk, bn]
-            return acc + (part if hs is None else part * hs[:, None])
+            return _load(h_ref.at[pl.ds(m0, block_m), pl.ds(k0, block_k)], _mask2(None, _in_bounds(k0, block_k, f)),
+                         hint_x)                                                              # [bm, bk]
 
-        y = lax.fori_loop(kb_lo, kb_hi, body, jnp.zeros((block_m, block_n), jnp.float32))
+        def load_w(kb):
+            k0 = pl.multiple_of(kb * block_k, block_k)
+            return _load(wd_ref.at[e, pl.ds(k0, block_k), pl.ds(n0, block_n)],
+                         _mask2(_in_bounds(k0, block_k, f), n_in), hint_w)
+
+        def step(kb, ht, wt, acc):  # ht in cdt (f16: scaled per row over this program's K range)
+            return acc + jnp.dot(ht, wt.astype(cdt), preferred_element_type=jnp.float32)  # [bm, bk] x [bk, bn]
+
+        y, hs = stream_k(load_h, load_w, step, jnp.zeros((block_m, block_n), jnp.float32), kb_lo, kb_hi,
+                         kb_per_split, (block_m, block_k), cdt)
+        if hs is not None:
+            y = y * hs[:, None]
         if has_scales:
             y = y * _load(sd_ref.at[e, pl.ds(n0, block_n)], n_in)[None, :]
         omask = _mask2(None, n_in)
@@ -422,17 +429,29 @@ def _pair_down_kernel(*refs, f, d, k, num_pairs, block_n, block_k, kb_per_split,
         g, u = lax.fori_loop(0, n_gu_splits, add_split, (zero, zero))
         return (_silu(g) * u).astype(upcast.storage_dtype(cdt))  # rounded as a stored h would be     # [bk]
 
-    def run(e, wd_ref, sd_ref):
-        def body(kb, acc):
-            k0 = pl.multiple_of(kb * block_k, block_k)
-            k_in = _in_bounds(k0, block_k, f)
-            ht, hs = upcast.to_compute(h_tile(k0, k_in), cdt)  # hs: a scalar (f16) or None
-            ht = _pair_rows(ht)                                                               # [16, bk]
-            wt = _load(wd_ref.at[e, pl.ds(k0, block_k), pl.ds(n0, block_n)], _mask2(k_in, n_in), hint_w)
-            part = jnp.dot(ht, wt.astype(cdt), preferred_element_type=jnp.float32)  # [16, bk] x [bk, bn]
-            return acc + (part if hs is None else part * hs)
+    def load_h(kb):
+        k0 = pl.multiple_of(kb * block_k, block_k)
+        return h_tile(k0, _in_bounds(k0, block_k, f))                                         # [bk]
 
-        y = jnp.sum(lax.fori_loop(kb_lo, kb_hi, body, jnp.zeros((_MIN_BLOCK, block_n), jnp.float32)), axis=0)
+    def run(e, wd_ref, sd_ref):
+        def load_w(kb):
+            k0 = pl.multiple_of(kb * block_k, block_k)
+            return _load(wd_ref.at[e, pl.ds(k0, block_k), pl.ds(n0, block_n)],
+                         _mask2(_in_bounds(k0, block_k, f), n_in), hint_w)
+
+        def step(kb, ht, wt, acc):  # ht [bk]: in cdt (f16: scaled by the row's scale over this K range), or
+            hb = None               # with the gate/up partials summed here, as loaded and scaled on its own
+            if n_gu_splits:
+                ht, hb = upcast.to_compute(ht, cdt)
+            part = jnp.dot(_pair_rows(ht), wt.astype(cdt), preferred_element_type=jnp.float32)  # [16, bn]
+            return acc + (part if hb is None else part * hb)
+
+        # (each h block summed from partials is computed once: no pre-pass over it)
+        y, hs = stream_k(load_h, load_w, step, jnp.zeros((_MIN_BLOCK, block_n), jnp.float32), kb_lo, kb_hi,
+                         kb_per_split, (block_k,), cdt, scale_x=not n_gu_splits)
+        y = jnp.sum(y, axis=0)  # rows 1.. are exact zeros: this is row 0, [bn]
+        if hs is not None:
+            y = y * hs
         if has_scales:
             y = y * _load(sd_ref.at[e, pl.ds(n0, block_n)], n_in)
         store(y)
