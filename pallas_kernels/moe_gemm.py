@@ -78,6 +78,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels import split_k as _split_k
 from pallas_kernels import upcast
+from pallas_kernels import k_loop
 from pallas_kernels.k_loop import stream_k
 from pallas_kernels.fp8_gemm import (
     FP8, NUM_SMS_H100, _call, _silu, _exact_upcast, _in_bounds, _load, _mask2, _next_pow2, _store,
@@ -270,11 +271,17 @@ def _down_kernel(*refs, f, d, block_m, block_n, block_k, kb_per_split, partial, 
             return _load(wd_ref.at[e, pl.ds(k0, block_k), pl.ds(n0, block_n)],
                          _mask2(_in_bounds(k0, block_k, f), n_in), hint_w)
 
-        def step(kb, ht, wt, acc):  # ht in cdt (f16: scaled per row over this program's K range)
-            return acc + jnp.dot(ht, wt.astype(cdt), preferred_element_type=jnp.float32)  # [bm, bk] x [bk, bn]
+        per_block = k_loop.order(kb_per_split) == "loop"  # no serial pre-pass over h: each block scaled alone
+
+        def step(kb, ht, wt, acc):  # ht in cdt (f16: scaled per row over this program's K range), or as loaded
+            hb = None
+            if per_block:
+                ht, hb = upcast.to_compute(ht, cdt)
+            part = jnp.dot(ht, wt.astype(cdt), preferred_element_type=jnp.float32)  # [bm, bk] x [bk, bn]
+            return acc + (part if hb is None else part * hb[:, None])
 
         y, hs = stream_k(load_h, load_w, step, jnp.zeros((block_m, block_n), jnp.float32), kb_lo, kb_hi,
-                         kb_per_split, (block_m, block_k), cdt)
+                         kb_per_split, (block_m, block_k), cdt, scale_x=not per_block)
         if hs is not None:
             y = y * hs[:, None]
         if has_scales:
@@ -433,6 +440,10 @@ def _pair_down_kernel(*refs, f, d, k, num_pairs, block_n, block_k, kb_per_split,
         k0 = pl.multiple_of(kb * block_k, block_k)
         return h_tile(k0, _in_bounds(k0, block_k, f))                                         # [bk]
 
+    # Each h block scaled on its own where a range scale would cost a serial pre-pass (the "loop" order) or
+    # would compute the h blocks summed from gate/up partials twice.
+    per_block = bool(n_gu_splits) or k_loop.order(kb_per_split) == "loop"
+
     def run(e, wd_ref, sd_ref):
         def load_w(kb):
             k0 = pl.multiple_of(kb * block_k, block_k)
@@ -440,15 +451,14 @@ def _pair_down_kernel(*refs, f, d, k, num_pairs, block_n, block_k, kb_per_split,
                          _mask2(_in_bounds(k0, block_k, f), n_in), hint_w)
 
         def step(kb, ht, wt, acc):  # ht [bk]: in cdt (f16: scaled by the row's scale over this K range), or
-            hb = None               # with the gate/up partials summed here, as loaded and scaled on its own
-            if n_gu_splits:
+            hb = None               # as loaded, and scaled on its own
+            if per_block:
                 ht, hb = upcast.to_compute(ht, cdt)
             part = jnp.dot(_pair_rows(ht), wt.astype(cdt), preferred_element_type=jnp.float32)  # [16, bn]
             return acc + (part if hb is None else part * hb)
 
-        # (each h block summed from partials is computed once: no pre-pass over it)
         y, hs = stream_k(load_h, load_w, step, jnp.zeros((_MIN_BLOCK, block_n), jnp.float32), kb_lo, kb_hi,
-                         kb_per_split, (block_k,), cdt, scale_x=not n_gu_splits)
+                         kb_per_split, (block_k,), cdt, scale_x=not per_block)
         y = jnp.sum(y, axis=0)  # rows 1.. are exact zeros: this is row 0, [bn]
         if hs is not None:
             y = y * hs
