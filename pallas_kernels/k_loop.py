@@ -1,5 +1,5 @@
-"""The K loop of the weight-streaming kernels (FP8 GEMM, fused gate/up and QKV, the MoE gate/up kernels): one
-program's K blocks [lo, hi), at most `steps` of them (split-K: steps = K blocks per split, static).
+"""The K loop of the dense weight-streaming kernels (the FP8 GEMM, the fused gate/up and QKV): one program's K
+blocks [lo, hi), at most `steps` of them (split-K: steps = K blocks per split, static).
 
 At decode a program of one 8-way rank's kernels streams only 2-5 K blocks, and what it costs is the chain of
 dependent memory round trips more than the bytes (docs/benchmarks.md sections 12-14). Three orders:
@@ -12,7 +12,10 @@ dependent memory round trips more than the bytes (docs/benchmarks.md sections 12
   and contribute zero (their x block is zeroed). It holds every tile in registers, and loses to the
   pipeline's asynchronous copies beyond a few tiles (UNROLL_MAX_TILES).
 
-MAVJAX_K_LOOP (see `order`) forces one for A/B timing; read when a kernel is traced.
+MAVJAX_K_LOOP (see `order`) forces one for A/B timing; read when a kernel is traced. One 8-way rank of
+Maverick on an H200 (docs/benchmarks.md section 14): decode at batch 1 2.68-2.70 ms against 2.79-2.86 with the
+loop, verification 3.84 against 4.01, batch 8 4.30-4.38 against 4.43. The MoE pair kernels keep their loops:
+there these orders gained nothing at one token and lost 25% at eight (the 16 pairs' programs).
 """
 
 from __future__ import annotations
@@ -24,9 +27,10 @@ from jax import lax
 
 from pallas_kernels import upcast
 
-# Unrolled when a program streams at most this many weight tiles (K steps x weights per step): from the rank's
-# kernels on an H200 (docs/benchmarks.md section 14) - the output projection (2 steps) and QKV (3) gained 0.5-1 us
-# unrolled, the gate/up kernels (two tiles a step) lost 1-2 us against the "prepass" order.
+# Unrolled when a program streams at most this many weight tiles (K steps x weights per step): the rank's kernels
+# on an H200, loop-timed (docs/benchmarks.md section 14): the output projection (2 steps) 5.6-6.3 us unrolled,
+# 6.4-7.2 with the one-shot pre-pass, 7.1-7.7 with the loop; QKV (3 steps) 13.6-13.9 / 14.2-14.4 / 15.5-15.6;
+# but the gate/up kernels (two tiles a step) 15.7-15.9 unrolled against 12.8-14.0 with the pre-pass.
 UNROLL_MAX_TILES = 3
 # Programs with more K blocks than this keep the loop's pre-pass (its x blocks would all be live at once).
 PREPASS_MAX = 8

@@ -78,8 +78,6 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels import split_k as _split_k
 from pallas_kernels import upcast
-from pallas_kernels import k_loop
-from pallas_kernels.k_loop import stream_k
 from pallas_kernels.fp8_gemm import (
     FP8, NUM_SMS_H100, _call, _silu, _exact_upcast, _in_bounds, _load, _mask2, _next_pow2, _store,
     quantize_weight_per_channel, weight_only_blocks)
@@ -219,19 +217,21 @@ def _gate_up_kernel(*refs, d, f, block_m, block_n, block_k, kb_per_split, partia
                        hint_x)
             return xt * score[:, None]                                                      # [bm, bk]
 
-        def load_w(kb):
-            k0 = pl.multiple_of(kb * block_k, block_k)
-            wmask = _mask2(_in_bounds(k0, block_k, d), n_in)
-            return (_load(wg_ref.at[e, pl.ds(k0, block_k), pl.ds(n0, block_n)], wmask, hint_w),
-                    _load(wu_ref.at[e, pl.ds(k0, block_k), pl.ds(n0, block_n)], wmask, hint_w))
+        x_mul, x_s = upcast.row_scales(load_x, kb_lo, kb_hi, (block_m, block_k), cdt)  # f16: per row scales
 
-        def step(kb, xt, w, acc):  # xt [bm, bk] in cdt (f16: scaled per row)
-            return tuple(a + jnp.dot(xt, wt.astype(cdt), preferred_element_type=jnp.float32)  # [bm, bk] x [bk, bn]
-                         for a, wt in zip(acc, w))
+        def body(kb, acc):
+            g, u = acc
+            k0 = pl.multiple_of(kb * block_k, block_k)
+            k_in = _in_bounds(k0, block_k, d)
+            xt = upcast.scaled(load_x(kb), x_mul, cdt)
+            wmask = _mask2(k_in, n_in)
+            wg = _load(wg_ref.at[e, pl.ds(k0, block_k), pl.ds(n0, block_n)], wmask, hint_w).astype(cdt)
+            wu = _load(wu_ref.at[e, pl.ds(k0, block_k), pl.ds(n0, block_n)], wmask, hint_w).astype(cdt)
+            return (g + jnp.dot(xt, wg, preferred_element_type=jnp.float32),    # [bm, bk] x [bk, bn]
+                    u + jnp.dot(xt, wu, preferred_element_type=jnp.float32))
 
         zero = jnp.zeros((block_m, block_n), jnp.float32)
-        (g, u), x_s = stream_k(load_x, load_w, step, (zero, zero), kb_lo, kb_hi, kb_per_split, (block_m, block_k),
-                               cdt, tiles=2)
+        g, u = lax.fori_loop(kb_lo, kb_hi, body, (zero, zero))
         if x_s is not None:
             g, u = g * x_s[:, None], u * x_s[:, None]
         if has_scales:
@@ -261,29 +261,16 @@ def _down_kernel(*refs, f, d, block_m, block_n, block_k, kb_per_split, partial, 
         kb_lo, kb_hi = _k_range(pid_s, pl.cdiv(f, block_k), kb_per_split)
         hint_x, hint_w = ("evict_last", "evict_first") if evict else (None, None)
 
-        def load_h(kb):
+        def body(kb, acc):
             k0 = pl.multiple_of(kb * block_k, block_k)
-            return _load(h_ref.at[pl.ds(m0, block_m), pl.ds(k0, block_k)], _mask2(None, _in_bounds(k0, block_k, f)),
-                         hint_x)                                                              # [bm, bk]
-
-        def load_w(kb):
-            k0 = pl.multiple_of(kb * block_k, block_k)
-            return _load(wd_ref.at[e, pl.ds(k0, block_k), pl.ds(n0, block_n)],
-                         _mask2(_in_bounds(k0, block_k, f), n_in), hint_w)
-
-        per_block = k_loop.order(kb_per_split) == "loop"  # no serial pre-pass over h: each block scaled alone
-
-        def step(kb, ht, wt, acc):  # ht in cdt (f16: scaled per row over this program's K range), or as loaded
-            hb = None
-            if per_block:
-                ht, hb = upcast.to_compute(ht, cdt)
+            k_in = _in_bounds(k0, block_k, f)
+            ht = _load(h_ref.at[pl.ds(m0, block_m), pl.ds(k0, block_k)], _mask2(None, k_in), hint_x)
+            ht, hs = upcast.to_compute(ht, cdt)
+            wt = _load(wd_ref.at[e, pl.ds(k0, block_k), pl.ds(n0, block_n)], _mask2(k_in, n_in), hint_w)
             part = jnp.dot(ht, wt.astype(cdt), preferred_element_type=jnp.float32)  # [bm, bk] x [bk, bn]
-            return acc + (part if hb is None else part * hb[:, None])
+            return acc + (part if hs is None else part * hs[:, None])
 
-        y, hs = stream_k(load_h, load_w, step, jnp.zeros((block_m, block_n), jnp.float32), kb_lo, kb_hi,
-                         kb_per_split, (block_m, block_k), cdt, scale_x=not per_block)
-        if hs is not None:
-            y = y * hs[:, None]
+        y = lax.fori_loop(kb_lo, kb_hi, body, jnp.zeros((block_m, block_n), jnp.float32))
         if has_scales:
             y = y * _load(sd_ref.at[e, pl.ds(n0, block_n)], n_in)[None, :]
         omask = _mask2(None, n_in)
@@ -346,20 +333,21 @@ def _pair_gate_up_kernel(*refs, k, d, f, num_pairs, block_n, block_k, kb_per_spl
             xt = _load(x_ref.at[row, pl.ds(k0, block_k)], _in_bounds(k0, block_k, d))          # [bk]
             return xt if score is None else xt * score     # router score on the input (x's dtype)
 
-        def load_w(kb):
-            k0 = pl.multiple_of(kb * block_k, block_k)
-            wmask = _mask2(_in_bounds(k0, block_k, d), n_in)
-            return (_load(wg_ref.at[e, pl.ds(k0, block_k), pl.ds(n0, block_n)], wmask, hint_w),
-                    _load(wu_ref.at[e, pl.ds(k0, block_k), pl.ds(n0, block_n)], wmask, hint_w))
+        x_mul, x_s = upcast.row_scales(load_x, kb_lo, kb_hi, (block_k,), cdt)  # f16: the row's scale (scalars)
 
-        def step(kb, xt, w, acc):  # xt [bk] in cdt (f16: the row's scale, a scalar)
-            xt = _pair_rows(xt)                                                               # [16, bk]
-            return tuple(a + jnp.dot(xt, wt.astype(cdt), preferred_element_type=jnp.float32)  # [16, bk] x [bk, bn]
-                         for a, wt in zip(acc, w))
+        def body(kb, acc):
+            g, u = acc
+            k0 = pl.multiple_of(kb * block_k, block_k)
+            k_in = _in_bounds(k0, block_k, d)
+            xt = _pair_rows(upcast.scaled(load_x(kb), x_mul, cdt))                            # [16, bk]
+            wmask = _mask2(k_in, n_in)
+            wg = _load(wg_ref.at[e, pl.ds(k0, block_k), pl.ds(n0, block_n)], wmask, hint_w).astype(cdt)
+            wu = _load(wu_ref.at[e, pl.ds(k0, block_k), pl.ds(n0, block_n)], wmask, hint_w).astype(cdt)
+            return (g + jnp.dot(xt, wg, preferred_element_type=jnp.float32),    # [16, bk] x [bk, bn]
+                    u + jnp.dot(xt, wu, preferred_element_type=jnp.float32))
 
         zero = jnp.zeros((_MIN_BLOCK, block_n), jnp.float32)
-        (g, u), x_s = stream_k(load_x, load_w, step, (zero, zero), kb_lo, kb_hi, kb_per_split, (block_k,), cdt,
-                               tiles=2)
+        g, u = lax.fori_loop(kb_lo, kb_hi, body, (zero, zero))
         g, u = jnp.sum(g, axis=0), jnp.sum(u, axis=0)  # rows 1.. are exact zeros: this is row 0, [bn]
         if x_s is not None:
             g, u = g * x_s, u * x_s
@@ -436,32 +424,17 @@ def _pair_down_kernel(*refs, f, d, k, num_pairs, block_n, block_k, kb_per_split,
         g, u = lax.fori_loop(0, n_gu_splits, add_split, (zero, zero))
         return (_silu(g) * u).astype(upcast.storage_dtype(cdt))  # rounded as a stored h would be     # [bk]
 
-    def load_h(kb):
-        k0 = pl.multiple_of(kb * block_k, block_k)
-        return h_tile(k0, _in_bounds(k0, block_k, f))                                         # [bk]
-
-    # Each h block scaled on its own where a range scale would cost a serial pre-pass (the "loop" order) or
-    # would compute the h blocks summed from gate/up partials twice.
-    per_block = bool(n_gu_splits) or k_loop.order(kb_per_split) == "loop"
-
     def run(e, wd_ref, sd_ref):
-        def load_w(kb):
+        def body(kb, acc):
             k0 = pl.multiple_of(kb * block_k, block_k)
-            return _load(wd_ref.at[e, pl.ds(k0, block_k), pl.ds(n0, block_n)],
-                         _mask2(_in_bounds(k0, block_k, f), n_in), hint_w)
+            k_in = _in_bounds(k0, block_k, f)
+            ht, hs = upcast.to_compute(h_tile(k0, k_in), cdt)  # hs: a scalar (f16) or None
+            ht = _pair_rows(ht)                                                               # [16, bk]
+            wt = _load(wd_ref.at[e, pl.ds(k0, block_k), pl.ds(n0, block_n)], _mask2(k_in, n_in), hint_w)
+            part = jnp.dot(ht, wt.astype(cdt), preferred_element_type=jnp.float32)  # [16, bk] x [bk, bn]
+            return acc + (part if hs is None else part * hs)
 
-        def step(kb, ht, wt, acc):  # ht [bk]: in cdt (f16: scaled by the row's scale over this K range), or
-            hb = None               # as loaded, and scaled on its own
-            if per_block:
-                ht, hb = upcast.to_compute(ht, cdt)
-            part = jnp.dot(_pair_rows(ht), wt.astype(cdt), preferred_element_type=jnp.float32)  # [16, bn]
-            return acc + (part if hb is None else part * hb)
-
-        y, hs = stream_k(load_h, load_w, step, jnp.zeros((_MIN_BLOCK, block_n), jnp.float32), kb_lo, kb_hi,
-                         kb_per_split, (block_k,), cdt, scale_x=not per_block)
-        y = jnp.sum(y, axis=0)  # rows 1.. are exact zeros: this is row 0, [bn]
-        if hs is not None:
-            y = y * hs
+        y = jnp.sum(lax.fori_loop(kb_lo, kb_hi, body, jnp.zeros((_MIN_BLOCK, block_n), jnp.float32)), axis=0)
         if has_scales:
             y = y * _load(sd_ref.at[e, pl.ds(n0, block_n)], n_in)
         store(y)
