@@ -9,8 +9,9 @@
 # section 9), dtype (the rank with bf16 or f16 dots, section 10), pdl / pdl_kernels (the rank and its kernels
 # with XLA's programmatic dependent launch off and on, section 11), kernel_profile (each op's kernels under
 # the profiler, section 12), k_loop_check / k_loop_kernels / k_loop (the dense kernels' K-loop orders,
-# MAVJAX_K_LOOP, checked, then the rank's kernels and step per order in $K_LOOP_MODES, section 14), attn_stages (the attention's split x tile x
-# pipeline-depth sweep at 8K / 32K, section 11), decode (2-layer model, section 5),
+# MAVJAX_K_LOOP, checked, then the rank's kernels and step per order in $K_LOOP_MODES, section 14),
+# attn_stages (the attention's split x tile x pipeline-depth sweep at 8K / 32K, section 11), decode (2-layer
+# model, section 5),
 # kernels (bench_kernels, section 5), allreduce (psum variants and the one-shot kernel), sharded (2-layer
 # model over expert/tensor meshes, bench_sharded_decode), mesh (mavjax bench over a tensor mesh, FP8 + Pallas,
 # with and without a forced-acceptance draft: issue 7's commands at reduced depth), check (every Pallas kernel
