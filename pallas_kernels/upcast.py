@@ -11,10 +11,10 @@ in f16 (as in bf16).
 
 Why the scaling: f16 ends at 65504 and is subnormal below 2^-14, while the bf16 activations span f32's range.
 Each activation row is multiplied by a power of two that puts its largest |value| in [2^13, 2^14) (rows whose
-largest is below 2^-100: at least 2^-6) - over a program's whole K range (`row_scales`, a pre-pass) where the
-kernel streams x, per loaded block (`to_compute`) where it sees one block at a time (the MoE down kernels' h,
-the attention's q) - exactly: bf16's 8 significant bits fit f16's 11, and the f32 dot result is multiplied
-back.
+largest is below 2^-100: at least 2^-6) - over a program's whole K range where the kernel streams x
+(`row_scales`, a pre-pass, or `row_scales_of` over blocks already loaded: pallas_kernels/k_loop.py), per
+loaded block (`to_compute`) where it sees one block at a time (the MoE down kernels' h, the attention's q) -
+exactly: bf16's 8 significant bits fit f16's 11, and the f32 dot result is multiplied back.
 """
 
 from __future__ import annotations
