@@ -9,8 +9,9 @@ Weight scales, one of:
                          "fp8 block" style; transposed with w_transposed)     w = w_fp8 * scale[k // bk, n // bn]
 
 Two kernels:
-  * weight-only (decode, M <= 64): bf16 activations, FP8 weights upcast to bf16 in registers (exact), bf16
-    tensor-core dot with f32 accumulation. Memory-bound: the job is streaming w once, so the grid is
+  * weight-only (decode, M <= 64): bf16 activations, FP8 weights widened in registers (exact) to f16 (up to 16
+    rows, activations rescaled: pallas_kernels/upcast.py) or bf16, tensor-core dot with f32 accumulation; the
+    K loop is pallas_kernels/k_loop.py's. Memory-bound: the job is streaming w once, so the grid is
     (N blocks, split-K) to give every SM work even on N=640 tensor-parallel shards; split-K partials (f32,
     scale applied) are summed by the last split of each tile to finish (pallas_kernels.split_k; or, with
     reduce="xla", by a jnp sum after the kernel). x is padded (by masked loads, not copies) to >= 16 rows for
