@@ -55,12 +55,13 @@ def stream_k(load_x, load_ws, step, init, lo, hi, steps, x_shape, cdt, *, tiles=
     """(acc, s): acc after step(kb, x, ws, acc) for each K block kb in [lo, hi), where x = load_x(kb) [x_shape]
     in cdt (f16: each row divided by its power-of-two scale s [rows] over the whole range, upcast.row_scales; s
     is None for other dtypes) and ws = load_ws(kb), the weight tiles as loaded (`tiles` of them). The caller
-    multiplies acc by s (per row) once. scale_x=False hands step x as loaded (FP8 activations, or blocks that
-    step scales itself) and s is None."""
+    multiplies acc by s (per row) once. scale_x=False hands step x as loaded (FP8 activations) and s is
+    None."""
     f16 = scale_x and jnp.dtype(cdt) == jnp.float16
     convert = (lambda v, mul: upcast.scaled(v, mul, cdt)) if scale_x else (lambda v, mul: v)
     how = order(steps, tiles)
-    kbs = [jnp.minimum(lo + i, hi - 1) for i in range(steps)]
+    # the program's blocks as unrolled steps: past hi, block hi - 1 again (an L1 hit; its x is zeroed below)
+    kbs = [jnp.minimum(lo + i, hi - 1) for i in range(steps)] if how != "loop" else None
     if how != "unroll":
         if not f16:
             mul, s = None, None
