@@ -59,9 +59,16 @@ class KVCache:
         return self.pos.shape[1]
 
 
+def encode_kv(new, dtype):
+    """Values as a cache of `dtype` stores them: FP8 codes of new / KV_FP8_SCALE, clipped (e4m3fn overflows to
+    NaN), else a cast. Plain jnp ops: the Pallas QKV kernel applies it in registers when it writes the cache
+    (pallas_kernels.fused_gemm.qkv_rope)."""
+    if jnp.dtype(dtype) == FP8:
+        return jnp.clip(new.astype(jnp.float32) / KV_FP8_SCALE, -448.0, 448.0).astype(dtype)
+    return new.astype(dtype)
+
+
 def write_slots(buf, new, start):
     """buf [B, S, ...] <- new [B, T, ...] at slots start[b] .. start[b]+T-1 of each row b."""
-    if buf.dtype == FP8:  # quantize with the static scale; clip, since e4m3fn overflows to NaN
-        new = jnp.clip(new.astype(jnp.float32) / KV_FP8_SCALE, -448.0, 448.0)
-    put = jax.vmap(lambda b, n, i: jax.lax.dynamic_update_slice_in_dim(b, n.astype(b.dtype), i, axis=0))
+    put = jax.vmap(lambda b, n, i: jax.lax.dynamic_update_slice_in_dim(b, encode_kv(n, b.dtype), i, axis=0))
     return put(buf, new, start)

@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 
 from mavjax.config import Llama4Config
-from mavjax.kv_cache import FP8, KV_FP8_SCALE, KVCache, read_kv, write_slots
+from mavjax.kv_cache import FP8, KV_FP8_SCALE, KVCache, encode_kv, read_kv, write_slots
 
 
 def _param(rngs: nnx.Rngs, shape, axes, dtype, std, init="normal", contract=None):
@@ -188,7 +188,10 @@ class Attention(nnx.Module):
         a draft node sees only its ancestors among the slots of the same call.
         Returns (out [B, T, D], updated (k, v) or None); `project=False`: out is the attention output before wo,
         [B, T, H, Dh] (the tensor-parallel path projects each device's heads itself, mavjax.parallel)."""
-        if use_pallas(self.kernels, "qkv") and self.wq_scale is not None:  # one FP8 launch, epilogue fused
+        fused = use_pallas(self.kernels, "qkv") and self.wq_scale is not None  # one FP8 launch, epilogue fused
+        if fused and cache_kv is not None:  # ... which also writes k and v into the cache
+            q, ck, cv = self._fused_qkv(x, positions, rope, (*cache_kv, write_index))
+        elif fused:
             q, k, v = self._fused_qkv(x, positions, rope)
         else:
             q = self._proj(x, self.wq, self.wq_scale, 1)  # [B, T, D] x [D, H, Dh] -> [B, T, H, Dh]
@@ -204,8 +207,9 @@ class Attention(nnx.Module):
         if cache_kv is None:
             keys, values, k_pos, new_cache = k, v, positions, None
         else:
-            (ck, cv), k_pos = cache_kv, cache_pos
-            ck, cv = write_slots(ck, k, write_index), write_slots(cv, v, write_index)
+            k_pos = cache_pos
+            if not fused:
+                ck, cv = write_slots(cache_kv[0], k, write_index), write_slots(cache_kv[1], v, write_index)
             new_cache = (ck, cv)
             T, G = q.shape[1], q.shape[2] // ck.shape[2]
             if use_pallas(self.kernels, "attention") and T * G <= PALLAS_MAX_ROWS and attn_mask is None:
@@ -235,9 +239,11 @@ class Attention(nnx.Module):
         return dense_add_norm(o, self.wo[...], None if self.wo_scale is None else self.wo_scale[...], 2, x, norm,
                               self.kernels)
 
-    def _fused_qkv(self, x, positions, rope):
+    def _fused_qkv(self, x, positions, rope, cache=None):
         """kernels="pallas", FP8 weights: q, k, v through pallas_kernels.fused_gemm.qkv_rope, with RoPE, the
-        qk norm and the temperature in the GEMM epilogue (same function as the unfused branch)."""
+        qk norm and the temperature in the GEMM epilogue (same function as the unfused branch). With
+        cache = (k_cache, v_cache, write_index) the kernel writes k and v into the cache itself (as write_slots
+        would) and returns (q, k_cache, v_cache)."""
         from pallas_kernels.fused_gemm import qkv_rope
 
         B, T, D = x.shape
@@ -248,8 +254,10 @@ class Attention(nnx.Module):
             if self.temperature_tuning else None
         q, k, v = qkv_rope(x.reshape(B * T, D), *flat(self.wq, self.wq_scale, H), *flat(self.wk, self.wk_scale, K),
                            *flat(self.wv, self.wv_scale, K), head_dim=Dh, rope=tables, q_row_scale=t,
-                           qk_norm_eps=self.eps if self.qk_norm else None, out_dtype=x.dtype,
-                           interpret=jax.default_backend() == "cpu")  # [B*T, N*] each
+                           qk_norm_eps=self.eps if self.qk_norm else None, out_dtype=x.dtype, cache=cache,
+                           cache_encode=encode_kv, interpret=jax.default_backend() == "cpu")  # [B*T, N*] each
+        if cache is not None:  # k, v: the updated caches
+            return q.reshape(B, T, H, Dh), k, v
         return q.reshape(B, T, H, Dh), k.reshape(B, T, K, Dh), v.reshape(B, T, K, Dh)
 
 
@@ -302,7 +310,9 @@ def route(x, router_w, top_k):
     logits = jnp.einsum("nd,de->ne", x, router_w)  # [N, E]
     if top_k == 1:  # Maverick: an argmax is a reduction; XLA:GPU lowers top_k to a sort kernel of its own
         top_idx = jnp.argmax(logits, axis=-1)[:, None].astype(jnp.int32)  # [N, 1] (ties: lowest id, as top_k)
-        top_vals = jnp.take_along_axis(logits, top_idx, axis=-1)  # [N, 1]
+        # the max, not a gather at top_idx (the same value): a sibling reduction XLA fuses with the argmax,
+        # where the gather was one more kernel after it (docs/benchmarks.md section 15)
+        top_vals = jnp.max(logits, axis=-1, keepdims=True)  # [N, 1]
     else:
         top_vals, top_idx = jax.lax.top_k(logits, top_k)  # [N, k]
     return top_idx, jax.nn.sigmoid(top_vals.astype(jnp.float32)).astype(x.dtype)

@@ -192,17 +192,20 @@ def _store(ref, val, mask):
         plgpu.store(ref, val, mask=mask)
 
 
-def _call(kernel, args, out_shapes, grid, *, num_warps, num_stages, interpret, poison_output, name):
-    """pallas_call; poison_output aliases NaN-filled output buffers in, so an element never written stays NaN."""
-    aliases = {}
+def _call(kernel, args, out_shapes, grid, *, num_warps, num_stages, interpret, poison_output, name, aliases=None):
+    """pallas_call. aliases {input index: output index}: outputs updated in place (the kernel writes some of
+    their elements, the rest keep the input's). poison_output aliases NaN-filled buffers into the other outputs,
+    so an element never written stays NaN."""
+    aliases = dict(aliases or {})
     if poison_output:
         n_in = len(args)
-        args = [*args, *(jnp.full(s.shape, jnp.nan, s.dtype) for s in out_shapes)]
-        aliases = {n_in + i: i for i in range(len(out_shapes))}
+        fresh = [i for i in range(len(out_shapes)) if i not in aliases.values()]
+        args = [*args, *(jnp.full(out_shapes[i].shape, jnp.nan, out_shapes[i].dtype) for i in fresh)]
+        aliases.update({n_in + j: i for j, i in enumerate(fresh)})
         inner = kernel
 
-        def kernel(*refs):  # the aliased inputs are the outputs' own refs: drop them
-            return inner(*refs[:n_in], *refs[n_in + len(out_shapes):])
+        def kernel(*refs):  # the poison inputs are the outputs' own refs: drop them
+            return inner(*refs[:n_in], *refs[n_in + len(fresh):])
     out = pl.pallas_call(
         kernel, out_shape=tuple(out_shapes), grid=grid, input_output_aliases=aliases, interpret=interpret,
         compiler_params=_compiler_params(num_warps, num_stages), name=name)(*args)

@@ -41,11 +41,11 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.fp8_gemm import (
-    FP8, _call, _silu, _exact_upcast, _in_bounds, _load, _mask2, _next_pow2, _store, default_config,
+    FP8, plgpu, _call, _silu, _exact_upcast, _in_bounds, _load, _mask2, _next_pow2, _store, default_config,
     quantize_activation_per_token)
 from pallas_kernels import upcast
 from pallas_kernels.k_loop import stream_k
-from pallas_kernels.split_k import arrive, counters, default_reduce, sum_partials
+from pallas_kernels.split_k import arrive, counters, default_reduce, sum_partials, swiglu_of_partials
 
 __all__ = ["gate_up_swiglu_ref", "gate_up_swiglu", "qkv_rope_ref", "qkv_rope", "rope_columns"]
 
@@ -304,8 +304,7 @@ def gate_up_swiglu(x, wg, sg, wu, su, *, mode="auto", block_m=None, block_n=None
                 num_stages=c["num_stages"], interpret=interpret, poison_output=poison_output,
                 name=f"fp8_gate_up_swiglu_{c['mode']}_m{bm}_n{bn}_k{c['block_k']}_s{S}")
     if red == "xla":
-        g, u = jnp.sum(res[0], axis=0), jnp.sum(res[1], axis=0)  # [M, F] each
-        return (_silu(g) * u).astype(out_dtype)
+        return swiglu_of_partials(res[0], res[1], out_dtype)  # [S, M, F] x 2 -> [M, F]
     return res[-1]
 
 
@@ -315,11 +314,13 @@ def gate_up_swiglu(x, wg, sg, wu, su, *, mode="auto", block_m=None, block_n=None
 
 def _qkv_kernel(x_ref, xs_ref, cos_ref, sin_ref, rs_ref, wq_ref, sq_ref, wk_ref, sk_ref, wv_ref, sv_ref, *refs,
                 m, k, ns, nbs, head_dim, block_m, block_n, block_k, kb_per_split, num_splits, reduce, groups,
-                x_fp8, cdt, evict, rope, norm_eps, q_scaled, interpret):
+                x_fp8, cdt, evict, rope, norm_eps, q_scaled, cache, interpret):
     """refs: reduce None -> q, k, v; "xla" -> their partials [S, M, N*]; "kernel" -> counters, the partials,
-    q, k, v. norm_eps: the qk norm is done here (None: not at all, or by the caller). q_scaled: q's row scale
-    is applied here (after the norm, if any). groups: column blocks per counter of q, k, v (a head's, Dh //
-    block_n, where the norm needs the whole head; else 1)."""
+    q, k, v. With a cache (None, or (T, S, out_dtype, encode): see qkv_rope) the inputs end with the start
+    slots [B] and the two caches [B * S, N], and k, v are the aliased caches ("xla" never). norm_eps: the qk
+    norm is done here (None: not at all, or by the caller). q_scaled: q's row scale is applied here (after
+    the norm, if any). groups: column blocks per counter of q, k, v (a head's, Dh // block_n, where the norm
+    needs the whole head; else 1)."""
     pid_m, pid_j, pid_s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     m0 = pl.multiple_of(pid_m * block_m, block_m)
     m_in = _in_bounds(m0, block_m, m)
@@ -328,15 +329,38 @@ def _qkv_kernel(x_ref, xs_ref, cos_ref, sin_ref, rs_ref, wq_ref, sq_ref, wk_ref,
     xs = _load(xs_ref.at[pl.ds(m0, block_m)], m_in) if x_fp8 else None
     rows = pl.ds(m0, block_m)
     if reduce == "kernel":
-        cnt_ref, parts, finals = refs[0], refs[1:4], refs[4:]
+        cnt_ref, refs = refs[0], refs[1:]
+    if cache is not None:
+        start_ref, refs = refs[0], refs[3:]  # the start slots; the caches' input refs alias their outputs
+    if reduce == "kernel":
+        parts, finals = refs[:3], refs[3:]
     else:
         parts, finals = (refs, (None,) * 3) if reduce == "xla" else ((None,) * 3, refs)
+
+    def put(t, o_ref, n0, a, mask):  # a [bm, bn] final values of output t at columns n0..n0+bn-1
+        if cache is None or t == 0:
+            _store(o_ref.at[rows, pl.ds(n0, block_n)], a.astype(o_ref.dtype), mask)
+            return
+        T, S, out_dtype, encode = cache  # row r = b * T + i goes to slot start[b] + i of sequence b
+        r = m0 + jnp.arange(block_m, dtype=jnp.int32)
+        live = r < m
+        b = lax.div(jnp.minimum(r, m - 1), jnp.int32(T))
+        start = plgpu.load(start_ref.at[b], mask=live, other=0)
+        slot = jnp.clip(start, 0, S - T) + lax.rem(r, jnp.int32(T))  # dynamic_update_slice's clamp
+        col = n0 + jnp.arange(block_n, dtype=jnp.int32)
+        full = live[:, None] if mask is None else live[:, None] & mask
+        # masked-off lanes point past the end: masked on the GPU, dropped by the interpreter's scatter (which
+        # would otherwise write their old values back over a live row's, e.g. padding rows of the last sequence)
+        dst = jnp.where(full, (b * S + slot)[:, None], o_ref.shape[0])
+        plgpu.store(o_ref.at[dst, col[None, :]], encode(a.astype(out_dtype), o_ref.dtype), mask=full)
     ngs = [nb // g for nb, g in zip(nbs, groups)]  # counters per M block of q, k, v
     n_m = pl.cdiv(m, block_m)
     bases = (0, n_m * ngs[0], n_m * (ngs[0] + ngs[1]))  # counters: q's, then k's, then v's, each M-block major
 
     def row_scale(a):
         return a * _load(rs_ref.at[rows], m_in)[:, None]
+
+    out_dtype = finals[0].dtype if finals[0] is not None else None  # q's: the dtype k and v are rounded to
 
     def branch(t, w_ref, s_ref, j):
         n, part_ref, o_ref = ns[t], parts[t], finals[t]
@@ -358,10 +382,10 @@ def _qkv_kernel(x_ref, xs_ref, cos_ref, sin_ref, rs_ref, wq_ref, sq_ref, wk_ref,
         mask = _mask2(m_in, n_in)
         if reduce is None:
             if do_norm:  # the whole head is this tile (block_n == Dh, no split)
-                (acc,) = _l2norm_tiles([acc], o_ref.dtype, head_dim, norm_eps)
+                (acc,) = _l2norm_tiles([acc], out_dtype, head_dim, norm_eps)
                 if t == 0 and q_scaled:
                     acc = row_scale(acc)
-            _store(o_ref.at[rows, pl.ds(n0, block_n)], acc.astype(o_ref.dtype), mask)
+            put(t, o_ref, n0, acc, mask)
             return
         _store(part_ref.at[pid_s, rows, pl.ds(n0, block_n)], acc, mask)
         if reduce == "xla":
@@ -375,11 +399,11 @@ def _qkv_kernel(x_ref, xs_ref, cos_ref, sin_ref, rs_ref, wq_ref, sq_ref, wk_ref,
             cols = [pl.ds(c0 + i * block_n, block_n) for i in range(g)]
             tiles = [sum_partials(part_ref, num_splits, (rows, cs), (block_m, block_n), mask) for cs in cols]
             if do_norm:
-                tiles = _l2norm_tiles(tiles, o_ref.dtype, head_dim, norm_eps)
+                tiles = _l2norm_tiles(tiles, out_dtype, head_dim, norm_eps)
                 if t == 0 and q_scaled:
                     tiles = [row_scale(a) for a in tiles]
-            for cs, a in zip(cols, tiles):  # (n_in is None: N* are multiples of Dh, so of block_n)
-                _store(o_ref.at[rows, cs], a.astype(o_ref.dtype), mask)
+            for i, a in enumerate(tiles):  # (n_in is None: N* are multiples of Dh, so of block_n)
+                put(t, o_ref, c0 + i * block_n, a, mask)
 
     nbq, nbk, _ = nbs
     pl.when(pid_j < nbq)(lambda: branch(0, wq_ref, sq_ref, pid_j))
@@ -387,19 +411,32 @@ def _qkv_kernel(x_ref, xs_ref, cos_ref, sin_ref, rs_ref, wq_ref, sq_ref, wk_ref,
     pl.when(pid_j >= nbq + nbk)(lambda: branch(2, wv_ref, sv_ref, pid_j - nbq - nbk))
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC + ("head_dim", "qk_norm_eps"))
-def qkv_rope(x, wq, sq, wk, sk, wv, sv, *, head_dim, rope=None, q_row_scale=None, qk_norm_eps=None, mode="auto",
-             block_m=None, block_n=None, block_k=None, split_k=None, num_warps=None, num_stages=None,
-             out_dtype=None, compute_dtype=None, evict=True, interpret=False, poison_output=False,
-             reduce=None):
+def _cast(v, dtype):
+    return v.astype(dtype)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC + ("head_dim", "qk_norm_eps", "cache_encode"))
+def qkv_rope(x, wq, sq, wk, sk, wv, sv, *, head_dim, rope=None, q_row_scale=None, qk_norm_eps=None, cache=None,
+             cache_encode=_cast, mode="auto", block_m=None, block_n=None, block_k=None, split_k=None,
+             num_warps=None, num_stages=None, out_dtype=None, compute_dtype=None, evict=True, interpret=False,
+             poison_output=False, reduce=None):
     """q [M, Nq], k [M, Nk], v [M, Nv] = x @ deq(wq | wk | wv) in one launch, with the attention epilogue:
     rope = (cos, sin) [M, Dh/2] (the model's tables for each token) rotates q and k; qk_norm_eps: L2 norm of
     each head of q and k after RoPE; q_row_scale [M]: per-token scale of q (NoPE attention temperature).
     x [M, D]; w* [D, N*] float8_e4m3fn with s* [N*] float32, N* multiples of head_dim. block_n must divide
     head_dim (default min(64 or 128, head_dim)). reduce: where split-K partials are summed and the qk norm of
     heads wider than block_n is done: "kernel" (the last program of each tile / head), "xla" (a jnp epilogue:
-    one or two more launches) or None (split_k.default_reduce("qkv")). Other arguments as fp8_gemm.fp8_matmul."""
-    reduce = default_reduce("qkv", reduce)
+    one or two more launches) or None (split_k.default_reduce("qkv")). Other arguments as fp8_gemm.fp8_matmul.
+
+    cache = (k_cache, v_cache, start): k and v go straight into a KV cache instead of being returned (decode:
+    the cache write, and with it XLA's sums of the k and v partials, is no launch of its own). k_cache,
+    v_cache [B, S, Nk // head_dim, head_dim] (M = B * T rows, T tokens per sequence), start [B] int32: row
+    b * T + i is written at slot start[b] + i, start clamped to [0, S - T] as jax.lax.dynamic_update_slice
+    does; the caches are updated in place (aliased) and returned: (q, k_cache, v_cache). Each value is
+    rounded to out_dtype, then stored as cache_encode(value, cache dtype) (a function of jnp ops: the
+    model's FP8-cache quantization, mavjax.kv_cache.encode_kv). With a cache the split-K sums are always
+    finished in the kernel (reduce "xla" is taken as "kernel": XLA's sums are what the cache path saves)."""
+    reduce = default_reduce("qkv", reduce) if cache is None else "kernel"
     out_dtype = jnp.dtype(out_dtype or x.dtype)
     ws, ss = {"wq": wq, "wk": wk, "wv": wv}, {"wq": sq, "wk": sk, "wv": sv}
     ns = tuple(w.shape[1] if w.ndim == 2 else 0 for w in (wq, wk, wv))
@@ -419,7 +456,19 @@ def qkv_rope(x, wq, sq, wk, sk, wv, sv, *, head_dim, rope=None, q_row_scale=None
                          f"{rope[0].shape}, {rope[1].shape}")
     if q_row_scale is not None and q_row_scale.shape != (M,):
         raise ValueError(f"q_row_scale must be [{M}], got {q_row_scale.shape}")
+    if cache is not None:
+        kc, vc, start = cache
+        B = start.shape[0] if start.ndim == 1 else -1
+        if B <= 0 or M % B or kc.ndim != 4 or kc.shape[0] != B or kc.shape[2:] != (ns[1] // head_dim, head_dim) \
+                or vc.shape != kc.shape or ns[2] != ns[1]:
+            raise ValueError(f"cache must be k_cache, v_cache [B, S, {ns[1] // head_dim}, {head_dim}] and start [B] "
+                             f"with M={M} a multiple of B; got {kc.shape}, {vc.shape}, {start.shape}")
+        T = M // B  # tokens per sequence
+        if T > kc.shape[1]:
+            raise ValueError(f"{T} tokens per sequence do not fit a cache of {kc.shape[1]} slots")
     if M == 0 or K == 0:
+        if cache is not None:
+            return jnp.zeros((M, ns[0]), out_dtype), kc, vc
         return tuple(jnp.zeros((M, n), out_dtype) for n in ns)
     norm = qk_norm_eps is not None
     if reduce == "kernel":  # partials whenever a sum or a norm spans programs; all finished in-kernel
@@ -441,7 +490,8 @@ def qkv_rope(x, wq, sq, wk, sk, wv, sv, *, head_dim, rope=None, q_row_scale=None
         _qkv_kernel, m=M, k=K, ns=ns, nbs=nbs, head_dim=head_dim, block_m=bm, block_n=bn, block_k=c["block_k"],
         kb_per_split=c["kb_per_split"], num_splits=S, reduce=red, groups=groups, x_fp8=c["mode"] == "fp8_fp8",
         cdt=c["cdt"], evict=evict, rope=rope is not None, norm_eps=float(qk_norm_eps) if norm_in_kernel else None,
-        q_scaled=q_row_scale is not None and not norm_late, interpret=interpret)
+        q_scaled=q_row_scale is not None and not norm_late,
+        cache=None if cache is None else (T, kc.shape[1], out_dtype, cache_encode), interpret=interpret)
     args = [c["xk"], c["xs"], cos2, sin2, rs, wq, sq.astype(jnp.float32), wk, sk.astype(jnp.float32), wv,
             sv.astype(jnp.float32)]
     partials = [jax.ShapeDtypeStruct((S, M, n), jnp.float32) for n in ns]
@@ -449,11 +499,21 @@ def qkv_rope(x, wq, sq, wk, sk, wv, sv, *, head_dim, rope=None, q_row_scale=None
     if red == "kernel":  # per M block, one counter per head of q and k (column block, without the norm) and
         # per column block of v
         args.append(counters(pl.cdiv(M, bm) * sum(nb // gg for nb, gg in zip(nbs, groups))))
+    aliases = {}
+    if cache is not None:  # k and v are the caches, viewed [B * S, N] (free reshapes), updated in place
+        flat = [t.reshape(-1, ns[1]) for t in (kc, vc)]
+        finals[1:] = [jax.ShapeDtypeStruct(t.shape, t.dtype) for t in flat]
+        args.append(start.astype(jnp.int32))
     outs = {None: finals, "xla": partials, "kernel": partials + finals}[red]
+    if cache is not None:  # the two caches are the last inputs and the last outputs
+        aliases = {len(args): len(outs) - 2, len(args) + 1: len(outs) - 1}
+        args += flat
     res = _call(kernel, args, outs, (pl.cdiv(M, bm), sum(nbs), S), num_warps=c["num_warps"],
-                num_stages=c["num_stages"], interpret=interpret, poison_output=poison_output,
-                name=f"fp8_qkv_rope_{c['mode']}_m{bm}_n{bn}_k{c['block_k']}_s{S}")
+                num_stages=c["num_stages"], interpret=interpret, poison_output=poison_output, aliases=aliases,
+                name=f"fp8_qkv_rope_{c['mode']}_m{bm}_n{bn}_k{c['block_k']}_s{S}{'_cache' if cache else ''}")
     q, k, v = res[-3:]
+    if cache is not None:
+        return q, k.reshape(kc.shape), v.reshape(vc.shape)
     if red == "xla":
         q, k, v = (jnp.sum(t, axis=0) for t in (q, k, v))  # [M, N*] f32
     if norm_late:  # after the split sum / across the tiles of a head; then q's row scale

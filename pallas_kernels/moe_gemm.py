@@ -493,8 +493,7 @@ def _gate_up(x_sorted, row_score, routing, w_gate, w_up, s_gate, s_up, *, block_
     res = _call(kernel, args, outs, grid, num_warps=num_warps, num_stages=num_stages, interpret=interpret,
                 poison_output=poison_output, name=f"moe_gate_up_m{block_m}_n{block_n}_k{block_k}_s{split_k}")
     if partial:  # epilogue of the split-K partials (decode: R is a few blocks)
-        g, u = jnp.sum(res[0], axis=0), jnp.sum(res[1], axis=0)
-        return (_silu(g) * u).astype(upcast.storage_dtype(cdt))
+        return _split_k.swiglu_of_partials(res[0], res[1], upcast.storage_dtype(cdt))
     return res[0]
 
 
@@ -792,7 +791,7 @@ def moe_fp8_pairs(x, expert_idx, scores, w_gate, w_up, w_down, scales=None, *, s
     if finish1:
         res = res[2:]
     elif split1 > 1 and gu_epilogue == "xla":
-        res = ((_silu(jnp.sum(res[0], axis=0)) * jnp.sum(res[1], axis=0)).astype(h_dtype),)  # h [rows, F]
+        res = (_split_k.swiglu_of_partials(res[0], res[1], h_dtype),)  # h [rows, F]
     n_gu_splits = split1 if len(res) == 2 else 0
 
     kern2 = functools.partial(_pair_down_kernel, f=F, d=D, k=k, num_pairs=P, block_n=block_n_down,

@@ -22,8 +22,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 TIMES: dict = {}  # compile / first-run seconds of the last kernel call (printed with the result)
-CHECKS = ["gemm_wo", "gemm_down", "gemm_add_norm", "gate_up", "qkv_rope", "qkv_nope", "moe", "add_norm",
-          "attention", "model"]
+CHECKS = ["gemm_wo", "gemm_down", "gemm_add_norm", "gate_up", "qkv_rope", "qkv_nope", "qkv_cache", "moe",
+          "add_norm", "attention", "model"]
 REPEATS = 3  # each kernel runs this many times on the same inputs: a split-K counter a launch left non-zero
 # (pallas_kernels.split_k) would change a later launch's result
 
@@ -119,6 +119,26 @@ def run_one(name, n, M, interpret, small, mesh_devices=0):
         mode = "fp8_fp8" if M > 64 else "weight_only"
         refs = qkv_rope_ref(x, wq, sq, wk, sk, wv, sv, mode=mode, out_dtype=jnp.float32, **kw)
         return max(rel(o, r) for o, r in zip(outs, refs))
+    if name == "qkv_cache":  # k and v written into a KV cache by the kernel, against write_slots of its k, v
+        from mavjax.kv_cache import FP8, encode_kv, write_slots
+        from mavjax.model import rope_tables
+        from pallas_kernels.fused_gemm import qkv_rope
+
+        (wq, sq), (wk, sk), (wv, sv) = w8(D, H * Dh), w8(D, K * Dh), w8(D, K * Dh)
+        pos = jnp.arange(M, dtype=jnp.int32)[None]
+        cos, sin = rope_tables(jnp.asarray(cfg.rope_inv_freq(), jnp.float32), pos)
+        kw = dict(head_dim=Dh, rope=(cos.reshape(M, -1), sin.reshape(M, -1)), qk_norm_eps=cfg.rms_norm_eps,
+                  out_dtype=bf, interpret=interpret)
+        start = jnp.array([37], jnp.int32)
+        errs = []
+        for dt in (bf, FP8):
+            kc, vc = (jax.random.normal(next(keys), (1, M + 64, K, Dh), bf).astype(dt) for _ in range(2))
+            q, k, v = call(lambda a: qkv_rope(a, wq, sq, wk, sk, wv, sv, **kw), x)
+            q2, kc2, vc2 = call(lambda a, c1, c2: qkv_rope(a, wq, sq, wk, sk, wv, sv, cache=(c1, c2, start),
+                                                           cache_encode=encode_kv, **kw), x, kc, vc)
+            errs += [rel(q2, q), rel(kc2, write_slots(kc, k.reshape(1, M, K, Dh), start)),
+                     rel(vc2, write_slots(vc, v.reshape(1, M, K, Dh), start))]
+        return max(errs)
     if name == "moe":
         from pallas_kernels.moe_gemm import moe_fp8, moe_reference
 

@@ -271,6 +271,44 @@ def test_qkv_rope_split_k_in_kernel(M, D, H, K, Dh, rope, norm, temp, mode, cfg,
             assert g.dtype == jnp.bfloat16 and _err(g, r) < 1e-2, name
 
 
+# (B, T, S, H, K, Dh, rope, norm, cfg, cache dtype): cfg forces split-K with the norm across column blocks,
+# no split with the norm in one block, and a ragged last split; T > 1 is speculative verification
+QKV_CACHE = [
+    (1, 1, 40, 4, 2, 32, True, True, dict(block_n=16, block_k=32, split_k=3), BF16),
+    (2, 3, 24, 2, 1, 32, True, True, dict(block_n=32, block_k=64, split_k=1), BF16),
+    (3, 2, 17, 2, 2, 16, False, False, dict(block_n=16, block_k=32, split_k=4), jnp.float8_e4m3fn),
+    (2, 1, 16, 4, 2, 32, True, False, dict(block_n=32, block_k=64, split_k=2), jnp.float8_e4m3fn),
+]
+
+
+@pytest.mark.parametrize("B,T,S,H,K,Dh,rope,norm,cfg,cdt", QKV_CACHE)
+def test_qkv_rope_writes_the_kv_cache(B, T, S, H, K, Dh, rope, norm, cfg, cdt):
+    """cache=(k_cache, v_cache, start): q as without a cache, and the caches exactly what
+    mavjax.kv_cache.write_slots makes of the k, v it would return (FP8: its quantization), every other slot
+    untouched; starts past S - T are clamped as dynamic_update_slice does."""
+    from mavjax.kv_cache import encode_kv, write_slots
+
+    M = B * T
+    x, ws, kw = _qkv_case(M, 100, H, K, Dh, rope, norm, False, "weight_only")
+    keys = jax.random.split(jax.random.key(B * 7 + S), 2)
+    kc, vc = (jax.random.normal(k_, (B, S, K, Dh)).astype(cdt) for k_ in keys)
+    start = jnp.array([S - T, 0, S + 5][:B], jnp.int32)  # the last slots, the first, clamped
+    run = functools.partial(qkv_rope, x, *ws, out_dtype=BF16, interpret=True, poison_output=True, **kw, **cfg)
+    q, k, v = run()
+    q2, kc2, vc2 = run(cache=(kc, vc, start), cache_encode=encode_kv)
+    _finite(q2)
+    np.testing.assert_array_equal(np.asarray(q2, np.float32), np.asarray(q, np.float32))
+    for name, got, old, new in (("k", kc2, kc, k), ("v", vc2, vc, v)):
+        assert got.shape == old.shape and got.dtype == cdt, name
+        want = write_slots(old, new.reshape(B, T, K, Dh), start)
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32), err_msg=name)
+    with pytest.raises(ValueError, match="cache must be"):
+        run(cache=(kc[..., :Dh // 2], vc, start))
+    if T > 1:
+        with pytest.raises(ValueError, match="do not fit"):
+            run(cache=(kc[:, :T - 1], vc[:, :T - 1], start))
+
+
 @pytest.fixture
 def arrivals_log(monkeypatch):
     """Every arrive() of the fused kernels run in the test (interpret mode): (counter, arrivals, last, *grid
