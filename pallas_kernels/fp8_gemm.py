@@ -304,7 +304,7 @@ def _weight_only_kernel(x_ref, w_ref, s_ref, *refs, m, n, k, block_m, block_n, b
         return acc + part
 
     acc, x_s = stream_k(load_x, load_w, step, jnp.zeros(acc_shape, jnp.float32), kb_lo, kb_hi, kb_per_split,
-                        (block_m, block_k), cdt)
+                        (block_m, block_k), cdt, block_n=block_n)
     if x_s is not None:
         acc = acc * (x_s[None, :] if swap_ab else x_s[:, None])
     if scale_kind == "channel":  # once, after the K loop

@@ -146,7 +146,7 @@ def _k_loop(x_ref, w_refs, n0s, n_ins, *, m0, m_in, k, block_m, block_n, block_k
 
     zero = jnp.zeros((block_m, block_n), jnp.float32)
     accs, x_s = stream_k(load_x, load_ws, step, tuple(zero for _ in w_refs), kb_lo, kb_hi, steps,
-                         (block_m, block_k), cdt, tiles=len(w_refs), scale_x=not x_fp8)
+                         (block_m, block_k), cdt, block_n=block_n, tiles=len(w_refs), scale_x=not x_fp8)
     return accs if x_s is None else tuple(a * x_s[:, None] for a in accs)
 
 

@@ -27,39 +27,48 @@ from jax import lax
 
 from pallas_kernels import upcast
 
-# Unrolled when a program streams at most this many weight tiles (K steps x weights per step): the rank's kernels
-# on an H200, loop-timed (docs/benchmarks.md section 14): the output projection (2 steps) 5.6-6.3 us unrolled,
-# 6.4-7.2 with the one-shot pre-pass, 7.1-7.7 with the loop; QKV (3 steps) 13.6-13.9 / 14.2-14.4 / 15.5-15.6;
-# but the gate/up kernels (two tiles a step) 15.7-15.9 unrolled against 12.8-14.0 with the pre-pass.
+# The limits are in the rank's tile sizes, where they were measured: weight tiles [64, 64] FP8 (4 KB) and x blocks
+# [16, 64] of 2-byte values (2 KB). Larger tiles count as several: bench_kernels.py's full-width tiles ([256, 128]
+# weight tiles, [16, 256] x blocks) ran 12-17% slower in the one-shot pre-pass or unrolled than in the loop
+# (docs/benchmarks.md section 15), their blocks all live in registers at once.
+TILE_BYTES = 64 * 64
+X_BYTES = 16 * 64 * 2
+# Unrolled when a program streams at most this many TILE_BYTES of weights (K steps x weights per step): the
+# rank's kernels on an H200, loop-timed (docs/benchmarks.md section 14): the output projection (2 steps) 5.6-6.3
+# us unrolled, 6.4-7.2 with the one-shot pre-pass, 7.1-7.7 with the loop; QKV (3 steps) 13.6-13.9 / 14.2-14.4 /
+# 15.5-15.6; but the gate/up kernels (two tiles a step) 15.7-15.9 unrolled against 12.8-14.0 with the pre-pass.
 UNROLL_MAX_TILES = 3
-# Programs with more K blocks than this keep the loop's pre-pass (its x blocks would all be live at once).
+# Programs whose x blocks come to more than this many X_BYTES keep the loop's pre-pass (they would all be live
+# at once).
 PREPASS_MAX = 8
 
 
-def order(steps: int, tiles: int = 1) -> str:
-    """How a program of `steps` K blocks, `tiles` weight tiles each, runs: "unroll", "prepass" (the pre-pass's x
-    loads all issued at once, then the pipelined loop) or "loop". $MAVJAX_K_LOOP (A/B timing): loop | prepass |
-    unroll:N (unroll up to N weight tiles, the pre-pass above); default unroll:UNROLL_MAX_TILES."""
+def order(steps: int, tiles: int = 1, tile_bytes: int = TILE_BYTES, x_bytes: int = X_BYTES) -> str:
+    """How a program of `steps` K blocks runs, each an x block of x_bytes and `tiles` weight tiles of tile_bytes:
+    "unroll", "prepass" (the pre-pass's x loads all issued at once, then the pipelined loop) or "loop".
+    $MAVJAX_K_LOOP (A/B timing): loop | prepass | unroll:N (unroll up to N TILE_BYTES of weights, the pre-pass
+    above); default unroll:UNROLL_MAX_TILES."""
     v = os.environ.get("MAVJAX_K_LOOP", "").strip() or f"unroll:{UNROLL_MAX_TILES}"
     mode, _, n = v.partition(":")
     if mode not in ("loop", "prepass", "unroll") or (mode == "unroll") != n.isdigit():
         raise ValueError(f"MAVJAX_K_LOOP must be loop, prepass or unroll:N, got {v!r}")
-    if mode == "unroll" and steps * tiles <= int(n):
+    if mode == "unroll" and steps * tiles * tile_bytes <= int(n) * TILE_BYTES:
         return "unroll"
-    if mode != "loop" and steps <= PREPASS_MAX:
+    if mode != "loop" and steps * x_bytes <= PREPASS_MAX * X_BYTES:
         return "prepass"
     return "loop"
 
 
-def stream_k(load_x, load_ws, step, init, lo, hi, steps, x_shape, cdt, *, tiles=1, scale_x=True):
+def stream_k(load_x, load_ws, step, init, lo, hi, steps, x_shape, cdt, *, block_n, tiles=1, scale_x=True):
     """(acc, s): acc after step(kb, x, ws, acc) for each K block kb in [lo, hi), where x = load_x(kb) [x_shape]
-    in cdt (f16: each row divided by its power-of-two scale s [rows] over the whole range, upcast.row_scales; s
-    is None for other dtypes) and ws = load_ws(kb), the weight tiles as loaded (`tiles` of them). The caller
-    multiplies acc by s (per row) once. scale_x=False hands step x as loaded (FP8 activations) and s is
-    None."""
+    = [rows, block_k] in cdt (f16: each row divided by its power-of-two scale s [rows] over the whole range,
+    upcast.row_scales; s is None for other dtypes) and ws = load_ws(kb), the weight tiles as loaded (`tiles`
+    FP8 tiles of block_k x block_n). The caller multiplies acc by s (per row) once. scale_x=False hands step x
+    as loaded (FP8 activations) and s is None."""
     f16 = scale_x and jnp.dtype(cdt) == jnp.float16
     convert = (lambda v, mul: upcast.scaled(v, mul, cdt)) if scale_x else (lambda v, mul: v)
-    how = order(steps, tiles)
+    rows, block_k = x_shape
+    how = order(steps, tiles, block_k * block_n, rows * block_k * 2)
     # the program's blocks as unrolled steps: past hi, block hi - 1 again (an L1 hit; its x is zeroed below)
     kbs = [jnp.minimum(lo + i, hi - 1) for i in range(steps)] if how != "loop" else None
     if how != "unroll":

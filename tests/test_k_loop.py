@@ -57,6 +57,11 @@ def test_order_rule(monkeypatch):
     monkeypatch.delenv("MAVJAX_K_LOOP", raising=False)
     assert [k_loop.order(s, t) for s, t in [(2, 1), (3, 1), (4, 1), (1, 2), (2, 2), (8, 2), (9, 1)]] == [
         "unroll", "unroll", "prepass", "unroll", "prepass", "prepass", "loop"]
+    # larger tiles count as several of the rank's: bench_kernels' full-width [256, 128] tiles, [16, 256] x blocks
+    big = dict(tile_bytes=256 * 128, x_bytes=16 * 256 * 2)
+    assert [k_loop.order(s, 1, **big) for s in (1, 2, 4)] == ["prepass", "prepass", "loop"]
+    assert k_loop.order(1, 1, tile_bytes=2 * k_loop.TILE_BYTES) == "unroll"
+    assert k_loop.order(2, 1, tile_bytes=2 * k_loop.TILE_BYTES) == "prepass"
     monkeypatch.setenv("MAVJAX_K_LOOP", "loop")
     assert k_loop.order(1) == "loop"
     monkeypatch.setenv("MAVJAX_K_LOOP", "prepass")
