@@ -316,7 +316,7 @@ def _qkv_kernel(x_ref, xs_ref, cos_ref, sin_ref, rs_ref, wq_ref, sq_ref, wk_ref,
                 m, k, ns, nbs, head_dim, block_m, block_n, block_k, kb_per_split, num_splits, reduce, groups,
                 x_fp8, cdt, evict, rope, norm_eps, q_scaled, cache, interpret):
     """refs: reduce None -> q, k, v; "xla" -> their partials [S, M, N*]; "kernel" -> counters, the partials,
-    q, k, v. With a cache (None, or (T, S, out_dtype, encode): see qkv_rope) the inputs end with the start
+    q, k, v. With a cache (None, or (T, S, encode): see qkv_rope) the inputs end with the start
     slots [B] and the two caches [B * S, N], and k, v are the aliased caches ("xla" never). norm_eps: the qk
     norm is done here (None: not at all, or by the caller). q_scaled: q's row scale is applied here (after
     the norm, if any). groups: column blocks per counter of q, k, v (a head's, Dh // block_n, where the norm
@@ -336,12 +336,13 @@ def _qkv_kernel(x_ref, xs_ref, cos_ref, sin_ref, rs_ref, wq_ref, sq_ref, wk_ref,
         parts, finals = refs[:3], refs[3:]
     else:
         parts, finals = (refs, (None,) * 3) if reduce == "xla" else ((None,) * 3, refs)
+    out_dtype = finals[0].dtype if finals[0] is not None else None  # q's: the dtype k and v are rounded to
 
     def put(t, o_ref, n0, a, mask):  # a [bm, bn] final values of output t at columns n0..n0+bn-1
         if cache is None or t == 0:
             _store(o_ref.at[rows, pl.ds(n0, block_n)], a.astype(o_ref.dtype), mask)
             return
-        T, S, out_dtype, encode = cache  # row r = b * T + i goes to slot start[b] + i of sequence b
+        T, S, encode = cache  # row r = b * T + i goes to slot start[b] + i of sequence b
         r = m0 + jnp.arange(block_m, dtype=jnp.int32)
         live = r < m
         b = lax.div(jnp.minimum(r, m - 1), jnp.int32(T))
@@ -359,8 +360,6 @@ def _qkv_kernel(x_ref, xs_ref, cos_ref, sin_ref, rs_ref, wq_ref, sq_ref, wk_ref,
 
     def row_scale(a):
         return a * _load(rs_ref.at[rows], m_in)[:, None]
-
-    out_dtype = finals[0].dtype if finals[0] is not None else None  # q's: the dtype k and v are rounded to
 
     def branch(t, w_ref, s_ref, j):
         n, part_ref, o_ref = ns[t], parts[t], finals[t]
@@ -491,7 +490,7 @@ def qkv_rope(x, wq, sq, wk, sk, wv, sv, *, head_dim, rope=None, q_row_scale=None
         kb_per_split=c["kb_per_split"], num_splits=S, reduce=red, groups=groups, x_fp8=c["mode"] == "fp8_fp8",
         cdt=c["cdt"], evict=evict, rope=rope is not None, norm_eps=float(qk_norm_eps) if norm_in_kernel else None,
         q_scaled=q_row_scale is not None and not norm_late,
-        cache=None if cache is None else (T, kc.shape[1], out_dtype, cache_encode), interpret=interpret)
+        cache=None if cache is None else (T, kc.shape[1], cache_encode), interpret=interpret)
     args = [c["xk"], c["xs"], cos2, sin2, rs, wq, sq.astype(jnp.float32), wk, sk.astype(jnp.float32), wv,
             sv.astype(jnp.float32)]
     partials = [jax.ShapeDtypeStruct((S, M, n), jnp.float32) for n in ns]

@@ -28,9 +28,10 @@ from jax import lax
 from pallas_kernels import upcast
 
 # The limits are in the rank's tile sizes, where they were measured: weight tiles [64, 64] FP8 (4 KB) and x blocks
-# [16, 64] of 2-byte values (2 KB). Larger tiles count as several: bench_kernels.py's full-width tiles ([256, 128]
-# weight tiles, [16, 256] x blocks) ran 12-17% slower in the one-shot pre-pass or unrolled than in the loop
-# (docs/benchmarks.md section 15), their blocks all live in registers at once.
+# [16, 64] of 2-byte values (2 KB). Larger tiles count as several: with bench_kernels.py's full-width tiles
+# ([256, 128] weight tiles, [16, 256] x blocks) in the one-shot pre-pass or unrolled, its GEMM rows ran 8-17%
+# slower than the loop had in section 10's runs (docs/benchmarks.md section 15), all those blocks live in
+# registers at once.
 TILE_BYTES = 64 * 64
 X_BYTES = 16 * 64 * 2
 # Unrolled when a program streams at most this many TILE_BYTES of weights (K steps x weights per step): the
