@@ -308,30 +308,14 @@ def swiglu(x, w_gate, s_gate, w_up, s_up, w_down, s_down, kernels):
 def route(x, router_w, top_k):
     """Top-k sigmoid routing. x [N, D] -> expert ids [N, k], scores [N, k] (in x's dtype)."""
     logits = jnp.einsum("nd,de->ne", x, router_w)  # [N, E]
-    if top_k == 1:  # Maverick: XLA:GPU lowers top_k to a sort kernel of its own; this is one reduction
-        return top1(logits, x.dtype)
-    top_vals, top_idx = jax.lax.top_k(logits, top_k)  # [N, k]
+    if top_k == 1:  # Maverick: an argmax is a reduction; XLA:GPU lowers top_k to a sort kernel of its own
+        top_idx = jnp.argmax(logits, axis=-1)[:, None].astype(jnp.int32)  # [N, 1] (ties: lowest id, as top_k)
+        # the max, not a gather at top_idx (the same value): a sibling reduction XLA fuses with the argmax,
+        # where the gather was one more kernel after it (docs/benchmarks.md section 15)
+        top_vals = jnp.max(logits, axis=-1, keepdims=True)  # [N, 1]
+    else:
+        top_vals, top_idx = jax.lax.top_k(logits, top_k)  # [N, k]
     return top_idx, jax.nn.sigmoid(top_vals.astype(jnp.float32)).astype(x.dtype)
-
-
-def top1(logits, dtype):
-    """(ids [N, 1] int32, sigmoid scores [N, 1] in dtype) of the largest logit of each row, as jnp.argmax picks
-    it (ties: the lowest id; NaN counts as largest). One variadic reduction that carries each candidate's score
-    along: the sigmoid runs in the reduction's input fusion, where an argmax followed by the score of the
-    winner was a kernel more per MoE layer (docs/benchmarks.md section 15)."""
-    ct = jnp.promote_types(logits.dtype, dtype)  # a reduction's floats share one type (exact widenings here)
-    scores = jax.nn.sigmoid(logits.astype(jnp.float32)).astype(dtype).astype(ct)  # [N, E]
-    ids = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1)  # [N, E]
-
-    def pick(a, b):  # jax's own argmax reducer (lax._ArgMinMaxReducer), the score following the id
-        (av, a_s, ai), (bv, b_s, bi) = a, b
-        take_v = (av > bv) | (av != av)
-        take_i = take_v | ((av == bv) & (ai < bi))
-        return jnp.where(take_v, av, bv), jnp.where(take_i, a_s, b_s), jnp.where(take_i, ai, bi)
-
-    init = (jnp.array(-jnp.inf, ct), jnp.array(0, ct), jnp.array(0, jnp.int32))
-    _, score, idx = jax.lax.reduce((logits.astype(ct), scores, ids), init, pick, (1,))  # [N] each
-    return idx[:, None], score[:, None].astype(dtype)
 
 
 # Up to this many (token, expert) pairs, gather the chosen experts' weights per pair instead of sorting

@@ -136,29 +136,6 @@ def test_route_top1_equals_top_k():
     np.testing.assert_array_equal(np.asarray(idx2[:, 0]), np.asarray(want[:, 0]))
 
 
-def test_top1_is_argmax_with_its_score():
-    """model.top1 (one variadic reduction) picks jnp.argmax's id on every row - ties to the lowest id, a NaN as
-    the largest, an all -inf row to 0 - with the sigmoid of that logit, jitted and not, over 128 experts."""
-    from mavjax.model import top1
-
-    rng = np.random.default_rng(0)
-    logits = rng.standard_normal((40, 128)).astype(np.float32)
-    logits[1, 77] = logits[1, 5] = logits[1].max() + 1.0  # a tie: the lower id wins
-    logits[2, 100] = np.nan
-    logits[3, [9, 90]] = np.nan
-    logits[4] = -np.inf
-    logits[5] = np.round(logits[5])  # many ties below the max
-    logits = jnp.asarray(logits)
-    want = np.asarray(jnp.argmax(logits, axis=-1))
-    want_sc = np.asarray(jax.nn.sigmoid(logits[np.arange(40), want]).astype(jnp.bfloat16), np.float32)
-    for fn in (top1, jax.jit(top1, static_argnums=1)):
-        idx, sc = fn(logits, jnp.bfloat16)
-        assert idx.shape == sc.shape == (40, 1) and idx.dtype == jnp.int32 and sc.dtype == jnp.bfloat16
-        np.testing.assert_array_equal(np.asarray(idx[:, 0]), want)
-        np.testing.assert_array_equal(np.asarray(sc[:, 0], np.float32), want_sc)
-    assert want[1] == 5 and want[2] == 100 and want[3] == 9 and want[4] == 0
-
-
 def test_reference_matches_model():
     """moe_reference (float32) vs mavjax.model.moe_experts (bf16 throughout), both of the model's paths
     (<= 8 pairs: per-pair gather; more: ragged_dot); FP8 weights with scales too."""
