@@ -310,9 +310,7 @@ def route(x, router_w, top_k):
     logits = jnp.einsum("nd,de->ne", x, router_w)  # [N, E]
     if top_k == 1:  # Maverick: an argmax is a reduction; XLA:GPU lowers top_k to a sort kernel of its own
         top_idx = jnp.argmax(logits, axis=-1)[:, None].astype(jnp.int32)  # [N, 1] (ties: lowest id, as top_k)
-        # the max, not a gather at top_idx (the same value): a sibling reduction XLA fuses with the argmax,
-        # where the gather was one more kernel after it (docs/benchmarks.md section 15)
-        top_vals = jnp.max(logits, axis=-1, keepdims=True)  # [N, 1]
+        top_vals = jnp.take_along_axis(logits, top_idx, axis=-1)  # [N, 1]
     else:
         top_vals, top_idx = jax.lax.top_k(logits, top_k)  # [N, k]
     return top_idx, jax.nn.sigmoid(top_vals.astype(jnp.float32)).astype(x.dtype)

@@ -84,7 +84,7 @@ def _cached_nll_and_top1(llm, ids, kv_dtype):
         h, _, _ = model.hidden_states(toks, pos, cache, write_index=jnp.zeros((1,), jnp.int32))
         return model.logits(h)[0]  # [T, V] float32
 
-    nll, top1 = [], []
+    nll, top1, margin = [], [], []
     for start in range(0, len(ids) - 1, WINDOW):
         w = ids[start:start + WINDOW + 1]
         logits = np.asarray(window_logits(llm.engine.state, jnp.asarray([w[:-1]], jnp.int32)), np.float64)
@@ -92,29 +92,39 @@ def _cached_nll_and_top1(llm, ids, kv_dtype):
         logp = logits - m - np.log(np.exp(logits - m).sum(-1, keepdims=True))
         nll.extend(-logp[np.arange(len(w) - 1), w[1:]])
         top1.extend(logits.argmax(-1))
-    return np.array(nll), np.array(top1)
+        top2 = np.sort(logits, axis=-1)[:, -2:]
+        margin.extend(top2[:, 1] - top2[:, 0])
+    return np.array(nll), np.array(top1), np.array(margin)
 
 
 def test_fp8_kv_cache_close_to_bf16_on_heldout_text(heldout_ids):
     """kv_cache_dtype="fp8" (e4m3, static scale 1.0) against the bf16 cache on the same bf16 model.
 
     Bounds: e4m3 rounds each cached key and value to 3 mantissa bits (relative error <= 2^-4, RMS ~2.4e-2);
-    a score q.k sums Dh = 32 such independent errors, so it moves by ~2.4e-2 / sqrt(32) of |q||k| -- far less
-    than the weight quantization of the test above, which perturbs every activation. We require the same
-    top-1 agreement >= 95% and perplexity within 3% as for FP8 weights (measured on the shipped model:
-    98.2% and +0.13%)."""
+    a score q.k sums Dh = 32 such independent errors, so it moves by ~2.4e-2 / sqrt(32) of |q||k| -- less than
+    the weight quantization of the test above, which perturbs every activation. Bounds as for FP8 weights (the
+    module docstring), with room for a few more flips at the clear-winner threshold: top-1 agreement >= 98%
+    where the bf16 cache's top token leads by more than 0.5, >= 92% overall, perplexity within 3%. Measured on
+    the shipped model over these 1,023 tokens: 99.2% (on the 73% of positions with a clear winner), 95.0% and
+    +0.55%; a broken cache (values read back at twice their size) gives 25%, 22% and +568%. (The earlier bound,
+    95% overall from an older shipped model's 98.2%, sat exactly on the current model's 972 of 1,023: two
+    near-tied positions flipped by an unrelated change in XLA's rounding failed it.)"""
     import jax.numpy as jnp
 
     llm = LLM()
     assert llm.engine.kv_dtype == jnp.bfloat16
-    nll_b, top_b = _cached_nll_and_top1(llm, heldout_ids, jnp.bfloat16)
-    nll_f, top_f = _cached_nll_and_top1(llm, heldout_ids, jnp.float8_e4m3fn)
+    nll_b, top_b, margin_b = _cached_nll_and_top1(llm, heldout_ids, jnp.bfloat16)
+    nll_f, top_f, _ = _cached_nll_and_top1(llm, heldout_ids, jnp.float8_e4m3fn)
     nll_x, top_x, _ = _nll_and_top1(llm, heldout_ids)  # the cache-free forward: the bf16 cache must equal it
     ppl_b, ppl_f = np.exp(nll_b.mean()), np.exp(nll_f.mean())
     agree = (top_b == top_f).mean()
-    print(f"bf16-KV ppl {ppl_b:.3f}, fp8-KV ppl {ppl_f:.3f} ({ppl_f / ppl_b - 1:+.2%}), top-1 agreement {agree:.4f}")
+    clear = margin_b > 0.5
+    agree_clear = (top_b == top_f)[clear].mean()
+    print(f"bf16-KV ppl {ppl_b:.3f}, fp8-KV ppl {ppl_f:.3f} ({ppl_f / ppl_b - 1:+.2%}), top-1 agreement {agree:.4f}, "
+          f"{agree_clear:.4f} on the {clear.mean():.0%} of positions with a margin > 0.5")
     assert (top_b == top_x).mean() >= 0.99 and abs(np.exp(nll_x.mean()) / ppl_b - 1) < 2e-3
-    assert agree >= 0.95, agree
+    assert agree_clear >= 0.98, agree_clear
+    assert agree >= 0.92, agree
     assert abs(ppl_f / ppl_b - 1) <= 0.03, (ppl_b, ppl_f)
     fp8_llm = LLM(kv_cache_dtype="fp8")
     assert fp8_llm.engine.kv_dtype == jnp.float8_e4m3fn
