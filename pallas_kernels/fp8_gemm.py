@@ -217,6 +217,15 @@ def _silu(g):
     return g / (1.0 + jnp.exp(-g))
 
 
+def swiglu_of_partials(g_parts, u_parts, dtype):
+    """silu(sum g) * (sum u) over the leading split axis of two float32 partials [S, ...], cast to `dtype`: the
+    XLA epilogue of a split gate/up kernel. The sums are chains of adds, not reductions: XLA fuses adds with
+    their elementwise consumers into one loop kernel, while each jnp.sum over the split axis would be a reduce
+    fusion of its own (two launches for g and u, the SwiGLU riding on the second; docs/benchmarks.md section 15)."""
+    add = lambda p: functools.reduce(jnp.add, [p[i] for i in range(p.shape[0])])  # noqa: E731
+    return (_silu(add(g_parts)) * add(u_parts)).astype(dtype)
+
+
 def _mask2(rows, cols):
     """Outer AND of two optional 1-D lane masks (None = all in bounds)."""
     if rows is None and cols is None:

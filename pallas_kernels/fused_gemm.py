@@ -42,10 +42,10 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels.fp8_gemm import (
     FP8, plgpu, _call, _silu, _exact_upcast, _in_bounds, _load, _mask2, _next_pow2, _store, default_config,
-    quantize_activation_per_token)
+    quantize_activation_per_token, swiglu_of_partials)
 from pallas_kernels import upcast
 from pallas_kernels.k_loop import stream_k
-from pallas_kernels.split_k import arrive, counters, default_reduce, sum_partials, swiglu_of_partials
+from pallas_kernels.split_k import arrive, counters, default_reduce, sum_partials
 
 __all__ = ["gate_up_swiglu_ref", "gate_up_swiglu", "qkv_rope_ref", "qkv_rope", "rope_columns"]
 

@@ -80,7 +80,7 @@ from pallas_kernels import split_k as _split_k
 from pallas_kernels import upcast
 from pallas_kernels.fp8_gemm import (
     FP8, NUM_SMS_H100, _call, _silu, _exact_upcast, _in_bounds, _load, _mask2, _next_pow2, _store,
-    quantize_weight_per_channel, weight_only_blocks)
+    quantize_weight_per_channel, swiglu_of_partials, weight_only_blocks)
 
 __all__ = ["MoERouting", "sort_tokens", "num_buffer_rows", "quantize_experts", "dequantize_experts",
            "moe_reference", "moe_fp8", "moe_fp8_sorted", "moe_fp8_pairs", "default_config", "pairs_config",
@@ -493,7 +493,7 @@ def _gate_up(x_sorted, row_score, routing, w_gate, w_up, s_gate, s_up, *, block_
     res = _call(kernel, args, outs, grid, num_warps=num_warps, num_stages=num_stages, interpret=interpret,
                 poison_output=poison_output, name=f"moe_gate_up_m{block_m}_n{block_n}_k{block_k}_s{split_k}")
     if partial:  # epilogue of the split-K partials (decode: R is a few blocks)
-        return _split_k.swiglu_of_partials(res[0], res[1], upcast.storage_dtype(cdt))
+        return swiglu_of_partials(res[0], res[1], upcast.storage_dtype(cdt))
     return res[0]
 
 
@@ -791,7 +791,7 @@ def moe_fp8_pairs(x, expert_idx, scores, w_gate, w_up, w_down, scales=None, *, s
     if finish1:
         res = res[2:]
     elif split1 > 1 and gu_epilogue == "xla":
-        res = (_split_k.swiglu_of_partials(res[0], res[1], h_dtype),)  # h [rows, F]
+        res = (swiglu_of_partials(res[0], res[1], h_dtype),)  # h [rows, F]
     n_gu_splits = split1 if len(res) == 2 else 0
 
     kern2 = functools.partial(_pair_down_kernel, f=F, d=D, k=k, num_pairs=P, block_n=block_n_down,

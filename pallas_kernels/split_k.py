@@ -26,7 +26,6 @@ the barrier, which the interpreter lacks, is skipped.
 
 from __future__ import annotations
 
-import functools
 import os
 
 import jax.numpy as jnp
@@ -107,16 +106,6 @@ def load_partial(ref, mask=None):
     more narrowly, but its Triton lowering rejects every spelling of it in JAX 0.10-0.11.)"""
     other = None if mask is None else jnp.zeros((), ref.dtype)
     return plgpu.load(ref, mask=mask, other=other, volatile=True)
-
-
-def swiglu_of_partials(g_parts, u_parts, dtype):
-    """silu(sum g) * (sum u) over the leading split axis of two float32 partials [S, ...], cast to `dtype`: the
-    XLA epilogue of a split gate/up kernel. The sums are chains of adds, not reductions: XLA fuses adds with
-    their elementwise consumers into one loop kernel, while each jnp.sum over the split axis would be a reduce
-    fusion of its own (two launches for g and u, the SwiGLU riding on the second; docs/benchmarks.md section 15)."""
-    add = lambda p: functools.reduce(jnp.add, [p[s] for s in range(p.shape[0])])  # noqa: E731
-    g, u = add(g_parts), add(u_parts)
-    return (g / (1.0 + jnp.exp(-g)) * u).astype(dtype)  # fp8_gemm._silu's formula, as the kernels apply it
 
 
 def sum_partials(part_ref, num_splits: int, index, shape, mask=None):
