@@ -27,7 +27,7 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mavjax.benchmarking import DeviceLoop, copy_bandwidth  # noqa: E402
-from pallas_kernels.fp8_gemm import FP8, fp8_matmul  # noqa: E402
+from pallas_kernels.fp8_gemm import FP8, fp8_matmul, fp8_matmul_add_rms_norm  # noqa: E402
 from pallas_kernels.fused_gemm import gate_up_swiglu, qkv_rope  # noqa: E402
 from pallas_kernels.moe_gemm import moe_fp8_pairs  # noqa: E402
 
@@ -89,6 +89,22 @@ def build_ops(a, key):
     mm(f"o {H * Dh}x{D}", H * Dh, D)
     mm(f"mlp down {Fm}x{D}", Fm, D)
     mm(f"shared down {Fe}x{D}", Fe, D)
+
+    def mm_norm(name, K, N):
+        """An output projection with the residual add and the next RMSNorm, as the model runs it
+        (mavjax.model.dense_add_norm). The default: the GEMM (XLA's split-K sum) then the add + norm kernel;
+        the candidates: one launch (reduce="kernel": the last split of a tile sums, the last tile normalizes),
+        every split count, and 16-wide tiles without split-K (a program per 16 columns, no partials)."""
+        ws = [(_w(next(ks), (K, N)), _s(next(ks), N)) for _ in range(U)]
+        res, g = jax.random.normal(next(ks), (M, N), jnp.bfloat16), jnp.ones((N,), jnp.bfloat16)
+        cands = [dict(c, reduce="kernel") for c in candidates(K, N, 1)] + [
+            dict(block_n=16, block_k=bk, split_k=1, num_stages=st, reduce="kernel")
+            for bk in (64, 128, 256) for st in (2, 3, 4)]
+        ops.append(Op(name, lambda x, w, r, g, **c: fp8_matmul_add_rms_norm(x, *w, r, g, eps=1e-5, **c),
+                      x(K), ws, K * N + 4 * N, cands, shared=(res, g)))
+
+    mm_norm(f"o+add+norm {H * Dh}x{D}", H * Dh, D)
+    mm_norm(f"mlp down+add+norm {Fm}x{D}", Fm, D)
     for name, F in ((f"mlp gate/up {D}x2x{Fm}", Fm), (f"shared gate/up {D}x2x{Fe}", Fe)):
         ws = [(_w(next(ks), (D, F)), _s(next(ks), F), _w(next(ks), (D, F)), _s(next(ks), F)) for _ in range(U)]
         ops.append(Op(name, lambda x, w, **c: gate_up_swiglu(x, *w, **c), x(D), ws, 2 * (D * F + 4 * F),
@@ -101,6 +117,16 @@ def build_ops(a, key):
                   lambda x, w, cos, sin, **c: qkv_rope(x, *w, head_dim=Dh, rope=(cos, sin), qk_norm_eps=1e-5, **c),
                   x(D), ws, D * (H + 2 * Kh) * Dh,
                   [c for c in candidates(D, (H + 2 * Kh) * Dh, 1) if c["block_n"] <= Dh], shared=rope))
+    # The same with the KV cache write (the model's decode): the kernel then always sums its splits itself
+    # and stores k, v into the caches (one cache pair per weight set; 16 slots: the caches are aliased in
+    # place, so XLA copies these loop-invariant ones each call, the same ~2 small copies for every candidate).
+    start = jnp.zeros((M,), jnp.int32)
+    ws_c = [w + ((jnp.zeros((M, 16, Kh, Dh), jnp.bfloat16),) * 2,) for w in ws]
+    ops.append(Op(f"qkv+rope+norm+cache {D}x{(H + 2 * Kh) * Dh}",
+                  lambda x, w, cos, sin, st, **c: qkv_rope(x, *w[:6], head_dim=Dh, rope=(cos, sin), qk_norm_eps=1e-5,
+                                                           cache=(*w[6], st), **c),
+                  x(D), ws_c, D * (H + 2 * Kh) * Dh,
+                  [c for c in candidates(D, (H + 2 * Kh) * Dh, 1) if c["block_n"] <= Dh], shared=(*rope, start)))
     # Split-KV decode attention: one query token per row over a bf16 cache of `ctx` visible positions (the
     # rank's 1 kv head, or all 8 at full width), every split count and tile size.
     from pallas_kernels.decode_attention import decode_attention
