@@ -415,3 +415,77 @@ def test_gate_up_split_k_lowers_to_a_semaphore(monkeypatch):
     assert "gpu.barrier" in text[:text.index("tt.atomic_rmw")]
     # the last split's reads of the partials: g and u, 4 splits each ([16, 64] f32 tiles)
     assert len(re.findall(r"tt\.load .*(?:isVolatile = true|cache = cg).*: tensor<16x64x!tt\.ptr<f32>>", text)) == 8
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The RMSNorm before the GEMM applied as x is loaded (x_norm=(rms, scale))
+# ---------------------------------------------------------------------------------------------------------
+
+PRENORM = [  # (M, D, mode, cfg, scale dtype): split-K summed by XLA and in the kernel, ragged M and K, prefill
+    (1, 300, "weight_only", dict(block_n=32, block_k=64, split_k=1), BF16),
+    (3, 270, "weight_only", dict(block_n=16, block_k=32, split_k=4, reduce="xla"), BF16),
+    (5, 200, "weight_only", dict(block_n=32, block_k=32, split_k=3, reduce="kernel"), F32),
+    (20, 100, "fp8_fp8", dict(block_m=16, block_n=32, block_k=32), BF16),
+]
+
+
+@pytest.mark.parametrize("M,D,mode,cfg,sdt", PRENORM)
+def test_norm_applied_as_x_is_loaded(M, D, mode, cfg, sdt):
+    """gate_up_swiglu and qkv_rope (with and without a KV cache) given the raw residual stream and x_norm =
+    (mavjax.model.rms_factor of it, the norm's scale) compute what they compute on mavjax.model.rms_norm's
+    output: each loaded x tile goes through the model's own apply_rms. Not bit for bit: the normed values
+    round to bf16 on both sides, but XLA may keep a product in float32 inside a fusion
+    (xla_allow_excess_precision, also in the interpreter's kernel body), so elements differ by up to an ulp
+    (test_norm_in_kernel_is_the_models_rms_norm); bound 1e-2 relative (bf16 level), 5e-2 where x is then
+    quantized to e4m3 (fp8_fp8: an ulp of bf16 can flip an e4m3 rounding), where a missing scale (0.5..1.5)
+    or factor (1e-2..1e2: residual rows span 1e-2..1e2) is off by >= 0.3."""
+    from mavjax.kv_cache import encode_kv
+    from mavjax.model import rms_factor
+
+    eps = 1e-5
+    k1, k2, k3, k4 = jax.random.split(jax.random.key(M * 13 + D), 4)
+    x = (jax.random.normal(k1, (M, D)) * 10.0 ** jax.random.uniform(k2, (M, 1), minval=-2, maxval=2)).astype(BF16)
+    scale = (1.0 + 0.5 * jax.random.normal(k3, (D,))).astype(sdt)
+    normed, x_norm = rms_norm(x, scale, eps), (rms_factor(x, eps), scale)
+    kw = dict(mode=mode, interpret=True, poison_output=True, **cfg)
+
+    def same(a, b):
+        _finite(a)
+        assert a.shape == b.shape and a.dtype == b.dtype and _err(a, b) < (5e-2 if mode == "fp8_fp8" else 1e-2)
+
+    (wg, sg), (wu, su) = _w(k4, D, 48), _w(jax.random.fold_in(k4, 1), D, 48)
+    for out_dtype in (F32, BF16):
+        same(gate_up_swiglu(x, wg, sg, wu, su, x_norm=x_norm, out_dtype=out_dtype, **kw),
+             gate_up_swiglu(normed, wg, sg, wu, su, out_dtype=out_dtype, **kw))
+    _, ws, qkw = _qkv_case(M, D, 2, 1, 32, True, True, False, mode)
+    qkw.pop("mode")
+    run = lambda xx, **more: qkv_rope(xx, *ws, out_dtype=BF16, **qkw, **kw, **more)  # noqa: E731
+    for a, b in zip(run(x, x_norm=x_norm), run(normed)):
+        same(a, b)
+    if mode == "weight_only":  # decode: k and v written into the cache by the kernel
+        caches = [jnp.zeros((M, 4, 1, 32), BF16)] * 2 + [jnp.arange(M, dtype=jnp.int32) % 3]
+        for a, b in zip(run(x, x_norm=x_norm, cache=tuple(caches), cache_encode=encode_kv),
+                        run(normed, cache=tuple(caches), cache_encode=encode_kv)):
+            same(a, b)
+    with pytest.raises(ValueError, match="x_norm must be"):
+        gate_up_swiglu(x, wg, sg, wu, su, x_norm=(x_norm[0][:-1] if M > 1 else x_norm[0], scale[:-1]), **kw)
+
+
+def test_norm_in_kernel_is_the_models_rms_norm():
+    """Through identity weights (e4m3 1.0, scale 1: q = the x the kernel multiplied, exactly) the x_norm
+    prologue gives mavjax.model.rms_norm's values, each within 2^-7 relative (the two bf16 roundings of
+    apply_rms, which the interpreter's fused kernel body may skip), for rows of very different size, split-K
+    over ragged K blocks."""
+    from mavjax.model import rms_factor
+
+    D, eps = 96, 1e-5
+    k1, k2 = jax.random.split(jax.random.key(3))
+    x = (jax.random.normal(k1, (3, D)) * jnp.array([[1e-2], [1.0], [3e2]])).astype(BF16)
+    scale = (1.0 + 0.5 * jax.random.normal(k2, (D,))).astype(BF16)
+    eye, ones = jnp.eye(D, dtype=F32).astype(jnp.float8_e4m3fn), jnp.ones((D,), F32)
+    q, _, _ = qkv_rope(x, eye, ones, eye[:, :32], ones[:32], eye[:, :32], ones[:32], head_dim=32,
+                       x_norm=(rms_factor(x, eps), scale), out_dtype=F32, block_n=32, block_k=64, split_k=2,
+                       interpret=True, poison_output=True)
+    _finite(q)
+    want = np.asarray(rms_norm(x, scale, eps), np.float64)
+    assert np.all(np.abs(np.asarray(q, np.float64) - want) <= 2.0 ** -7 * np.abs(want))
