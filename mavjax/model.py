@@ -11,7 +11,6 @@ explicit KV cache (`mavjax.kv_cache`), so the same forward serves training (no c
 from __future__ import annotations
 
 import os
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -48,9 +47,7 @@ def _weight(rngs, shape, axes, dtype, std, contract, quant):
 # those as on the XLA path instead, read when a function is traced: to bisect a GPU failure to one family, or
 # to time one family's share of a step, without touching the model code. "moe_shared" is the shared expert
 # riding in the MoE pair kernels at decode; switched off, it runs as its own MLP (gate_up + gemm kernels).
-# "prenorm" is the RMSNorm before QKV and before a dense MLP applied by those kernels as they load x (`Prenorm`);
-# switched off, it is the add + norm kernel ("norm") again.
-PALLAS_OPS = ("gemm", "qkv", "gate_up", "moe", "moe_shared", "attention", "norm", "prenorm")
+PALLAS_OPS = ("gemm", "qkv", "gate_up", "moe", "moe_shared", "attention", "norm")
 
 
 def use_pallas(kernels: str, op: str) -> bool:
@@ -100,20 +97,8 @@ def dense(x, w, scale, n_in, kernels="xla"):
 
 def rms_norm(x, scale, eps):
     """RMSNorm in float32, cast back before the scale (transformers' order of operations)."""
-    return apply_rms(x, rms_factor(x, eps), scale)
-
-
-def rms_factor(x, eps):
-    """x [..., D] -> rsqrt(mean(x^2) + eps) [...] in float32: the row statistic of rms_norm."""
     xf = x.astype(jnp.float32)
-    return jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1) + eps)
-
-
-def apply_rms(x, rms, scale):
-    """rms_norm given its row factor rms [...] (rms_factor): x [..., D] times rms in float32, cast back, times
-    scale [D] (None: no scale). Plain jnp ops on any block of whole rows' columns: the Pallas GEMMs apply it to
-    each x tile they load (pallas_kernels.fused_gemm, x_norm=)."""
-    y = (x.astype(jnp.float32) * rms[..., None]).astype(x.dtype)
+    y = (xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)).astype(x.dtype)
     return y if scale is None else y * scale
 
 
@@ -124,33 +109,6 @@ class RMSNorm(nnx.Module):
 
     def __call__(self, x):
         return rms_norm(x, self.scale[...], self.eps)
-
-    def deferred(self, x):
-        """self(x) as a Prenorm: the row factors now, the rest by the consumer."""
-        return Prenorm(x, rms_factor(x, self.eps), self.scale[...])
-
-
-class Prenorm(NamedTuple):
-    """rms_norm(x) not applied yet: its row factors are computed (rms_factor) and the kernel that consumes it
-    applies apply_rms to each x tile it loads (pallas_kernels.fused_gemm x_norm=: QKV, the dense gate/up), so
-    the norm costs no launch of its own; every other consumer takes `normed(h)`. At decode on one 8-way rank
-    of Maverick that is 72 of the step's 96 add + norm kernels (docs/benchmarks.md section 16)."""
-
-    x: jax.Array      # [..., D] the residual stream
-    rms: jax.Array    # [...] float32
-    scale: jax.Array  # [D]
-
-    @property
-    def shape(self):
-        return self.x.shape
-
-    def value(self):
-        return apply_rms(self.x, self.rms, self.scale)
-
-
-def normed(h):
-    """h itself, or a Prenorm's value."""
-    return h.value() if isinstance(h, Prenorm) else h
 
 
 def rope_tables(inv_freq, positions):
@@ -223,7 +181,7 @@ class Attention(nnx.Module):
 
     def __call__(self, x, positions, rope, cache_kv=None, cache_pos=None, write_index=None, attn_mask=None,
                  project=True):
-        """x [B, T, D] (or a Prenorm of it), positions [B, T]. Without a cache, keys are this call's tokens. With one
+        """x [B, T, D], positions [B, T]. Without a cache, keys are this call's tokens. With one
         (k, v: [B, S, K, Dh]; cache_pos [B, S] the position each slot holds, already updated for this call),
         this call's keys are written at slots `write_index` [B] onward and attention reads the whole cache.
         `attn_mask` [B, T, S] (optional) is ANDed into the position mask: speculative tree verification, where
@@ -231,8 +189,6 @@ class Attention(nnx.Module):
         Returns (out [B, T, D], updated (k, v) or None); `project=False`: out is the attention output before wo,
         [B, T, H, Dh] (the tensor-parallel path projects each device's heads itself, mavjax.parallel)."""
         fused = use_pallas(self.kernels, "qkv") and self.wq_scale is not None  # one FP8 launch, epilogue fused
-        if not fused:
-            x = normed(x)
         if fused and cache_kv is not None:  # ... which also writes k and v into the cache
             q, ck, cv = self._fused_qkv(x, positions, rope, (*cache_kv, write_index))
         elif fused:
@@ -278,10 +234,10 @@ class Attention(nnx.Module):
     def _proj(self, x, w, scale, n_in):
         return dense(x, w[...], None if scale is None else scale[...], n_in, self.kernels)
 
-    def out_add_norm(self, o, x, norm: "RMSNorm", defer=False):
+    def out_add_norm(self, o, x, norm: "RMSNorm"):
         """(x + wo(o), norm of it) for the attention output o [B, T, H, Dh] (dense_add_norm)."""
         return dense_add_norm(o, self.wo[...], None if self.wo_scale is None else self.wo_scale[...], 2, x, norm,
-                              self.kernels, defer)
+                              self.kernels)
 
     def _fused_qkv(self, x, positions, rope, cache=None):
         """kernels="pallas", FP8 weights: q, k, v through pallas_kernels.fused_gemm.qkv_rope, with RoPE, the
@@ -292,16 +248,14 @@ class Attention(nnx.Module):
 
         B, T, D = x.shape
         (_, H, Dh), K = self.wq.shape, self.wk.shape[1]
-        x, x_norm = _flat_prenorm(x)
         flat = lambda w, s, n: (w[...].reshape(D, n * Dh), s[...].reshape(n * Dh))  # noqa: E731  (free reshapes)
         tables = tuple(r.reshape(B * T, Dh // 2) for r in rope) if self.use_rope else None
         t = attn_temperature(positions, self.floor_scale, self.attn_scale).reshape(B * T) \
             if self.temperature_tuning else None
-        q, k, v = qkv_rope(x, *flat(self.wq, self.wq_scale, H), *flat(self.wk, self.wk_scale, K),
+        q, k, v = qkv_rope(x.reshape(B * T, D), *flat(self.wq, self.wq_scale, H), *flat(self.wk, self.wk_scale, K),
                            *flat(self.wv, self.wv_scale, K), head_dim=Dh, rope=tables, q_row_scale=t,
                            qk_norm_eps=self.eps if self.qk_norm else None, out_dtype=x.dtype, cache=cache,
-                           cache_encode=encode_kv, x_norm=x_norm,
-                           interpret=jax.default_backend() == "cpu")  # [B*T, N*] each
+                           cache_encode=encode_kv, interpret=jax.default_backend() == "cpu")  # [B*T, N*] each
         if cache is not None:  # k, v: the updated caches
             return q.reshape(B, T, H, Dh), k, v
         return q.reshape(B, T, H, Dh), k.reshape(B, T, K, Dh), v.reshape(B, T, K, Dh)
@@ -322,28 +276,23 @@ class MLP(nnx.Module):
         return swiglu(x, val(self.w_gate), val(self.w_gate_scale), val(self.w_up), val(self.w_up_scale),
                       val(self.w_down), val(self.w_down_scale), self.kernels)
 
-    def down_add_norm(self, x, residual, norm: "RMSNorm", defer=False):
-        """(residual + self(x), norm of it): the MLP, the residual add and the next norm (dense_add_norm).
-        x may be a Prenorm."""
+    def down_add_norm(self, x, residual, norm: "RMSNorm"):
+        """(residual + self(x), norm of it): the MLP, the residual add and the next norm (dense_add_norm)."""
         val = lambda v: None if v is None else v[...]  # noqa: E731
         h = swiglu_hidden(x, val(self.w_gate), val(self.w_gate_scale), val(self.w_up), val(self.w_up_scale),
                           self.kernels)  # [..., F]
-        return dense_add_norm(h, self.w_down[...], val(self.w_down_scale), 1, residual, norm, self.kernels, defer)
+        return dense_add_norm(h, self.w_down[...], val(self.w_down_scale), 1, residual, norm, self.kernels)
 
 
 def swiglu_hidden(x, w_gate, s_gate, w_up, s_up, kernels):
-    """silu(x @ gate) * (x @ up): x [..., D] (or a Prenorm of it), w_gate/w_up [D, F] (s_* the FP8 scales, or
-    None) -> [..., F]. kernels="pallas" with FP8 weights: gate, up and the SwiGLU in one launch (g and u never
-    leave it; a Prenorm is applied as x is loaded)."""
+    """silu(x @ gate) * (x @ up): x [..., D], w_gate/w_up [D, F] (s_* the FP8 scales, or None) -> [..., F].
+    kernels="pallas" with FP8 weights: gate, up and the SwiGLU in one launch (g and u never leave it)."""
     if use_pallas(kernels, "gate_up") and s_gate is not None:
         from pallas_kernels.fused_gemm import gate_up_swiglu
 
-        lead = x.shape[:-1]
-        x2, x_norm = _flat_prenorm(x)
-        h = gate_up_swiglu(x2, w_gate, s_gate, w_up, s_up, out_dtype=x2.dtype, x_norm=x_norm,
+        h = gate_up_swiglu(x.reshape(-1, x.shape[-1]), w_gate, s_gate, w_up, s_up, out_dtype=x.dtype,
                            interpret=jax.default_backend() == "cpu")
-        return h.reshape(*lead, w_gate.shape[1])
-    x = normed(x)
+        return h.reshape(*x.shape[:-1], w_gate.shape[1])
     g = dense(x, w_gate, s_gate, 1, kernels)  # [..., D] x [D, F] -> [..., F]
     u = dense(x, w_up, s_up, 1, kernels)  # [..., D] x [D, F] -> [..., F]
     return jax.nn.silu(g) * u
@@ -496,24 +445,13 @@ class DecoderLayer(nnx.Module):
         """One layer on its own: x [B, T, D] -> (x [B, T, D], cache_kv). Llama4.hidden_states runs the same
         arithmetic with each layer's last residual add fused into the next layer's first norm."""
         h, cache_kv = self.attn(self.attn_norm(x), positions, rope, cache_kv, cache_pos, write_index, attn_mask)
-        x, hn = add_norm(x, h, self.ffn_norm, self.kernels)
-        return x + self.ffn(hn), cache_kv
+        x, normed = add_norm(x, h, self.ffn_norm, self.kernels)
+        return x + self.ffn(normed), cache_kv
 
 
-def _flat_prenorm(x):
-    """x [..., D] or a Prenorm of it -> (x [N, D], None or the kernels' x_norm (rms [N], scale [D]))."""
-    if isinstance(x, Prenorm):
-        return x.x.reshape(-1, x.shape[-1]), (x.rms.reshape(-1), x.scale)
-    return x.reshape(-1, x.shape[-1]), None
-
-
-def add_norm(x, delta, norm: RMSNorm, kernels: str, defer=False):
+def add_norm(x, delta, norm: RMSNorm, kernels: str):
     """(x + delta, norm(x + delta)): a residual add and the RMSNorm after it; one pass over [B, T, D]
-    (pallas_kernels.fused_norm) when kernels="pallas". defer: the norm as a Prenorm, when the consumer is a
-    Pallas kernel that applies it ("prenorm")."""
-    if defer and use_pallas(kernels, "prenorm"):
-        s = x + delta
-        return s, norm.deferred(s)
+    (pallas_kernels.fused_norm) when kernels="pallas"."""
     if use_pallas(kernels, "norm"):
         from pallas_kernels.fused_norm import add_rms_norm
 
@@ -522,14 +460,11 @@ def add_norm(x, delta, norm: RMSNorm, kernels: str, defer=False):
     return x, norm(x)
 
 
-def dense_add_norm(h, w, scale, n_in, x, norm: RMSNorm, kernels: str, defer=False):
+def dense_add_norm(h, w, scale, n_in, x, norm: RMSNorm, kernels: str):
     """(x + dense(h), norm of it): an output projection (wo, an MLP's down), the residual add and the next
     RMSNorm. kernels="pallas" with FP8 weights: pallas_kernels.fp8_gemm.fp8_matmul_add_rms_norm, by default
     the FP8 GEMM then the add + norm kernel; with the GEMM family's split-K sums in the kernel
-    (MAVJAX_SPLIT_K_REDUCE=gemm=kernel) one launch. h [..., *in] with in = w.shape[:n_in]; x [..., D].
-    defer: the norm as a Prenorm (add_norm), the residual add fused with XLA's split-K sum of the GEMM."""
-    if defer and use_pallas(kernels, "prenorm"):
-        return add_norm(x, dense(h, w, scale, n_in, kernels), norm, kernels, defer)
+    (MAVJAX_SPLIT_K_REDUCE=gemm=kernel) one launch. h [..., *in] with in = w.shape[:n_in]; x [..., D]."""
     if scale is not None and use_pallas(kernels, "gemm") and use_pallas(kernels, "norm"):
         from pallas_kernels.fp8_gemm import fp8_matmul_add_rms_norm
 
@@ -584,22 +519,18 @@ class Llama4(nnx.Module):
         cache_pos = None if cache is None else write_slots(cache.pos, positions, write_index)
         new_kv, taps = [], {}
         layers = list(self.layers)
-        # the norms before QKV and before a dense MLP are applied by those kernels as they load x (Prenorm)
-        defer = use_pallas(self.kernels, "prenorm")
-        h = layers[0].attn_norm.deferred(x) if defer else layers[0].attn_norm(x)
+        h = layers[0].attn_norm(x)
         for i, layer in enumerate(layers):
             kv = None if cache is None else (cache.k[i], cache.v[i])
             o, kv = layer.attn(h, positions, rope, kv, cache_pos, write_index, attn_mask, project=False)
             new_kv.append(kv)
-            # wo, the residual add, the FFN's norm
-            x, h = layer.attn.out_add_norm(o, x, layer.ffn_norm, defer=not layer.is_moe)
+            x, h = layer.attn.out_add_norm(o, x, layer.ffn_norm)  # wo, the residual add, the FFN's norm
             # the layer's last residual add and the next layer's first norm (the final norm after the last)
-            last = i + 1 == len(layers)
-            nxt = self.norm if last else layers[i + 1].attn_norm
+            nxt = layers[i + 1].attn_norm if i + 1 < len(layers) else self.norm
             if layer.is_moe:
-                x, h = add_norm(x, layer.ffn(h), nxt, self.kernels, defer=not last)
+                x, h = add_norm(x, layer.ffn(h), nxt, self.kernels)
             else:
-                x, h = layer.ffn.down_add_norm(h, x, nxt, defer=not last)
+                x, h = layer.ffn.down_add_norm(h, x, nxt)
             if i in collect_layers:
                 taps[i] = x
         if cache is not None:

@@ -217,18 +217,13 @@ def _silu(g):
     return g / (1.0 + jnp.exp(-g))
 
 
-def sum_of_splits(parts):
-    """The sum over the leading split axis of float32 partials [S, ...] as a chain of adds, not a reduction:
-    XLA fuses adds into their elementwise consumers (and into a following reduction, e.g. an RMSNorm's row
-    statistic), while a jnp.sum over the split axis is a reduce fusion of its own, one more launch
-    (docs/benchmarks.md sections 15-16)."""
-    return functools.reduce(jnp.add, [parts[i] for i in range(parts.shape[0])])
-
-
 def swiglu_of_partials(g_parts, u_parts, dtype):
     """silu(sum g) * (sum u) over the leading split axis of two float32 partials [S, ...], cast to `dtype`: the
-    XLA epilogue of a split gate/up kernel, one loop kernel (sum_of_splits)."""
-    return (_silu(sum_of_splits(g_parts)) * sum_of_splits(u_parts)).astype(dtype)
+    XLA epilogue of a split gate/up kernel. The sums are chains of adds, not reductions: XLA fuses adds with
+    their elementwise consumers into one loop kernel, while each jnp.sum over the split axis would be a reduce
+    fusion of its own (two launches for g and u, the SwiGLU riding on the second; docs/benchmarks.md section 15)."""
+    add = lambda p: functools.reduce(jnp.add, [p[i] for i in range(p.shape[0])])  # noqa: E731
+    return (_silu(add(g_parts)) * add(u_parts)).astype(dtype)
 
 
 def _mask2(rows, cols):
@@ -411,7 +406,7 @@ def _weight_only_pallas(x, w_fp8, w_scale, *, scale_kind, scale_block, block_n, 
                  interpret=interpret, poison_output=poison_output,
                  name=f"fp8_weight_only{'_add_norm' if epilogue else ''}_m{block_m}_n{block_n}_k{block_k}_s{split}")
     if partial and reduce == "xla":
-        return sum_of_splits(outs[0]).astype(out_dtype)
+        return jnp.sum(outs[0], axis=0).astype(out_dtype)
     final = outs[1:] if partial else outs  # the in-kernel sum's partials are scratch
     return tuple(final) if epilogue else final[0]
 

@@ -123,23 +123,15 @@ def qkv_rope_ref(x, wq, sq, wk, sk, wv, sv, *, head_dim, rope=None, q_row_scale=
 # ----------------------------------------------------------------------------------------------------------
 
 def _k_loop(x_ref, w_refs, n0s, n_ins, *, m0, m_in, k, block_m, block_n, block_k, kb_lo, kb_hi, steps, x_fp8,
-            cdt, evict, norm=None):
+            cdt, evict):
     """f32 accumulators x[m0:m0+bm] @ w[:, n0:n0+bn] for each (w, n0) over K blocks [kb_lo, kb_hi) (at most
-    `steps`): the x tile is loaded once per K step and shared by every weight (pallas_kernels/k_loop.py).
-    norm: None, or the refs (rms [M] f32, scale [K]) of an RMSNorm applied to x as it is loaded (`x_norm`)."""
+    `steps`): the x tile is loaded once per K step and shared by every weight (pallas_kernels/k_loop.py)."""
     hint_x, hint_w = ("evict_last", "evict_first") if (evict and not x_fp8) else (None, None)
-    if norm is not None:
-        rms = _load(norm[0].at[pl.ds(m0, block_m)], m_in)                                     # [bm] f32
 
     def load_x(kb):
         k0 = pl.multiple_of(kb * block_k, block_k)
-        k_in = _in_bounds(k0, block_k, k)
-        xt = _load(x_ref.at[pl.ds(m0, block_m), pl.ds(k0, block_k)], _mask2(m_in, k_in), hint_x)  # [bm, bk]
-        if norm is None:
-            return xt
-        from mavjax.model import apply_rms  # the model's arithmetic, on this tile's columns
-
-        return apply_rms(xt, rms, _load(norm[1].at[pl.ds(k0, block_k)], k_in))                # [bm, bk]
+        return _load(x_ref.at[pl.ds(m0, block_m), pl.ds(k0, block_k)], _mask2(m_in, _in_bounds(k0, block_k, k)),
+                     hint_x)                                                                    # [bm, bk]
 
     def load_ws(kb):
         k0 = pl.multiple_of(kb * block_k, block_k)
@@ -190,17 +182,11 @@ def _l2norm_tiles(tiles, dtype, head_dim, eps):
 
 
 def _setup(x, weights, scales, mode, N_total, block_m, block_n, block_k, split_k, num_warps, num_stages,
-           compute_dtype, tiles_per_step, x_norm=None):
-    """Argument checks, mode, config and the activations as the kernel reads them (with x_norm, the norm's
-    arguments as the kernel reads them: "norm_args", and "prenorm" whether the kernel applies it)."""
+           compute_dtype, tiles_per_step):
+    """Argument checks, mode, config and the activations as the kernel reads them."""
     if x.ndim != 2:
         raise ValueError(f"x must be [M, K], got {x.shape}")
     M, K = x.shape
-    if x_norm is not None:
-        rms, nscale = x_norm
-        if rms.shape != (M,) or nscale.shape != (K,):
-            raise ValueError(f"x_norm must be (rms [{M}], scale [{K}]) for x {x.shape}; got {rms.shape}, "
-                             f"{nscale.shape}")
     for name, w in weights.items():
         if w.ndim != 2 or w.shape[0] != K:
             raise ValueError(f"{name} must be [K={K}, N], got {w.shape}")
@@ -231,31 +217,22 @@ def _setup(x, weights, scales, mode, N_total, block_m, block_n, block_k, split_k
     split_k = max(1, min(split_k, nk))
     kb_per_split = pl.cdiv(nk, split_k)
     split_k = pl.cdiv(nk, kb_per_split)  # no empty splits
-    prenorm = x_norm is not None and mode == "weight_only"
-    if x_norm is not None and not prenorm:  # the activations are quantized before the kernel: normed first
-        from mavjax.model import apply_rms
-
-        x = apply_rms(x, rms.astype(jnp.float32), nscale)
     if mode == "fp8_fp8":
         xk, xs = quantize_activation_per_token(x)
     else:
         xk, xs = x, jnp.ones((M,), jnp.float32)  # cast (f16: rescaled) inside the kernel
-    # the norm's refs; unread placeholders without it
-    norm_args = [rms.astype(jnp.float32), nscale] if prenorm else [jnp.ones((1,), jnp.float32)] * 2
     cdt = upcast.compute_dtype(compute_dtype, rows=block_m)
     return dict(mode=mode, M=M, K=K, xk=xk, xs=xs, block_m=block_m, block_n=block_n, block_k=block_k,
-                split_k=split_k, kb_per_split=kb_per_split, num_warps=num_warps, num_stages=num_stages, cdt=cdt,
-                prenorm=prenorm, norm_args=norm_args)
+                split_k=split_k, kb_per_split=kb_per_split, num_warps=num_warps, num_stages=num_stages, cdt=cdt)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # gate/up + SwiGLU
 # ----------------------------------------------------------------------------------------------------------
 
-def _gate_up_kernel(x_ref, xs_ref, rn_ref, sn_ref, wg_ref, sg_ref, wu_ref, su_ref, *refs, m, n, k, block_m,
-                    block_n, block_k, kb_per_split, num_splits, reduce, x_fp8, prenorm, cdt, evict, interpret):
-    """refs: reduce None (no split) -> h; "xla" -> g, u partials [S, M, F]; "kernel" -> counters, g, u, h.
-    prenorm: x is normalized as it is loaded (rn_ref [M] rms factors, sn_ref [K] the norm's scale)."""
+def _gate_up_kernel(x_ref, xs_ref, wg_ref, sg_ref, wu_ref, su_ref, *refs, m, n, k, block_m, block_n, block_k,
+                    kb_per_split, num_splits, reduce, x_fp8, cdt, evict, interpret):
+    """refs: reduce None (no split) -> h; "xla" -> g, u partials [S, M, F]; "kernel" -> counters, g, u, h."""
     pid_m, pid_n, pid_s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     m0 = pl.multiple_of(pid_m * block_m, block_m)
     n0 = pl.multiple_of(pid_n * block_n, block_n)
@@ -264,7 +241,7 @@ def _gate_up_kernel(x_ref, xs_ref, rn_ref, sn_ref, wg_ref, sg_ref, wu_ref, su_re
     kb_hi = jnp.minimum(kb_lo + kb_per_split, pl.cdiv(k, block_k))
     g, u = _k_loop(x_ref, (wg_ref, wu_ref), (n0, n0), (n_in, n_in), m0=m0, m_in=m_in, k=k, block_m=block_m,
                    block_n=block_n, block_k=block_k, kb_lo=kb_lo, kb_hi=kb_hi, steps=kb_per_split, x_fp8=x_fp8,
-                   cdt=cdt, evict=evict, norm=(rn_ref, sn_ref) if prenorm else None)
+                   cdt=cdt, evict=evict)
     xs = _load(xs_ref.at[pl.ds(m0, block_m)], m_in) if x_fp8 else None
     g = _scale_acc(g, sg_ref, xs, n0, n_in, block_n)  # [bm, bn] f32
     u = _scale_acc(u, su_ref, xs, n0, n_in, block_n)
@@ -288,33 +265,26 @@ def _gate_up_kernel(x_ref, xs_ref, rn_ref, sn_ref, wg_ref, sg_ref, wu_ref, su_re
             _store(h_ref.at[tile], (_silu(gs) * us).astype(h_ref.dtype), mask)
 
 
-def _prenorm_tag(c):
-    return "_prenorm" if c["prenorm"] else ""
-
-
 _STATIC = ("mode", "block_m", "block_n", "block_k", "split_k", "num_warps", "num_stages", "out_dtype",
            "compute_dtype", "evict", "interpret", "poison_output", "reduce")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def gate_up_swiglu(x, wg, sg, wu, su, *, x_norm=None, mode="auto", block_m=None, block_n=None, block_k=None,
-                   split_k=None, num_warps=None, num_stages=None, out_dtype=None, compute_dtype=None, evict=True,
+def gate_up_swiglu(x, wg, sg, wu, su, *, mode="auto", block_m=None, block_n=None, block_k=None, split_k=None,
+                   num_warps=None, num_stages=None, out_dtype=None, compute_dtype=None, evict=True,
                    interpret=False, poison_output=False, reduce=None):
     """h [M, F] = silu(x @ deq(wg)) * (x @ deq(wu)) in one kernel. x [M, D] (bf16 / f16 / f32), wg, wu [D, F]
-    float8_e4m3fn, sg, su [F] float32. x_norm: None, or (rms [M], scale [D]): the activations are
-    mavjax.model.apply_rms(x, rms, scale), an RMSNorm whose row factors were computed before (rms_factor),
-    applied to each x tile as it is loaded in weight-only mode (the norm then costs no launch of its own).
-    Arguments as fp8_gemm.fp8_matmul (mode, blocks, split_k, warps, stages, compute_dtype, evict, interpret,
-    poison_output). reduce (split_k > 1): "kernel" - the last split of each tile sums the partials and
-    applies SwiGLU; "xla" - a jnp epilogue does (two more launches); None: split_k.default_reduce("gate_up")
-    (split_k.DEFAULTS: "xla", measured faster)."""
+    float8_e4m3fn, sg, su [F] float32. Arguments as fp8_gemm.fp8_matmul (mode, blocks, split_k, warps,
+    stages, compute_dtype, evict, interpret, poison_output). reduce (split_k > 1): "kernel" - the last split
+    of each tile sums the partials and applies SwiGLU; "xla" - a jnp epilogue does (two more launches); None:
+    split_k.default_reduce("gate_up") (split_k.DEFAULTS: "xla", measured faster)."""
     reduce = default_reduce("gate_up", reduce)
     if wg.shape != wu.shape:
         raise ValueError(f"w_gate {wg.shape} and w_up {wu.shape} must have the same shape")
     out_dtype = jnp.dtype(out_dtype or x.dtype)
     F = wg.shape[1] if wg.ndim == 2 else 0
     c = _setup(x, {"w_gate": wg, "w_up": wu}, {"w_gate": sg, "w_up": su}, mode, F, block_m, block_n, block_k,
-               split_k, num_warps, num_stages, compute_dtype, tiles_per_step=2, x_norm=x_norm)
+               split_k, num_warps, num_stages, compute_dtype, tiles_per_step=2)
     M, K = c["M"], c["K"]
     if M == 0 or F == 0 or K == 0:
         return jnp.zeros((M, F), out_dtype)
@@ -322,9 +292,9 @@ def gate_up_swiglu(x, wg, sg, wu, su, *, x_norm=None, mode="auto", block_m=None,
     red = None if S == 1 else reduce
     kernel = functools.partial(
         _gate_up_kernel, m=M, n=F, k=K, block_m=bm, block_n=bn, block_k=c["block_k"],
-        kb_per_split=c["kb_per_split"], num_splits=S, reduce=red, x_fp8=c["mode"] == "fp8_fp8",
-        prenorm=c["prenorm"], cdt=c["cdt"], evict=evict, interpret=interpret)
-    args = [c["xk"], c["xs"], *c["norm_args"], wg, sg.astype(jnp.float32), wu, su.astype(jnp.float32)]
+        kb_per_split=c["kb_per_split"], num_splits=S, reduce=red, x_fp8=c["mode"] == "fp8_fp8", cdt=c["cdt"],
+        evict=evict, interpret=interpret)
+    args = [c["xk"], c["xs"], wg, sg.astype(jnp.float32), wu, su.astype(jnp.float32)]
     partials = [jax.ShapeDtypeStruct((S, M, F), jnp.float32)] * 2
     final = [jax.ShapeDtypeStruct((M, F), out_dtype)]
     if red == "kernel":  # one counter per output tile
@@ -332,7 +302,7 @@ def gate_up_swiglu(x, wg, sg, wu, su, *, x_norm=None, mode="auto", block_m=None,
     outs = {None: final, "xla": partials, "kernel": partials + final}[red]
     res = _call(kernel, args, outs, (pl.cdiv(M, bm), pl.cdiv(F, bn), S), num_warps=c["num_warps"],
                 num_stages=c["num_stages"], interpret=interpret, poison_output=poison_output,
-                name=f"fp8_gate_up_swiglu_{c['mode']}_m{bm}_n{bn}_k{c['block_k']}_s{S}{_prenorm_tag(c)}")
+                name=f"fp8_gate_up_swiglu_{c['mode']}_m{bm}_n{bn}_k{c['block_k']}_s{S}")
     if red == "xla":
         return swiglu_of_partials(res[0], res[1], out_dtype)  # [S, M, F] x 2 -> [M, F]
     return res[-1]
@@ -342,9 +312,9 @@ def gate_up_swiglu(x, wg, sg, wu, su, *, x_norm=None, mode="auto", block_m=None,
 # QKV + RoPE / qk-norm / temperature
 # ----------------------------------------------------------------------------------------------------------
 
-def _qkv_kernel(x_ref, xs_ref, rn_ref, sn_ref, cos_ref, sin_ref, rs_ref, wq_ref, sq_ref, wk_ref, sk_ref, wv_ref,
-                sv_ref, *refs, m, k, ns, nbs, head_dim, block_m, block_n, block_k, kb_per_split, num_splits, reduce,
-                groups, x_fp8, prenorm, cdt, evict, rope, norm_eps, q_scaled, cache, interpret):
+def _qkv_kernel(x_ref, xs_ref, cos_ref, sin_ref, rs_ref, wq_ref, sq_ref, wk_ref, sk_ref, wv_ref, sv_ref, *refs,
+                m, k, ns, nbs, head_dim, block_m, block_n, block_k, kb_per_split, num_splits, reduce, groups,
+                x_fp8, cdt, evict, rope, norm_eps, q_scaled, cache, interpret):
     """refs: reduce None -> q, k, v; "xla" -> their partials [S, M, N*]; "kernel" -> counters, the partials,
     q, k, v. With a cache (None, or (T, S, encode): see qkv_rope) the inputs end with the start
     slots [B] and the two caches [B * S, N], and k, v are the aliased caches ("xla" never). norm_eps: the qk
@@ -398,7 +368,7 @@ def _qkv_kernel(x_ref, xs_ref, rn_ref, sn_ref, cos_ref, sin_ref, rs_ref, wq_ref,
         n_in = _in_bounds(n0, block_n, n)
         (acc,) = _k_loop(x_ref, (w_ref,), (n0,), (n_in,), m0=m0, m_in=m_in, k=k, block_m=block_m,
                          block_n=block_n, block_k=block_k, kb_lo=kb_lo, kb_hi=kb_hi, steps=kb_per_split,
-                         x_fp8=x_fp8, cdt=cdt, evict=evict, norm=(rn_ref, sn_ref) if prenorm else None)
+                         x_fp8=x_fp8, cdt=cdt, evict=evict)
         acc = _scale_acc(acc, s_ref, xs, n0, n_in, block_n)  # [bm, bn] f32
         if rope and t < 2:  # linear: fine on a split-K partial
             c0 = pl.multiple_of(lax.rem(n0, jnp.int32(head_dim)), block_n)  # column within the head (block_n | Dh)
@@ -446,7 +416,7 @@ def _cast(v, dtype):
 
 @functools.partial(jax.jit, static_argnames=_STATIC + ("head_dim", "qk_norm_eps", "cache_encode"))
 def qkv_rope(x, wq, sq, wk, sk, wv, sv, *, head_dim, rope=None, q_row_scale=None, qk_norm_eps=None, cache=None,
-             cache_encode=_cast, x_norm=None, mode="auto", block_m=None, block_n=None, block_k=None, split_k=None,
+             cache_encode=_cast, mode="auto", block_m=None, block_n=None, block_k=None, split_k=None,
              num_warps=None, num_stages=None, out_dtype=None, compute_dtype=None, evict=True, interpret=False,
              poison_output=False, reduce=None):
     """q [M, Nq], k [M, Nk], v [M, Nv] = x @ deq(wq | wk | wv) in one launch, with the attention epilogue:
@@ -464,8 +434,7 @@ def qkv_rope(x, wq, sq, wk, sk, wv, sv, *, head_dim, rope=None, q_row_scale=None
     does; the caches are updated in place (aliased) and returned: (q, k_cache, v_cache). Each value is
     rounded to out_dtype, then stored as cache_encode(value, cache dtype) (a function of jnp ops: the
     model's FP8-cache quantization, mavjax.kv_cache.encode_kv). With a cache the split-K sums are always
-    finished in the kernel (reduce "xla" is taken as "kernel": XLA's sums are what the cache path saves).
-    x_norm: None, or (rms [M], scale [D]): x is normalized as it is loaded, as in gate_up_swiglu."""
+    finished in the kernel (reduce "xla" is taken as "kernel": XLA's sums are what the cache path saves)."""
     reduce = default_reduce("qkv", reduce) if cache is None else "kernel"
     out_dtype = jnp.dtype(out_dtype or x.dtype)
     ws, ss = {"wq": wq, "wk": wk, "wv": wv}, {"wq": sq, "wk": sk, "wv": sv}
@@ -474,7 +443,7 @@ def qkv_rope(x, wq, sq, wk, sk, wv, sv, *, head_dim, rope=None, q_row_scale=None
         if n % head_dim:
             raise ValueError(f"{name} has {n} output columns, not a multiple of head_dim={head_dim}")
     c = _setup(x, ws, ss, mode, sum(ns), block_m, block_n, block_k, split_k, num_warps, num_stages, compute_dtype,
-               tiles_per_step=1, x_norm=x_norm)  # each program streams one of the three weights
+               tiles_per_step=1)  # each program streams one of the three weights
     M, K = c["M"], c["K"]
     if block_n is None:
         c["block_n"] = min(c["block_n"], head_dim)
@@ -519,10 +488,10 @@ def qkv_rope(x, wq, sq, wk, sk, wv, sv, *, head_dim, rope=None, q_row_scale=None
     kernel = functools.partial(
         _qkv_kernel, m=M, k=K, ns=ns, nbs=nbs, head_dim=head_dim, block_m=bm, block_n=bn, block_k=c["block_k"],
         kb_per_split=c["kb_per_split"], num_splits=S, reduce=red, groups=groups, x_fp8=c["mode"] == "fp8_fp8",
-        prenorm=c["prenorm"], cdt=c["cdt"], evict=evict, rope=rope is not None, norm_eps=float(qk_norm_eps) if norm_in_kernel else None,
+        cdt=c["cdt"], evict=evict, rope=rope is not None, norm_eps=float(qk_norm_eps) if norm_in_kernel else None,
         q_scaled=q_row_scale is not None and not norm_late,
         cache=None if cache is None else (T, kc.shape[1], cache_encode), interpret=interpret)
-    args = [c["xk"], c["xs"], *c["norm_args"], cos2, sin2, rs, wq, sq.astype(jnp.float32), wk, sk.astype(jnp.float32), wv,
+    args = [c["xk"], c["xs"], cos2, sin2, rs, wq, sq.astype(jnp.float32), wk, sk.astype(jnp.float32), wv,
             sv.astype(jnp.float32)]
     partials = [jax.ShapeDtypeStruct((S, M, n), jnp.float32) for n in ns]
     finals = [jax.ShapeDtypeStruct((M, n), out_dtype) for n in ns]
@@ -540,8 +509,7 @@ def qkv_rope(x, wq, sq, wk, sk, wv, sv, *, head_dim, rope=None, q_row_scale=None
         args += flat
     res = _call(kernel, args, outs, (pl.cdiv(M, bm), sum(nbs), S), num_warps=c["num_warps"],
                 num_stages=c["num_stages"], interpret=interpret, poison_output=poison_output, aliases=aliases,
-                name=f"fp8_qkv_rope_{c['mode']}_m{bm}_n{bn}_k{c['block_k']}_s{S}{'_cache' if cache else ''}"
-                     f"{_prenorm_tag(c)}")
+                name=f"fp8_qkv_rope_{c['mode']}_m{bm}_n{bn}_k{c['block_k']}_s{S}{'_cache' if cache else ''}")
     q, k, v = res[-3:]
     if cache is not None:
         return q, k.reshape(kc.shape), v.reshape(vc.shape)

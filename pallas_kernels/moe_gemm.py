@@ -80,7 +80,7 @@ from pallas_kernels import split_k as _split_k
 from pallas_kernels import upcast
 from pallas_kernels.fp8_gemm import (
     FP8, NUM_SMS_H100, _call, _silu, _exact_upcast, _in_bounds, _load, _mask2, _next_pow2, _store,
-    quantize_weight_per_channel, sum_of_splits, swiglu_of_partials, weight_only_blocks)
+    quantize_weight_per_channel, swiglu_of_partials, weight_only_blocks)
 
 __all__ = ["MoERouting", "sort_tokens", "num_buffer_rows", "quantize_experts", "dequantize_experts",
            "moe_reference", "moe_fp8", "moe_fp8_sorted", "moe_fp8_pairs", "default_config", "pairs_config",
@@ -809,7 +809,7 @@ def moe_fp8_pairs(x, expert_idx, scores, w_gate, w_up, w_down, scales=None, *, s
               **common)[-1]
     if token_rows:
         return y                                                                                # [N, D] final
-    y = sum_of_splits(y) if split2 > 1 else y                                                   # [rows, D] f32
+    y = jnp.sum(y, axis=0) if split2 > 1 else y                                                 # [rows, D] f32
     out = jnp.sum(y[:P].reshape(N, k, D), axis=1)                                               # [N, D]
     if has_shared:
         out = out + y[P:]

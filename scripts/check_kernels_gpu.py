@@ -22,8 +22,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 TIMES: dict = {}  # compile / first-run seconds of the last kernel call (printed with the result)
-CHECKS = ["gemm_wo", "gemm_down", "gemm_add_norm", "gate_up", "qkv_rope", "qkv_nope", "qkv_cache", "prenorm",
-          "moe", "add_norm", "attention", "model"]
+CHECKS = ["gemm_wo", "gemm_down", "gemm_add_norm", "gate_up", "qkv_rope", "qkv_nope", "qkv_cache", "moe",
+          "add_norm", "attention", "model"]
 REPEATS = 3  # each kernel runs this many times on the same inputs: a split-K counter a launch left non-zero
 # (pallas_kernels.split_k) would change a later launch's result
 
@@ -139,25 +139,6 @@ def run_one(name, n, M, interpret, small, mesh_devices=0):
             errs += [rel(q2, q), rel(kc2, write_slots(kc, k.reshape(1, M, K, Dh), start)),
                      rel(vc2, write_slots(vc, v.reshape(1, M, K, Dh), start))]
         return max(errs)
-    if name == "prenorm":  # the RMSNorm applied by gate/up and QKV as they load x (x_norm), vs the references
-        from mavjax.model import rms_factor, rms_norm, rope_tables
-        from pallas_kernels.fused_gemm import gate_up_swiglu, gate_up_swiglu_ref, qkv_rope, qkv_rope_ref
-
-        xs = (x.astype(jnp.float32) * 30.0).astype(bf)  # a residual stream, far from unit rms
-        scale = (1.0 + 0.3 * jax.random.normal(next(keys), (D,), jnp.float32)).astype(bf)
-        x_norm, normed = (rms_factor(xs, cfg.rms_norm_eps), scale), rms_norm(xs, scale, cfg.rms_norm_eps)
-        mode = "fp8_fp8" if M > 64 else "weight_only"
-        (wg, sg), (wu, su) = w8(D, cfg.intermediate_size_mlp), w8(D, cfg.intermediate_size_mlp)
-        out = call(lambda a, n: gate_up_swiglu(a, wg, sg, wu, su, x_norm=n, out_dtype=bf, interpret=interpret),
-                   xs, x_norm)
-        errs = [rel(out, gate_up_swiglu_ref(normed, wg, sg, wu, su, mode=mode, out_dtype=jnp.float32))]
-        (wq, sq), (wk, sk), (wv, sv) = w8(D, H * Dh), w8(D, K * Dh), w8(D, K * Dh)
-        cos, sin = rope_tables(jnp.asarray(cfg.rope_inv_freq(), jnp.float32), jnp.arange(M, dtype=jnp.int32)[None])
-        kw = dict(head_dim=Dh, rope=(cos.reshape(M, -1), sin.reshape(M, -1)), qk_norm_eps=cfg.rms_norm_eps)
-        outs = call(lambda a, n: qkv_rope(a, wq, sq, wk, sk, wv, sv, x_norm=n, out_dtype=bf, interpret=interpret,
-                                          **kw), xs, x_norm)
-        refs = qkv_rope_ref(normed, wq, sq, wk, sk, wv, sv, mode=mode, out_dtype=jnp.float32, **kw)
-        return max(errs + [rel(o, r) for o, r in zip(outs, refs)])
     if name == "moe":
         from pallas_kernels.moe_gemm import moe_fp8, moe_reference
 
