@@ -234,10 +234,10 @@ class Attention(nnx.Module):
     def _proj(self, x, w, scale, n_in):
         return dense(x, w[...], None if scale is None else scale[...], n_in, self.kernels)
 
-    def out_add_norm(self, o, x, norm: "RMSNorm", skip=False):
+    def out_add_norm(self, o, x, norm: "RMSNorm"):
         """(x + wo(o), norm of it) for the attention output o [B, T, H, Dh] (dense_add_norm)."""
         return dense_add_norm(o, self.wo[...], None if self.wo_scale is None else self.wo_scale[...], 2, x, norm,
-                              self.kernels, skip=skip)
+                              self.kernels)
 
     def _fused_qkv(self, x, positions, rope, cache=None):
         """kernels="pallas", FP8 weights: q, k, v through pallas_kernels.fused_gemm.qkv_rope, with RoPE, the
@@ -276,12 +276,12 @@ class MLP(nnx.Module):
         return swiglu(x, val(self.w_gate), val(self.w_gate_scale), val(self.w_up), val(self.w_up_scale),
                       val(self.w_down), val(self.w_down_scale), self.kernels)
 
-    def down_add_norm(self, x, residual, norm: "RMSNorm", skip=False):
+    def down_add_norm(self, x, residual, norm: "RMSNorm"):
         """(residual + self(x), norm of it): the MLP, the residual add and the next norm (dense_add_norm)."""
         val = lambda v: None if v is None else v[...]  # noqa: E731
         h = swiglu_hidden(x, val(self.w_gate), val(self.w_gate_scale), val(self.w_up), val(self.w_up_scale),
                           self.kernels)  # [..., F]
-        return dense_add_norm(h, self.w_down[...], val(self.w_down_scale), 1, residual, norm, self.kernels, skip=skip)
+        return dense_add_norm(h, self.w_down[...], val(self.w_down_scale), 1, residual, norm, self.kernels)
 
 
 def swiglu_hidden(x, w_gate, s_gate, w_up, s_up, kernels):
@@ -409,11 +409,7 @@ class MoE(nnx.Module):
     def __call__(self, x):
         B, T, D = x.shape
         flat = x.reshape(B * T, D)
-        if "skiprouter" in _EXP:
-            idx = jnp.full((B * T, 1), 3, jnp.int32) + (flat[:, :1] > 1e9).astype(jnp.int32)
-            scores = jnp.full((B * T, 1), 0.5, flat.dtype)
-        else:
-            idx, scores = route(flat, self.router[...], self.top_k)
+        idx, scores = route(flat, self.router[...], self.top_k)
         scales = None if self.w_gate_scale is None else \
             (self.w_gate_scale[...], self.w_up_scale[...], self.w_down_scale[...])
         weights = (self.w_gate[...], self.w_up[...], self.w_down[...])
@@ -453,20 +449,7 @@ class DecoderLayer(nnx.Module):
         return x + self.ffn(normed), cache_kv
 
 
-import os as _os
-# EXPERIMENT (timing only, wrong numbers): MAVJAX_EXP=skipnorm hands QKV and the dense MLPs the un-normed
-# residual (no norm kernel before them); skiprouter routes every token to expert 3 with score 0.5 (no router);
-# xlanorm computes every residual add + RMSNorm in jnp (XLA's fusions instead of the Pallas norm kernel).
-_EXP = _os.environ.get("MAVJAX_EXP", "")
-
-
-def add_norm(x, delta, norm: RMSNorm, kernels: str, skip=False):
-    if skip and "skipnorm" in _EXP:
-        s = x + delta
-        return s, s
-    if "xlanorm" in _EXP:
-        s = x + delta
-        return s, norm(s)
+def add_norm(x, delta, norm: RMSNorm, kernels: str):
     """(x + delta, norm(x + delta)): a residual add and the RMSNorm after it; one pass over [B, T, D]
     (pallas_kernels.fused_norm) when kernels="pallas"."""
     if use_pallas(kernels, "norm"):
@@ -477,13 +460,7 @@ def add_norm(x, delta, norm: RMSNorm, kernels: str, skip=False):
     return x, norm(x)
 
 
-def dense_add_norm(h, w, scale, n_in, x, norm: RMSNorm, kernels: str, skip=False):
-    if skip and "skipnorm" in _EXP:
-        s = x + dense(h, w, scale, n_in, kernels)
-        return s, s
-    if "xlanorm" in _EXP:
-        s = x + dense(h, w, scale, n_in, kernels)
-        return s, norm(s)
+def dense_add_norm(h, w, scale, n_in, x, norm: RMSNorm, kernels: str):
     """(x + dense(h), norm of it): an output projection (wo, an MLP's down), the residual add and the next
     RMSNorm. kernels="pallas" with FP8 weights: pallas_kernels.fp8_gemm.fp8_matmul_add_rms_norm, by default
     the FP8 GEMM then the add + norm kernel; with the GEMM family's split-K sums in the kernel
@@ -547,13 +524,13 @@ class Llama4(nnx.Module):
             kv = None if cache is None else (cache.k[i], cache.v[i])
             o, kv = layer.attn(h, positions, rope, kv, cache_pos, write_index, attn_mask, project=False)
             new_kv.append(kv)
-            x, h = layer.attn.out_add_norm(o, x, layer.ffn_norm, skip=not layer.is_moe)  # wo, the residual add, the FFN's norm
+            x, h = layer.attn.out_add_norm(o, x, layer.ffn_norm)  # wo, the residual add, the FFN's norm
             # the layer's last residual add and the next layer's first norm (the final norm after the last)
             nxt = layers[i + 1].attn_norm if i + 1 < len(layers) else self.norm
             if layer.is_moe:
-                x, h = add_norm(x, layer.ffn(h), nxt, self.kernels, skip=i + 1 < len(layers))
+                x, h = add_norm(x, layer.ffn(h), nxt, self.kernels)
             else:
-                x, h = layer.ffn.down_add_norm(h, x, nxt, skip=i + 1 < len(layers))
+                x, h = layer.ffn.down_add_norm(h, x, nxt)
             if i in collect_layers:
                 taps[i] = x
         if cache is not None:
