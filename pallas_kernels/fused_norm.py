@@ -79,13 +79,6 @@ def add_rms_norm(x, h, scale, *, eps, block_m=4, num_warps=None, interpret=False
 
         def kernel(*refs):  # the aliased inputs are the outputs' own refs
             return inner(*refs[:3], *refs[5:])
-    import os as _os
-    _e = _os.environ.get("MAVJAX_EXP_NORM")  # EXPERIMENT: "rows,warps" (0: the default) per program
-    if _e:
-        _bm, _nw = (int(v) for v in _e.split(","))
-        block_m = min(_bm, _next_pow2(M)) if _bm else block_m
-        num_warps = _nw or None
-        kernel = functools.partial(_kernel, m=M, d=D, block_m=block_m, block_d=block_d, eps=float(eps))
     if num_warps is None:  # whole rows of D lanes per program: more warps for wide rows
         num_warps = 4 if block_m * block_d <= 4096 else 8 if block_m * block_d <= 16384 else 16
     s, y = pl.pallas_call(kernel, out_shape=out_shape, grid=(pl.cdiv(M, block_m),), input_output_aliases=aliases,
