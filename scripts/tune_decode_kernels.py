@@ -113,10 +113,12 @@ def build_ops(a, key):
     rope = (jnp.cos(ang), jnp.sin(ang))
     ws = [(_w(next(ks), (D, H * Dh)), _s(next(ks), H * Dh), _w(next(ks), (D, Kh * Dh)), _s(next(ks), Kh * Dh),
            _w(next(ks), (D, Kh * Dh)), _s(next(ks), Kh * Dh)) for _ in range(U)]
+    # a QKV tile never straddles two heads
+    qkv_cands = [c for c in candidates(D, (H + 2 * Kh) * Dh, 1) if c["block_n"] <= Dh]
     ops.append(Op(f"qkv+rope+norm {D}x{(H + 2 * Kh) * Dh}",
                   lambda x, w, cos, sin, **c: qkv_rope(x, *w, head_dim=Dh, rope=(cos, sin), qk_norm_eps=1e-5, **c),
                   x(D), ws, D * (H + 2 * Kh) * Dh,
-                  [c for c in candidates(D, (H + 2 * Kh) * Dh, 1) if c["block_n"] <= Dh], shared=rope))
+                  qkv_cands, shared=rope))
     # The same with the KV cache write (the model's decode): the kernel then always sums its splits itself
     # and stores k, v into the caches (one cache pair per weight set; 16 slots: the caches are aliased in
     # place, so XLA copies these loop-invariant ones each call, the same ~2 small copies for every candidate).
@@ -126,7 +128,7 @@ def build_ops(a, key):
                   lambda x, w, cos, sin, st, **c: qkv_rope(x, *w[:6], head_dim=Dh, rope=(cos, sin), qk_norm_eps=1e-5,
                                                            cache=(*w[6], st), **c),
                   x(D), ws_c, D * (H + 2 * Kh) * Dh,
-                  [c for c in candidates(D, (H + 2 * Kh) * Dh, 1) if c["block_n"] <= Dh], shared=(*rope, start)))
+                  qkv_cands, shared=(*rope, start)))
     # Split-KV decode attention: one query token per row over a bf16 cache of `ctx` visible positions (the
     # rank's 1 kv head, or all 8 at full width), every split count and tile size.
     from pallas_kernels.decode_attention import decode_attention
