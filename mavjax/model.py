@@ -47,7 +47,9 @@ def _weight(rngs, shape, axes, dtype, std, contract, quant):
 # those as on the XLA path instead, read when a function is traced: to bisect a GPU failure to one family, or
 # to time one family's share of a step, without touching the model code. "moe_shared" is the shared expert
 # riding in the MoE pair kernels at decode; switched off, it runs as its own MLP (gate_up + gemm kernels).
-PALLAS_OPS = ("gemm", "qkv", "gate_up", "moe", "moe_shared", "attention", "norm")
+# "moe_router" is the top-1 routing (argmax, sigmoid) done by those pair kernels from the router's logits;
+# switched off, XLA routes (two more kernels) and the kernels read ids and scores.
+PALLAS_OPS = ("gemm", "qkv", "gate_up", "moe", "moe_shared", "moe_router", "attention", "norm")
 
 
 def use_pallas(kernels: str, op: str) -> bool:
@@ -61,18 +63,19 @@ def use_pallas(kernels: str, op: str) -> bool:
     return op not in off
 
 
-def shared_in_moe_kernels(kernels: str, idx, w_gate_shared, w_gate_routed) -> bool:
+def shared_in_moe_kernels(kernels: str, pairs_shape, w_gate_shared, w_gate_routed) -> bool:
     """Whether the shared expert rides in the Pallas MoE pair kernels (`moe_fp8_pairs(shared=...)`): the Pallas
     MoE path, "moe_shared" not switched off, the shared expert stored like the routed ones (w_gate [D, F]
-    beside [E, D, F], one dtype; over a mesh that means expert=1), and ONE token (idx [N, k], N == 1). Each
+    beside [E, D, F], one dtype; over a mesh that means expert=1), and ONE token (pairs_shape = the routing's
+    [N, k], N == 1). Each
     token's shared row reads the whole shared expert, so N tokens read it N times: on one H200 (one 8-way rank
     of Maverick, docs/benchmarks.md section 8) riding along made the batch-1 decode step 9% faster (two
     launches and their split-K reductions saved per MoE layer) but the 4-token verify 7% and the batch-8 step
     22% slower than the shared expert's own batched launches."""
     from pallas_kernels.moe_gemm import PAIRS_MAX
 
-    return (use_pallas(kernels, "moe") and use_pallas(kernels, "moe_shared") and idx.shape[0] == 1
-            and idx.size <= PAIRS_MAX and w_gate_shared.shape == w_gate_routed.shape[1:]
+    return (use_pallas(kernels, "moe") and use_pallas(kernels, "moe_shared") and pairs_shape[0] == 1
+            and int(np.prod(pairs_shape)) <= PAIRS_MAX and w_gate_shared.shape == w_gate_routed.shape[1:]
             and w_gate_shared.dtype == w_gate_routed.dtype)
 
 
@@ -307,13 +310,22 @@ def swiglu(x, w_gate, s_gate, w_up, s_up, w_down, s_down, kernels):
 
 def route(x, router_w, top_k):
     """Top-k sigmoid routing. x [N, D] -> expert ids [N, k], scores [N, k] (in x's dtype)."""
-    logits = jnp.einsum("nd,de->ne", x, router_w)  # [N, E]
+    return route_logits(router_logits(x, router_w), top_k)
+
+
+def router_logits(x, router_w):
+    return jnp.einsum("nd,de->ne", x, router_w)  # [N, D] x [D, E] -> [N, E]
+
+
+def route_logits(logits, top_k):
+    """route() given the router's logits [N, E] (the Pallas MoE pair kernels do its top-1 case themselves:
+    pallas_kernels.moe_gemm.top1_of_logits)."""
     if top_k == 1:  # Maverick: an argmax is a reduction; XLA:GPU lowers top_k to a sort kernel of its own
         top_idx = jnp.argmax(logits, axis=-1)[:, None].astype(jnp.int32)  # [N, 1] (ties: lowest id, as top_k)
         top_vals = jnp.take_along_axis(logits, top_idx, axis=-1)  # [N, 1]
     else:
         top_vals, top_idx = jax.lax.top_k(logits, top_k)  # [N, k]
-    return top_idx, jax.nn.sigmoid(top_vals.astype(jnp.float32)).astype(x.dtype)
+    return top_idx, jax.nn.sigmoid(top_vals.astype(jnp.float32)).astype(logits.dtype)
 
 
 # Up to this many (token, expert) pairs, gather the chosen experts' weights per pair instead of sorting
@@ -409,25 +421,30 @@ class MoE(nnx.Module):
     def __call__(self, x):
         B, T, D = x.shape
         flat = x.reshape(B * T, D)
-        idx, scores = route(flat, self.router[...], self.top_k)
         scales = None if self.w_gate_scale is None else \
             (self.w_gate_scale[...], self.w_up_scale[...], self.w_down_scale[...])
         weights = (self.w_gate[...], self.w_up[...], self.w_down[...])
         if use_pallas(self.kernels, "moe"):  # one grouped-GEMM launch pair over all experts; unrouted experts not read
-            from pallas_kernels.moe_gemm import moe_fp8
+            from pallas_kernels.moe_gemm import moe_fp8, moe_fp8_pairs
 
             interpret = jax.default_backend() == "cpu"
             sh = self.shared
-            if shared_in_moe_kernels(self.kernels, idx, sh.w_gate, self.w_gate):
+            if shared_in_moe_kernels(self.kernels, (B * T, self.top_k), sh.w_gate, self.w_gate):
                 # decode: the shared expert as one more program row per token of the same two launches
                 val = lambda v: None if v is None else v[...]  # noqa: E731
                 s_sh = None if scales is None else (val(sh.w_gate_scale), val(sh.w_up_scale), val(sh.w_down_scale))
-                out = moe_fp8(flat, idx, scores, *weights, scales, interpret=interpret,
-                              shared=(sh.w_gate[...], sh.w_up[...], sh.w_down[...], s_sh))
+                shared = (sh.w_gate[...], sh.w_up[...], sh.w_down[...], s_sh)
+                if self.top_k == 1 and use_pallas(self.kernels, "moe_router"):  # ... which also route the token
+                    out = moe_fp8_pairs(flat, None, None, *weights, scales, shared=shared, interpret=interpret,
+                                        router_logits=router_logits(flat, self.router[...]))
+                else:
+                    out = moe_fp8(flat, *route(flat, self.router[...], self.top_k), *weights, scales,
+                                  shared=shared, interpret=interpret)
                 return out.reshape(B, T, D)
+            idx, scores = route(flat, self.router[...], self.top_k)
             routed = moe_fp8(flat, idx, scores, *weights, scales, interpret=interpret)
         else:
-            routed = moe_experts(flat, idx, scores, *weights, scales)
+            routed = moe_experts(flat, *route(flat, self.router[...], self.top_k), *weights, scales)
         return (self.shared(flat) + routed).reshape(B, T, D)
 
 

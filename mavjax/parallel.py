@@ -280,7 +280,7 @@ def moe(par: Parallel, ffn, h, residual, norm):
         sh = {k[3:]: v for k, v in w.items() if k.startswith("sh_")}
         experts = (w["gate"], w["up"], w["down"])
         scales = None if "gate_s" not in w else (w["gate_s"], w["up_s"], w["down_s"])
-        if not exchange and scales is not None and shared_in_moe_kernels(kernels, idx, sh["gate"], experts[0]):
+        if not exchange and scales is not None and shared_in_moe_kernels(kernels, idx.shape, sh["gate"], experts[0]):
             # decode with expert=1 (the shared expert's units then split like the routed experts'): it rides
             # in the Pallas pair kernels, as on one device (mavjax.model.MoE)
             partial = moe_local(x, idx, scores, *experts, scales, par.expert_axis, kernels,

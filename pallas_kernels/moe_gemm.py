@@ -79,7 +79,7 @@ from jax.experimental import pallas as pl
 from pallas_kernels import split_k as _split_k
 from pallas_kernels import upcast
 from pallas_kernels.fp8_gemm import (
-    FP8, NUM_SMS_H100, _call, _silu, _exact_upcast, _in_bounds, _load, _mask2, _next_pow2, _store,
+    FP8, NUM_SMS_H100, plgpu, _call, _silu, _exact_upcast, _in_bounds, _load, _mask2, _next_pow2, _store,
     quantize_weight_per_channel, swiglu_of_partials, weight_only_blocks)
 
 __all__ = ["MoERouting", "sort_tokens", "num_buffer_rows", "quantize_experts", "dequantize_experts",
@@ -285,14 +285,28 @@ def _pair_rows(v, rows=_MIN_BLOCK):
     return jnp.where(jnp.arange(rows)[:, None] == 0, v[None, :], jnp.zeros((), v.dtype))
 
 
-def _pair_row(p, idx_ref, num_experts, num_pairs, has_shared, routed, dropped, shared):
-    """The work of program row p in both pair kernels: rows < num_pairs are (token, expert) pairs, routed(e) for
-    an id e in [0, E) and dropped() (zeros, no weight read) otherwise; rows >= num_pairs (has_shared) are the
-    shared expert, shared()."""
+def top1_of_logits(lg_ref, t, num_experts):
+    """Top-1 sigmoid routing of token t inside a kernel, as mavjax.model.route does it from the same logits:
+    (the lowest id among the largest logits of row t of lg_ref [N, E], sigmoid of that logit in float32 cast
+    to the logits' dtype). One [E] load per program: no XLA argmax and sigmoid kernels between the router's
+    dot and the MoE kernels."""
+    e2 = _next_pow2(num_experts)
+    ids = jnp.arange(e2, dtype=jnp.int32)
+    ok = ids < num_experts
+    lg = plgpu.load(lg_ref.at[t, pl.ds(0, e2)], mask=ok, other=-jnp.inf).astype(jnp.float32)    # [E]
+    top = jnp.max(lg)
+    e = jnp.min(jnp.where((lg == top) & ok, ids, e2))
+    return e, (1.0 / (1.0 + jnp.exp(-top))).astype(lg_ref.dtype)
+
+
+def _pair_row(p, pick, num_experts, num_pairs, has_shared, routed, dropped, shared):
+    """The work of program row p in both pair kernels: rows < num_pairs are (token, expert) pairs; pick(p)
+    gives the pair's (expert id, router score): routed(e, score) for an id e in [0, E) and dropped() (zeros,
+    no weight read) otherwise; rows >= num_pairs (has_shared) are the shared expert, shared()."""
     def pair():
-        e = idx_ref[p]
+        e, score = pick(p)
         valid = (e >= 0) & (e < num_experts)
-        pl.when(valid)(lambda: routed(e))
+        pl.when(valid)(lambda: routed(e, score))
         pl.when(jnp.logical_not(valid))(dropped)
 
     if not has_shared:
@@ -303,8 +317,9 @@ def _pair_row(p, idx_ref, num_experts, num_pairs, has_shared, routed, dropped, s
 
 
 def _pair_gate_up_kernel(*refs, k, d, f, num_pairs, block_n, block_k, kb_per_split, num_splits, finish,
-                         has_scales, has_shared, cdt, evict, interpret):
-    """Program rows p < num_pairs: (token p // k, its expert idx[p]), input scaled by the router score. With
+                         has_scales, has_shared, route_in_kernel, cdt, evict, interpret):
+    """Program rows p < num_pairs: (token p // k, its expert idx[p]), input scaled by the router score
+    (route_in_kernel: idx_ref is the router logits [N, E] and sc_ref unused, top1_of_logits). With
     has_shared, rows p >= num_pairs are the shared expert on token p - num_pairs (score 1): the same loop over
     the shared weights' refs ([1, D, F], scales [1, F]), so the shared expert costs no launch of its own.
     num_splits == 1: h [rows, F] is the output. Split-K: f32 partials g, u [S, rows, F] (scales applied); with
@@ -366,8 +381,11 @@ def _pair_gate_up_kernel(*refs, k, d, f, num_pairs, block_n, block_k, kb_per_spl
             _store(h_ref.at[p, pl.ds(n0, block_n)], (_silu(g) * u).astype(h_ref.dtype), n_in)
 
     zero = jnp.zeros((block_n,), jnp.float32)
-    _pair_row(p, idx_ref, wg_ref.shape[0], num_pairs, has_shared,
-              routed=lambda e: run(e, p // k, sc_ref[p], wg_ref, wu_ref, sg_ref, su_ref),
+    num_experts = wg_ref.shape[0]
+    pick = ((lambda q: top1_of_logits(idx_ref, q, num_experts)) if route_in_kernel else
+            (lambda q: (idx_ref[q], sc_ref[q])))
+    _pair_row(p, pick, num_experts, num_pairs, has_shared,
+              routed=lambda e, score: run(e, p // k, score, wg_ref, wu_ref, sg_ref, su_ref),
               dropped=lambda: store(zero, zero),  # (dropped rows still arrive: their h is 0)
               shared=lambda: run(jnp.int32(0), p - num_pairs, None, wgs_ref, wus_ref, sgs_ref, sus_ref))
     if finish:
@@ -381,7 +399,7 @@ def _pair_gate_up_kernel(*refs, k, d, f, num_pairs, block_n, block_k, kb_per_spl
 
 
 def _pair_down_kernel(*refs, f, d, k, num_pairs, block_n, block_k, kb_per_split, num_splits, n_gu_splits,
-                      token_rows, has_scales, has_shared, cdt, evict, interpret):
+                      token_rows, has_scales, has_shared, route_in_kernel, cdt, evict, interpret):
     """n_gu_splits == 0: h [P, F] (cdt) is kernel 1's finished SwiGLU output. n_gu_splits > 0: kernel 1 left f32
     split-K partials g, u [n_gu_splits, P, F]; they are summed and the SwiGLU applied here, on load (they sit
     in L2: a few KB per pair), which saves an XLA epilogue launch and a round trip of h through memory.
@@ -445,8 +463,11 @@ def _pair_down_kernel(*refs, f, d, k, num_pairs, block_n, block_k, kb_per_split,
         else:  # one row and split per output row (reduce="kernel": p is the token)
             _store(outs[0].at[p, pl.ds(n0, block_n)], y.astype(outs[0].dtype), n_in)
 
-    _pair_row(p, idx_ref, wd_ref.shape[0], num_pairs, has_shared,
-              routed=lambda e: run(e, wd_ref, sd_ref),
+    num_experts = wd_ref.shape[0]
+    pick = ((lambda q: top1_of_logits(idx_ref, q, num_experts)) if route_in_kernel else
+            (lambda q: (idx_ref[q], None)))
+    _pair_row(p, pick, num_experts, num_pairs, has_shared,
+              routed=lambda e, score: run(e, wd_ref, sd_ref),
               dropped=lambda: store(jnp.zeros((block_n,), jnp.float32)),  # (still arrives: a zero partial)
               shared=lambda: run(jnp.int32(0), wds_ref, sds_ref))  # int32 index, as for routed
     if finish:
@@ -694,12 +715,16 @@ def pairs_config(num_pairs, D, F, num_sms=NUM_SMS_H100):
                 num_stages_down=dn["num_stages"])
 
 
-def moe_fp8_pairs(x, expert_idx, scores, w_gate, w_up, w_down, scales=None, *, shared=None, block_n=None,
-                  block_k=None, split_k=None, block_n_down=None, block_k_down=None, split_k_down=None,
-                  num_warps=None, num_stages=None, num_stages_down=None, evict=True, compute_dtype=None,
-                  reduce=None, gu_epilogue=None, interpret=False, poison_output=False):
+def moe_fp8_pairs(x, expert_idx, scores, w_gate, w_up, w_down, scales=None, *, shared=None, router_logits=None,
+                  block_n=None, block_k=None, split_k=None, block_n_down=None, block_k_down=None,
+                  split_k_down=None, num_warps=None, num_stages=None, num_stages_down=None, evict=True,
+                  compute_dtype=None, reduce=None, gu_epilogue=None, interpret=False, poison_output=False):
     """`moe_fp8` for few pairs: each (token, expert) pair reads its expert's weights directly (see the module
     docstring). Arguments as `moe_fp8` (no block_m: one row per pair).
+
+    router_logits: None, or the router's logits [N, E] (x's dtype) with expert_idx = scores = None: Llama 4's
+    top-1 sigmoid routing (mavjax.model.route with k = 1) is done by the kernels' programs themselves
+    (`top1_of_logits`), so no XLA argmax or sigmoid kernel runs between the router's dot and these launches.
 
     reduce: who finishes kernel 2's sums (its split-K partials, a token's k pair rows and its shared row) and the
     cast: "kernel" (the last arriving program of each output tile, `pallas_kernels/split_k.py`'s protocol: the
@@ -721,7 +746,11 @@ def moe_fp8_pairs(x, expert_idx, scores, w_gate, w_up, w_down, scales=None, *, s
     (the gate/up + SwiGLU kernel, the down GEMM, their split-K reductions)."""
     N, D = x.shape
     E, _, F = w_gate.shape
-    k = expert_idx.shape[1]
+    route_in_kernel = router_logits is not None
+    if route_in_kernel and (expert_idx is not None or scores is not None or router_logits.shape != (N, E)):
+        raise ValueError(f"router_logits must be [N={N}, E={E}] with expert_idx and scores None, got "
+                         f"{router_logits.shape} with expert_idx {getattr(expert_idx, 'shape', None)}")
+    k = 1 if route_in_kernel else expert_idx.shape[1]
     P = N * k
     has_shared = shared is not None
     if has_shared:
@@ -749,8 +778,11 @@ def moe_fp8_pairs(x, expert_idx, scores, w_gate, w_up, w_down, scales=None, *, s
     h_dtype = upcast.storage_dtype(cdt)  # of h between the two kernels
     sg, su, sd = scales if scales is not None else (None, None, None)
     has_scales = scales is not None
-    idx = expert_idx.reshape(-1).astype(jnp.int32)                                              # [P]
-    sc = scores.reshape(-1).astype(x.dtype)                                                     # [P]
+    if route_in_kernel:  # the logits in place of the ids; the scores come from them too (sc unread)
+        idx, sc = router_logits.astype(x.dtype), jnp.zeros((1,), x.dtype)
+    else:
+        idx = expert_idx.reshape(-1).astype(jnp.int32)                                          # [P]
+        sc = scores.reshape(-1).astype(x.dtype)                                                 # [P]
     # a pair whose id is outside [0, E) is dropped: its programs store zeros and read no weights
     common = dict(num_warps=num_warps, interpret=interpret, poison_output=poison_output)
 
@@ -780,13 +812,15 @@ def moe_fp8_pairs(x, expert_idx, scores, w_gate, w_up, w_down, scales=None, *, s
 
     kern1 = functools.partial(_pair_gate_up_kernel, k=k, d=D, f=F, num_pairs=P, block_n=block_n, block_k=block_k,
                               kb_per_split=kbps1, num_splits=split1, finish=finish1, has_scales=has_scales,
-                              has_shared=has_shared, cdt=cdt, evict=evict, interpret=interpret)
+                              has_shared=has_shared, route_in_kernel=route_in_kernel, cdt=cdt, evict=evict,
+                              interpret=interpret)
     args1 = (cnt if finish1 else []) + [idx, sc, x, w_gate, w_up] + ([f32(sg), f32(su)] if has_scales else []) + sh1
     part1 = jax.ShapeDtypeStruct((split1, rows, F), jnp.float32)
     outs1 = ([part1] * 2 if split1 > 1 else []) + ([jax.ShapeDtypeStruct((rows, F), h_dtype)]
                                                   if split1 == 1 or finish1 else [])
     res = _call(kern1, args1, outs1, (rows, nf, split1), num_stages=num_stages,
-                name=f"moe_gate_up_pairs_n{block_n}_k{block_k}_s{split1}{'_fin' if finish1 else ''}", **common)
+                name=f"moe_gate_up_pairs_n{block_n}_k{block_k}_s{split1}{'_fin' if finish1 else ''}"
+                     f"{'_route' if route_in_kernel else ''}", **common)
     # h [rows, F] (split1 == 1 or finish1), else the f32 partials of g and u: summed + SwiGLU'd by XLA or kernel 2
     if finish1:
         res = res[2:]
@@ -796,8 +830,8 @@ def moe_fp8_pairs(x, expert_idx, scores, w_gate, w_up, w_down, scales=None, *, s
 
     kern2 = functools.partial(_pair_down_kernel, f=F, d=D, k=k, num_pairs=P, block_n=block_n_down,
                               block_k=block_k_down, kb_per_split=kbps2, num_splits=split2, n_gu_splits=n_gu_splits,
-                              token_rows=token_rows, has_scales=has_scales, has_shared=has_shared, cdt=cdt,
-                              evict=evict, interpret=interpret)
+                              token_rows=token_rows, has_scales=has_scales, has_shared=has_shared,
+                              route_in_kernel=route_in_kernel, cdt=cdt, evict=evict, interpret=interpret)
     args2 = (cnt if finish2 else []) + [idx, *res, w_down] + ([f32(sd)] if has_scales else []) + sh2
     if token_rows:
         outs2 = ([jax.ShapeDtypeStruct((split2, rows, D), jnp.float32)] if finish2 else []) + [
@@ -805,7 +839,8 @@ def moe_fp8_pairs(x, expert_idx, scores, w_gate, w_up, w_down, scales=None, *, s
     else:
         outs2 = [jax.ShapeDtypeStruct((split2, rows, D) if split2 > 1 else (rows, D), jnp.float32)]
     y = _call(kern2, args2, outs2, (rows, nd, split2), num_stages=num_stages_down,
-              name=f"moe_down_pairs_n{block_n_down}_k{block_k_down}_s{split2}{'_fin' if token_rows else ''}",
+              name=f"moe_down_pairs_n{block_n_down}_k{block_k_down}_s{split2}{'_fin' if token_rows else ''}"
+                   f"{'_route' if route_in_kernel else ''}",
               **common)[-1]
     if token_rows:
         return y                                                                                # [N, D] final

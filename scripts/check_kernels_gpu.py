@@ -23,7 +23,7 @@ sys.path.insert(0, ROOT)
 
 TIMES: dict = {}  # compile / first-run seconds of the last kernel call (printed with the result)
 CHECKS = ["gemm_wo", "gemm_down", "gemm_add_norm", "gate_up", "qkv_rope", "qkv_nope", "qkv_cache", "moe",
-          "add_norm", "attention", "model"]
+          "moe_route", "add_norm", "attention", "model"]
 REPEATS = 3  # each kernel runs this many times on the same inputs: a split-K counter a launch left non-zero
 # (pallas_kernels.split_k) would change a later launch's result
 
@@ -151,6 +151,19 @@ def run_one(name, n, M, interpret, small, mesh_devices=0):
         # the experts as arguments: closed over, 2 GB of constants made the XLA compile run for minutes
         out = call(lambda a, *w: moe_fp8(a, idx, sc, *w[:3], w[3:], interpret=interpret), x, wg, wu, wd, sg, su, sd)
         return rel(out, moe_reference(x, idx, sc, wg, wu, wd, scales=(sg, su, sd)))
+    if name == "moe_route":  # the pair kernels routing each token from the router's logits (top-1 sigmoid)
+        from mavjax.model import route_logits
+        from pallas_kernels.moe_gemm import moe_fp8_pairs, moe_reference
+
+        E, F = cfg.num_local_experts, cfg.intermediate_size
+        (wg, sg), (wu, su), (wd, sd) = w8(E, D, F), w8(E, D, F), w8(E, F, D)
+        sg, su, sd = (jnp.broadcast_to(s, (E, s.shape[-1])) for s in (sg, su, sd))
+        xm = x[:min(M, 16)]  # the pair path's tokens
+        logits = (jax.random.normal(next(keys), (xm.shape[0], E), jnp.float32) * 2).astype(bf)
+        out = call(lambda a, lg, *w: moe_fp8_pairs(a, None, None, *w[:3], w[3:], router_logits=lg,
+                                                    interpret=interpret), xm, logits, wg, wu, wd, sg, su, sd)
+        idx, sc = route_logits(logits, 1)
+        return rel(out, moe_reference(xm, idx, sc, wg, wu, wd, scales=(sg, su, sd)))
     if name == "add_norm":
         from pallas_kernels.fused_norm import add_rms_norm, add_rms_norm_ref
 

@@ -471,3 +471,42 @@ def test_pair_kernels_lower_with_the_split_k_protocol(monkeypatch):
         assert 0 <= barrier < atom.start()
         assert text.find("isVolatile = true", atom.end()) > 0
     assert not any("atomic_rmw" in t for t in lower("xla"))
+
+
+@pytest.mark.parametrize("N,shared,cfg", [
+    (1, True, {}),                                                  # the model's decode: default config
+    (3, True, dict(split_k=2, split_k_down=3)),                     # the split-K sums in the kernels
+    (2, False, dict(split_k=2, split_k_down=2, reduce="xla")),      # ... in XLA; no shared expert
+])
+def test_pair_kernels_route_from_the_logits(N, shared, cfg):
+    """router_logits=: the pair kernels route each token themselves (top-1 sigmoid, mavjax.model.route's) and
+    give exactly what they give with the ids and scores route_logits makes of the same logits. Token 0's two
+    largest logits tie (the lower id wins, as jnp.argmax); every expert no token picks has NaN weights, so a
+    wrong pick shows; scores span (0, 1)."""
+    from mavjax.model import route_logits
+    from pallas_kernels.moe_gemm import moe_fp8_pairs
+
+    E, D, F = 8, 80, 48
+    ws, scales = quantize(*_weights(N + 40, E + 1, D, F))  # expert E: the shared one
+    routed_w, routed_s = tuple(w[:E] for w in ws), tuple(s[:E] for s in scales)
+    sh = (ws[0][E], ws[1][E], ws[2][E], tuple(s[E] for s in scales)) if shared else None
+    rng = np.random.default_rng(N)
+    logits = rng.standard_normal((N, E)) * 2.0
+    logits[0, [2, 5]] = logits[0].max() + 1.0  # a tie at the top: expert 2
+    logits = jnp.asarray(logits, jnp.bfloat16)
+    idx, sc = route_logits(logits, 1)
+    assert int(idx[0, 0]) == 2
+    dead = ~np.isin(np.arange(E), np.asarray(idx))
+    nan_w = lambda w: jnp.where(dead[:, None, None], jnp.asarray(jnp.nan, w.dtype), w)  # noqa: E731
+    nan_s = lambda s: jnp.where(dead[:, None], jnp.nan, s)  # noqa: E731
+    x = _x(N + 40, N, D)
+    kw = dict(shared=sh, interpret=True, poison_output=True, **cfg)
+    got = moe_fp8_pairs(x, None, None, *map(nan_w, routed_w), tuple(map(nan_s, routed_s)), router_logits=logits,
+                        **kw)
+    want = moe_fp8_pairs(x, idx, sc, *routed_w, routed_s, **kw)
+    assert got.shape == x.shape and got.dtype == x.dtype and bool(jnp.isfinite(got).all())
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+    with pytest.raises(ValueError, match="router_logits must be"):
+        moe_fp8_pairs(x, idx, sc, *routed_w, routed_s, router_logits=logits, interpret=True)
+    with pytest.raises(ValueError, match="router_logits must be"):
+        moe_fp8_pairs(x, None, None, *routed_w, routed_s, router_logits=logits[:, :-1], interpret=True)
