@@ -255,13 +255,9 @@ class Attention(nnx.Module):
         tables = tuple(r.reshape(B * T, Dh // 2) for r in rope) if self.use_rope else None
         t = attn_temperature(positions, self.floor_scale, self.attn_scale).reshape(B * T) \
             if self.temperature_tuning else None
-        exp = {int(a): (int(b), int(c)) for a, b, c in (e.split(":") for e in
-               os.environ.get("MAVJAX_EXP_QKV", "").split(",") if e)}  # EXPERIMENT: M:split:stages
-        sk, st = exp.get(B * T, (None, None))
         q, k, v = qkv_rope(x.reshape(B * T, D), *flat(self.wq, self.wq_scale, H), *flat(self.wk, self.wk_scale, K),
                            *flat(self.wv, self.wv_scale, K), head_dim=Dh, rope=tables, q_row_scale=t,
                            qk_norm_eps=self.eps if self.qk_norm else None, out_dtype=x.dtype, cache=cache,
-                           split_k=sk, num_stages=st,
                            cache_encode=encode_kv, interpret=jax.default_backend() == "cpu")  # [B*T, N*] each
         if cache is not None:  # k, v: the updated caches
             return q.reshape(B, T, H, Dh), k, v
