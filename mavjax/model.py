@@ -48,8 +48,10 @@ def _weight(rngs, shape, axes, dtype, std, contract, quant):
 # to time one family's share of a step, without touching the model code. "moe_shared" is the shared expert
 # riding in the MoE pair kernels at decode; switched off, it runs as its own MLP (gate_up + gemm kernels).
 # "moe_router" is the top-1 routing (argmax, sigmoid) done by those pair kernels from the router's logits;
-# switched off, XLA routes (two more kernels) and the kernels read ids and scores.
-PALLAS_OPS = ("gemm", "qkv", "gate_up", "moe", "moe_shared", "moe_router", "attention", "norm")
+# switched off, XLA routes (two more kernels) and the kernels read ids and scores. "norm_router" is the
+# router's logits computed by the add + norm kernel before such an MoE (fused_norm.add_rms_norm(router=...));
+# switched off, XLA's dot computes them (two more kernels).
+PALLAS_OPS = ("gemm", "qkv", "gate_up", "moe", "moe_shared", "moe_router", "norm_router", "attention", "norm")
 
 
 def use_pallas(kernels: str, op: str) -> bool:
@@ -237,10 +239,11 @@ class Attention(nnx.Module):
     def _proj(self, x, w, scale, n_in):
         return dense(x, w[...], None if scale is None else scale[...], n_in, self.kernels)
 
-    def out_add_norm(self, o, x, norm: "RMSNorm"):
-        """(x + wo(o), norm of it) for the attention output o [B, T, H, Dh] (dense_add_norm)."""
+    def out_add_norm(self, o, x, norm: "RMSNorm", router=None):
+        """(x + wo(o), norm of it) for the attention output o [B, T, H, Dh] (dense_add_norm; with `router`
+        also the MoE router's logit partials)."""
         return dense_add_norm(o, self.wo[...], None if self.wo_scale is None else self.wo_scale[...], 2, x, norm,
-                              self.kernels)
+                              self.kernels, router=router)
 
     def _fused_qkv(self, x, positions, rope, cache=None):
         """kernels="pallas", FP8 weights: q, k, v through pallas_kernels.fused_gemm.qkv_rope, with RoPE, the
@@ -418,9 +421,26 @@ class MoE(nnx.Module):
         self.w_down, self.w_down_scale = _weight(rngs, (E, F, D), ax_out, dtype, std, (1,), quant)
         self.shared = MLP(cfg, F, dtype, rngs, kernels, quant)
 
-    def __call__(self, x):
+    def routes_in_kernels(self, n_tokens: int) -> bool:
+        """Whether the Pallas pair kernels route n_tokens tokens themselves (top-1, from the router's logits):
+        where the shared expert rides in them (one token), unless "moe_router" is switched off."""
+        return (self.top_k == 1 and use_pallas(self.kernels, "moe_router")
+                and shared_in_moe_kernels(self.kernels, (n_tokens, 1), self.shared.w_gate, self.w_gate))
+
+    def logits_in_norm(self, n_tokens: int) -> bool:
+        """Whether the add + norm kernel before this MoE should compute its router's logits (as partials,
+        fused_norm.add_rms_norm(router=...)) for `__call__(x, logits=...)`: where the pair kernels route, with
+        the Pallas norm, unless "norm_router" is switched off. Saves the router's XLA dot (two kernels)."""
+        return (self.routes_in_kernels(n_tokens) and use_pallas(self.kernels, "norm")
+                and use_pallas(self.kernels, "norm_router"))
+
+    def __call__(self, x, logits=None):
+        """x [B, T, D] -> [B, T, D]. logits: None, or the router's logits of x as float32 partials [P, B*T, E]
+        from the add + norm kernel (only where logits_in_norm)."""
         B, T, D = x.shape
         flat = x.reshape(B * T, D)
+        if logits is not None and not self.routes_in_kernels(B * T):
+            raise ValueError("router logits given to an MoE whose kernels do not route (see logits_in_norm)")
         scales = None if self.w_gate_scale is None else \
             (self.w_gate_scale[...], self.w_up_scale[...], self.w_down_scale[...])
         weights = (self.w_gate[...], self.w_up[...], self.w_down[...])
@@ -434,9 +454,10 @@ class MoE(nnx.Module):
                 val = lambda v: None if v is None else v[...]  # noqa: E731
                 s_sh = None if scales is None else (val(sh.w_gate_scale), val(sh.w_up_scale), val(sh.w_down_scale))
                 shared = (sh.w_gate[...], sh.w_up[...], sh.w_down[...], s_sh)
-                if self.top_k == 1 and use_pallas(self.kernels, "moe_router"):  # ... which also route the token
+                if self.routes_in_kernels(B * T):  # ... which also route the token
+                    lg = router_logits(flat, self.router[...]) if logits is None else logits
                     out = moe_fp8_pairs(flat, None, None, *weights, scales, shared=shared, interpret=interpret,
-                                        router_logits=router_logits(flat, self.router[...]))
+                                        router_logits=lg)
                 else:
                     out = moe_fp8(flat, *route(flat, self.router[...], self.top_k), *weights, scales,
                                   shared=shared, interpret=interpret)
@@ -466,23 +487,28 @@ class DecoderLayer(nnx.Module):
         return x + self.ffn(normed), cache_kv
 
 
-def add_norm(x, delta, norm: RMSNorm, kernels: str):
+def add_norm(x, delta, norm: RMSNorm, kernels: str, router=None):
     """(x + delta, norm(x + delta)): a residual add and the RMSNorm after it; one pass over [B, T, D]
-    (pallas_kernels.fused_norm) when kernels="pallas"."""
+    (pallas_kernels.fused_norm) when kernels="pallas". router [D, E] (Pallas norm only, MoE.logits_in_norm):
+    also the router's logits of the normed rows as the kernel's float32 partials [P, B*T, E]."""
     if use_pallas(kernels, "norm"):
         from pallas_kernels.fused_norm import add_rms_norm
 
-        return add_rms_norm(x, delta, norm.scale[...], eps=norm.eps, interpret=jax.default_backend() == "cpu")
+        return add_rms_norm(x, delta, norm.scale[...], eps=norm.eps, router=router,
+                            interpret=jax.default_backend() == "cpu")
+    if router is not None:
+        raise ValueError("router logits from the add + norm need the Pallas norm kernel")
     x = x + delta
     return x, norm(x)
 
 
-def dense_add_norm(h, w, scale, n_in, x, norm: RMSNorm, kernels: str):
+def dense_add_norm(h, w, scale, n_in, x, norm: RMSNorm, kernels: str, router=None):
     """(x + dense(h), norm of it): an output projection (wo, an MLP's down), the residual add and the next
     RMSNorm. kernels="pallas" with FP8 weights: pallas_kernels.fp8_gemm.fp8_matmul_add_rms_norm, by default
     the FP8 GEMM then the add + norm kernel; with the GEMM family's split-K sums in the kernel
-    (MAVJAX_SPLIT_K_REDUCE=gemm=kernel) one launch. h [..., *in] with in = w.shape[:n_in]; x [..., D]."""
-    if scale is not None and use_pallas(kernels, "gemm") and use_pallas(kernels, "norm"):
+    (MAVJAX_SPLIT_K_REDUCE=gemm=kernel) one launch. h [..., *in] with in = w.shape[:n_in]; x [..., D].
+    router: as add_norm (then always the GEMM and the add + norm kernel, which computes the logits)."""
+    if scale is not None and use_pallas(kernels, "gemm") and use_pallas(kernels, "norm") and router is None:
         from pallas_kernels.fp8_gemm import fp8_matmul_add_rms_norm
 
         K = int(np.prod(w.shape[:n_in]))
@@ -490,7 +516,7 @@ def dense_add_norm(h, w, scale, n_in, x, norm: RMSNorm, kernels: str):
                                        x.reshape(-1, x.shape[-1]), norm.scale[...], eps=norm.eps,
                                        interpret=jax.default_backend() == "cpu")
         return s.reshape(x.shape), y.reshape(x.shape)
-    return add_norm(x, dense(h, w, scale, n_in, kernels), norm, kernels)
+    return add_norm(x, dense(h, w, scale, n_in, kernels), norm, kernels, router=router)
 
 
 class Llama4(nnx.Module):
@@ -541,11 +567,14 @@ class Llama4(nnx.Module):
             kv = None if cache is None else (cache.k[i], cache.v[i])
             o, kv = layer.attn(h, positions, rope, kv, cache_pos, write_index, attn_mask, project=False)
             new_kv.append(kv)
-            x, h = layer.attn.out_add_norm(o, x, layer.ffn_norm)  # wo, the residual add, the FFN's norm
+            # the router's logits come out of the FFN's norm kernel where the MoE kernels route (decode)
+            router = layer.ffn.router[...] if layer.is_moe and layer.ffn.logits_in_norm(h.shape[0] * h.shape[1]) \
+                else None
+            x, h, *logits = layer.attn.out_add_norm(o, x, layer.ffn_norm, router)  # wo, residual add, FFN norm
             # the layer's last residual add and the next layer's first norm (the final norm after the last)
             nxt = layers[i + 1].attn_norm if i + 1 < len(layers) else self.norm
             if layer.is_moe:
-                x, h = add_norm(x, layer.ffn(h), nxt, self.kernels)
+                x, h = add_norm(x, layer.ffn(h, *logits), nxt, self.kernels)
             else:
                 x, h = layer.ffn.down_add_norm(h, x, nxt)
             if i in collect_layers:

@@ -10,6 +10,12 @@ both outputs, so the pair costs exactly 2 reads + 2 writes of [M, D].
 Shapes: x, h [..., D] (same shape and dtype), scale [D]. Grid: one program per `block_m` rows; each holds
 whole rows (D lanes padded to a power of two, the pad masked), since the statistic is over all of D.
 Rows and lanes past the ends are masked loads/stores (no padding copies).
+
+With `router` [D, E] (a top-1 MoE's router weights) the kernel also gives the router's logits y @ router as
+P = ceil(D / router_block) float32 partials [P, M, E], one per slice of D: program (rows, p) computes the
+rows' statistic from the whole rows, then normalizes, stores and multiplies only its own D slice, so the
+router's bytes are spread over P programs. The MoE pair kernels sum the partials as they route
+(pallas_kernels.moe_gemm.top1_of_logits): the router's XLA dot, two reduction kernels, is not launched.
 """
 
 from __future__ import annotations
@@ -22,15 +28,25 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels.fp8_gemm import _compiler_params, _in_bounds, _load, _mask2, _next_pow2, _store
 
-__all__ = ["add_rms_norm_ref", "add_rms_norm"]
+__all__ = ["add_rms_norm_ref", "add_rms_norm", "sum_router_partials"]
 
 
-def add_rms_norm_ref(x, h, scale, eps):
-    """(x + h, rms_norm(x + h) * scale), exactly as mavjax.model computes the residual and the next norm."""
-    from mavjax.model import rms_norm
+def add_rms_norm_ref(x, h, scale, eps, router=None):
+    """(x + h, rms_norm(x + h) * scale), exactly as mavjax.model computes the residual and the next norm;
+    with router [D, E] also the router's logits of the normed rows [..., E] (mavjax.model.router_logits)."""
+    from mavjax.model import rms_norm, router_logits
 
     s = x + h
-    return s, rms_norm(s, scale, eps)
+    y = rms_norm(s, scale, eps)
+    if router is None:
+        return s, y
+    return s, y, router_logits(y.reshape(-1, y.shape[-1]), router).reshape(*y.shape[:-1], router.shape[1])
+
+
+def sum_router_partials(partials, dtype):
+    """The logits [M, E] of add_rms_norm(router=...)'s partials [P, M, E]: summed in float32 and rounded to
+    `dtype` (the router's output dtype on the XLA path) once, as the pair kernels do."""
+    return jnp.sum(partials, axis=0).astype(dtype)
 
 
 def _kernel(x_ref, h_ref, w_ref, s_ref, y_ref, *, m, d, block_m, block_d, eps):
@@ -50,38 +66,85 @@ def _kernel(x_ref, h_ref, w_ref, s_ref, y_ref, *, m, d, block_m, block_d, eps):
     _store(y_ref.at[pl.ds(m0, block_m), pl.ds(0, block_d)], y.astype(y_ref.dtype), mask)
 
 
-@functools.partial(jax.jit, static_argnames=("eps", "block_m", "num_warps", "interpret", "poison_output"))
-def add_rms_norm(x, h, scale, *, eps, block_m=4, num_warps=None, interpret=False, poison_output=False):
+def _router_kernel(x_ref, h_ref, w_ref, r_ref, s_ref, y_ref, lg_ref, *, m, d, e, block_m, block_d, block_k,
+                   block_e, eps):
+    """_kernel's rows, but program (i, p) stores only columns [p * block_k, +block_k) of s and y, and that
+    slice's share of the router logits y @ router into lg_ref[p] [M, E] (f32)."""
+    pid, p = pl.program_id(0), pl.program_id(1)
+    m0 = pl.multiple_of(pid * block_m, block_m)
+    k0 = pl.multiple_of(p * block_k, block_k)
+    r_in = _in_bounds(m0, block_m, m)
+    c_in, k_in, e_in = _in_bounds(0, block_d, d), _in_bounds(k0, block_k, d), _in_bounds(0, block_e, e)
+    rows = pl.ds(m0, block_m)
+    full = _mask2(r_in, c_in)
+    sf = (_load(x_ref.at[rows, pl.ds(0, block_d)], full) + _load(h_ref.at[rows, pl.ds(0, block_d)], full))
+    sf = sf.astype(s_ref.dtype).astype(jnp.float32)                                  # [bm, bd] whole rows
+    r = jax.lax.rsqrt(jnp.sum(sf * sf, axis=1) / d + eps)                            # [bm]
+    mask = _mask2(r_in, k_in)
+    cols = pl.ds(k0, block_k)
+    s = (_load(x_ref.at[rows, cols], mask) + _load(h_ref.at[rows, cols], mask)).astype(s_ref.dtype)  # [bm, bk]
+    w = _load(w_ref.at[cols], k_in)                                                  # [bk]
+    y = ((s.astype(jnp.float32) * r[:, None]).astype(s_ref.dtype) * w[None, :]).astype(y_ref.dtype)
+    _store(s_ref.at[rows, cols], s, mask)
+    _store(y_ref.at[rows, cols], y, mask)
+    router = _load(r_ref.at[cols, pl.ds(0, block_e)], _mask2(k_in, e_in)).astype(jnp.float32)       # [bk, be]
+    # [bm, bk, 1] * [1, bk, be] summed over bk: a few rows (decode), below the 16 an MMA needs
+    lg = jnp.sum(y.astype(jnp.float32)[:, :, None] * router[None, :, :], axis=1)    # [bm, be]
+    _store(lg_ref.at[p, rows, pl.ds(0, block_e)], lg, _mask2(r_in, e_in))
+
+
+@functools.partial(jax.jit, static_argnames=("eps", "block_m", "router_block", "num_warps", "interpret",
+                                             "poison_output"))
+def add_rms_norm(x, h, scale, *, eps, router=None, block_m=None, router_block=128, num_warps=None,
+                 interpret=False, poison_output=False):
     """(x + h, rms_norm(x + h, scale, eps)) in one kernel. x, h [..., D]; scale [D].
-    block_m: rows per program (a power of two). poison_output: outputs start as NaN (aliased in), so an
-    element the kernel does not write shows up (tests)."""
+    router: None, or a router's weights [D, E]: then (s, y, partials), partials [P, M, E] float32 whose sum
+    over P is y @ router for the M = prod(lead) rows (P = ceil(D / router_block); `sum_router_partials`).
+    block_m: rows per program (a power of two; default 4, with a router 1). poison_output: outputs start
+    as NaN (aliased in), so an element the kernel does not write shows up (tests)."""
     if x.shape != h.shape or x.dtype != h.dtype:
         raise ValueError(f"x {x.shape} {x.dtype} and h {h.shape} {h.dtype} must have the same shape and dtype")
     D = x.shape[-1]
     if scale.shape != (D,):
         raise ValueError(f"scale must be [{D}], got {scale.shape}")
-    if block_m < 1 or block_m & (block_m - 1):
-        raise ValueError(f"block_m={block_m} must be a power of two")
+    if router is not None and (router.ndim != 2 or router.shape[0] != D):
+        raise ValueError(f"router must be [D={D}, E], got {router.shape}")
+    block_m = block_m or (4 if router is None else 1)
+    for name, v in (("block_m", block_m), ("router_block", router_block)):
+        if v < 1 or v & (v - 1):
+            raise ValueError(f"{name}={v} must be a power of two")
     lead = x.shape[:-1]
     x2, h2 = x.reshape(-1, D), h.reshape(-1, D)
     M = x2.shape[0]
-    if M == 0:
-        return x, x
     y_dtype = jnp.promote_types(x.dtype, scale.dtype)
     block_d = _next_pow2(D)
-    kernel = functools.partial(_kernel, m=M, d=D, block_m=block_m, block_d=block_d, eps=float(eps))
-    out_shape = (jax.ShapeDtypeStruct((M, D), x.dtype), jax.ShapeDtypeStruct((M, D), y_dtype))
-    args, aliases = [x2, h2, scale], {}
+    out_shape = [jax.ShapeDtypeStruct((M, D), x.dtype), jax.ShapeDtypeStruct((M, D), y_dtype)]
+    args = [x2, h2, scale]
+    grid = (pl.cdiv(M, block_m),)
+    if router is None:
+        kernel = functools.partial(_kernel, m=M, d=D, block_m=block_m, block_d=block_d, eps=float(eps))
+    else:
+        E = router.shape[1]
+        grid += (pl.cdiv(D, router_block),)
+        kernel = functools.partial(_router_kernel, m=M, d=D, e=E, block_m=block_m, block_d=block_d,
+                                   block_k=min(router_block, block_d), block_e=_next_pow2(E), eps=float(eps))
+        out_shape.append(jax.ShapeDtypeStruct((grid[1], M, E), jnp.float32))
+        args.append(router)
+    if M == 0:  # nothing to launch
+        return (x, x.astype(y_dtype), *[jnp.zeros(o.shape, o.dtype) for o in out_shape[2:]])
+    n_in = len(args)
+    aliases = {}
     if poison_output:
         args += [jnp.full(o.shape, jnp.nan, o.dtype) for o in out_shape]
-        aliases = {3: 0, 4: 1}
+        aliases = {n_in + i: i for i in range(len(out_shape))}
         inner = kernel
 
         def kernel(*refs):  # the aliased inputs are the outputs' own refs
-            return inner(*refs[:3], *refs[5:])
+            return inner(*refs[:n_in], *refs[n_in + len(out_shape):])
     if num_warps is None:  # whole rows of D lanes per program: more warps for wide rows
         num_warps = 4 if block_m * block_d <= 4096 else 8 if block_m * block_d <= 16384 else 16
-    s, y = pl.pallas_call(kernel, out_shape=out_shape, grid=(pl.cdiv(M, block_m),), input_output_aliases=aliases,
-                          interpret=interpret, compiler_params=_compiler_params(num_warps, 1),
-                          name=f"add_rms_norm_m{block_m}_d{block_d}")(*args)
-    return s.reshape(*lead, D), y.reshape(*lead, D)
+    out = pl.pallas_call(kernel, out_shape=tuple(out_shape), grid=grid, input_output_aliases=aliases,
+                         interpret=interpret, compiler_params=_compiler_params(num_warps, 1),
+                         name=f"add_rms_norm_m{block_m}_d{block_d}" + ("" if router is None else "_router"))(*args)
+    s, y = out[0].reshape(*lead, D), out[1].reshape(*lead, D)
+    return (s, y) if router is None else (s, y, out[2])

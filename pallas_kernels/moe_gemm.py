@@ -285,18 +285,27 @@ def _pair_rows(v, rows=_MIN_BLOCK):
     return jnp.where(jnp.arange(rows)[:, None] == 0, v[None, :], jnp.zeros((), v.dtype))
 
 
-def top1_of_logits(lg_ref, t, num_experts):
+def top1_of_logits(lg_ref, t, num_experts, dtype):
     """Top-1 sigmoid routing of token t inside a kernel, as mavjax.model.route does it from the same logits:
-    (the lowest id among the largest logits of row t of lg_ref [N, E], sigmoid of that logit in float32 cast
-    to the logits' dtype). One [E] load per program: no XLA argmax and sigmoid kernels between the router's
-    dot and the MoE kernels."""
+    the lowest id among the largest logits of token t, and the sigmoid of that logit in float32 cast to
+    `dtype`. lg_ref: the logits [N, E], or float32 partials [P, N, E] whose sum over P rounded to `dtype`
+    is the logits (fused_norm.add_rms_norm(router=...), summed here). One load per program: no XLA kernel
+    (the router's dot, its argmax, the sigmoid) between the norm and the MoE kernels."""
     e2 = _next_pow2(num_experts)
     ids = jnp.arange(e2, dtype=jnp.int32)
     ok = ids < num_experts
-    lg = plgpu.load(lg_ref.at[t, pl.ds(0, e2)], mask=ok, other=-jnp.inf).astype(jnp.float32)    # [E]
+    if lg_ref.ndim == 2:
+        lg = plgpu.load(lg_ref.at[t, pl.ds(0, e2)], mask=ok, other=-jnp.inf)                          # [E]
+    else:
+        n_parts = lg_ref.shape[0]
+        p2 = _next_pow2(n_parts)
+        parts = plgpu.load(lg_ref.at[pl.ds(0, p2), t, pl.ds(0, e2)], mask=_mask2(_in_bounds(0, p2, n_parts), ok),
+                           other=0.0)                                                                   # [P, E]
+        lg = jnp.where(ok, jnp.sum(parts, axis=0), -jnp.inf)                                            # [E]
+    lg = lg.astype(dtype).astype(jnp.float32)  # the logits as the XLA path rounds them
     top = jnp.max(lg)
     e = jnp.min(jnp.where((lg == top) & ok, ids, e2))
-    return e, (1.0 / (1.0 + jnp.exp(-top))).astype(lg_ref.dtype)
+    return e, (1.0 / (1.0 + jnp.exp(-top))).astype(dtype)
 
 
 def _pair_row(p, pick, num_experts, num_pairs, has_shared, routed, dropped, shared):
@@ -317,9 +326,10 @@ def _pair_row(p, pick, num_experts, num_pairs, has_shared, routed, dropped, shar
 
 
 def _pair_gate_up_kernel(*refs, k, d, f, num_pairs, block_n, block_k, kb_per_split, num_splits, finish,
-                         has_scales, has_shared, route_in_kernel, cdt, evict, interpret):
+                         has_scales, has_shared, logits_dtype, cdt, evict, interpret):
     """Program rows p < num_pairs: (token p // k, its expert idx[p]), input scaled by the router score
-    (route_in_kernel: idx_ref is the router logits [N, E] and sc_ref unused, top1_of_logits). With
+    (logits_dtype not None: idx_ref is the router's logits or their partials and sc_ref unused,
+    top1_of_logits). With
     has_shared, rows p >= num_pairs are the shared expert on token p - num_pairs (score 1): the same loop over
     the shared weights' refs ([1, D, F], scales [1, F]), so the shared expert costs no launch of its own.
     num_splits == 1: h [rows, F] is the output. Split-K: f32 partials g, u [S, rows, F] (scales applied); with
@@ -382,7 +392,7 @@ def _pair_gate_up_kernel(*refs, k, d, f, num_pairs, block_n, block_k, kb_per_spl
 
     zero = jnp.zeros((block_n,), jnp.float32)
     num_experts = wg_ref.shape[0]
-    pick = ((lambda q: top1_of_logits(idx_ref, q, num_experts)) if route_in_kernel else
+    pick = ((lambda q: top1_of_logits(idx_ref, q, num_experts, logits_dtype)) if logits_dtype is not None else
             (lambda q: (idx_ref[q], sc_ref[q])))
     _pair_row(p, pick, num_experts, num_pairs, has_shared,
               routed=lambda e, score: run(e, p // k, score, wg_ref, wu_ref, sg_ref, su_ref),
@@ -399,7 +409,7 @@ def _pair_gate_up_kernel(*refs, k, d, f, num_pairs, block_n, block_k, kb_per_spl
 
 
 def _pair_down_kernel(*refs, f, d, k, num_pairs, block_n, block_k, kb_per_split, num_splits, n_gu_splits,
-                      token_rows, has_scales, has_shared, route_in_kernel, cdt, evict, interpret):
+                      token_rows, has_scales, has_shared, logits_dtype, cdt, evict, interpret):
     """n_gu_splits == 0: h [P, F] (cdt) is kernel 1's finished SwiGLU output. n_gu_splits > 0: kernel 1 left f32
     split-K partials g, u [n_gu_splits, P, F]; they are summed and the SwiGLU applied here, on load (they sit
     in L2: a few KB per pair), which saves an XLA epilogue launch and a round trip of h through memory.
@@ -464,7 +474,7 @@ def _pair_down_kernel(*refs, f, d, k, num_pairs, block_n, block_k, kb_per_split,
             _store(outs[0].at[p, pl.ds(n0, block_n)], y.astype(outs[0].dtype), n_in)
 
     num_experts = wd_ref.shape[0]
-    pick = ((lambda q: top1_of_logits(idx_ref, q, num_experts)) if route_in_kernel else
+    pick = ((lambda q: top1_of_logits(idx_ref, q, num_experts, logits_dtype)) if logits_dtype is not None else
             (lambda q: (idx_ref[q], None)))
     _pair_row(p, pick, num_experts, num_pairs, has_shared,
               routed=lambda e, score: run(e, wd_ref, sd_ref),
@@ -722,9 +732,11 @@ def moe_fp8_pairs(x, expert_idx, scores, w_gate, w_up, w_down, scales=None, *, s
     """`moe_fp8` for few pairs: each (token, expert) pair reads its expert's weights directly (see the module
     docstring). Arguments as `moe_fp8` (no block_m: one row per pair).
 
-    router_logits: None, or the router's logits [N, E] (x's dtype) with expert_idx = scores = None: Llama 4's
-    top-1 sigmoid routing (mavjax.model.route with k = 1) is done by the kernels' programs themselves
-    (`top1_of_logits`), so no XLA argmax or sigmoid kernel runs between the router's dot and these launches.
+    router_logits: None, or the router's logits [N, E] (rounded to x's dtype), or float32 partials [P, N, E]
+    of them (fused_norm.add_rms_norm(router=...): summed, then rounded), with expert_idx = scores = None:
+    Llama 4's top-1 sigmoid routing (mavjax.model.route with k = 1) is done by the kernels' programs
+    themselves (`top1_of_logits`), so no XLA argmax or sigmoid kernel runs between the router and these
+    launches.
 
     reduce: who finishes kernel 2's sums (its split-K partials, a token's k pair rows and its shared row) and the
     cast: "kernel" (the last arriving program of each output tile, `pallas_kernels/split_k.py`'s protocol: the
@@ -747,10 +759,14 @@ def moe_fp8_pairs(x, expert_idx, scores, w_gate, w_up, w_down, scales=None, *, s
     N, D = x.shape
     E, _, F = w_gate.shape
     route_in_kernel = router_logits is not None
-    if route_in_kernel and (expert_idx is not None or scores is not None or router_logits.shape != (N, E)):
-        raise ValueError(f"router_logits must be [N={N}, E={E}] with expert_idx and scores None, got "
-                         f"{router_logits.shape} with expert_idx {getattr(expert_idx, 'shape', None)}")
+    if route_in_kernel and (expert_idx is not None or scores is not None or router_logits.shape[-2:] != (N, E)
+                            or router_logits.ndim not in (2, 3)
+                            or (router_logits.ndim == 3 and router_logits.dtype != jnp.float32)):
+        raise ValueError(f"router_logits must be [N={N}, E={E}] (or float32 partials [P, N, E]) with expert_idx "
+                         f"and scores None, got {router_logits.shape} {router_logits.dtype} with expert_idx "
+                         f"{getattr(expert_idx, 'shape', None)}")
     k = 1 if route_in_kernel else expert_idx.shape[1]
+    logits_dtype = jnp.dtype(x.dtype) if route_in_kernel else None  # the XLA path's logits: the model's dtype
     P = N * k
     has_shared = shared is not None
     if has_shared:
@@ -779,7 +795,7 @@ def moe_fp8_pairs(x, expert_idx, scores, w_gate, w_up, w_down, scales=None, *, s
     sg, su, sd = scales if scales is not None else (None, None, None)
     has_scales = scales is not None
     if route_in_kernel:  # the logits in place of the ids; the scores come from them too (sc unread)
-        idx, sc = router_logits.astype(x.dtype), jnp.zeros((1,), x.dtype)
+        idx, sc = router_logits, jnp.zeros((1,), x.dtype)
     else:
         idx = expert_idx.reshape(-1).astype(jnp.int32)                                          # [P]
         sc = scores.reshape(-1).astype(x.dtype)                                                 # [P]
@@ -812,7 +828,7 @@ def moe_fp8_pairs(x, expert_idx, scores, w_gate, w_up, w_down, scales=None, *, s
 
     kern1 = functools.partial(_pair_gate_up_kernel, k=k, d=D, f=F, num_pairs=P, block_n=block_n, block_k=block_k,
                               kb_per_split=kbps1, num_splits=split1, finish=finish1, has_scales=has_scales,
-                              has_shared=has_shared, route_in_kernel=route_in_kernel, cdt=cdt, evict=evict,
+                              has_shared=has_shared, logits_dtype=logits_dtype, cdt=cdt, evict=evict,
                               interpret=interpret)
     args1 = (cnt if finish1 else []) + [idx, sc, x, w_gate, w_up] + ([f32(sg), f32(su)] if has_scales else []) + sh1
     part1 = jax.ShapeDtypeStruct((split1, rows, F), jnp.float32)
@@ -831,7 +847,7 @@ def moe_fp8_pairs(x, expert_idx, scores, w_gate, w_up, w_down, scales=None, *, s
     kern2 = functools.partial(_pair_down_kernel, f=F, d=D, k=k, num_pairs=P, block_n=block_n_down,
                               block_k=block_k_down, kb_per_split=kbps2, num_splits=split2, n_gu_splits=n_gu_splits,
                               token_rows=token_rows, has_scales=has_scales, has_shared=has_shared,
-                              route_in_kernel=route_in_kernel, cdt=cdt, evict=evict, interpret=interpret)
+                              logits_dtype=logits_dtype, cdt=cdt, evict=evict, interpret=interpret)
     args2 = (cnt if finish2 else []) + [idx, *res, w_down] + ([f32(sd)] if has_scales else []) + sh2
     if token_rows:
         outs2 = ([jax.ShapeDtypeStruct((split2, rows, D), jnp.float32)] if finish2 else []) + [

@@ -23,7 +23,7 @@ sys.path.insert(0, ROOT)
 
 TIMES: dict = {}  # compile / first-run seconds of the last kernel call (printed with the result)
 CHECKS = ["gemm_wo", "gemm_down", "gemm_add_norm", "gate_up", "qkv_rope", "qkv_nope", "qkv_cache", "moe",
-          "moe_route", "add_norm", "attention", "model"]
+          "moe_route", "add_norm", "norm_router", "attention", "model"]
 REPEATS = 3  # each kernel runs this many times on the same inputs: a split-K counter a launch left non-zero
 # (pallas_kernels.split_k) would change a later launch's result
 
@@ -163,7 +163,13 @@ def run_one(name, n, M, interpret, small, mesh_devices=0):
         out = call(lambda a, lg, *w: moe_fp8_pairs(a, None, None, *w[:3], w[3:], router_logits=lg,
                                                     interpret=interpret), xm, logits, wg, wu, wd, sg, su, sd)
         idx, sc = route_logits(logits, 1)
-        return rel(out, moe_reference(xm, idx, sc, wg, wu, wd, scales=(sg, su, sd)))
+        ref = moe_reference(xm, idx, sc, wg, wu, wd, scales=(sg, su, sd))
+        # the same logits as float32 partials [P, N, E] (fused_norm.add_rms_norm(router=...)'s form)
+        lf = logits.astype(jnp.float32)
+        parts = jnp.stack([lf / 2 + 0.5, lf / 4 - 0.5, lf / 4])
+        out2 = call(lambda a, lg, *w: moe_fp8_pairs(a, None, None, *w[:3], w[3:], router_logits=lg,
+                                                     interpret=interpret), xm, parts, wg, wu, wd, sg, su, sd)
+        return max(rel(out, ref), rel(out2, ref))
     if name == "add_norm":
         from pallas_kernels.fused_norm import add_rms_norm, add_rms_norm_ref
 
@@ -172,6 +178,16 @@ def run_one(name, n, M, interpret, small, mesh_devices=0):
         out = call(lambda a, b: add_rms_norm(a, b, scale, eps=1e-5, interpret=interpret), x, h)
         ref = add_rms_norm_ref(x, h, scale, 1e-5)
         return max(rel(o, r) for o, r in zip(out, ref))
+    if name == "norm_router":  # add + norm that also gives a router's logits as partials (the MoE's decode)
+        from pallas_kernels.fused_norm import add_rms_norm, add_rms_norm_ref, sum_router_partials
+
+        h = jax.random.normal(next(keys), (M, D), bf)
+        scale = jnp.ones((D,), bf)
+        router = (0.02 * jax.random.normal(next(keys), (D, cfg.num_local_experts))).astype(bf)
+        s, y, parts = call(lambda a, b: add_rms_norm(a, b, scale, eps=1e-5, router=router, interpret=interpret),
+                           x, h)
+        ref = add_rms_norm_ref(x, h, scale, 1e-5, router=router)
+        return max(rel(o, r) for o, r in zip((s, y, sum_router_partials(parts, bf)), ref))
     if name == "attention":  # split-KV decode attention, M query positions (verify-like), 1024-slot cache
         from pallas_kernels.decode_attention import decode_attention, decode_attention_reference
 

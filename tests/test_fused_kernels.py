@@ -61,12 +61,52 @@ def test_add_rms_norm(lead, D, dtype, block_m):
     assert _err(y, y_ref) < (1e-2 if dtype == jnp.bfloat16 else 1e-5)
 
 
+@pytest.mark.parametrize("lead,D,E,router_block,dtype,block_m", [
+    ((1,), 200, 8, 64, jnp.bfloat16, None),   # decode: one token, D not a multiple of the slice
+    ((1, 1), 96, 5, 32, jnp.bfloat16, None),  # E not a power of two
+    ((3,), 64, 16, 128, jnp.float32, 2),      # one slice wider than D; rows past the end
+    ((2, 3), 130, 3, 16, jnp.bfloat16, 4),    # many slices, the last of 2 columns
+])
+def test_add_rms_norm_with_router_logits(lead, D, E, router_block, dtype, block_m):
+    """router=: s and y exactly as without it (each program writes its slice of them, all written), and the
+    partials sum to the router's logits of y (mavjax.model.router_logits), one partial per D slice."""
+    from pallas_kernels.fused_norm import sum_router_partials
+
+    k1, k2, k3, k4 = jax.random.split(jax.random.key(D + E), 4)
+    x = (3 * jax.random.normal(k1, (*lead, D))).astype(dtype)
+    h = jax.random.normal(k2, (*lead, D)).astype(dtype)
+    scale = (1 + 0.3 * jax.random.normal(k3, (D,))).astype(dtype)
+    router = (0.1 * jax.random.normal(k4, (D, E))).astype(dtype)
+    s, y, parts = add_rms_norm(x, h, scale, eps=1e-5, router=router, router_block=router_block, block_m=block_m,
+                               interpret=True, poison_output=True)
+    _finite(s, y, parts)
+    s0, y0 = add_rms_norm(x, h, scale, eps=1e-5, interpret=True)
+    np.testing.assert_array_equal(np.asarray(s, np.float32), np.asarray(s0, np.float32))
+    np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(y0, np.float32))
+    M = int(np.prod(lead))
+    assert parts.shape == (-(-D // router_block), M, E) and parts.dtype == jnp.float32
+    _, _, lg_ref = add_rms_norm_ref(x, h, scale, 1e-5, router=router)
+    assert lg_ref.shape == (*lead, E)
+    want = jnp.einsum("md,de->me", y0.reshape(M, D).astype(jnp.float32), router.astype(jnp.float32),
+                      precision="highest")
+    # f32 products and sums: summation order only; but with bf16 y the CPU interpreter multiplies y before its
+    # rounding to bf16 (XLA's excess precision drops the convert pair), up to 2^-9 per element
+    assert _err(jnp.sum(parts, axis=0), want) < (1e-2 if dtype == jnp.bfloat16 else 1e-5)
+    lg = sum_router_partials(parts, dtype)
+    assert lg.dtype == dtype
+    assert _err(lg, lg_ref.reshape(M, E)) < (1e-2 if dtype == jnp.bfloat16 else 1e-5)
+
+
 def test_add_rms_norm_bad_input():
     x = jnp.ones((2, 8))
     with pytest.raises(ValueError, match="same shape"):
         add_rms_norm(x, jnp.ones((2, 9)), jnp.ones(8), eps=1e-5, interpret=True)
     with pytest.raises(ValueError, match="scale must be"):
         add_rms_norm(x, x, jnp.ones(9), eps=1e-5, interpret=True)
+    with pytest.raises(ValueError, match=r"router must be \[D=8, E\]"):
+        add_rms_norm(x, x, jnp.ones(8), eps=1e-5, router=jnp.ones((9, 4)), interpret=True)
+    with pytest.raises(ValueError, match="router_block=48 must be a power of two"):
+        add_rms_norm(x, x, jnp.ones(8), eps=1e-5, router=jnp.ones((8, 4)), router_block=48, interpret=True)
 
 
 # ---------------------------------------------------------------------------------------------------------

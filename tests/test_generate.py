@@ -243,13 +243,15 @@ def test_fusions_are_wired_where_they_apply(kernels, quant, want, absent):
     assert all(n in text for n in want) and not any(n in text for n in absent)
 
 
-# kernel name patterns (re.match) of each family; "moe_router" is the pair kernels' variant that routes itself
+# kernel name patterns (re.match) of each family; "moe_router" is the pair kernels' variant that routes itself,
+# "norm_router" the add + norm kernel's that computes the router's logits for them
 _FAMILY_KERNELS = {"gemm": "fp8_weight_only", "qkv": "fp8_qkv_rope", "gate_up": "fp8_gate_up_swiglu",
                    "moe": "moe_gate_up", "moe_router": "moe_gate_up_pairs.*_route$",
+                   "norm_router": "add_rms_norm.*_router$",
                    "attention": "split_kv_decode_attention", "norm": "add_rms_norm"}
 
 
-@pytest.mark.parametrize("off", ["moe", "qkv,norm", "attention", "moe_shared", "moe_router",
+@pytest.mark.parametrize("off", ["moe", "qkv,norm", "attention", "moe_shared", "moe_router", "norm_router",
                                  "gemm,qkv,gate_up,moe,attention,norm"])
 def test_pallas_kernel_families_can_be_switched_off(monkeypatch, off):
     """MAVJAX_PALLAS_DISABLE runs the named kernel families as on the XLA path (bisecting a GPU failure): the
@@ -281,14 +283,16 @@ def test_pallas_kernel_families_can_be_switched_off(monkeypatch, off):
         return sum(bool(re.match(_FAMILY_KERNELS[family], n)) for n in names)
 
     names, _ = step(nets["pallas"])
-    assert all(count(names, fam) for fam in _FAMILY_KERNELS)  # all seven families in a decode step
+    assert all(count(names, fam) for fam in _FAMILY_KERNELS)  # every family in a decode step
     assert count(names, "moe_router") == n_moe  # one token, top-1: each MoE layer's pair kernels route it
+    assert count(names, "norm_router") == n_moe  # ... from logits its FFN norm kernel computed
     assert count(names, "gate_up") == n_dense  # the MoE layers' shared experts ride in the pair kernels
     monkeypatch.setenv("MAVJAX_PALLAS_DISABLE", off)
     names, logits = step(nets["pallas"])
     gone = off.split(",")
     for fam in _FAMILY_KERNELS:  # (the pair kernels route only with the shared expert riding in them)
-        gone_too = fam == "moe_router" and ("moe" in gone or "moe_shared" in gone)
+        gone_too = (fam in ("moe_router", "norm_router") and ("moe" in gone or "moe_shared" in gone)
+                    or fam == "norm_router" and ("moe_router" in gone or "norm" in gone))
         assert (count(names, fam) > 0) == (fam not in gone and not gone_too), (fam, off)
     if off == "moe_shared":
         assert count(names, "gate_up") == n_dense + n_moe and count(names, "moe") == n_moe

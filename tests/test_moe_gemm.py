@@ -480,7 +480,8 @@ def test_pair_kernels_lower_with_the_split_k_protocol(monkeypatch):
 ])
 def test_pair_kernels_route_from_the_logits(N, shared, cfg):
     """router_logits=: the pair kernels route each token themselves (top-1 sigmoid, mavjax.model.route's) and
-    give exactly what they give with the ids and scores route_logits makes of the same logits. Token 0's two
+    give exactly what they give with the ids and scores route_logits makes of the same logits, whether given
+    the logits or float32 partials of them. Token 0's two
     largest logits tie (the lower id wins, as jnp.argmax); every expert no token picks has NaN weights, so a
     wrong pick shows; scores span (0, 1)."""
     from mavjax.model import route_logits
@@ -506,7 +507,16 @@ def test_pair_kernels_route_from_the_logits(N, shared, cfg):
     want = moe_fp8_pairs(x, idx, sc, *routed_w, routed_s, **kw)
     assert got.shape == x.shape and got.dtype == x.dtype and bool(jnp.isfinite(got).all())
     np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+    # float32 partials [P, N, E] of the same logits (fused_norm.add_rms_norm(router=...)), summed exactly
+    lf = logits.astype(jnp.float32)
+    parts = jnp.stack([lf / 2 + 0.5, lf / 4 - 0.5, lf / 4])
+    got = moe_fp8_pairs(x, None, None, *map(nan_w, routed_w), tuple(map(nan_s, routed_s)), router_logits=parts,
+                        **kw)
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
     with pytest.raises(ValueError, match="router_logits must be"):
         moe_fp8_pairs(x, idx, sc, *routed_w, routed_s, router_logits=logits, interpret=True)
+    with pytest.raises(ValueError, match="float32 partials"):
+        moe_fp8_pairs(x, None, None, *routed_w, routed_s, router_logits=parts.astype(jnp.bfloat16),
+                      interpret=True)
     with pytest.raises(ValueError, match="router_logits must be"):
         moe_fp8_pairs(x, None, None, *routed_w, routed_s, router_logits=logits[:, :-1], interpret=True)
