@@ -494,8 +494,7 @@ def add_norm(x, delta, norm: RMSNorm, kernels: str, router=None):
     if use_pallas(kernels, "norm"):
         from pallas_kernels.fused_norm import add_rms_norm
 
-        rb = int(os.environ.get("MAVJAX_EXP_ROUTER_BLOCK", "128"))  # EXPERIMENT
-        return add_rms_norm(x, delta, norm.scale[...], eps=norm.eps, router=router, router_block=rb,
+        return add_rms_norm(x, delta, norm.scale[...], eps=norm.eps, router=router,
                             interpret=jax.default_backend() == "cpu")
     if router is not None:
         raise ValueError("router logits from the add + norm need the Pallas norm kernel")
