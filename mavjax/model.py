@@ -69,11 +69,10 @@ def shared_in_moe_kernels(kernels: str, pairs_shape, w_gate_shared, w_gate_route
     """Whether the shared expert rides in the Pallas MoE pair kernels (`moe_fp8_pairs(shared=...)`): the Pallas
     MoE path, "moe_shared" not switched off, the shared expert stored like the routed ones (w_gate [D, F]
     beside [E, D, F], one dtype; over a mesh that means expert=1), and ONE token (pairs_shape = the routing's
-    [N, k], N == 1). Each
-    token's shared row reads the whole shared expert, so N tokens read it N times: on one H200 (one 8-way rank
-    of Maverick, docs/benchmarks.md section 8) riding along made the batch-1 decode step 9% faster (two
-    launches and their split-K reductions saved per MoE layer) but the 4-token verify 7% and the batch-8 step
-    22% slower than the shared expert's own batched launches."""
+    [N, k], N == 1). Each token's shared row reads the whole shared expert, so N tokens read it N times: on one
+    H200 (one 8-way rank of Maverick, docs/benchmarks.md section 8) riding along made the batch-1 decode step
+    9% faster (two launches and their split-K reductions saved per MoE layer) but the 4-token verify 7% and the
+    batch-8 step 22% slower than the shared expert's own batched launches."""
     from pallas_kernels.moe_gemm import PAIRS_MAX
 
     return (use_pallas(kernels, "moe") and use_pallas(kernels, "moe_shared") and pairs_shape[0] == 1
