@@ -421,10 +421,13 @@ class MoE(nnx.Module):
         self.shared = MLP(cfg, F, dtype, rngs, kernels, quant)
 
     def routes_in_kernels(self, n_tokens: int) -> bool:
-        """Whether the Pallas pair kernels route n_tokens tokens themselves (top-1, from the router's logits):
-        where the shared expert rides in them (one token), unless "moe_router" is switched off."""
-        return (self.top_k == 1 and use_pallas(self.kernels, "moe_router")
-                and shared_in_moe_kernels(self.kernels, (n_tokens, 1), self.shared.w_gate, self.w_gate))
+        """Whether the Pallas MoE pair kernels route the n_tokens tokens themselves (top-1, from the router's
+        logits, `moe_fp8_pairs(router_logits=...)`): top-1 routing on moe_fp8's pair path (decode, verify and
+        small batches: at most PAIRS_MAX tokens), unless "moe_router" is switched off."""
+        from pallas_kernels.moe_gemm import PAIRS_MAX
+
+        return (self.top_k == 1 and use_pallas(self.kernels, "moe") and use_pallas(self.kernels, "moe_router")
+                and 1 <= n_tokens <= PAIRS_MAX)
 
     def logits_in_norm(self, n_tokens: int) -> bool:
         """Whether the add + norm kernel before this MoE should compute its router's logits (as partials,
@@ -437,35 +440,35 @@ class MoE(nnx.Module):
         """x [B, T, D] -> [B, T, D]. logits: None, or the router's logits of x as float32 partials [P, B*T, E]
         from the add + norm kernel (only where logits_in_norm)."""
         B, T, D = x.shape
-        flat = x.reshape(B * T, D)
-        if logits is not None and not self.routes_in_kernels(B * T):
+        N = B * T
+        flat = x.reshape(N, D)
+        routes = self.routes_in_kernels(N)
+        if logits is not None and not routes:
             raise ValueError("router logits given to an MoE whose kernels do not route (see logits_in_norm)")
         scales = None if self.w_gate_scale is None else \
             (self.w_gate_scale[...], self.w_up_scale[...], self.w_down_scale[...])
         weights = (self.w_gate[...], self.w_up[...], self.w_down[...])
-        if use_pallas(self.kernels, "moe"):  # one grouped-GEMM launch pair over all experts; unrouted experts not read
-            from pallas_kernels.moe_gemm import moe_fp8, moe_fp8_pairs
-
-            interpret = jax.default_backend() == "cpu"
-            sh = self.shared
-            if shared_in_moe_kernels(self.kernels, (B * T, self.top_k), sh.w_gate, self.w_gate):
-                # decode: the shared expert as one more program row per token of the same two launches
-                val = lambda v: None if v is None else v[...]  # noqa: E731
-                s_sh = None if scales is None else (val(sh.w_gate_scale), val(sh.w_up_scale), val(sh.w_down_scale))
-                shared = (sh.w_gate[...], sh.w_up[...], sh.w_down[...], s_sh)
-                if self.routes_in_kernels(B * T):  # ... which also route the token
-                    lg = router_logits(flat, self.router[...]) if logits is None else logits
-                    out = moe_fp8_pairs(flat, None, None, *weights, scales, shared=shared, interpret=interpret,
-                                        router_logits=lg)
-                else:
-                    out = moe_fp8(flat, *route(flat, self.router[...], self.top_k), *weights, scales,
-                                  shared=shared, interpret=interpret)
-                return out.reshape(B, T, D)
-            idx, scores = route(flat, self.router[...], self.top_k)
-            routed = moe_fp8(flat, idx, scores, *weights, scales, interpret=interpret)
-        else:
+        if not use_pallas(self.kernels, "moe"):
             routed = moe_experts(flat, *route(flat, self.router[...], self.top_k), *weights, scales)
-        return (self.shared(flat) + routed).reshape(B, T, D)
+            return (self.shared(flat) + routed).reshape(B, T, D)
+        # one grouped-GEMM launch pair over all experts; unrouted experts not read
+        from pallas_kernels.moe_gemm import moe_fp8, moe_fp8_pairs
+
+        interpret = jax.default_backend() == "cpu"
+        sh, shared = self.shared, None
+        if shared_in_moe_kernels(self.kernels, (N, self.top_k), sh.w_gate, self.w_gate):
+            # decode: the shared expert as one more program row per token of the same two launches
+            val = lambda v: None if v is None else v[...]  # noqa: E731
+            s_sh = None if scales is None else (val(sh.w_gate_scale), val(sh.w_up_scale), val(sh.w_down_scale))
+            shared = (sh.w_gate[...], sh.w_up[...], sh.w_down[...], s_sh)
+        if routes:  # the pair kernels route each token from the logits: no XLA argmax / sigmoid
+            lg = router_logits(flat, self.router[...]) if logits is None else logits
+            out = moe_fp8_pairs(flat, None, None, *weights, scales, shared=shared, interpret=interpret,
+                                router_logits=lg)
+        else:
+            out = moe_fp8(flat, *route(flat, self.router[...], self.top_k), *weights, scales, shared=shared,
+                          interpret=interpret)
+        return (out if shared is not None else self.shared(flat) + out).reshape(B, T, D)
 
 
 class DecoderLayer(nnx.Module):

@@ -290,8 +290,8 @@ def test_pallas_kernel_families_can_be_switched_off(monkeypatch, off):
     monkeypatch.setenv("MAVJAX_PALLAS_DISABLE", off)
     names, logits = step(nets["pallas"])
     gone = off.split(",")
-    for fam in _FAMILY_KERNELS:  # (the pair kernels route only with the shared expert riding in them)
-        gone_too = (fam in ("moe_router", "norm_router") and ("moe" in gone or "moe_shared" in gone)
+    for fam in _FAMILY_KERNELS:  # (the norm computes the logits only for pair kernels that route)
+        gone_too = (fam in ("moe_router", "norm_router") and "moe" in gone
                     or fam == "norm_router" and ("moe_router" in gone or "norm" in gone))
         assert (count(names, fam) > 0) == (fam not in gone and not gone_too), (fam, off)
     if off == "moe_shared":
@@ -302,29 +302,35 @@ def test_pallas_kernel_families_can_be_switched_off(monkeypatch, off):
         step(nets["pallas"])
 
 
-@pytest.mark.parametrize("B,T", [(2, 1), (1, 4)])
-def test_shared_expert_rides_in_the_moe_kernels_for_one_token_only(B, T):
+@pytest.mark.parametrize("B,T", [(2, 1), (1, 4), (1, 17)])
+def test_moe_kernels_for_several_tokens(B, T):
     """Each token's shared-expert row re-reads the whole shared expert, so with several tokens (batch 2, a
-    4-token verify) the shared expert keeps its own batched launches; the logits equal the XLA path's."""
+    4-token verify) the shared expert keeps its own batched launches; up to PAIRS_MAX tokens the pair kernels
+    still route the tokens themselves from the logits the norm kernel computed, beyond it (17 tokens: the
+    sorted grouped GEMM) XLA routes. The logits equal the XLA path's."""
     import jax.numpy as jnp
 
     from mavjax.kv_cache import KVCache
     from mavjax.quantize import quantize_model
+    from pallas_kernels.moe_gemm import PAIRS_MAX
     from helpers import pallas_call_names
 
     cfg = preset("tiny")
     n_moe = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
     nets = {k: quantize_model(Llama4(cfg, dtype=jnp.float32, rngs=nnx.Rngs(8), kernels=k)) for k in ("xla", "pallas")}
-    tok = jnp.full((B, T), 5, jnp.int32)
+    tok = jnp.asarray(np.random.default_rng(T).integers(3, 500, (B, T)), jnp.int32)
     pos = jnp.broadcast_to(jnp.arange(3, 3 + T, dtype=jnp.int32), (B, T))
 
     def step(net):
         graphdef, state = nnx.split(net)
-        f = lambda st: nnx.merge(graphdef, st)(tok, pos, KVCache.create(cfg, B, 8, jnp.float32),  # noqa: E731
+        f = lambda st: nnx.merge(graphdef, st)(tok, pos, KVCache.create(cfg, B, 32, jnp.float32),  # noqa: E731
                                                write_index=pos[:, 0])[0]
         return pallas_call_names(jax.make_jaxpr(f)(state).jaxpr), f(state)
 
     names, logits = step(nets["pallas"])
-    assert sum(n.startswith(_FAMILY_KERNELS["gate_up"]) for n in names) == cfg.num_hidden_layers  # dense + shared
-    assert sum(n.startswith(_FAMILY_KERNELS["moe"]) for n in names) == n_moe  # routed experts only
+    count = lambda fam: sum(bool(re.match(_FAMILY_KERNELS[fam], n)) for n in names)  # noqa: E731
+    assert count("gate_up") == cfg.num_hidden_layers  # dense + shared
+    assert count("moe") == n_moe  # routed experts only
+    routes = B * T <= PAIRS_MAX
+    assert count("moe_router") == count("norm_router") == (n_moe if routes else 0)
     np.testing.assert_allclose(np.asarray(logits), np.asarray(step(nets["xla"])[1]), rtol=2e-3, atol=2e-3)
