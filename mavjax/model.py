@@ -47,10 +47,10 @@ def _weight(rngs, shape, axes, dtype, std, contract, quant):
 # those as on the XLA path instead, read when a function is traced: to bisect a GPU failure to one family, or
 # to time one family's share of a step, without touching the model code. "moe_shared" is the shared expert
 # riding in the MoE pair kernels at decode; switched off, it runs as its own MLP (gate_up + gemm kernels).
-# "moe_router" is the top-1 routing (argmax, sigmoid) done by those pair kernels from the router's logits;
-# switched off, XLA routes (two more kernels) and the kernels read ids and scores. "norm_router" is the
-# router's logits computed by the add + norm kernel before such an MoE (fused_norm.add_rms_norm(router=...));
-# switched off, XLA's dot computes them (two more kernels).
+# "moe_router" is the top-1 routing (argmax, sigmoid) done by the MoE pair kernels (moe_fp8's path for up to
+# PAIRS_MAX tokens) from the router's logits; switched off, XLA routes (two more kernels) and the kernels read
+# ids and scores. "norm_router" is the router's logits computed by the add + norm kernel before such an MoE
+# (fused_norm.add_rms_norm(router=...)); switched off, XLA's dot computes them (two more kernels).
 PALLAS_OPS = ("gemm", "qkv", "gate_up", "moe", "moe_shared", "moe_router", "norm_router", "attention", "norm")
 
 
