@@ -494,9 +494,11 @@ def rank_slice(a, log=print) -> dict:
     pass_bytes = param_bytes(draft) - fc_bytes  # what each draft pass reads (the embedding: rows only)
 
     plan = []  # (kernels, step, batch, tokens, timer factory); every kernel path reads the same weights
+    # a projected batch size needs its decode step too, whether or not --rank-batch-sizes names it
+    decode_batches = list(dict.fromkeys([*a.rank_batch_sizes, *a.verify_batch_sizes]))
     for kern in kernel_paths:
         m = with_kernels(model, kern)
-        for B in a.rank_batch_sizes:
+        for B in decode_batches:
             plan.append((kern, "decode", B, 1, functools.partial(StepTimer, m, B, 1, C, a.step_iters)))
             if B in a.verify_batch_sizes:
                 plan.append((kern, "verify", B, K + 1, functools.partial(StepTimer, m, B, K + 1, C, a.step_iters)))
@@ -630,9 +632,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="time one rank of an N-GPU (expert=1, tensor=N) deployment of --preset")
     r.add_argument("--rank-kernels", nargs="+", default=None, choices=["xla", "pallas"],
                    help="time each kernel path on the same weights in one run (default: --kernels)")
-    r.add_argument("--rank-batch-sizes", type=int, nargs="+", default=[1, 8])
+    r.add_argument("--rank-batch-sizes", type=int, nargs="+", default=[1, 8],
+                   help="batch sizes at which the decode step is timed")
     r.add_argument("--verify-batch-sizes", type=int, nargs="*", default=[1],
-                   help="batch sizes at which the verify and draft steps are timed and projected")
+                   help="batch sizes at which the verify and draft steps (and the decode step) are timed and "
+                        "projected; none: no draft, no projection")
     r.add_argument("--context", type=int, default=1024, help="KV-cache positions each row attends to")
     r.add_argument("--step-iters", type=int, default=32, help="steps per timed jitted loop")
     r.add_argument("--compile-threads", type=int, default=4, help="step programs compiled in parallel")

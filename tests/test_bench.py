@@ -144,9 +144,11 @@ def test_sweep_max_batch_end_to_end(tmp_path):
 
 
 def test_rank_slice_end_to_end(tmp_path, capsys):
+    """Decode at --rank-batch-sizes, verify + draft at --verify-batch-sizes (default 1) with their decode step
+    too (the projection needs it), the collectives added, the projection's arithmetic."""
     out = tmp_path / "rank.json"
     assert main(["bench", "--random-weights", "--preset", "tiny", "--rank-slice", "2", "--layers", "2",
-                 "--context", "16",
+                 "--context", "16", "--rank-batch-sizes", "8",
                  "--step-iters", "2", "--iters", "1", "--draft-intermediate-size", "64", "--draft-vocab-size", "64",
                  "--copy-bytes", "1000000", "--num-draft-tokens", "3", "--json", str(out)]) == 0
     r = json.loads(out.read_text())
