@@ -257,18 +257,22 @@ def _swiglu(x, w, kernels):
 
 def moe(par: Parallel, ffn, h, residual, norm):
     """MoE layer over the mesh: shared expert + routed experts as one partial sum, then the fused boundary.
-    h, residual [B, T, D]. Routing is computed replicated (the router is small and replicated)."""
-    from mavjax.model import route, shared_in_moe_kernels
+    h, residual [B, T, D]. Routing is computed replicated (the router is small and replicated); with
+    expert=1 every device holds a slice of every expert, so the Pallas pair kernels route the tokens themselves
+    from the replicated logits, as on one device (mavjax.model.MoE.routes_in_kernels)."""
+    from mavjax.model import route, router_logits, shared_in_moe_kernels
 
     B, T, D = h.shape
     flat = h.reshape(B * T, D)
-    idx, scores = route(flat, ffn.router[...], ffn.top_k)  # [N, k]
     E_axis = par.mesh.shape[par.expert_axis]
     exchange = B * T >= par.exchange_min_tokens and E_axis > 1
     N = B * T
+    in_kernels = E_axis == 1 and ffn.w_gate_scale is not None and ffn.routes_in_kernels(N)
+    # (logits [N, E],) for the kernels to route, or XLA's (ids [N, k], scores [N, k])
+    routing = (router_logits(flat, ffn.router[...]),) if in_kernels else route(flat, ffn.router[...], ffn.top_k)
     if exchange:  # each expert shard takes N/E_axis tokens: pad to a multiple (pad rows' outputs are dropped)
         Np = -(-N // E_axis) * E_axis
-        flat, idx, scores = (jnp.pad(a, ((0, Np - N), (0, 0))) for a in (flat, idx, scores))
+        flat, *routing = (jnp.pad(a, ((0, Np - N), (0, 0))) for a in (flat, *routing))
     w, s = _operands(par, gate=ffn.w_gate, up=ffn.w_up, down=ffn.w_down, gate_s=ffn.w_gate_scale,
                      up_s=ffn.w_up_scale, down_s=ffn.w_down_scale, sh_gate=ffn.shared.w_gate,
                      sh_gate_s=ffn.shared.w_gate_scale, sh_up=ffn.shared.w_up, sh_up_s=ffn.shared.w_up_scale,
@@ -276,16 +280,25 @@ def moe(par: Parallel, ffn, h, residual, norm):
     _check_expert_layout(par, s)
     kernels = ffn.shared.kernels
 
-    def body(x, idx, scores, residual, w):
+    def body(x, routing, residual, w):
         sh = {k[3:]: v for k, v in w.items() if k.startswith("sh_")}
         experts = (w["gate"], w["up"], w["down"])
         scales = None if "gate_s" not in w else (w["gate_s"], w["up_s"], w["down_s"])
-        if not exchange and scales is not None and shared_in_moe_kernels(kernels, idx.shape, sh["gate"], experts[0]):
-            # decode with expert=1 (the shared expert's units then split like the routed experts'): it rides
-            # in the Pallas pair kernels, as on one device (mavjax.model.MoE)
-            partial = moe_local(x, idx, scores, *experts, scales, par.expert_axis, kernels,
-                                shared=(sh["gate"], sh["up"], sh["down"], (sh["gate_s"], sh["up_s"], sh["down_s"])))
+        rides = (not exchange and scales is not None
+                 and shared_in_moe_kernels(kernels, (N, ffn.top_k), sh["gate"], experts[0]))
+        # decode with expert=1 (the shared expert's units then split like the routed experts'): it rides in the
+        # Pallas pair kernels, as on one device (mavjax.model.MoE)
+        shared = (sh["gate"], sh["up"], sh["down"], (sh["gate_s"], sh["up_s"], sh["down_s"])) if rides else None
+        if in_kernels:
+            from pallas_kernels.moe_gemm import moe_fp8_pairs
+
+            partial = moe_fp8_pairs(x, None, None, *experts, scales, shared=shared, router_logits=routing[0],
+                                    interpret=jax.default_backend() == "cpu")
+            partial = partial if rides else partial + _swiglu(x, sh, kernels)
+        elif rides:
+            partial = moe_local(x, *routing, *experts, scales, par.expert_axis, kernels, shared=shared)
         else:
+            idx, scores = routing
             shared = _swiglu(x, sh, kernels)  # [N, D] partial
             if exchange and par.exchange == "ragged":
                 routed = moe_exchange_ragged(x, idx, scores, *experts, scales, par.expert_axis, kernels)
@@ -297,7 +310,7 @@ def moe(par: Parallel, ffn, h, residual, norm):
         partial = partial[:N].reshape(B, T, D)
         return allreduce_residual_rmsnorm(partial, residual, w["norm"], norm.eps, par.axes, par.allreduce)
 
-    return par.smap(body, (P(), P(), P(), P(), s), (P(), P()))(flat, idx, scores, residual, w)
+    return par.smap(body, (P(), P(), P(), s), (P(), P()))(flat, tuple(routing), residual, w)
 
 
 def _check_expert_layout(par: Parallel, specs):

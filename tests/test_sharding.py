@@ -165,7 +165,8 @@ def test_pallas_kernels_under_a_mesh(tmp_path):
     greedy tokens), with the kernels running on each device's shard: the split-KV attention sees the device's
     own heads (shard_map, not a GSPMD gather of the cache) and decode's routed experts go through the Pallas
     MoE kernel, with experts split over 2 devices (pairs routed elsewhere) and their units over 4; with experts
-    whole on every device (expert=1, tensor=8) the shared expert's shard rides in the MoE pair kernels."""
+    whole on every device (expert=1, tensor=8) the shared expert's shard rides in the MoE pair kernels, which
+    route the tokens themselves from the router's logits (XLA routes with experts split)."""
     _run(f"""
         import numpy as np, jax, jax.numpy as jnp
         from flax import nnx
@@ -175,7 +176,7 @@ def test_pallas_kernels_under_a_mesh(tmp_path):
         from mavjax.config import preset
         from mavjax.model import Llama4
         from mavjax.checkpoint import save_model
-        seen = {{"heads": set(), "moe": 0, "shared": 0, "sorted": 0}}
+        seen = {{"heads": set(), "moe": 0, "pairs": 0, "shared": 0, "routes": 0, "sorted": 0}}
         att = da.decode_attention
         def spy_att(q, *a, **k):
             seen["heads"].add(q.shape[2])
@@ -184,10 +185,16 @@ def test_pallas_kernels_under_a_mesh(tmp_path):
         moe = mg.moe_fp8
         def spy_moe(*a, **k):
             seen["moe"] += 1
-            seen["shared"] += k.get("shared") is not None
             seen["sorted"] += k.get("method") == "sorted"  # the prefill exchange's received rows
             return moe(*a, **k)
         mg.moe_fp8 = spy_moe
+        pairs = mg.moe_fp8_pairs
+        def spy_pairs(*a, **k):  # (moe_fp8's pair path comes here too)
+            seen["pairs"] += 1
+            seen["shared"] += k.get("shared") is not None
+            seen["routes"] += k.get("router_logits") is not None
+            return pairs(*a, **k)
+        mg.moe_fp8_pairs = spy_pairs
         cfg = preset("tiny", num_attention_heads=8, num_key_value_heads=8, num_local_experts=8)
         save_model(Llama4(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0)), "{tmp_path}/ckpt")
         prompt = np.random.default_rng(0).integers(3, 500, 12).tolist()
@@ -196,16 +203,18 @@ def test_pallas_kernels_under_a_mesh(tmp_path):
         ref = LLM("{tmp_path}/ckpt", **kw)
         want_tokens, want_logits = ref.generate([prompt], sp)[0].token_ids, ref.logits(prompt)
         assert seen["heads"] == {{8}}, seen
-        for mesh in ("expert=2,tensor=4", "expert=1,tensor=8"):  # heads over all 8 devices; experts over 2
-            seen["heads"].clear(); seen["moe"] = seen["shared"] = 0       # (pairs routed elsewhere), or whole
+        # heads over all 8 devices; experts over 2 (pairs routed elsewhere), or whole on every device
+        for mesh in ("expert=2,tensor=4", "expert=1,tensor=8"):
+            seen["heads"].clear(); seen.update(moe=0, pairs=0, shared=0, routes=0)
             llm = LLM("{tmp_path}/ckpt", mesh=mesh, **kw)
             got = llm.logits(prompt)
             rel = np.linalg.norm(got - want_logits) / np.linalg.norm(want_logits)
             assert rel < 1e-3, (mesh, rel)
             assert llm.generate([prompt], sp)[0].token_ids == want_tokens, mesh
             assert seen["heads"] == {{1}}, (mesh, seen)  # 8 heads over 8 devices: one per device
-            assert seen["moe"] > 0, mesh
-            assert (seen["shared"] > 0) == (mesh == "expert=1,tensor=8"), (mesh, seen)
+            whole = mesh == "expert=1,tensor=8"
+            assert seen["pairs"] > 0 and (seen["moe"] > 0 or whole), (mesh, seen)
+            assert (seen["shared"] > 0) == whole and (seen["routes"] > 0) == whole, (mesh, seen)
             if mesh == "expert=2,tensor=4":  # >= 64 tokens: the routed-expert exchange, on the Pallas kernels
                 # (against the same mesh with XLA's exchange: at 70 tokens the dense GEMMs quantize activations
                 # to FP8 per device shard, ~4% from one device on this random model, so compare like with like;
