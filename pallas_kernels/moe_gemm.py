@@ -329,9 +329,9 @@ def _pair_gate_up_kernel(*refs, k, d, f, num_pairs, block_n, block_k, kb_per_spl
                          has_scales, has_shared, logits_dtype, cdt, evict, interpret):
     """Program rows p < num_pairs: (token p // k, its expert idx[p]), input scaled by the router score
     (logits_dtype not None: idx_ref is the router's logits or their partials and sc_ref unused,
-    top1_of_logits). With
-    has_shared, rows p >= num_pairs are the shared expert on token p - num_pairs (score 1): the same loop over
-    the shared weights' refs ([1, D, F], scales [1, F]), so the shared expert costs no launch of its own.
+    top1_of_logits). With has_shared, rows p >= num_pairs are the shared expert on token p - num_pairs (score
+    1): the same loop over the shared weights' refs ([1, D, F], scales [1, F]), so the shared expert costs no
+    launch of its own.
     num_splits == 1: h [rows, F] is the output. Split-K: f32 partials g, u [S, rows, F] (scales applied); with
     finish, the last split of each (row, F block) tile also sums them and stores h [rows, F]
     (counter p * F blocks + n)."""

@@ -160,16 +160,16 @@ def run_one(name, n, M, interpret, small, mesh_devices=0):
         sg, su, sd = (jnp.broadcast_to(s, (E, s.shape[-1])) for s in (sg, su, sd))
         xm = x[:min(M, 16)]  # the pair path's tokens
         logits = (jax.random.normal(next(keys), (xm.shape[0], E), jnp.float32) * 2).astype(bf)
-        out = call(lambda a, lg, *w: moe_fp8_pairs(a, None, None, *w[:3], w[3:], router_logits=lg,
-                                                    interpret=interpret), xm, logits, wg, wu, wd, sg, su, sd)
+        def routed(lg):
+            return call(lambda a, lg, *w: moe_fp8_pairs(a, None, None, *w[:3], w[3:], router_logits=lg,
+                                                         interpret=interpret), xm, lg, wg, wu, wd, sg, su, sd)
+
         idx, sc = route_logits(logits, 1)
         ref = moe_reference(xm, idx, sc, wg, wu, wd, scales=(sg, su, sd))
         # the same logits as float32 partials [P, N, E] (fused_norm.add_rms_norm(router=...)'s form)
         lf = logits.astype(jnp.float32)
         parts = jnp.stack([lf / 2 + 0.5, lf / 4 - 0.5, lf / 4])
-        out2 = call(lambda a, lg, *w: moe_fp8_pairs(a, None, None, *w[:3], w[3:], router_logits=lg,
-                                                     interpret=interpret), xm, parts, wg, wu, wd, sg, su, sd)
-        return max(rel(out, ref), rel(out2, ref))
+        return max(rel(routed(logits), ref), rel(routed(parts), ref))
     if name == "add_norm":
         from pallas_kernels.fused_norm import add_rms_norm, add_rms_norm_ref
 
