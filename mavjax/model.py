@@ -50,8 +50,11 @@ def _weight(rngs, shape, axes, dtype, std, contract, quant):
 # "moe_router" is the top-1 routing (argmax, sigmoid) done by the MoE pair kernels (moe_fp8's path for up to
 # PAIRS_MAX tokens) from the router's logits; switched off, XLA routes (two more kernels) and the kernels read
 # ids and scores. "norm_router" is the router's logits computed by the add + norm kernel before such an MoE
-# (fused_norm.add_rms_norm(router=...)); switched off, XLA's dot computes them (two more kernels).
-PALLAS_OPS = ("gemm", "qkv", "gate_up", "moe", "moe_shared", "moe_router", "norm_router", "attention", "norm")
+# (fused_norm.add_rms_norm(router=...)); switched off, XLA's dot computes them (two more kernels). "mosaic" is
+# the Mosaic GPU kernel (pallas_kernels.mgpu_gemv) for the dense MLPs' gate/up on Hopper at decode, its x
+# widened to float16 by the norm kernel before it (MLP.widen_rows); switched off, Triton's gate/up + SwiGLU.
+PALLAS_OPS = ("gemm", "qkv", "gate_up", "moe", "moe_shared", "moe_router", "norm_router", "attention", "norm",
+              "mosaic")
 
 
 def use_pallas(kernels: str, op: str) -> bool:
@@ -238,11 +241,11 @@ class Attention(nnx.Module):
     def _proj(self, x, w, scale, n_in):
         return dense(x, w[...], None if scale is None else scale[...], n_in, self.kernels)
 
-    def out_add_norm(self, o, x, norm: "RMSNorm", router=None):
+    def out_add_norm(self, o, x, norm: "RMSNorm", router=None, widen_rows=None):
         """(x + wo(o), norm of it) for the attention output o [B, T, H, Dh] (dense_add_norm; with `router`
-        also the MoE router's logit partials)."""
+        also the MoE router's logit partials, with `widen_rows` the norm's float16 form)."""
         return dense_add_norm(o, self.wo[...], None if self.wo_scale is None else self.wo_scale[...], 2, x, norm,
-                              self.kernels, router=router)
+                              self.kernels, router=router, widen_rows=widen_rows)
 
     def _fused_qkv(self, x, positions, rope, cache=None):
         """kernels="pallas", FP8 weights: q, k, v through pallas_kernels.fused_gemm.qkv_rope, with RoPE, the
@@ -281,22 +284,36 @@ class MLP(nnx.Module):
         return swiglu(x, val(self.w_gate), val(self.w_gate_scale), val(self.w_up), val(self.w_up_scale),
                       val(self.w_down), val(self.w_down_scale), self.kernels)
 
-    def down_add_norm(self, x, residual, norm: "RMSNorm"):
-        """(residual + self(x), norm of it): the MLP, the residual add and the next norm (dense_add_norm)."""
+    def widen_rows(self, n_tokens: int):
+        """The rows of x's float16 form (pallas_kernels.mgpu_gemv.padded_rows) that the Mosaic GPU gate/up takes
+        straight from the norm kernel before it (dense_add_norm(widen_rows=...)) where that kernel runs, so
+        that XLA's two widening kernels are not launched; None elsewhere."""
+        if self.w_gate_scale is None or not (use_pallas(self.kernels, "gate_up") and use_pallas(self.kernels, "norm")):
+            return None
+        from pallas_kernels import mgpu_gemv
+
+        D, F = self.w_gate.shape
+        return (mgpu_gemv.padded_rows(n_tokens)
+                if use_pallas(self.kernels, "mosaic") and mgpu_gemv.wanted(None, n_tokens, D, (F, F)) else None)
+
+    def down_add_norm(self, x, residual, norm: "RMSNorm", widened=None):
+        """(residual + self(x), norm of it): the MLP, the residual add and the next norm (dense_add_norm).
+        widened: x's float16 form (widen_rows), or None."""
         val = lambda v: None if v is None else v[...]  # noqa: E731
         h = swiglu_hidden(x, val(self.w_gate), val(self.w_gate_scale), val(self.w_up), val(self.w_up_scale),
-                          self.kernels)  # [..., F]
+                          self.kernels, widened)  # [..., F]
         return dense_add_norm(h, self.w_down[...], val(self.w_down_scale), 1, residual, norm, self.kernels)
 
 
-def swiglu_hidden(x, w_gate, s_gate, w_up, s_up, kernels):
+def swiglu_hidden(x, w_gate, s_gate, w_up, s_up, kernels, widened=None):
     """silu(x @ gate) * (x @ up): x [..., D], w_gate/w_up [D, F] (s_* the FP8 scales, or None) -> [..., F].
-    kernels="pallas" with FP8 weights: gate, up and the SwiGLU in one launch (g and u never leave it)."""
+    kernels="pallas" with FP8 weights: gate and up in one launch (Triton's with the SwiGLU in it, or the Mosaic
+    GPU kernel's, taking x's float16 form `widened` where given: MLP.widen_rows)."""
     if use_pallas(kernels, "gate_up") and s_gate is not None:
         from pallas_kernels.fused_gemm import gate_up_swiglu
 
         h = gate_up_swiglu(x.reshape(-1, x.shape[-1]), w_gate, s_gate, w_up, s_up, out_dtype=x.dtype,
-                           interpret=jax.default_backend() == "cpu")
+                           x_widened=widened, interpret=jax.default_backend() == "cpu")
         return h.reshape(*x.shape[:-1], w_gate.shape[1])
     g = dense(x, w_gate, s_gate, 1, kernels)  # [..., D] x [D, F] -> [..., F]
     u = dense(x, w_up, s_up, 1, kernels)  # [..., D] x [D, F] -> [..., F]
@@ -489,36 +506,38 @@ class DecoderLayer(nnx.Module):
         return x + self.ffn(normed), cache_kv
 
 
-def add_norm(x, delta, norm: RMSNorm, kernels: str, router=None):
+def add_norm(x, delta, norm: RMSNorm, kernels: str, router=None, widen_rows=None):
     """(x + delta, norm(x + delta)): a residual add and the RMSNorm after it; one pass over [B, T, D]
     (pallas_kernels.fused_norm) when kernels="pallas". router [D, E] (Pallas norm only, MoE.logits_in_norm):
-    also the router's logits of the normed rows as the kernel's float32 partials [P, B*T, E]."""
+    also the router's logits of the normed rows as the kernel's float32 partials [P, B*T, E]. widen_rows
+    (Pallas norm only, MLP.widen_rows): also the normed rows' float16 form (yc, rs)."""
     if use_pallas(kernels, "norm"):
         from pallas_kernels.fused_norm import add_rms_norm
 
-        return add_rms_norm(x, delta, norm.scale[...], eps=norm.eps, router=router,
+        return add_rms_norm(x, delta, norm.scale[...], eps=norm.eps, router=router, widen_rows=widen_rows,
                             interpret=jax.default_backend() == "cpu")
-    if router is not None:
-        raise ValueError("router logits from the add + norm need the Pallas norm kernel")
+    if router is not None or widen_rows is not None:
+        raise ValueError("router logits or a widened copy from the add + norm need the Pallas norm kernel")
     x = x + delta
     return x, norm(x)
 
 
-def dense_add_norm(h, w, scale, n_in, x, norm: RMSNorm, kernels: str, router=None):
+def dense_add_norm(h, w, scale, n_in, x, norm: RMSNorm, kernels: str, router=None, widen_rows=None):
     """(x + dense(h), norm of it): an output projection (wo, an MLP's down), the residual add and the next
     RMSNorm. kernels="pallas" with FP8 weights: pallas_kernels.fp8_gemm.fp8_matmul_add_rms_norm, by default
     the FP8 GEMM then the add + norm kernel; with the GEMM family's split-K sums in the kernel
     (MAVJAX_SPLIT_K_REDUCE=gemm=kernel) one launch. h [..., *in] with in = w.shape[:n_in]; x [..., D].
-    router: as add_norm (then always the GEMM and the add + norm kernel, which computes the logits)."""
+    router: as add_norm (then always the GEMM and the add + norm kernel, which computes the logits);
+    widen_rows: as add_norm (then the returns are (s, y, yc, rs))."""
     if scale is not None and use_pallas(kernels, "gemm") and use_pallas(kernels, "norm") and router is None:
         from pallas_kernels.fp8_gemm import fp8_matmul_add_rms_norm
 
         K = int(np.prod(w.shape[:n_in]))
-        s, y = fp8_matmul_add_rms_norm(h.reshape(-1, K), w.reshape(K, -1), scale.reshape(-1),
-                                       x.reshape(-1, x.shape[-1]), norm.scale[...], eps=norm.eps,
-                                       interpret=jax.default_backend() == "cpu")
-        return s.reshape(x.shape), y.reshape(x.shape)
-    return add_norm(x, dense(h, w, scale, n_in, kernels), norm, kernels, router=router)
+        s, y, *widened = fp8_matmul_add_rms_norm(
+            h.reshape(-1, K), w.reshape(K, -1), scale.reshape(-1), x.reshape(-1, x.shape[-1]), norm.scale[...],
+            eps=norm.eps, widen_rows=widen_rows, interpret=jax.default_backend() == "cpu")
+        return (s.reshape(x.shape), y.reshape(x.shape), *widened)
+    return add_norm(x, dense(h, w, scale, n_in, kernels), norm, kernels, router=router, widen_rows=widen_rows)
 
 
 class Llama4(nnx.Module):
@@ -572,13 +591,15 @@ class Llama4(nnx.Module):
             # the router's logits come out of the FFN's norm kernel where the MoE kernels route (decode)
             router = layer.ffn.router[...] if layer.is_moe and layer.ffn.logits_in_norm(h.shape[0] * h.shape[1]) \
                 else None
-            x, h, *logits = layer.attn.out_add_norm(o, x, layer.ffn_norm, router)  # wo, residual add, FFN norm
+            # ... and the dense MLP's Mosaic GPU gate/up takes its x widened to float16 from it
+            widen = None if layer.is_moe else layer.ffn.widen_rows(h.shape[0] * h.shape[1])
+            x, h, *extra = layer.attn.out_add_norm(o, x, layer.ffn_norm, router, widen)  # wo, residual add, FFN norm
             # the layer's last residual add and the next layer's first norm (the final norm after the last)
             nxt = layers[i + 1].attn_norm if i + 1 < len(layers) else self.norm
             if layer.is_moe:
-                x, h = add_norm(x, layer.ffn(h, *logits), nxt, self.kernels)
+                x, h = add_norm(x, layer.ffn(h, *extra), nxt, self.kernels)
             else:
-                x, h = layer.ffn.down_add_norm(h, x, nxt)
+                x, h = layer.ffn.down_add_norm(h, x, nxt, tuple(extra) or None)
             if i in collect_layers:
                 taps[i] = x
         if cache is not None:

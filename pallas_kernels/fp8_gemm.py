@@ -48,7 +48,7 @@ try:  # Pallas' Triton backend: masked loads/stores and compiler params.
 except ImportError:  # pragma: no cover - very old / very new jax without the Triton backend
     plgpu = None
 
-from pallas_kernels import upcast
+from pallas_kernels import mgpu_gemv, upcast
 from pallas_kernels.k_loop import stream_k
 from pallas_kernels.split_k import arrive, counters, default_reduce, load_partial, sum_partials
 
@@ -504,13 +504,13 @@ def default_config(mode, M, N, K, scale_kind="channel", num_sms=NUM_SMS_H100, ti
 
 _MATMUL_STATIC = ("mode", "block_m", "block_n", "block_k", "split_k", "group_m", "num_warps", "num_stages",
                   "out_dtype", "scale_block", "w_transposed", "evict", "swap_ab", "compute_dtype", "reduce",
-                  "interpret", "poison_output")
+                  "mosaic", "interpret", "poison_output")
 
 
 @functools.partial(jax.jit, static_argnames=_MATMUL_STATIC)
 def fp8_matmul(x, w_fp8, w_scale, *, mode="auto", block_m=None, block_n=None, block_k=None, split_k=None,
                group_m=8, num_warps=None, num_stages=None, out_dtype=None, scale_block=(128, 128),
-               w_transposed=False, evict=True, swap_ab=None, compute_dtype=None, reduce=None,
+               w_transposed=False, evict=True, swap_ab=None, compute_dtype=None, reduce=None, mosaic=False,
                interpret=False, poison_output=False):
     """y[..., N] = x[..., K] @ (w_fp8[K, N] dequantized with w_scale), f32 accumulation, cast to out_dtype.
 
@@ -531,23 +531,31 @@ def fp8_matmul(x, w_fp8, w_scale, *, mode="auto", block_m=None, block_n=None, bl
     reduce (weight_only with split_k > 1): "kernel" (the last split of each tile sums the partials:
       pallas_kernels.split_k, one launch) or "xla" (a jnp sum after the kernel: a second launch); None:
       split_k.default_reduce("gemm") (split_k.DEFAULTS: "xla", measured faster).
+    mosaic (weight_only): the Mosaic GPU kernel (pallas_kernels.mgpu_gemv) instead of Triton's: False (the
+      default) - never; True - always (under interpret=True, Pallas' GPU interpreter); None - where
+      `mgpu_gemv.wanted` (up to 16 rows, per-channel scales, on a Hopper GPU) and no Triton tile is given. Not
+      the default: its kernel is faster than Triton's (docs/benchmarks.md section 18) but x's widening to
+      float16 then takes two XLA kernels before it, which cost more than that at the 8-way rank's sizes.
     poison_output: debugging aid; the output buffer starts as NaN (aliased in), so unwritten elements show.
     interpret: run the kernels in the Pallas interpreter (CPU tests).
     """
     return _fp8_matmul(x, w_fp8, w_scale, None, **_kwargs(locals()))
 
 
-@functools.partial(jax.jit, static_argnames=_MATMUL_STATIC + ("eps",))
+@functools.partial(jax.jit, static_argnames=_MATMUL_STATIC + ("eps", "widen_rows"))
 def fp8_matmul_add_rms_norm(x, w_fp8, w_scale, residual, norm_scale, *, eps, mode="auto", block_m=None,
                             block_n=None, block_k=None, split_k=None, group_m=8, num_warps=None, num_stages=None,
                             out_dtype=None, scale_block=(128, 128), w_transposed=False, evict=True, swap_ab=None,
-                            compute_dtype=None, reduce=None, interpret=False, poison_output=False):
+                            compute_dtype=None, reduce=None, mosaic=False, interpret=False, poison_output=False,
+                            widen_rows=None):
     """(s, y): s = residual + (x @ dequant(w_fp8)) rounded to residual's dtype first (the model's residual
     add), y = rms_norm(s) * norm_scale (mavjax.model.rms_norm's arithmetic), what an output projection and
     the next layer's norm compute. residual [..., N] like the output, norm_scale [N]. Weight-only mode with
     reduce="kernel": one launch (the last split of each tile adds the residual; the last tile to finish
     normalizes the rows: pallas_kernels.split_k); otherwise fp8_matmul then fused_norm.add_rms_norm.
-    Other arguments as fp8_matmul; out_dtype is y's (default: residual's)."""
+    widen_rows: also y widened for the Mosaic GPU GEMM that consumes it, (s, y, yc, rs) as
+    add_rms_norm(widen_rows=...) (always the two launches). Other arguments as fp8_matmul; out_dtype is y's
+    (default: residual's)."""
     kw = _kwargs(locals())
     N = w_fp8.shape[0 if w_transposed else 1]
     if residual.shape != (*x.shape[:-1], N):
@@ -555,14 +563,15 @@ def fp8_matmul_add_rms_norm(x, w_fp8, w_scale, residual, norm_scale, *, eps, mod
     if norm_scale.shape != (N,):
         raise ValueError(f"norm_scale must be [{N}], got {norm_scale.shape}")
     M = x.size // x.shape[-1] if x.shape[-1] else 0
-    one_launch = (M > 0 and w_fp8.size > 0 and default_reduce("gemm", reduce) == "kernel"
+    one_launch = (M > 0 and w_fp8.size > 0 and default_reduce("gemm", reduce) == "kernel" and widen_rows is None
                   and (mode == "weight_only" or (mode == "auto" and M <= 64)))
     if not one_launch:  # the GEMM, then the add + norm kernel
         from pallas_kernels.fused_norm import add_rms_norm
 
         y = _fp8_matmul(x, w_fp8, w_scale, None, **dict(kw, out_dtype=residual.dtype))
-        s, yn = add_rms_norm(residual, y, norm_scale, eps=eps, interpret=interpret, poison_output=poison_output)
-        return s, yn.astype(out_dtype or residual.dtype)
+        s, yn, *widened = add_rms_norm(residual, y, norm_scale, eps=eps, widen_rows=widen_rows,
+                                       interpret=interpret, poison_output=poison_output)
+        return (s, yn.astype(out_dtype or residual.dtype), *widened)
     kw["out_dtype"] = out_dtype or residual.dtype
     return _fp8_matmul(x, w_fp8, w_scale, (residual, norm_scale, eps), **kw)
 
@@ -572,7 +581,7 @@ def _kwargs(loc):
 
 
 def _fp8_matmul(x, w_fp8, w_scale, add_norm, *, mode, block_m, block_n, block_k, split_k, group_m, num_warps,
-                num_stages, out_dtype, scale_block, w_transposed, evict, swap_ab, compute_dtype, reduce,
+                num_stages, out_dtype, scale_block, w_transposed, evict, swap_ab, compute_dtype, reduce, mosaic,
                 interpret, poison_output):
     *lead, K = x.shape
     N, Kw = w_fp8.shape if w_transposed else w_fp8.shape[::-1]
@@ -592,6 +601,14 @@ def _fp8_matmul(x, w_fp8, w_scale, add_norm, *, mode, block_m, block_n, block_k,
     reduce = default_reduce("gemm", reduce)
     if M == 0 or N == 0 or K == 0:
         return jnp.zeros((*lead, N), out_dtype)
+
+    # the Mosaic GPU kernel where it applies, unless Triton tiles are asked for (the tuners)
+    triton_tiles = (block_n, block_k, split_k, num_warps, num_stages, compute_dtype) != (None,) * 6
+    if (mode == "weight_only" and add_norm is None
+            and mgpu_gemv.wanted(False if triton_tiles and mosaic is None else mosaic, M, K, (N,), scale_kind)):
+        y = mgpu_gemv.fp8_gemv(x2, w_fp8, w_scale, w_layout="nk" if w_transposed else "kn", out_dtype=out_dtype,
+                               interpret=mgpu_gemv.interpret_params(interpret))
+        return y.reshape(*lead, N)
 
     cfg = default_config(mode, M, N, K, scale_kind)
     block_n = block_n or cfg["block_n"]

@@ -43,7 +43,7 @@ from jax.experimental import pallas as pl
 from pallas_kernels.fp8_gemm import (
     FP8, plgpu, _call, _silu, _exact_upcast, _in_bounds, _load, _mask2, _next_pow2, _store, default_config,
     quantize_activation_per_token, swiglu_of_partials)
-from pallas_kernels import upcast
+from pallas_kernels import mgpu_gemv, upcast
 from pallas_kernels.k_loop import stream_k
 from pallas_kernels.split_k import arrive, counters, default_reduce, sum_partials
 
@@ -269,20 +269,32 @@ _STATIC = ("mode", "block_m", "block_n", "block_k", "split_k", "num_warps", "num
            "compute_dtype", "evict", "interpret", "poison_output", "reduce")
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC)
+@functools.partial(jax.jit, static_argnames=_STATIC + ("mosaic",))
 def gate_up_swiglu(x, wg, sg, wu, su, *, mode="auto", block_m=None, block_n=None, block_k=None, split_k=None,
                    num_warps=None, num_stages=None, out_dtype=None, compute_dtype=None, evict=True,
-                   interpret=False, poison_output=False, reduce=None):
+                   interpret=False, poison_output=False, reduce=None, mosaic=None, x_widened=None):
     """h [M, F] = silu(x @ deq(wg)) * (x @ deq(wu)) in one kernel. x [M, D] (bf16 / f16 / f32), wg, wu [D, F]
     float8_e4m3fn, sg, su [F] float32. Arguments as fp8_gemm.fp8_matmul (mode, blocks, split_k, warps,
     stages, compute_dtype, evict, interpret, poison_output). reduce (split_k > 1): "kernel" - the last split
     of each tile sums the partials and applies SwiGLU; "xla" - a jnp epilogue does (two more launches); None:
-    split_k.default_reduce("gate_up") (split_k.DEFAULTS: "xla", measured faster)."""
+    split_k.default_reduce("gate_up") (split_k.DEFAULTS: "xla", measured faster). mosaic: gate and up through
+    one launch of the Mosaic GPU kernel (pallas_kernels.mgpu_gemv), the SwiGLU in XLA's epilogue of its split-K
+    sums: True - always (interpret=True: Pallas' GPU interpreter); False - never; None (default) - where
+    x_widened is given (x already in that kernel's float16 form, mgpu_gemv.fp8_gemv_multi(widened=...), from
+    fused_norm.add_rms_norm(widen_rows=...)), `mgpu_gemv.wanted` says so and no Triton tile is asked for.
+    Without x_widened XLA's two widening kernels before it cost what its faster kernel saves (section 18)."""
     reduce = default_reduce("gate_up", reduce)
     if wg.shape != wu.shape:
         raise ValueError(f"w_gate {wg.shape} and w_up {wu.shape} must have the same shape")
     out_dtype = jnp.dtype(out_dtype or x.dtype)
     F = wg.shape[1] if wg.ndim == 2 else 0
+    triton_tiles = (block_m, block_n, block_k, split_k, num_warps, num_stages, compute_dtype) != (None,) * 7
+    if (mode in ("auto", "weight_only") and x.ndim == 2 and wg.ndim == 2
+            and mgpu_gemv.wanted(False if (triton_tiles or x_widened is None) and mosaic is None else mosaic,
+                                 x.shape[0], x.shape[1], (F, F), "channel" if sg.shape == su.shape == (F,) else "block")):
+        g, u = mgpu_gemv.fp8_gemv_multi(x, (wg, wu), (sg, su), widened=x_widened, out_dtype=jnp.float32,
+                                        interpret=mgpu_gemv.interpret_params(interpret))  # [M, F] each
+        return (_silu(g) * u).astype(out_dtype)
     c = _setup(x, {"w_gate": wg, "w_up": wu}, {"w_gate": sg, "w_up": su}, mode, F, block_m, block_n, block_k,
                split_k, num_warps, num_stages, compute_dtype, tiles_per_step=2)
     M, K = c["M"], c["K"]

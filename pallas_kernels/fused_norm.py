@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from pallas_kernels import upcast
 from pallas_kernels.fp8_gemm import _compiler_params, _in_bounds, _load, _mask2, _next_pow2, _store
 
 __all__ = ["add_rms_norm_ref", "add_rms_norm", "sum_router_partials"]
@@ -49,7 +50,9 @@ def sum_router_partials(partials, dtype):
     return jnp.sum(partials, axis=0).astype(dtype)
 
 
-def _kernel(x_ref, h_ref, w_ref, s_ref, y_ref, *, m, d, block_m, block_d, eps):
+def _kernel(x_ref, h_ref, w_ref, s_ref, y_ref, *widened, m, d, block_m, block_d, eps):
+    """widened: () or (yc_ref [Mp, D] float16, rs_ref [Mp] float32), y widened as upcast.to_compute does; the
+    grid then covers Mp >= m rows, those past m (masked loads: zeros) written only there."""
     pid = pl.program_id(0)
     m0 = pl.multiple_of(pid * block_m, block_m)
     r_in = _in_bounds(m0, block_m, m)
@@ -64,6 +67,15 @@ def _kernel(x_ref, h_ref, w_ref, s_ref, y_ref, *, m, d, block_m, block_d, eps):
     y = (sf * r[:, None]).astype(s_ref.dtype) * w[None, :]                           # cast before the scale
     _store(s_ref.at[pl.ds(m0, block_m), pl.ds(0, block_d)], s, mask)
     _store(y_ref.at[pl.ds(m0, block_m), pl.ds(0, block_d)], y.astype(y_ref.dtype), mask)
+    if widened:  # the Mosaic GPU GEMM's x (pallas_kernels.mgpu_gemv): no widening kernels of XLA's before it
+        yc_ref, rs_ref = widened
+        mp = yc_ref.shape[0]
+        yw = y.astype(y_ref.dtype).astype(jnp.float32)                               # y as stored
+        mul, rs = upcast._scales(jnp.max(jnp.abs(yw), axis=1))                       # [bm] powers of two
+        w_in = _in_bounds(m0, block_m, mp)
+        _store(yc_ref.at[pl.ds(m0, block_m), pl.ds(0, block_d)], (yw * mul[:, None]).astype(yc_ref.dtype),
+               _mask2(w_in, c_in))
+        _store(rs_ref.at[pl.ds(m0, block_m)], rs, w_in)
 
 
 def _router_kernel(x_ref, h_ref, w_ref, r_ref, s_ref, y_ref, lg_ref, *, m, d, e, block_m, block_d, block_k,
@@ -93,13 +105,16 @@ def _router_kernel(x_ref, h_ref, w_ref, r_ref, s_ref, y_ref, lg_ref, *, m, d, e,
     _store(lg_ref.at[p, rows, pl.ds(0, block_e)], lg, _mask2(r_in, e_in))
 
 
-@functools.partial(jax.jit, static_argnames=("eps", "block_m", "router_block", "num_warps", "interpret",
-                                             "poison_output"))
-def add_rms_norm(x, h, scale, *, eps, router=None, block_m=None, router_block=128, num_warps=None,
-                 interpret=False, poison_output=False):
+@functools.partial(jax.jit, static_argnames=("eps", "block_m", "router_block", "widen_rows", "num_warps",
+                                             "interpret", "poison_output"))
+def add_rms_norm(x, h, scale, *, eps, router=None, block_m=None, router_block=128, widen_rows=None,
+                 num_warps=None, interpret=False, poison_output=False):
     """(x + h, rms_norm(x + h, scale, eps)) in one kernel. x, h [..., D]; scale [D].
     router: None, or a router's weights [D, E]: then (s, y, partials), partials [P, M, E] float32 whose sum
     over P is y @ router for the M = prod(lead) rows (P = ceil(D / router_block); `sum_router_partials`).
+    widen_rows (no router): Mp >= M rows; then (s, y, yc, rs), y widened for a float16 dot as
+    upcast.to_compute does (y = yc[:M] * rs[:M, None] exactly; yc [Mp, D] float16, rs [Mp] float32, rows past
+    M zero): the x of the Mosaic GPU GEMM (mgpu_gemv.fp8_gemv_multi(widened=...)).
     block_m: rows per program (a power of two; default 4, with a router 1). poison_output: outputs start
     as NaN (aliased in), so an element the kernel does not write shows up (tests)."""
     if x.shape != h.shape or x.dtype != h.dtype:
@@ -109,6 +124,8 @@ def add_rms_norm(x, h, scale, *, eps, router=None, block_m=None, router_block=12
         raise ValueError(f"scale must be [{D}], got {scale.shape}")
     if router is not None and (router.ndim != 2 or router.shape[0] != D):
         raise ValueError(f"router must be [D={D}, E], got {router.shape}")
+    if widen_rows is not None and (router is not None or widen_rows < max(1, x.size // max(D, 1))):
+        raise ValueError(f"widen_rows={widen_rows} needs no router and at least the {x.size // max(D, 1)} rows")
     block_m = block_m or (4 if router is None else 1)
     for name, v in (("block_m", block_m), ("router_block", router_block)):
         if v < 1 or v & (v - 1):
@@ -120,9 +137,12 @@ def add_rms_norm(x, h, scale, *, eps, router=None, block_m=None, router_block=12
     block_d = _next_pow2(D)
     out_shape = [jax.ShapeDtypeStruct((M, D), x.dtype), jax.ShapeDtypeStruct((M, D), y_dtype)]
     args = [x2, h2, scale]
-    grid = (pl.cdiv(M, block_m),)
+    grid = (pl.cdiv(M if widen_rows is None else widen_rows, block_m),)
     if router is None:
         kernel = functools.partial(_kernel, m=M, d=D, block_m=block_m, block_d=block_d, eps=float(eps))
+        if widen_rows is not None:
+            out_shape += [jax.ShapeDtypeStruct((widen_rows, D), jnp.float16),
+                          jax.ShapeDtypeStruct((widen_rows,), jnp.float32)]
     else:
         E = router.shape[1]
         grid += (pl.cdiv(D, router_block),)
@@ -130,7 +150,7 @@ def add_rms_norm(x, h, scale, *, eps, router=None, block_m=None, router_block=12
                                    block_k=min(router_block, block_d), block_e=_next_pow2(E), eps=float(eps))
         out_shape.append(jax.ShapeDtypeStruct((grid[1], M, E), jnp.float32))
         args.append(router)
-    if M == 0:  # nothing to launch
+    if M == 0 and widen_rows is None:  # nothing to launch
         return (x, x.astype(y_dtype), *[jnp.zeros(o.shape, o.dtype) for o in out_shape[2:]])
     n_in = len(args)
     aliases = {}
@@ -145,6 +165,7 @@ def add_rms_norm(x, h, scale, *, eps, router=None, block_m=None, router_block=12
         num_warps = 4 if block_m * block_d <= 4096 else 8 if block_m * block_d <= 16384 else 16
     out = pl.pallas_call(kernel, out_shape=tuple(out_shape), grid=grid, input_output_aliases=aliases,
                          interpret=interpret, compiler_params=_compiler_params(num_warps, 1),
-                         name=f"add_rms_norm_m{block_m}_d{block_d}" + ("" if router is None else "_router"))(*args)
+                         name=f"add_rms_norm_m{block_m}_d{block_d}" + ("" if router is None else "_router")
+                         + ("" if widen_rows is None else "_widen"))(*args)
     s, y = out[0].reshape(*lead, D), out[1].reshape(*lead, D)
-    return (s, y) if router is None else (s, y, out[2])
+    return (s, y) if router is None and widen_rows is None else (s, y, *out[2:])

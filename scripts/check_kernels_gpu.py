@@ -22,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 TIMES: dict = {}  # compile / first-run seconds of the last kernel call (printed with the result)
-CHECKS = ["gemm_wo", "gemm_down", "gemm_add_norm", "gate_up", "qkv_rope", "qkv_nope", "qkv_cache", "moe",
+CHECKS = ["gemm_wo", "gemm_down", "gemm_add_norm", "gate_up", "mosaic", "qkv_rope", "qkv_nope", "qkv_cache", "moe",
           "moe_route", "add_norm", "norm_router", "attention", "model"]
 REPEATS = 3  # each kernel runs this many times on the same inputs: a split-K counter a launch left non-zero
 # (pallas_kernels.split_k) would change a later launch's result
@@ -103,6 +103,32 @@ def run_one(name, n, M, interpret, small, mesh_devices=0):
         out = call(lambda a: gate_up_swiglu(a, wg, sg, wu, su, out_dtype=bf, interpret=interpret), x)
         mode = "fp8_fp8" if M > 64 else "weight_only"
         return rel(out, gate_up_swiglu_ref(x, wg, sg, wu, su, mode=mode, out_dtype=jnp.float32))
+    if name == "mosaic":  # the Mosaic GPU GEMM (decode: up to 16 tokens): wo and down, and gate/up from the
+        # norm kernel's widened x, as the model calls it
+        from pallas_kernels.fp8_gemm import fp8_matmul, fp8_matmul_ref
+        from pallas_kernels.fused_gemm import gate_up_swiglu, gate_up_swiglu_ref
+        from pallas_kernels.fused_norm import add_rms_norm
+
+        if M > 16:
+            return 0.0  # not its regime (prefill: Triton's fp8 x fp8 kernels)
+        errs = []
+        for Kin in (H * Dh, cfg.intermediate_size_mlp):
+            xi = jax.random.normal(next(keys), (M, Kin), bf)
+            w, s = w8(Kin, D)
+            out = call(lambda a: fp8_matmul(a, w, s, out_dtype=bf, mosaic=True, interpret=interpret), xi)
+            errs.append(rel(out, fp8_matmul_ref(xi, w, s, out_dtype=jnp.float32)))
+        (wg, sg), (wu, su) = w8(D, cfg.intermediate_size_mlp), w8(D, cfg.intermediate_size_mlp)
+        scale = jnp.ones((D,), bf)
+        h = jax.random.normal(next(keys), (M, D), bf)
+
+        def norm_gate_up(a, b):
+            _, y, *wide = add_rms_norm(a, b, scale, eps=1e-5, widen_rows=-(-M // 8) * 8, interpret=interpret)
+            return y, gate_up_swiglu(y, wg, sg, wu, su, out_dtype=bf, x_widened=tuple(wide), mosaic=True,
+                                     interpret=interpret)
+
+        y, out = call(norm_gate_up, x, h)
+        errs.append(rel(out, gate_up_swiglu_ref(y, wg, sg, wu, su, out_dtype=jnp.float32)))
+        return max(errs)
     if name in ("qkv_rope", "qkv_nope"):
         from mavjax.model import attn_temperature, rope_tables
         from pallas_kernels.fused_gemm import qkv_rope, qkv_rope_ref

@@ -31,12 +31,13 @@ def run_on_8_devices(code: str) -> str:
 
 def pallas_call_names(jaxpr) -> list[str]:
     """The `name` of every pallas_call in a jaxpr (`jax.make_jaxpr(f)(...).jaxpr`), nested calls included,
-    one entry per call site: what a traced step launches, countable per kernel."""
+    one entry per call site: what a traced step launches, countable per kernel. (Mosaic GPU kernels,
+    `plgpu.kernel`, trace to an mpmd_map with a name.)"""
     from jax.extend import core as jcore
 
     out = []
     for e in jaxpr.eqns:
-        if e.primitive.name == "pallas_call":
+        if e.primitive.name in ("pallas_call", "mpmd_map"):
             out.append(str(e.params.get("name")))
         for v in e.params.values():
             for sub in (v if isinstance(v, (list, tuple)) else [v]):

@@ -97,6 +97,38 @@ def test_add_rms_norm_with_router_logits(lead, D, E, router_block, dtype, block_
     assert _err(lg, lg_ref.reshape(M, E)) < (1e-2 if dtype == jnp.bfloat16 else 1e-5)
 
 
+@pytest.mark.parametrize("lead,D,rows,block_m", [((1,), 64, 8, None), ((3,), 100, 8, 2), ((2, 5), 128, 16, None)])
+def test_add_rms_norm_widened_for_the_mosaic_gemm(lead, D, rows, block_m):
+    """widen_rows: the normed rows also in the Mosaic GPU GEMM's float16 form, yc [rows, D] and rs [rows] with
+    y = yc * rs exactly up to f16's rounding of a value bf16 holds exactly (rs powers of two, |yc| < 2^14: no
+    overflow however large the rows); rows past the tokens zero; s and y bit-equal to the plain kernel's. (On
+    the CPU, XLA's excess precision can skip the bf16 rounding of y inside the kernel, so yc may carry a few
+    more bits than y: the bound is f16's 2^-11, not exact equality.)"""
+    from pallas_kernels.upcast import to_compute
+
+    k1, k2, k3 = jax.random.split(jax.random.key(D), 3)
+    x = (3 * jax.random.normal(k1, (*lead, D))).astype(jnp.bfloat16)
+    h = (1e3 * jax.random.normal(k2, (*lead, D))).astype(jnp.bfloat16)
+    scale = (1 + 0.3 * jax.random.normal(k3, (D,))).astype(jnp.bfloat16)
+    s, y, yc, rs = add_rms_norm(x, h, scale, eps=1e-5, widen_rows=rows, block_m=block_m, interpret=True,
+                                poison_output=True)
+    s0, y0 = add_rms_norm(x, h, scale, eps=1e-5, block_m=block_m, interpret=True)
+    _finite(s, y, yc, rs)
+    M = int(np.prod(lead))
+    assert yc.shape == (rows, D) and yc.dtype == jnp.float16 and rs.shape == (rows,) and rs.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(s, np.float32), np.asarray(s0, np.float32))
+    np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(y0, np.float32))
+    want_c, want_s = to_compute(y.reshape(M, D), jnp.float16)
+    np.testing.assert_array_equal(np.asarray(rs[:M]), np.asarray(want_s))
+    back = yc[:M].astype(jnp.float32) * rs[:M, None]
+    np.testing.assert_allclose(np.asarray(back), np.asarray(y.reshape(M, D), np.float32), rtol=2 ** -8, atol=0)
+    assert float(jnp.abs(yc[:M].astype(jnp.float32)).max()) < 2 ** 14
+    assert not np.asarray(yc[M:]).any()
+    with pytest.raises(ValueError, match="widen_rows=2 needs no router and at least"):
+        add_rms_norm(x, h, scale, eps=1e-5, widen_rows=2, interpret=True) if M > 2 else \
+            add_rms_norm(x, h, scale, eps=1e-5, widen_rows=2, router=jnp.ones((D, 4), jnp.bfloat16), interpret=True)
+
+
 def test_add_rms_norm_bad_input():
     x = jnp.ones((2, 8))
     with pytest.raises(ValueError, match="same shape"):

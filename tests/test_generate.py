@@ -265,7 +265,7 @@ def test_pallas_kernel_families_can_be_switched_off(monkeypatch, off):
     from mavjax.quantize import quantize_model
     from helpers import pallas_call_names
 
-    assert set(_FAMILY_KERNELS) | {"moe_shared"} == set(PALLAS_OPS)
+    assert set(_FAMILY_KERNELS) | {"moe_shared", "mosaic"} == set(PALLAS_OPS)  # mosaic: Hopper only, below
     cfg = preset("tiny")
     n_moe = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
     n_dense = cfg.num_hidden_layers - n_moe
@@ -300,6 +300,44 @@ def test_pallas_kernel_families_can_be_switched_off(monkeypatch, off):
     monkeypatch.setenv("MAVJAX_PALLAS_DISABLE", "moe,flash")
     with pytest.raises(ValueError, match="unknown kernel families.*flash"):
         step(nets["pallas"])
+
+
+@pytest.mark.parametrize("off", ["", "mosaic"])
+@pytest.mark.parametrize("T", [1, 4])
+def test_mosaic_gate_up_in_the_model(monkeypatch, off, T):
+    """On a Hopper GPU the dense MLPs' gate/up at decode and verification run the Mosaic GPU kernel
+    (pallas_kernels.mgpu_gemv), its x widened to float16 by the FFN's add + norm kernel (MLP.widen_rows), in
+    place of Triton's fused gate/up + SwiGLU; MAVJAX_PALLAS_DISABLE=mosaic brings Triton's back. Here
+    `on_hopper` is patched and the kernel runs in Pallas' GPU interpreter: the traced step names exactly those
+    kernels, and the logits are the XLA path's."""
+    import jax.numpy as jnp
+
+    from mavjax.kv_cache import KVCache
+    from mavjax.quantize import quantize_model
+    from pallas_kernels import mgpu_gemv
+    from helpers import pallas_call_names
+
+    monkeypatch.setattr(mgpu_gemv, "on_hopper", lambda: True)
+    monkeypatch.setenv("MAVJAX_PALLAS_DISABLE", off)
+    jax.clear_caches()  # the kernels are chosen at trace time
+    cfg = preset("tiny", hidden_size=128, num_attention_heads=8)  # K and N multiples of 64
+    n_dense = sum(not cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
+    nets = {k: quantize_model(Llama4(cfg, dtype=jnp.float32, rngs=nnx.Rngs(8), kernels=k)) for k in ("xla", "pallas")}
+    tok = jnp.asarray(np.random.default_rng(T).integers(3, 500, (1, T)), jnp.int32)
+    pos = jnp.arange(3, 3 + T, dtype=jnp.int32)[None]
+    cache = KVCache.create(cfg, 1, 16, jnp.float32)
+
+    def step(net):  # jitted: run eagerly, the GPU interpreter's callbacks can deadlock with the next op's dispatch
+        graphdef, state = nnx.split(net)
+        f = lambda st: nnx.merge(graphdef, st)(tok, pos, cache, write_index=pos[:, 0])[0]  # noqa: E731
+        return pallas_call_names(jax.make_jaxpr(f)(state).jaxpr), jax.jit(f)(state)
+
+    names, logits = step(nets["pallas"])
+    count = lambda prefix, suffix="": sum(n.startswith(prefix) and n.endswith(suffix) for n in names)  # noqa: E731
+    shared = cfg.num_hidden_layers - n_dense if T > 1 else 0  # several tokens: the shared experts' own gate/up
+    want = (0, n_dense + shared, 0) if off else (n_dense, shared, n_dense)
+    assert (count("mgpu_fp8_gemv"), count("fp8_gate_up_swiglu"), count("add_rms_norm", "_widen")) == want, names
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(step(nets["xla"])[1]), rtol=2e-3, atol=2e-3)
 
 
 @pytest.mark.parametrize("B,T", [(2, 1), (1, 4), (1, 17)])

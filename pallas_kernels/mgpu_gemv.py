@@ -1,0 +1,236 @@
+"""Weight-only FP8 GEMM for decode (M <= 16 tokens) on Hopper through Mosaic GPU (Pallas' `plgpu` backend):
+each program streams its [tile_k, tile_n] FP8 weight tiles by TMA through a multi-stage shared-memory pipeline,
+widens them to float16 in registers and hands them to the tensor cores as the WGMMA's A operand, transposed
+(y^T = w^T x^T: the weight's output channels are the MMA's rows, the tokens, padded to 8 or 16, its columns).
+
+Why beside the Triton kernels (`fp8_gemm`, `fused_gemm`): at decode every Triton weight-streaming kernel paid
+6-13 us above its bytes (docs/benchmarks.md sections 12-16). This one, on one H200 at the 8-way rank's shapes
+(section 18): the down projection's kernel 5.6 against 8.7 us, the fused gate|up 8.1 against 14.7, the full
+5120x16384 one 22.7 against 33.2 (below the copy-bandwidth floor: a read-only stream). TMA issues a whole tile
+per instruction with no address arithmetic, so the pipeline is several tiles deep from the first cycle.
+
+The op (`fp8_gemv`, `fp8_gemv_multi`): x widened to float16 with an exact power of two per row
+(`pallas_kernels.upcast`, as the Triton kernels do, so any bf16 magnitude is safe) and padded to 8 / 16 rows;
+the kernel writes float32 partial sums per K split [S, N, Mp]; XLA sums them, applies the per-channel scales
+and x's row factors, and transposes (one fusion). Several weights sharing x (gate and up) go in one launch.
+`reference` is the plain jnp function.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels import upcast
+
+FP8 = jnp.float8_e4m3fn
+TILE_K = 128  # FP8 values per tile row: one 128-byte swizzle span (64 where K is an odd multiple of 64)
+MAX_ROWS = 16  # the f16 path's rows (upcast.F16_MAX_ROWS); the WGMMA's N (tokens) is 8 or 16
+LARGE_WEIGHT_BYTES = 16 << 20  # from here 128-wide tiles (section 18's sweep)
+
+
+def reference(x, w, scale, out_dtype=None, w_layout="kn"):
+    """y[M, N] = x[M, K] @ (w * scale), w [K, N] (or [N, K] for w_layout "nk"), in float32, cast to out_dtype
+    (x's by default)."""
+    w = w.astype(jnp.float32) if w_layout == "kn" else w.astype(jnp.float32).T  # [K, N]
+    y = jnp.einsum("mk,kn->mn", x.astype(jnp.float32), w * scale.astype(jnp.float32)[None, :])  # [M, N]
+    return y.astype(out_dtype or x.dtype)
+
+
+def on_hopper() -> bool:
+    """Whether the default device is a Hopper GPU (compute capability 9.x: WGMMA and TMA as used here)."""
+    d = jax.devices()[0]
+    return d.platform == "gpu" and str(getattr(d, "compute_capability", "")).startswith("9")
+
+
+def tile_k_for(K) -> int:
+    """The K tile: TILE_K where it divides K, else 64."""
+    return TILE_K if K % TILE_K == 0 else 64
+
+
+def supported(M, K, Ns, scale_kind="channel") -> bool:
+    """Whether `fp8_gemv_multi` takes this problem: at most MAX_ROWS rows, per-output-channel scales, K a
+    multiple of 64 and every N a multiple of 64 (other shapes: the Triton kernels)."""
+    return (0 < M <= MAX_ROWS and scale_kind == "channel" and K > 0 and K % 64 == 0
+            and all(n % 64 == 0 and n for n in Ns))
+
+
+def wanted(mosaic, M, K, Ns, scale_kind="channel") -> bool:
+    """Whether a weight-only FP8 GEMM runs here instead of in Triton. mosaic: False never; True always (a
+    ValueError if `supported` says no); None (the default everywhere) when supported and on a Hopper GPU."""
+    if mosaic is False:
+        return False
+    ok = supported(M, K, Ns, scale_kind)
+    if mosaic and not ok:
+        raise ValueError(f"the Mosaic GPU GEMM takes 1..{MAX_ROWS} rows, per-channel scales, K % 64 == 0 and "
+                         f"N % 64 == 0; got M={M}, K={K}, N={list(Ns)}, {scale_kind} scales")
+    return ok and (bool(mosaic) or on_hopper())
+
+
+def interpret_params(interpret: bool):
+    """The `interpret` value of this module's kernels for a caller's boolean (Pallas' GPU interpreter on a CPU)."""
+    if not interpret:
+        return None
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams  # no public name in JAX 0.10
+
+    return InterpretGPUParams(uninitialized_memory="nan")  # an element never written shows as NaN
+
+
+def default_config(K, Ns, num_sms=132):
+    """tile_n, split_k, stages (section 18's sweep at the 8-way rank's and the full shapes, M = 1 and 8): 128-wide
+    tiles for weights of 16 MB and more, else 64; the largest split of the K tiles that keeps the programs at
+    about three per SM; up to 4 stages."""
+    nbytes = K * sum(Ns)
+    tile_n = 128 if nbytes >= LARGE_WEIGHT_BYTES and all(n % 128 == 0 for n in Ns) else 64
+    tiles, nk = sum(Ns) // tile_n, K // tile_k_for(K)
+    split = max(d for d in range(1, nk + 1) if nk % d == 0 and (d == 1 or tiles * d <= 3.1 * num_sms))
+    return dict(tile_n=tile_n, split_k=split, stages=min(4, nk // split))
+
+
+def _tiled(dtype, row_elems):
+    """Shared-memory tiling + swizzle of a tile whose rows hold row_elems values of dtype (TMA and WGMMA
+    operands: 8 rows by one swizzle span)."""
+    swz = plgpu.find_swizzle(row_elems * jnp.dtype(dtype).itemsize * 8)
+    return (plgpu.TilingTransform((8, swz // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swz))
+
+
+def gemv_partials(xp, ws, *, w_layout="kn", tile_n=64, tile_k=None, split_k=1, stages=4,
+                  compute_dtype=jnp.float16, interpret=None):
+    """xp [Mp, K] in compute_dtype (Mp a multiple of 8, at most 256); ws: float8_e4m3fn weights, each [K, N_i]
+    (w_layout "kn", the model's layout) or [N_i, K] ("nk") -> float32 [split_k, sum N_i, Mp]: split s holds
+    the sum over its K range of w[k, n] * xp[m, k] (no scales), the weights' columns one after another. Each N_i
+    % tile_n == 0, K % (tile_k * split_k) == 0. interpret (an `InterpretGPUParams`: Pallas' GPU interpreter on
+    a CPU, which has no register operands, layouts or transposed refs): the widened tile goes through shared
+    memory and x is handed over transposed, the rest (grid, splits, pipeline) as on the GPU."""
+    ws = tuple(ws)
+    Mp, K = xp.shape
+    tile_k = tile_k or tile_k_for(K)
+    Ns = [w.shape[1] if w_layout == "kn" else w.shape[0] for w in ws]
+    cdt = jnp.dtype(compute_dtype)
+    if xp.dtype != cdt or any(w.dtype != FP8 for w in ws):
+        raise TypeError(f"need {cdt} x and float8_e4m3fn weights, got {xp.dtype} and {[w.dtype for w in ws]}")
+    if any((w.shape[0] if w_layout == "kn" else w.shape[1]) != K for w in ws):
+        raise ValueError(f"x has K={K}, weights {[w.shape for w in ws]} (w_layout={w_layout})")
+    if Mp % 8 or Mp > 256:
+        raise ValueError(f"x's rows must be padded to a multiple of 8 (at most 256), got {Mp}")
+    if any(n % tile_n for n in Ns) or K % (tile_k * split_k):
+        raise ValueError(f"each N {Ns} must divide by tile_n={tile_n} and K={K} by tile_k*split_k="
+                         f"{tile_k * split_k}")
+    k_per = K // tile_k // split_k
+    lane = w_layout == "kn" and interpret is None  # the transposed register load: Lane semantics, own layouts
+    starts = [sum(Ns[:i]) // tile_n for i in range(len(ws) + 1)]  # each weight's first tile in the grid
+
+    def body(x_gmem, *refs):
+        w_gmems, out_gmem = refs[:-1], refs[-1]
+        ni, si = lax.axis_index("n"), lax.axis_index("s")
+
+        def program(w_gmem, nj):  # output tile nj of one weight, K split si
+            def acc_scope(acc_ref, a_smem=None):
+                def step(_, w_smem, x_smem):
+                    if lane:  # [tile_k, tile_n] stored, loaded as its transpose, widened, re-laid for the WGMMA
+                        a = plgpu.load(plgpu.transpose_ref(w_smem, (1, 0)), (),
+                                       layout=plgpu.Layout.WGMMA_TRANSPOSED)
+                        a = plgpu.layout_cast(a.astype(cdt), plgpu.Layout.WGMMA)
+                    elif w_layout == "kn":  # the interpreter: a plain transpose
+                        a = w_smem[...].astype(cdt).T
+                    else:
+                        a = w_smem[...].astype(cdt)  # [tile_n, tile_k]: e4m3 is exact in f16
+                    if interpret is not None:
+                        a_smem[...] = a
+                        plgpu.commit_smem()
+                        a = a_smem
+                    xt = x_smem if interpret is not None else plgpu.transpose_ref(x_smem, (1, 0))
+                    plgpu.wgmma(acc_ref, a, xt)  # += [tile_n, tile_k] @ [tile_k, Mp]
+                    plgpu.wgmma_wait(0)
+
+                w_spec = ((tile_k, tile_n), lambda k: (si * k_per + k, nj)) if w_layout == "kn" else \
+                    ((tile_n, tile_k), lambda k: (nj, si * k_per + k))
+                x_spec = ((tile_k, Mp), lambda k: (si * k_per + k, 0)) if interpret is not None else \
+                    ((Mp, tile_k), lambda k: (0, si * k_per + k))
+                plgpu.emit_pipeline(
+                    step, grid=(k_per,),
+                    in_specs=[plgpu.BlockSpec(*w_spec, transforms=_tiled(FP8, w_spec[0][1]) if lane else ()),
+                              plgpu.BlockSpec(*x_spec, transforms=_tiled(cdt, x_spec[0][1]) if lane else ())],
+                    max_concurrent_steps=stages)(w_gmem, x_gmem)
+                return acc_ref[...]
+
+            if interpret is not None:  # the interpreter keeps register (ACC) and shared-memory scopes apart
+                acc = pl.run_scoped(lambda a_smem: pl.run_scoped(lambda acc_ref: acc_scope(acc_ref, a_smem),
+                                                                 plgpu.ACC((tile_n, Mp))),
+                                    plgpu.SMEM((tile_n, tile_k), cdt))
+            else:
+                acc = pl.run_scoped(acc_scope, plgpu.ACC((tile_n, Mp)))
+
+            @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM((tile_n, Mp), jnp.float32))
+            def _store(o_smem):
+                o_smem[...] = acc
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(o_smem, out_gmem.at[si, pl.ds(ni * tile_n, tile_n)])
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+        if len(ws) == 1:
+            program(w_gmems[0], ni)
+        for i, w_gmem in enumerate(w_gmems if len(ws) > 1 else ()):
+            pl.when((ni >= starts[i]) & (ni < starts[i + 1]))(
+                functools.partial(program, w_gmem, ni - starts[i]))
+
+    sem = plgpu.LoweringSemantics.Lane if lane else plgpu.LoweringSemantics.Warpgroup
+    kern = plgpu.kernel(
+        body, out_type=jax.ShapeDtypeStruct((split_k, sum(Ns), Mp), jnp.float32),
+        grid=(starts[-1], split_k), grid_names=("n", "s"), interpret=interpret,
+        kernel_name=f"mgpu_fp8_gemv_{w_layout}_n{tile_n}_k{tile_k}_s{split_k}_st{stages}",
+        compiler_params=plgpu.CompilerParams(lowering_semantics=sem))
+    return kern(xp.T if interpret is not None else xp, *ws)
+
+
+def padded_rows(M) -> int:
+    """The kernel's x rows for M tokens: the WGMMA's N, a multiple of 8."""
+    return -(-M // 8) * 8
+
+
+@functools.partial(jax.jit, static_argnames=("w_layout", "tile_n", "split_k", "stages", "out_dtype", "interpret"))
+def fp8_gemv_multi(x, ws, scales, *, widened=None, w_layout="kn", tile_n=None, split_k=None, stages=None,
+                   out_dtype=None, interpret=None):
+    """[x @ dequant(w_i, scale_i) for each weight] in one launch: x [M, K] (M <= MAX_ROWS), ws FP8 [K, N_i]
+    (w_layout "kn") or [N_i, K] ("nk"), scales float32 [N_i]. widened: x already in the kernel's form, (xc
+    [padded_rows(M), K] float16, rs [padded_rows(M)] float32) with x = xc[:M] * rs[:M, None] (what
+    fused_norm.add_rms_norm(widen_rows=...) writes): XLA's two widening kernels are not launched. Tiles:
+    `default_config` where not given."""
+    ws, scales = tuple(ws), tuple(scales)
+    M, K = x.shape
+    Ns = [w.shape[1] if w_layout == "kn" else w.shape[0] for w in ws]
+    if [s.shape for s in scales] != [(n,) for n in Ns]:
+        raise ValueError(f"scales {[s.shape for s in scales]} must be [N] per weight, N = {Ns}")
+    if not supported(M, K, Ns):
+        raise ValueError(f"mgpu_gemv takes 1..{MAX_ROWS} rows, K % 64 == 0 and N % 64 == 0; got M={M}, K={K}, "
+                         f"N={Ns}")
+    cfg = default_config(K, Ns)
+    tile_n, split_k, stages = tile_n or cfg["tile_n"], split_k or cfg["split_k"], stages or cfg["stages"]
+    Mp = padded_rows(M)
+    if widened is None:
+        xc, rs = upcast.to_compute(x, jnp.float16)  # x = xc * rs[:, None], exactly
+        xp = jnp.pad(xc, ((0, Mp - M), (0, 0)))  # [Mp, K]
+    else:
+        xp, rs = widened
+        if xp.shape != (Mp, K) or xp.dtype != jnp.float16 or rs.shape != (Mp,):
+            raise ValueError(f"widened must be float16 [{Mp}, {K}] and [{Mp}] for x {x.shape}, got {xp.dtype} "
+                             f"{xp.shape} and {rs.shape}")
+        rs = rs[:M]
+    parts = gemv_partials(xp, ws, w_layout=w_layout, tile_n=tile_n, split_k=split_k, stages=stages,
+                          interpret=interpret)  # [S, sum N, Mp]
+    yt = parts.sum(0)[:, :M] * rs[None, :]  # [sum N, M]
+    outs, at = [], 0
+    for n, s in zip(Ns, scales):
+        outs.append((yt[at:at + n].T * s.astype(jnp.float32)[None, :]).astype(out_dtype or x.dtype))  # [M, N_i]
+        at += n
+    return outs
+
+
+def fp8_gemv(x, w, scale, **kw):
+    """y[M, N] = x[M, K] @ dequant(w, scale[N]): `fp8_gemv_multi` with one weight."""
+    return fp8_gemv_multi(x, (w,), (scale,), **kw)[0]

@@ -1,0 +1,138 @@
+"""The Mosaic GPU weight-only FP8 GEMM (`pallas_kernels.mgpu_gemv`) against the Triton one the model uses
+(`pallas_kernels.fp8_gemm.fp8_matmul`, weight-only, its default tiles) and XLA's bf16 dot, at decode shapes:
+one rank of an 8-way Maverick (the output, down, gate|up and QKV projections) and the full-width ones.
+
+Each variant is checked against `mgpu_gemv.reference` on the GPU, then loop-timed (`mavjax.benchmarking`:
+enough distinct weight copies per loop iteration that L2 serves none, us per call of the whole op, its XLA
+glue included) and the best of each kind profiled once (the op's kernels, us per call). Floor: weight + scale
+bytes over the process's copy bandwidth. Caveat (docs/benchmarks.md section 18): every call of a loop reads
+the same x, so XLA widens x for the Mosaic kernel once per iteration, not per call; compare the Mosaic
+kernel's profiled time, not its op time, with the others.
+
+  python scripts/bench_mgpu_gemv.py --m 1 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from mavjax.benchmarking import DeviceLoop, copy_bandwidth  # noqa: E402
+from pallas_kernels import mgpu_gemv  # noqa: E402
+from pallas_kernels.fp8_gemm import FP8, fp8_matmul  # noqa: E402
+
+NUM_SMS = 132
+# (name, K, N): the rank's projections at 1/8 of Maverick (5120 wide, 40/8 heads of 128, dense MLP 16384), and
+# the full-width ones
+SHAPES = [("o/8", 640, 5120), ("down/8", 2048, 5120), ("gate|up/8", 5120, 4096), ("qkv/8", 5120, 896),
+          ("o", 5120, 5120), ("gate/up half", 5120, 16384)]
+
+
+def mgpu_configs(K, N):
+    """(tile_n, split_k, stages): split-K for about 1, 2 and 4 programs per SM, 3 and 6 stages (at most a
+    split's K steps)."""
+    out = []
+    tk = mgpu_gemv.tile_k_for(K)
+    for tn in (64, 128) if N >= 4096 else (64,):
+        nt, nk = N // tn, K // tk
+        divisors = [d for d in range(1, nk + 1) if nk % d == 0]
+        splits = sorted({max(d for d in divisors if d <= max(1, round(f * NUM_SMS / nt))) for f in (1, 2, 4)})
+        for s in splits:
+            for st in sorted({min(3, nk // s), min(6, nk // s)}):
+                out.append(dict(tile_n=tn, split_k=s, stages=st))
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--m", type=int, nargs="*", default=[1, 8])
+    ap.add_argument("--only", nargs="*", default=None, help="shape name prefixes")
+    ap.add_argument("--unroll-mb", type=float, default=256, help="weight MB streamed per loop iteration")
+    ap.add_argument("--iters", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=12)
+    ap.add_argument("--no-profile", action="store_true")
+    a = ap.parse_args()
+    t0 = time.perf_counter()
+    bw = copy_bandwidth()
+    print(f"{jax.devices()[0].device_kind}: copy {bw / 1e12:.2f} TB/s", flush=True)
+    shapes = [s for s in SHAPES if not a.only or any(s[0].startswith(p) for p in a.only)]
+    jobs = []
+    key = jax.random.key(0)
+    for name, K, N in shapes:
+        U = max(2, min(32, int(a.unroll_mb * 2**20 // (K * N))))
+        ks = jax.random.split(key, U + 2)
+        key = ks[-1]
+        w_nk = [(jax.random.normal(k, (N, K), jnp.bfloat16) * 32).clip(-448, 448).astype(FP8) for k in ks[:U]]
+        w_kn = [w.T for w in w_nk]
+        scale = jax.random.uniform(ks[U], (N,), jnp.float32, 1e-3, 2e-3)
+        w_bf = [(w.astype(jnp.float32) * scale[None, :]).astype(jnp.bfloat16) for w in w_kn]
+        for M in a.m:
+            x = jax.random.normal(jax.random.fold_in(ks[U], M), (M, K), jnp.bfloat16)
+            ref = mgpu_gemv.reference(x, w_kn[0], scale).astype(jnp.float32)
+            base = dict(name=name, K=K, N=N, M=M, U=U, ref=ref, floor_us=(K * N + 4 * N) / bw * 1e6)
+            jobs.append(dict(base, var="triton", fn=lambda x, w, s: fp8_matmul(x, w, s, mode="weight_only"),
+                             args=(x, w_kn, scale)))
+            jobs.append(dict(base, var="xla bf16", fn=lambda x, w, s: jnp.dot(x, w), args=(x, w_bf, scale)))
+            cfgs = mgpu_configs(K, N)
+            # the model's [K, N] weights (transposed register loads), every config; [N, K] at two of them
+            for layout, ws, cs in (("kn", w_kn, cfgs), ("nk", w_nk, [c for c in cfgs if c["stages"] > 3][:2])):
+                for cfg in cs:
+                    jobs.append(dict(base, var=f"mgpu-{layout} " + " ".join(f"{k}={v}" for k, v in cfg.items()),
+                                     fn=lambda x, w, s, _c=cfg, _l=layout: mgpu_gemv.fp8_gemv(x, w, s, w_layout=_l,
+                                                                                            **_c),
+                                     args=(x, ws, scale)))
+
+    def build(job):
+        fn, (x, ws, s) = job["fn"], job["args"]
+        try:
+            y = jax.jit(fn)(x, ws[0], s).astype(jnp.float32)
+            job["err"] = float(jnp.linalg.norm(y - job["ref"]) / jnp.linalg.norm(job["ref"]))
+        except Exception as e:  # noqa: BLE001 - reported in the table
+            job["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            return job
+        loop = DeviceLoop(lambda x, ws, s: [fn(x, w, s) for w in ws], (x, ws, s), a.iters, calls_per_iter=len(ws))
+        job["loop"] = loop.compile()
+        return job
+
+    print(f"{len(jobs)} variants", flush=True)
+    with cf.ThreadPoolExecutor(a.threads) as pool:
+        jobs = list(pool.map(build, jobs))
+    print(f"built in {time.perf_counter() - t0:.0f} s", flush=True)
+
+    print(f"\n{'shape':13s} {'M':>2s} {'floor':>6s} {'op us':>7s} {'xfloor':>6s} {'err':>8s}  variant")
+    best = {}
+    for j in jobs:
+        loop = j.get("loop")
+        if loop is None or loop.error:
+            print(f"{j['name']:13s} {j['M']:2d}  {j['var']}: {j.get('error') or loop.error}")
+            continue
+        j["us"] = loop.time(5) * 1e6
+        print(f"{j['name']:13s} {j['M']:2d} {j['floor_us']:6.2f} {j['us']:7.2f} {j['us'] / j['floor_us']:6.2f} "
+              f"{j['err']:8.1e}  {j['var']}", flush=True)
+        k = (j["name"], j["M"], j["var"].split()[0])
+        if k not in best or j["us"] < best[k]["us"]:
+            best[k] = j
+    if a.no_profile:
+        return
+    from mavjax.profiling import profile_kernels
+
+    print("\nprofiles (the best variant of each kind per shape): the op's kernels, us per call")
+    for (name, M, kind), j in best.items():
+        loop = j["loop"]
+        p = profile_kernels(lambda: loop.time(1), steps=2 * loop.calls)
+        ks = ", ".join(f"{r['name'][:40]} {r['us_per_step'] / max(r['per_step'], 1e-9):.2f}" for r in p["rows"][:4])
+        print(f"{name:13s} {M:2d} {kind:8s} {j['us']:7.2f} us, {p['kernels_per_step']:.1f} kernels: {ks}",
+              flush=True)
+    print(f"done in {time.perf_counter() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""The Mosaic GPU weight-only FP8 GEMM (pallas_kernels/mgpu_gemv.py) under Pallas' GPU interpreter, against its
+jnp reference, and its place in fp8_matmul / gate_up_swiglu and the model.
+
+Error bound (||out - ref|| / ||ref||, ref = dequantize then float32 matmul): e4m3 -> f16 is exact, x is scaled
+into f16 by an exact power of two per row (bf16's 8 significant bits fit f16's 11), and the products accumulate
+in f32, so the kernel computes the reference's function up to f32 summation order plus the final cast: 1e-5 with
+a float32 output, 1e-2 with bf16 (the cast's <= 2^-9 per element). The interpreter fills every buffer with NaN
+first, so an output element the kernel never writes fails the isfinite check. The interpreter runs the grid, the
+K splits and the TMA pipeline as the GPU does but has no register operands, layouts or transposed refs, so the
+GPU's own form of the loads is checked by lowering it for CUDA (test_lowers_for_the_gpu) and on the GPU by
+scripts/check_kernels_gpu.py.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import mgpu_gemv
+from pallas_kernels.fp8_gemm import FP8, fp8_matmul, fp8_matmul_ref, quantize_weight_per_channel
+
+INTERP = mgpu_gemv.interpret_params(True)
+
+
+def _err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def _weights(seed, K, Ns):
+    out = []
+    for i, n in enumerate(Ns):
+        kw, ko = jax.random.split(jax.random.key(seed * 31 + i))
+        w = jax.random.normal(kw, (K, n)) * 10.0 ** jax.random.uniform(ko, (1, n), minval=-3, maxval=-1)
+        out.append(quantize_weight_per_channel(w))
+    return out
+
+
+@pytest.mark.parametrize("w_layout", ["kn", "nk"])
+@pytest.mark.parametrize("M,K,Ns,cfg,scale_x", [  # scale_x: bf16 magnitudes f16 holds only with the row scaling
+    (1, 128, (64,), {}, 1.0),
+    (3, 512, (128, 192), dict(tile_n=64, split_k=2, stages=2), 3e4),  # two weights, one launch; 2 splits of 2
+    (16, 192, (64,), dict(split_k=3, stages=1), 1e-30),  # K = 3 x 64: the 64-deep tile, one step per split
+    (9, 384, (256,), dict(tile_n=128, split_k=1, stages=4), 1.0),  # rows padded to 16; 3 steps, 4-deep pipeline
+])
+def test_fp8_gemv_matches_reference(w_layout, M, K, Ns, cfg, scale_x):
+    x = (jax.random.normal(jax.random.key(M), (M, K)) * scale_x).astype(jnp.bfloat16)
+    x = x.at[0].multiply(7.0)  # rows of different magnitudes
+    ws = _weights(M + K, K, Ns)
+    args = [w if w_layout == "kn" else w.T for w, _ in ws], [s for _, s in ws]
+    outs = mgpu_gemv.fp8_gemv_multi(x, *args, w_layout=w_layout, out_dtype=jnp.float32, interpret=INTERP, **cfg)
+    for y, (w, s) in zip(outs, ws):
+        ref = mgpu_gemv.reference(x, w, s, out_dtype=jnp.float32)
+        assert y.shape == ref.shape and bool(jnp.isfinite(y).all())
+        assert _err(y, ref) < 1e-5, _err(y, ref)
+        np.testing.assert_allclose(np.asarray(ref), np.asarray(fp8_matmul_ref(x, w, s, out_dtype=jnp.float32)),
+                                   rtol=1e-5, atol=1e-30)  # the two references agree
+    y = mgpu_gemv.fp8_gemv(x, *(a[0] for a in args), w_layout=w_layout, interpret=INTERP)  # bf16 out
+    assert y.dtype == jnp.bfloat16 and _err(y, mgpu_gemv.reference(x, *ws[0])) < 1e-2
+
+
+def test_default_config_rule():
+    """Section 18's sweep: 128-wide tiles from 16 MB, the K split for about three programs per SM, <= 4 stages."""
+    assert mgpu_gemv.default_config(640, [5120]) == dict(tile_n=64, split_k=5, stages=1)  # o, 8-way
+    assert mgpu_gemv.default_config(2048, [5120]) == dict(tile_n=64, split_k=4, stages=4)  # down, 8-way
+    assert mgpu_gemv.default_config(5120, [16384]) == dict(tile_n=128, split_k=2, stages=4)  # full gate
+    for K, Ns in [(640, [5120]), (5120, [2048, 2048]), (5120, [896]), (192, [64]), (64, [128, 64])]:
+        c = mgpu_gemv.default_config(K, Ns)
+        assert all(n % c["tile_n"] == 0 for n in Ns) and (K // mgpu_gemv.tile_k_for(K)) % c["split_k"] == 0
+        assert 1 <= c["stages"] <= 4
+
+
+def test_bad_input():
+    x = jnp.ones((2, 128), jnp.bfloat16)
+    (w, s), = _weights(0, 128, (64,))
+    with pytest.raises(ValueError, match="1..16 rows"):
+        mgpu_gemv.fp8_gemv(jnp.ones((17, 128), jnp.bfloat16), w, s, interpret=INTERP)
+    with pytest.raises(ValueError, match="K % 64"):
+        mgpu_gemv.fp8_gemv(jnp.ones((2, 96), jnp.bfloat16), w[:96], s, interpret=INTERP)
+    with pytest.raises(ValueError, match=r"scales .* must be \[N\]"):
+        mgpu_gemv.fp8_gemv(x, w, s[:32], interpret=INTERP)
+    with pytest.raises(TypeError, match="float8_e4m3fn"):
+        mgpu_gemv.gemv_partials(jnp.ones((8, 128), jnp.float16), [w.astype(jnp.bfloat16)], interpret=INTERP)
+    with pytest.raises(ValueError, match="tile_n"):
+        mgpu_gemv.gemv_partials(jnp.ones((8, 128), jnp.float16), [w], tile_n=128, interpret=INTERP)
+    with pytest.raises(ValueError, match="padded to a multiple of 8"):
+        mgpu_gemv.gemv_partials(jnp.ones((3, 128), jnp.float16), [w], interpret=INTERP)
+
+
+@pytest.mark.parametrize("w_layout,K,Ns", [("kn", 5120, (2048, 2048)), ("kn", 640, (5120,)), ("nk", 192, (128,)),
+                                          ("kn", 192, (64,))])
+def test_lowers_for_the_gpu(w_layout, K, Ns):
+    """The GPU form (register operands, the transposed FP8 load and its layout change, swizzled TMA tiles) is
+    lowered to Mosaic GPU for CUDA here on the CPU: a layout or tiling Mosaic rejects fails this test."""
+    x = jnp.ones((8, K), jnp.bfloat16)
+    ws = [jnp.zeros((K, n) if w_layout == "kn" else (n, K), FP8) for n in Ns]
+    ss = [jnp.ones((n,), jnp.float32) for n in Ns]
+    f = jax.jit(functools.partial(mgpu_gemv.fp8_gemv_multi, w_layout=w_layout))
+    text = f.trace(x, ws, ss).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
+
+
+def test_dispatch_from_fp8_matmul_and_gate_up(monkeypatch):
+    """fp8_matmul and gate_up_swiglu take the Mosaic GPU kernel where asked: mosaic=True always (the interpreter
+    here); None where `wanted` (on a Hopper GPU), without Triton tiles, and for gate_up_swiglu only with x
+    already widened (x_widened, what the norm kernel gives the model's dense MLPs); False, fp8_matmul's default,
+    never. An unsupported problem with mosaic=True is an error."""
+    from pallas_kernels.fused_gemm import gate_up_swiglu, gate_up_swiglu_ref
+    from pallas_kernels.upcast import to_compute
+    from helpers import pallas_call_names
+
+    x = jax.random.normal(jax.random.key(1), (2, 128)).astype(jnp.bfloat16)
+    (w, s), (wu, su) = _weights(3, 128, (128, 128))
+    xc, rs = to_compute(x, jnp.float16)
+    wide = (jnp.pad(xc, ((0, 6), (0, 0))), jnp.pad(rs, (0, 6), constant_values=1.0))  # 8 rows
+
+    def names(f):
+        return pallas_call_names(jax.make_jaxpr(f)(x).jaxpr)
+
+    y = fp8_matmul(x, w, s, mosaic=True, interpret=True)
+    assert _err(y, fp8_matmul_ref(x, w, s)) < 1e-2
+    assert _err(fp8_matmul(x, w.T, s, w_transposed=True, mosaic=True, interpret=True), fp8_matmul_ref(x, w, s)) < 1e-2
+    ref = gate_up_swiglu_ref(x, w, s, wu, su)
+    assert _err(gate_up_swiglu(x, w, s, wu, su, mosaic=True, interpret=True), ref) < 1e-2
+    assert _err(gate_up_swiglu(x, w, s, wu, su, mosaic=True, x_widened=wide, interpret=True), ref) < 1e-2
+    gemm = lambda a, **k: fp8_matmul(a, w, s, interpret=True, **k)  # noqa: E731
+    gate_up = lambda a, **k: gate_up_swiglu(a, w, s, wu, su, interpret=True, **k)  # noqa: E731
+    assert names(lambda a: gemm(a, mosaic=None))[0].startswith("fp8_weight_only")  # a CPU: Triton's
+    assert names(lambda a: gate_up(a, x_widened=wide))[0].startswith("fp8_gate_up_swiglu")
+    monkeypatch.setattr(mgpu_gemv, "on_hopper", lambda: True)
+    jax.clear_caches()  # the choice is made at trace time
+    assert names(lambda a: gemm(a, mosaic=None))[0].startswith("mgpu_fp8_gemv")
+    assert names(gemm)[0].startswith("fp8_weight_only")  # fp8_matmul's default: Triton's
+    assert names(lambda a: gemm(a, mosaic=None, block_n=32))[0].startswith("fp8_weight_only")  # a tuner's tiles
+    assert names(lambda a: gemm(jnp.ones((32, 128), jnp.bfloat16), mosaic=None))[0].startswith("fp8_weight_only")
+    assert names(lambda a: gate_up(a, x_widened=wide))[0].startswith("mgpu_fp8_gemv")
+    assert names(gate_up)[0].startswith("fp8_gate_up_swiglu")  # not widened: Triton's
+    with pytest.raises(ValueError, match="Mosaic GPU GEMM takes"):
+        fp8_matmul(jnp.ones((32, 128), jnp.bfloat16), w, s, mode="weight_only", mosaic=True, interpret=True)
+    with pytest.raises(ValueError, match="widened must be float16"):
+        gate_up_swiglu(x, w, s, wu, su, x_widened=(wide[0][:4], wide[1]), interpret=True)
