@@ -13,7 +13,10 @@ The op (`fp8_gemv`, `fp8_gemv_multi`): x widened to float16 with an exact power 
 (`pallas_kernels.upcast`, as the Triton kernels do, so any bf16 magnitude is safe) and padded to 8 / 16 rows;
 the kernel writes float32 partial sums per K split [S, N, Mp]; XLA sums them, applies the per-channel scales
 and x's row factors, and transposes (one fusion). Several weights sharing x (gate and up) go in one launch.
-`reference` is the plain jnp function.
+x may come widened already (`widened=`): widening it in XLA costs two small kernels, which ate the kernel's gain
+on the output and down projections, so the model uses it for the dense MLPs' gate/up, whose x the add + norm
+kernel before it writes widened (fused_norm.add_rms_norm(widen_rows=...), section 18). `reference` is the plain
+jnp function.
 """
 
 from __future__ import annotations
@@ -24,7 +27,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import mosaic_gpu as plgpu
+
+try:  # Pallas' Mosaic GPU backend
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+except ImportError:  # pragma: no cover - a jax without it: `supported` says no, Triton's kernels run
+    plgpu = None
 
 from pallas_kernels import upcast
 
@@ -56,13 +63,13 @@ def tile_k_for(K) -> int:
 def supported(M, K, Ns, scale_kind="channel") -> bool:
     """Whether `fp8_gemv_multi` takes this problem: at most MAX_ROWS rows, per-output-channel scales, K a
     multiple of 64 and every N a multiple of 64 (other shapes: the Triton kernels)."""
-    return (0 < M <= MAX_ROWS and scale_kind == "channel" and K > 0 and K % 64 == 0
+    return (plgpu is not None and 0 < M <= MAX_ROWS and scale_kind == "channel" and K > 0 and K % 64 == 0
             and all(n % 64 == 0 and n for n in Ns))
 
 
 def wanted(mosaic, M, K, Ns, scale_kind="channel") -> bool:
     """Whether a weight-only FP8 GEMM runs here instead of in Triton. mosaic: False never; True always (a
-    ValueError if `supported` says no); None (the default everywhere) when supported and on a Hopper GPU."""
+    ValueError if `supported` says no); None when supported and on a Hopper GPU."""
     if mosaic is False:
         return False
     ok = supported(M, K, Ns, scale_kind)
@@ -101,7 +108,8 @@ def _tiled(dtype, row_elems):
 
 def gemv_partials(xp, ws, *, w_layout="kn", tile_n=64, tile_k=None, split_k=1, stages=4,
                   compute_dtype=jnp.float16, interpret=None):
-    """xp [Mp, K] in compute_dtype (Mp a multiple of 8, at most 256); ws: float8_e4m3fn weights, each [K, N_i]
+    """xp [Mp, K] in compute_dtype (float16: Hopper converts e4m3 to f16 only; Mp a multiple of 8, at most 256);
+    ws: float8_e4m3fn weights, each [K, N_i]
     (w_layout "kn", the model's layout) or [N_i, K] ("nk") -> float32 [split_k, sum N_i, Mp]: split s holds
     the sum over its K range of w[k, n] * xp[m, k] (no scales), the weights' columns one after another. Each N_i
     % tile_n == 0, K % (tile_k * split_k) == 0. interpret (an `InterpretGPUParams`: Pallas' GPU interpreter on
