@@ -55,6 +55,7 @@ from pallas_kernels.decode_attention import decode_attention, decode_attention_r
 from pallas_kernels.fp8_gemm import fp8_matmul  # noqa: E402
 from pallas_kernels.fused_gemm import gate_up_swiglu, gate_up_swiglu_ref, qkv_rope, qkv_rope_ref  # noqa: E402
 from pallas_kernels.fused_norm import add_rms_norm, add_rms_norm_ref  # noqa: E402
+from pallas_kernels import mgpu_gemv  # noqa: E402
 
 T0 = time.perf_counter()
 FP8 = jnp.float8_e4m3fn
@@ -314,6 +315,11 @@ def gemm_rows(run, plan, shapes, Ms, prefill, num_sms, key, tuned, ok):
                 cells["pallas_us"] = bgemm.Cell(bgemm.pallas_op("weight_only", best), X[M], W)
             if best_kn is not None and best_kn is not best:
                 cells["pallas_kn_us"] = bgemm.Cell(bgemm.pallas_op("weight_only", best_kn), X[M], W)
+            if not INTERPRET and mgpu_gemv.supported(M, K, (N,)) and mgpu_gemv.on_hopper():
+                # the Mosaic GPU kernel (section 18) on the [K, N] layout; every call of a cell's loop reads the
+                # same x, so XLA widens x once per iteration: the time of x arriving widened (the model's gate/up)
+                cells["mosaic_us"] = bgemm.Cell(
+                    (lambda x, wq, s: fp8_matmul(x, wq, s, mode="weight_only", mosaic=True), ("kn", "s")), X[M], W)
             for b in ("bf16", "upcast", "fp8"):
                 cells[f"xla_{b}_us"] = bgemm.Cell(bgemm.XLA_OPS[b], X[M], W)
             row.update(time_cells(run, cells))
@@ -593,13 +599,15 @@ def print_tables(run, res):
     print("\nFP8 GEMM (x = XLA time / Pallas time; floor = weight+scale+activation bytes / copy bw; prefill: "
           "xfloor = FP8 datasheet peak / achieved)")
     print(f"{'shape':26s} {'M':>5s} {'cfg':>24s} {'us':>7s} {'TB/s':>5s} {'TF/s':>5s} {'xfloor':>6s} {'kn us':>7s} "
-          f"{'x.bf16':>6s} {'x.upc':>6s} {'x.fp8':>6s}")
+          f"{'x.bf16':>6s} {'x.upc':>6s} {'x.fp8':>6s} {'mgpu us':>7s} {'mgpu xfl':>8s} {'mgpu x.bf16':>11s}")
     for r in run.rows["gemm"]:
         x = ratios(r)
         print(f"{r['shape'][:26]:26s} {r['M']:5d} {r['cfg'][:24]:>24s} {f(r.get('pallas_us'), 7)} "
               f"{f(r.get('TBps'), 5, 2)} {f(r.get('TFLOPs'), 5, 0)} {f(r.get('xfloor'), 6, 2)} "
               f"{f(r.get('pallas_kn_us'), 7)} {f(x.get('xla_bf16'), 6, 2)} {f(x.get('xla_upcast'), 6, 2)} "
-              f"{f(x.get('xla_fp8'), 6, 2)}")
+              f"{f(x.get('xla_fp8'), 6, 2)} {f(r.get('mosaic_us'), 7)} "
+              f"{f(r.get('mosaic_us') and r['mosaic_us'] / r['floor_us'], 8, 2)} "
+              f"{f(ratios(r, 'mosaic_us').get('xla_bf16'), 11, 2)}")
     print("\nsplit-KV decode attention (TB/s over the visible K/V bytes; x = other time / ours)")
     print(f"{'kv':>4s} {'B':>2s} {'H':>2s} {'K':>2s} {'S':>6s} {'T':>2s} {'chunk':>5s} {'us':>8s} {'TB/s':>5s} "
           f"{'%copy':>5s} {'x.xla':>6s} {'x.jax':>6s} {'err':>7s}")
