@@ -604,8 +604,8 @@ def _fp8_matmul(x, w_fp8, w_scale, add_norm, *, mode, block_m, block_n, block_k,
 
     # the Mosaic GPU kernel where it applies, unless Triton tiles are asked for (the tuners)
     triton_tiles = (block_n, block_k, split_k, num_warps, num_stages, compute_dtype) != (None,) * 6
-    if (mode == "weight_only" and add_norm is None
-            and mgpu_gemv.wanted(False if triton_tiles and mosaic is None else mosaic, M, K, (N,), scale_kind)):
+    if mode == "weight_only" and add_norm is None and mgpu_gemv.wanted(mosaic, M, K, (N,), scale_kind,
+                                                                        auto=not triton_tiles):
         y = mgpu_gemv.fp8_gemv(x2, w_fp8, w_scale, w_layout="nk" if w_transposed else "kn", out_dtype=out_dtype,
                                interpret=mgpu_gemv.interpret_params(interpret))
         return y.reshape(*lead, N)

@@ -290,8 +290,9 @@ def gate_up_swiglu(x, wg, sg, wu, su, *, mode="auto", block_m=None, block_n=None
     F = wg.shape[1] if wg.ndim == 2 else 0
     triton_tiles = (block_m, block_n, block_k, split_k, num_warps, num_stages, compute_dtype) != (None,) * 7
     if (mode in ("auto", "weight_only") and x.ndim == 2 and wg.ndim == 2
-            and mgpu_gemv.wanted(False if (triton_tiles or x_widened is None) and mosaic is None else mosaic,
-                                 x.shape[0], x.shape[1], (F, F), "channel" if sg.shape == su.shape == (F,) else "block")):
+            and mgpu_gemv.wanted(mosaic, x.shape[0], x.shape[1], (F, F),
+                                 "channel" if sg.shape == su.shape == (F,) else "block",
+                                 auto=not triton_tiles and x_widened is not None)):
         g, u = mgpu_gemv.fp8_gemv_multi(x, (wg, wu), (sg, su), widened=x_widened, out_dtype=jnp.float32,
                                         interpret=mgpu_gemv.interpret_params(interpret))  # [M, F] each
         return (_silu(g) * u).astype(out_dtype)

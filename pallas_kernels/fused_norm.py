@@ -70,10 +70,10 @@ def _kernel(x_ref, h_ref, w_ref, s_ref, y_ref, *widened, m, d, block_m, block_d,
     if widened:  # the Mosaic GPU GEMM's x (pallas_kernels.mgpu_gemv): no widening kernels of XLA's before it
         yc_ref, rs_ref = widened
         mp = yc_ref.shape[0]
-        yw = y.astype(y_ref.dtype).astype(jnp.float32)                               # y as stored
-        mul, rs = upcast._scales(jnp.max(jnp.abs(yw), axis=1))                       # [bm] powers of two
+        yw = y.astype(y_ref.dtype)                                                   # y as stored
+        mul, rs = upcast.row_scales_of([yw], yc_ref.dtype)                           # [bm] powers of two
         w_in = _in_bounds(m0, block_m, mp)
-        _store(yc_ref.at[pl.ds(m0, block_m), pl.ds(0, block_d)], (yw * mul[:, None]).astype(yc_ref.dtype),
+        _store(yc_ref.at[pl.ds(m0, block_m), pl.ds(0, block_d)], upcast.scaled(yw, mul, yc_ref.dtype),
                _mask2(w_in, c_in))
         _store(rs_ref.at[pl.ds(m0, block_m)], rs, w_in)
 

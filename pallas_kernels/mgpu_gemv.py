@@ -67,10 +67,11 @@ def supported(M, K, Ns, scale_kind="channel") -> bool:
             and all(n % 64 == 0 and n for n in Ns))
 
 
-def wanted(mosaic, M, K, Ns, scale_kind="channel") -> bool:
+def wanted(mosaic, M, K, Ns, scale_kind="channel", auto=True) -> bool:
     """Whether a weight-only FP8 GEMM runs here instead of in Triton. mosaic: False never; True always (a
-    ValueError if `supported` says no); None when supported and on a Hopper GPU."""
-    if mosaic is False:
+    ValueError if `supported` says no); None when `auto` (the caller's own condition: no Triton tiles asked
+    for, x already widened...), supported and on a Hopper GPU."""
+    if mosaic is False or (mosaic is None and not auto):
         return False
     ok = supported(M, K, Ns, scale_kind)
     if mosaic and not ok:
