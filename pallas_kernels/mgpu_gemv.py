@@ -9,14 +9,17 @@ Why beside the Triton kernels (`fp8_gemm`, `fused_gemm`): at decode every Triton
 5120x16384 one 22.7 against 33.2 (below the copy-bandwidth floor: a read-only stream). TMA issues a whole tile
 per instruction with no address arithmetic, so the pipeline is several tiles deep from the first cycle.
 
-The op (`fp8_gemv`, `fp8_gemv_multi`): x widened to float16 with an exact power of two per row
-(`pallas_kernels.upcast`, as the Triton kernels do, so any bf16 magnitude is safe) and padded to 8 / 16 rows;
-the kernel writes float32 partial sums per K split [S, N, Mp]; XLA sums them, applies the per-channel scales
-and x's row factors, and transposes (one fusion). Several weights sharing x (gate and up) go in one launch.
-x may come widened already (`widened=`): widening it in XLA costs two small kernels, which ate the kernel's gain
-on the output and down projections, so the model uses it for the dense MLPs' gate/up, whose x the add + norm
-kernel before it writes widened (fused_norm.add_rms_norm(widen_rows=...), section 18). `reference` is the plain
-jnp function.
+The op (`fp8_gemv`, `fp8_gemv_multi`), x padded to 8 / 16 rows, on one of two paths:
+- bfloat16 (bf16 x, the default for it): x goes in as it is and the weight tile is widened to bf16 (through
+  float32: Hopper converts e4m3 to f16 only), a bf16 WGMMA;
+- float16 (other x, or `compute_dtype=jnp.float16`): x widened to f16 with an exact power of two per row
+  (`pallas_kernels.upcast`, as the Triton kernels do, so any bf16 magnitude is safe), or handed over widened
+  already (`widened=`, what the add + norm kernel before the dense MLPs' gate/up writes:
+  fused_norm.add_rms_norm(widen_rows=...)); the widening in XLA costs two small kernels, which ate the kernel's
+  gain on the output and down projections (section 18); the bf16 path has none (section 19).
+The kernel writes float32 partial sums per K split [S, N, Mp]; XLA sums them, applies the per-channel scales
+(and x's row factors) and transposes (one fusion). Several weights sharing x (gate and up) go in one launch.
+`reference` is the plain jnp function.
 """
 
 from __future__ import annotations
@@ -107,9 +110,17 @@ def _tiled(dtype, row_elems):
     return (plgpu.TilingTransform((8, swz // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swz))
 
 
+def widen(a, cdt):
+    """FP8 e4m3 values a in registers -> cdt (float16 or bfloat16), exactly. Hopper converts e4m3 to float16 only;
+    to bfloat16 through float32 (section 19: as fast as float16 at the rank's shapes, up to 25% slower at
+    16 tokens, and ~2x faster than moving the f16 exponent field with integer ops)."""
+    return a.astype(cdt) if jnp.dtype(cdt) == jnp.float16 else a.astype(jnp.float32).astype(cdt)
+
+
 def gemv_partials(xp, ws, *, w_layout="kn", tile_n=64, tile_k=None, split_k=1, stages=4,
                   compute_dtype=jnp.float16, interpret=None):
-    """xp [Mp, K] in compute_dtype (float16: Hopper converts e4m3 to f16 only; Mp a multiple of 8, at most 256);
+    """xp [Mp, K] in compute_dtype (float16 or bfloat16: the weight tiles are widened to it, `widen`; Mp a
+    multiple of 8, at most 256);
     ws: float8_e4m3fn weights, each [K, N_i]
     (w_layout "kn", the model's layout) or [N_i, K] ("nk") -> float32 [split_k, sum N_i, Mp]: split s holds
     the sum over its K range of w[k, n] * xp[m, k] (no scales), the weights' columns one after another. Each N_i
@@ -121,7 +132,7 @@ def gemv_partials(xp, ws, *, w_layout="kn", tile_n=64, tile_k=None, split_k=1, s
     tile_k = tile_k or tile_k_for(K)
     Ns = [w.shape[1] if w_layout == "kn" else w.shape[0] for w in ws]
     cdt = jnp.dtype(compute_dtype)
-    if xp.dtype != cdt or any(w.dtype != FP8 for w in ws):
+    if xp.dtype != cdt or cdt not in (jnp.float16, jnp.bfloat16) or any(w.dtype != FP8 for w in ws):
         raise TypeError(f"need {cdt} x and float8_e4m3fn weights, got {xp.dtype} and {[w.dtype for w in ws]}")
     if any((w.shape[0] if w_layout == "kn" else w.shape[1]) != K for w in ws):
         raise ValueError(f"x has K={K}, weights {[w.shape for w in ws]} (w_layout={w_layout})")
@@ -136,6 +147,10 @@ def gemv_partials(xp, ws, *, w_layout="kn", tile_n=64, tile_k=None, split_k=1, s
 
     def body(x_gmem, *refs):
         w_gmems, out_gmem = refs[:-1], refs[-1]
+        # under programmatic dependent launch (mavjax.xla_flags) a kernel may start while its predecessor runs;
+        # a Mosaic GPU kernel waits for it only where it says so: before its first read (a no-op without PDL)
+        if interpret is None:
+            plgpu.griddepcontrol_wait()
         ni, si = lax.axis_index("n"), lax.axis_index("s")
 
         def program(w_gmem, nj):  # output tile nj of one weight, K split si
@@ -144,11 +159,11 @@ def gemv_partials(xp, ws, *, w_layout="kn", tile_n=64, tile_k=None, split_k=1, s
                     if lane:  # [tile_k, tile_n] stored, loaded as its transpose, widened, re-laid for the WGMMA
                         a = plgpu.load(plgpu.transpose_ref(w_smem, (1, 0)), (),
                                        layout=plgpu.Layout.WGMMA_TRANSPOSED)
-                        a = plgpu.layout_cast(a.astype(cdt), plgpu.Layout.WGMMA)
+                        a = plgpu.layout_cast(widen(a, cdt), plgpu.Layout.WGMMA)
                     elif w_layout == "kn":  # the interpreter: a plain transpose
-                        a = w_smem[...].astype(cdt).T
+                        a = widen(w_smem[...], cdt).T
                     else:
-                        a = w_smem[...].astype(cdt)  # [tile_n, tile_k]: e4m3 is exact in f16
+                        a = widen(w_smem[...], cdt)  # [tile_n, tile_k]
                     if interpret is not None:
                         a_smem[...] = a
                         plgpu.commit_smem()
@@ -202,14 +217,16 @@ def padded_rows(M) -> int:
     return -(-M // 8) * 8
 
 
-@functools.partial(jax.jit, static_argnames=("w_layout", "tile_n", "split_k", "stages", "out_dtype", "interpret"))
+@functools.partial(jax.jit, static_argnames=("w_layout", "tile_n", "split_k", "stages", "out_dtype", "compute_dtype",
+                                             "interpret"))
 def fp8_gemv_multi(x, ws, scales, *, widened=None, w_layout="kn", tile_n=None, split_k=None, stages=None,
-                   out_dtype=None, interpret=None):
+                   out_dtype=None, compute_dtype=None, interpret=None):
     """[x @ dequant(w_i, scale_i) for each weight] in one launch: x [M, K] (M <= MAX_ROWS), ws FP8 [K, N_i]
     (w_layout "kn") or [N_i, K] ("nk"), scales float32 [N_i]. widened: x already in the kernel's form, (xc
     [padded_rows(M), K] float16, rs [padded_rows(M)] float32) with x = xc[:M] * rs[:M, None] (what
-    fused_norm.add_rms_norm(widen_rows=...) writes): XLA's two widening kernels are not launched. Tiles:
-    `default_config` where not given."""
+    fused_norm.add_rms_norm(widen_rows=...) writes): XLA's two widening kernels are not launched. compute_dtype:
+    the MMA's operand type; None: bfloat16 for bf16 x not handed over widened (x read as it is, the weight widened
+    to bf16 in registers), float16 otherwise. Tiles: `default_config` where not given."""
     ws, scales = tuple(ws), tuple(scales)
     M, K = x.shape
     Ns = [w.shape[1] if w_layout == "kn" else w.shape[0] for w in ws]
@@ -221,7 +238,12 @@ def fp8_gemv_multi(x, ws, scales, *, widened=None, w_layout="kn", tile_n=None, s
     cfg = default_config(K, Ns)
     tile_n, split_k, stages = tile_n or cfg["tile_n"], split_k or cfg["split_k"], stages or cfg["stages"]
     Mp = padded_rows(M)
-    if widened is None:
+    cdt = compute_dtype or (jnp.bfloat16 if x.dtype == jnp.bfloat16 and widened is None else jnp.float16)
+    if jnp.dtype(cdt) == jnp.bfloat16:
+        if widened is not None or x.dtype != jnp.bfloat16:
+            raise ValueError(f"the bfloat16 path takes bf16 x as it is, got {x.dtype} x, widened={widened is not None}")
+        xp, rs = jnp.pad(x, ((0, Mp - M), (0, 0))), None  # [Mp, K]
+    elif widened is None:
         xc, rs = upcast.to_compute(x, jnp.float16)  # x = xc * rs[:, None], exactly
         xp = jnp.pad(xc, ((0, Mp - M), (0, 0)))  # [Mp, K]
     else:
@@ -231,8 +253,9 @@ def fp8_gemv_multi(x, ws, scales, *, widened=None, w_layout="kn", tile_n=None, s
                              f"{xp.shape} and {rs.shape}")
         rs = rs[:M]
     parts = gemv_partials(xp, ws, w_layout=w_layout, tile_n=tile_n, split_k=split_k, stages=stages,
-                          interpret=interpret)  # [S, sum N, Mp]
-    yt = parts.sum(0)[:, :M] * rs[None, :]  # [sum N, M]
+                          compute_dtype=cdt, interpret=interpret)  # [S, sum N, Mp]
+    yt = parts.sum(0)[:, :M]  # [sum N, M]
+    yt = yt if rs is None else yt * rs[None, :]
     outs, at = [], 0
     for n, s in zip(Ns, scales):
         outs.append((yt[at:at + n].T * s.astype(jnp.float32)[None, :]).astype(out_dtype or x.dtype))  # [M, N_i]

@@ -316,8 +316,8 @@ def gemm_rows(run, plan, shapes, Ms, prefill, num_sms, key, tuned, ok):
             if best_kn is not None and best_kn is not best:
                 cells["pallas_kn_us"] = bgemm.Cell(bgemm.pallas_op("weight_only", best_kn), X[M], W)
             if not INTERPRET and mgpu_gemv.supported(M, K, (N,)) and mgpu_gemv.on_hopper():
-                # the Mosaic GPU kernel (section 18) on the [K, N] layout; every call of a cell's loop reads the
-                # same x, so XLA widens x once per iteration: the time of x arriving widened (the model's gate/up)
+                # the Mosaic GPU kernel (sections 18-19) on the [K, N] layout, its bfloat16 path: bf16 x read as
+                # it is (no widening kernels), the weight widened to bf16 in registers
                 cells["mosaic_us"] = bgemm.Cell(
                     (lambda x, wq, s: fp8_matmul(x, wq, s, mode="weight_only", mosaic=True), ("kn", "s")), X[M], W)
             for b in ("bf16", "upcast", "fp8"):

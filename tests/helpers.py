@@ -29,20 +29,22 @@ def run_on_8_devices(code: str) -> str:
     return r.stdout
 
 
-def pallas_call_names(jaxpr) -> list[str]:
-    """The `name` of every pallas_call in a jaxpr (`jax.make_jaxpr(f)(...).jaxpr`), nested calls included,
-    one entry per call site: what a traced step launches, countable per kernel. (Mosaic GPU kernels,
-    `plgpu.kernel`, trace to an mpmd_map with a name.)"""
+def kernel_calls(jaxpr):
+    """Every pallas_call equation of a jaxpr (`jax.make_jaxpr(f)(...).jaxpr`), nested calls included, one per call
+    site, in order. (Mosaic GPU kernels, `plgpu.kernel`, trace to an mpmd_map.)"""
     from jax.extend import core as jcore
 
-    out = []
     for e in jaxpr.eqns:
         if e.primitive.name in ("pallas_call", "mpmd_map"):
-            out.append(str(e.params.get("name")))
+            yield e
         for v in e.params.values():
             for sub in (v if isinstance(v, (list, tuple)) else [v]):
                 if isinstance(sub, jcore.ClosedJaxpr):
-                    out += pallas_call_names(sub.jaxpr)
+                    yield from kernel_calls(sub.jaxpr)
                 elif isinstance(sub, jcore.Jaxpr):
-                    out += pallas_call_names(sub)
-    return out
+                    yield from kernel_calls(sub)
+
+
+def pallas_call_names(jaxpr) -> list[str]:
+    """The `name` of every kernel_calls equation: what a traced step launches, countable per kernel."""
+    return [str(e.params.get("name")) for e in kernel_calls(jaxpr)]

@@ -1,10 +1,11 @@
 """The Mosaic GPU weight-only FP8 GEMM (pallas_kernels/mgpu_gemv.py) under Pallas' GPU interpreter, against its
 jnp reference, and its place in fp8_matmul / gate_up_swiglu and the model.
 
-Error bound (||out - ref|| / ||ref||, ref = dequantize then float32 matmul): e4m3 -> f16 is exact, x is scaled
-into f16 by an exact power of two per row (bf16's 8 significant bits fit f16's 11), and the products accumulate
-in f32, so the kernel computes the reference's function up to f32 summation order plus the final cast: 1e-5 with
-a float32 output, 1e-2 with bf16 (the cast's <= 2^-9 per element). The interpreter fills every buffer with NaN
+Error bound (||out - ref|| / ||ref||, ref = dequantize then float32 matmul): e4m3 -> f16 and -> bf16 are exact;
+on the float16 path x is scaled into f16 by an exact power of two per row (bf16's 8 significant bits fit f16's
+11), on the bfloat16 path (bf16 x, taken as it is) the weight is widened to bf16; either way the products are
+exact in f32 and accumulate in f32, so the kernel computes the reference's function up to f32 summation order
+plus the final cast: 1e-5 with a float32 output, 1e-2 with bf16 (the cast's <= 2^-9 per element). The interpreter fills every buffer with NaN
 first, so an output element the kernel never writes fails the isfinite check. The interpreter runs the grid, the
 K splits and the TMA pipeline as the GPU does but has no register operands, layouts or transposed refs, so the
 GPU's own form of the loads is checked by lowering it for CUDA (test_lowers_for_the_gpu) and on the GPU by
@@ -45,12 +46,14 @@ def _weights(seed, K, Ns):
     (16, 192, (64,), dict(split_k=3, stages=1), 1e-30),  # K = 3 x 64: the 64-deep tile, one step per split
     (9, 384, (256,), dict(tile_n=128, split_k=1, stages=4), 1.0),  # rows padded to 16; 3 steps, 4-deep pipeline
 ])
-def test_fp8_gemv_matches_reference(w_layout, M, K, Ns, cfg, scale_x):
+@pytest.mark.parametrize("compute_dtype", [None, jnp.float16])  # None: bf16 x taken as it is (the bf16 path)
+def test_fp8_gemv_matches_reference(w_layout, M, K, Ns, cfg, scale_x, compute_dtype):
     x = (jax.random.normal(jax.random.key(M), (M, K)) * scale_x).astype(jnp.bfloat16)
     x = x.at[0].multiply(7.0)  # rows of different magnitudes
     ws = _weights(M + K, K, Ns)
     args = [w if w_layout == "kn" else w.T for w, _ in ws], [s for _, s in ws]
-    outs = mgpu_gemv.fp8_gemv_multi(x, *args, w_layout=w_layout, out_dtype=jnp.float32, interpret=INTERP, **cfg)
+    outs = mgpu_gemv.fp8_gemv_multi(x, *args, w_layout=w_layout, out_dtype=jnp.float32, interpret=INTERP,
+                                    compute_dtype=compute_dtype, **cfg)
     for y, (w, s) in zip(outs, ws):
         ref = mgpu_gemv.reference(x, w, s, out_dtype=jnp.float32)
         assert y.shape == ref.shape and bool(jnp.isfinite(y).all())
@@ -59,6 +62,33 @@ def test_fp8_gemv_matches_reference(w_layout, M, K, Ns, cfg, scale_x):
                                    rtol=1e-5, atol=1e-30)  # the two references agree
     y = mgpu_gemv.fp8_gemv(x, *(a[0] for a in args), w_layout=w_layout, interpret=INTERP)  # bf16 out
     assert y.dtype == jnp.bfloat16 and _err(y, mgpu_gemv.reference(x, *ws[0])) < 1e-2
+
+
+def test_widen_is_exact():
+    """Every e4m3 value (all 256 bit patterns but the two NaNs) widens exactly to float16 and to bfloat16 (through
+    float32: Hopper has no e4m3 -> bf16 instruction)."""
+    w = jax.lax.bitcast_convert_type(jnp.arange(256, dtype=jnp.uint8), FP8)
+    want = np.asarray(w.astype(jnp.float32))
+    for cdt in (jnp.float16, jnp.bfloat16):
+        got = mgpu_gemv.widen(w, cdt)
+        assert got.dtype == cdt
+        np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32))[~np.isnan(want)], want[~np.isnan(want)])
+
+
+def test_compute_dtype_choice():
+    """bf16 x goes in as it is (no widening kernels, no row factors); f32 x, or x handed over widened, takes the
+    float16 path; the kernel's name says nothing of it, its x operand's dtype does."""
+    from helpers import kernel_calls
+
+    (w, s), = _weights(5, 128, (64,))
+
+    def x_dtypes(x, **kw):
+        jaxpr = jax.make_jaxpr(functools.partial(mgpu_gemv.fp8_gemv, interpret=INTERP, **kw))(x, w, s).jaxpr
+        return [str(e.invars[0].aval.dtype) for e in kernel_calls(jaxpr)]
+
+    assert x_dtypes(jnp.ones((2, 128), jnp.bfloat16)) == ["bfloat16"]
+    assert x_dtypes(jnp.ones((2, 128), jnp.float32)) == ["float16"]
+    assert x_dtypes(jnp.ones((2, 128), jnp.bfloat16), compute_dtype=jnp.float16) == ["float16"]
 
 
 def test_default_config_rule():
@@ -87,19 +117,24 @@ def test_bad_input():
         mgpu_gemv.gemv_partials(jnp.ones((8, 128), jnp.float16), [w], tile_n=128, interpret=INTERP)
     with pytest.raises(ValueError, match="padded to a multiple of 8"):
         mgpu_gemv.gemv_partials(jnp.ones((3, 128), jnp.float16), [w], interpret=INTERP)
+    with pytest.raises(ValueError, match="bfloat16 path takes bf16 x"):
+        mgpu_gemv.fp8_gemv(jnp.ones((2, 128), jnp.float32), w, s, compute_dtype=jnp.bfloat16, interpret=INTERP)
 
 
 @pytest.mark.parametrize("w_layout,K,Ns", [("kn", 5120, (2048, 2048)), ("kn", 640, (5120,)), ("nk", 192, (128,)),
                                           ("kn", 192, (64,))])
-def test_lowers_for_the_gpu(w_layout, K, Ns):
-    """The GPU form (register operands, the transposed FP8 load and its layout change, swizzled TMA tiles) is
-    lowered to Mosaic GPU for CUDA here on the CPU: a layout or tiling Mosaic rejects fails this test."""
-    x = jnp.ones((8, K), jnp.bfloat16)
+@pytest.mark.parametrize("x_dtype", [jnp.bfloat16, jnp.float32])  # the bfloat16 and the float16 path
+def test_lowers_for_the_gpu(w_layout, K, Ns, x_dtype):
+    """The GPU form (register operands, the transposed FP8 load and its layout change, the widening to f16 or,
+    through f32, to bf16, swizzled TMA tiles) is lowered to Mosaic GPU for CUDA here on the CPU: a layout, tiling
+    or conversion Mosaic rejects (e4m3 -> bf16 directly, say) fails this test."""
+    x = jnp.ones((8, K), x_dtype)
     ws = [jnp.zeros((K, n) if w_layout == "kn" else (n, K), FP8) for n in Ns]
     ss = [jnp.ones((n,), jnp.float32) for n in Ns]
     f = jax.jit(functools.partial(mgpu_gemv.fp8_gemv_multi, w_layout=w_layout))
     text = f.trace(x, ws, ss).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
+    assert "griddepcontrol.wait" in text  # its first read waits for the producer of x under XLA's PDL
 
 
 def test_dispatch_from_fp8_matmul_and_gate_up(monkeypatch):
