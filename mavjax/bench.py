@@ -334,7 +334,10 @@ def _context_cache(create, B, S, context):
 
 class StepTimer(_LoopTimer):
     """One forward step of `tokens` new tokens per row for `batch` rows over a KV cache holding `context`
-    positions, sampled greedily and fed back. tokens=1 is a decode step, K+1 a speculative verify step."""
+    positions, sampled greedily and fed back. tokens=1 is a decode step, K+1 a speculative verify step.
+    The loop also carries whether every step's logits were finite (`all_finite`): a step computing NaN can
+    run faster than a correct one (an MoE kernel routes NaN logits nowhere and reads no expert), and its time
+    is then no measurement (docs/benchmarks.md section 19)."""
 
     def __init__(self, model, batch: int, tokens: int, context: int, iters: int):
         import jax
@@ -356,17 +359,21 @@ class StepTimer(_LoopTimer):
             at = jnp.full((B,), context, jnp.int32)
 
             def body(_, c):
-                cache, tok = c
+                cache, tok, finite = c
                 logits, cache = m(tok, pos, cache, write_index=at)  # [B, T, V]
-                return cache, jnp.argmax(logits, axis=-1).astype(jnp.int32)
+                return cache, jnp.argmax(logits, axis=-1).astype(jnp.int32), finite & jnp.isfinite(logits).all()
 
             return jax.lax.fori_loop(0, iters, body, carry)
 
         cache = _context_cache(lambda b, s: KVCache.create(cfg, b, s, model.dtype), B, S, context)
         tok = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (B, T)), jnp.int32)
         # Committed to the device like the step's outputs, which are fed back in.
-        self.args = (state, jax.device_put((cache, tok), jax.devices()[0]))
+        self.args = (state, jax.device_put((cache, tok, jnp.asarray(True)), jax.devices()[0]))
         self.lowered = jax.jit(run, donate_argnums=(1,)).lower(*self.args)
+
+    def all_finite(self) -> bool:
+        """Whether every step run so far (warm-up, timed loops, profile) produced finite logits."""
+        return bool(self.args[1][2])
 
 
 class DraftRoundTimer(_LoopTimer):
@@ -522,13 +529,17 @@ def rank_slice(a, log=print) -> dict:
             floor_bytes = step_bytes(cfg, B, C, dtype.itemsize, 1, tokens_per_row=T)
             coll = coll_s
         floor = floor_bytes / bw
-        steps.append(dict(kernels=kern, step=what, batch=B, tokens=T, ms=s * 1e3, floor_bytes=floor_bytes,
-                          floor_ms=floor * 1e3,
-                          x_floor=s / floor, collectives_ms=coll * 1e3, compile_s=timer.compile_s))
-        log(f"  {kern} {what} B={B} T={T}: {s * 1e3:.3f} ms (floor {floor * 1e3:.3f} ms, x{s / floor:.2f})")
         if a.profile:
             prof = timer.profile()
             profiles.append(dict(kernels=kern, step=what, batch=B, **prof))
+        finite = timer.all_finite() if isinstance(timer, StepTimer) else None
+        steps.append(dict(kernels=kern, step=what, batch=B, tokens=T, ms=s * 1e3, floor_bytes=floor_bytes,
+                          floor_ms=floor * 1e3, x_floor=s / floor, collectives_ms=coll * 1e3,
+                          compile_s=timer.compile_s, finite=finite))
+        log(f"  {kern} {what} B={B} T={T}: {s * 1e3:.3f} ms (floor {floor * 1e3:.3f} ms, x{s / floor:.2f})"
+            + ("" if finite is not False else "  NON-FINITE LOGITS: the step computed NaN/inf, its time is no "
+               "measurement"))
+        if a.profile:
             log(format_profile(prof, f"  profile of {kern} {what} B={B}"))
     out["steps"] = steps
     if profiles:
@@ -550,8 +561,8 @@ def project(steps, coll_s, coll_draft_s, batches):
     a = 1:  1 / (t_decode + c)
     a > 1:  a / (t_draft_round + c_draft + t_verify + c)
     with c (c_draft) the collectives' latency per target step (per draft round). Also the same at the
-    bytes-read floor."""
-    get = {(s["step"], s["batch"]): s for s in steps}
+    bytes-read floor. A step whose logits were not finite projects nothing (its time is no measurement)."""
+    get = {(s["step"], s["batch"]): s for s in steps if s.get("finite") is not False}
     rows = []
     for B in batches:
         dec, ver, dr = get.get(("decode", B)), get.get(("verify", B)), get.get(("draft", B))
@@ -582,12 +593,14 @@ def print_rank_slice(r, log=print):
         f"added at {r['collective_us']:g} us each.")
     log("floor = bytes the step must read (weights it uses + KV cache) / copy bandwidth; "
         "+coll = measured step + the collectives' latency")
+    log("logits: whether every timed step's logits were finite (a NaN step can be fast and is no measurement)")
     log(f"{'kernels':>7} {'step':>7} {'batch':>5} {'tokens':>6} {'ms':>8} {'floor GB':>9} {'floor ms':>9} "
-        f"{'x floor':>8} {'+coll ms':>9}")
+        f"{'x floor':>8} {'+coll ms':>9} {'logits':>7}")
     for s in r["steps"]:
+        check = {True: "finite", False: "NaN", None: "-"}[s.get("finite")]
         log(f"{s['kernels']:>7} {s['step']:>7} {s['batch']:>5} {s['tokens']:>6} {s['ms']:>8.3f} "
             f"{s['floor_bytes'] / 1e9:>9.3f} "
-            f"{s['floor_ms']:>9.3f} {s['x_floor']:>8.2f} {s['ms'] + s['collectives_ms']:>9.3f}")
+            f"{s['floor_ms']:>9.3f} {s['x_floor']:>8.2f} {s['ms'] + s['collectives_ms']:>9.3f} {check:>7}")
     if r["projection"]:
         K = r["num_draft_tokens"]
         log(f"\nPROJECTION (not a measurement) of the full model on {r['rank_slice']} GPUs, tokens/s per user:")

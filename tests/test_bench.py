@@ -155,6 +155,7 @@ def test_rank_slice_end_to_end(tmp_path, capsys):
     steps = {(s["step"], s["batch"]): s for s in r["steps"]}
     assert set(steps) == {("decode", 1), ("decode", 8), ("verify", 1), ("draft", 1)}
     assert steps[("verify", 1)]["tokens"] == 4 and all(s["ms"] > 0 and s["floor_ms"] > 0 for s in r["steps"])
+    assert [s["finite"] for s in r["steps"]] == [True, True, True, None]  # the target's steps checked
     L = 2
     assert r["collectives_per_step"] == 2 * L + 2
     c = r["collectives_per_step"] * 19e-6
@@ -166,7 +167,30 @@ def test_rank_slice_end_to_end(tmp_path, capsys):
     for a in (2, 3, 4):
         assert proj[a]["tokens_per_s_per_user"] == pytest.approx(a / t)
     text = capsys.readouterr().out
-    assert "PROJECTION" in text and "NOT run" in text and "19 us" in text
+    assert "PROJECTION" in text and "NOT run" in text and "19 us" in text and "finite" in text
+
+
+def test_step_timer_flags_non_finite_logits():
+    """A step computing NaN can be faster than a correct one (section 19: MoE kernels route NaN nowhere), so the
+    step timer carries whether every step's logits were finite, and the projection leaves such a step out."""
+    from mavjax.bench import StepTimer, project
+
+    cfg = preset("tiny", num_hidden_layers=2)
+    good = random_model(cfg, quant="fp8")
+    bad = random_model(cfg, quant="fp8")
+    bad.norm.scale.set_value(jnp.full_like(bad.norm.scale[...], jnp.nan))  # the final norm: every logit NaN
+    flags = []
+    for m in (good, bad):
+        t = StepTimer(m, 1, 2, 8, iters=2).compile()
+        t.time(1)
+        flags.append(t.all_finite())
+    assert flags == [True, False]
+    steps = [dict(step="decode", batch=1, ms=1.0, floor_ms=0.5, finite=True),
+             dict(step="verify", batch=1, ms=1.0, floor_ms=0.5, finite=False),
+             dict(step="draft", batch=1, ms=0.2, floor_ms=0.1, finite=None)]
+    assert project(steps, 0.0, 0.0, [1]) == []  # no verify time to project from
+    steps[1]["finite"] = True
+    assert len(project(steps, 0.0, 0.0, [1])) == 4
 
 
 @pytest.mark.parametrize("args, message", [
