@@ -529,9 +529,7 @@ def rank_slice(a, log=print) -> dict:
             floor_bytes = step_bytes(cfg, B, C, dtype.itemsize, 1, tokens_per_row=T)
             coll = coll_s
         floor = floor_bytes / bw
-        if a.profile:
-            prof = timer.profile()
-            profiles.append(dict(kernels=kern, step=what, batch=B, **prof))
+        prof = timer.profile() if a.profile else None  # before the check: the profiled steps are checked too
         finite = timer.all_finite() if isinstance(timer, StepTimer) else None
         steps.append(dict(kernels=kern, step=what, batch=B, tokens=T, ms=s * 1e3, floor_bytes=floor_bytes,
                           floor_ms=floor * 1e3, x_floor=s / floor, collectives_ms=coll * 1e3,
@@ -539,7 +537,8 @@ def rank_slice(a, log=print) -> dict:
         log(f"  {kern} {what} B={B} T={T}: {s * 1e3:.3f} ms (floor {floor * 1e3:.3f} ms, x{s / floor:.2f})"
             + ("" if finite is not False else "  NON-FINITE LOGITS: the step computed NaN/inf, its time is no "
                "measurement"))
-        if a.profile:
+        if prof is not None:
+            profiles.append(dict(kernels=kern, step=what, batch=B, **prof))
             log(format_profile(prof, f"  profile of {kern} {what} B={B}"))
     out["steps"] = steps
     if profiles:

@@ -534,8 +534,9 @@ def fp8_matmul(x, w_fp8, w_scale, *, mode="auto", block_m=None, block_n=None, bl
     mosaic (weight_only): the Mosaic GPU kernel (pallas_kernels.mgpu_gemv) instead of Triton's: False (the
       default) - never; True - always (under interpret=True, Pallas' GPU interpreter); None - where
       `mgpu_gemv.wanted` (up to 16 rows, per-channel scales, on a Hopper GPU) and no Triton tile is given. Not
-      the default: its kernel is faster than Triton's (docs/benchmarks.md section 18) but x's widening to
-      float16 then takes two XLA kernels before it, which cost more than that at the 8-way rank's sizes.
+      the default: its kernel is faster than Triton's and with bf16 x its op too (docs/benchmarks.md sections
+      18-19), but in the model the output and down projections on it moved decode by at most 2%, and with the
+      widened gate/up their verify step computed NaN on the GPU (section 19, not yet explained).
     poison_output: debugging aid; the output buffer starts as NaN (aliased in), so unwritten elements show.
     interpret: run the kernels in the Pallas interpreter (CPU tests).
     """
