@@ -238,7 +238,8 @@ def _mask2(rows, cols):
 
 
 def _in_bounds(start, size, limit):
-    """Lane mask start + arange(size) < limit, or None when every block is statically full."""
+    """Lane mask start + arange(size) < limit, or None when every block is statically full: for a grid of
+    cdiv(limit, size) blocks along that axis; a grid reaching past limit needs its own mask (fused_norm)."""
     return None if limit % size == 0 else (start + jnp.arange(size)) < limit
 
 

@@ -1,9 +1,11 @@
 """Every Pallas kernel the model calls, at the shapes one GPU sees when Maverick is split n ways (the 1/n
 shard of heads, dense-MLP and expert hidden units) and M tokens (prefill: M = 1024; decode: M = 1), run on the
 GPU against its jax.numpy reference; then a 2-layer model of those shapes, greedy-decoding a prompt of M tokens
-on the Pallas path against the XLA path on the same weights. Each check runs in its own process (an illegal
-memory access poisons the process that made it), spread over the visible GPUs; one line per check: ok and the
-relative error ||out - ref|| / ||ref||, or the error.
+on the Pallas path against the XLA path on the same weights ("model", the fraction of tokens that differ), and
+the rank benchmark's step of M tokens over a 1024-position cache through 4 layers on both paths ("steps", the
+fraction of token rows whose logits differ by over 10%; NaN if any is not finite). Each check runs in its own
+process (an illegal memory access poisons the process that made it), spread over the visible GPUs; one line
+per check: ok and the relative error ||out - ref|| / ||ref|| (or the fraction above), or the error.
 
   python3 scripts/check_kernels_gpu.py --shard 2 --tokens 1024
   python3 scripts/check_kernels_gpu.py --interpret --small        # CPU smoke test of this script
@@ -23,7 +25,7 @@ sys.path.insert(0, ROOT)
 
 TIMES: dict = {}  # compile / first-run seconds of the last kernel call (printed with the result)
 CHECKS = ["gemm_wo", "gemm_down", "gemm_add_norm", "gate_up", "mosaic", "qkv_rope", "qkv_nope", "qkv_cache", "moe",
-          "moe_route", "add_norm", "norm_router", "attention", "model"]
+          "moe_route", "add_norm", "norm_router", "attention", "model", "steps"]
 REPEATS = 3  # each kernel runs this many times on the same inputs: a split-K counter a launch left non-zero
 # (pallas_kernels.split_k) would change a later launch's result
 
@@ -241,6 +243,46 @@ def run_one(name, n, M, interpret, small, mesh_devices=0):
                               max_batch_size=1).generate([prompt], sp)[0].token_ids
         agree = sum(a == b for a, b in zip(got, want)) / len(want)
         return 1.0 - agree  # fraction of the 8 greedy tokens that differ (random weights: small logit margins)
+    if name == "steps":  # the rank benchmark's step (M new tokens over a 1024-position cache, StepTimer) through
+        # 4 layers (2 dense, 2 MoE), Pallas against XLA on the same weights and inputs, 4 steps with XLA's argmax
+        # fed back: under XLA's real buffer assignment, where a kernel writing past its output clobbers a live
+        # buffer (docs/benchmarks.md section 20), which a kernel's own check does not see
+        import numpy as np
+        from flax import nnx
+
+        from mavjax.bench import _context_cache, random_model, with_kernels
+        from mavjax.generate import bucket
+        from mavjax.kv_cache import KVCache
+
+        cfg4 = cfg.replace(num_hidden_layers=4)
+        net = random_model(cfg4, quant="fp8", kernels="pallas")
+        C = 1024
+        pos = jnp.broadcast_to(C + jnp.arange(M, dtype=jnp.int32), (1, M))
+        at = jnp.full((1,), C, jnp.int32)
+
+        def stepper(model):
+            graphdef, state = nnx.split(model)
+
+            def step(st, c, t):  # the logits, the cache and every layer's residual stream (more buffers live)
+                m = nnx.merge(graphdef, st)
+                h, c, taps = m.hidden_states(t, pos, c, at, collect_layers=tuple(range(4)))
+                return m.logits(h), c, taps
+
+            f = jax.jit(step)
+            return lambda c, t: f(state, c, t)
+
+        pal, ref = stepper(net), stepper(with_kernels(net, "xla"))
+        cache = _context_cache(lambda b, s: KVCache.create(cfg4, b, s, net.dtype), 1, bucket(C + M, minimum=64), C)
+        tok = jnp.asarray(np.random.default_rng(0).integers(0, cfg4.vocab_size, (1, M)), jnp.int32)
+        off = []
+        for _ in range(4):
+            (got, _, taps), (want, cache, _) = pal(cache, tok), ref(cache, tok)
+            got, want = np.asarray(got, np.float32)[0], np.asarray(want, np.float32)[0]  # [M, V]
+            if not (np.isfinite(got).all() and all(np.isfinite(np.asarray(v, np.float32)).all() for v in taps.values())):
+                return float("nan")
+            off += list(np.linalg.norm(got - want, axis=-1) / np.linalg.norm(want, axis=-1) > 0.1)
+            tok = jnp.asarray(want.argmax(-1)[None], jnp.int32)
+        return float(np.mean(off))  # token rows off by > 10% (random weights: a near-tie routes one elsewhere)
     raise ValueError(f"unknown check {name!r}")
 
 
@@ -282,7 +324,8 @@ def main():
             return job, f"TIMEOUT after {a.timeout} s"
         lines = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT")]
         if r.returncode == 0 and lines:
-            return job, "ok " + lines[-1].split(maxsplit=1)[1]
+            value = lines[-1].split(maxsplit=1)[1]
+            return job, ("FAIL non-finite output " if value.startswith("nan") else "ok ") + value
         errs = [ln for ln in r.stderr.splitlines() if "Error" in ln or "error" in ln]
         return job, f"FAIL rc {r.returncode}: " + (errs[0][:300] if errs else r.stderr[-300:])
 

@@ -97,11 +97,15 @@ def test_add_rms_norm_with_router_logits(lead, D, E, router_block, dtype, block_
     assert _err(lg, lg_ref.reshape(M, E)) < (1e-2 if dtype == jnp.bfloat16 else 1e-5)
 
 
-@pytest.mark.parametrize("lead,D,rows,block_m", [((1,), 64, 8, None), ((3,), 100, 8, 2), ((2, 5), 128, 16, None)])
+@pytest.mark.parametrize("lead,D,rows,block_m", [((1,), 64, 8, None), ((3,), 100, 8, 2), ((2, 5), 128, 16, None),
+                                                 ((1, 4), 64, 8, None), ((12,), 128, 16, 4)])
 def test_add_rms_norm_widened_for_the_mosaic_gemm(lead, D, rows, block_m):
     """widen_rows: the normed rows also in the Mosaic GPU GEMM's float16 form, yc [rows, D] and rs [rows] with
     y = yc * rs exactly up to f16's rounding of a value bf16 holds exactly (rs powers of two, |yc| < 2^14: no
-    overflow however large the rows); rows past the tokens zero; s and y bit-equal to the plain kernel's. (On
+    overflow however large the rows); rows past the tokens zero; s and y bit-equal to the plain kernel's.
+    Token counts that are a multiple of block_m (4, 12: a verify step's 4 tokens) with more rows widened: the
+    grid's extra programs must mask their rows (unmasked, on the GPU they read past x and h and wrote rows past
+    the end of s and y, clobbering the next buffer: docs/benchmarks.md section 20). (On
     the CPU, XLA's excess precision can skip the bf16 rounding of y inside the kernel, so yc may carry a few
     more bits than y: the bound is f16's 2^-11, not exact equality.)"""
     from pallas_kernels.upcast import to_compute
