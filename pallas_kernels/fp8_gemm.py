@@ -536,8 +536,8 @@ def fp8_matmul(x, w_fp8, w_scale, *, mode="auto", block_m=None, block_n=None, bl
       default) - never; True - always (under interpret=True, Pallas' GPU interpreter); None - where
       `mgpu_gemv.wanted` (up to 16 rows, per-channel scales, on a Hopper GPU) and no Triton tile is given. Not
       the default: its kernel is faster than Triton's and with bf16 x its op too (docs/benchmarks.md sections
-      18-19), but in the model the output and down projections on it moved decode by at most 2%, and with the
-      widened gate/up their verify step computed NaN on the GPU (section 19, not yet explained).
+      18-19), but in the model the output and down projections on it moved decode by at most 2% and made the
+      verify step 2-3% slower (section 20; section 19's NaN verify with them was the add + norm kernel's, fixed).
     poison_output: debugging aid; the output buffer starts as NaN (aliased in), so unwritten elements show.
     interpret: run the kernels in the Pallas interpreter (CPU tests).
     """

@@ -282,8 +282,9 @@ def gate_up_swiglu(x, wg, sg, wu, su, *, mode="auto", block_m=None, block_n=None
     sums: True - always (interpret=True: Pallas' GPU interpreter); False - never; None (default) - where
     x_widened is given (x already in that kernel's float16 form, mgpu_gemv.fp8_gemv_multi(widened=...), from
     fused_norm.add_rms_norm(widen_rows=...)), `mgpu_gemv.wanted` says so and no Triton tile is asked for.
-    Without x_widened (f16 x widened by XLA: two kernels more, section 18; bf16 x read as it is: the rank's
-    verify step 8% slower, section 19) it did not pay in the model."""
+    In the model that is within 1% of Triton's gate/up at decode and verification (docs/benchmarks.md section
+    20, five alternating pairs; section 18's "7% faster" was a bug's). Without x_widened it is not chosen (f16
+    x widened by XLA: two kernels more, section 18; bf16 x read as it is: no faster, sections 19-20)."""
     reduce = default_reduce("gate_up", reduce)
     if wg.shape != wu.shape:
         raise ValueError(f"w_gate {wg.shape} and w_up {wu.shape} must have the same shape")
