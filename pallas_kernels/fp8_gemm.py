@@ -36,6 +36,7 @@ the benchmark's autotuner skips.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import jax
@@ -186,10 +187,67 @@ def _load(ref, mask, eviction_policy=None):
 
 
 def _store(ref, val, mask):
+    _check_in_bounds(ref, mask)
     if mask is None:
         ref[...] = val
     else:
         plgpu.store(ref, val, mask=mask)
+
+
+_INTERPRETING = [False]  # set while a kernel is traced for Pallas' interpreter (`interpreted`)
+
+
+@contextlib.contextmanager
+def interpreted(interpret):
+    """Around a pallas_call's trace: its _store checks its lanes (`_check_in_bounds`) if it is to run in the
+    interpreter; kernels traced for the GPU get nothing added."""
+    before, _INTERPRETING[0] = _INTERPRETING[0], bool(interpret)
+    try:
+        yield
+    finally:
+        _INTERPRETING[0] = before
+
+
+def _check_in_bounds(ref, mask):
+    """Under the interpreter (the CPU tests), before a store: raise if a lane that `mask` lets through (all,
+    without one) lies outside the buffer that `ref` slices. On the GPU such a lane writes past the buffer, over
+    whatever XLA placed there; the interpreter clamps the slice instead, so the block lands on rows inside it,
+    where it may even rewrite their own values and show nothing (an add + norm grid past its rows did this,
+    docs/benchmarks.md section 20). Only the axes the mask leaves open are checked (where `_in_bounds` found
+    the blocks statically full), and not loads: a clamped load reads other rows' values, which the kernels'
+    tests against their references see."""
+    from jax._src.state.indexing import NDIndexer, Slice  # no public names for a ref's slices in JAX 0.10
+    from jax._src.state.types import TransformedRef
+
+    if not _INTERPRETING[0] or not isinstance(ref, TransformedRef) or len(ref.transforms) != 1 \
+            or not isinstance(ref.transforms[0], NDIndexer):
+        return
+    indices = ref.transforms[0].indices
+    if not all(isinstance(i, Slice) or jnp.ndim(i) == 0 for i in indices):
+        return  # gathered lanes: not checked
+    n = sum(isinstance(i, Slice) for i in indices)
+    mshape = tuple(mask.shape) if mask is not None and jnp.ndim(mask) == n else (1,) * n
+    ok, axis = None, 0
+    for dim, i in zip(ref.ref.shape, indices):
+        if isinstance(i, Slice):  # an axis the mask leaves open (the `_in_bounds` shortcut's): its lanes, shaped
+            if mshape[axis] == 1:  # to broadcast along that axis of the block
+                pos = i.start + jnp.arange(i.size) * i.stride
+                lanes = ((pos >= 0) & (pos < dim)).reshape([-1 if a == axis else 1 for a in range(n)])
+                ok = lanes if ok is None else ok & lanes
+            axis += 1
+        elif not isinstance(i, int):  # a traced index
+            ok = (i >= 0) & (i < dim) if ok is None else ok & (i >= 0) & (i < dim)
+    if ok is None:  # every axis masked (the masks' own bounds are the kernels' tests' business) or static
+        return
+    bad = jnp.any(~ok if mask is None else mask & ~ok)
+    # the host call only where a lane is outside (one per store slowed the interpreted tests by a sixth)
+    jax.lax.cond(bad, lambda: jax.debug.callback(functools.partial(_raise_outside, tuple(ref.ref.shape))),
+                 lambda: None)
+
+
+def _raise_outside(shape):
+    raise IndexError(f"a Pallas kernel's store reaches past its {list(shape)} buffer (a lane outside it is not "
+                     f"masked: on the GPU it would write over another buffer)")
 
 
 def _call(kernel, args, out_shapes, grid, *, num_warps, num_stages, interpret, poison_output, name, aliases=None):
@@ -206,9 +264,10 @@ def _call(kernel, args, out_shapes, grid, *, num_warps, num_stages, interpret, p
 
         def kernel(*refs):  # the poison inputs are the outputs' own refs: drop them
             return inner(*refs[:n_in], *refs[n_in + len(fresh):])
-    out = pl.pallas_call(
-        kernel, out_shape=tuple(out_shapes), grid=grid, input_output_aliases=aliases, interpret=interpret,
-        compiler_params=_compiler_params(num_warps, num_stages), name=name)(*args)
+    with interpreted(interpret):
+        out = pl.pallas_call(
+            kernel, out_shape=tuple(out_shapes), grid=grid, input_output_aliases=aliases, interpret=interpret,
+            compiler_params=_compiler_params(num_warps, num_stages), name=name)(*args)
     return tuple(out)
 
 

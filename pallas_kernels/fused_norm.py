@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels import upcast
-from pallas_kernels.fp8_gemm import _compiler_params, _in_bounds, _load, _mask2, _next_pow2, _store
+from pallas_kernels.fp8_gemm import _compiler_params, _in_bounds, _load, _mask2, _next_pow2, _store, interpreted
 
 __all__ = ["add_rms_norm_ref", "add_rms_norm", "sum_router_partials"]
 
@@ -166,9 +166,10 @@ def add_rms_norm(x, h, scale, *, eps, router=None, block_m=None, router_block=12
             return inner(*refs[:n_in], *refs[n_in + len(out_shape):])
     if num_warps is None:  # whole rows of D lanes per program: more warps for wide rows
         num_warps = 4 if block_m * block_d <= 4096 else 8 if block_m * block_d <= 16384 else 16
-    out = pl.pallas_call(kernel, out_shape=tuple(out_shape), grid=grid, input_output_aliases=aliases,
-                         interpret=interpret, compiler_params=_compiler_params(num_warps, 1),
-                         name=f"add_rms_norm_m{block_m}_d{block_d}" + ("" if router is None else "_router")
-                         + ("" if widen_rows is None else "_widen"))(*args)
+    with interpreted(interpret):
+        out = pl.pallas_call(kernel, out_shape=tuple(out_shape), grid=grid, input_output_aliases=aliases,
+                             interpret=interpret, compiler_params=_compiler_params(num_warps, 1),
+                             name=f"add_rms_norm_m{block_m}_d{block_d}" + ("" if router is None else "_router")
+                             + ("" if widen_rows is None else "_widen"))(*args)
     s, y = out[0].reshape(*lead, D), out[1].reshape(*lead, D)
     return (s, y) if router is None and widen_rows is None else (s, y, *out[2:])

@@ -274,3 +274,45 @@ def test_weight_only_blocks_measured_shapes():
     assert weight_only_blocks(5120, 5120, num_sms=132) == dict(block_n=128, block_k=64, split_k=14, num_stages=4)
     assert weight_only_blocks(16384, 5120, tiles=2, num_sms=132)["split_k"] == 3
     assert weight_only_blocks(2048, 5120, tiles=2, num_sms=132)["block_n"] == 64  # the rank's dense gate/up
+
+
+def _primitives(jaxpr):
+    """Every primitive name in a jaxpr, nested jaxprs (a pallas_call's kernel included) too."""
+    from jax.extend import core as jcore
+
+    for e in jaxpr.eqns:
+        yield e.primitive.name
+        for v in e.params.values():
+            for sub in (v if isinstance(v, (list, tuple)) else [v]):
+                if isinstance(sub, (jcore.ClosedJaxpr, jcore.Jaxpr)):
+                    yield from _primitives(getattr(sub, "jaxpr", sub))
+
+
+def test_interpreter_flags_lanes_past_the_buffer():
+    """The kernels' _store, under the interpreter, raises on a lane outside the buffer that no mask covers: on
+    the GPU it writes over another buffer, while the interpreter clamps the slice and hides it (an add + norm
+    grid past its rows, docs/benchmarks.md section 20). Masked, the same slices pass; traced for the GPU the
+    kernel gets no check at all."""
+    import functools
+
+    from jax.experimental import pallas as pl
+
+    from pallas_kernels.fp8_gemm import _call, _load, _store
+
+    def kern(x_ref, o_ref, *, masked):  # two programs of 4 rows over a 6-row buffer
+        rows = pl.ds(pl.program_id(0) * 4, 4)
+        mask = ((pl.program_id(0) * 4 + jnp.arange(4)) < 6)[:, None] if masked else None
+        _store(o_ref.at[rows, pl.ds(0, 8)], _load(x_ref.at[rows, pl.ds(0, 8)], mask) + 1, mask)
+
+    x = jnp.arange(48, dtype=jnp.float32).reshape(6, 8)
+
+    def run(masked, interpret=True):
+        return _call(functools.partial(kern, masked=masked), [x], [jax.ShapeDtypeStruct((6, 8), jnp.float32)], (2,),
+                     num_warps=4, num_stages=1, interpret=interpret, poison_output=False, name="t")[0]
+
+    np.testing.assert_array_equal(np.asarray(run(True)), np.asarray(x) + 1)
+    with pytest.raises(Exception, match=r"reaches past its \[6, 8\] buffer"):
+        jax.block_until_ready(run(False))
+    prims = set(_primitives(jax.make_jaxpr(lambda: run(False, interpret=False))().jaxpr))
+    assert "pallas_call" in prims and "debug_callback" not in prims
+    assert "debug_callback" in set(_primitives(jax.make_jaxpr(lambda: run(False))().jaxpr))
