@@ -37,6 +37,7 @@ the benchmark's autotuner skips.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 
 import jax
@@ -194,18 +195,18 @@ def _store(ref, val, mask):
         plgpu.store(ref, val, mask=mask)
 
 
-_INTERPRETING = [False]  # set while a kernel is traced for Pallas' interpreter (`interpreted`)
+_INTERPRETING = contextvars.ContextVar("interpreting", default=False)  # a kernel traced for the interpreter
 
 
 @contextlib.contextmanager
 def interpreted(interpret):
     """Around a pallas_call's trace: its _store checks its lanes (`_check_in_bounds`) if it is to run in the
     interpreter; kernels traced for the GPU get nothing added."""
-    before, _INTERPRETING[0] = _INTERPRETING[0], bool(interpret)
+    token = _INTERPRETING.set(bool(interpret))
     try:
         yield
     finally:
-        _INTERPRETING[0] = before
+        _INTERPRETING.reset(token)
 
 
 def _check_in_bounds(ref, mask):
@@ -219,7 +220,7 @@ def _check_in_bounds(ref, mask):
     from jax._src.state.indexing import NDIndexer, Slice  # no public names for a ref's slices in JAX 0.10
     from jax._src.state.types import TransformedRef
 
-    if not _INTERPRETING[0] or not isinstance(ref, TransformedRef) or len(ref.transforms) != 1 \
+    if not _INTERPRETING.get() or not isinstance(ref, TransformedRef) or len(ref.transforms) != 1 \
             or not isinstance(ref.transforms[0], NDIndexer):
         return
     indices = ref.transforms[0].indices
