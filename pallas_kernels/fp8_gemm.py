@@ -217,9 +217,11 @@ def _check_in_bounds(ref, mask):
     docs/benchmarks.md section 20). Only the axes the mask leaves open are checked (where `_in_bounds` found
     the blocks statically full), and not loads: a clamped load reads other rows' values, which the kernels'
     tests against their references see."""
-    from jax._src.state.indexing import NDIndexer, Slice  # no public names for a ref's slices in JAX 0.10
-    from jax._src.state.types import TransformedRef
-
+    try:  # no public names for a ref's slices in JAX 0.10-0.11; a JAX that moves them goes unchecked
+        from jax._src.state.indexing import NDIndexer, Slice
+        from jax._src.state.types import TransformedRef
+    except ImportError:  # pragma: no cover
+        return
     if not _INTERPRETING.get() or not isinstance(ref, TransformedRef) or len(ref.transforms) != 1 \
             or not isinstance(ref.transforms[0], NDIndexer):
         return
