@@ -299,10 +299,12 @@ def _mask2(rows, cols):
     return rows[:, None] & cols[None, :]
 
 
-def _in_bounds(start, size, limit):
-    """Lane mask start + arange(size) < limit, or None when every block is statically full: for a grid of
-    cdiv(limit, size) blocks along that axis; a grid reaching past limit needs its own mask (fused_norm)."""
-    return None if limit % size == 0 else (start + jnp.arange(size)) < limit
+def _in_bounds(start, size, limit, extent=None):
+    """Lane mask start + arange(size) < limit, or None when every block is statically full: limit % size == 0
+    and the grid's blocks along that axis end at limit. extent: where they end when the grid reaches past
+    limit (fused_norm's widened rows); then the mask is always given (docs/benchmarks.md section 20)."""
+    full = limit % size == 0 and (extent is None or extent <= limit)
+    return None if full else (start + jnp.arange(size)) < limit
 
 
 def _load_w_tile(w_ref, k0, n0, block_k, block_n, k_in, n_in, w_transposed, eviction_policy):

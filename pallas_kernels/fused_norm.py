@@ -56,9 +56,8 @@ def _kernel(x_ref, h_ref, w_ref, s_ref, y_ref, *widened, m, d, block_m, block_d,
     pid = pl.program_id(0)
     m0 = pl.multiple_of(pid * block_m, block_m)
     # widened, the grid covers mp >= m rows: the programs past m mask their rows even where m is a multiple of
-    # block_m (_in_bounds' shortcut assumes a grid ending at m; unmasked, they read past x and h and wrote past
-    # the end of s and y, over the next buffer: docs/benchmarks.md section 20)
-    r_in = (m0 + jnp.arange(block_m)) < m if widened and widened[0].shape[0] > m else _in_bounds(m0, block_m, m)
+    # block_m (unmasked, they read past x and h and wrote past the end of s and y: docs/benchmarks.md section 20)
+    r_in = _in_bounds(m0, block_m, m, extent=widened[0].shape[0] if widened else None)
     c_in = _in_bounds(0, block_d, d)
     mask = _mask2(r_in, c_in)
     x = _load(x_ref.at[pl.ds(m0, block_m), pl.ds(0, block_d)], mask)                 # [bm, bd]

@@ -29,20 +29,25 @@ def run_on_8_devices(code: str) -> str:
     return r.stdout
 
 
-def kernel_calls(jaxpr):
-    """Every pallas_call equation of a jaxpr (`jax.make_jaxpr(f)(...).jaxpr`), nested calls included, one per call
-    site, in order. (Mosaic GPU kernels, `plgpu.kernel`, trace to an mpmd_map.)"""
+def equations(jaxpr):
+    """Every equation of a jaxpr (`jax.make_jaxpr(f)(...).jaxpr`) and of the jaxprs nested in it (loop bodies,
+    a pallas_call's kernel...), in order, each before its own nested ones."""
     from jax.extend import core as jcore
 
     for e in jaxpr.eqns:
-        if e.primitive.name in ("pallas_call", "mpmd_map"):
-            yield e
+        yield e
         for v in e.params.values():
             for sub in (v if isinstance(v, (list, tuple)) else [v]):
                 if isinstance(sub, jcore.ClosedJaxpr):
-                    yield from kernel_calls(sub.jaxpr)
+                    yield from equations(sub.jaxpr)
                 elif isinstance(sub, jcore.Jaxpr):
-                    yield from kernel_calls(sub)
+                    yield from equations(sub)
+
+
+def kernel_calls(jaxpr):
+    """Every pallas_call equation of a jaxpr, nested calls included, one per call site, in order. (Mosaic GPU
+    kernels, `plgpu.kernel`, trace to an mpmd_map.)"""
+    return (e for e in equations(jaxpr) if e.primitive.name in ("pallas_call", "mpmd_map"))
 
 
 def pallas_call_names(jaxpr) -> list[str]:

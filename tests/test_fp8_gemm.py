@@ -276,18 +276,6 @@ def test_weight_only_blocks_measured_shapes():
     assert weight_only_blocks(2048, 5120, tiles=2, num_sms=132)["block_n"] == 64  # the rank's dense gate/up
 
 
-def _primitives(jaxpr):
-    """Every primitive name in a jaxpr, nested jaxprs (a pallas_call's kernel included) too."""
-    from jax.extend import core as jcore
-
-    for e in jaxpr.eqns:
-        yield e.primitive.name
-        for v in e.params.values():
-            for sub in (v if isinstance(v, (list, tuple)) else [v]):
-                if isinstance(sub, (jcore.ClosedJaxpr, jcore.Jaxpr)):
-                    yield from _primitives(getattr(sub, "jaxpr", sub))
-
-
 def test_interpreter_flags_lanes_past_the_buffer():
     """The kernels' _store, under the interpreter, raises on a lane outside the buffer that no mask covers: on
     the GPU it writes over another buffer, while the interpreter clamps the slice and hides it (an add + norm
@@ -297,6 +285,7 @@ def test_interpreter_flags_lanes_past_the_buffer():
 
     from jax.experimental import pallas as pl
 
+    from helpers import equations
     from pallas_kernels.fp8_gemm import _call, _load, _store
 
     def kern(x_ref, o_ref, *, masked):  # two programs of 4 rows over a 6-row buffer
@@ -313,6 +302,6 @@ def test_interpreter_flags_lanes_past_the_buffer():
     np.testing.assert_array_equal(np.asarray(run(True)), np.asarray(x) + 1)
     with pytest.raises(Exception, match=r"reaches past its \[6, 8\] buffer"):
         jax.block_until_ready(run(False))
-    prims = set(_primitives(jax.make_jaxpr(lambda: run(False, interpret=False))().jaxpr))
+    prims = {e.primitive.name for e in equations(jax.make_jaxpr(lambda: run(False, interpret=False))().jaxpr)}
     assert "pallas_call" in prims and "debug_callback" not in prims
-    assert "debug_callback" in set(_primitives(jax.make_jaxpr(lambda: run(False))().jaxpr))
+    assert "debug_callback" in {e.primitive.name for e in equations(jax.make_jaxpr(lambda: run(False))().jaxpr)}
