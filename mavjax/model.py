@@ -51,8 +51,10 @@ def _weight(rngs, shape, axes, dtype, std, contract, quant):
 # PAIRS_MAX tokens) from the router's logits; switched off, XLA routes (two more kernels) and the kernels read
 # ids and scores. "norm_router" is the router's logits computed by the add + norm kernel before such an MoE
 # (fused_norm.add_rms_norm(router=...)); switched off, XLA's dot computes them (two more kernels). "mosaic" is
-# the Mosaic GPU kernel (pallas_kernels.mgpu_gemv) for the dense MLPs' gate/up on Hopper at decode, its x
-# widened to float16 by the norm kernel before it (MLP.widen_rows); switched off, Triton's gate/up + SwiGLU.
+# the Mosaic GPU kernels on Hopper at decode: pallas_kernels.mgpu_gemv for the dense MLPs' gate/up, its x
+# widened to float16 by the norm kernel before it (MLP.widen_rows), and the MoE layers' experts
+# (pallas_kernels.moe_mgpu, routed by XLA: MoE.experts_on_mosaic); switched off, Triton's gate/up + SwiGLU
+# and MoE pair kernels (routing in-kernel).
 PALLAS_OPS = ("gemm", "qkv", "gate_up", "moe", "moe_shared", "moe_router", "norm_router", "attention", "norm",
               "mosaic")
 
@@ -69,8 +71,8 @@ def use_pallas(kernels: str, op: str) -> bool:
 
 
 def shared_in_moe_kernels(kernels: str, pairs_shape, w_gate_shared, w_gate_routed) -> bool:
-    """Whether the shared expert rides in the Pallas MoE pair kernels (`moe_fp8_pairs(shared=...)`): the Pallas
-    MoE path, "moe_shared" not switched off, the shared expert stored like the routed ones (w_gate [D, F]
+    """Whether the shared expert rides in the Pallas MoE kernels (`moe_fp8_pairs(shared=...)`, or the Mosaic GPU
+    path's, `moe_mgpu.moe_fp8_mgpu(shared=...)`: section 21, 0.23 ms of the rank's step): the Pallas MoE path, "moe_shared" not switched off, the shared expert stored like the routed ones (w_gate [D, F]
     beside [E, D, F], one dtype; over a mesh that means expert=1), and ONE token (pairs_shape = the routing's
     [N, k], N == 1). Each token's shared row reads the whole shared expert, so N tokens read it N times: on one
     H200 (one 8-way rank of Maverick, docs/benchmarks.md section 8) riding along made the batch-1 decode step
@@ -440,18 +442,36 @@ class MoE(nnx.Module):
     def routes_in_kernels(self, n_tokens: int) -> bool:
         """Whether the Pallas MoE pair kernels route the n_tokens tokens themselves (top-1, from the router's
         logits, `moe_fp8_pairs(router_logits=...)`): top-1 routing on moe_fp8's pair path (decode, verify and
-        small batches: at most PAIRS_MAX tokens), unless "moe_router" is switched off."""
+        small batches: at most PAIRS_MAX tokens), unless "moe_router" is switched off or the routed experts run
+        on the Mosaic GPU kernel (`experts_on_mosaic`: XLA routes for it)."""
         from pallas_kernels.moe_gemm import PAIRS_MAX
 
         return (self.top_k == 1 and use_pallas(self.kernels, "moe") and use_pallas(self.kernels, "moe_router")
-                and 1 <= n_tokens <= PAIRS_MAX)
+                and 1 <= n_tokens <= PAIRS_MAX and not self.experts_on_mosaic(n_tokens))
+
+    def experts_on_mosaic(self, n_tokens: int) -> bool:
+        """Whether the routed experts of n_tokens tokens (and the shared expert, where it rides along:
+        `shared_in_moe_kernels`) run on the Mosaic GPU kernel (moe_fp8's choice, pallas_kernels.moe_mgpu: Hopper,
+        up to 16 rows, FP8 experts), routed by XLA from the logits. On one H200 (the 8-way rank,
+        docs/benchmarks.md section 21) that made the decode step 3%, the 4-token verify step 10% and the batch-8
+        step 11% faster than the Triton pair kernels routing in-kernel. "mosaic" switched off: never. The shapes checked are the
+        whole layer's (a mesh shard that the kernel does not take runs the Triton pair path, routed by XLA)."""
+        from pallas_kernels import moe_mgpu
+
+        if self.w_gate_scale is None or not (use_pallas(self.kernels, "moe") and use_pallas(self.kernels, "mosaic")):
+            return False
+        E, D, F = self.w_gate.shape
+        rides = shared_in_moe_kernels(self.kernels, (n_tokens, self.top_k), self.shared.w_gate, self.w_gate)
+        scales = (self.w_gate_scale[...], self.w_up_scale[...], self.w_down_scale[...])
+        return moe_mgpu.wanted(n_tokens * self.top_k + (n_tokens if rides else 0), D, F, scales)
 
     def logits_in_norm(self, n_tokens: int) -> bool:
         """Whether the add + norm kernel before this MoE should compute its router's logits (as partials,
-        fused_norm.add_rms_norm(router=...)) for `__call__(x, logits=...)`: where the pair kernels route, with
-        the Pallas norm, unless "norm_router" is switched off. Saves the router's XLA dot (two kernels)."""
-        return (self.routes_in_kernels(n_tokens) and use_pallas(self.kernels, "norm")
-                and use_pallas(self.kernels, "norm_router"))
+        fused_norm.add_rms_norm(router=...)) for `__call__(x, logits=...)`: where the pair kernels route or the
+        experts run on the Mosaic GPU kernel (XLA then routes from them), with the Pallas norm, unless
+        "norm_router" is switched off. Saves the router's XLA dot (two kernels)."""
+        return ((self.routes_in_kernels(n_tokens) or self.experts_on_mosaic(n_tokens))
+                and use_pallas(self.kernels, "norm") and use_pallas(self.kernels, "norm_router"))
 
     def __call__(self, x, logits=None):
         """x [B, T, D] -> [B, T, D]. logits: None, or the router's logits of x as float32 partials [P, B*T, E]
@@ -460,8 +480,8 @@ class MoE(nnx.Module):
         N = B * T
         flat = x.reshape(N, D)
         routes = self.routes_in_kernels(N)
-        if logits is not None and not routes:
-            raise ValueError("router logits given to an MoE whose kernels do not route (see logits_in_norm)")
+        if logits is not None and not (routes or self.experts_on_mosaic(N)):
+            raise ValueError("router logits given to an MoE that does not take them (see logits_in_norm)")
         scales = None if self.w_gate_scale is None else \
             (self.w_gate_scale[...], self.w_up_scale[...], self.w_down_scale[...])
         weights = (self.w_gate[...], self.w_up[...], self.w_down[...])
@@ -482,9 +502,11 @@ class MoE(nnx.Module):
             lg = router_logits(flat, self.router[...]) if logits is None else logits
             out = moe_fp8_pairs(flat, None, None, *weights, scales, shared=shared, interpret=interpret,
                                 router_logits=lg)
-        else:
-            out = moe_fp8(flat, *route(flat, self.router[...], self.top_k), *weights, scales, shared=shared,
-                          interpret=interpret)
+        else:  # XLA routes: from the norm kernel's logit partials (summed, then rounded, as the kernels do)
+            ids, sc = route(flat, self.router[...], self.top_k) if logits is None else \
+                route_logits(logits.sum(0).astype(flat.dtype), self.top_k)
+            out = moe_fp8(flat, ids, sc, *weights, scales, shared=shared, interpret=interpret,
+                          mosaic=None if use_pallas(self.kernels, "mosaic") else False)
         return (out if shared is not None else self.shared(flat) + out).reshape(B, T, D)
 
 

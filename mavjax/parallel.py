@@ -344,7 +344,8 @@ def moe_local(x, idx, scores, w_gate, w_up, w_down, scales, expert_axis, kernels
         from pallas_kernels.moe_gemm import moe_fp8
 
         return moe_fp8(x, jnp.where(local, idx - e0, E_loc), lsc, w_gate, w_up, w_down, scales, shared=shared,
-                       interpret=jax.default_backend() == "cpu")
+                       interpret=jax.default_backend() == "cpu",
+                       mosaic=None if use_pallas(kernels, "mosaic") else False)
     if shared is not None:
         raise ValueError("moe_local: shared= is for the Pallas path (FP8 experts)")
     return moe_experts(x, jnp.where(local, idx - e0, E_loc), lsc, w_gate, w_up, w_down, scales)

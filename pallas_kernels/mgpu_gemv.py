@@ -19,6 +19,8 @@ The op (`fp8_gemv`, `fp8_gemv_multi`), x padded to 8 / 16 rows, on one of two pa
   gain on the output and down projections (section 18); the bf16 path has none (section 19).
 The kernel writes float32 partial sums per K split [S, N, Mp]; XLA sums them, applies the per-channel scales
 (and x's row factors) and transposes (one fusion). Several weights sharing x (gate and up) go in one launch.
+With expert ids (`gemv_partials(ids=...)`) each program row streams the expert whose id it reads from stacked
+[E, K, N] weights: the MoE decode path, pallas_kernels/moe_mgpu.py.
 `reference` is the plain jnp function.
 """
 
@@ -92,13 +94,14 @@ def interpret_params(interpret: bool):
     return InterpretGPUParams(uninitialized_memory="nan")  # an element never written shows as NaN
 
 
-def default_config(K, Ns, num_sms=132):
+def default_config(K, Ns, num_sms=132, copies=1):
     """tile_n, split_k, stages (section 18's sweep at the 8-way rank's and the full shapes, M = 1 and 8): 128-wide
     tiles for weights of 16 MB and more, else 64; the largest split of the K tiles that keeps the programs at
-    about three per SM; up to 4 stages."""
+    about three per SM; up to 4 stages. copies: weights of this shape streamed side by side in one launch (the
+    MoE path's experts, `gemv_partials(ids=...)`)."""
     nbytes = K * sum(Ns)
     tile_n = 128 if nbytes >= LARGE_WEIGHT_BYTES and all(n % 128 == 0 for n in Ns) else 64
-    tiles, nk = sum(Ns) // tile_n, K // tile_k_for(K)
+    tiles, nk = copies * sum(Ns) // tile_n, K // tile_k_for(K)
     split = max(d for d in range(1, nk + 1) if nk % d == 0 and (d == 1 or tiles * d <= 3.1 * num_sms))
     return dict(tile_n=tile_n, split_k=split, stages=min(4, nk // split))
 
@@ -117,24 +120,43 @@ def widen(a, cdt):
     return a.astype(cdt) if jnp.dtype(cdt) == jnp.float16 else a.astype(jnp.float32).astype(cdt)
 
 
-def gemv_partials(xp, ws, *, w_layout="kn", tile_n=64, tile_k=None, split_k=1, stages=4,
+def gemv_partials(xp, ws, *, ids=None, shared_ws=(), w_layout="kn", tile_n=64, tile_k=None, split_k=1, stages=4,
                   compute_dtype=jnp.float16, interpret=None):
     """xp [Mp, K] in compute_dtype (float16 or bfloat16: the weight tiles are widened to it, `widen`; Mp a
     multiple of 8, at most 256);
     ws: float8_e4m3fn weights, each [K, N_i]
     (w_layout "kn", the model's layout) or [N_i, K] ("nk") -> float32 [split_k, sum N_i, Mp]: split s holds
     the sum over its K range of w[k, n] * xp[m, k] (no scales), the weights' columns one after another. Each N_i
-    % tile_n == 0, K % (tile_k * split_k) == 0. interpret (an `InterpretGPUParams`: Pallas' GPU interpreter on
-    a CPU, which has no register operands, layouts or transposed refs): the widened tile goes through shared
-    memory and x is handed over transposed, the rest (grid, splits, pipeline) as on the GPU."""
+    % tile_n == 0, K % (tile_k * split_k) == 0.
+    ids: None, or int32 [P] expert ids with each weight stacked per expert ([E, K, N_i] / [E, N_i, K]): the grid
+    gains an axis over the P ids, program p streams expert ids[p]'s tiles (read by its id from the stacked
+    weights: only the experts named are read) and the result is [split_k, P, sum N_i, Mp]; an id outside [0, E)
+    reads nothing and leaves its slice unwritten (the caller masks it). shared_ws (with ids): (Q, weights) - Q
+    more program rows after the P ids' stream these unstacked weights, one per ws entry, of one expert's shape
+    (the MoE's shared expert, a row per token): the result is then [split_k, P + Q, sum N_i, Mp]. The MoE decode
+    path (pallas_kernels.moe_mgpu) takes xp's rows as all P + Q rows' inputs and keeps row p of slice p.
+    interpret (an `InterpretGPUParams`: Pallas' GPU interpreter on a CPU, which has no register operands, layouts
+    or transposed refs): the widened tile goes through shared memory and x is handed over transposed, the rest
+    (grid, splits, pipeline) as on the GPU."""
     ws = tuple(ws)
     Mp, K = xp.shape
     tile_k = tile_k or tile_k_for(K)
-    Ns = [w.shape[1] if w_layout == "kn" else w.shape[0] for w in ws]
+    stacked = ids is not None
+    if stacked and (ids.ndim != 1 or ids.dtype != jnp.int32 or any(w.ndim != 3 for w in ws)
+                    or len({w.shape[0] for w in ws}) != 1):
+        raise ValueError(f"ids must be int32 [P] with weights stacked [E, ...] alike, got {ids.dtype} {ids.shape} "
+                         f"and {[w.shape for w in ws]}")
+    E = ws[0].shape[0] if stacked else None
+    shapes = [w.shape[1:] if stacked else w.shape for w in ws]  # one expert's (or the one) weight
+    Q, shared_ws = (shared_ws[0], tuple(shared_ws[1])) if shared_ws else (0, ())
+    if Q and (not stacked or [w.shape for w in shared_ws] != shapes or any(w.dtype != FP8 for w in shared_ws)):
+        raise ValueError(f"shared_ws must go with ids, one FP8 weight per expert weight of its shape {shapes}, got "
+                         f"{[(w.shape, str(w.dtype)) for w in shared_ws]}")
+    Ns = [sh[1] if w_layout == "kn" else sh[0] for sh in shapes]
     cdt = jnp.dtype(compute_dtype)
     if xp.dtype != cdt or cdt not in (jnp.float16, jnp.bfloat16) or any(w.dtype != FP8 for w in ws):
         raise TypeError(f"need {cdt} x and float8_e4m3fn weights, got {xp.dtype} and {[w.dtype for w in ws]}")
-    if any((w.shape[0] if w_layout == "kn" else w.shape[1]) != K for w in ws):
+    if any((sh[0] if w_layout == "kn" else sh[1]) != K for sh in shapes):
         raise ValueError(f"x has K={K}, weights {[w.shape for w in ws]} (w_layout={w_layout})")
     if Mp % 8 or Mp > 256:
         raise ValueError(f"x's rows must be padded to a multiple of 8 (at most 256), got {Mp}")
@@ -145,13 +167,19 @@ def gemv_partials(xp, ws, *, w_layout="kn", tile_n=64, tile_k=None, split_k=1, s
     lane = w_layout == "kn" and interpret is None  # the transposed register load: Lane semantics, own layouts
     starts = [sum(Ns[:i]) // tile_n for i in range(len(ws) + 1)]  # each weight's first tile in the grid
 
-    def body(x_gmem, *refs):
-        w_gmems, out_gmem = refs[:-1], refs[-1]
+    def body(*refs):
+        ids_gmem, refs = (refs[0], refs[1:]) if stacked else (None, refs)
+        x_gmem, w_gmems, out_gmem = refs[0], refs[1:1 + len(ws)], refs[-1]
+        shared_gmems = refs[1 + len(ws):-1]
         # under programmatic dependent launch (mavjax.xla_flags) a kernel may start while its predecessor runs;
         # a Mosaic GPU kernel waits for it only where it says so: before its first read (a no-op without PDL)
         if interpret is None:
             plgpu.griddepcontrol_wait()
         ni, si = lax.axis_index("n"), lax.axis_index("s")
+        if stacked:
+            pi = lax.axis_index("p")
+            e = ids_gmem[jnp.minimum(pi, P - 1)]  # (a shared row's program reads a valid id it does not use)
+            out_gmem = out_gmem.at[:, pi]  # [split_k, sum N, Mp]: this row's slice
 
         def program(w_gmem, nj):  # output tile nj of one weight, K split si
             def acc_scope(acc_ref, a_smem=None):
@@ -197,24 +225,57 @@ def gemv_partials(xp, ws, *, w_layout="kn", tile_n=64, tile_k=None, split_k=1, s
                 plgpu.copy_smem_to_gmem(o_smem, out_gmem.at[si, pl.ds(ni * tile_n, tile_n)])
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-        if len(ws) == 1:
-            program(w_gmems[0], ni)
-        for i, w_gmem in enumerate(w_gmems if len(ws) > 1 else ()):
-            pl.when((ni >= starts[i]) & (ni < starts[i + 1]))(
-                functools.partial(program, w_gmem, ni - starts[i]))
+        def programs(gm):
+            if len(ws) == 1:
+                program(gm[0], ni)
+            for i, w_gmem in enumerate(gm if len(ws) > 1 else ()):
+                pl.when((ni >= starts[i]) & (ni < starts[i + 1]))(
+                    functools.partial(program, w_gmem, ni - starts[i]))
+
+        if not stacked:
+            programs(w_gmems)
+            return
+        # a dropped id: no weight read, its slice left unwritten
+        pl.when((pi < P) & (e >= 0) & (e < E))(lambda: programs([w.at[e] for w in w_gmems]))
+        if Q:
+            pl.when(pi >= P)(lambda: programs(shared_gmems))
 
     sem = plgpu.LoweringSemantics.Lane if lane else plgpu.LoweringSemantics.Warpgroup
+    P = ids.shape[0] if stacked else None
+    rows = [P + Q] if stacked else []
     kern = plgpu.kernel(
-        body, out_type=jax.ShapeDtypeStruct((split_k, sum(Ns), Mp), jnp.float32),
-        grid=(starts[-1], split_k), grid_names=("n", "s"), interpret=interpret,
-        kernel_name=f"mgpu_fp8_gemv_{w_layout}_n{tile_n}_k{tile_k}_s{split_k}_st{stages}",
-        compiler_params=plgpu.CompilerParams(lowering_semantics=sem))
-    return kern(xp.T if interpret is not None else xp, *ws)
+        body, out_type=jax.ShapeDtypeStruct((split_k, *rows, sum(Ns), Mp), jnp.float32),
+        grid=(starts[-1], split_k, *rows), grid_names=("n", "s", "p")[:3 if stacked else 2],
+        interpret=interpret, compiler_params=plgpu.CompilerParams(lowering_semantics=sem),
+        kernel_name=f"mgpu_fp8_{'moe' if stacked else 'gemv'}_{w_layout}_n{tile_n}_k{tile_k}_s{split_k}_st{stages}")
+    return kern(*([ids] if stacked else []), xp.T if interpret is not None else xp, *ws, *shared_ws)
 
 
 def padded_rows(M) -> int:
     """The kernel's x rows for M tokens: the WGMMA's N, a multiple of 8."""
     return -(-M // 8) * 8
+
+
+def operand(x, widened=None, compute_dtype=None):
+    """x [M, K] -> the kernel's x (xp [padded_rows(M), K] in the compute dtype), its row factors (rs [M] float32
+    with x = xp[:M] * rs[:, None], or None) and the compute dtype: bfloat16 for bf16 x not handed over widened
+    (taken as it is), else float16 (x widened with an exact power of two per row, `upcast.to_compute`, or as
+    `widened` gives it: (xc [padded_rows(M), K] float16, rs [padded_rows(M)] float32))."""
+    M, K = x.shape
+    Mp = padded_rows(M)
+    cdt = compute_dtype or (jnp.bfloat16 if x.dtype == jnp.bfloat16 and widened is None else jnp.float16)
+    if jnp.dtype(cdt) == jnp.bfloat16:
+        if widened is not None or x.dtype != jnp.bfloat16:
+            raise ValueError(f"the bfloat16 path takes bf16 x as it is, got {x.dtype} x, widened={widened is not None}")
+        return jnp.pad(x, ((0, Mp - M), (0, 0))), None, cdt  # [Mp, K]
+    if widened is None:
+        xc, rs = upcast.to_compute(x, jnp.float16)  # x = xc * rs[:, None], exactly
+        return jnp.pad(xc, ((0, Mp - M), (0, 0))), rs, cdt  # [Mp, K]
+    xp, rs = widened
+    if xp.shape != (Mp, K) or xp.dtype != jnp.float16 or rs.shape != (Mp,):
+        raise ValueError(f"widened must be float16 [{Mp}, {K}] and [{Mp}] for x {x.shape}, got {xp.dtype} "
+                         f"{xp.shape} and {rs.shape}")
+    return xp, rs[:M], cdt
 
 
 @functools.partial(jax.jit, static_argnames=("w_layout", "tile_n", "split_k", "stages", "out_dtype", "compute_dtype",
@@ -237,21 +298,7 @@ def fp8_gemv_multi(x, ws, scales, *, widened=None, w_layout="kn", tile_n=None, s
                          f"N={Ns}")
     cfg = default_config(K, Ns)
     tile_n, split_k, stages = tile_n or cfg["tile_n"], split_k or cfg["split_k"], stages or cfg["stages"]
-    Mp = padded_rows(M)
-    cdt = compute_dtype or (jnp.bfloat16 if x.dtype == jnp.bfloat16 and widened is None else jnp.float16)
-    if jnp.dtype(cdt) == jnp.bfloat16:
-        if widened is not None or x.dtype != jnp.bfloat16:
-            raise ValueError(f"the bfloat16 path takes bf16 x as it is, got {x.dtype} x, widened={widened is not None}")
-        xp, rs = jnp.pad(x, ((0, Mp - M), (0, 0))), None  # [Mp, K]
-    elif widened is None:
-        xc, rs = upcast.to_compute(x, jnp.float16)  # x = xc * rs[:, None], exactly
-        xp = jnp.pad(xc, ((0, Mp - M), (0, 0)))  # [Mp, K]
-    else:
-        xp, rs = widened
-        if xp.shape != (Mp, K) or xp.dtype != jnp.float16 or rs.shape != (Mp,):
-            raise ValueError(f"widened must be float16 [{Mp}, {K}] and [{Mp}] for x {x.shape}, got {xp.dtype} "
-                             f"{xp.shape} and {rs.shape}")
-        rs = rs[:M]
+    xp, rs, cdt = operand(x, widened, compute_dtype)
     parts = gemv_partials(xp, ws, w_layout=w_layout, tile_n=tile_n, split_k=split_k, stages=stages,
                           compute_dtype=cdt, interpret=interpret)  # [S, sum N, Mp]
     yt = parts.sum(0)[:, :M]  # [sum N, M]

@@ -61,6 +61,8 @@ weights' bytes are the cost), and the k pairs of a token are summed at the end. 
 read; two pairs on one expert read it twice (at Maverick's 128 experts and top-1, rare at decode batch sizes,
 and the second read is likely an L2 hit). `shared=` adds Llama 4's shared expert as one more program row per
 token in the same two launches (rows P.. of both grids read the shared weights instead of an expert's).
+On a Hopper GPU `moe_fp8` gives up to 16 such rows to the same design on the Mosaic GPU weight-only GEMM
+instead (pallas_kernels/moe_mgpu.py, `mosaic=`): 20-31% less time (docs/benchmarks.md section 21).
 
 Everything runs under interpret=True on CPU (tests/test_moe_gemm.py); scripts/bench_moe.py validates both
 paths on the GPU before timing (sorted path: validated and timed on an H100, JAX 0.11.2).
@@ -76,8 +78,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from pallas_kernels import mgpu_gemv, moe_mgpu, upcast
 from pallas_kernels import split_k as _split_k
-from pallas_kernels import upcast
 from pallas_kernels.fp8_gemm import (
     FP8, NUM_SMS_H100, plgpu, _call, _silu, _exact_upcast, _in_bounds, _load, _mask2, _next_pow2, _store,
     quantize_weight_per_channel, swiglu_of_partials, weight_only_blocks)
@@ -609,14 +611,14 @@ def _check_args(x, expert_idx, scores, w_gate, w_up, w_down, scales):
 
 _STATIC = ("method", "block_m", "block_n", "block_k", "split_k", "block_n_down", "block_k_down", "split_k_down",
            "num_warps", "num_stages", "num_stages_down", "evict", "compute_dtype", "interpret", "poison_output",
-           "reduce", "gu_epilogue")
+           "reduce", "gu_epilogue", "mosaic")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def moe_fp8(x, expert_idx, scores, w_gate, w_up, w_down, scales=None, *, shared=None, method="auto", block_m=None,
             block_n=None, block_k=None, split_k=None, block_n_down=None, block_k_down=None, split_k_down=None,
             num_warps=None, num_stages=None, num_stages_down=None, evict=True, compute_dtype=None, interpret=False,
-            poison_output=False, reduce=None, gu_epilogue=None):
+            poison_output=False, reduce=None, gu_epilogue=None, mosaic=None):
     """Routed experts of a Llama 4 MoE layer: `moe_reference` semantics, two Pallas launches over all experts.
 
     x [N, D]; expert_idx, scores [N, k]; w_gate, w_up [E, D, F]; w_down [E, F, D]: FP8 (e4m3fn) with
@@ -633,14 +635,26 @@ def moe_fp8(x, expert_idx, scores, w_gate, w_up, w_down, scales=None, *, shared=
     interpret: Pallas interpreter (CPU tests).
     method: "sorted" (grouped GEMM over expert-sorted row blocks), "pairs" (`moe_fp8_pairs`: one program row
     per (token, expert) pair, no sort) or "auto": pairs up to PAIRS_MAX pairs (decode), sorted beyond.
-    shared: the shared expert, run inside the pair path's launches (`moe_fp8_pairs`); the result is then routed
-    + shared. The sorted path does not take it (at prefill sizes the shared expert is a GEMM of its own).
+    mosaic: the pairs on the Mosaic GPU weight-only GEMM instead (`moe_mgpu.moe_fp8_mgpu`: up to 16 rows, the
+    pairs plus a row per token for the shared expert; FP8 with per-channel scales): False never; True always (a
+    ValueError where it does not apply); None with method "auto" and no Triton tile given, where
+    `moe_mgpu.wanted` (on a Hopper GPU): 20-30% under the Triton pair path at the 8-way shard and full width, 1
+    and 8 tokens (docs/benchmarks.md section 21).
+    shared: the shared expert, run inside the pair path's launches (`moe_fp8_pairs`, or the Mosaic GPU path's);
+    the result is then routed + shared. The sorted path does not take it (at prefill sizes the shared expert is
+    a GEMM of its own).
     reduce, gu_epilogue: the pair path's (`moe_fp8_pairs`): where split-K partials are summed (default: in the
     kernels that made them); the sorted path always sums its partials in XLA."""
     N, D, E, F = _check_args(x, expert_idx, scores, w_gate, w_up, w_down, scales)
     P = expert_idx.size
     if method not in ("auto", "pairs", "sorted"):
         raise ValueError(f"method must be 'auto', 'pairs' or 'sorted', got {method!r}")
+    triton_args = (block_m, block_n, block_k, split_k, block_n_down, block_k_down, split_k_down, num_warps,
+                   num_stages, num_stages_down, compute_dtype, reduce, gu_epilogue)
+    auto = method == "auto" and not poison_output and all(v is None for v in triton_args)
+    if mosaic or (mosaic is None and auto and moe_mgpu.wanted(P + (N if shared else 0), D, F, scales)):
+        return moe_mgpu.moe_fp8_mgpu(x, expert_idx, scores, w_gate, w_up, w_down, scales, shared=shared,
+                                     interpret=mgpu_gemv.interpret_params(interpret))
     pairs = method == "pairs" or (method == "auto" and P <= PAIRS_MAX and block_m is None)
     if shared is not None and not pairs:
         raise ValueError(f"shared= runs on the pair path only (method 'pairs', or 'auto' with at most "

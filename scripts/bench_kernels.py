@@ -19,6 +19,8 @@ Order (most important rows first, so a run cut by --budget-s still has them):
      Maverick-width model decode at batch 1 (kernels="pallas" vs "xla", bf16 and FP8 weights), the fusions
      at decode.
   2. the rest: GEMM at M in {1, 8, 64} and prefill, more attention shapes, fusions at prefill, MoE N=64.
+MoE rows time moe_fp8's default path (on Hopper up to 16 pairs the Mosaic GPU pair path, `path` column) and,
+where that is the Mosaic one, the Triton pair path beside it (`triton` column).
 Columns: us (best per op), TB/s (bytes that must move / time) or TFLOP/s, xfloor = time / floor (floor =
 bytes / copy bandwidth, or FLOPs / the H100 dense-FP8 datasheet peak for prefill), then XLA time / Pallas time
 for each baseline of the same run (> 1: Pallas faster). Timing: bench_fp8_gemm.Cell, bench_attention.time_op,
@@ -55,7 +57,7 @@ from pallas_kernels.decode_attention import decode_attention, decode_attention_r
 from pallas_kernels.fp8_gemm import fp8_matmul  # noqa: E402
 from pallas_kernels.fused_gemm import gate_up_swiglu, gate_up_swiglu_ref, qkv_rope, qkv_rope_ref  # noqa: E402
 from pallas_kernels.fused_norm import add_rms_norm, add_rms_norm_ref  # noqa: E402
-from pallas_kernels import mgpu_gemv  # noqa: E402
+from pallas_kernels import mgpu_gemv, moe_mgpu  # noqa: E402
 
 T0 = time.perf_counter()
 FP8 = jnp.float8_e4m3fn
@@ -406,7 +408,14 @@ def moe_rows(run, plan, shapes, Ns, key, W_cache):
             groups = [flat[g * U:(g + 1) * U] for g in range(G)]
             hit = float(np.mean([len(np.unique(np.asarray(i))) for _, i, _ in flat]))
             row = dict(shape=name, F=F, N=N, hit=hit)
-            cells = {"pallas_us": bmoe.Cell(bmoe.pallas_op({}), W["fp8"], W["scales"], groups)}
+            # moe_fp8's default is the Mosaic GPU pair path where it applies (Hopper, <= 16 pairs; in the dry run
+            # asked for explicitly): then the Triton pair path is timed beside it
+            mosaic = bmoe.mosaic_here() and moe_mgpu.supported(N, plan.D, F, W["scales"])
+            cells = {"pallas_us": bmoe.Cell(bmoe.pallas_op(dict(mosaic=True) if mosaic else {}), W["fp8"],
+                                            W["scales"], groups)}
+            if mosaic:
+                cells["triton_us"] = bmoe.Cell(bmoe.pallas_op(dict(method="pairs")), W["fp8"], W["scales"], groups)
+            row["path"] = "mosaic" if mosaic else "triton"
             if N <= GATHER_MAX_PAIRS:  # above, the model's XLA path upcasts every expert per call (32 GB full)
                 cells["xla_fp8_us"] = bmoe.Cell(bmoe.xla_op, W["fp8"], W["scales"], groups)
             if "bf16" in W:
@@ -418,16 +427,21 @@ def moe_rows(run, plan, shapes, Ns, key, W_cache):
                     log(f"    moe {k}: {c.error}")
             x, i, sc = groups[0][0]
             ref = bmoe.ref_fn(x, i, sc, *W["fp8"], scales=W["scales"])
-            if cells["pallas_us"].first is not None:
-                row["err"] = rel_err(np.asarray(cells["pallas_us"].first[0], np.float32), np.asarray(ref, np.float32))
+            for k, c in cells.items():
+                if k in ("pallas_us", "triton_us") and c.first is not None:
+                    row["err" if k == "pallas_us" else "triton_err"] = rel_err(np.asarray(c.first[0], np.float32),
+                                                                              np.asarray(ref, np.float32))
             nbytes = bmoe.expert_bytes(hit, F, 1, True)
             row["floor_us"] = nbytes / run.bw * 1e6
             if row.get("pallas_us"):
                 row["TBps"] = nbytes / row["pallas_us"] / 1e6
                 row["xfloor"] = row["pallas_us"] / row["floor_us"]
+            if row.get("triton_us"):
+                row["triton_xfloor"] = row["triton_us"] / row["floor_us"]
             run.rows["moe"].append(row)
-            log(f"  moe {name} N={N}: {row.get('pallas_us')} us = {row.get('xfloor')} x the active-expert bytes, "
-                f"err {row.get('err')}, {ratios(row)}")
+            log(f"  moe {name} N={N} ({row['path']}): {row.get('pallas_us')} us = {row.get('xfloor')} x the "
+                f"active-expert bytes, err {row.get('err')}, {ratios(row)}; Triton pairs {row.get('triton_us')} us "
+                f"= {row.get('triton_xfloor')} x, err {row.get('triton_err')}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -616,14 +630,16 @@ def print_tables(run, res):
         print(f"{r['kv']:>4s} {r['B']:2d} {r['H']:2d} {r['K']:2d} {r['S']:6d} {r['T']:2d} {str(r['chunk']):>5s} "
               f"{f(r['pallas_us'], 8)} {f(r['TBps'], 5, 2)} {f(r['pct_copy'], 5, 0)} {f(x.get('xla'), 6, 2)} "
               f"{f(x.get('xla_jaxop'), 6, 2)} {r['err']:7.1e}")
-    print("\nMoE decode, FP8 experts (floor = bytes of the experts hit / copy bw; target xfloor <= 1.3)")
-    print(f"{'shape':8s} {'N':>4s} {'hit':>5s} {'us':>8s} {'TB/s':>5s} {'xfloor':>6s} {'x.bf16':>6s} {'x.fp8':>6s} "
-          f"{'err':>7s}")
+    print("\nMoE decode, FP8 experts (floor = bytes of the experts hit / copy bw; target xfloor <= 1.3; path: "
+          "moe_fp8's default, mosaic = the pairs on the Mosaic GPU kernel; triton = the Triton pair path beside it)")
+    print(f"{'shape':8s} {'N':>4s} {'hit':>5s} {'path':>6s} {'us':>8s} {'TB/s':>5s} {'xfloor':>6s} {'x.bf16':>6s} "
+          f"{'x.fp8':>6s} {'err':>7s} {'triton':>8s} {'xfloor':>6s}")
     for r in run.rows["moe"]:
         x = ratios(r)
-        print(f"{r['shape'][:8]:8s} {r['N']:4d} {r['hit']:5.1f} {f(r.get('pallas_us'), 8)} {f(r.get('TBps'), 5, 2)} "
-              f"{f(r.get('xfloor'), 6, 2)} {f(x.get('xla_bf16'), 6, 2)} {f(x.get('xla_fp8'), 6, 2)} "
-              f"{fmt(r.get('err'), 7, 4)}")
+        print(f"{r['shape'][:8]:8s} {r['N']:4d} {r['hit']:5.1f} {r.get('path', '-'):>6s} {f(r.get('pallas_us'), 8)} "
+              f"{f(r.get('TBps'), 5, 2)} {f(r.get('xfloor'), 6, 2)} {f(x.get('xla_bf16'), 6, 2)} "
+              f"{f(x.get('xla_fp8'), 6, 2)} {fmt(r.get('err'), 7, 4)} {f(r.get('triton_us'), 8)} "
+              f"{f(r.get('triton_xfloor'), 6, 2)}")
     print("\nfusions (v.unf = unfused Pallas time / fused; x = XLA time / fused)")
     print(f"{'fusion':17s} {'shape':20s} {'M':>5s} {'us':>7s} {'n128 us':>7s} {'TB/s':>5s} {'xfloor':>6s} "
           f"{'v.unf':>6s} {'x.upc':>6s} {'x.bf16':>6s} {'x.xla':>6s}")

@@ -19,8 +19,9 @@ tensor-parallel shard F=1024 ("shard", FP8 2.0 GB / bf16 4.0 GB); top-1 uniform 
    (G*U = 32 at decode), so the experts hit change from call to call and the 50 MB L2 does not serve
    repeats (one shard expert is 15.7 MB in FP8). Columns:
      hit      distinct experts per routing set (mean); bytes = hit x (3*D*F weight bytes + scale bytes)
-     pallas   moe_fp8 end to end (method auto: the pair path up to PAIRS_MAX pairs, else sort, gather,
-              2 kernels, combine), us; TB/s = bytes / time; %cp = TB/s over the copy bandwidth;
+     pallas   moe_fp8 end to end (method auto: on Hopper the Mosaic GPU pair path up to 16 pairs
+              (pallas_kernels/moe_mgpu.py), else the Triton pair path up to PAIRS_MAX pairs, else sort,
+              gather, 2 kernels, combine), us; TB/s = bytes / time; %cp = TB/s over the copy bandwidth;
               `sorted`: the sorted path end to end at the same N (the column = pallas where auto is sorted)
      kern     the sorted path's two pallas_calls alone (sorted, gathered input prepared outside), us and TB/s
      xla      mavjax.model.moe_experts with bf16 weights (<= 8 pairs: per-pair weight gather; more:
@@ -48,6 +49,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from mavjax.benchmarking import DeviceLoop, copy_bandwidth, fmt, speedup  # noqa: E402
 from mavjax.model import moe_experts  # noqa: E402
+from pallas_kernels import mgpu_gemv  # noqa: E402
 from pallas_kernels.fp8_gemm import quantize_weight_per_channel  # noqa: E402
 from pallas_kernels.moe_gemm import (  # noqa: E402
     PAIRS_MAX, _down, _gate_up, default_config, moe_fp8, moe_reference, quantize_experts, sort_tokens)
@@ -243,6 +245,13 @@ def validate(key, shard, res):
     ]
     if bf is not None:
         cases.append(("shard bf16 weights N=8", bf, None, make_sets(key, 8, 1, n_e)[0], {}))
+    if mosaic_here():  # the Mosaic GPU pair path (pallas_kernels/moe_mgpu.py): its shapes are multiples of 64
+        mos = dict(mosaic=True)
+        cases += [("shard fp8 N=1 k=1 mosaic", fp8, sc, make_sets(key, 1, 1, n_e)[0], mos),
+                  ("shard fp8 N=8 k=2 mosaic", fp8, sc, make_sets(key, 8, 1, n_e, k=2)[0], mos)]
+        if dn % 64 == 0 and fn % 64 == 0:
+            cases.append(("NaN weights in unrouted experts N=8 mosaic", nanw["fp8"], nanw["scales"],
+                          make_sets(key, 8, 1, 16, dim=dn, experts=used)[0], mos))
 
     def run(c):
         name, w, s, (x, i, scr), cfg = c
@@ -272,6 +281,11 @@ def validate(key, shard, res):
 
 
 # ---------------------------------------------------------------------------------------------------------
+
+def mosaic_here():
+    """Whether moe_fp8(mosaic=True) runs here: on a Hopper GPU, or anywhere under the interpreter."""
+    return mgpu_gemv.plgpu is not None and (INTERPRET or mgpu_gemv.on_hopper())
+
 
 def fmt_cfg(c):
     if not c:

@@ -307,7 +307,8 @@ def test_pallas_kernel_families_can_be_switched_off(monkeypatch, off):
 def test_mosaic_gate_up_in_the_model(monkeypatch, off, T):
     """On a Hopper GPU the dense MLPs' gate/up at decode and verification run the Mosaic GPU kernel
     (pallas_kernels.mgpu_gemv), its x widened to float16 by the FFN's add + norm kernel (MLP.widen_rows), in
-    place of Triton's fused gate/up + SwiGLU; MAVJAX_PALLAS_DISABLE=mosaic brings Triton's back. Here
+    place of Triton's fused gate/up + SwiGLU, and the MoE layers' experts too (pallas_kernels.moe_mgpu, in place
+    of the Triton pair kernels); MAVJAX_PALLAS_DISABLE=mosaic brings Triton's back. Here
     `on_hopper` is patched and the kernel runs in Pallas' GPU interpreter: the traced step names exactly those
     kernels, and the logits are the XLA path's."""
     import jax.numpy as jnp
@@ -337,6 +338,12 @@ def test_mosaic_gate_up_in_the_model(monkeypatch, off, T):
     shared = cfg.num_hidden_layers - n_dense if T > 1 else 0  # several tokens: the shared experts' own gate/up
     want = (0, n_dense + shared, 0) if off else (n_dense, shared, n_dense)
     assert (count("mgpu_fp8_gemv"), count("fp8_gate_up_swiglu"), count("add_rms_norm", "_widen")) == want, names
+    # the routed experts on it too (MoE.experts_on_mosaic; at one token the shared expert rides along, as in
+    # the Triton pair kernels): two launches a layer, XLA routes from the norm kernel's logits
+    n_moe = cfg.num_hidden_layers - n_dense
+    assert count("mgpu_fp8_moe") == (0 if off else 2 * n_moe), names
+    assert count("moe_gate_up_pairs") + count("moe_down_pairs") == (2 * n_moe if off else 0), names
+    assert count("add_rms_norm", "_router") == n_moe, names  # the logits still come from the norm kernel
     np.testing.assert_allclose(np.asarray(logits), np.asarray(step(nets["xla"])[1]), rtol=2e-3, atol=2e-3)
 
 

@@ -1,0 +1,180 @@
+"""The Mosaic GPU MoE decode path (pallas_kernels/moe_mgpu.py: the (token, expert) pairs on the expert-indexed
+Mosaic GPU weight-only GEMM) under Pallas' GPU interpreter, against moe_gemm.moe_reference, and its place in
+moe_fp8.
+
+Error bound (||out - ref|| / ||ref||, ref in float32 on the dequantized weights): the GEMMs are exact products
+summed in f32 (tests/test_mgpu_gemv.py), but h is kept in bf16 between the two launches (as the Triton pair
+path keeps it: <= 2^-9 relative per element) and the output is cast to bf16 (another 2^-9): 1e-2, the bound
+of tests/test_moe_gemm.py. The interpreter fills every buffer with NaN first, so a partial sum the kernel never
+writes and the epilogue reads makes the output non-finite; unrouted experts hold NaN weights, so a program
+that reads an expert it was not given does too.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import mgpu_gemv, moe_mgpu
+from pallas_kernels.moe_gemm import moe_fp8, moe_reference, quantize_experts
+
+INTERP = mgpu_gemv.interpret_params(True)
+
+
+def _err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def _experts(seed, E, D, F):
+    ks = jax.random.split(jax.random.key(seed), 3)
+    w = [jax.random.normal(k, s) * 0.05 for k, s in zip(ks, [(E, D, F), (E, D, F), (E, F, D)])]
+    return quantize_experts(*w)
+
+
+def _poison_unrouted(ws, scales, used):
+    """NaN weights and scales in every expert no pair names."""
+    dead = jnp.asarray([e not in used for e in range(ws[0].shape[0])])
+    ws = tuple(jnp.where(dead[:, None, None], jnp.asarray(jnp.nan, w.dtype), w) for w in ws)
+    return ws, tuple(jnp.where(dead[:, None], jnp.nan, s) for s in scales)
+
+
+@pytest.mark.parametrize("N,k,E,D,F,x_dtype,cfg", [
+    (1, 1, 4, 128, 192, jnp.bfloat16, {}),  # decode, one token: the bf16 path
+    (3, 2, 6, 192, 256, jnp.float32, dict(split_k=3, split_k_down=2)),  # f32 x: the f16 path with row factors
+    (8, 2, 8, 64, 64, jnp.bfloat16, dict(tile_n_down=64, stages=1)),  # 16 pairs: the WGMMA's 16 columns
+])
+def test_matches_reference_and_reads_only_named_experts(N, k, E, D, F, x_dtype, cfg):
+    (wg, wu, wd), scales = _experts(N * 10 + k, E, D, F)
+    rng = np.random.default_rng(N)
+    idx = np.stack([rng.choice(E - 1, size=k, replace=False) for _ in range(N)]).astype(np.int32)  # expert E-1 unused
+    if N > 1:
+        idx[1, 0] = idx[0, 0]  # two pairs on one expert
+    x = (jax.random.normal(jax.random.key(7), (N, D)) * (3e4 if x_dtype == jnp.float32 else 1.0)).astype(x_dtype)
+    x = x.at[0].multiply(1e-3)  # rows of different magnitudes
+    sc = jax.nn.sigmoid(jax.random.normal(jax.random.key(8), (N, k))).astype(x_dtype)
+    ws, ss = _poison_unrouted((wg, wu, wd), scales, set(idx.ravel().tolist()))
+    y = moe_mgpu.moe_fp8_mgpu(x, jnp.asarray(idx), sc, *ws, ss, interpret=INTERP, **cfg)
+    ref = moe_reference(x, jnp.asarray(idx), sc, wg, wu, wd, scales=scales)
+    assert y.shape == (N, D) and y.dtype == x_dtype and bool(jnp.isfinite(y).all())
+    assert _err(y, ref) < 1e-2, _err(y, ref)
+
+
+@pytest.mark.parametrize("N,k", [(1, 1), (3, 2)])
+def test_shared_expert_rides_along(N, k):
+    """shared=: one more row per token streams the shared expert in the same two launches (input not scaled by
+    a score); the result is routed + shared, what moe_fp8_pairs(shared=...) and the model compute."""
+    from pallas_kernels.moe_gemm import moe_fp8_pairs
+
+    E, D, F = 5, 128, 64
+    (wg, wu, wd), scales = _experts(11 + N, E, D, F + 0)
+    (sg, su, sd), sh_s = _experts(12 + N, 1, D, F)
+    shared = (sg[0], su[0], sd[0], tuple(s[0] for s in sh_s))
+    x = jax.random.normal(jax.random.key(N), (N, D)).astype(jnp.bfloat16)
+    idx = jnp.asarray(np.arange(N * k).reshape(N, k) % (E - 1), jnp.int32)
+    sc = jax.nn.sigmoid(jax.random.normal(jax.random.key(9), (N, k))).astype(jnp.bfloat16)
+    ws, ss = _poison_unrouted((wg, wu, wd), scales, set(np.asarray(idx).ravel().tolist()))
+    y = moe_mgpu.moe_fp8_mgpu(x, idx, sc, *ws, ss, shared=shared, interpret=INTERP)
+    ones = jnp.ones((N, 1), jnp.bfloat16)
+    ref = (moe_reference(x, idx, sc, wg, wu, wd, scales=scales).astype(jnp.float32)
+           + moe_reference(x, jnp.zeros((N, 1), jnp.int32), ones, sg, su, sd, scales=sh_s).astype(jnp.float32))
+    assert bool(jnp.isfinite(y).all()) and _err(y, ref) < 1e-2, _err(y, ref)
+    pairs = moe_fp8_pairs(x, idx, sc, wg, wu, wd, scales, shared=shared, interpret=True)
+    assert _err(y, pairs) < 1e-2  # the Triton pair path's function
+    with pytest.raises(ValueError, match="shared expert must be"):
+        moe_mgpu.moe_fp8_mgpu(x, idx, sc, wg, wu, wd, scales, shared=(sg[0], su[0], sd[0][:, :64], shared[3]),
+                              interpret=INTERP)
+
+
+def test_dropped_pairs_read_nothing_and_add_nothing():
+    """An id outside [0, E) (what the expert-parallel path gives a pair owned by another device) reads no expert
+    and contributes zero; the token's other pairs still count."""
+    E, D, F = 4, 128, 64
+    (wg, wu, wd), scales = _experts(3, E, D, F)
+    x = jax.random.normal(jax.random.key(1), (2, D)).astype(jnp.bfloat16)
+    sc = jnp.full((2, 2), 0.7, jnp.bfloat16)
+    idx = jnp.asarray([[1, E], [-1, 2]], jnp.int32)
+    ws, ss = _poison_unrouted((wg, wu, wd), scales, {1, 2})
+    y = moe_mgpu.moe_fp8_mgpu(x, idx, sc, *ws, ss, interpret=INTERP)
+    kept = jnp.asarray([[1], [2]], jnp.int32)
+    ref = moe_reference(x, kept, sc[:, :1], wg, wu, wd, scales=scales)
+    assert bool(jnp.isfinite(y).all()) and _err(y, ref) < 1e-2
+
+
+def test_gemv_partials_by_expert_id():
+    """The kernel alone: slice p of the result is xp @ w[ids[p]] for every row (the op keeps row p), exact in
+    f32; a dropped id's slice is left unwritten (NaN under the interpreter)."""
+    E, K, N = 3, 256, 64
+    w = jax.random.normal(jax.random.key(0), (E, K, N)).astype(mgpu_gemv.FP8)
+    xp = jax.random.normal(jax.random.key(1), (8, K)).astype(jnp.float16)
+    ids = jnp.asarray([2, 0, 7], jnp.int32)
+    parts = mgpu_gemv.gemv_partials(xp, (w,), ids=ids, split_k=2, stages=1, interpret=INTERP)  # [2, 3, N, 8]
+    assert parts.shape == (2, 3, N, 8)
+    got = parts.sum(0)
+    for p, e in enumerate([2, 0]):
+        want = jnp.einsum("mk,kn->nm", xp.astype(jnp.float32), w[e].astype(jnp.float32))
+        np.testing.assert_allclose(np.asarray(got[p]), np.asarray(want), rtol=1e-5, atol=1e-3)
+    assert bool(jnp.isnan(got[2]).all())
+    with pytest.raises(ValueError, match="stacked"):
+        mgpu_gemv.gemv_partials(xp, (w[0],), ids=ids, interpret=INTERP)
+
+
+def test_lowers_for_the_gpu():
+    """The GPU form (the expert id read from global memory, the expert's weights by that id through the TMA
+    pipeline, Lane semantics; with the shared expert riding along) lowers to Mosaic GPU for CUDA on this CPU,
+    at the 8-way shard's shapes."""
+    E, D, F = 8, 5120, 1024
+    x, idx, sc = jnp.ones((1, D), jnp.bfloat16), jnp.zeros((1, 1), jnp.int32), jnp.ones((1, 1), jnp.bfloat16)
+    ws = [jax.ShapeDtypeStruct(s, mgpu_gemv.FP8) for s in [(E, D, F), (E, D, F), (E, F, D)]]
+    ss = [jax.ShapeDtypeStruct(s, jnp.float32) for s in [(E, F), (E, F), (E, D)]]
+    shared = ws[0].update(shape=(D, F)), ws[1].update(shape=(D, F)), ws[2].update(shape=(F, D)), \
+        tuple(s.update(shape=s.shape[1:]) for s in ss)
+    for sh in (None, shared):  # the shared expert's rows: a second branch streaming unstacked weights
+        f = lambda *a, sh: moe_mgpu.moe_fp8_mgpu(*a, shared=sh)  # noqa: E731
+        text = jax.jit(f).trace(x, idx, sc, *ws, ss, sh=sh).lower(lowering_platforms=("cuda",)).as_text()
+        assert text.count("mosaic_gpu") >= 2
+
+
+def test_dispatch_from_moe_fp8(monkeypatch):
+    """moe_fp8: mosaic=True always (the interpreter here); None (the default) on a Hopper GPU where it applies
+    (at most 16 rows, the shared expert's included) and no Triton tile is given; False never. A problem it does not take with mosaic=True is an error
+    naming it."""
+    from helpers import pallas_call_names
+
+    E, D, F = 4, 128, 64
+    (wg, wu, wd), scales = _experts(5, E, D, F)
+    x = jax.random.normal(jax.random.key(2), (2, D)).astype(jnp.bfloat16)
+    idx, sc = jnp.asarray([[0], [3]], jnp.int32), jnp.full((2, 1), 0.5, jnp.bfloat16)
+    shared = (wg[1], wu[1], wd[1], (scales[0][1], scales[1][1], scales[2][1]))
+    ref = moe_reference(x, idx, sc, wg, wu, wd, scales=scales)
+    assert _err(moe_fp8(x, idx, sc, wg, wu, wd, scales, mosaic=True, interpret=True), ref) < 1e-2
+
+    def names(**kw):
+        f = functools.partial(moe_fp8, interpret=True, **kw)
+        return pallas_call_names(jax.make_jaxpr(f)(x, idx, sc, wg, wu, wd, scales).jaxpr)
+
+    assert not any(n.startswith("mgpu_fp8_moe") for n in names())  # a CPU: the Triton pair path
+    monkeypatch.setattr(mgpu_gemv, "on_hopper", lambda: True)
+    jax.clear_caches()  # the choice is made at trace time
+    assert [n[:12] for n in names()] == ["mgpu_fp8_moe"] * 2
+    assert [n[:12] for n in names(shared=shared)] == ["mgpu_fp8_moe"] * 2  # the shared expert rides along
+    assert not any(n.startswith("mgpu") for n in names(block_n=32))  # a tuner's Triton tiles
+    assert not any(n.startswith("mgpu") for n in names(mosaic=False))
+    big = jnp.ones((9, D), jnp.bfloat16), jnp.zeros((9, 1), jnp.int32), jnp.ones((9, 1), jnp.bfloat16)
+    f = functools.partial(moe_fp8, interpret=True, shared=shared)  # 9 pairs + 9 shared rows: above 16
+    assert not any(n.startswith("mgpu") for n in pallas_call_names(jax.make_jaxpr(f)(*big, wg, wu, wd, scales).jaxpr))
+    with pytest.raises(ValueError, match="per-channel scales"):
+        moe_fp8(x, idx, sc, *(w.astype(jnp.bfloat16) for w in (wg, wu, wd)), None, mosaic=True, interpret=True)
+    with pytest.raises(ValueError, match=r"1\.\.16 rows"):
+        moe_fp8(jnp.ones((17, D), jnp.bfloat16), jnp.zeros((17, 1), jnp.int32), jnp.ones((17, 1), jnp.bfloat16),
+                wg, wu, wd, scales, mosaic=True, interpret=True)
+
+
+def test_default_config_counts_every_expert_streamed():
+    """Splits for about three programs per SM over all the experts of one launch: one expert of the 8-way shard
+    splits its K ten ways, 16 of them only once or twice."""
+    assert mgpu_gemv.default_config(5120, (1024, 1024)) == dict(tile_n=64, split_k=10, stages=4)
+    assert mgpu_gemv.default_config(5120, (1024, 1024), copies=16)["split_k"] == 1
+    assert mgpu_gemv.default_config(5120, (8192, 8192), copies=1)["split_k"] == 2
