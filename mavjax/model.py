@@ -71,18 +71,25 @@ def use_pallas(kernels: str, op: str) -> bool:
 
 
 def shared_in_moe_kernels(kernels: str, pairs_shape, w_gate_shared, w_gate_routed) -> bool:
-    """Whether the shared expert rides in the Pallas MoE kernels (`moe_fp8_pairs(shared=...)`, or the Mosaic GPU
-    path's, `moe_mgpu.moe_fp8_mgpu(shared=...)`: section 21, 0.23 ms of the rank's step): the Pallas MoE path, "moe_shared" not switched off, the shared expert stored like the routed ones (w_gate [D, F]
-    beside [E, D, F], one dtype; over a mesh that means expert=1), and ONE token (pairs_shape = the routing's
-    [N, k], N == 1). Each token's shared row reads the whole shared expert, so N tokens read it N times: on one
-    H200 (one 8-way rank of Maverick, docs/benchmarks.md section 8) riding along made the batch-1 decode step
-    9% faster (two launches and their split-K reductions saved per MoE layer) but the 4-token verify 7% and the
-    batch-8 step 22% slower than the shared expert's own batched launches."""
+    """Whether the shared expert rides in the Triton MoE pair kernels (`moe_fp8_pairs(shared=...)`; over a mesh,
+    in whichever MoE kernels `moe_fp8` picks): `shared_may_ride` (over a mesh that means expert=1) and ONE token
+    (pairs_shape = the routing's [N, k], N == 1). Each token's shared row reads the whole shared expert, so N
+    tokens read it N times: on one H200 (one 8-way rank of Maverick, docs/benchmarks.md section 8) riding along
+    made the batch-1 decode step 9% faster (two launches and their split-K reductions saved per MoE layer) but the
+    4-token verify 7% and the batch-8 step 22% slower than the shared expert's own batched launches. (The Mosaic
+    GPU path streams it once for all tokens: MoE.shared_rides.)"""
     from pallas_kernels.moe_gemm import PAIRS_MAX
 
-    return (use_pallas(kernels, "moe") and use_pallas(kernels, "moe_shared") and pairs_shape[0] == 1
-            and int(np.prod(pairs_shape)) <= PAIRS_MAX and w_gate_shared.shape == w_gate_routed.shape[1:]
-            and w_gate_shared.dtype == w_gate_routed.dtype)
+    return (pairs_shape[0] == 1 and int(np.prod(pairs_shape)) <= PAIRS_MAX
+            and shared_may_ride(kernels, w_gate_shared, w_gate_routed))
+
+
+def shared_may_ride(kernels: str, w_gate_shared, w_gate_routed) -> bool:
+    """What the shared expert needs to ride in the MoE kernels' launches, whatever the token count: the Pallas
+    MoE path, "moe_shared" not switched off, and the shared expert stored like the routed ones (w_gate [D, F]
+    beside [E, D, F], one dtype)."""
+    return (use_pallas(kernels, "moe") and use_pallas(kernels, "moe_shared")
+            and w_gate_shared.shape == w_gate_routed.shape[1:] and w_gate_shared.dtype == w_gate_routed.dtype)
 
 
 def dense(x, w, scale, n_in, kernels="xla"):
@@ -449,21 +456,35 @@ class MoE(nnx.Module):
         return (self.top_k == 1 and use_pallas(self.kernels, "moe") and use_pallas(self.kernels, "moe_router")
                 and 1 <= n_tokens <= PAIRS_MAX and not self.experts_on_mosaic(n_tokens))
 
-    def experts_on_mosaic(self, n_tokens: int) -> bool:
-        """Whether the routed experts of n_tokens tokens (and the shared expert, where it rides along:
-        `shared_in_moe_kernels`) run on the Mosaic GPU kernel (moe_fp8's choice, pallas_kernels.moe_mgpu: Hopper,
-        up to 16 rows, FP8 experts), routed by XLA from the logits. On one H200 (the 8-way rank,
-        docs/benchmarks.md section 21) that made the decode step 3%, the 4-token verify step 10% and the batch-8
-        step 11% faster than the Triton pair kernels routing in-kernel. "mosaic" switched off: never. The shapes checked are the
-        whole layer's (a mesh shard that the kernel does not take runs the Triton pair path, routed by XLA)."""
+    def experts_on_mosaic(self, n_tokens: int, rows: int | None = None) -> bool:
+        """Whether the routed experts of n_tokens tokens run on the Mosaic GPU kernel (moe_fp8's choice,
+        pallas_kernels.moe_mgpu: Hopper, up to 16 rows, FP8 experts), routed by XLA from the logits. On one H200
+        (the 8-way rank, docs/benchmarks.md section 21) that made the decode step 3%, the 4-token verify step 10%
+        and the batch-8 step 11% faster than the Triton pair kernels routing in-kernel. "mosaic" switched off:
+        never. The shapes checked are the whole layer's (a mesh shard that the kernel does not take runs the
+        Triton pair path, routed by XLA). rows: the kernel's rows to check instead of the pairs'."""
         from pallas_kernels import moe_mgpu
 
         if self.w_gate_scale is None or not (use_pallas(self.kernels, "moe") and use_pallas(self.kernels, "mosaic")):
             return False
         E, D, F = self.w_gate.shape
-        rides = shared_in_moe_kernels(self.kernels, (n_tokens, self.top_k), self.shared.w_gate, self.w_gate)
         scales = (self.w_gate_scale[...], self.w_up_scale[...], self.w_down_scale[...])
-        return moe_mgpu.wanted(n_tokens * self.top_k + (n_tokens if rides else 0), D, F, scales)
+        return moe_mgpu.wanted(rows or n_tokens * self.top_k, D, F, scales)
+
+    def shared_rides(self, n_tokens: int) -> bool:
+        """Whether the shared expert rides in the MoE kernels' launches. On the Mosaic GPU path one program row
+        streams it once for all tokens, whose inputs become more of the WGMMA's columns: it rides where those fit
+        in the columns the pairs take anyway (padded to 8: one token, a 4-token verify), not where they would
+        widen them (8 tokens: 16 columns). On one H200 (the 8-way rank, docs/benchmarks.md section 22) riding
+        made the decode step 8% and the 4-token verify 4% faster, the batch-8 step 2-3% slower. On the Triton
+        pair path at one token (`shared_in_moe_kernels`: there each token's row re-reads the shared expert)."""
+        from pallas_kernels.mgpu_gemv import padded_rows
+
+        if self.experts_on_mosaic(n_tokens):
+            pairs, rows = n_tokens * self.top_k, n_tokens * (self.top_k + 1)
+            return (shared_may_ride(self.kernels, self.shared.w_gate, self.w_gate)
+                    and padded_rows(rows) == padded_rows(pairs) and self.experts_on_mosaic(n_tokens, rows=rows))
+        return shared_in_moe_kernels(self.kernels, (n_tokens, self.top_k), self.shared.w_gate, self.w_gate)
 
     def logits_in_norm(self, n_tokens: int) -> bool:
         """Whether the add + norm kernel before this MoE should compute its router's logits (as partials,
@@ -493,8 +514,7 @@ class MoE(nnx.Module):
 
         interpret = jax.default_backend() == "cpu"
         sh, shared = self.shared, None
-        if shared_in_moe_kernels(self.kernels, (N, self.top_k), sh.w_gate, self.w_gate):
-            # decode: the shared expert as one more program row per token of the same two launches
+        if self.shared_rides(N):  # the shared expert as more program rows of the same two launches
             val = lambda v: None if v is None else v[...]  # noqa: E731
             s_sh = None if scales is None else (val(sh.w_gate_scale), val(sh.w_up_scale), val(sh.w_down_scale))
             shared = (sh.w_gate[...], sh.w_up[...], sh.w_down[...], s_sh)

@@ -131,10 +131,11 @@ def gemv_partials(xp, ws, *, ids=None, shared_ws=(), w_layout="kn", tile_n=64, t
     ids: None, or int32 [P] expert ids with each weight stacked per expert ([E, K, N_i] / [E, N_i, K]): the grid
     gains an axis over the P ids, program p streams expert ids[p]'s tiles (read by its id from the stacked
     weights: only the experts named are read) and the result is [split_k, P, sum N_i, Mp]; an id outside [0, E)
-    reads nothing and leaves its slice unwritten (the caller masks it). shared_ws (with ids): (Q, weights) - Q
-    more program rows after the P ids' stream these unstacked weights, one per ws entry, of one expert's shape
-    (the MoE's shared expert, a row per token): the result is then [split_k, P + Q, sum N_i, Mp]. The MoE decode
-    path (pallas_kernels.moe_mgpu) takes xp's rows as all P + Q rows' inputs and keeps row p of slice p.
+    reads nothing and leaves its slice unwritten (the caller masks it). shared_ws (with ids): unstacked weights,
+    one per ws entry, of one expert's shape (the MoE's shared expert): one more program row, after the P ids',
+    streams them and the result is [split_k, P + 1, sum N_i, Mp]. The MoE decode path (pallas_kernels.moe_mgpu)
+    hands the pairs' and the tokens' inputs over as xp's rows and keeps row p of slice p, and the tokens' rows
+    of the shared slice.
     interpret (an `InterpretGPUParams`: Pallas' GPU interpreter on a CPU, which has no register operands, layouts
     or transposed refs): the widened tile goes through shared memory and x is handed over transposed, the rest
     (grid, splits, pipeline) as on the GPU."""
@@ -148,7 +149,8 @@ def gemv_partials(xp, ws, *, ids=None, shared_ws=(), w_layout="kn", tile_n=64, t
                          f"and {[w.shape for w in ws]}")
     E = ws[0].shape[0] if stacked else None
     shapes = [w.shape[1:] if stacked else w.shape for w in ws]  # one expert's (or the one) weight
-    Q, shared_ws = (shared_ws[0], tuple(shared_ws[1])) if shared_ws else (0, ())
+    shared_ws = tuple(shared_ws)
+    Q = 1 if shared_ws else 0  # the shared weights' program row
     if Q and (not stacked or [w.shape for w in shared_ws] != shapes or any(w.dtype != FP8 for w in shared_ws)):
         raise ValueError(f"shared_ws must go with ids, one FP8 weight per expert weight of its shape {shapes}, got "
                          f"{[(w.shape, str(w.dtype)) for w in shared_ws]}")

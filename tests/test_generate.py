@@ -302,6 +302,29 @@ def test_pallas_kernel_families_can_be_switched_off(monkeypatch, off):
         step(nets["pallas"])
 
 
+def test_where_the_shared_expert_rides(monkeypatch):
+    """On the Mosaic GPU MoE path the shared expert rides along where its tokens fit the WGMMA columns the pairs
+    take anyway (1 token, a 4-token verify: 8 columns), not at 8 tokens (16); the experts stay on the Mosaic
+    path up to 16 pairs. On the Triton pair path (MAVJAX_PALLAS_DISABLE=mosaic) it rides at one token only, and
+    with moe_shared off nowhere."""
+    import jax.numpy as jnp
+
+    from mavjax.model import MoE
+    from mavjax.quantize import quantize_model
+    from pallas_kernels import mgpu_gemv
+
+    monkeypatch.setattr(mgpu_gemv, "on_hopper", lambda: True)
+    cfg = preset("tiny", hidden_size=128, num_attention_heads=8)
+    net = quantize_model(Llama4(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0), kernels="pallas"))
+    moe = next(m for _, m in nnx.iter_graph(net) if isinstance(m, MoE))
+    tokens = [1, 4, 8, 16, 17]
+    for off, mosaic, rides in [("", [1, 1, 1, 1, 0], [1, 1, 0, 0, 0]), ("mosaic", [0] * 5, [1, 0, 0, 0, 0]),
+                               ("moe_shared", [1, 1, 1, 1, 0], [0] * 5)]:
+        monkeypatch.setenv("MAVJAX_PALLAS_DISABLE", off)
+        assert [int(moe.experts_on_mosaic(n)) for n in tokens] == mosaic, off
+        assert [int(moe.shared_rides(n)) for n in tokens] == rides, off
+
+
 @pytest.mark.parametrize("off", ["", "mosaic"])
 @pytest.mark.parametrize("T", [1, 4])
 def test_mosaic_gate_up_in_the_model(monkeypatch, off, T):
@@ -335,11 +358,13 @@ def test_mosaic_gate_up_in_the_model(monkeypatch, off, T):
 
     names, logits = step(nets["pallas"])
     count = lambda prefix, suffix="": sum(n.startswith(prefix) and n.endswith(suffix) for n in names)  # noqa: E731
-    shared = cfg.num_hidden_layers - n_dense if T > 1 else 0  # several tokens: the shared experts' own gate/up
-    want = (0, n_dense + shared, 0) if off else (n_dense, shared, n_dense)
+    # several tokens on the Triton pair kernels: the shared experts' own gate/up (on the Mosaic GPU MoE path the
+    # shared expert rides along up to 4 tokens: MoE.shared_rides)
+    shared = cfg.num_hidden_layers - n_dense if T > 1 else 0
+    want = (0, n_dense + shared, 0) if off else (n_dense, 0, n_dense)
     assert (count("mgpu_fp8_gemv"), count("fp8_gate_up_swiglu"), count("add_rms_norm", "_widen")) == want, names
-    # the routed experts on it too (MoE.experts_on_mosaic; at one token the shared expert rides along, as in
-    # the Triton pair kernels): two launches a layer, XLA routes from the norm kernel's logits
+    # the routed experts on it too (MoE.experts_on_mosaic, the shared expert riding along): two launches a
+    # layer, XLA routes from the norm kernel's logits
     n_moe = cfg.num_hidden_layers - n_dense
     assert count("mgpu_fp8_moe") == (0 if off else 2 * n_moe), names
     assert count("moe_gate_up_pairs") + count("moe_down_pairs") == (2 * n_moe if off else 0), names

@@ -139,8 +139,8 @@ def test_lowers_for_the_gpu():
 
 def test_dispatch_from_moe_fp8(monkeypatch):
     """moe_fp8: mosaic=True always (the interpreter here); None (the default) on a Hopper GPU where it applies
-    (at most 16 rows, the shared expert's included) and no Triton tile is given; False never. A problem it does not take with mosaic=True is an error
-    naming it."""
+    (at most 16 rows, the shared expert's included) and no Triton tile is given; False never. A problem it does
+    not take with mosaic=True is an error naming it."""
     from helpers import pallas_call_names
 
     E, D, F = 4, 128, 64
