@@ -476,7 +476,7 @@ class MoE(nnx.Module):
         streams it once for all tokens, whose inputs become more of the WGMMA's columns: it rides where those fit
         in the columns the pairs take anyway (padded to 8: one token, a 4-token verify), not where they would
         widen them (8 tokens: 16 columns). On one H200 (the 8-way rank, docs/benchmarks.md section 22) riding
-        made the decode step 8% and the 4-token verify 4% faster, the batch-8 step 2-3% slower. On the Triton
+        made the decode step 7-8% and the 4-token verify 3-4% faster, the batch-8 step 2-3% slower. On the Triton
         pair path at one token (`shared_in_moe_kernels`: there each token's row re-reads the shared expert)."""
         from pallas_kernels.mgpu_gemv import padded_rows
 
