@@ -147,7 +147,7 @@ def gemv_partials(xp, ws, *, ids=None, shared_ws=(), w_layout="kn", tile_n=64, t
                     or len({w.shape[0] for w in ws}) != 1):
         raise ValueError(f"ids must be int32 [P] with weights stacked [E, ...] alike, got {ids.dtype} {ids.shape} "
                          f"and {[w.shape for w in ws]}")
-    E = ws[0].shape[0] if stacked else None
+    E, P = (ws[0].shape[0], ids.shape[0]) if stacked else (None, None)  # experts, ids
     shapes = [w.shape[1:] if stacked else w.shape for w in ws]  # one expert's (or the one) weight
     shared_ws = tuple(shared_ws)
     Q = 1 if shared_ws else 0  # the shared weights' program row
@@ -243,7 +243,6 @@ def gemv_partials(xp, ws, *, ids=None, shared_ws=(), w_layout="kn", tile_n=64, t
             pl.when(pi >= P)(lambda: programs(shared_gmems))
 
     sem = plgpu.LoweringSemantics.Lane if lane else plgpu.LoweringSemantics.Warpgroup
-    P = ids.shape[0] if stacked else None
     rows = [P + Q] if stacked else []
     kern = plgpu.kernel(
         body, out_type=jax.ShapeDtypeStruct((split_k, *rows, sum(Ns), Mp), jnp.float32),

@@ -86,9 +86,10 @@ def moe_fp8_mgpu(x, expert_idx, scores, w_gate, w_up, w_down, scales, *, shared=
     sh_gu = sh_dn = ()
     if shared is not None:
         *w_sh, s_sh = shared
-        if [w.shape for w in w_sh] != [(D, F), (D, F), (F, D)] or [s.shape for s in s_sh] != [(F,), (F,), (D,)]:
+        s_shapes = None if s_sh is None else [s.shape for s in s_sh]
+        if [w.shape for w in w_sh] != [(D, F), (D, F), (F, D)] or s_shapes != [(F,), (F,), (D,)]:
             raise ValueError(f"shared expert must be FP8 [D={D}, F={F}], [D, F], [F, D] with scales [F], [F], [D]; "
-                             f"got {[w.shape for w in w_sh]} and {[s.shape for s in s_sh]}")
+                             f"got {[w.shape for w in w_sh]} and scales {s_shapes}")
         xs = jnp.concatenate([xs, x])  # [P + N, D]
         valid = jnp.concatenate([valid, jnp.ones((N,), bool)])
         sg, su, sd = (jnp.concatenate([a, jnp.broadcast_to(b, (N, b.shape[0]))]) for a, b in zip((sg, su, sd), s_sh))
