@@ -250,11 +250,12 @@ class Attention(nnx.Module):
     def _proj(self, x, w, scale, n_in):
         return dense(x, w[...], None if scale is None else scale[...], n_in, self.kernels)
 
-    def out_add_norm(self, o, x, norm: "RMSNorm", router=None, widen_rows=None):
+    def out_add_norm(self, o, x, norm: "RMSNorm", router=None, widen_rows=None, pad_rows=None):
         """(x + wo(o), norm of it) for the attention output o [B, T, H, Dh] (dense_add_norm; with `router`
-        also the MoE router's logit partials, with `widen_rows` the norm's float16 form)."""
+        also the MoE router's logit partials and with `pad_rows` the norm's padded copy, with `widen_rows` the
+        norm's float16 form)."""
         return dense_add_norm(o, self.wo[...], None if self.wo_scale is None else self.wo_scale[...], 2, x, norm,
-                              self.kernels, router=router, widen_rows=widen_rows)
+                              self.kernels, router=router, widen_rows=widen_rows, pad_rows=pad_rows)
 
     def _fused_qkv(self, x, positions, rope, cache=None):
         """kernels="pallas", FP8 weights: q, k, v through pallas_kernels.fused_gemm.qkv_rope, with RoPE, the
@@ -348,12 +349,28 @@ def router_logits(x, router_w):
 def route_logits(logits, top_k):
     """route() given the router's logits [N, E] (the Pallas MoE pair kernels do its top-1 case themselves:
     pallas_kernels.moe_gemm.top1_of_logits)."""
-    if top_k == 1:  # Maverick: an argmax is a reduction; XLA:GPU lowers top_k to a sort kernel of its own
-        top_idx = jnp.argmax(logits, axis=-1)[:, None].astype(jnp.int32)  # [N, 1] (ties: lowest id, as top_k)
-        top_vals = jnp.take_along_axis(logits, top_idx, axis=-1)  # [N, 1]
+    if top_k == 1:  # Maverick: XLA:GPU lowers top_k to a sort kernel of its own, a reduction is cheaper
+        top_vals, top_idx = top1(logits)
+        top_vals, top_idx = top_vals[:, None], top_idx[:, None]  # [N, 1]
     else:
         top_vals, top_idx = jax.lax.top_k(logits, top_k)  # [N, k]
     return top_idx, jax.nn.sigmoid(top_vals.astype(jnp.float32)).astype(logits.dtype)
+
+
+def top1(logits):
+    """(the largest logit, the lowest expert id holding it) of each row of logits [N, E] - lax.top_k(k=1)'s
+    pick; a NaN counts as the largest, as in jnp.argmax - in ONE variadic reduction: argmax then a gather of
+    its value would be two XLA kernels."""
+    ids = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1)
+
+    def better(a, b):  # (value, id) pairs: the larger value, the lower id among equals
+        (av, ai), (bv, bi) = a, b
+        a_nan, b_nan = jnp.isnan(av), jnp.isnan(bv)
+        first = (a_nan & ~b_nan) | (~b_nan & (av > bv)) | (((av == bv) | (a_nan & b_nan)) & (ai < bi))
+        return jnp.where(first, av, bv), jnp.where(first, ai, bi)
+
+    init = (jnp.array(-jnp.inf, logits.dtype), jnp.array(jnp.iinfo(jnp.int32).max, jnp.int32))
+    return jax.lax.reduce((logits, ids), init, better, (1,))  # [N], [N]
 
 
 # Up to this many (token, expert) pairs, gather the chosen experts' weights per pair instead of sorting
@@ -456,35 +473,39 @@ class MoE(nnx.Module):
         return (self.top_k == 1 and use_pallas(self.kernels, "moe") and use_pallas(self.kernels, "moe_router")
                 and 1 <= n_tokens <= PAIRS_MAX and not self.experts_on_mosaic(n_tokens))
 
-    def experts_on_mosaic(self, n_tokens: int, rows: int | None = None) -> bool:
-        """Whether the routed experts of n_tokens tokens run on the Mosaic GPU kernel (moe_fp8's choice,
-        pallas_kernels.moe_mgpu: Hopper, up to 16 rows, FP8 experts), routed by XLA from the logits. On one H200
-        (the 8-way rank, docs/benchmarks.md section 21) that made the decode step 3%, the 4-token verify step 10%
-        and the batch-8 step 11% faster than the Triton pair kernels routing in-kernel. "mosaic" switched off:
-        never. The shapes checked are the whole layer's (a mesh shard that the kernel does not take runs the
-        Triton pair path, routed by XLA). rows: the kernel's rows to check instead of the pairs'."""
+    def experts_on_mosaic(self, n_tokens: int) -> bool:
+        """Whether the routed experts of n_tokens tokens run on the Mosaic GPU kernel
+        (pallas_kernels.moe_mgpu: Hopper, up to 16 pairs, FP8 experts), routed by XLA from the logits. On one
+        H200 (the 8-way rank, docs/benchmarks.md section 21) that made the decode step 3%, the 4-token verify
+        step 10% and the batch-8 step 11% faster than the Triton pair kernels routing in-kernel. "mosaic"
+        switched off: never. The shapes checked are the whole layer's (a mesh shard that the kernel does not take
+        runs the Triton pair path, routed by XLA)."""
         from pallas_kernels import moe_mgpu
 
         if self.w_gate_scale is None or not (use_pallas(self.kernels, "moe") and use_pallas(self.kernels, "mosaic")):
             return False
         E, D, F = self.w_gate.shape
         scales = (self.w_gate_scale[...], self.w_up_scale[...], self.w_down_scale[...])
-        return moe_mgpu.wanted(rows or n_tokens * self.top_k, D, F, scales)
+        return moe_mgpu.wanted(n_tokens * self.top_k, D, F, scales)
 
     def shared_rides(self, n_tokens: int) -> bool:
-        """Whether the shared expert rides in the MoE kernels' launches. On the Mosaic GPU path one program row
-        streams it once for all tokens, whose inputs become more of the WGMMA's columns: it rides where those fit
-        in the columns the pairs take anyway (padded to 8: one token, a 4-token verify), not where they would
-        widen them (8 tokens: 16 columns). On one H200 (the 8-way rank, docs/benchmarks.md section 22) riding
-        made the decode step 7-8% and the 4-token verify 3-4% faster, the batch-8 step 2-3% slower. On the Triton
-        pair path at one token (`shared_in_moe_kernels`: there each token's row re-reads the shared expert)."""
+        """Whether the shared expert rides in the MoE kernels' launches. On the Mosaic GPU path (`experts_on_
+        mosaic`) always: one program row streams it once for all tokens, on the columns the tokens take anyway
+        (docs/benchmarks.md sections 22-23). On the Triton pair path at one token only (`shared_in_moe_kernels`:
+        there each token's row re-reads the shared expert)."""
+        if self.experts_on_mosaic(n_tokens):
+            return shared_may_ride(self.kernels, self.shared.w_gate, self.w_gate)
+        return shared_in_moe_kernels(self.kernels, (n_tokens, self.top_k), self.shared.w_gate, self.w_gate)
+
+    def pad_rows(self, n_tokens: int, dtype):
+        """The rows of the padded copy of x (pallas_kernels.mgpu_gemv.padded_rows) that the Mosaic GPU MoE path
+        takes straight from the add + norm kernel before it (add_rms_norm(pad_rows=...), beside the router's
+        logits), so that no XLA pad kernel runs before its first launch: bf16 x on that path with the logits from
+        the norm (`logits_in_norm`); None elsewhere."""
         from pallas_kernels.mgpu_gemv import padded_rows
 
-        if self.experts_on_mosaic(n_tokens):
-            pairs, rows = n_tokens * self.top_k, n_tokens * (self.top_k + 1)
-            return (shared_may_ride(self.kernels, self.shared.w_gate, self.w_gate)
-                    and padded_rows(rows) == padded_rows(pairs) and self.experts_on_mosaic(n_tokens, rows=rows))
-        return shared_in_moe_kernels(self.kernels, (n_tokens, self.top_k), self.shared.w_gate, self.w_gate)
+        ok = jnp.dtype(dtype) == jnp.bfloat16 and self.experts_on_mosaic(n_tokens) and self.logits_in_norm(n_tokens)
+        return padded_rows(n_tokens) if ok else None
 
     def logits_in_norm(self, n_tokens: int) -> bool:
         """Whether the add + norm kernel before this MoE should compute its router's logits (as partials,
@@ -494,15 +515,19 @@ class MoE(nnx.Module):
         return ((self.routes_in_kernels(n_tokens) or self.experts_on_mosaic(n_tokens))
                 and use_pallas(self.kernels, "norm") and use_pallas(self.kernels, "norm_router"))
 
-    def __call__(self, x, logits=None):
+    def __call__(self, x, logits=None, x_padded=None):
         """x [B, T, D] -> [B, T, D]. logits: None, or the router's logits of x as float32 partials [P, B*T, E]
-        from the add + norm kernel (only where logits_in_norm)."""
+        from the add + norm kernel (only where logits_in_norm); x_padded: None, or x's padded copy from it
+        (only where pad_rows)."""
         B, T, D = x.shape
         N = B * T
         flat = x.reshape(N, D)
         routes = self.routes_in_kernels(N)
-        if logits is not None and not (routes or self.experts_on_mosaic(N)):
+        mosaic = self.experts_on_mosaic(N)
+        if logits is not None and not (routes or mosaic):
             raise ValueError("router logits given to an MoE that does not take them (see logits_in_norm)")
+        if x_padded is not None and not mosaic:
+            raise ValueError("a padded x given to an MoE that does not take it (see pad_rows)")
         scales = None if self.w_gate_scale is None else \
             (self.w_gate_scale[...], self.w_up_scale[...], self.w_down_scale[...])
         weights = (self.w_gate[...], self.w_up[...], self.w_down[...])
@@ -510,7 +535,10 @@ class MoE(nnx.Module):
             routed = moe_experts(flat, *route(flat, self.router[...], self.top_k), *weights, scales)
             return (self.shared(flat) + routed).reshape(B, T, D)
         # one grouped-GEMM launch pair over all experts; unrouted experts not read
+        from pallas_kernels import mgpu_gemv
+        from pallas_kernels.fused_norm import sum_router_partials
         from pallas_kernels.moe_gemm import moe_fp8, moe_fp8_pairs
+        from pallas_kernels.moe_mgpu import moe_fp8_mgpu
 
         interpret = jax.default_backend() == "cpu"
         sh, shared = self.shared, None
@@ -524,9 +552,12 @@ class MoE(nnx.Module):
                                 router_logits=lg)
         else:  # XLA routes: from the norm kernel's logit partials (summed, then rounded, as the kernels do)
             ids, sc = route(flat, self.router[...], self.top_k) if logits is None else \
-                route_logits(logits.sum(0).astype(flat.dtype), self.top_k)
-            out = moe_fp8(flat, ids, sc, *weights, scales, shared=shared, interpret=interpret,
-                          mosaic=None if use_pallas(self.kernels, "mosaic") else False)
+                route_logits(sum_router_partials(logits, flat.dtype), self.top_k)
+            if mosaic:
+                out = moe_fp8_mgpu(flat, ids, sc, *weights, scales, shared=shared, x_padded=x_padded,
+                                   interpret=mgpu_gemv.interpret_params(interpret))
+            else:
+                out = moe_fp8(flat, ids, sc, *weights, scales, shared=shared, interpret=interpret, mosaic=False)
         return (out if shared is not None else self.shared(flat) + out).reshape(B, T, D)
 
 
@@ -548,28 +579,29 @@ class DecoderLayer(nnx.Module):
         return x + self.ffn(normed), cache_kv
 
 
-def add_norm(x, delta, norm: RMSNorm, kernels: str, router=None, widen_rows=None):
+def add_norm(x, delta, norm: RMSNorm, kernels: str, router=None, widen_rows=None, pad_rows=None):
     """(x + delta, norm(x + delta)): a residual add and the RMSNorm after it; one pass over [B, T, D]
     (pallas_kernels.fused_norm) when kernels="pallas". router [D, E] (Pallas norm only, MoE.logits_in_norm):
-    also the router's logits of the normed rows as the kernel's float32 partials [P, B*T, E]. widen_rows
-    (Pallas norm only, MLP.widen_rows): also the normed rows' float16 form (yc, rs)."""
+    also the router's logits of the normed rows as the kernel's float32 partials [P, B*T, E], and with pad_rows
+    (MoE.pad_rows) the normed rows padded [pad_rows, D]. widen_rows (Pallas norm only, MLP.widen_rows): also
+    the normed rows' float16 form (yc, rs)."""
     if use_pallas(kernels, "norm"):
         from pallas_kernels.fused_norm import add_rms_norm
 
         return add_rms_norm(x, delta, norm.scale[...], eps=norm.eps, router=router, widen_rows=widen_rows,
-                            interpret=jax.default_backend() == "cpu")
-    if router is not None or widen_rows is not None:
-        raise ValueError("router logits or a widened copy from the add + norm need the Pallas norm kernel")
+                            pad_rows=pad_rows, interpret=jax.default_backend() == "cpu")
+    if router is not None or widen_rows is not None or pad_rows is not None:
+        raise ValueError("router logits or a widened / padded copy from the add + norm need the Pallas norm kernel")
     x = x + delta
     return x, norm(x)
 
 
-def dense_add_norm(h, w, scale, n_in, x, norm: RMSNorm, kernels: str, router=None, widen_rows=None):
+def dense_add_norm(h, w, scale, n_in, x, norm: RMSNorm, kernels: str, router=None, widen_rows=None, pad_rows=None):
     """(x + dense(h), norm of it): an output projection (wo, an MLP's down), the residual add and the next
     RMSNorm. kernels="pallas" with FP8 weights: pallas_kernels.fp8_gemm.fp8_matmul_add_rms_norm, by default
     the FP8 GEMM then the add + norm kernel; with the GEMM family's split-K sums in the kernel
     (MAVJAX_SPLIT_K_REDUCE=gemm=kernel) one launch. h [..., *in] with in = w.shape[:n_in]; x [..., D].
-    router: as add_norm (then always the GEMM and the add + norm kernel, which computes the logits);
+    router, pad_rows: as add_norm (then always the GEMM and the add + norm kernel, which computes the logits);
     widen_rows: as add_norm (then the returns are (s, y, yc, rs))."""
     if scale is not None and use_pallas(kernels, "gemm") and use_pallas(kernels, "norm") and router is None:
         from pallas_kernels.fp8_gemm import fp8_matmul_add_rms_norm
@@ -579,7 +611,8 @@ def dense_add_norm(h, w, scale, n_in, x, norm: RMSNorm, kernels: str, router=Non
             h.reshape(-1, K), w.reshape(K, -1), scale.reshape(-1), x.reshape(-1, x.shape[-1]), norm.scale[...],
             eps=norm.eps, widen_rows=widen_rows, interpret=jax.default_backend() == "cpu")
         return (s.reshape(x.shape), y.reshape(x.shape), *widened)
-    return add_norm(x, dense(h, w, scale, n_in, kernels), norm, kernels, router=router, widen_rows=widen_rows)
+    return add_norm(x, dense(h, w, scale, n_in, kernels), norm, kernels, router=router, widen_rows=widen_rows,
+                    pad_rows=pad_rows)
 
 
 class Llama4(nnx.Module):
@@ -633,9 +666,11 @@ class Llama4(nnx.Module):
             # the router's logits come out of the FFN's norm kernel where the MoE kernels route (decode)
             router = layer.ffn.router[...] if layer.is_moe and layer.ffn.logits_in_norm(h.shape[0] * h.shape[1]) \
                 else None
-            # ... and the dense MLP's Mosaic GPU gate/up takes its x widened to float16 from it
+            # ... and the dense MLP's Mosaic GPU gate/up takes its x widened to float16 from it, the MoE's
+            # Mosaic GPU experts their x padded
             widen = None if layer.is_moe else layer.ffn.widen_rows(h.shape[0] * h.shape[1])
-            x, h, *extra = layer.attn.out_add_norm(o, x, layer.ffn_norm, router, widen)  # wo, residual add, FFN norm
+            pad = layer.ffn.pad_rows(h.shape[0] * h.shape[1], h.dtype) if router is not None else None
+            x, h, *extra = layer.attn.out_add_norm(o, x, layer.ffn_norm, router, widen, pad)  # wo, add, FFN norm
             # the layer's last residual add and the next layer's first norm (the final norm after the last)
             nxt = layers[i + 1].attn_norm if i + 1 < len(layers) else self.norm
             if layer.is_moe:

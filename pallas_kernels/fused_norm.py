@@ -16,6 +16,8 @@ P = ceil(D / router_block) float32 partials [P, M, E], one per slice of D: progr
 rows' statistic from the whole rows, then normalizes, stores and multiplies only its own D slice, so the
 router's bytes are spread over P programs. The MoE pair kernels sum the partials as they route
 (pallas_kernels.moe_gemm.top1_of_logits): the router's XLA dot, two reduction kernels, is not launched.
+With `pad_rows` (and a router) it also writes y padded with zero rows to the Mosaic GPU MoE path's operand
+(pallas_kernels.moe_mgpu, x_padded): no XLA pad kernel before that path's first launch.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels import upcast
+from pallas_kernels.split_k import sum_in_xla
 from pallas_kernels.fp8_gemm import _compiler_params, _in_bounds, _load, _mask2, _next_pow2, _store, interpreted
 
 __all__ = ["add_rms_norm_ref", "add_rms_norm", "sum_router_partials"]
@@ -46,8 +49,9 @@ def add_rms_norm_ref(x, h, scale, eps, router=None):
 
 def sum_router_partials(partials, dtype):
     """The logits [M, E] of add_rms_norm(router=...)'s partials [P, M, E]: summed in float32 and rounded to
-    `dtype` (the router's output dtype on the XLA path) once, as the pair kernels do."""
-    return jnp.sum(partials, axis=0).astype(dtype)
+    `dtype` (the router's output dtype on the XLA path) once, as the pair kernels do; as a chain of adds
+    (split_k.sum_in_xla), so that XLA takes the sum into the routing's reduction instead of a kernel of its own."""
+    return sum_in_xla(partials).astype(dtype)
 
 
 def _kernel(x_ref, h_ref, w_ref, s_ref, y_ref, *widened, m, d, block_m, block_d, eps):
@@ -80,10 +84,11 @@ def _kernel(x_ref, h_ref, w_ref, s_ref, y_ref, *widened, m, d, block_m, block_d,
         _store(rs_ref.at[pl.ds(m0, block_m)], rs, w_in)
 
 
-def _router_kernel(x_ref, h_ref, w_ref, r_ref, s_ref, y_ref, lg_ref, *, m, d, e, block_m, block_d, block_k,
+def _router_kernel(x_ref, h_ref, w_ref, r_ref, s_ref, y_ref, lg_ref, *padded, m, d, e, block_m, block_d, block_k,
                    block_e, eps):
     """_kernel's rows, but program (i, p) stores only columns [p * block_k, +block_k) of s and y, and that
-    slice's share of the router logits y @ router into lg_ref[p] [M, E] (f32)."""
+    slice's share of the router logits y @ router into lg_ref[p] [M, E] (f32). padded: () or (yp_ref [Mp, D]),
+    y's columns again with rows m .. Mp - 1 zero (written by the programs of the first rows)."""
     pid, p = pl.program_id(0), pl.program_id(1)
     m0 = pl.multiple_of(pid * block_m, block_m)
     k0 = pl.multiple_of(p * block_k, block_k)
@@ -101,15 +106,24 @@ def _router_kernel(x_ref, h_ref, w_ref, r_ref, s_ref, y_ref, lg_ref, *, m, d, e,
     y = ((s.astype(jnp.float32) * r[:, None]).astype(s_ref.dtype) * w[None, :]).astype(y_ref.dtype)
     _store(s_ref.at[rows, cols], s, mask)
     _store(y_ref.at[rows, cols], y, mask)
+    if padded:
+        yp_ref, = padded
+        _store(yp_ref.at[rows, cols], y, mask)
+        mp = yp_ref.shape[0]
+        if mp > m:  # the zero rows, from rows 0 up (in bounds); the programs of the first rows write them
+            r2 = _next_pow2(mp)
+            tail = (jnp.arange(r2) >= m) & (jnp.arange(r2) < mp)
+            pl.when(pid == 0)(lambda: _store(yp_ref.at[pl.ds(0, r2), cols], jnp.zeros((r2, block_k), yp_ref.dtype),
+                                             _mask2(tail, k_in)))
     router = _load(r_ref.at[cols, pl.ds(0, block_e)], _mask2(k_in, e_in)).astype(jnp.float32)       # [bk, be]
     # [bm, bk, 1] * [1, bk, be] summed over bk: a few rows (decode), below the 16 an MMA needs
     lg = jnp.sum(y.astype(jnp.float32)[:, :, None] * router[None, :, :], axis=1)    # [bm, be]
     _store(lg_ref.at[p, rows, pl.ds(0, block_e)], lg, _mask2(r_in, e_in))
 
 
-@functools.partial(jax.jit, static_argnames=("eps", "block_m", "router_block", "widen_rows", "num_warps",
+@functools.partial(jax.jit, static_argnames=("eps", "block_m", "router_block", "widen_rows", "pad_rows", "num_warps",
                                              "interpret", "poison_output"))
-def add_rms_norm(x, h, scale, *, eps, router=None, block_m=None, router_block=128, widen_rows=None,
+def add_rms_norm(x, h, scale, *, eps, router=None, block_m=None, router_block=128, widen_rows=None, pad_rows=None,
                  num_warps=None, interpret=False, poison_output=False):
     """(x + h, rms_norm(x + h, scale, eps)) in one kernel. x, h [..., D]; scale [D].
     router: None, or a router's weights [D, E]: then (s, y, partials), partials [P, M, E] float32 whose sum
@@ -117,6 +131,8 @@ def add_rms_norm(x, h, scale, *, eps, router=None, block_m=None, router_block=12
     widen_rows (no router): Mp >= M rows; then (s, y, yc, rs), y widened for a float16 dot as
     upcast.to_compute does (y = yc[:M] * rs[:M, None] exactly; yc [Mp, D] float16, rs [Mp] float32, rows past
     M zero): the x of the Mosaic GPU GEMM (mgpu_gemv.fp8_gemv_multi(widened=...)).
+    pad_rows (with router): Mp >= M rows; then (s, y, partials, yp), yp [Mp, D] y's rows then zeros, in y's
+    dtype: the x of the Mosaic GPU MoE path (moe_mgpu.moe_fp8_mgpu(x_padded=...)).
     block_m: rows per program (a power of two; default 4, with a router 1). poison_output: outputs start
     as NaN (aliased in), so an element the kernel does not write shows up (tests)."""
     if x.shape != h.shape or x.dtype != h.dtype:
@@ -128,6 +144,8 @@ def add_rms_norm(x, h, scale, *, eps, router=None, block_m=None, router_block=12
         raise ValueError(f"router must be [D={D}, E], got {router.shape}")
     if widen_rows is not None and (router is not None or widen_rows < max(1, x.size // max(D, 1))):
         raise ValueError(f"widen_rows={widen_rows} needs no router and at least the {x.size // max(D, 1)} rows")
+    if pad_rows is not None and (router is None or pad_rows < max(1, x.size // max(D, 1))):
+        raise ValueError(f"pad_rows={pad_rows} needs a router and at least the {x.size // max(D, 1)} rows")
     block_m = block_m or (4 if router is None else 1)
     for name, v in (("block_m", block_m), ("router_block", router_block)):
         if v < 1 or v & (v - 1):
@@ -151,6 +169,8 @@ def add_rms_norm(x, h, scale, *, eps, router=None, block_m=None, router_block=12
         kernel = functools.partial(_router_kernel, m=M, d=D, e=E, block_m=block_m, block_d=block_d,
                                    block_k=min(router_block, block_d), block_e=_next_pow2(E), eps=float(eps))
         out_shape.append(jax.ShapeDtypeStruct((grid[1], M, E), jnp.float32))
+        if pad_rows is not None:
+            out_shape.append(jax.ShapeDtypeStruct((pad_rows, D), y_dtype))
         args.append(router)
     if M == 0 and widen_rows is None:  # nothing to launch
         return (x, x.astype(y_dtype), *[jnp.zeros(o.shape, o.dtype) for o in out_shape[2:]])

@@ -39,6 +39,7 @@ except ImportError:  # pragma: no cover - a jax without it: `supported` says no,
     plgpu = None
 
 from pallas_kernels import upcast
+from pallas_kernels.split_k import sum_in_xla
 
 FP8 = jnp.float8_e4m3fn
 TILE_K = 128  # FP8 values per tile row: one 128-byte swizzle span (64 where K is an odd multiple of 64)
@@ -123,7 +124,8 @@ def widen(a, cdt):
 def gemv_partials(xp, ws, *, ids=None, shared_ws=(), w_layout="kn", tile_n=64, tile_k=None, split_k=1, stages=4,
                   compute_dtype=jnp.float16, interpret=None):
     """xp [Mp, K] in compute_dtype (float16 or bfloat16: the weight tiles are widened to it, `widen`; Mp a
-    multiple of 8, at most 256);
+    multiple of 8, at most 256), or [2, Mp, K] with shared_ws: the shared row's program reads xp[1], the others
+    xp[0];
     ws: float8_e4m3fn weights, each [K, N_i]
     (w_layout "kn", the model's layout) or [N_i, K] ("nk") -> float32 [split_k, sum N_i, Mp]: split s holds
     the sum over its K range of w[k, n] * xp[m, k] (no scales), the weights' columns one after another. Each N_i
@@ -134,13 +136,14 @@ def gemv_partials(xp, ws, *, ids=None, shared_ws=(), w_layout="kn", tile_n=64, t
     reads nothing and leaves its slice unwritten (the caller masks it). shared_ws (with ids): unstacked weights,
     one per ws entry, of one expert's shape (the MoE's shared expert): one more program row, after the P ids',
     streams them and the result is [split_k, P + 1, sum N_i, Mp]. The MoE decode path (pallas_kernels.moe_mgpu)
-    hands the pairs' and the tokens' inputs over as xp's rows and keeps row p of slice p, and the tokens' rows
-    of the shared slice.
+    hands the tokens' (or the pairs') inputs over as xp's rows and keeps each pair's own row of its slice, and
+    the tokens' rows of the shared slice.
     interpret (an `InterpretGPUParams`: Pallas' GPU interpreter on a CPU, which has no register operands, layouts
     or transposed refs): the widened tile goes through shared memory and x is handed over transposed, the rest
     (grid, splits, pipeline) as on the GPU."""
     ws = tuple(ws)
-    Mp, K = xp.shape
+    groups = xp.ndim == 3  # [2, Mp, K]: the shared row's own x
+    Mp, K = xp.shape[-2:]
     tile_k = tile_k or tile_k_for(K)
     stacked = ids is not None
     if stacked and (ids.ndim != 1 or ids.dtype != jnp.int32 or any(w.ndim != 3 for w in ws)
@@ -154,6 +157,9 @@ def gemv_partials(xp, ws, *, ids=None, shared_ws=(), w_layout="kn", tile_n=64, t
     if Q and (not stacked or [w.shape for w in shared_ws] != shapes or any(w.dtype != FP8 for w in shared_ws)):
         raise ValueError(f"shared_ws must go with ids, one FP8 weight per expert weight of its shape {shapes}, got "
                          f"{[(w.shape, str(w.dtype)) for w in shared_ws]}")
+    if xp.ndim not in (2, 3) or (groups and (not Q or xp.shape[0] != 2)):
+        raise ValueError(f"xp must be [Mp, K], or [2, Mp, K] with shared_ws (the shared row's x second); got "
+                         f"{xp.shape} with {len(shared_ws)} shared weights")
     Ns = [sh[1] if w_layout == "kn" else sh[0] for sh in shapes]
     cdt = jnp.dtype(compute_dtype)
     if xp.dtype != cdt or cdt not in (jnp.float16, jnp.bfloat16) or any(w.dtype != FP8 for w in ws):
@@ -183,7 +189,7 @@ def gemv_partials(xp, ws, *, ids=None, shared_ws=(), w_layout="kn", tile_n=64, t
             e = ids_gmem[jnp.minimum(pi, P - 1)]  # (a shared row's program reads a valid id it does not use)
             out_gmem = out_gmem.at[:, pi]  # [split_k, sum N, Mp]: this row's slice
 
-        def program(w_gmem, nj):  # output tile nj of one weight, K split si
+        def program(x_gmem, w_gmem, nj):  # output tile nj of one weight, K split si
             def acc_scope(acc_ref, a_smem=None):
                 def step(_, w_smem, x_smem):
                     if lane:  # [tile_k, tile_n] stored, loaded as its transpose, widened, re-laid for the WGMMA
@@ -227,20 +233,21 @@ def gemv_partials(xp, ws, *, ids=None, shared_ws=(), w_layout="kn", tile_n=64, t
                 plgpu.copy_smem_to_gmem(o_smem, out_gmem.at[si, pl.ds(ni * tile_n, tile_n)])
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-        def programs(gm):
+        def programs(x, gm):
             if len(ws) == 1:
-                program(gm[0], ni)
+                program(x, gm[0], ni)
             for i, w_gmem in enumerate(gm if len(ws) > 1 else ()):
                 pl.when((ni >= starts[i]) & (ni < starts[i + 1]))(
-                    functools.partial(program, w_gmem, ni - starts[i]))
+                    functools.partial(program, x, w_gmem, ni - starts[i]))
 
         if not stacked:
-            programs(w_gmems)
+            programs(x_gmem, w_gmems)
             return
         # a dropped id: no weight read, its slice left unwritten
-        pl.when((pi < P) & (e >= 0) & (e < E))(lambda: programs([w.at[e] for w in w_gmems]))
+        x_pairs, x_shared = (x_gmem.at[0], x_gmem.at[1]) if groups else (x_gmem, x_gmem)
+        pl.when((pi < P) & (e >= 0) & (e < E))(lambda: programs(x_pairs, [w.at[e] for w in w_gmems]))
         if Q:
-            pl.when(pi >= P)(lambda: programs(shared_gmems))
+            pl.when(pi >= P)(lambda: programs(x_shared, shared_gmems))
 
     sem = plgpu.LoweringSemantics.Lane if lane else plgpu.LoweringSemantics.Warpgroup
     rows = [P + Q] if stacked else []
@@ -249,7 +256,8 @@ def gemv_partials(xp, ws, *, ids=None, shared_ws=(), w_layout="kn", tile_n=64, t
         grid=(starts[-1], split_k, *rows), grid_names=("n", "s", "p")[:3 if stacked else 2],
         interpret=interpret, compiler_params=plgpu.CompilerParams(lowering_semantics=sem),
         kernel_name=f"mgpu_fp8_{'moe' if stacked else 'gemv'}_{w_layout}_n{tile_n}_k{tile_k}_s{split_k}_st{stages}")
-    return kern(*([ids] if stacked else []), xp.T if interpret is not None else xp, *ws, *shared_ws)
+    return kern(*([ids] if stacked else []), jnp.swapaxes(xp, -1, -2) if interpret is not None else xp, *ws,
+                *shared_ws)
 
 
 def padded_rows(M) -> int:
@@ -257,18 +265,27 @@ def padded_rows(M) -> int:
     return -(-M // 8) * 8
 
 
-def operand(x, widened=None, compute_dtype=None):
+def operand(x, widened=None, compute_dtype=None, padded=None):
     """x [M, K] -> the kernel's x (xp [padded_rows(M), K] in the compute dtype), its row factors (rs [M] float32
     with x = xp[:M] * rs[:, None], or None) and the compute dtype: bfloat16 for bf16 x not handed over widened
-    (taken as it is), else float16 (x widened with an exact power of two per row, `upcast.to_compute`, or as
-    `widened` gives it: (xc [padded_rows(M), K] float16, rs [padded_rows(M)] float32))."""
+    (taken as it is, or as `padded` gives it: [padded_rows(M), K] bf16, x's rows then zeros, what
+    fused_norm.add_rms_norm(pad_rows=...) writes: no XLA pad kernel), else float16 (x widened with an exact
+    power of two per row, `upcast.to_compute`, or as `widened` gives it: (xc [padded_rows(M), K] float16, rs
+    [padded_rows(M)] float32))."""
     M, K = x.shape
     Mp = padded_rows(M)
     cdt = compute_dtype or (jnp.bfloat16 if x.dtype == jnp.bfloat16 and widened is None else jnp.float16)
     if jnp.dtype(cdt) == jnp.bfloat16:
         if widened is not None or x.dtype != jnp.bfloat16:
             raise ValueError(f"the bfloat16 path takes bf16 x as it is, got {x.dtype} x, widened={widened is not None}")
-        return jnp.pad(x, ((0, Mp - M), (0, 0))), None, cdt  # [Mp, K]
+        if padded is None:
+            return jnp.pad(x, ((0, Mp - M), (0, 0))), None, cdt  # [Mp, K]
+        if padded.shape != (Mp, K) or padded.dtype != jnp.bfloat16:
+            raise ValueError(f"padded must be bfloat16 [{Mp}, {K}] for x {x.shape}, got {padded.dtype} {padded.shape}")
+        return padded, None, cdt
+    if padded is not None:
+        raise ValueError(f"padded is the bfloat16 path's x (bf16 x, not widened); got {x.dtype} x, compute dtype "
+                         f"{jnp.dtype(cdt).name}")
     if widened is None:
         xc, rs = upcast.to_compute(x, jnp.float16)  # x = xc * rs[:, None], exactly
         return jnp.pad(xc, ((0, Mp - M), (0, 0))), rs, cdt  # [Mp, K]
@@ -302,7 +319,7 @@ def fp8_gemv_multi(x, ws, scales, *, widened=None, w_layout="kn", tile_n=None, s
     xp, rs, cdt = operand(x, widened, compute_dtype)
     parts = gemv_partials(xp, ws, w_layout=w_layout, tile_n=tile_n, split_k=split_k, stages=stages,
                           compute_dtype=cdt, interpret=interpret)  # [S, sum N, Mp]
-    yt = parts.sum(0)[:, :M]  # [sum N, M]
+    yt = sum_in_xla(parts)[:, :M]  # [sum N, M]
     yt = yt if rs is None else yt * rs[None, :]
     outs, at = [], 0
     for n, s in zip(Ns, scales):

@@ -116,3 +116,14 @@ def sum_partials(part_ref, num_splits: int, index, shape, mask=None):
     for s in range(num_splits):
         acc = acc + load_partial(part_ref.at[(jnp.int32(s), *index)], mask).astype(jnp.float32)
     return acc
+
+
+def sum_in_xla(parts):
+    """parts [S, ...] summed over the leading (split) axis as S - 1 elementwise adds, in order: elementwise work
+    that XLA fuses into whatever consumes it - also into a reduction (the top-1 routing over the router's logit
+    partials), which cannot take another reduction's output into its fusion (docs/benchmarks.md section 23)."""
+    acc = parts[0]
+    for s in range(1, parts.shape[0]):
+        acc = acc + parts[s]
+    return acc
+

@@ -95,6 +95,17 @@ def test_add_rms_norm_with_router_logits(lead, D, E, router_block, dtype, block_
     lg = sum_router_partials(parts, dtype)
     assert lg.dtype == dtype
     assert _err(lg, lg_ref.reshape(M, E)) < (1e-2 if dtype == jnp.bfloat16 else 1e-5)
+    # pad_rows: y again, padded with zero rows (the Mosaic GPU MoE path's x); the rest unchanged
+    rows = -(-M // 8) * 8 + (8 if M == 6 else 0)  # 8, or 16 rows past 6 tokens
+    s2, y2, parts2, yp = add_rms_norm(x, h, scale, eps=1e-5, router=router, router_block=router_block,
+                                      block_m=block_m, pad_rows=rows, interpret=True, poison_output=True)
+    _finite(s2, y2, parts2, yp)
+    assert yp.shape == (rows, D) and yp.dtype == y.dtype
+    for a, b in ((s2, s), (y2, y), (parts2, parts), (yp[:M], y.reshape(M, D))):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    assert not np.asarray(yp[M:], np.float32).any()
+    with pytest.raises(ValueError, match="needs a router and at least"):
+        add_rms_norm(x, h, scale, eps=1e-5, pad_rows=rows, interpret=True)
 
 
 @pytest.mark.parametrize("lead,D,rows,block_m", [((1,), 64, 8, None), ((3,), 100, 8, 2), ((2, 5), 128, 16, None),

@@ -303,10 +303,9 @@ def test_pallas_kernel_families_can_be_switched_off(monkeypatch, off):
 
 
 def test_where_the_shared_expert_rides(monkeypatch):
-    """On the Mosaic GPU MoE path the shared expert rides along where its tokens fit the WGMMA columns the pairs
-    take anyway (1 token, a 4-token verify: 8 columns), not at 8 tokens (16); the experts stay on the Mosaic
-    path up to 16 pairs. On the Triton pair path (MAVJAX_PALLAS_DISABLE=mosaic) it rides at one token only, and
-    with moe_shared off nowhere."""
+    """On the Mosaic GPU MoE path (up to 16 pairs) the shared expert always rides along (its gate|up on the
+    tokens' columns, which the pairs take anyway). On the Triton pair path (MAVJAX_PALLAS_DISABLE=mosaic) it
+    rides at one token only, and with moe_shared off nowhere."""
     import jax.numpy as jnp
 
     from mavjax.model import MoE
@@ -318,7 +317,7 @@ def test_where_the_shared_expert_rides(monkeypatch):
     net = quantize_model(Llama4(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0), kernels="pallas"))
     moe = next(m for _, m in nnx.iter_graph(net) if isinstance(m, MoE))
     tokens = [1, 4, 8, 16, 17]
-    for off, mosaic, rides in [("", [1, 1, 1, 1, 0], [1, 1, 0, 0, 0]), ("mosaic", [0] * 5, [1, 0, 0, 0, 0]),
+    for off, mosaic, rides in [("", [1, 1, 1, 1, 0], [1, 1, 1, 1, 0]), ("mosaic", [0] * 5, [1, 0, 0, 0, 0]),
                                ("moe_shared", [1, 1, 1, 1, 0], [0] * 5)]:
         monkeypatch.setenv("MAVJAX_PALLAS_DISABLE", off)
         assert [int(moe.experts_on_mosaic(n)) for n in tokens] == mosaic, off
@@ -359,7 +358,7 @@ def test_mosaic_gate_up_in_the_model(monkeypatch, off, T):
     names, logits = step(nets["pallas"])
     count = lambda prefix, suffix="": sum(n.startswith(prefix) and n.endswith(suffix) for n in names)  # noqa: E731
     # several tokens on the Triton pair kernels: the shared experts' own gate/up (on the Mosaic GPU MoE path the
-    # shared expert rides along up to 4 tokens: MoE.shared_rides)
+    # shared expert rides along: MoE.shared_rides)
     shared = cfg.num_hidden_layers - n_dense if T > 1 else 0
     want = (0, n_dense + shared, 0) if off else (n_dense, 0, n_dense)
     assert (count("mgpu_fp8_gemv"), count("fp8_gate_up_swiglu"), count("add_rms_norm", "_widen")) == want, names
@@ -370,6 +369,40 @@ def test_mosaic_gate_up_in_the_model(monkeypatch, off, T):
     assert count("moe_gate_up_pairs") + count("moe_down_pairs") == (2 * n_moe if off else 0), names
     assert count("add_rms_norm", "_router") == n_moe, names  # the logits still come from the norm kernel
     np.testing.assert_allclose(np.asarray(logits), np.asarray(step(nets["xla"])[1]), rtol=2e-3, atol=2e-3)
+
+
+def test_mosaic_moe_takes_its_x_padded_from_the_norm(monkeypatch):
+    """bf16 model, Mosaic GPU MoE path: the FFN's add + norm kernel writes the MoE's x already padded to the
+    kernel's rows (MoE.pad_rows, add_rms_norm(pad_rows=...)), so the traced step has one XLA pad fewer per MoE
+    layer than with that switched off (the values are the same: tests/test_moe_mgpu.py, test_fused_kernels.py)."""
+    import jax.numpy as jnp
+
+    from mavjax.kv_cache import KVCache
+    from mavjax.model import MoE
+    from mavjax.quantize import quantize_model
+    from pallas_kernels import mgpu_gemv
+    from helpers import equations
+
+    monkeypatch.setattr(mgpu_gemv, "on_hopper", lambda: True)
+    cfg = preset("tiny", hidden_size=128, num_attention_heads=8)
+    n_moe = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
+    net = quantize_model(Llama4(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(8), kernels="pallas"))
+    tok, pos = jnp.full((1, 1), 7, jnp.int32), jnp.full((1, 1), 3, jnp.int32)
+    cache = KVCache.create(cfg, 1, 16, jnp.bfloat16)
+    graphdef, state = nnx.split(net)
+
+    def pads():  # (pad equations, kernel launches) of a traced decode step
+        f = lambda st: nnx.merge(graphdef, st)(tok, pos, cache, write_index=pos[:, 0])[0]  # noqa: E731
+        names = [e.primitive.name for e in equations(jax.make_jaxpr(f)(state).jaxpr)]
+        return names.count("pad"), names.count("pallas_call") + names.count("mpmd_map")
+
+    moe = next(m for _, m in nnx.iter_graph(net) if isinstance(m, MoE))
+    assert moe.pad_rows(1, jnp.bfloat16) == 8 and moe.pad_rows(1, jnp.float32) is None
+    with_pad, kernels = pads()
+    monkeypatch.setattr(MoE, "pad_rows", lambda self, n, dtype: None)
+    jax.clear_caches()
+    without, kernels2 = pads()
+    assert without - with_pad == n_moe and kernels == kernels2, (with_pad, without)
 
 
 @pytest.mark.parametrize("B,T", [(2, 1), (1, 4), (1, 17)])

@@ -136,6 +136,25 @@ def test_route_top1_equals_top_k():
     np.testing.assert_array_equal(np.asarray(idx2[:, 0]), np.asarray(want[:, 0]))
 
 
+def test_top1_is_one_reduction_with_top_ks_choice():
+    """mavjax.model.top1 (the value and the id from one variadic reduction): lax.top_k's pick on 128 experts
+    with many ties (coarse values), the lowest id among equal values; NaN counts as the largest (jnp.argmax's
+    choice), an all -inf row gives id 0."""
+    from mavjax.model import top1
+
+    lg = jnp.round(jax.random.normal(jax.random.key(0), (64, 128)) * 2).astype(jnp.bfloat16)  # ties everywhere
+    lg = lg.at[3].set(-jnp.inf).at[5, 70].set(jnp.nan).at[6, 9].set(jnp.nan).at[6, 2].set(jnp.nan)
+    v, i = jax.jit(top1)(lg)
+    ok = np.ones(64, bool)
+    ok[[5, 6]] = False
+    want_v, want_i = jax.lax.top_k(lg[ok], 1)
+    np.testing.assert_array_equal(np.asarray(i)[ok], np.asarray(want_i[:, 0]))
+    np.testing.assert_array_equal(np.asarray(v, np.float32)[ok], np.asarray(want_v[:, 0], np.float32))
+    assert i.dtype == jnp.int32 and int(i[3]) == 0
+    np.testing.assert_array_equal(np.asarray(i)[[5, 6]], np.asarray(jnp.argmax(lg[jnp.asarray([5, 6])], -1)))
+    assert bool(jnp.isnan(v[5])) and [int(i[5]), int(i[6])] == [70, 2]
+
+
 def test_reference_matches_model():
     """moe_reference (float32) vs mavjax.model.moe_experts (bf16 throughout), both of the model's paths
     (<= 8 pairs: per-pair gather; more: ragged_dot); FP8 weights with scales too."""

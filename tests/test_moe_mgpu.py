@@ -62,10 +62,11 @@ def test_matches_reference_and_reads_only_named_experts(N, k, E, D, F, x_dtype, 
     assert _err(y, ref) < 1e-2, _err(y, ref)
 
 
-@pytest.mark.parametrize("N,k", [(1, 1), (3, 2)])
+@pytest.mark.parametrize("N,k", [(1, 1), (3, 2), (8, 1)])
 def test_shared_expert_rides_along(N, k):
-    """shared=: one more row per token streams the shared expert in the same two launches (input not scaled by
-    a score); the result is routed + shared, what moe_fp8_pairs(shared=...) and the model compute."""
+    """shared=: one more program row streams the shared expert once for all tokens in the same two launches
+    (its gate|up on the tokens' columns, its down on its own h rows; input not scaled by a score); the result is
+    routed + shared, what moe_fp8_pairs(shared=...) and the model compute."""
     from pallas_kernels.moe_gemm import moe_fp8_pairs
 
     E, D, F = 5, 128, 64
@@ -86,6 +87,24 @@ def test_shared_expert_rides_along(N, k):
     with pytest.raises(ValueError, match="shared expert must be"):
         moe_mgpu.moe_fp8_mgpu(x, idx, sc, wg, wu, wd, scales, shared=(sg[0], su[0], sd[0][:, :64], shared[3]),
                               interpret=INTERP)
+
+
+def test_x_padded_as_the_norm_kernel_writes_it():
+    """x_padded (bf16 x already padded to the kernel's rows, what add_rms_norm(pad_rows=...) writes) gives the
+    same result as padding in XLA; a wrong shape or a non-bf16 x is an error naming it."""
+    E, D, F = 4, 128, 64
+    (wg, wu, wd), scales = _experts(4, E, D, F)
+    x = jax.random.normal(jax.random.key(3), (3, D)).astype(jnp.bfloat16)
+    idx, sc = jnp.asarray([[2], [0], [2]], jnp.int32), jnp.full((3, 1), 0.6, jnp.bfloat16)
+    y = moe_mgpu.moe_fp8_mgpu(x, idx, sc, wg, wu, wd, scales, interpret=INTERP)
+    yp = moe_mgpu.moe_fp8_mgpu(x, idx, sc, wg, wu, wd, scales, x_padded=jnp.pad(x, ((0, 5), (0, 0))),
+                               interpret=INTERP)
+    np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(yp, np.float32))
+    with pytest.raises(ValueError, match="padded must be bfloat16"):
+        moe_mgpu.moe_fp8_mgpu(x, idx, sc, wg, wu, wd, scales, x_padded=x, interpret=INTERP)
+    with pytest.raises(ValueError, match="padded is the bfloat16 path"):
+        moe_mgpu.moe_fp8_mgpu(x.astype(jnp.float32), idx, sc, wg, wu, wd, scales,
+                              x_padded=jnp.zeros((8, D), jnp.bfloat16), interpret=INTERP)
 
 
 def test_dropped_pairs_read_nothing_and_add_nothing():
@@ -119,6 +138,16 @@ def test_gemv_partials_by_expert_id():
     assert bool(jnp.isnan(got[2]).all())
     with pytest.raises(ValueError, match="stacked"):
         mgpu_gemv.gemv_partials(xp, (w[0],), ids=ids, interpret=INTERP)
+    # the shared row (shared_ws) with its own x: xp [2, Mp, K], the ids' programs read xp[0], it reads xp[1]
+    ws = jax.random.normal(jax.random.key(2), (K, N)).astype(mgpu_gemv.FP8)
+    x2 = jnp.stack([xp, -2 * xp[::-1]])
+    parts = mgpu_gemv.gemv_partials(x2, (w,), ids=ids[:2], shared_ws=(ws,), split_k=2, stages=1, interpret=INTERP)
+    got = parts.sum(0)  # [3, N, 8]
+    for p, (xi, wi) in enumerate([(xp, w[2]), (xp, w[0]), (x2[1], ws)]):
+        want = jnp.einsum("mk,kn->nm", xi.astype(jnp.float32), wi.astype(jnp.float32))
+        np.testing.assert_allclose(np.asarray(got[p]), np.asarray(want), rtol=1e-5, atol=1e-3)
+    with pytest.raises(ValueError, match=r"or \[2, Mp, K\] with shared_ws"):
+        mgpu_gemv.gemv_partials(x2, (w,), ids=ids, interpret=INTERP)
 
 
 def test_lowers_for_the_gpu():
@@ -162,12 +191,15 @@ def test_dispatch_from_moe_fp8(monkeypatch):
     assert [n[:12] for n in names(shared=shared)] == ["mgpu_fp8_moe"] * 2  # the shared expert rides along
     assert not any(n.startswith("mgpu") for n in names(block_n=32))  # a tuner's Triton tiles
     assert not any(n.startswith("mgpu") for n in names(mosaic=False))
-    big = jnp.ones((9, D), jnp.bfloat16), jnp.zeros((9, 1), jnp.int32), jnp.ones((9, 1), jnp.bfloat16)
-    f = functools.partial(moe_fp8, interpret=True, shared=shared)  # 9 pairs + 9 shared rows: above 16
-    assert not any(n.startswith("mgpu") for n in pallas_call_names(jax.make_jaxpr(f)(*big, wg, wu, wd, scales).jaxpr))
+    # up to 16 pairs, the shared expert adding no columns (17: the sorted path, which does not take it)
+    for n, sh, mosaic in ((9, shared, True), (16, shared, True), (17, None, False)):
+        f = functools.partial(moe_fp8, interpret=True, shared=sh)
+        big = jnp.ones((n, D), jnp.bfloat16), jnp.zeros((n, 1), jnp.int32), jnp.ones((n, 1), jnp.bfloat16)
+        got = pallas_call_names(jax.make_jaxpr(f)(*big, wg, wu, wd, scales).jaxpr)
+        assert any(name.startswith("mgpu") for name in got) == mosaic, (n, got)
     with pytest.raises(ValueError, match="per-channel scales"):
         moe_fp8(x, idx, sc, *(w.astype(jnp.bfloat16) for w in (wg, wu, wd)), None, mosaic=True, interpret=True)
-    with pytest.raises(ValueError, match=r"1\.\.16 rows"):
+    with pytest.raises(ValueError, match=r"1\.\.16 \(token, expert\) pairs"):
         moe_fp8(jnp.ones((17, D), jnp.bfloat16), jnp.zeros((17, 1), jnp.int32), jnp.ones((17, 1), jnp.bfloat16),
                 wg, wu, wd, scales, mosaic=True, interpret=True)
 
