@@ -21,7 +21,7 @@ The run is resumable (orbax checkpoints of params, optimizer state, step and dat
 --ckpt-every steps and on SIGINT/SIGTERM; reuses scripts/train_tiny.py's machinery): rerun the same command to
 continue. At the end the bf16 draft is written to --out (mavjax.eagle3.save_draft) with train_report.json:
 the measured mean acceptance length (tokens per target forward, greedy) of speculative decoding on held-out
-text at K=3, K=5 and the --eval-tree tree.
+text at K=3, K=5 (--eval-chains) and the --eval-tree tree.
 """
 
 from __future__ import annotations
@@ -257,6 +257,8 @@ def parse_args(argv=None):
     ap.add_argument("--eval-prompts", type=int, default=16, help="held-out prompts for acceptance length")
     ap.add_argument("--eval-prompt-len", type=int, default=64)
     ap.add_argument("--eval-new-tokens", type=int, default=128)
+    ap.add_argument("--eval-chains", type=lambda v: [int(k) for k in v.split(",")], default=[3, 5],
+                    help="draft chain lengths K whose acceptance length is measured, e.g. 3,5")
     ap.add_argument("--eval-tree", default="3,2,1,1", help="tree whose acceptance length is also measured")
     return ap.parse_args(argv)
 
@@ -374,7 +376,7 @@ def run(args) -> dict:
         draft.d2t.set_value(jnp.asarray(d2t, jnp.int32))
         out.mkdir(parents=True, exist_ok=True)
         save_draft(draft, out)
-        shapes = {"K=3": 3, "K=5": 5, f"tree {args.eval_tree}": args.eval_tree}
+        shapes = {**{f"K={k}": k for k in args.eval_chains}, f"tree {args.eval_tree}": args.eval_tree}
         t_e = time.perf_counter()
         acc_len = acceptance_lengths(target, draft, corpus.heldout, prompts=args.eval_prompts,
                                      prompt_len=args.eval_prompt_len, new_tokens=args.eval_new_tokens, shapes=shapes)
