@@ -142,6 +142,8 @@ def gemv_partials(xp, ws, *, ids=None, shared_ws=(), w_layout="kn", tile_n=64, t
     or transposed refs): the widened tile goes through shared memory and x is handed over transposed, the rest
     (grid, splits, pipeline) as on the GPU."""
     ws = tuple(ws)
+    if xp.ndim not in (2, 3):
+        raise ValueError(f"xp must be [Mp, K], or [2, Mp, K] with shared_ws; got {xp.shape}")
     groups = xp.ndim == 3  # [2, Mp, K]: the shared row's own x
     Mp, K = xp.shape[-2:]
     tile_k = tile_k or tile_k_for(K)
@@ -157,7 +159,7 @@ def gemv_partials(xp, ws, *, ids=None, shared_ws=(), w_layout="kn", tile_n=64, t
     if Q and (not stacked or [w.shape for w in shared_ws] != shapes or any(w.dtype != FP8 for w in shared_ws)):
         raise ValueError(f"shared_ws must go with ids, one FP8 weight per expert weight of its shape {shapes}, got "
                          f"{[(w.shape, str(w.dtype)) for w in shared_ws]}")
-    if xp.ndim not in (2, 3) or (groups and (not Q or xp.shape[0] != 2)):
+    if groups and (not Q or xp.shape[0] != 2):
         raise ValueError(f"xp must be [Mp, K], or [2, Mp, K] with shared_ws (the shared row's x second); got "
                          f"{xp.shape} with {len(shared_ws)} shared weights")
     Ns = [sh[1] if w_layout == "kn" else sh[0] for sh in shapes]
