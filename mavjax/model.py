@@ -357,10 +357,11 @@ def route_logits(logits, top_k):
     return top_idx, jax.nn.sigmoid(top_vals.astype(jnp.float32)).astype(logits.dtype)
 
 
+@jax.custom_jvp
 def top1(logits):
     """(the largest logit, the lowest expert id holding it) of each row of logits [N, E] - lax.top_k(k=1)'s
     pick; a NaN counts as the largest, as in jnp.argmax - in ONE variadic reduction: argmax then a gather of
-    its value would be two XLA kernels."""
+    its value would be two XLA kernels. Differentiable in the value (training routes through it): `_top1_jvp`."""
     ids = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1)
 
     def better(a, b):  # (value, id) pairs: the larger value, the lower id among equals
@@ -371,6 +372,16 @@ def top1(logits):
 
     init = (jnp.array(-jnp.inf, logits.dtype), jnp.array(jnp.iinfo(jnp.int32).max, jnp.int32))
     return jax.lax.reduce((logits, ids), init, better, (1,))  # [N], [N]
+
+
+@top1.defjvp
+def _top1_jvp(primals, tangents):
+    """The value's tangent is the chosen logit's (what argmax + take_along_axis would give; JAX cannot
+    differentiate a variadic reduction with a custom comparator), the id's none."""
+    (logits,), (dlogits,) = primals, tangents
+    vals, idx = top1(logits)
+    dvals = jnp.take_along_axis(dlogits, idx[:, None], axis=-1)[:, 0]  # [N]
+    return (vals, idx), (dvals, np.zeros(idx.shape, jax.dtypes.float0))
 
 
 # Up to this many (token, expert) pairs, gather the chosen experts' weights per pair instead of sorting

@@ -153,6 +153,11 @@ def test_top1_is_one_reduction_with_top_ks_choice():
     assert i.dtype == jnp.int32 and int(i[3]) == 0
     np.testing.assert_array_equal(np.asarray(i)[[5, 6]], np.asarray(jnp.argmax(lg[jnp.asarray([5, 6])], -1)))
     assert bool(jnp.isnan(v[5])) and [int(i[5]), int(i[6])] == [70, 2]
+    # differentiable in the value (training routes through it): the chosen logit's gradient, as a gather's
+    x = jax.random.normal(jax.random.key(1), (5, 9))
+    g = jax.grad(lambda a: jnp.sum(jnp.sin(top1(a)[0])))(x)
+    want = jax.grad(lambda a: jnp.sum(jnp.sin(jnp.max(a, axis=-1))))(x)
+    np.testing.assert_allclose(np.asarray(g), np.asarray(want), rtol=1e-6)
 
 
 def test_reference_matches_model():
