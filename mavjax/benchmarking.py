@@ -9,19 +9,24 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def copy_bandwidth(nbytes: int = 2 << 30, reps: int = 20) -> float:
-    """Device copy bandwidth in bytes/s (`a + 1` over an `nbytes` float32 array), counting bytes read plus
-    bytes written: the ceiling a memory-bound kernel is measured against."""
-    x = jnp.ones((nbytes // 4,), jnp.float32)
-    f = jax.jit(lambda a: a + 1.0)
+def median_call_s(f, x, reps: int) -> float:
+    """Median wall seconds of `f(x)` to its result, after one call that compiles and warms up."""
     f(x).block_until_ready()
     ts = []
     for _ in range(reps):
         t = time.perf_counter()
         f(x).block_until_ready()
         ts.append(time.perf_counter() - t)
+    return float(np.median(ts))
+
+
+def copy_bandwidth(nbytes: int = 2 << 30, reps: int = 20) -> float:
+    """Device copy bandwidth in bytes/s (`a + 1` over an `nbytes` float32 array), counting bytes read plus
+    bytes written: the ceiling a memory-bound kernel is measured against."""
+    x = jnp.ones((nbytes // 4,), jnp.float32)
+    s = median_call_s(jax.jit(lambda a: a + 1.0), x, reps)
     del x
-    return 2 * nbytes / float(np.median(ts))
+    return 2 * nbytes / s
 
 
 def fmt(v, width: int, prec: int = 1) -> str:

@@ -47,10 +47,17 @@ def apply_defaults(environ=None, release=None):
     environ = os.environ if environ is None else environ
     if environ.get("MAVJAX_DEFAULT_XLA_FLAGS", "1") == "0":
         return []
-    if (release or _jaxlib_release()) not in KNOWN_JAXLIB or (environ is os.environ and _backends_started()):
+    return append(DEFAULTS, KNOWN_JAXLIB, environ, release)
+
+
+def append(wanted: dict, known_releases, environ=None, release=None):
+    """Append the flags of `wanted` ({name: value}) that XLA_FLAGS does not name, where the jaxlib release is one
+    of `known_releases` and JAX's backend has not read its flags yet; returns the flags added."""
+    environ = os.environ if environ is None else environ
+    if (release or _jaxlib_release()) not in known_releases or (environ is os.environ and _backends_started()):
         return []
     flags = environ.get("XLA_FLAGS", "")
-    added = [f"--{name}={value}" for name, value in DEFAULTS.items()
+    added = [f"--{name}={value}" for name, value in wanted.items()
              if not re.search(rf"(^|\s)--{name}(=|\s|$)", flags)]
     if added:
         environ["XLA_FLAGS"] = " ".join([flags.strip()] + added).strip()

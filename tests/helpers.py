@@ -19,10 +19,17 @@ def load_script(name: str):
     return mod
 
 
+def cpu_env(devices: int, **extra) -> dict:
+    """The environment of a subprocess on `devices` simulated CPU devices: this process's, its XLA_FLAGS (the
+    suite's compile flags, conftest.py) kept, with the device count added (fixed when jax starts, so a test
+    needing another count runs a fresh process)."""
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
+    return dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu", **extra)
+
+
 def run_on_8_devices(code: str) -> str:
-    """Run a snippet in a fresh Python process with 8 simulated CPU devices (the device count is fixed when
-    jax starts, so it cannot be changed inside the test process)."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    """Run a snippet in a fresh Python process with 8 simulated CPU devices."""
+    env = cpu_env(8)
     r = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr

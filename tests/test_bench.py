@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import cpu_env
 
 from mavjax.bench import FP8_SPREAD, TENSOR_AXES, rank_slice_config, random_model, with_kernels
 from mavjax.cli import main
@@ -239,7 +240,7 @@ def test_random_weights_sharded_over_a_mesh():
                      "--input-len", "8", "--output-len", "4", "--iters", "1"]) == 0
         print("ok")
     """
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    env = cpu_env(4)
     r = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
                        timeout=600, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert r.returncode == 0 and "ok" in r.stdout, r.stdout + r.stderr

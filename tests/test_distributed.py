@@ -3,7 +3,6 @@ started by mavjax itself from JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_
 generation over an (expert=2, tensor=4) mesh spanning both processes equals the single-process one."""
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -12,6 +11,7 @@ import textwrap
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from helpers import cpu_env
 
 from mavjax import LLM, SamplingParams
 from mavjax.checkpoint import save_model
@@ -40,7 +40,7 @@ def _free_port() -> int:
 
 
 def test_two_processes_generate_as_one(tmp_path):
-    cfg = preset("tiny", num_attention_heads=8, num_key_value_heads=2, num_local_experts=8)
+    cfg = preset("tiny", num_attention_heads=8, num_key_value_heads=2, num_local_experts=8, num_hidden_layers=2)
     save_model(Llama4(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0)), tmp_path / "ckpt")
     rng = np.random.default_rng(0)
     prompts = [rng.integers(3, 500, n).tolist() for n in (7, 40)]  # 2 x 64 padded: the all_to_all prefill too
@@ -48,8 +48,7 @@ def test_two_processes_generate_as_one(tmp_path):
     port = _free_port()
     procs = []
     for pid in range(2):
-        env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4",
-                   JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid))
+        env = cpu_env(4, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid))
         procs.append(subprocess.Popen([sys.executable, "-c", textwrap.dedent(WORKER), json.dumps(prompts),
                                        str(tmp_path / "ckpt")], env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True))

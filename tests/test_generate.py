@@ -10,12 +10,16 @@ from flax import nnx
 from mavjax import LLM, PromptError, SamplingParams, preset
 from mavjax.model import Llama4
 
+# The tests build the tiny preset with two layers: a dense RoPE (chunked) layer and an
+# MoE NoPE (global) layer, every kernel a step launches; the preset's layers 2-3 repeat them and doubled the
+# interpreter's compile time.
+TWO = dict(num_hidden_layers=2)
 
 @pytest.fixture(scope="module")
 def llm():
     import jax.numpy as jnp
 
-    cfg = preset("tiny", max_position_embeddings=128)
+    cfg = preset("tiny", max_position_embeddings=128, **TWO)
     return LLM.from_model(Llama4(cfg, dtype=jnp.float32, rngs=nnx.Rngs(3)), max_batch_size=8)
 
 
@@ -137,7 +141,7 @@ def test_pallas_attention_path_matches_xla():
     CPU); it must compute the same function as the XLA path: same greedy tokens over chunk boundaries."""
     import jax.numpy as jnp
 
-    cfg = preset("tiny", max_position_embeddings=128)
+    cfg = preset("tiny", max_position_embeddings=128, **TWO)
     xla = LLM.from_model(Llama4(cfg, dtype=jnp.float32, rngs=nnx.Rngs(5)))
     pal = LLM.from_model(Llama4(cfg, dtype=jnp.float32, rngs=nnx.Rngs(5), kernels="pallas"))
     prompts = _prompts(3, seed=7, lo=3, hi=14)
@@ -152,7 +156,7 @@ def test_fp8_pallas_and_xla_paths_compute_the_same_function():
 
     from mavjax.quantize import quantize_model
 
-    cfg = preset("tiny")
+    cfg = preset("tiny", **TWO)
     q_xla = quantize_model(Llama4(cfg, dtype=jnp.float32, rngs=nnx.Rngs(8)))
     q_pal = quantize_model(Llama4(cfg, dtype=jnp.float32, rngs=nnx.Rngs(8), kernels="pallas"))
     assert q_pal.layers[1].ffn.w_gate[...].dtype == jnp.float8_e4m3fn  # experts, MLPs, attention in FP8
@@ -196,7 +200,7 @@ def test_fused_fp8_decode_pallas_matches_xla(kv_cache_dtype):
     from mavjax.kv_cache import kv_dtype_for
     from mavjax.quantize import quantize_model
 
-    cfg = preset("tiny")
+    cfg = preset("tiny", **TWO)
     kv = kv_dtype_for(kv_cache_dtype, jnp.float32)
     nets = [quantize_model(Llama4(cfg, dtype=jnp.float32, rngs=nnx.Rngs(9), kernels=k)) for k in ("xla", "pallas")]
     ids = np.random.default_rng(1).integers(3, 500, 14).tolist()
@@ -210,7 +214,7 @@ def test_fp8_kv_cache_through_llm_and_cli_names():
     """kv_cache_dtype (vLLM's names) reaches the Engine; the cache is float8_e4m3fn; a bad name is an error."""
     import jax.numpy as jnp
 
-    cfg = preset("tiny", max_position_embeddings=128)
+    cfg = preset("tiny", max_position_embeddings=128, **TWO)
     llm = LLM.from_model(Llama4(cfg, dtype=jnp.float32, rngs=nnx.Rngs(3)), kv_cache_dtype="fp8")
     b = _batch()
     _, cache = llm.engine.prefill(b, 64)
@@ -266,7 +270,7 @@ def test_pallas_kernel_families_can_be_switched_off(monkeypatch, off):
     from helpers import pallas_call_names
 
     assert set(_FAMILY_KERNELS) | {"moe_shared", "mosaic"} == set(PALLAS_OPS)  # mosaic: Hopper only, below
-    cfg = preset("tiny")
+    cfg = preset("tiny", **TWO)
     n_moe = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
     n_dense = cfg.num_hidden_layers - n_moe
     assert n_moe and n_dense
@@ -343,7 +347,7 @@ def test_mosaic_gate_up_in_the_model(monkeypatch, off, T):
     monkeypatch.setattr(mgpu_gemv, "on_hopper", lambda: True)
     monkeypatch.setenv("MAVJAX_PALLAS_DISABLE", off)
     jax.clear_caches()  # the kernels are chosen at trace time
-    cfg = preset("tiny", hidden_size=128, num_attention_heads=8)  # K and N multiples of 64
+    cfg = preset("tiny", hidden_size=128, num_attention_heads=8, **TWO)  # K and N multiples of 64
     n_dense = sum(not cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
     nets = {k: quantize_model(Llama4(cfg, dtype=jnp.float32, rngs=nnx.Rngs(8), kernels=k)) for k in ("xla", "pallas")}
     tok = jnp.asarray(np.random.default_rng(T).integers(3, 500, (1, T)), jnp.int32)
@@ -384,7 +388,7 @@ def test_mosaic_moe_takes_its_x_padded_from_the_norm(monkeypatch):
     from helpers import equations
 
     monkeypatch.setattr(mgpu_gemv, "on_hopper", lambda: True)
-    cfg = preset("tiny", hidden_size=128, num_attention_heads=8)
+    cfg = preset("tiny", hidden_size=128, num_attention_heads=8, **TWO)
     n_moe = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
     net = quantize_model(Llama4(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(8), kernels="pallas"))
     tok, pos = jnp.full((1, 1), 7, jnp.int32), jnp.full((1, 1), 3, jnp.int32)
@@ -418,7 +422,7 @@ def test_moe_kernels_for_several_tokens(B, T):
     from pallas_kernels.moe_gemm import PAIRS_MAX
     from helpers import pallas_call_names
 
-    cfg = preset("tiny")
+    cfg = preset("tiny", **TWO)
     n_moe = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
     nets = {k: quantize_model(Llama4(cfg, dtype=jnp.float32, rngs=nnx.Rngs(8), kernels=k)) for k in ("xla", "pallas")}
     tok = jnp.asarray(np.random.default_rng(T).integers(3, 500, (B, T)), jnp.int32)

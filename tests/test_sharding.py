@@ -120,7 +120,8 @@ def test_sharded_generation_equals_single_device(tmp_path):
                 traced.append(_n)
                 return _f(*a)
             setattr(par, name, wrap)
-        cfg = preset("tiny", num_attention_heads=8, num_key_value_heads=2, num_local_experts=8)
+        cfg = preset("tiny", num_attention_heads=8, num_key_value_heads=2, num_local_experts=8,
+                     num_hidden_layers=2)  # a dense RoPE and an MoE NoPE layer: each kind once
         model = Llama4(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0))
         # Skew: every token carries a positive component on hidden unit 0, which expert 3's router column reads.
         model.embed.set_value(model.embed[...].at[:, 0].add(0.1))
@@ -195,7 +196,8 @@ def test_pallas_kernels_under_a_mesh(tmp_path):
             seen["routes"] += k.get("router_logits") is not None
             return pairs(*a, **k)
         mg.moe_fp8_pairs = spy_pairs
-        cfg = preset("tiny", num_attention_heads=8, num_key_value_heads=8, num_local_experts=8)
+        cfg = preset("tiny", num_attention_heads=8, num_key_value_heads=8, num_local_experts=8,
+                     num_hidden_layers=2)  # a dense RoPE and an MoE NoPE layer: each kind once
         save_model(Llama4(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0)), "{tmp_path}/ckpt")
         prompt = np.random.default_rng(0).integers(3, 500, 12).tolist()
         sp = SamplingParams(max_new_tokens=4, temperature=0.0, ignore_eos=True)

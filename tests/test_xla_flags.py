@@ -54,3 +54,16 @@ def test_import_sets_them_and_the_installed_jaxlib_accepts_them():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split()[0] == "8.0"
+
+
+def test_the_suites_compile_flags_reach_its_subprocesses():
+    """conftest.py's compile flags are in this process's XLA_FLAGS (on a jaxlib they were checked on) and
+    `helpers.cpu_env` keeps them when it adds a device count: every process of the suite compiles with them."""
+    from conftest import FAST_CPU_COMPILE
+    from helpers import cpu_env
+
+    flags = cpu_env(4)["XLA_FLAGS"].split()
+    assert flags[-1] == "--xla_force_host_platform_device_count=4"
+    for name, (_, releases) in FAST_CPU_COMPILE.items():
+        named = any(f.startswith(f"--{name}=") for f in flags)
+        assert named == (xla_flags._jaxlib_release() in releases), (name, flags)
