@@ -121,6 +121,31 @@ class DeviceLoop:
         return best / self.calls
 
 
+def _on_gpu() -> bool:
+    return jax.devices()[0].platform == "gpu"
+
+
+def kernel_time(fn, arg_sets, reps: int = 5) -> float | None:
+    """Seconds of device kernel time per call of fn(*args): the union of the traced intervals of its kernels
+    (mavjax.profiling) over one jitted program that calls it once per tuple in `arg_sets` (distinct copies, so
+    calls do not hit each other's L2), run `reps` times after a warm-up. Unlike `device_time` it counts neither a
+    timing loop's own kernels nor the gaps between launches: what the op's kernels take. None off a GPU (a
+    CPU trace holds no device kernels)."""
+    if not _on_gpu():
+        return None
+    from mavjax.profiling import profile_kernels
+
+    prog = jax.jit(lambda sets: [fn(*a) for a in sets])
+    sets = [tuple(a) for a in arg_sets]
+    jax.block_until_ready(prog(sets))
+
+    def run():
+        jax.block_until_ready([prog(sets) for _ in range(reps)])
+
+    p = profile_kernels(run, steps=reps * len(sets))
+    return p["busy_us"] * 1e-6 if p["kernels_per_step"] else None
+
+
 def device_time(fn, args, iters: int = 8, reps: int = 5, calls_per_iter: int = 1, vary: int = 0) -> float:
     """Best seconds per call of fn(*args) (which makes `calls_per_iter` calls) over `reps` loops of `iters`
     iterations on the device (`device_loop`), after one warm-up loop."""

@@ -147,9 +147,15 @@ LONG_SPAN = 4096
 TILE_BYTES = 16 << 10
 
 
-def _span(num_slots, chunk_size, block_s):
-    """Slots a query can see: the whole cache on global layers, about a chunk on chunked ones."""
-    return num_slots if chunk_size is None else min(num_slots, chunk_size + block_s)
+def _span(num_slots, chunk_size, block_s, queries=None):
+    """Slots a row's queries can see: the whole cache on global layers, about a chunk on chunked ones: the
+    chunk, plus queries - 1 where consecutive queries straddle a chunk boundary, plus a tile where the chunk
+    start is not tile-aligned (queries None: a whole tile for both)."""
+    if chunk_size is None:
+        return num_slots
+    if queries is None:
+        return min(num_slots, chunk_size + block_s)
+    return min(num_slots, chunk_size + queries - 1 + (block_s if block_s and chunk_size % block_s else 0))
 
 
 def _long_stream(num_slots, chunk_size, rows):
@@ -164,9 +170,10 @@ def default_tiles(num_slots, chunk_size, head_dim, kv_itemsize, rows):
 
 
 def default_num_splits(batch, kv_heads, num_slots, chunk_size, block_s, num_sms=None, *, rows=16,
-                       kv_itemsize=2, merge_in_kernel=True):
+                       kv_itemsize=2, merge_in_kernel=True, queries=None):
     """Programs per (batch row, kv head) pair. rows: partial rows stored per split (G * T when the kernel
-    merges, R when XLA does); kv_itemsize: bytes per KV element.
+    merges, R when XLA does); kv_itemsize: bytes per KV element; queries: T, the positions per row, which
+    bounds a chunked layer's window (`_span`; None: as if the window always straddled a tile more).
 
     With the merge inside the kernel a split costs little (one partial, rows x Dh float32, stored once and
     read once through L2), so the count is set by filling the GPU; the smallest of:
@@ -186,7 +193,7 @@ def default_num_splits(batch, kv_heads, num_slots, chunk_size, block_s, num_sms=
             num_sms = int(getattr(jax.devices()[0], "core_count", 0)) or 132
         except Exception:  # pragma: no cover
             num_sms = 132
-    span = _span(num_slots, chunk_size, block_s)
+    span = _span(num_slots, chunk_size, block_s, queries)
     tiles = pl.cdiv(span, block_s)
     rows = max(1, rows)
     if _long_stream(num_slots, chunk_size, rows):  # whole waves: a 17th split of 8 pairs (136 programs on 132
@@ -197,7 +204,15 @@ def default_num_splits(batch, kv_heads, num_slots, chunk_size, block_s, num_sms=
     traffic = span * kv_itemsize // (32 * rows)
     tail = math.isqrt(span * kv_itemsize // (2 * rows)) if merge_in_kernel else 256
     ns = int(max(1, min(want, tiles, traffic, tail, 256)))
-    return pl.cdiv(tiles, pl.cdiv(tiles, ns))
+    ns = pl.cdiv(tiles, pl.cdiv(tiles, ns))
+    pairs = batch * kv_heads
+    if _long_stream(num_slots, chunk_size, rows) and ns * pairs > num_sms:
+        # a limit above can leave a part of a wave: FP8 at 8K, cut by the merge's tail to 22 splits of 8 pairs
+        # (176 programs: 1.33 waves) took 16.4 us, one wave of 16 splits 13.5 (docs/benchmarks.md section 25);
+        # so round to the nearest whole number of waves (never up: the limits hold)
+        whole = max(1, round(ns * pairs / num_sms)) * num_sms // pairs
+        ns = pl.cdiv(tiles, pl.cdiv(tiles, max(1, min(ns, whole))))
+    return ns
 
 
 # The in-kernel merge is one program reading all of its pair's partials; past this many bytes per pair the
@@ -216,11 +231,12 @@ def plan(batch, T, H, K, num_slots, chunk_size, block_s, head_dim, kv_itemsize, 
     given = combine
     combine = combine or default_reduce("attention")
     if combine == "kernel":
-        ns = default_num_splits(batch, K, num_slots, chunk_size, bs, rows=G * T, kv_itemsize=kv_itemsize)
+        ns = default_num_splits(batch, K, num_slots, chunk_size, bs, rows=G * T, kv_itemsize=kv_itemsize,
+                                queries=T)
         if given is not None or ns * _next_pow2(G * T) * head_dim * 4 <= MERGE_MAX_BYTES:
             return "kernel", ns
         combine = "xla"
-    return combine, default_num_splits(batch, K, num_slots, chunk_size, bs, rows=_row_block(G * T),
+    return combine, default_num_splits(batch, K, num_slots, chunk_size, bs, rows=_row_block(G * T), queries=T,
                                        kv_itemsize=kv_itemsize, merge_in_kernel=False)
 
 

@@ -6,7 +6,10 @@ reference (on dequantized KV for FP8), then times each one. Times are per call, 
 of one jitted program that runs the op `--inner` times back to back (one dispatch; cycling over enough copies
 of the cache that the working set is several times L2), so they are device times, not Python dispatch.
 TB/s counts only the K/V bytes a query can see (visible slots x K x Dh x itemsize x 2), and "%copy" compares
-it with the device-copy bandwidth measured here (a + 1 on 2 GiB, bytes read + written).
+it with the device-copy bandwidth measured here (a + 1 on 2 GiB, bytes read + written). Beside the loop times,
+the kernels' own traced device time (`mavjax.benchmarking.kernel_time`: ours, XLA's, and XLA's plain read of
+the same visible bytes): the loop time also holds the timing loop's small kernels and launch gaps, ~8-9 us a
+call at 8K (docs/benchmarks.md section 25).
 
 Cache state: every batch row is full (k_pos = slot), the T queries sit at positions S-T .. S-1; chunked layers
 (chunk 8192) therefore see the last 8192 slots, global layers all S.
@@ -23,7 +26,7 @@ split first, B = 8 first, bf16 then FP8); `--budget-s 1e9` runs them all.
 
   python scripts/bench_attention.py            # as many configs as fit in ~3 min, then the table
   python scripts/bench_attention.py --quick    # a few configs
-  python scripts/bench_attention.py --tune     # sweep block_s / num_splits / num_stages on a few configs
+  python scripts/bench_attention.py --tune     # batch-1 decode at 8K-128K: split count x tile, XLA's merge
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ import numpy as np  # noqa: E402
 
 from pallas_kernels.decode_attention import decode_attention, dequantize_kv  # noqa: E402
 
-from mavjax.benchmarking import copy_bandwidth, device_time  # noqa: E402
+from mavjax.benchmarking import copy_bandwidth, device_time, kernel_time  # noqa: E402
 from mavjax.model import attend, attention_mask  # noqa: E402
 
 try:
@@ -106,6 +109,11 @@ def ref_fn(q, k, v, ks, vs, q_pos, k_pos, *, chunk, scale):
     return attend(q, k.astype(q.dtype), v.astype(q.dtype), attention_mask(q_pos, k_pos, chunk), scale)
 
 
+def read_fn(q, k, v, ks, vs, q_pos, k_pos, *, lo):
+    """Only the read: XLA's float32 sum of the visible cache slots [lo, S) of k and v."""
+    return jnp.sum(k[:, lo:].astype(jnp.float32)) + jnp.sum(v[:, lo:].astype(jnp.float32))
+
+
 def jax_op_fn(q, kt, vt, start, length, *, scale, T, G):
     """jax's Pallas decode attention per kv head on pre-transposed kt, vt [B, K, S, Dh]; T queries as T*G
     heads (no causal mask among them)."""
@@ -150,6 +158,15 @@ def run_config(key, cache, B, S, H, K, T, chunk, kv_dtype, bw, args, kern_kw=Non
     else:  # tuning: reference output only
         o_ref = jax.jit(ref)(q, k0, v0, ks0, vs0, q_pos, k_pos)
     row["err"] = rel_err(o_ours, o_ref)
+    # The kernels' own device time (traced; None off a GPU): the loop times above also hold the timing loop's
+    # own small kernels and launch gaps, ~9 us a call at 8K (docs/benchmarks.md section 25). "read": XLA's sum
+    # over the same visible K/V bytes, what one plain read of them costs on this device.
+    lo = S - visible_slots(S, T, chunk)
+    sets = [(qs[i % len(qs)], *targs[i]) for i in range(len(targs))]
+    row["k_ours"] = kernel_time(ours_fn, sets, args.reps)
+    if with_others or not args.tune:
+        row["k_xla"] = kernel_time(ref, sets, args.reps)
+        row["k_read"] = kernel_time(functools.partial(read_fn, lo=lo), sets, args.reps)
     if with_others:
         row["t_jax"] = row["err_jax"] = float("nan")
         if jax_decode is not None and kv_dtype != FP8:
@@ -171,15 +188,20 @@ def fmt_us(t):
     return "     -" if t is None or not math.isfinite(t) else f"{t * 1e6:8.1f}"
 
 
-def print_table(rows):
+def print_table(rows, bw):
+    """Loop times (ours, XLA, jax's op), then the kernels' own traced times (ours, XLA, XLA's plain read of the
+    same bytes) and ours as % of copy bandwidth on each."""
     print(f"\n{'kv':>4} {'B':>2} {'H':>2} {'K':>2} {'S':>6} {'T':>2} {'chunk':>5} {'MB':>7} {'err':>8} "
           f"{'ours us':>8} {'xla us':>8} {'jax us':>8} {'TB/s':>5} {'%copy':>5} {'xla/ours':>8} {'jax/ours':>8}"
-          f" {'errjax':>8}")
+          f" {'errjax':>8} {'kern us':>8} {'xla kern':>8} {'read':>8} {'%copy k':>7}")
     for r in rows:
         tx, tj = r.get("t_xla", float("nan")), r.get("t_jax", float("nan"))
+        ko = r.get("k_ours")
+        pk = f"{100 * r['MB'] * 1e6 / ko / bw:7.0f}" if ko else f"{'-':>7}"
         print(f"{r['kv']:>4} {r['B']:>2} {r['H']:>2} {r['K']:>2} {r['S']:>6} {r['T']:>2} {str(r['chunk']):>5} "
               f"{r['MB']:7.1f} {r['err']:8.1e} {fmt_us(r['t_ours'])} {fmt_us(tx)} {fmt_us(tj)} {r['TBs']:5.2f} "
-              f"{r['pct_copy']:5.0f} {tx / r['t_ours']:8.2f} {tj / r['t_ours']:8.2f} {r.get('err_jax', float('nan')):8.1e}")
+              f"{r['pct_copy']:5.0f} {tx / r['t_ours']:8.2f} {tj / r['t_ours']:8.2f} {r.get('err_jax', float('nan')):8.1e}"
+              f" {fmt_us(ko)} {fmt_us(r.get('k_xla'))} {fmt_us(r.get('k_read'))} {pk}")
 
 
 def main():
@@ -203,26 +225,42 @@ def main():
     tol = {"bf16": 2e-2, "fp8": 2e-2}
 
     if a.tune:
-        cases = [(FP8, 1, 40, 8, 131072, 1, None), (jnp.bfloat16, 8, 40, 8, 32768, 4, CHUNK),
-                 (jnp.bfloat16, 1, 5, 1, 131072, 1, None), (jnp.bfloat16, 8, 40, 8, 131072, 1, None)]
-        variants = [dict(block_s=bs, num_splits=ns, num_stages=st) for bs, ns, st in
-                    itertools.product((64, 128), (None, 16), (2, 3))]
-        for kv_dtype, B, H, K, S, T, chunk in cases:
-            cache = make_cache(key, B, S, K, kv_dtype, 2)
+        # batch-1 decode at the contexts where the target (80% of copy) is missed or the split rule changes:
+        # split count x tile (3-deep), the default, and the default split with XLA's merge (the kernel without
+        # its in-kernel merge, then XLA's merge kernels); the kernels' own traced time is the figure
+        cases = [(jnp.bfloat16, 8192, None), (FP8, 8192, None), (FP8, 32768, None), (FP8, 131072, None),
+                 (FP8, 131072, CHUNK)]
+        variants = [{}] + [dict(block_s=bs, num_splits=ns, num_stages=3)
+                           for ns in (8, 16, 22, 32) for bs in (64, 128)] + [dict(combine="xla")]
+        for kv_dtype, S, chunk in cases:
+            B, H, K = 1, 40, 8
+            lo = S - visible_slots(S, 1, chunk)
+            read_bytes = 2 * B * (S - lo) * K * Dh * jnp.dtype(kv_dtype).itemsize
+            cache = make_cache(key, B, S, K, kv_dtype, int(min(8, max(2, math.ceil(4 * a.l2_bytes / read_bytes)))))
+            q_pos = jnp.full((B, 1), S - 1, jnp.int32)
+            k_pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+            sets = [(None, k, v, ks, vs, q_pos, k_pos) for (k, v, ks, vs) in cache]
+            t_read = kernel_time(functools.partial(read_fn, lo=lo), sets, a.reps)
+            print(f"{'bf16' if kv_dtype != FP8 else 'fp8'} S={S} chunk={chunk}: XLA's plain read of the "
+                  f"{read_bytes / 1e6:.1f} MB: {fmt_us(t_read)} us", flush=True)
             for kw in variants:
                 if time.perf_counter() - t_start > a.budget_s:
                     break
                 try:
-                    r = run_config(key, cache, B, S, H, K, T, chunk, kv_dtype, bw, a, kern_kw=kw, with_others=False)
-                    print(f"  {r}", flush=True)
+                    r = run_config(key, cache, B, S, H, K, 1, chunk, kv_dtype, bw, a, kern_kw=kw, with_others=False)
+                    r["k_read"] = t_read
                     rows.append(r)
                 except Exception as e:  # noqa: BLE001
                     print(f"  {kw} failed: {type(e).__name__}: {str(e)[:400]}", flush=True)
             del cache
+        print(f"\n{'kv':>4} {'S':>6} {'chunk':>5} {'variant':32s} {'kern us':>8} {'%copy':>5} {'loop us':>8} "
+              f"{'read us':>8} {'err':>8}")
         for r in rows:
-            print(f"{r['kv']:>4} B={r['B']} H={r['H']} K={r['K']} S={r['S']} T={r['T']} chunk={r['chunk']} "
-                  f"bs={r['block_s']} ns={r['num_splits']} st={r['num_stages']}: {r['t_ours'] * 1e6:8.1f} us "
-                  f"{r['TBs']:.2f} TB/s err {r['err']:.1e}")
+            var = ", ".join(f"{k}={v}" for k, v in r.items() if k in ("block_s", "num_splits", "num_stages", "combine"))
+            ko = r.get("k_ours")
+            pk = f"{100 * r['MB'] * 1e6 / ko / bw:5.0f}" if ko else f"{'-':>5}"
+            print(f"{r['kv']:>4} {r['S']:>6} {str(r['chunk']):>5} {var or 'default':32s} {fmt_us(ko)} {pk} "
+                  f"{fmt_us(r['t_ours'])} {fmt_us(r.get('k_read'))} {r['err']:8.1e}")
         return
 
     if a.quick:
@@ -236,8 +274,9 @@ def main():
             print(f"(time budget reached: skipping the remaining configs from {kv_dtype.__name__} B={B} H={H} S={S})")
             break
         itemsize = jnp.dtype(kv_dtype).itemsize
-        kv_bytes = 2 * B * S * K * Dh * itemsize
-        copies = int(min(8, max(1, math.ceil(4 * a.l2_bytes / kv_bytes))))
+        # enough copies that the fewest slots a config reads (a chunked layer's window) span 4x L2
+        read_bytes = 2 * B * min(S, CHUNK) * K * Dh * itemsize
+        copies = int(min(8, max(1, math.ceil(4 * a.l2_bytes / read_bytes))))
         cache = make_cache(jax.random.fold_in(key, S * 8 + B), B, S, K, kv_dtype, copies)
         for T, chunk in itertools.product((1, 4), (CHUNK, None)):
             try:
@@ -256,7 +295,7 @@ def main():
                   f"xla {r['t_xla'] * 1e6:.1f} us  jax {r['t_jax'] * 1e6:.1f} us  [{time.perf_counter() - t_start:.0f}s]",
                   flush=True)
         del cache
-    print_table(rows)
+    print_table(rows, bw)
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s; error bound {tol}; {len(failures)} failures; "
           f"{time.perf_counter() - t_start:.0f} s")
     if failures:

@@ -25,7 +25,9 @@ Columns: us (best per op), TB/s (bytes that must move / time) or TFLOP/s, xfloor
 bytes / copy bandwidth, or FLOPs / the H100 dense-FP8 datasheet peak for prefill), then XLA time / Pallas time
 for each baseline of the same run (> 1: Pallas faster). Timing: bench_fp8_gemm.Cell, bench_attention.time_op,
 bench_moe.Cell (each a device loop, mavjax.benchmarking.device_loop, calling the op on up to 32 distinct weight
-buffers per iteration, > L2 in total: no host dispatch per call) and bench_decode.decode_rows.
+buffers per iteration, > L2 in total: no host dispatch per call) and bench_decode.decode_rows. The decode GEMM
+and attention rows also give the ops' own kernel time, traced (`kern` columns, mavjax.benchmarking.kernel_time:
+no loop kernels, no launch gaps), and the attention rows XLA's plain read of the same bytes beside it.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ import bench_attention as batt  # noqa: E402
 import bench_decode as bdec  # noqa: E402
 import bench_fp8_gemm as bgemm  # noqa: E402
 import bench_moe as bmoe  # noqa: E402
-from mavjax.benchmarking import copy_bandwidth, fmt  # noqa: E402
+from mavjax.benchmarking import copy_bandwidth, fmt, kernel_time  # noqa: E402
 from mavjax.model import GATHER_MAX_PAIRS, apply_rope, rms_norm  # noqa: E402
 from pallas_kernels.decode_attention import decode_attention, decode_attention_reference  # noqa: E402
 from pallas_kernels.fp8_gemm import fp8_matmul  # noqa: E402
@@ -153,7 +155,8 @@ def time_cells(run, cells):
 
 def ratios(row, main="pallas_us"):
     p = row.get(main)
-    return {k[:-3]: row[k] / p for k in row if k.startswith("xla") and k.endswith("_us") and row.get(k) and p}
+    return {k[:-3]: row[k] / p for k in row
+            if k.startswith("xla") and k.endswith("_us") and not k.endswith("_kernel_us") and row.get(k) and p}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -312,19 +315,28 @@ def gemm_rows(run, plan, shapes, Ms, prefill, num_sms, key, tuned, ok):
             if not run.guard(f"gemm {name} M={M}"):
                 continue
             row = dict(shape=name, K=K, N=N, M=M, mode="weight_only", cfg=bgemm.fmt_cfg(best))
-            cells = {}
+            cells, cells_ops = {}, {}
             if best is not None:
-                cells["pallas_us"] = bgemm.Cell(bgemm.pallas_op("weight_only", best), X[M], W)
+                cells_ops["pallas_us"] = bgemm.pallas_op("weight_only", best)
+                cells["pallas_us"] = bgemm.Cell(cells_ops["pallas_us"], X[M], W)
             if best_kn is not None and best_kn is not best:
                 cells["pallas_kn_us"] = bgemm.Cell(bgemm.pallas_op("weight_only", best_kn), X[M], W)
             if not INTERPRET and mgpu_gemv.supported(M, K, (N,)) and mgpu_gemv.on_hopper():
                 # the Mosaic GPU kernel (sections 18-19) on the [K, N] layout, its bfloat16 path: bf16 x read as
                 # it is (no widening kernels), the weight widened to bf16 in registers
-                cells["mosaic_us"] = bgemm.Cell(
-                    (lambda x, wq, s: fp8_matmul(x, wq, s, mode="weight_only", mosaic=True), ("kn", "s")), X[M], W)
+                cells_ops["mosaic_us"] = (lambda x, wq, s: fp8_matmul(x, wq, s, mode="weight_only", mosaic=True),
+                                          ("kn", "s"))
+                cells["mosaic_us"] = bgemm.Cell(cells_ops["mosaic_us"], X[M], W)
             for b in ("bf16", "upcast", "fp8"):
+                cells_ops[f"xla_{b}_us"] = bgemm.XLA_OPS[b]
                 cells[f"xla_{b}_us"] = bgemm.Cell(bgemm.XLA_OPS[b], X[M], W)
             row.update(time_cells(run, cells))
+            # the ops' own kernels, traced (GPU only): what the loop time holds beyond them is launch gaps
+            for label in ("pallas_us", "mosaic_us", "xla_bf16_us"):
+                if label in cells:
+                    op, keys = cells_ops[label]
+                    t = kernel_time(op, [(X[M], *(w[k] for k in keys)) for w in W[:32]], run.reps)
+                    row[label[:-3] + "_kernel_us"] = t and t * 1e6
             nbytes = K * N + 4 * N + 2 * M * (K + N)
             row["floor_us"] = nbytes / run.bw * 1e6
             if row.get("pallas_us"):
@@ -365,8 +377,10 @@ def attention_rows(run, plan, configs, key):
         if not run.guard(f"attention {kv} B={B} H={H} S={S} T={T} chunk={chunk}"):
             continue
         kv_dtype = FP8 if kv == "fp8" else jnp.bfloat16
-        kv_bytes = 2 * B * S * K * plan.Dh * jnp.dtype(kv_dtype).itemsize
-        copies = 1 if INTERPRET else int(min(8, max(1, math.ceil(200e6 / kv_bytes))))
+        # copies enough that the slots a call reads (a chunked layer's window: a part of the cache) span 200 MB,
+        # so no call finds them in L2 (50 MB on an H200)
+        read_bytes = 2 * B * batt.visible_slots(S, T, chunk) * K * plan.Dh * jnp.dtype(kv_dtype).itemsize
+        copies = 1 if INTERPRET else int(min(8, max(1, math.ceil(200e6 / read_bytes))))
         if plan.Dh == batt.Dh:
             cache = batt.make_cache(jax.random.fold_in(key, S + B), B, S, K, kv_dtype, copies)
         else:  # dry run: bench_attention's head dim is Maverick's 128
@@ -378,6 +392,11 @@ def attention_rows(run, plan, configs, key):
         row = dict(kv=kv, B=B, H=H, K=K, S=S, T=T, chunk=chunk or "-", MB=r["MB"], err=r["err"],
                    pallas_us=r["t_ours"] * 1e6, TBps=r["TBs"], pct_copy=r["pct_copy"],
                    xla_us=r.get("t_xla", float("nan")) * 1e6, xla_jaxop_us=r.get("t_jax", float("nan")) * 1e6)
+        # the kernels' own traced time (GPU only): ours, XLA's, and XLA's plain read of the same bytes
+        for name, k in (("kernel_us", "k_ours"), ("xla_kernel_us", "k_xla"), ("read_kernel_us", "k_read")):
+            row[name] = r[k] * 1e6 if r.get(k) else None
+        if row["kernel_us"]:
+            row["pct_copy_kernel"] = 100 * r["MB"] * 1e6 / (row["kernel_us"] * 1e-6) / run.bw
         row = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
         row["xfloor"] = 100.0 / r["pct_copy"]
         row["valid"] = r["err"] <= 2e-2
@@ -612,24 +631,33 @@ def print_tables(run, res):
                                      for v in run.validation))
     print("\nFP8 GEMM (x = XLA time / Pallas time; floor = weight+scale+activation bytes / copy bw; prefill: "
           "xfloor = FP8 datasheet peak / achieved)")
+    print("(kern: the op's own kernels, traced; x.bf16 kern = XLA's bf16 dot's kernels / the Mosaic GPU op's)")
     print(f"{'shape':26s} {'M':>5s} {'cfg':>24s} {'us':>7s} {'TB/s':>5s} {'TF/s':>5s} {'xfloor':>6s} {'kn us':>7s} "
-          f"{'x.bf16':>6s} {'x.upc':>6s} {'x.fp8':>6s} {'mgpu us':>7s} {'mgpu xfl':>8s} {'mgpu x.bf16':>11s}")
+          f"{'x.bf16':>6s} {'x.upc':>6s} {'x.fp8':>6s} {'mgpu us':>7s} {'mgpu xfl':>8s} {'mgpu x.bf16':>11s} "
+          f"{'pl kern':>7s} {'mg kern':>7s} {'bf16 kern':>9s} {'x.bf16 kern':>11s}")
     for r in run.rows["gemm"]:
         x = ratios(r)
+        mk, xk = r.get("mosaic_kernel_us"), r.get("xla_bf16_kernel_us")
         print(f"{r['shape'][:26]:26s} {r['M']:5d} {r['cfg'][:24]:>24s} {f(r.get('pallas_us'), 7)} "
               f"{f(r.get('TBps'), 5, 2)} {f(r.get('TFLOPs'), 5, 0)} {f(r.get('xfloor'), 6, 2)} "
               f"{f(r.get('pallas_kn_us'), 7)} {f(x.get('xla_bf16'), 6, 2)} {f(x.get('xla_upcast'), 6, 2)} "
               f"{f(x.get('xla_fp8'), 6, 2)} {f(r.get('mosaic_us'), 7)} "
               f"{f(r.get('mosaic_us') and r['mosaic_us'] / r['floor_us'], 8, 2)} "
-              f"{f(ratios(r, 'mosaic_us').get('xla_bf16'), 11, 2)}")
-    print("\nsplit-KV decode attention (TB/s over the visible K/V bytes; x = other time / ours)")
+              f"{f(ratios(r, 'mosaic_us').get('xla_bf16'), 11, 2)} {f(r.get('pallas_kernel_us'), 7)} "
+              f"{f(r.get('mosaic_kernel_us'), 7)} {f(r.get('xla_bf16_kernel_us'), 9)} "
+              f"{f(mk and xk and xk / mk, 11, 2)}")
+    print("\nsplit-KV decode attention (TB/s over the visible K/V bytes; x = other time / ours; loop-timed, then "
+          "the kernels' own traced time: ours, XLA's, XLA's plain read of the same bytes)")
     print(f"{'kv':>4s} {'B':>2s} {'H':>2s} {'K':>2s} {'S':>6s} {'T':>2s} {'chunk':>5s} {'us':>8s} {'TB/s':>5s} "
-          f"{'%copy':>5s} {'x.xla':>6s} {'x.jax':>6s} {'err':>7s}")
+          f"{'%copy':>5s} {'x.xla':>6s} {'x.jax':>6s} {'err':>7s} {'kern us':>8s} {'%copy':>5s} {'x.xla':>6s} "
+          f"{'read us':>8s}")
     for r in run.rows["attention"]:
         x = ratios(r)
+        k = r.get("kernel_us")
         print(f"{r['kv']:>4s} {r['B']:2d} {r['H']:2d} {r['K']:2d} {r['S']:6d} {r['T']:2d} {str(r['chunk']):>5s} "
               f"{f(r['pallas_us'], 8)} {f(r['TBps'], 5, 2)} {f(r['pct_copy'], 5, 0)} {f(x.get('xla'), 6, 2)} "
-              f"{f(x.get('xla_jaxop'), 6, 2)} {r['err']:7.1e}")
+              f"{f(x.get('xla_jaxop'), 6, 2)} {r['err']:7.1e} {f(k, 8)} {f(r.get('pct_copy_kernel'), 5, 0)} "
+              f"{f(k and r.get('xla_kernel_us') and r['xla_kernel_us'] / k, 6, 2)} {f(r.get('read_kernel_us'), 8)}")
     print("\nMoE decode, FP8 experts (floor = bytes of the experts hit / copy bw; target xfloor <= 1.3; path: "
           "moe_fp8's default, mosaic = the pairs on the Mosaic GPU kernel; triton = the Triton pair path beside it)")
     print(f"{'shape':8s} {'N':>4s} {'hit':>5s} {'path':>6s} {'us':>8s} {'TB/s':>5s} {'xfloor':>6s} {'x.bf16':>6s} "

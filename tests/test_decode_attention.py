@@ -282,6 +282,8 @@ def test_default_num_splits_rule(pairs, rows, itemsize):
         assert 1 <= ns <= min(tiles, 256) and per * (ns - 1) < tiles
         if span >= LONG_SPAN and rows <= 16:  # whole waves of 1 (FP8: 2) programs per SM
             assert ns <= max(1, (1 if itemsize == 2 else 2) * 132 // pairs)
+            waves = ns * pairs / 132  # past one wave, no last wave under half full
+            assert waves <= 1 or waves % 1 == 0 or waves % 1 >= 0.5, (S, chunk, ns)
         else:
             assert ns <= -(-4 * 132 // pairs)
         if ns > 1:
@@ -294,6 +296,14 @@ def test_default_num_splits_rule(pairs, rows, itemsize):
     # ... and at batch 8: 64 pairs x 2 (the sweep's best); an FP8 cache two per SM: 8 x 33 programs
     assert default_num_splits(8, 8, 131136, None, 64, 132, rows=5) == 2
     assert default_num_splits(1, 8, 131136, None, 128, 132, rows=5, kv_itemsize=1) == 33
+    # FP8 at 8K: the merge's tail allows 22 splits (1.33 waves of 8 pairs); one whole wave of 16 instead
+    assert default_num_splits(1, 8, 8192, None, 128, 132, rows=5, kv_itemsize=1) == 16
+    # a chunked layer's window at decode (one query: the chunk itself, 64 tiles) splits as the 8K cache does;
+    # only a window that may straddle a chunk boundary (several queries, or queries unknown) counts a tile more
+    for itemsize, bs in ((1, 128), (2, 64)):
+        assert default_num_splits(1, 8, 131072, 8192, bs, 132, rows=5, kv_itemsize=itemsize, queries=1) == 16
+    assert default_num_splits(1, 8, 131072, 8192, 64, 132, rows=5, queries=None) == 15
+    assert default_num_splits(1, 8, 131072, 8192, 128, 132, rows=5, kv_itemsize=1, queries=None) == 13
     # verification's 4 x 5 rows keep ~4 per SM
     assert default_num_splits(1, 8, 131136, None, 128, 132, rows=20, merge_in_kernel=False) == 65
 
