@@ -186,8 +186,9 @@ def default_num_splits(batch, kv_heads, num_slots, chunk_size, block_s, num_sms=
         read by that one program) <= one split's share of the KV (span / NS * 2 * Dh * kv_itemsize bytes), so
         the serial tail it adds stays below a program's time;
       * 256.
-    Then lowered to the fewest splits with the same tiles per split, so rounding leaves no split empty. (A
-    context shorter than the cache leaves splits empty at run time: they store no o and the merge skips it.)"""
+    Then lowered to the fewest splits with the same tiles per split, so rounding leaves no split empty, and, for
+    long spans past one wave of programs, to the nearest whole number of waves. (A context shorter than the
+    cache leaves splits empty at run time: they store no o and the merge skips it.)"""
     if num_sms is None:
         try:
             num_sms = int(getattr(jax.devices()[0], "core_count", 0)) or 132
@@ -208,7 +209,7 @@ def default_num_splits(batch, kv_heads, num_slots, chunk_size, block_s, num_sms=
     pairs = batch * kv_heads
     if _long_stream(num_slots, chunk_size, rows) and ns * pairs > num_sms:
         # a limit above can leave a part of a wave: FP8 at 8K, cut by the merge's tail to 22 splits of 8 pairs
-        # (176 programs: 1.33 waves) took 16.4 us, one wave of 16 splits 13.5 (docs/benchmarks.md section 25);
+        # (176 programs: 1.33 waves) took 16.1 us, one wave of 16 splits 13.2 (docs/benchmarks.md section 25);
         # so round to the nearest whole number of waves (never up: the limits hold)
         whole = max(1, round(ns * pairs / num_sms)) * num_sms // pairs
         ns = pl.cdiv(tiles, pl.cdiv(tiles, max(1, min(ns, whole))))
