@@ -597,8 +597,9 @@ def fp8_matmul(x, w_fp8, w_scale, *, mode="auto", block_m=None, block_n=None, bl
       pallas_kernels.split_k, one launch) or "xla" (a jnp sum after the kernel: a second launch); None:
       split_k.default_reduce("gemm") (split_k.DEFAULTS: "xla", measured faster).
     mosaic (weight_only): the Mosaic GPU kernel (pallas_kernels.mgpu_gemv) instead of Triton's: False (the
-      default) - never; True - always (under interpret=True, Pallas' GPU interpreter); None - where
-      `mgpu_gemv.wanted` (up to 16 rows, per-channel scales, on a Hopper GPU) and no Triton tile is given. Not
+      default) - never; True - always (under interpret=True, Pallas' GPU interpreter; bf16 x up to 64 rows,
+      other x up to 16); None - where `mgpu_gemv.wanted` (up to 16 rows, per-channel scales, on a Hopper GPU)
+      and no Triton tile is given. Not
       the default: its kernel is faster than Triton's and with bf16 x its op too (docs/benchmarks.md sections
       18-19), but in the model the output and down projections on it moved decode by at most 2% and made the
       verify step 2-3% slower (section 20; section 19's NaN verify with them was the add + norm kernel's, fixed).
@@ -670,8 +671,9 @@ def _fp8_matmul(x, w_fp8, w_scale, add_norm, *, mode, block_m, block_n, block_k,
 
     # the Mosaic GPU kernel where it applies, unless Triton tiles are asked for (the tuners)
     triton_tiles = (block_n, block_k, split_k, num_warps, num_stages, compute_dtype) != (None,) * 6
+    path = jnp.bfloat16 if x2.dtype == jnp.bfloat16 else jnp.float16  # the Mosaic GPU kernel's (mgpu_gemv.operand)
     if mode == "weight_only" and add_norm is None and mgpu_gemv.wanted(mosaic, M, K, (N,), scale_kind,
-                                                                        auto=not triton_tiles):
+                                                                        auto=not triton_tiles, compute_dtype=path):
         y = mgpu_gemv.fp8_gemv(x2, w_fp8, w_scale, w_layout="nk" if w_transposed else "kn", out_dtype=out_dtype,
                                interpret=mgpu_gemv.interpret_params(interpret))
         return y.reshape(*lead, N)

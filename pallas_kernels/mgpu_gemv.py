@@ -43,7 +43,10 @@ from pallas_kernels.split_k import sum_in_xla
 
 FP8 = jnp.float8_e4m3fn
 TILE_K = 128  # FP8 values per tile row: one 128-byte swizzle span (64 where K is an odd multiple of 64)
-MAX_ROWS = 16  # the f16 path's rows (upcast.F16_MAX_ROWS); the WGMMA's N (tokens) is 8 or 16
+MAX_ROWS = 16  # the f16 path's rows (upcast.F16_MAX_ROWS), and the rows the model and `wanted` pick it for
+# The bf16 path's rows: x goes in as it is (no row scaling to bound), the WGMMA's N up to 64 tokens, issue 3's
+# decode range. Only on request (mosaic=True) above MAX_ROWS: not yet measured there.
+MAX_ROWS_BF16 = 64
 LARGE_WEIGHT_BYTES = 16 << 20  # from here 128-wide tiles (section 18's sweep)
 
 
@@ -66,23 +69,31 @@ def tile_k_for(K) -> int:
     return TILE_K if K % TILE_K == 0 else 64
 
 
-def supported(M, K, Ns, scale_kind="channel") -> bool:
-    """Whether `fp8_gemv_multi` takes this problem: at most MAX_ROWS rows, per-output-channel scales, K a
-    multiple of 64 and every N a multiple of 64 (other shapes: the Triton kernels)."""
-    return (plgpu is not None and 0 < M <= MAX_ROWS and scale_kind == "channel" and K > 0 and K % 64 == 0
-            and all(n % 64 == 0 and n for n in Ns))
+def max_rows(compute_dtype=jnp.float16) -> int:
+    """The most rows (tokens) of x the kernel takes on the path of this compute dtype (`operand`)."""
+    return MAX_ROWS_BF16 if jnp.dtype(compute_dtype) == jnp.bfloat16 else MAX_ROWS
 
 
-def wanted(mosaic, M, K, Ns, scale_kind="channel", auto=True) -> bool:
+def supported(M, K, Ns, scale_kind="channel", compute_dtype=jnp.float16) -> bool:
+    """Whether `fp8_gemv_multi` takes this problem on the path of `compute_dtype` (float16: x widened, the
+    model's and `wanted`'s; bfloat16: bf16 x taken as it is): at most `max_rows` rows, per-output-channel scales,
+    K a multiple of 64 and every N a multiple of 64 (other shapes: the Triton kernels)."""
+    return (plgpu is not None and 0 < M <= max_rows(compute_dtype) and scale_kind == "channel" and K > 0
+            and K % 64 == 0 and all(n % 64 == 0 and n for n in Ns))
+
+
+def wanted(mosaic, M, K, Ns, scale_kind="channel", auto=True, compute_dtype=jnp.float16) -> bool:
     """Whether a weight-only FP8 GEMM runs here instead of in Triton. mosaic: False never; True always (a
-    ValueError if `supported` says no); None when `auto` (the caller's own condition: no Triton tiles asked
-    for, x already widened...), supported and on a Hopper GPU."""
+    ValueError if `supported` says no on the path of `compute_dtype`, the bf16 path taking up to MAX_ROWS_BF16
+    rows); None when `auto` (the caller's own condition: no Triton tiles asked for, x already widened...), up
+    to MAX_ROWS rows (the range measured, docs/benchmarks.md sections 18-25), supported and on a Hopper GPU."""
     if mosaic is False or (mosaic is None and not auto):
         return False
-    ok = supported(M, K, Ns, scale_kind)
+    ok = supported(M, K, Ns, scale_kind, compute_dtype if mosaic else jnp.float16)
     if mosaic and not ok:
-        raise ValueError(f"the Mosaic GPU GEMM takes 1..{MAX_ROWS} rows, per-channel scales, K % 64 == 0 and "
-                         f"N % 64 == 0; got M={M}, K={K}, N={list(Ns)}, {scale_kind} scales")
+        raise ValueError(f"the Mosaic GPU GEMM takes 1..{max_rows(compute_dtype)} rows "
+                         f"({jnp.dtype(compute_dtype).name} path), per-channel scales, K % 64 == 0 and N % 64 == 0; "
+                         f"got M={M}, K={K}, N={list(Ns)}, {scale_kind} scales")
     return ok and (bool(mosaic) or on_hopper())
 
 
@@ -302,7 +313,8 @@ def operand(x, widened=None, compute_dtype=None, padded=None):
                                              "interpret"))
 def fp8_gemv_multi(x, ws, scales, *, widened=None, w_layout="kn", tile_n=None, split_k=None, stages=None,
                    out_dtype=None, compute_dtype=None, interpret=None):
-    """[x @ dequant(w_i, scale_i) for each weight] in one launch: x [M, K] (M <= MAX_ROWS), ws FP8 [K, N_i]
+    """[x @ dequant(w_i, scale_i) for each weight] in one launch: x [M, K] (M <= `max_rows` of the path: 16 on
+    the float16 path, 64 on the bfloat16 one), ws FP8 [K, N_i]
     (w_layout "kn") or [N_i, K] ("nk"), scales float32 [N_i]. widened: x already in the kernel's form, (xc
     [padded_rows(M), K] float16, rs [padded_rows(M)] float32) with x = xc[:M] * rs[:M, None] (what
     fused_norm.add_rms_norm(widen_rows=...) writes): XLA's two widening kernels are not launched. compute_dtype:
@@ -313,12 +325,13 @@ def fp8_gemv_multi(x, ws, scales, *, widened=None, w_layout="kn", tile_n=None, s
     Ns = [w.shape[1] if w_layout == "kn" else w.shape[0] for w in ws]
     if [s.shape for s in scales] != [(n,) for n in Ns]:
         raise ValueError(f"scales {[s.shape for s in scales]} must be [N] per weight, N = {Ns}")
-    if not supported(M, K, Ns):
-        raise ValueError(f"mgpu_gemv takes 1..{MAX_ROWS} rows, K % 64 == 0 and N % 64 == 0; got M={M}, K={K}, "
-                         f"N={Ns}")
+    cdt = compute_dtype or (jnp.bfloat16 if x.dtype == jnp.bfloat16 and widened is None else jnp.float16)
+    if not supported(M, K, Ns, compute_dtype=cdt):
+        raise ValueError(f"mgpu_gemv takes 1..{max_rows(cdt)} rows on its {jnp.dtype(cdt).name} path, K % 64 == 0 "
+                         f"and N % 64 == 0; got M={M}, K={K}, N={Ns}")
     cfg = default_config(K, Ns)
     tile_n, split_k, stages = tile_n or cfg["tile_n"], split_k or cfg["split_k"], stages or cfg["stages"]
-    xp, rs, cdt = operand(x, widened, compute_dtype)
+    xp, rs, cdt = operand(x, widened, cdt)
     parts = gemv_partials(xp, ws, w_layout=w_layout, tile_n=tile_n, split_k=split_k, stages=stages,
                           compute_dtype=cdt, interpret=interpret)  # [S, sum N, Mp]
     yt = sum_in_xla(parts)[:, :M]  # [sum N, M]

@@ -321,9 +321,9 @@ def gemm_rows(run, plan, shapes, Ms, prefill, num_sms, key, tuned, ok):
                 cells["pallas_us"] = bgemm.Cell(cells_ops["pallas_us"], X[M], W)
             if best_kn is not None and best_kn is not best:
                 cells["pallas_kn_us"] = bgemm.Cell(bgemm.pallas_op("weight_only", best_kn), X[M], W)
-            if not INTERPRET and mgpu_gemv.supported(M, K, (N,)) and mgpu_gemv.on_hopper():
+            if not INTERPRET and mgpu_gemv.supported(M, K, (N,), compute_dtype=jnp.bfloat16) and mgpu_gemv.on_hopper():
                 # the Mosaic GPU kernel (sections 18-19) on the [K, N] layout, its bfloat16 path: bf16 x read as
-                # it is (no widening kernels), the weight widened to bf16 in registers
+                # it is (no widening kernels), the weight widened to bf16 in registers; up to 64 rows
                 cells_ops["mosaic_us"] = (lambda x, wq, s: fp8_matmul(x, wq, s, mode="weight_only", mosaic=True),
                                           ("kn", "s"))
                 cells["mosaic_us"] = bgemm.Cell(cells_ops["mosaic_us"], X[M], W)

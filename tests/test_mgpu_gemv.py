@@ -45,9 +45,15 @@ def _weights(seed, K, Ns):
     (3, 512, (128, 192), dict(tile_n=64, split_k=2, stages=2), 3e4),  # two weights, one launch; 2 splits of 2
     (16, 192, (64,), dict(split_k=3, stages=1), 1e-30),  # K = 3 x 64: the 64-deep tile, one step per split
     (9, 384, (256,), dict(tile_n=128, split_k=1, stages=4), 1.0),  # rows padded to 16; 3 steps, 4-deep pipeline
+    (61, 256, (64,), dict(split_k=2), 1.0),  # the bf16 path's 64 rows (float16: beyond its 16, an error below)
 ])
 @pytest.mark.parametrize("compute_dtype", [None, jnp.float16])  # None: bf16 x taken as it is (the bf16 path)
 def test_fp8_gemv_matches_reference(w_layout, M, K, Ns, cfg, scale_x, compute_dtype):
+    if M > mgpu_gemv.max_rows(compute_dtype or jnp.bfloat16):
+        with pytest.raises(ValueError, match="1..16 rows on its float16 path"):
+            mgpu_gemv.fp8_gemv_multi(jnp.ones((M, K), jnp.bfloat16), *zip(*_weights(0, K, Ns)), w_layout="kn",
+                                     compute_dtype=compute_dtype, interpret=INTERP)
+        return
     x = (jax.random.normal(jax.random.key(M), (M, K)) * scale_x).astype(jnp.bfloat16)
     x = x.at[0].multiply(7.0)  # rows of different magnitudes
     ws = _weights(M + K, K, Ns)
@@ -105,8 +111,10 @@ def test_default_config_rule():
 def test_bad_input():
     x = jnp.ones((2, 128), jnp.bfloat16)
     (w, s), = _weights(0, 128, (64,))
-    with pytest.raises(ValueError, match="1..16 rows"):
-        mgpu_gemv.fp8_gemv(jnp.ones((17, 128), jnp.bfloat16), w, s, interpret=INTERP)
+    with pytest.raises(ValueError, match="1..16 rows on its float16 path"):
+        mgpu_gemv.fp8_gemv(jnp.ones((17, 128), jnp.float32), w, s, interpret=INTERP)
+    with pytest.raises(ValueError, match="1..64 rows on its bfloat16 path"):
+        mgpu_gemv.fp8_gemv(jnp.ones((65, 128), jnp.bfloat16), w, s, interpret=INTERP)
     with pytest.raises(ValueError, match="K % 64"):
         mgpu_gemv.fp8_gemv(jnp.ones((2, 96), jnp.bfloat16), w[:96], s, interpret=INTERP)
     with pytest.raises(ValueError, match=r"scales .* must be \[N\]"):
@@ -123,12 +131,13 @@ def test_bad_input():
 
 @pytest.mark.parametrize("w_layout,K,Ns", [("kn", 5120, (2048, 2048)), ("kn", 640, (5120,)), ("nk", 192, (128,)),
                                           ("kn", 192, (64,))])
-@pytest.mark.parametrize("x_dtype", [jnp.bfloat16, jnp.float32])  # the bfloat16 and the float16 path
-def test_lowers_for_the_gpu(w_layout, K, Ns, x_dtype):
+@pytest.mark.parametrize("x_dtype,M", [(jnp.bfloat16, 8), (jnp.float32, 8), (jnp.bfloat16, 64)])  # bf16 / f16 path
+def test_lowers_for_the_gpu(w_layout, K, Ns, x_dtype, M):
     """The GPU form (register operands, the transposed FP8 load and its layout change, the widening to f16 or,
     through f32, to bf16, swizzled TMA tiles) is lowered to Mosaic GPU for CUDA here on the CPU: a layout, tiling
-    or conversion Mosaic rejects (e4m3 -> bf16 directly, say) fails this test."""
-    x = jnp.ones((8, K), x_dtype)
+    or conversion Mosaic rejects (e4m3 -> bf16 directly, say) fails this test; also with the bf16 path's 64 rows
+    (the WGMMA's N = 64)."""
+    x = jnp.ones((M, K), x_dtype)
     ws = [jnp.zeros((K, n) if w_layout == "kn" else (n, K), FP8) for n in Ns]
     ss = [jnp.ones((n,), jnp.float32) for n in Ns]
     f = jax.jit(functools.partial(mgpu_gemv.fp8_gemv_multi, w_layout=w_layout))
@@ -172,7 +181,13 @@ def test_dispatch_from_fp8_matmul_and_gate_up(monkeypatch):
     assert names(lambda a: gemm(jnp.ones((32, 128), jnp.bfloat16), mosaic=None))[0].startswith("fp8_weight_only")
     assert names(lambda a: gate_up(a, x_widened=wide))[0].startswith("mgpu_fp8_gemv")
     assert names(gate_up)[0].startswith("fp8_gate_up_swiglu")  # not widened: Triton's
-    with pytest.raises(ValueError, match="Mosaic GPU GEMM takes"):
-        fp8_matmul(jnp.ones((32, 128), jnp.bfloat16), w, s, mode="weight_only", mosaic=True, interpret=True)
+    # asked for, bf16 x up to 64 rows (its bf16 path), other x up to 16; past them an error naming the limit
+    x32 = jax.random.normal(jax.random.key(2), (32, 128)).astype(jnp.bfloat16)
+    assert names(lambda a: gemm(x32, mosaic=True))[0].startswith("mgpu_fp8_gemv")
+    assert _err(fp8_matmul(x32, w, s, mosaic=True, interpret=True), fp8_matmul_ref(x32, w, s)) < 1e-2
+    with pytest.raises(ValueError, match=r"Mosaic GPU GEMM takes 1..64 rows \(bfloat16 path\)"):
+        fp8_matmul(jnp.ones((65, 128), jnp.bfloat16), w, s, mode="weight_only", mosaic=True, interpret=True)
+    with pytest.raises(ValueError, match=r"Mosaic GPU GEMM takes 1..16 rows \(float16 path\)"):
+        fp8_matmul(jnp.ones((17, 128), jnp.float32), w, s, mode="weight_only", mosaic=True, interpret=True)
     with pytest.raises(ValueError, match="widened must be float16"):
         gate_up_swiglu(x, w, s, wu, su, x_widened=(wide[0][:4], wide[1]), interpret=True)
