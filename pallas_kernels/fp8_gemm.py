@@ -671,9 +671,8 @@ def _fp8_matmul(x, w_fp8, w_scale, add_norm, *, mode, block_m, block_n, block_k,
 
     # the Mosaic GPU kernel where it applies, unless Triton tiles are asked for (the tuners)
     triton_tiles = (block_n, block_k, split_k, num_warps, num_stages, compute_dtype) != (None,) * 6
-    path = jnp.bfloat16 if x2.dtype == jnp.bfloat16 else jnp.float16  # the Mosaic GPU kernel's (mgpu_gemv.operand)
-    if mode == "weight_only" and add_norm is None and mgpu_gemv.wanted(mosaic, M, K, (N,), scale_kind,
-                                                                        auto=not triton_tiles, compute_dtype=path):
+    if mode == "weight_only" and add_norm is None and mgpu_gemv.wanted(
+            mosaic, M, K, (N,), scale_kind, auto=not triton_tiles, compute_dtype=mgpu_gemv.path_dtype(x2.dtype)):
         y = mgpu_gemv.fp8_gemv(x2, w_fp8, w_scale, w_layout="nk" if w_transposed else "kn", out_dtype=out_dtype,
                                interpret=mgpu_gemv.interpret_params(interpret))
         return y.reshape(*lead, N)

@@ -295,8 +295,7 @@ def gate_up_swiglu(x, wg, sg, wu, su, *, mode="auto", block_m=None, block_n=None
             and mgpu_gemv.wanted(mosaic, x.shape[0], x.shape[1], (F, F),
                                  "channel" if sg.shape == su.shape == (F,) else "block",
                                  auto=not triton_tiles and x_widened is not None,
-                                 compute_dtype=jnp.bfloat16 if x.dtype == jnp.bfloat16 and x_widened is None
-                                 else jnp.float16)):
+                                 compute_dtype=mgpu_gemv.path_dtype(x.dtype, x_widened is not None))):
         g, u = mgpu_gemv.fp8_gemv_multi(x, (wg, wu), (sg, su), widened=x_widened, out_dtype=jnp.float32,
                                         interpret=mgpu_gemv.interpret_params(interpret))  # [M, F] each
         return (_silu(g) * u).astype(out_dtype)

@@ -69,6 +69,14 @@ def tile_k_for(K) -> int:
     return TILE_K if K % TILE_K == 0 else 64
 
 
+def path_dtype(x_dtype, widened=False, compute_dtype=None):
+    """The compute dtype of the kernel's path for x of x_dtype (`operand`): compute_dtype if given, else
+    bfloat16 for bf16 x not handed over widened (x read as it is), float16 otherwise."""
+    if compute_dtype is not None:
+        return jnp.dtype(compute_dtype)
+    return jnp.dtype(jnp.bfloat16 if jnp.dtype(x_dtype) == jnp.bfloat16 and not widened else jnp.float16)
+
+
 def max_rows(compute_dtype=jnp.float16) -> int:
     """The most rows (tokens) of x the kernel takes on the path of this compute dtype (`operand`)."""
     return MAX_ROWS_BF16 if jnp.dtype(compute_dtype) == jnp.bfloat16 else MAX_ROWS
@@ -287,8 +295,8 @@ def operand(x, widened=None, compute_dtype=None, padded=None):
     [padded_rows(M)] float32))."""
     M, K = x.shape
     Mp = padded_rows(M)
-    cdt = compute_dtype or (jnp.bfloat16 if x.dtype == jnp.bfloat16 and widened is None else jnp.float16)
-    if jnp.dtype(cdt) == jnp.bfloat16:
+    cdt = path_dtype(x.dtype, widened is not None, compute_dtype)
+    if cdt == jnp.bfloat16:
         if widened is not None or x.dtype != jnp.bfloat16:
             raise ValueError(f"the bfloat16 path takes bf16 x as it is, got {x.dtype} x, widened={widened is not None}")
         if padded is None:
@@ -325,7 +333,7 @@ def fp8_gemv_multi(x, ws, scales, *, widened=None, w_layout="kn", tile_n=None, s
     Ns = [w.shape[1] if w_layout == "kn" else w.shape[0] for w in ws]
     if [s.shape for s in scales] != [(n,) for n in Ns]:
         raise ValueError(f"scales {[s.shape for s in scales]} must be [N] per weight, N = {Ns}")
-    cdt = compute_dtype or (jnp.bfloat16 if x.dtype == jnp.bfloat16 and widened is None else jnp.float16)
+    cdt = path_dtype(x.dtype, widened is not None, compute_dtype)
     if not supported(M, K, Ns, compute_dtype=cdt):
         raise ValueError(f"mgpu_gemv takes 1..{max_rows(cdt)} rows on its {jnp.dtype(cdt).name} path, K % 64 == 0 "
                          f"and N % 64 == 0; got M={M}, K={K}, N={Ns}")
