@@ -48,7 +48,7 @@ import numpy as np  # noqa: E402
 
 from pallas_kernels.decode_attention import decode_attention, dequantize_kv  # noqa: E402
 
-from mavjax.benchmarking import copy_bandwidth, device_time, kernel_time  # noqa: E402
+from mavjax.benchmarking import copy_bandwidth, device_time, fmt, kernel_time  # noqa: E402
 from mavjax.model import attend, attention_mask  # noqa: E402
 
 try:
@@ -164,6 +164,7 @@ def run_config(key, cache, B, S, H, K, T, chunk, kv_dtype, bw, args, kern_kw=Non
     lo = S - visible_slots(S, T, chunk)
     sets = [(qs[i % len(qs)], *targs[i]) for i in range(len(targs))]
     row["k_ours"] = kernel_time(ours_fn, sets, args.reps)
+    row["pct_copy_k"] = 100 * nbytes / row["k_ours"] / bw if row["k_ours"] else None
     if with_others or not args.tune:
         row["k_xla"] = kernel_time(ref, sets, args.reps)
         row["k_read"] = kernel_time(functools.partial(read_fn, lo=lo), sets, args.reps)
@@ -188,7 +189,7 @@ def fmt_us(t):
     return "     -" if t is None or not math.isfinite(t) else f"{t * 1e6:8.1f}"
 
 
-def print_table(rows, bw):
+def print_table(rows):
     """Loop times (ours, XLA, jax's op), then the kernels' own traced times (ours, XLA, XLA's plain read of the
     same bytes) and ours as % of copy bandwidth on each."""
     print(f"\n{'kv':>4} {'B':>2} {'H':>2} {'K':>2} {'S':>6} {'T':>2} {'chunk':>5} {'MB':>7} {'err':>8} "
@@ -196,8 +197,7 @@ def print_table(rows, bw):
           f" {'errjax':>8} {'kern us':>8} {'xla kern':>8} {'read':>8} {'%copy k':>7}")
     for r in rows:
         tx, tj = r.get("t_xla", float("nan")), r.get("t_jax", float("nan"))
-        ko = r.get("k_ours")
-        pk = f"{100 * r['MB'] * 1e6 / ko / bw:7.0f}" if ko else f"{'-':>7}"
+        ko, pk = r.get("k_ours"), fmt(r.get("pct_copy_k"), 7, 0)
         print(f"{r['kv']:>4} {r['B']:>2} {r['H']:>2} {r['K']:>2} {r['S']:>6} {r['T']:>2} {str(r['chunk']):>5} "
               f"{r['MB']:7.1f} {r['err']:8.1e} {fmt_us(r['t_ours'])} {fmt_us(tx)} {fmt_us(tj)} {r['TBs']:5.2f} "
               f"{r['pct_copy']:5.0f} {tx / r['t_ours']:8.2f} {tj / r['t_ours']:8.2f} {r.get('err_jax', float('nan')):8.1e}"
@@ -257,8 +257,7 @@ def main():
               f"{'read us':>8} {'err':>8}")
         for r in rows:
             var = ", ".join(f"{k}={v}" for k, v in r.items() if k in ("block_s", "num_splits", "num_stages", "combine"))
-            ko = r.get("k_ours")
-            pk = f"{100 * r['MB'] * 1e6 / ko / bw:5.0f}" if ko else f"{'-':>5}"
+            ko, pk = r.get("k_ours"), fmt(r.get("pct_copy_k"), 5, 0)
             print(f"{r['kv']:>4} {r['S']:>6} {str(r['chunk']):>5} {var or 'default':32s} {fmt_us(ko)} {pk} "
                   f"{fmt_us(r['t_ours'])} {fmt_us(r.get('k_read'))} {r['err']:8.1e}")
         return
@@ -295,7 +294,7 @@ def main():
                   f"xla {r['t_xla'] * 1e6:.1f} us  jax {r['t_jax'] * 1e6:.1f} us  [{time.perf_counter() - t_start:.0f}s]",
                   flush=True)
         del cache
-    print_table(rows, bw)
+    print_table(rows)
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s; error bound {tol}; {len(failures)} failures; "
           f"{time.perf_counter() - t_start:.0f} s")
     if failures:

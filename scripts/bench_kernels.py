@@ -395,8 +395,7 @@ def attention_rows(run, plan, configs, key):
         # the kernels' own traced time (GPU only): ours, XLA's, and XLA's plain read of the same bytes
         for name, k in (("kernel_us", "k_ours"), ("xla_kernel_us", "k_xla"), ("read_kernel_us", "k_read")):
             row[name] = r[k] * 1e6 if r.get(k) else None
-        if row["kernel_us"]:
-            row["pct_copy_kernel"] = 100 * r["MB"] * 1e6 / (row["kernel_us"] * 1e-6) / run.bw
+        row["pct_copy_kernel"] = r.get("pct_copy_k")
         row = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
         row["xfloor"] = 100.0 / r["pct_copy"]
         row["valid"] = r["err"] <= 2e-2
