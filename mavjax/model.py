@@ -51,10 +51,10 @@ def _weight(rngs, shape, axes, dtype, std, contract, quant):
 # PAIRS_MAX tokens) from the router's logits; switched off, XLA routes (two more kernels) and the kernels read
 # ids and scores. "norm_router" is the router's logits computed by the add + norm kernel before such an MoE
 # (fused_norm.add_rms_norm(router=...)); switched off, XLA's dot computes them (two more kernels). "mosaic" is
-# the Mosaic GPU kernels on Hopper at decode: pallas_kernels.mgpu_gemv for the dense MLPs' gate/up, its x
-# widened to float16 by the norm kernel before it (MLP.widen_rows), and the MoE layers' experts
-# (pallas_kernels.moe_mgpu, routed by XLA: MoE.experts_on_mosaic); switched off, Triton's gate/up + SwiGLU
-# and MoE pair kernels (routing in-kernel).
+# the Mosaic GPU kernels on Hopper at decode: pallas_kernels.mgpu_gemv for the dense MLPs' gate/up (its x
+# widened to float16 by the norm kernel before it, MLP.widen_rows; or bf16 x of 17-64 tokens), and the MoE
+# layers' experts (pallas_kernels.moe_mgpu, routed by XLA: MoE.experts_on_mosaic); switched off, Triton's
+# gate/up + SwiGLU and MoE pair kernels (routing in-kernel).
 PALLAS_OPS = ("gemm", "qkv", "gate_up", "moe", "moe_shared", "moe_router", "norm_router", "attention", "norm",
               "mosaic")
 
@@ -318,12 +318,14 @@ class MLP(nnx.Module):
 def swiglu_hidden(x, w_gate, s_gate, w_up, s_up, kernels, widened=None):
     """silu(x @ gate) * (x @ up): x [..., D], w_gate/w_up [D, F] (s_* the FP8 scales, or None) -> [..., F].
     kernels="pallas" with FP8 weights: gate and up in one launch (Triton's with the SwiGLU in it, or the Mosaic
-    GPU kernel's, taking x's float16 form `widened` where given: MLP.widen_rows)."""
+    GPU kernel's where gate_up_swiglu picks it - taking x's float16 form `widened` where given, MLP.widen_rows,
+    or bf16 x of 17-64 rows as it is - unless the "mosaic" family is switched off)."""
     if use_pallas(kernels, "gate_up") and s_gate is not None:
         from pallas_kernels.fused_gemm import gate_up_swiglu
 
         h = gate_up_swiglu(x.reshape(-1, x.shape[-1]), w_gate, s_gate, w_up, s_up, out_dtype=x.dtype,
-                           x_widened=widened, interpret=jax.default_backend() == "cpu")
+                           x_widened=widened, mosaic=None if use_pallas(kernels, "mosaic") else False,
+                           interpret=jax.default_backend() == "cpu")
         return h.reshape(*x.shape[:-1], w_gate.shape[1])
     g = dense(x, w_gate, s_gate, 1, kernels)  # [..., D] x [D, F] -> [..., F]
     u = dense(x, w_up, s_up, 1, kernels)  # [..., D] x [D, F] -> [..., F]

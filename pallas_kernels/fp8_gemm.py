@@ -598,8 +598,8 @@ def fp8_matmul(x, w_fp8, w_scale, *, mode="auto", block_m=None, block_n=None, bl
       split_k.default_reduce("gemm") (split_k.DEFAULTS: "xla", measured faster).
     mosaic (weight_only): the Mosaic GPU kernel (pallas_kernels.mgpu_gemv) instead of Triton's: False (the
       default) - never; True - always (under interpret=True, Pallas' GPU interpreter; bf16 x up to 64 rows,
-      other x up to 16); None - where `mgpu_gemv.wanted` (up to 16 rows, per-channel scales, on a Hopper GPU)
-      and no Triton tile is given. Not
+      other x up to 16); None - where `mgpu_gemv.wanted` (per-channel scales, on a Hopper GPU, up to 64 rows of
+      bf16 x, 16 of other x) and no Triton tile is given. Not
       the default: its kernel is faster than Triton's and with bf16 x its op too (docs/benchmarks.md sections
       18-19), but in the model the output and down projections on it moved decode by at most 2% and made the
       verify step 2-3% slower (section 20; section 19's NaN verify with them was the add + norm kernel's, fixed).

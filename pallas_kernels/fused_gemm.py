@@ -280,11 +280,13 @@ def gate_up_swiglu(x, wg, sg, wu, su, *, mode="auto", block_m=None, block_n=None
     split_k.default_reduce("gate_up") (split_k.DEFAULTS: "xla", measured faster). mosaic: gate and up through
     one launch of the Mosaic GPU kernel (pallas_kernels.mgpu_gemv), the SwiGLU in XLA's epilogue of its split-K
     sums: True - always (interpret=True: Pallas' GPU interpreter); False - never; None (default) - where
-    x_widened is given (x already in that kernel's float16 form, mgpu_gemv.fp8_gemv_multi(widened=...), from
-    fused_norm.add_rms_norm(widen_rows=...)), `mgpu_gemv.wanted` says so and no Triton tile is asked for.
-    In the model that is within 1% of Triton's gate/up at decode and verification (docs/benchmarks.md section
-    20, five alternating pairs; section 18's "7% faster" was a bug's). Without x_widened it is not chosen (f16
-    x widened by XLA: two kernels more, section 18; bf16 x read as it is: no faster, sections 19-20)."""
+    `mgpu_gemv.wanted` says so, no Triton tile is asked for and either x_widened is given (x already in that
+    kernel's float16 form, mgpu_gemv.fp8_gemv_multi(widened=...), from fused_norm.add_rms_norm(widen_rows=...))
+    or x is bf16 with more than 16 rows (the bf16 path, up to 64 rows). In the model the first is within 1% of
+    Triton's gate/up at decode and verification (docs/benchmarks.md section 20, five alternating pairs; section
+    18's "7% faster" was a bug's); at 32 and 64 rows the Mosaic op's kernels take 1.3-2.1x less time than Triton's
+    at the gate/up shapes (section 26). Up to 16 rows without x_widened it is not chosen (f16 x widened by XLA:
+    two kernels more, section 18; bf16 x read as it is: no faster, sections 19-20)."""
     reduce = default_reduce("gate_up", reduce)
     if wg.shape != wu.shape:
         raise ValueError(f"w_gate {wg.shape} and w_up {wu.shape} must have the same shape")
@@ -294,7 +296,7 @@ def gate_up_swiglu(x, wg, sg, wu, su, *, mode="auto", block_m=None, block_n=None
     if (mode in ("auto", "weight_only") and x.ndim == 2 and wg.ndim == 2
             and mgpu_gemv.wanted(mosaic, x.shape[0], x.shape[1], (F, F),
                                  "channel" if sg.shape == su.shape == (F,) else "block",
-                                 auto=not triton_tiles and x_widened is not None,
+                                 auto=not triton_tiles and (x_widened is not None or x.shape[0] > mgpu_gemv.MAX_ROWS),
                                  compute_dtype=mgpu_gemv.path_dtype(x.dtype, x_widened is not None))):
         g, u = mgpu_gemv.fp8_gemv_multi(x, (wg, wu), (sg, su), widened=x_widened, out_dtype=jnp.float32,
                                         interpret=mgpu_gemv.interpret_params(interpret))  # [M, F] each

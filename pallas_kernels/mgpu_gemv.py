@@ -1,7 +1,8 @@
-"""Weight-only FP8 GEMM for decode (M <= 16 tokens) on Hopper through Mosaic GPU (Pallas' `plgpu` backend):
+"""Weight-only FP8 GEMM for decode (M <= 64 tokens) on Hopper through Mosaic GPU (Pallas' `plgpu` backend):
 each program streams its [tile_k, tile_n] FP8 weight tiles by TMA through a multi-stage shared-memory pipeline,
 widens them to float16 in registers and hands them to the tensor cores as the WGMMA's A operand, transposed
-(y^T = w^T x^T: the weight's output channels are the MMA's rows, the tokens, padded to 8 or 16, its columns).
+(y^T = w^T x^T: the weight's output channels are the MMA's rows, the tokens, padded to a multiple of 8, its
+columns).
 
 Why beside the Triton kernels (`fp8_gemm`, `fused_gemm`): at decode every Triton weight-streaming kernel paid
 6-13 us above its bytes (docs/benchmarks.md sections 12-16). This one, on one H200 at the 8-way rank's shapes
@@ -9,11 +10,11 @@ Why beside the Triton kernels (`fp8_gemm`, `fused_gemm`): at decode every Triton
 5120x16384 one 22.7 against 33.2 (below the copy-bandwidth floor: a read-only stream). TMA issues a whole tile
 per instruction with no address arithmetic, so the pipeline is several tiles deep from the first cycle.
 
-The op (`fp8_gemv`, `fp8_gemv_multi`), x padded to 8 / 16 rows, on one of two paths:
-- bfloat16 (bf16 x, the default for it): x goes in as it is and the weight tile is widened to bf16 (through
-  float32: Hopper converts e4m3 to f16 only), a bf16 WGMMA;
-- float16 (other x, or `compute_dtype=jnp.float16`): x widened to f16 with an exact power of two per row
-  (`pallas_kernels.upcast`, as the Triton kernels do, so any bf16 magnitude is safe), or handed over widened
+The op (`fp8_gemv`, `fp8_gemv_multi`), x padded to a multiple of 8 rows, on one of two paths:
+- bfloat16 (bf16 x, the default for it; up to 64 rows): x goes in as it is and the weight tile is widened to
+  bf16 (through float32: Hopper converts e4m3 to f16 only), a bf16 WGMMA;
+- float16 (other x, or `compute_dtype=jnp.float16`; up to 16 rows): x widened to f16 with an exact power of two
+  per row (`pallas_kernels.upcast`, as the Triton kernels do, so any bf16 magnitude is safe), or handed over widened
   already (`widened=`, what the add + norm kernel before the dense MLPs' gate/up writes:
   fused_norm.add_rms_norm(widen_rows=...)); the widening in XLA costs two small kernels, which ate the kernel's
   gain on the output and down projections (section 18); the bf16 path has none (section 19).
@@ -43,9 +44,10 @@ from pallas_kernels.split_k import sum_in_xla
 
 FP8 = jnp.float8_e4m3fn
 TILE_K = 128  # FP8 values per tile row: one 128-byte swizzle span (64 where K is an odd multiple of 64)
-MAX_ROWS = 16  # the f16 path's rows (upcast.F16_MAX_ROWS), and the rows the model and `wanted` pick it for
+MAX_ROWS = 16  # the f16 path's rows (upcast.F16_MAX_ROWS)
 # The bf16 path's rows: x goes in as it is (no row scaling to bound), the WGMMA's N up to 64 tokens, issue 3's
-# decode range. Only on request (mosaic=True) above MAX_ROWS: not yet measured there.
+# decode range (section 26: at 32 and 64 rows the op's kernels 1.1-2.1x faster than Triton's at seven of eight
+# shapes, 7-9% slower at the 640-wide q/8)
 MAX_ROWS_BF16 = 64
 LARGE_WEIGHT_BYTES = 16 << 20  # from here 128-wide tiles (section 18's sweep)
 
@@ -92,12 +94,12 @@ def supported(M, K, Ns, scale_kind="channel", compute_dtype=jnp.float16) -> bool
 
 def wanted(mosaic, M, K, Ns, scale_kind="channel", auto=True, compute_dtype=jnp.float16) -> bool:
     """Whether a weight-only FP8 GEMM runs here instead of in Triton. mosaic: False never; True always (a
-    ValueError if `supported` says no on the path of `compute_dtype`, the bf16 path taking up to MAX_ROWS_BF16
-    rows); None when `auto` (the caller's own condition: no Triton tiles asked for, x already widened...), up
-    to MAX_ROWS rows (the range measured, docs/benchmarks.md sections 18-25), supported and on a Hopper GPU."""
+    ValueError if `supported` says no on the path of `compute_dtype`); None when `auto` (the caller's own
+    condition: no Triton tiles asked for, x already widened...), supported on that path (up to 16 rows on the
+    float16 path, 64 on the bfloat16 one: docs/benchmarks.md sections 18-26) and on a Hopper GPU."""
     if mosaic is False or (mosaic is None and not auto):
         return False
-    ok = supported(M, K, Ns, scale_kind, compute_dtype if mosaic else jnp.float16)
+    ok = supported(M, K, Ns, scale_kind, compute_dtype)
     if mosaic and not ok:
         raise ValueError(f"the Mosaic GPU GEMM takes 1..{max_rows(compute_dtype)} rows "
                          f"({jnp.dtype(compute_dtype).name} path), per-channel scales, K % 64 == 0 and N % 64 == 0; "
@@ -114,15 +116,21 @@ def interpret_params(interpret: bool):
     return InterpretGPUParams(uninitialized_memory="nan")  # an element never written shows as NaN
 
 
-def default_config(K, Ns, num_sms=132, copies=1):
-    """tile_n, split_k, stages (section 18's sweep at the 8-way rank's and the full shapes, M = 1 and 8): 128-wide
-    tiles for weights of 16 MB and more, else 64; the largest split of the K tiles that keeps the programs at
-    about three per SM; up to 4 stages. copies: weights of this shape streamed side by side in one launch (the
-    MoE path's experts, `gemv_partials(ids=...)`)."""
+def default_config(K, Ns, num_sms=132, copies=1, rows=8):
+    """tile_n, split_k, stages. Up to 16 rows (section 18's sweep at the 8-way rank's and the full shapes, M = 1
+    and 8): 128-wide tiles for weights of 16 MB and more, else 64; the largest split of the K tiles that keeps
+    the programs at about three per SM; up to 4 stages. More rows (rows: x's padded rows; the bf16 path's 24..64,
+    section 26's sweep): 64-wide tiles, and a split whose float32 partials [split, N, rows] stay within a
+    quarter of the weight's bytes (at 64 rows the three-per-SM split wrote half the weight's bytes again as
+    partials: q|o 5120x5120 28.8 us against 18.7 with two splits). copies: weights of this shape streamed side
+    by side in one launch (the MoE path's experts, `gemv_partials(ids=...)`)."""
     nbytes = K * sum(Ns)
-    tile_n = 128 if nbytes >= LARGE_WEIGHT_BYTES and all(n % 128 == 0 for n in Ns) else 64
+    wide = rows <= MAX_ROWS and nbytes >= LARGE_WEIGHT_BYTES and all(n % 128 == 0 for n in Ns)
+    tile_n = 128 if wide else 64
     tiles, nk = copies * sum(Ns) // tile_n, K // tile_k_for(K)
-    split = max(d for d in range(1, nk + 1) if nk % d == 0 and (d == 1 or tiles * d <= 3.1 * num_sms))
+    most = nk if rows <= MAX_ROWS else max(1, K // (16 * rows))  # 4 * split * rows bytes per K <= 1/4 byte
+    split = max(d for d in range(1, nk + 1)
+                if nk % d == 0 and (d == 1 or (tiles * d <= 3.1 * num_sms and d <= most)))
     return dict(tile_n=tile_n, split_k=split, stages=min(4, nk // split))
 
 
@@ -337,7 +345,7 @@ def fp8_gemv_multi(x, ws, scales, *, widened=None, w_layout="kn", tile_n=None, s
     if not supported(M, K, Ns, compute_dtype=cdt):
         raise ValueError(f"mgpu_gemv takes 1..{max_rows(cdt)} rows on its {jnp.dtype(cdt).name} path, K % 64 == 0 "
                          f"and N % 64 == 0; got M={M}, K={K}, N={Ns}")
-    cfg = default_config(K, Ns)
+    cfg = default_config(K, Ns, rows=padded_rows(M))
     tile_n, split_k, stages = tile_n or cfg["tile_n"], split_k or cfg["split_k"], stages or cfg["stages"]
     xp, rs, cdt = operand(x, widened, cdt)
     parts = gemv_partials(xp, ws, w_layout=w_layout, tile_n=tile_n, split_k=split_k, stages=stages,

@@ -36,3 +36,16 @@ def test_bench_kernels_dry_run(tmp_path):
     assert all(r["err"] < 2e-2 for r in rows["attention"]) and all(r["err"] < 1e-2 for r in rows["moe"])
     for header in ("FP8 GEMM", "split-KV decode attention", "MoE decode", "fusions"):
         assert header in p.stdout
+
+
+@pytest.mark.fast
+def test_bench_kernels_gemm_m(tmp_path):
+    """--gemm-m: only those decode GEMM rows (4 tokens, which the dry run's plan does not list), no prefill rows."""
+    out = tmp_path / "bench_kernels.json"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+    p = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_kernels.py"), "--dry-run", "--skip", "model",
+                        "attention", "moe", "fusion", "--gemm-m", "4", "--json", str(out)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]["gemm"]
+    assert rows and {r["M"] for r in rows} == {4} and all(r["mode"] == "weight_only" for r in rows)

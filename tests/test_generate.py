@@ -375,6 +375,38 @@ def test_mosaic_gate_up_in_the_model(monkeypatch, off, T):
     np.testing.assert_allclose(np.asarray(logits), np.asarray(step(nets["xla"])[1]), rtol=2e-3, atol=2e-3)
 
 
+@pytest.mark.parametrize("off", ["", "mosaic"])
+def test_mosaic_gate_up_above_16_tokens(monkeypatch, off):
+    """bf16 model on a Hopper GPU (patched), a step of 24 tokens: every SwiGLU MLP's gate/up (the dense layers', and
+    the MoE layers' shared expert, its own MLP at this many tokens) takes bf16 x as it is on the Mosaic GPU
+    kernel's bf16 path (gate_up_swiglu's own choice from 17 to 64 rows, docs/benchmarks.md section
+    26; no widening in the norm kernel, whose float16 form stops at 16 rows); MAVJAX_PALLAS_DISABLE=mosaic brings
+    Triton's fused gate/up back. (The kernel's values at these rows: tests/test_mgpu_gemv.py.)"""
+    import jax.numpy as jnp
+
+    from mavjax.kv_cache import KVCache
+    from mavjax.quantize import quantize_model
+    from pallas_kernels import mgpu_gemv
+    from helpers import pallas_call_names
+
+    monkeypatch.setattr(mgpu_gemv, "on_hopper", lambda: True)
+    monkeypatch.setenv("MAVJAX_PALLAS_DISABLE", off)
+    jax.clear_caches()
+    cfg = preset("tiny", hidden_size=128, num_attention_heads=8, **TWO)
+    net = quantize_model(Llama4(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(8), kernels="pallas"))
+    T = 24
+    tok = jnp.full((1, T), 7, jnp.int32)
+    pos = jnp.arange(T, dtype=jnp.int32)[None]
+    cache = KVCache.create(cfg, 1, 32, jnp.bfloat16)
+    graphdef, state = nnx.split(net)
+    f = lambda st: nnx.merge(graphdef, st)(tok, pos, cache, write_index=pos[:, 0])[0]  # noqa: E731
+    names = pallas_call_names(jax.make_jaxpr(f)(state).jaxpr)
+    count = lambda prefix, suffix="": sum(n.startswith(prefix) and n.endswith(suffix) for n in names)  # noqa: E731
+    mlps = cfg.num_hidden_layers  # the dense MLPs and, past the MoE kernels' 16 pairs, each shared expert's own
+    assert (count("mgpu_fp8_gemv"), count("fp8_gate_up_swiglu")) == ((0, mlps) if off else (mlps, 0)), names
+    assert count("add_rms_norm", "_widen") == 0, names
+
+
 def test_mosaic_moe_takes_its_x_padded_from_the_norm(monkeypatch):
     """bf16 model, Mosaic GPU MoE path: the FFN's add + norm kernel writes the MoE's x already padded to the
     kernel's rows (MoE.pad_rows, add_rms_norm(pad_rows=...)), so the traced step has one XLA pad fewer per MoE

@@ -102,6 +102,14 @@ def test_default_config_rule():
     assert mgpu_gemv.default_config(640, [5120]) == dict(tile_n=64, split_k=5, stages=1)  # o, 8-way
     assert mgpu_gemv.default_config(2048, [5120]) == dict(tile_n=64, split_k=4, stages=4)  # down, 8-way
     assert mgpu_gemv.default_config(5120, [16384]) == dict(tile_n=128, split_k=2, stages=4)  # full gate
+    # above 16 rows (section 26): 64-wide tiles, float32 partials within a quarter of the weight's bytes
+    assert mgpu_gemv.default_config(5120, [16384], rows=64) == dict(tile_n=64, split_k=1, stages=4)
+    assert mgpu_gemv.default_config(5120, [5120], rows=64) == dict(tile_n=64, split_k=5, stages=4)  # not 10
+    assert mgpu_gemv.default_config(5120, [5120], rows=16) == dict(tile_n=128, split_k=10, stages=4)
+    for K, Ns, rows in [(5120, [2048], 64), (2048, [5120], 32), (640, [5120], 64), (16384, [5120], 24)]:
+        c = mgpu_gemv.default_config(K, Ns, rows=rows)
+        assert c["tile_n"] == 64 and (K // mgpu_gemv.tile_k_for(K)) % c["split_k"] == 0
+        assert 4 * c["split_k"] * sum(Ns) * rows <= K * sum(Ns) / 4 or c["split_k"] == 1
     for K, Ns in [(640, [5120]), (5120, [2048, 2048]), (5120, [896]), (192, [64]), (64, [128, 64])]:
         c = mgpu_gemv.default_config(K, Ns)
         assert all(n % c["tile_n"] == 0 for n in Ns) and (K // mgpu_gemv.tile_k_for(K)) % c["split_k"] == 0
@@ -148,9 +156,10 @@ def test_lowers_for_the_gpu(w_layout, K, Ns, x_dtype, M):
 
 def test_dispatch_from_fp8_matmul_and_gate_up(monkeypatch):
     """fp8_matmul and gate_up_swiglu take the Mosaic GPU kernel where asked: mosaic=True always (the interpreter
-    here); None where `wanted` (on a Hopper GPU), without Triton tiles, and for gate_up_swiglu only with x
-    already widened (x_widened, what the norm kernel gives the model's dense MLPs); False, fp8_matmul's default,
-    never. An unsupported problem with mosaic=True is an error."""
+    here); None where `wanted` (on a Hopper GPU: up to 64 rows of bf16 x, 16 of other x), without Triton tiles,
+    and for gate_up_swiglu only with x already widened (x_widened, what the norm kernel gives the model's dense
+    MLPs) or bf16 x above 16 rows; False, fp8_matmul's default, never. An unsupported problem with mosaic=True
+    is an error."""
     from pallas_kernels.fused_gemm import gate_up_swiglu, gate_up_swiglu_ref
     from pallas_kernels.upcast import to_compute
     from helpers import pallas_call_names
@@ -178,11 +187,17 @@ def test_dispatch_from_fp8_matmul_and_gate_up(monkeypatch):
     assert names(lambda a: gemm(a, mosaic=None))[0].startswith("mgpu_fp8_gemv")
     assert names(gemm)[0].startswith("fp8_weight_only")  # fp8_matmul's default: Triton's
     assert names(lambda a: gemm(a, mosaic=None, block_n=32))[0].startswith("fp8_weight_only")  # a tuner's tiles
-    assert names(lambda a: gemm(jnp.ones((32, 128), jnp.bfloat16), mosaic=None))[0].startswith("fp8_weight_only")
     assert names(lambda a: gate_up(a, x_widened=wide))[0].startswith("mgpu_fp8_gemv")
     assert names(gate_up)[0].startswith("fp8_gate_up_swiglu")  # not widened: Triton's
-    # asked for, bf16 x up to 64 rows (its bf16 path), other x up to 16; past them an error naming the limit
+    # above 16 rows: bf16 x on the bf16 path up to 64 rows (section 26), other x and more rows Triton's
     x32 = jax.random.normal(jax.random.key(2), (32, 128)).astype(jnp.bfloat16)
+    for rows, dtype, mosaic in [(32, jnp.bfloat16, True), (64, jnp.bfloat16, True), (65, jnp.bfloat16, False),
+                                (32, jnp.float32, False)]:
+        xr = jnp.ones((rows, 128), dtype)
+        for f in (lambda a: gemm(xr, mosaic=None), lambda a: gate_up(xr)):
+            assert names(f)[0].startswith("mgpu_fp8_gemv") == mosaic, (rows, dtype, names(f))
+    assert _err(gate_up(x32), gate_up_swiglu_ref(x32, w, s, wu, su)) < 1e-2  # the automatic choice, interpreted
+    # asked for, bf16 x up to 64 rows (its bf16 path), other x up to 16; past them an error naming the limit
     assert names(lambda a: gemm(x32, mosaic=True))[0].startswith("mgpu_fp8_gemv")
     assert _err(fp8_matmul(x32, w, s, mosaic=True, interpret=True), fp8_matmul_ref(x32, w, s)) < 1e-2
     with pytest.raises(ValueError, match=r"Mosaic GPU GEMM takes 1..64 rows \(bfloat16 path\)"):
