@@ -3,6 +3,8 @@ XLA, in one run of at most ~8 minutes (`--budget-s`, default 400 s: no new row s
 
   PYTHONPATH=. python3 scripts/bench_kernels.py                  # GPU (H100 / H200); table + $OUT/bench_kernels.json
   PYTHONPATH=. python3 scripts/bench_kernels.py --budget-s 900   # more of the lower-priority rows
+  PYTHONPATH=. python3 scripts/bench_kernels.py --skip attention moe fusion model --gemm-m 32 64
+                                                                 # only the decode GEMM rows at 32 and 64 tokens
   python3 scripts/bench_kernels.py --dry-run                     # CPU: same flow, Pallas interpreter, tiny shapes
 
 Shapes: Maverick (hidden 5120, 40 q / 8 kv heads of 128, dense MLP 16384, 128 routed experts of 8192) -- the
@@ -18,7 +20,7 @@ Order (most important rows first, so a run cut by --budget-s still has them):
      the extra candidates below), split-KV attention at 8K..128K (bf16 and FP8 KV), MoE decode, the 2-layer
      Maverick-width model decode at batch 1 (kernels="pallas" vs "xla", bf16 and FP8 weights), the fusions
      at decode.
-  2. the rest: GEMM at M in {1, 8, 64} and prefill, more attention shapes, fusions at prefill, MoE N=64.
+  2. the rest: GEMM at M in {8, 64} and prefill (`--gemm-m`: only the M given, no prefill), more attention shapes, fusions at prefill, MoE N=64.
 MoE rows time moe_fp8's default path (on Hopper up to 16 pairs the Mosaic GPU pair path, `path` column) and,
 where that is the Mosaic one, the Triton pair path beside it (`triton` column).
 Columns: us (best per op), TB/s (bytes that must move / time) or TFLOP/s, xfloor = time / floor (floor =
