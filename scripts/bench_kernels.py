@@ -20,7 +20,8 @@ Order (most important rows first, so a run cut by --budget-s still has them):
      the extra candidates below), split-KV attention at 8K..128K (bf16 and FP8 KV), MoE decode, the 2-layer
      Maverick-width model decode at batch 1 (kernels="pallas" vs "xla", bf16 and FP8 weights), the fusions
      at decode.
-  2. the rest: GEMM at M in {8, 64} and prefill (`--gemm-m`: only the M given, no prefill), more attention shapes, fusions at prefill, MoE N=64.
+  2. the rest: GEMM at M in {8, 64} and prefill (`--gemm-m`: only the M given, no prefill), more attention
+     shapes, fusions at prefill, MoE N=64.
 MoE rows time moe_fp8's default path (on Hopper up to 16 pairs the Mosaic GPU pair path, `path` column) and,
 where that is the Mosaic one, the Triton pair path beside it (`triton` column).
 Columns: us (best per op), TB/s (bytes that must move / time) or TFLOP/s, xfloor = time / floor (floor =
