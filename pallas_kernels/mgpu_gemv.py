@@ -116,22 +116,47 @@ def interpret_params(interpret: bool):
     return InterpretGPUParams(uninitialized_memory="nan")  # an element never written shows as NaN
 
 
+SMEM_PER_SM = 233472  # Hopper: 228 KB of shared memory per SM, 1 KB of it reserved per resident program
+
+
+def smem_bytes(tile_n, tile_k, rows, stages) -> int:
+    """One program's shared memory: `stages` pipeline slots of a [tile_k, tile_n] FP8 weight tile, a 16-bit x
+    tile [rows, tile_k] and a barrier; the float32 output tile [tile_n, rows] reuses the slots after the loop."""
+    return max(stages * (tile_k * tile_n + rows * tile_k * 2 + 8), tile_n * rows * 4)
+
+
+def resident(tile_n, tile_k, rows, stages) -> int:
+    """Programs of these tiles that fit one SM at once by shared memory (what bounds them: `smem_bytes`)."""
+    return SMEM_PER_SM // (smem_bytes(tile_n, tile_k, rows, stages) + 1024)
+
+
 def default_config(K, Ns, num_sms=132, copies=1, rows=8):
-    """tile_n, split_k, stages. Up to 16 rows (section 18's sweep at the 8-way rank's and the full shapes, M = 1
-    and 8): 128-wide tiles for weights of 16 MB and more, else 64; the largest split of the K tiles that keeps
-    the programs at about three per SM; up to 4 stages. More rows (rows: x's padded rows; the bf16 path's 24..64,
-    section 26's sweep): 64-wide tiles, and a split whose float32 partials [split, N, rows] stay within a
-    quarter of the weight's bytes (at 64 rows the three-per-SM split wrote half the weight's bytes again as
-    partials: q|o 5120x5120 28.8 us against 18.7 with two splits). copies: weights of this shape streamed side
-    by side in one launch (the MoE path's experts, `gemv_partials(ids=...)`)."""
+    """tile_n, split_k, stages. Tiles: up to 16 rows 128 wide for weights of 16 MB and more, else 64 (section
+    18's sweep); above 16 rows (rows: x's padded rows, the bf16 path's 24..64) 64 wide. Split and stages: the
+    most programs that run in one wave (all resident at once, `resident` per SM by shared memory, and at most
+    about three per SM), over 4 or 3 stages (more stages where the count ties); above 16 rows only splits whose
+    float32 partials [split, N, rows] stay within a quarter of the weight's bytes (at 64 rows the
+    three-per-SM split wrote half the weight's bytes again as partials: q|o 5120x5120 28.8 us against 18.7 with
+    two splits, section 26). What the wave rule removes (section 27): the down projection 16384x5120 at 16 tokens,
+    320 programs of which two fit an SM at 4 stages, a wave and a fifth, took 34.7 us against 26.5 at 3 stages
+    (three per SM, one wave) and 26.6 at 8 tokens (three fit at 4 stages). copies: weights of this shape streamed
+    side by side in one launch (the MoE path's experts, `gemv_partials(ids=...)`)."""
     nbytes = K * sum(Ns)
     wide = rows <= MAX_ROWS and nbytes >= LARGE_WEIGHT_BYTES and all(n % 128 == 0 for n in Ns)
-    tile_n = 128 if wide else 64
-    tiles, nk = copies * sum(Ns) // tile_n, K // tile_k_for(K)
+    tile_n, tile_k = (128 if wide else 64), tile_k_for(K)
+    tiles, nk = copies * sum(Ns) // tile_n, K // tile_k
     most = nk if rows <= MAX_ROWS else max(1, K // (16 * rows))  # 4 * split * rows bytes per K <= 1/4 byte
-    split = max(d for d in range(1, nk + 1)
-                if nk % d == 0 and (d == 1 or (tiles * d <= 3.1 * num_sms and d <= most)))
-    return dict(tile_n=tile_n, split_k=split, stages=min(4, nk // split))
+    best = None
+    for stages in (4, 3):
+        for d in (d for d in range(1, nk + 1) if nk % d == 0 and (d == 1 or d <= most)):
+            st = min(stages, nk // d)
+            fit = min(resident(tile_n, tile_k, rows, st), 3.1)
+            if d > 1 and tiles * d > fit * num_sms:
+                continue
+            key = (tiles * d, st)  # the most programs in the wave, then the deeper pipeline
+            if best is None or key > best[0]:
+                best = (key, dict(tile_n=tile_n, split_k=d, stages=st))
+    return best[1]
 
 
 def _tiled(dtype, row_elems):

@@ -93,7 +93,7 @@ def moe_fp8_mgpu(x, expert_idx, scores, w_gate, w_up, w_down, scales, *, shared=
     live = jnp.asarray(np.arange(Pp) < P) & valid[pair]  # [Pp]: a dropped pair's slice is unwritten (masked)
     tok = np.minimum(np.arange(Pp), N - 1)  # the shared expert's h row r: token r (rows past N zeroed)
 
-    c1 = mgpu_gemv.default_config(D, (F, F), copies=P + bool(sh_gu))
+    c1 = mgpu_gemv.default_config(D, (F, F), copies=P + bool(sh_gu), rows=xp.shape[-2])
     gu = mgpu_gemv.gemv_partials(xp, (w_gate, w_up), ids=ids, shared_ws=sh_gu, tile_n=tile_n or c1["tile_n"],
                                  split_k=split_k or c1["split_k"], stages=stages or c1["stages"],
                                  compute_dtype=cdt, interpret=interpret)  # [S, P (+ 1), 2F, Nt]
@@ -110,7 +110,7 @@ def moe_fp8_mgpu(x, expert_idx, scores, w_gate, w_up, w_down, scales, *, shared=
         h = jnp.stack([h, hs])  # [2, Pp, F]: the shared row's program reads the second group
     h = h.astype(jnp.bfloat16)  # as the pair path keeps h
 
-    c2 = mgpu_gemv.default_config(F, (D,), copies=P + bool(sh_dn))
+    c2 = mgpu_gemv.default_config(F, (D,), copies=P + bool(sh_dn), rows=Pp)
     yp = mgpu_gemv.gemv_partials(h, (w_down,), ids=ids, shared_ws=sh_dn, tile_n=tile_n_down or c2["tile_n"],
                                  split_k=split_k_down or c2["split_k"], stages=stages_down or c2["stages"],
                                  compute_dtype=jnp.bfloat16, interpret=interpret)  # [S, P (+ 1), D, Pp]

@@ -20,8 +20,8 @@ Order (most important rows first, so a run cut by --budget-s still has them):
      the extra candidates below), split-KV attention at 8K..128K (bf16 and FP8 KV), MoE decode, the 2-layer
      Maverick-width model decode at batch 1 (kernels="pallas" vs "xla", bf16 and FP8 weights), the fusions
      at decode.
-  2. the rest: GEMM at M in {8, 64} and prefill (`--gemm-m`: only the M given, no prefill), more attention
-     shapes, fusions at prefill, MoE N=64.
+  2. the rest: the other GEMM shapes (down, k|v, down/8, o/8) at M=16 and 1, GEMM at M in {8, 64} and prefill
+     (`--gemm-m`: only the M given, no prefill), more attention shapes, fusions at prefill, MoE N=64.
 MoE rows time moe_fp8's default path (on Hopper up to 16 pairs the Mosaic GPU pair path, `path` column) and,
 where that is the Mosaic one, the Triton pair path beside it (`triton` column).
 Columns: us (best per op), TB/s (bytes that must move / time) or TFLOP/s, xfloor = time / floor (floor =
@@ -103,8 +103,11 @@ class Plan:
         self.gate_up = [("full", self.Fm), (f"/{s}", self.Fm // s)]
         self.qkv = [("full", self.H, self.K), (f"/{s}", self.H // s, max(1, self.K // s))]
         self.moe = [(f"/{s}", self.Fe // s), ("full", self.Fe)]
-        if dry:
-            self.gemm, self.gate_up, self.qkv, self.moe = self.gemm[2:4], self.gate_up[1:], self.qkv[1:], self.moe[:1]
+        self.gemm_core = 4  # the first shapes of self.gemm: core rows at M = 16 and 1; the rest there later
+        if dry:  # two core shapes and one other (the down shard)
+            self.gemm, self.gate_up, self.qkv, self.moe = (self.gemm[2:4] + self.gemm[6:7], self.gate_up[1:],
+                                                           self.qkv[1:], self.moe[:1])
+            self.gemm_core = 2
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -773,11 +776,14 @@ def main():
     if plan.dry:
         att_core, att_more = att_core[1:2], att_more[-1:]
     steps = [
-        ("gemm", "gemm core", gemm_rows, run, plan, plan.gemm[:4], gemm_core, False, num_sms, key, tuned, ok_gemm),
+        ("gemm", "gemm core", gemm_rows, run, plan, plan.gemm[:plan.gemm_core], gemm_core, False, num_sms, key,
+         tuned, ok_gemm),
         ("attention", "attention core", attention_rows, run, plan, att_core if ok_att else [], key),
         ("moe", "moe core", moe_rows, run, plan, plan.moe, plan.moe_n[:2] if ok_moe else [], key, moe_w),
         ("model", "model", model_rows, run, plan, key),
         ("fusion", "fusion core", fusion_rows, run, plan, core_m, key, ok_fus),
+        ("gemm", "gemm core, other shapes", gemm_rows, run, plan, plan.gemm[plan.gemm_core:], gemm_core, False,
+         num_sms, key, tuned, ok_gemm),
         ("gemm", "gemm more", gemm_rows, run, plan, plan.gemm, gemm_more, a.gemm_m is None, num_sms, key, tuned,
          ok_gemm),
         ("fusion", "fusion prefill", fusion_rows, run, plan, [] if plan.dry else [plan.prefill_m], key, ok_fus),

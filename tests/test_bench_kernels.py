@@ -33,6 +33,9 @@ def test_bench_kernels_dry_run(tmp_path):
         assert rows[section] and all(r.get("pallas_us") for r in rows[section]), section
     assert {r["fusion"] for r in rows["fusion"]} == {"gate/up+SwiGLU", "QKV+RoPE+qk-norm", "add+RMSNorm"}
     assert any(r["mode"] == "fp8_fp8" for r in rows["gemm"]) and all(r.get("xla_bf16_us") for r in rows["gemm"])
+    # every decode shape at the core M (1 in the dry run), not only the core shapes: the down shard's too
+    assert {r["shape"].rsplit(" ", 1)[0] for r in rows["gemm"] if r["M"] == 1 and r["mode"] == "weight_only"} == {
+        "mlp up/2", "q/2", "mlp down/2"}
     assert all(r["err"] < 2e-2 for r in rows["attention"]) and all(r["err"] < 1e-2 for r in rows["moe"])
     for header in ("FP8 GEMM", "split-KV decode attention", "MoE decode", "fusions"):
         assert header in p.stdout

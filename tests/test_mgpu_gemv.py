@@ -98,22 +98,40 @@ def test_compute_dtype_choice():
 
 
 def test_default_config_rule():
-    """Section 18's sweep: 128-wide tiles from 16 MB, the K split for about three programs per SM, <= 4 stages."""
+    """Section 18's sweep: 128-wide tiles from 16 MB, the K split for about three programs per SM, <= 4 stages;
+    section 27: every program resident in one wave (shared memory per SM), 3 stages where that allows more."""
     assert mgpu_gemv.default_config(640, [5120]) == dict(tile_n=64, split_k=5, stages=1)  # o, 8-way
     assert mgpu_gemv.default_config(2048, [5120]) == dict(tile_n=64, split_k=4, stages=4)  # down, 8-way
     assert mgpu_gemv.default_config(5120, [16384]) == dict(tile_n=128, split_k=2, stages=4)  # full gate
+    # the full down projection at 16 tokens: 320 programs fit one wave at 3 stages (3 per SM), not at 4 (2)
+    assert mgpu_gemv.default_config(16384, [5120], rows=16) == dict(tile_n=128, split_k=8, stages=3)
+    assert mgpu_gemv.default_config(16384, [5120], rows=8) == dict(tile_n=128, split_k=8, stages=4)
     # above 16 rows (section 26): 64-wide tiles, float32 partials within a quarter of the weight's bytes
     assert mgpu_gemv.default_config(5120, [16384], rows=64) == dict(tile_n=64, split_k=1, stages=4)
-    assert mgpu_gemv.default_config(5120, [5120], rows=64) == dict(tile_n=64, split_k=5, stages=4)  # not 10
-    assert mgpu_gemv.default_config(5120, [5120], rows=16) == dict(tile_n=128, split_k=10, stages=4)
+    assert mgpu_gemv.default_config(5120, [5120], rows=64) == dict(tile_n=64, split_k=4, stages=3)  # not 10
+    assert mgpu_gemv.default_config(16384, [5120], rows=64) == dict(tile_n=64, split_k=4, stages=3)
+    assert mgpu_gemv.default_config(5120, [5120], rows=16) == dict(tile_n=128, split_k=8, stages=3)
     for K, Ns, rows in [(5120, [2048], 64), (2048, [5120], 32), (640, [5120], 64), (16384, [5120], 24)]:
         c = mgpu_gemv.default_config(K, Ns, rows=rows)
         assert c["tile_n"] == 64 and (K // mgpu_gemv.tile_k_for(K)) % c["split_k"] == 0
         assert 4 * c["split_k"] * sum(Ns) * rows <= K * sum(Ns) / 4 or c["split_k"] == 1
-    for K, Ns in [(640, [5120]), (5120, [2048, 2048]), (5120, [896]), (192, [64]), (64, [128, 64])]:
-        c = mgpu_gemv.default_config(K, Ns)
-        assert all(n % c["tile_n"] == 0 for n in Ns) and (K // mgpu_gemv.tile_k_for(K)) % c["split_k"] == 0
+    for K, Ns, rows in [(640, [5120], 8), (5120, [2048, 2048], 8), (5120, [896], 16), (192, [64], 8),
+                        (64, [128, 64], 8), (16384, [5120], 16), (5120, [16384], 32), (8192, [5120, 5120], 16)]:
+        c = mgpu_gemv.default_config(K, Ns, rows=rows)
+        tk = mgpu_gemv.tile_k_for(K)
+        assert all(n % c["tile_n"] == 0 for n in Ns) and (K // tk) % c["split_k"] == 0
         assert 1 <= c["stages"] <= 4
+        programs = sum(Ns) // c["tile_n"] * c["split_k"]  # one wave: all resident at once, or no split
+        assert c["split_k"] == 1 or programs <= mgpu_gemv.resident(c["tile_n"], tk, rows, c["stages"]) * 132
+
+
+def test_smem_bytes_matches_mosaic():
+    """`smem_bytes` against what Mosaic GPU itself counted for these kernels on an H200 (its "exceeds available
+    shared memory: smem_bytes=..." errors, section 27's sweep): stages x (weight tile + x tile + barrier)."""
+    assert mgpu_gemv.smem_bytes(256, 128, 64, 6) == 294960
+    assert mgpu_gemv.smem_bytes(256, 128, 16, 8) == 294976
+    assert mgpu_gemv.smem_bytes(256, 128, 32, 6) == 245808
+    assert mgpu_gemv.resident(128, 128, 8, 4) == 3 and mgpu_gemv.resident(128, 128, 16, 4) == 2
 
 
 def test_bad_input():
