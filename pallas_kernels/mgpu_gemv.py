@@ -52,10 +52,36 @@ MAX_ROWS_BF16 = 64
 LARGE_WEIGHT_BYTES = 16 << 20  # from here 128-wide tiles (section 18's sweep)
 
 
+def tile_weight(w, tile_n, tile_k, w_layout="kn"):
+    """w [K, N] (w_layout "kn") or [N, K] ("nk") -> the "tiled" layout [N / tile_n, K / tile_k, tile_n, tile_k]:
+    each [tile_n, tile_k] tile one contiguous block of memory, so every TMA copy of the kernel reads whole DRAM
+    pages instead of tile_n rows of 128 bytes (docs/benchmarks.md section 28, 8-16 tokens: the full-width gate|up
+    3-4% faster than in [N, K] and 7-10% than in [K, N]; down and o as fast as in [N, K])."""
+    w = w.T if w_layout == "kn" else w  # [N, K]
+    N, K = w.shape
+    if N % tile_n or K % tile_k:
+        raise ValueError(f"[N, K] = {[N, K]} must divide by the tiles ({tile_n}, {tile_k})")
+    return w.reshape(N // tile_n, tile_n, K // tile_k, tile_k).transpose(0, 2, 1, 3)
+
+
+def kn_shape(shape, w_layout):
+    """(K, N) of a weight of this shape in w_layout ("kn", "nk" or "tiled")."""
+    if w_layout == "tiled":
+        return shape[1] * shape[3], shape[0] * shape[2]
+    return tuple(shape) if w_layout == "kn" else tuple(shape)[::-1]
+
+
+def _as_kn(w, w_layout):
+    """w in w_layout ("kn", "nk" or "tiled") -> [K, N]."""
+    if w_layout == "tiled":
+        return w.transpose(1, 3, 0, 2).reshape(kn_shape(w.shape, w_layout))
+    return w if w_layout == "kn" else w.T
+
+
 def reference(x, w, scale, out_dtype=None, w_layout="kn"):
-    """y[M, N] = x[M, K] @ (w * scale), w [K, N] (or [N, K] for w_layout "nk"), in float32, cast to out_dtype
-    (x's by default)."""
-    w = w.astype(jnp.float32) if w_layout == "kn" else w.astype(jnp.float32).T  # [K, N]
+    """y[M, N] = x[M, K] @ (w * scale), w [K, N] (or [N, K] for w_layout "nk", `tile_weight`'s layout for
+    "tiled"), in float32, cast to out_dtype (x's by default)."""
+    w = _as_kn(w, w_layout).astype(jnp.float32)  # [K, N]
     y = jnp.einsum("mk,kn->mn", x.astype(jnp.float32), w * scale.astype(jnp.float32)[None, :])  # [M, N]
     return y.astype(out_dtype or x.dtype)
 
@@ -130,20 +156,22 @@ def resident(tile_n, tile_k, rows, stages) -> int:
     return SMEM_PER_SM // (smem_bytes(tile_n, tile_k, rows, stages) + 1024)
 
 
-def default_config(K, Ns, num_sms=132, copies=1, rows=8):
-    """tile_n, split_k, stages. Tiles: up to 16 rows 128 wide for weights of 16 MB and more, else 64 (section
-    18's sweep); above 16 rows (rows: x's padded rows, the bf16 path's 24..64) 64 wide. Split and stages: the
-    most programs that run in one wave (all resident at once, `resident` per SM by shared memory, and at most
-    about three per SM), over 4 or 3 stages (more stages where the count ties); above 16 rows only splits whose
-    float32 partials [split, N, rows] stay within a quarter of the weight's bytes (at 64 rows the
-    three-per-SM split wrote half the weight's bytes again as partials: q|o 5120x5120 28.8 us against 18.7 with
-    two splits, section 26). What the wave rule removes (section 27): the down projection 16384x5120 at 16 tokens,
-    320 programs of which two fit an SM at 4 stages, a wave and a fifth, took 34.7 us against 26.5 at 3 stages
-    (three per SM, one wave) and 26.6 at 8 tokens (three fit at 4 stages). copies: weights of this shape streamed
-    side by side in one launch (the MoE path's experts, `gemv_partials(ids=...)`)."""
+def default_config(K, Ns, num_sms=132, copies=1, rows=8, tile_n=None, tile_k=None, w_layout="kn"):
+    """tile_n, split_k, stages. Tiles: up to 16 rows 128 wide for [K, N] weights of 16 MB and more (a tile row then one
+    whole 128-byte line), else 64 (section 18's sweep; in the [N, K] and tiled layouts a tile row is 128 bytes of K
+    already, and 64-wide tiles were 2-10% faster there, section 28); above 16 rows (rows: x's padded rows, the bf16
+    path's 24..64) 64 wide. Split and stages: the most programs that run in one wave (all resident at once, `resident`
+    per SM by shared memory, and at most about three per SM), over 4 or 3 stages (more stages where the count ties);
+    above 16 rows only splits whose float32 partials [split, N, rows] stay within a quarter of the weight's bytes (at 64
+    rows the three-per-SM split wrote half the weight's bytes again as partials: q|o 5120x5120 28.8 us against 18.7 with
+    two splits, section 26). What the wave rule removes (section 27): the down projection 16384x5120 at 16 tokens, 320
+    programs of which two fit an SM at 4 stages, a wave and a fifth, took 34.7 us against 26.5 at 3 stages (three per
+    SM, one wave) and 26.6 at 8 tokens (three fit at 4 stages). copies: weights of this shape streamed side by side in
+    one launch (the MoE path's experts, `gemv_partials(ids=...)`). tile_n, tile_k: tiles fixed by the caller (a
+    `tile_weight` weight's), the split and stages chosen for them."""
     nbytes = K * sum(Ns)
-    wide = rows <= MAX_ROWS and nbytes >= LARGE_WEIGHT_BYTES and all(n % 128 == 0 for n in Ns)
-    tile_n, tile_k = (128 if wide else 64), tile_k_for(K)
+    wide = w_layout == "kn" and rows <= MAX_ROWS and nbytes >= LARGE_WEIGHT_BYTES and all(n % 128 == 0 for n in Ns)
+    tile_n, tile_k = tile_n or (128 if wide else 64), tile_k or tile_k_for(K)
     tiles, nk = copies * sum(Ns) // tile_n, K // tile_k
     most = nk if rows <= MAX_ROWS else max(1, K // (16 * rows))  # 4 * split * rows bytes per K <= 1/4 byte
     best = None
@@ -179,7 +207,8 @@ def gemv_partials(xp, ws, *, ids=None, shared_ws=(), w_layout="kn", tile_n=64, t
     multiple of 8, at most 256), or [2, Mp, K] with shared_ws: the shared row's program reads xp[1], the others
     xp[0];
     ws: float8_e4m3fn weights, each [K, N_i]
-    (w_layout "kn", the model's layout) or [N_i, K] ("nk") -> float32 [split_k, sum N_i, Mp]: split s holds
+    (w_layout "kn", the model's layout), [N_i, K] ("nk") or `tile_weight`'s [N_i / tile_n, K / tile_k, tile_n,
+    tile_k] ("tiled": each TMA copy one contiguous block; not with ids) -> float32 [split_k, sum N_i, Mp]: split s holds
     the sum over its K range of w[k, n] * xp[m, k] (no scales), the weights' columns one after another. Each N_i
     % tile_n == 0, K % (tile_k * split_k) == 0.
     ids: None, or int32 [P] expert ids with each weight stacked per expert ([E, K, N_i] / [E, N_i, K]): the grid
@@ -214,6 +243,12 @@ def gemv_partials(xp, ws, *, ids=None, shared_ws=(), w_layout="kn", tile_n=64, t
     if groups and (not Q or xp.shape[0] != 2):
         raise ValueError(f"xp must be [Mp, K], or [2, Mp, K] with shared_ws (the shared row's x second); got "
                          f"{xp.shape} with {len(shared_ws)} shared weights")
+    tiled = w_layout == "tiled"  # `tile_weight`'s [N / tile_n, K / tile_k, tile_n, tile_k], read as [N, K]
+    if tiled:
+        if stacked or any(len(sh) != 4 or sh[2:] != (tile_n, tile_k) for sh in shapes):
+            raise ValueError(f"tiled weights (no ids) must be [N / {tile_n}, K / {tile_k}, {tile_n}, {tile_k}] "
+                             f"(the tiles given), got {shapes}")
+        shapes = [(sh[0] * sh[2], sh[1] * sh[3]) for sh in shapes]
     Ns = [sh[1] if w_layout == "kn" else sh[0] for sh in shapes]
     cdt = jnp.dtype(compute_dtype)
     if xp.dtype != cdt or cdt not in (jnp.float16, jnp.bfloat16) or any(w.dtype != FP8 for w in ws):
@@ -264,6 +299,8 @@ def gemv_partials(xp, ws, *, ids=None, shared_ws=(), w_layout="kn", tile_n=64, t
 
                 w_spec = ((tile_k, tile_n), lambda k: (si * k_per + k, nj)) if w_layout == "kn" else \
                     ((tile_n, tile_k), lambda k: (nj, si * k_per + k))
+                if tiled:  # one contiguous [tile_n, tile_k] block, as "nk" from here on
+                    w_spec = ((None, None, tile_n, tile_k), lambda k: (nj, si * k_per + k, 0, 0))
                 x_spec = ((tile_k, Mp), lambda k: (si * k_per + k, 0)) if interpret is not None else \
                     ((Mp, tile_k), lambda k: (0, si * k_per + k))
                 plgpu.emit_pipeline(
@@ -356,24 +393,30 @@ def fp8_gemv_multi(x, ws, scales, *, widened=None, w_layout="kn", tile_n=None, s
                    out_dtype=None, compute_dtype=None, interpret=None):
     """[x @ dequant(w_i, scale_i) for each weight] in one launch: x [M, K] (M <= `max_rows` of the path: 16 on
     the float16 path, 64 on the bfloat16 one), ws FP8 [K, N_i]
-    (w_layout "kn") or [N_i, K] ("nk"), scales float32 [N_i]. widened: x already in the kernel's form, (xc
+    (w_layout "kn"), [N_i, K] ("nk") or `tile_weight`'s layout ("tiled": its tiles are the kernel's), scales
+    float32 [N_i]. widened: x already in the kernel's form, (xc
     [padded_rows(M), K] float16, rs [padded_rows(M)] float32) with x = xc[:M] * rs[:M, None] (what
     fused_norm.add_rms_norm(widen_rows=...) writes): XLA's two widening kernels are not launched. compute_dtype:
     the MMA's operand type; None: bfloat16 for bf16 x not handed over widened (x read as it is, the weight widened
     to bf16 in registers), float16 otherwise. Tiles: `default_config` where not given."""
     ws, scales = tuple(ws), tuple(scales)
     M, K = x.shape
-    Ns = [w.shape[1] if w_layout == "kn" else w.shape[0] for w in ws]
+    Ns = [kn_shape(w.shape, w_layout)[1] for w in ws]
     if [s.shape for s in scales] != [(n,) for n in Ns]:
         raise ValueError(f"scales {[s.shape for s in scales]} must be [N] per weight, N = {Ns}")
     cdt = path_dtype(x.dtype, widened is not None, compute_dtype)
     if not supported(M, K, Ns, compute_dtype=cdt):
         raise ValueError(f"mgpu_gemv takes 1..{max_rows(cdt)} rows on its {jnp.dtype(cdt).name} path, K % 64 == 0 "
                          f"and N % 64 == 0; got M={M}, K={K}, N={Ns}")
-    cfg = default_config(K, Ns, rows=padded_rows(M))
+    tile_k = None
+    if w_layout == "tiled":  # the tiles are the weight's
+        if tile_n not in (None, ws[0].shape[2]):
+            raise ValueError(f"tile_n={tile_n} for tiled weights of tile {ws[0].shape[2:]}")
+        tile_n, tile_k = ws[0].shape[2:]
+    cfg = default_config(K, Ns, rows=padded_rows(M), tile_n=tile_n, tile_k=tile_k, w_layout=w_layout)
     tile_n, split_k, stages = tile_n or cfg["tile_n"], split_k or cfg["split_k"], stages or cfg["stages"]
     xp, rs, cdt = operand(x, widened, cdt)
-    parts = gemv_partials(xp, ws, w_layout=w_layout, tile_n=tile_n, split_k=split_k, stages=stages,
+    parts = gemv_partials(xp, ws, w_layout=w_layout, tile_n=tile_n, tile_k=tile_k, split_k=split_k, stages=stages,
                           compute_dtype=cdt, interpret=interpret)  # [S, sum N, Mp]
     yt = sum_in_xla(parts)[:, :M]  # [sum N, M]
     yt = yt if rs is None else yt * rs[None, :]

@@ -10,6 +10,14 @@ bandwidth. Mosaic kinds: x widened to float16 by XLA (`mgpuf16`) or taken as bf1
 bf16 in registers (`mgpubf16`).
 
   python scripts/bench_mgpu_gemv.py --m 1 8 16
+
+`--layouts kn nk tiled` instead compares the weight's layouts at the shapes `--only` names: the model's
+[K, N], [N, K], and `mgpu_gemv.tile_weight`'s tile-contiguous one, on the float16 path with x handed over widened
+(what the add + norm kernel gives the model's dense gate/up) and the bfloat16 path, each variant's kernel time
+traced (the op's kernels, its XLA split sum included: `mavjax.benchmarking.kernel_time`) against XLA's bf16 dot
+kernel's in the same process (docs/benchmarks.md section 28):
+
+  python scripts/bench_mgpu_gemv.py --layouts kn nk tiled --m 8 16 --only "gate/up" down o
 """
 
 from __future__ import annotations
@@ -25,15 +33,16 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mavjax.benchmarking import DeviceLoop, copy_bandwidth  # noqa: E402
-from pallas_kernels import mgpu_gemv  # noqa: E402
+from mavjax.benchmarking import DeviceLoop, copy_bandwidth, kernel_time  # noqa: E402
+from pallas_kernels import mgpu_gemv, upcast  # noqa: E402
+from pallas_kernels.split_k import sum_in_xla  # noqa: E402
 from pallas_kernels.fp8_gemm import FP8, fp8_matmul  # noqa: E402
 
 NUM_SMS = 132
 # (name, K, N): the rank's projections at 1/8 of Maverick (5120 wide, 40/8 heads of 128, dense MLP 16384), and
 # the full-width ones
 SHAPES = [("o/8", 640, 5120), ("down/8", 2048, 5120), ("gate|up/8", 5120, 4096), ("qkv/8", 5120, 896),
-          ("o", 5120, 5120), ("gate/up half", 5120, 16384)]
+          ("o", 5120, 5120), ("gate/up half", 5120, 16384), ("down", 16384, 5120)]
 
 
 def mgpu_configs(K, N):
@@ -51,6 +60,87 @@ def mgpu_configs(K, N):
     return out
 
 
+def layout_configs(K, N, M, layouts):
+    """(layout, tile_k, tile_n, split_k, stages, path) for the layout table: 64- and 128-wide tiles, the splits that
+    give one to three programs per SM, 4 stages (and 6 for the tiled layout at the widest N), both paths for the
+    tiled layout, the float16 path for the others."""
+    out = []
+    for layout in layouts:
+        for tk in [t for t in ((128, 256) if layout == "tiled" else (128,)) if K % t == 0]:
+            for tn in (64, 128):
+                for split in (1, 2, 4, 8):
+                    if (K // tk) % split or not NUM_SMS <= (N // tn) * split <= 3.1 * NUM_SMS:
+                        continue
+                    for st in (4, 6) if layout == "tiled" and N >= 16384 else (4,):
+                        st = min(st, K // tk // split)
+                        if mgpu_gemv.resident(tn, tk, mgpu_gemv.padded_rows(M), st) < 1:
+                            continue
+                        for path in ("f16", "bf16") if layout == "tiled" and st == 4 else ("f16",):
+                            out.append(dict(layout=layout, tile_k=tk, tile_n=tn, split_k=split, stages=st, path=path))
+    return out
+
+
+def layout_table(a, bw):
+    """`--layouts`: kernel time of every layout_configs variant and of XLA's bf16 dot, per shape and M."""
+    if not mgpu_gemv.on_hopper():
+        sys.exit("--layouts times the Mosaic GPU kernel by tracing it: it needs a Hopper GPU")
+    key = jax.random.key(0)
+    copies = 6  # distinct weights per traced program: 6 x >= 26 MB, beyond L2
+    for name, K, N in [s for s in SHAPES if not a.only or any(s[0].startswith(p) for p in a.only)]:
+        ks = jax.random.split(jax.random.fold_in(key, K + N), copies + 1)
+        w_nk = [(jax.random.normal(k, (N, K), jnp.bfloat16) * 32).clip(-448, 448).astype(FP8) for k in ks[:copies]]
+        w_bf = [w.T.astype(jnp.bfloat16) for w in w_nk]
+        floor = K * N / bw * 1e6
+        for M in a.m:
+            Mp = mgpu_gemv.padded_rows(M)
+            x = jax.random.normal(jax.random.fold_in(ks[-1], M), (M, K), jnp.bfloat16)
+            xc, rs = upcast.to_compute(x, jnp.float16)  # what the norm kernel hands over (widen_rows)
+            xs = dict(f16=(jnp.pad(xc, ((0, Mp - M), (0, 0))), rs), bf16=(jnp.pad(x, ((0, Mp - M), (0, 0))), None))
+            ref = jnp.dot(x.astype(jnp.float32), w_nk[0].astype(jnp.float32).T)  # [M, N], unit scales
+            xla = kernel_time(lambda x, w: jnp.dot(x, w), [(x, w) for w in w_bf], a.reps) * 1e6
+            print(f"\n{name} {K}x{N} M={M}: floor {floor:.2f} us; XLA's bf16 dot kernel {xla:.2f} us "
+                  f"({2 * K * N / xla / 1e6:.2f} TB/s)\n{'path':4s} {'layout':6s} {'tk':>3s} {'tn':>3s} {'split':>5s} "
+                  f"{'st':>2s} {'kern us':>8s} {'xfloor':>6s} {'TB/s':>5s} {'x.xla':>5s} {'err':>7s}", flush=True)
+
+            def build(c):
+                xp, r = xs[c["path"]]
+
+                @jax.jit
+                def op(xp, w):  # the op as fp8_gemv_multi runs it, its tiles fixed
+                    p = mgpu_gemv.gemv_partials(xp, [w], w_layout=c["layout"], tile_n=c["tile_n"],
+                                                tile_k=c["tile_k"], split_k=c["split_k"], stages=c["stages"],
+                                                compute_dtype=jnp.float16 if c["path"] == "f16" else jnp.bfloat16)
+                    yt = sum_in_xla(p)[:, :M]  # [N, M]
+                    return (yt if r is None else yt * r[None, :]).T.astype(jnp.bfloat16)
+                try:
+                    ws = [w.T if c["layout"] == "kn" else w if c["layout"] == "nk" else
+                          mgpu_gemv.tile_weight(w, c["tile_n"], c["tile_k"], "nk") for w in w_nk]
+                    y = op(xp, ws[0]).astype(jnp.float32)
+                    return c, op, xp, ws, float(jnp.linalg.norm(y - ref) / jnp.linalg.norm(ref))
+                except Exception as e:  # noqa: BLE001 - reported in the table
+                    return c, None, None, None, f"{type(e).__name__}: {str(e)[:150]}"
+
+            configs = layout_configs(K, N, M, a.layouts)
+            if not configs:
+                print("(no variant: no split of these tiles gives one to three programs per SM)")
+            with cf.ThreadPoolExecutor(a.threads) as pool:
+                built = list(pool.map(build, configs))
+            best = None
+            for c, op, xp, ws, err in built:
+                head = (f"{c['path']:4s} {c['layout']:6s} {c['tile_k']:3d} {c['tile_n']:3d} {c['split_k']:5d} "
+                        f"{c['stages']:2d}")
+                if op is None:
+                    print(f"{head} {err}")
+                    continue
+                us = kernel_time(op, [(xp, w) for w in ws], a.reps) * 1e6
+                best = min(best or (us, head), (us, head))
+                print(f"{head} {us:8.2f} {us / floor:6.2f} {K * N / us / 1e6:5.2f} {xla / us:5.2f} {err:7.1e}",
+                      flush=True)
+            if best:
+                print(f"best: {best[1]}: {best[0]:.2f} us, {best[0] / floor:.2f}x floor, {xla / best[0]:.2f}x XLA")
+        del w_nk, w_bf
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--m", type=int, nargs="*", default=[1, 8, 16])
@@ -59,10 +149,17 @@ def main():
     ap.add_argument("--iters", type=int, default=8)
     ap.add_argument("--threads", type=int, default=12)
     ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--layouts", nargs="*", choices=("kn", "nk", "tiled"),
+                    help="compare these weight layouts by kernel time instead (module docstring)")
+    ap.add_argument("--reps", type=int, default=3, help="--layouts: traced runs per variant")
     a = ap.parse_args()
     t0 = time.perf_counter()
     bw = copy_bandwidth()
     print(f"{jax.devices()[0].device_kind}: copy {bw / 1e12:.2f} TB/s", flush=True)
+    if a.layouts:
+        layout_table(a, bw)
+        print(f"done in {time.perf_counter() - t0:.0f} s")
+        return
     shapes = [s for s in SHAPES if not a.only or any(s[0].startswith(p) for p in a.only)]
     jobs = []
     key = jax.random.key(0)

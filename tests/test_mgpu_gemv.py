@@ -39,7 +39,7 @@ def _weights(seed, K, Ns):
     return out
 
 
-@pytest.mark.parametrize("w_layout", ["kn", "nk"])
+@pytest.mark.parametrize("w_layout", ["kn", "nk", "tiled"])
 @pytest.mark.parametrize("M,K,Ns,cfg,scale_x", [  # scale_x: bf16 magnitudes f16 holds only with the row scaling
     (1, 128, (64,), {}, 1.0),
     (3, 512, (128, 192), dict(tile_n=64, split_k=2, stages=2), 3e4),  # two weights, one launch; 2 splits of 2
@@ -57,7 +57,15 @@ def test_fp8_gemv_matches_reference(w_layout, M, K, Ns, cfg, scale_x, compute_dt
     x = (jax.random.normal(jax.random.key(M), (M, K)) * scale_x).astype(jnp.bfloat16)
     x = x.at[0].multiply(7.0)  # rows of different magnitudes
     ws = _weights(M + K, K, Ns)
-    args = [w if w_layout == "kn" else w.T for w, _ in ws], [s for _, s in ws]
+    if w_layout == "tiled":  # tile_weight's layout: the tiles are the weight's (cfg's, else the rule's)
+        tn = cfg.get("tile_n") or mgpu_gemv.default_config(K, Ns, rows=mgpu_gemv.padded_rows(M),
+                                                           w_layout="tiled")["tile_n"]
+        cfg = {k: v for k, v in cfg.items() if k != "tile_n"}
+        args = [mgpu_gemv.tile_weight(w, tn, mgpu_gemv.tile_k_for(K)) for w, _ in ws], [s for _, s in ws]
+        np.testing.assert_array_equal(np.asarray(mgpu_gemv.reference(x, args[0][0], ws[0][1], w_layout="tiled")),
+                                      np.asarray(mgpu_gemv.reference(x, *ws[0])))  # the layout round-trips
+    else:
+        args = [w if w_layout == "kn" else w.T for w, _ in ws], [s for _, s in ws]
     outs = mgpu_gemv.fp8_gemv_multi(x, *args, w_layout=w_layout, out_dtype=jnp.float32, interpret=INTERP,
                                     compute_dtype=compute_dtype, **cfg)
     for y, (w, s) in zip(outs, ws):
@@ -103,6 +111,9 @@ def test_default_config_rule():
     assert mgpu_gemv.default_config(640, [5120]) == dict(tile_n=64, split_k=5, stages=1)  # o, 8-way
     assert mgpu_gemv.default_config(2048, [5120]) == dict(tile_n=64, split_k=4, stages=4)  # down, 8-way
     assert mgpu_gemv.default_config(5120, [16384]) == dict(tile_n=128, split_k=2, stages=4)  # full gate
+    # [N, K] and tiled weights: 64-wide tiles (a tile row is 128 bytes of K already; section 28's best at full width)
+    assert mgpu_gemv.default_config(5120, [16384], w_layout="nk") == dict(tile_n=64, split_k=1, stages=4)
+    assert mgpu_gemv.default_config(16384, [5120], w_layout="tiled") == dict(tile_n=64, split_k=4, stages=4)
     # the full down projection at 16 tokens: 320 programs fit one wave at 3 stages (3 per SM), not at 4 (2)
     assert mgpu_gemv.default_config(16384, [5120], rows=16) == dict(tile_n=128, split_k=8, stages=3)
     assert mgpu_gemv.default_config(16384, [5120], rows=8) == dict(tile_n=128, split_k=8, stages=4)
@@ -153,10 +164,17 @@ def test_bad_input():
         mgpu_gemv.gemv_partials(jnp.ones((3, 128), jnp.float16), [w], interpret=INTERP)
     with pytest.raises(ValueError, match="bfloat16 path takes bf16 x"):
         mgpu_gemv.fp8_gemv(jnp.ones((2, 128), jnp.float32), w, s, compute_dtype=jnp.bfloat16, interpret=INTERP)
+    wt = mgpu_gemv.tile_weight(w, 64, 64)  # [1, 2, 64, 64]
+    with pytest.raises(ValueError, match=r"tile_n=128 for tiled weights of tile \(64, 64\)"):
+        mgpu_gemv.fp8_gemv(x, wt, s, w_layout="tiled", tile_n=128, interpret=INTERP)
+    with pytest.raises(ValueError, match="tiled weights .* must be"):  # tiles other than the kernel's
+        mgpu_gemv.gemv_partials(jnp.ones((8, 128), jnp.float16), [wt], w_layout="tiled", interpret=INTERP)
+    with pytest.raises(ValueError, match="must divide by the tiles"):
+        mgpu_gemv.tile_weight(w, 128, 64)
 
 
 @pytest.mark.parametrize("w_layout,K,Ns", [("kn", 5120, (2048, 2048)), ("kn", 640, (5120,)), ("nk", 192, (128,)),
-                                          ("kn", 192, (64,))])
+                                          ("kn", 192, (64,)), ("tiled", 5120, (4096,))])
 @pytest.mark.parametrize("x_dtype,M", [(jnp.bfloat16, 8), (jnp.float32, 8), (jnp.bfloat16, 64)])  # bf16 / f16 path
 def test_lowers_for_the_gpu(w_layout, K, Ns, x_dtype, M):
     """The GPU form (register operands, the transposed FP8 load and its layout change, the widening to f16 or,
@@ -165,6 +183,7 @@ def test_lowers_for_the_gpu(w_layout, K, Ns, x_dtype, M):
     (the WGMMA's N = 64)."""
     x = jnp.ones((M, K), x_dtype)
     ws = [jnp.zeros((K, n) if w_layout == "kn" else (n, K), FP8) for n in Ns]
+    ws = [mgpu_gemv.tile_weight(w, 64, 128, "nk") for w in ws] if w_layout == "tiled" else ws
     ss = [jnp.ones((n,), jnp.float32) for n in Ns]
     f = jax.jit(functools.partial(mgpu_gemv.fp8_gemv_multi, w_layout=w_layout))
     text = f.trace(x, ws, ss).lower(lowering_platforms=("cuda",)).as_text()
