@@ -248,12 +248,12 @@ def gemv_partials(xp, ws, *, ids=None, shared_ws=(), w_layout="kn", tile_n=64, t
         if stacked or any(len(sh) != 4 or sh[2:] != (tile_n, tile_k) for sh in shapes):
             raise ValueError(f"tiled weights (no ids) must be [N / {tile_n}, K / {tile_k}, {tile_n}, {tile_k}] "
                              f"(the tiles given), got {shapes}")
-        shapes = [(sh[0] * sh[2], sh[1] * sh[3]) for sh in shapes]
-    Ns = [sh[1] if w_layout == "kn" else sh[0] for sh in shapes]
+    kns = [kn_shape(sh, w_layout) for sh in shapes]  # (K, N) of each weight
+    Ns = [n for _, n in kns]
     cdt = jnp.dtype(compute_dtype)
     if xp.dtype != cdt or cdt not in (jnp.float16, jnp.bfloat16) or any(w.dtype != FP8 for w in ws):
         raise TypeError(f"need {cdt} x and float8_e4m3fn weights, got {xp.dtype} and {[w.dtype for w in ws]}")
-    if any((sh[0] if w_layout == "kn" else sh[1]) != K for sh in shapes):
+    if any(k != K for k, _ in kns):
         raise ValueError(f"x has K={K}, weights {[w.shape for w in ws]} (w_layout={w_layout})")
     if Mp % 8 or Mp > 256:
         raise ValueError(f"x's rows must be padded to a multiple of 8 (at most 256), got {Mp}")
