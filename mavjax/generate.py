@@ -75,7 +75,8 @@ class Engine:
         B, T = tokens.shape
         cache = self._shard_cache(KVCache.create(self.cfg, B, cache_len, self.kv_dtype))
         positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-        h, cache, _ = model.hidden_states(tokens, positions, cache, write_index=jnp.zeros((B,), jnp.int32))
+        h, cache, _ = model.hidden_states(tokens, positions, cache, write_index=jnp.zeros((B,), jnp.int32),
+                                          fresh_cache=True)
         last = jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)  # [B, 1, D]
         logits = model.logits(last)[:, 0]  # [B, V]
         tok = sample(logits, make_keys(seeds, 0), temperature, top_k, top_p, all_greedy=all_greedy)

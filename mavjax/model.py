@@ -59,6 +59,28 @@ PALLAS_OPS = ("gemm", "qkv", "gate_up", "moe", "moe_shared", "moe_router", "norm
               "mosaic")
 
 
+# The token rows (B x T) up to which kernels="pallas" runs the FP8 projections (families "gemm", "qkv", "gate_up")
+# on the Pallas kernels: decode, speculative verification, small batches, where they stream the weights. Above it
+# (prefill, large batches) the projections are compute-bound and run as on the XLA path, the FP8 weight upcast to
+# bf16 inside XLA's own GEMM fusion: on one H200 that was 1.4-8.5x faster than the Triton FP8 x FP8 kernel the Pallas
+# path ran there, at every Maverick shape (full width and 1/8 shards) from 128 to 8192 rows, and the 2-layer
+# Maverick-width model's time to first token 11% / 21% lower at 512 / 4096 tokens (docs/benchmarks.md section 29).
+# The residual add + norm, the MoE and the attention keep their own rules. MAVJAX_PALLAS_GEMM_MAX_ROWS=N moves the
+# line (a large N: the Triton FP8 x FP8 prefill, for A/B runs).
+PALLAS_GEMM_MAX_ROWS = 64
+
+
+def pallas_gemm(kernels: str, op: str, rows: int) -> bool:
+    """Whether an FP8 projection of kernel family `op` ("gemm", "qkv" or "gate_up") over `rows` token rows runs as
+    a Pallas kernel on the `kernels` path (`use_pallas` and at most PALLAS_GEMM_MAX_ROWS rows)."""
+    limit = os.environ.get("MAVJAX_PALLAS_GEMM_MAX_ROWS", "").strip()
+    try:
+        limit = int(limit) if limit else PALLAS_GEMM_MAX_ROWS
+    except ValueError:
+        raise ValueError(f"MAVJAX_PALLAS_GEMM_MAX_ROWS must be an integer, got {limit!r}") from None
+    return use_pallas(kernels, op) and rows <= limit
+
+
 def use_pallas(kernels: str, op: str) -> bool:
     """Whether kernel family `op` (one of PALLAS_OPS) runs as a Pallas kernel on the `kernels` path."""
     if kernels != "pallas":
@@ -102,7 +124,7 @@ def dense(x, w, scale, n_in, kernels="xla"):
     in_shape, out_shape = w.shape[:n_in], w.shape[n_in:]
     x2 = x.reshape(-1, int(np.prod(in_shape)))
     w2 = w.reshape(x2.shape[1], -1)
-    if use_pallas(kernels, "gemm"):
+    if pallas_gemm(kernels, "gemm", x2.shape[0]):
         from pallas_kernels.fp8_gemm import fp8_matmul
 
         y = fp8_matmul(x2, w2, scale.reshape(-1), out_dtype=x.dtype, interpret=jax.default_backend() == "cpu")
@@ -196,16 +218,29 @@ class Attention(nnx.Module):
         self.kernels = kernels
 
     def __call__(self, x, positions, rope, cache_kv=None, cache_pos=None, write_index=None, attn_mask=None,
-                 project=True):
+                 project=True, fresh_cache=False):
         """x [B, T, D], positions [B, T]. Without a cache, keys are this call's tokens. With one
         (k, v: [B, S, K, Dh]; cache_pos [B, S] the position each slot holds, already updated for this call),
         this call's keys are written at slots `write_index` [B] onward and attention reads the whole cache.
         `attn_mask` [B, T, S] (optional) is ANDed into the position mask: speculative tree verification, where
         a draft node sees only its ancestors among the slots of the same call.
+        fresh_cache: the cache held nothing before this call (a prefill into a new cache, whose S slots are
+        sized for the generation too: S >= T, a power of two): where XLA computes the attention, it reads this
+        call's T keys - as the cache stores them, so an FP8 cache rounds them alike - instead of all S slots,
+        which are only these keys and empty ones (the scores [.., T, S] -> [.., T, T]); the cache is written
+        as always.
         Returns (out [B, T, D], updated (k, v) or None); `project=False`: out is the attention output before wo,
         [B, T, H, Dh] (the tensor-parallel path projects each device's heads itself, mavjax.parallel)."""
-        fused = use_pallas(self.kernels, "qkv") and self.wq_scale is not None  # one FP8 launch, epilogue fused
-        if fused and cache_kv is not None:  # ... which also writes k and v into the cache
+        B, T = x.shape[:2]
+        G = self.wq.shape[1] // self.wk.shape[1]
+        on_pallas = (cache_kv is not None and use_pallas(self.kernels, "attention") and T * G <= PALLAS_MAX_ROWS
+                     and attn_mask is None)  # the split-KV kernel, over the cache
+        if fresh_cache and attn_mask is not None:
+            raise ValueError("fresh_cache (a prefill into an empty cache) takes no attn_mask over cache slots")
+        new_keys_only = fresh_cache and cache_kv is not None and not on_pallas
+        fused = (pallas_gemm(self.kernels, "qkv", B * T)
+                 and self.wq_scale is not None)  # one FP8 launch, epilogue fused
+        if fused and cache_kv is not None and not new_keys_only:  # ... which also writes k and v into the cache
             q, ck, cv = self._fused_qkv(x, positions, rope, (*cache_kv, write_index))
         elif fused:
             q, k, v = self._fused_qkv(x, positions, rope)
@@ -224,11 +259,10 @@ class Attention(nnx.Module):
             keys, values, k_pos, new_cache = k, v, positions, None
         else:
             k_pos = cache_pos
-            if not fused:
+            if not fused or new_keys_only:
                 ck, cv = write_slots(cache_kv[0], k, write_index), write_slots(cache_kv[1], v, write_index)
             new_cache = (ck, cv)
-            T, G = q.shape[1], q.shape[2] // ck.shape[2]
-            if use_pallas(self.kernels, "attention") and T * G <= PALLAS_MAX_ROWS and attn_mask is None:
+            if on_pallas:
                 from pallas_kernels.decode_attention import decode_attention
 
                 kv_scale = KV_FP8_SCALE if ck.dtype == FP8 else None  # FP8 cache: dequantized in registers
@@ -238,7 +272,11 @@ class Attention(nnx.Module):
                 if not project:
                     return o, new_cache
                 return self._proj(o, self.wo, self.wo_scale, 2), new_cache  # [B, T, H, Dh] x [H, Dh, D]
-            keys, values = read_kv(ck, q.dtype), read_kv(cv, q.dtype)
+            if new_keys_only:  # this call's keys as the cache holds them: [B, T, K, Dh]
+                keys, values = (read_kv(encode_kv(a, c.dtype), q.dtype) for a, c in ((k, ck), (v, cv)))
+                k_pos = positions
+            else:
+                keys, values = read_kv(ck, q.dtype), read_kv(cv, q.dtype)
         mask = attention_mask(positions, k_pos, self.chunk_size)
         if attn_mask is not None:
             mask &= attn_mask
@@ -298,7 +336,8 @@ class MLP(nnx.Module):
         """The rows of x's float16 form (pallas_kernels.mgpu_gemv.padded_rows) that the Mosaic GPU gate/up takes
         straight from the norm kernel before it (dense_add_norm(widen_rows=...)) where that kernel runs, so
         that XLA's two widening kernels are not launched; None elsewhere."""
-        if self.w_gate_scale is None or not (use_pallas(self.kernels, "gate_up") and use_pallas(self.kernels, "norm")):
+        if self.w_gate_scale is None or not (pallas_gemm(self.kernels, "gate_up", n_tokens)
+                                             and use_pallas(self.kernels, "norm")):
             return None
         from pallas_kernels import mgpu_gemv
 
@@ -320,7 +359,7 @@ def swiglu_hidden(x, w_gate, s_gate, w_up, s_up, kernels, widened=None):
     kernels="pallas" with FP8 weights: gate and up in one launch (Triton's with the SwiGLU in it, or the Mosaic
     GPU kernel's where gate_up_swiglu picks it - taking x's float16 form `widened` where given, MLP.widen_rows,
     or bf16 x of 17-64 rows as it is - unless the "mosaic" family is switched off)."""
-    if use_pallas(kernels, "gate_up") and s_gate is not None:
+    if pallas_gemm(kernels, "gate_up", int(np.prod(x.shape[:-1]))) and s_gate is not None:
         from pallas_kernels.fused_gemm import gate_up_swiglu
 
         h = gate_up_swiglu(x.reshape(-1, x.shape[-1]), w_gate, s_gate, w_up, s_up, out_dtype=x.dtype,
@@ -616,7 +655,8 @@ def dense_add_norm(h, w, scale, n_in, x, norm: RMSNorm, kernels: str, router=Non
     (MAVJAX_SPLIT_K_REDUCE=gemm=kernel) one launch. h [..., *in] with in = w.shape[:n_in]; x [..., D].
     router, pad_rows: as add_norm (then always the GEMM and the add + norm kernel, which computes the logits);
     widen_rows: as add_norm (then the returns are (s, y, yc, rs))."""
-    if scale is not None and use_pallas(kernels, "gemm") and use_pallas(kernels, "norm") and router is None:
+    rows = int(np.prod(h.shape[:-n_in]))
+    if scale is not None and pallas_gemm(kernels, "gemm", rows) and use_pallas(kernels, "norm") and router is None:
         from pallas_kernels.fp8_gemm import fp8_matmul_add_rms_norm
 
         K = int(np.prod(w.shape[:n_in]))
@@ -659,13 +699,16 @@ class Llama4(nnx.Module):
         self.parallel = parallel
         return self
 
-    def hidden_states(self, tokens, positions, cache=None, write_index=None, collect_layers=(), attn_mask=None):
+    def hidden_states(self, tokens, positions, cache=None, write_index=None, collect_layers=(), attn_mask=None,
+                      fresh_cache=False):
         """tokens, positions [B, T] -> (final-normed hidden [B, T, D], updated cache, {layer: hidden}).
-        `attn_mask` [B, T, S]: optional extra attention mask over the cache slots (see Attention)."""
+        `attn_mask` [B, T, S]: optional extra attention mask over the cache slots; `fresh_cache`: the cache is
+        new (a prefill: attention reads this call's keys only, see Attention)."""
         if self.parallel is not None:
             from mavjax import parallel
 
-            return parallel.hidden_states(self, tokens, positions, cache, write_index, collect_layers, attn_mask)
+            return parallel.hidden_states(self, tokens, positions, cache, write_index, collect_layers, attn_mask,
+                                          fresh_cache)
         x = self.embed_tokens(tokens)  # [B, T, D]
         rope = rope_tables(self.inv_freq[...], positions)
         cache_pos = None if cache is None else write_slots(cache.pos, positions, write_index)
@@ -674,7 +717,8 @@ class Llama4(nnx.Module):
         h = layers[0].attn_norm(x)
         for i, layer in enumerate(layers):
             kv = None if cache is None else (cache.k[i], cache.v[i])
-            o, kv = layer.attn(h, positions, rope, kv, cache_pos, write_index, attn_mask, project=False)
+            o, kv = layer.attn(h, positions, rope, kv, cache_pos, write_index, attn_mask, project=False,
+                               fresh_cache=fresh_cache)
             new_kv.append(kv)
             # the router's logits come out of the FFN's norm kernel where the MoE kernels route (decode)
             router = layer.ffn.router[...] if layer.is_moe and layer.ffn.logits_in_norm(h.shape[0] * h.shape[1]) \

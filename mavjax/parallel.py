@@ -154,7 +154,8 @@ def logits(par: Parallel, h, w):
 
 
 # ---- the forward pass ---------------------------------------------------------------------------------------
-def hidden_states(model, tokens, positions, cache=None, write_index=None, collect_layers=(), attn_mask=None):
+def hidden_states(model, tokens, positions, cache=None, write_index=None, collect_layers=(), attn_mask=None,
+                  fresh_cache=False):
     """`Llama4.hidden_states` over the mesh: same inputs and outputs, every layer boundary fused."""
     from mavjax.kv_cache import KVCache, write_slots
     from mavjax.model import rms_norm, rope_tables
@@ -168,7 +169,8 @@ def hidden_states(model, tokens, positions, cache=None, write_index=None, collec
     new_kv, taps = [], {}
     for i, layer in enumerate(layers):
         kv = None if cache is None else (cache.k[i], cache.v[i])
-        o, kv = attention(par, layer.attn, h, positions, rope, kv, cache_pos, write_index, attn_mask)  # [B,T,H,Dh]
+        o, kv = attention(par, layer.attn, h, positions, rope, kv, cache_pos, write_index, attn_mask,
+                          fresh_cache)  # [B, T, H, Dh]
         new_kv.append(kv)
         x, h = attn_out(par, layer.attn, o, x, layer.ffn_norm)
         nxt = layers[i + 1].attn_norm if i + 1 < len(layers) else model.norm
@@ -180,14 +182,14 @@ def hidden_states(model, tokens, positions, cache=None, write_index=None, collec
     return h, cache, taps
 
 
-def attention(par: Parallel, attn, h, positions, rope, kv, cache_pos, write_index, attn_mask):
+def attention(par: Parallel, attn, h, positions, rope, kv, cache_pos, write_index, attn_mask, fresh_cache=False):
     """One layer's attention before wo (q/k/v, the cache write, attention): o [B, T, H, Dh] sharded over heads,
     and the updated (k, v). kernels="pallas" runs it under shard_map, each device on its own q heads, kv heads
     and slice of the cache (the rules shard all three alike): a Pallas kernel is opaque to GSPMD, which would
     otherwise gather its operands, weights and the whole KV cache, to every device. The XLA path is left to
     GSPMD, which partitions its einsums the same way."""
     if attn.kernels != "pallas":
-        return attn(h, positions, rope, kv, cache_pos, write_index, attn_mask, project=False)
+        return attn(h, positions, rope, kv, cache_pos, write_index, attn_mask, project=False, fresh_cache=fresh_cache)
     from flax import nnx
 
     from mavjax.sharding import CACHE_AXES
@@ -205,7 +207,7 @@ def attention(par: Parallel, attn, h, positions, rope, kv, cache_pos, write_inde
     def body(arrays, h, positions, kv, extra):
         m = nnx.merge(graphdef, jax.tree.unflatten(treedef, arrays))
         return m(h, positions, extra.get("rope"), kv, extra.get("cache_pos"), extra.get("write_index"),
-                 extra.get("attn_mask"), project=False)
+                 extra.get("attn_mask"), project=False, fresh_cache=fresh_cache)
 
     kv_specs = None if kv is None else (kv_spec, kv_spec)
     out_specs = (o_spec, kv_specs)

@@ -203,7 +203,7 @@ class SpecEngine:
         positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         zero = jnp.zeros((B,), jnp.int32)
         h, tcache, taps = target.hidden_states(tokens, positions, tcache, write_index=zero,
-                                               collect_layers=self.dcfg.aux_layers)
+                                               collect_layers=self.dcfg.aux_layers, fresh_cache=True)
         last = jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)  # [B, 1, D]
         first = sample(target.logits(last)[:, 0], make_keys(seeds, 0), temperature, top_k, top_p,
                        all_greedy=all_greedy)

@@ -558,14 +558,27 @@ def _stages(bytes_per_stage, budget=160 * 1024):
     return int(max(2, min(4, budget // max(1, bytes_per_stage))))
 
 
+# From this many pairs per expert on average (prefill: 4096 tokens over 128 experts is 32) the sorted path is
+# compute-bound and takes PREFILL_TILES. On one H200 at Maverick's full width, 4096 tokens top-1 (docs/benchmarks.md
+# section 29): 11.0 ms against 20.1 ms with the decode-tuned rule's tiles (32 x 64 x 256, 4 warps); 32 or 16 rows a
+# block 13.7 / 15.1 ms, 128 rows 37.5 ms, 4 warps 20.0 ms, 512 wide 22.3 ms, 128 deep 11.7 ms.
+PREFILL_PAIRS_PER_EXPERT = 32
+PREFILL_TILES = dict(block_m=64, block_n=256, block_k=64, num_warps=8)
+
+
 def default_config(num_pairs, num_experts, D, F, weight_itemsize=1, num_sms=NUM_SMS_H100):
-    """Heuristic blocks. block_m: the average pairs per expert, as a power of two in [16, 64]. Tiles 64 wide,
-    256 deep (fp8_gemm's H100 weight-only sweep). Split-K when (an upper bound of the active row blocks) x
-    (N blocks) would leave SMs idle, aiming at ~2 programs per SM with >= 2 K steps per split. Stages from a
-    shared-memory estimate (kernel 1 stages an x tile and two weight tiles)."""
+    """Heuristic blocks. From PREFILL_PAIRS_PER_EXPERT pairs per expert on average: PREFILL_TILES (64 rows, 256
+    wide, 64 deep, 8 warps). Below (decode, small batches: the weights' bytes matter): block_m the average pairs
+    per expert as a power of two in [16, 64], tiles 64 wide and 256 deep (fp8_gemm's H100 weight-only sweep), 4
+    warps. Split-K when (an upper bound of the active row blocks) x (N blocks) would leave SMs idle, aiming at ~2
+    programs per SM with >= 2 K steps per split. Stages from a shared-memory estimate (kernel 1 stages an x tile
+    and two weight tiles)."""
     P, E = num_pairs, num_experts
-    bm = min(64, max(_MIN_BLOCK, _next_pow2(pl.cdiv(P, E))))
-    bn, bk = 64, 256
+    prefill = pl.cdiv(P, E) >= PREFILL_PAIRS_PER_EXPERT
+    if prefill:
+        bm, bn, bk, warps = (PREFILL_TILES[k] for k in ("block_m", "block_n", "block_k", "num_warps"))
+    else:
+        bm, bn, bk, warps = min(64, max(_MIN_BLOCK, _next_pow2(pl.cdiv(P, E)))), 64, 256, 4
     est_blocks = min(E, P) + P // bm  # active row blocks are <= this (and about min(E, P) at decode)
 
     def split(n_out, K):
@@ -576,7 +589,7 @@ def default_config(num_pairs, num_experts, D, F, weight_itemsize=1, num_sms=NUM_
 
     x_bytes = bm * bk * 2
     return dict(block_m=bm, block_n=bn, block_k=bk, split_k=split(F, D), block_n_down=bn, block_k_down=bk,
-                split_k_down=split(D, F), num_warps=4,
+                split_k_down=split(D, F), num_warps=warps,
                 num_stages=_stages(x_bytes + 2 * bk * bn * weight_itemsize),
                 num_stages_down=_stages(x_bytes + bk * bn * weight_itemsize))
 

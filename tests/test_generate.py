@@ -247,6 +247,91 @@ def test_fusions_are_wired_where_they_apply(kernels, quant, want, absent):
     assert all(n in text for n in want) and not any(n in text for n in absent)
 
 
+@pytest.mark.parametrize("kernels,kv_cache_dtype", [("xla", "auto"), ("xla", "fp8"), ("pallas", "fp8")])
+def test_prefill_into_a_new_cache_reads_only_its_own_keys(kernels, kv_cache_dtype):
+    """hidden_states(fresh_cache=True), what the engines' prefill passes: where XLA computes the attention (here T *
+    G = 80 query rows, above the split-KV kernel's 64) it reads this call's T keys, rounded as the cache stores
+    them, instead of all S slots. On a new cache that is the same function (hidden states and the cache written
+    equal to float rounding, layer 0's keys bit-equal); slots already holding keys would be attended without it and
+    are ignored with it (the keys come from this call only); with an attn_mask over slots it is an error."""
+    import jax.numpy as jnp
+
+    from mavjax.kv_cache import KVCache, kv_dtype_for
+    from mavjax.quantize import quantize_model
+
+    cfg = preset("tiny", **TWO)
+    net = Llama4(cfg, dtype=jnp.float32, rngs=nnx.Rngs(4), kernels=kernels)
+    net = quantize_model(net) if kernels == "pallas" else net
+    kv = kv_dtype_for(kv_cache_dtype, jnp.float32)
+    B, T, S = 2, 40, 64
+    toks = jnp.asarray(np.random.default_rng(0).integers(3, 500, (B, T)), jnp.int32)
+    pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    zero = jnp.zeros((B,), jnp.int32)
+
+    def run(cache, fresh):
+        return jax.jit(lambda c: net.hidden_states(toks, pos, c, write_index=zero, fresh_cache=fresh)[:2])(cache)
+
+    new = KVCache.create(cfg, B, S, kv)
+    (h0, c0), (h1, c1) = run(new, False), run(new, True)
+    assert np.linalg.norm(np.asarray(h1 - h0)) / np.linalg.norm(np.asarray(h0)) < 1e-5
+    f32 = lambda a: np.asarray(a, np.float32)  # noqa: E731
+    np.testing.assert_array_equal(np.asarray(c1.pos), np.asarray(c0.pos))
+    for a, b in zip(c0.k[:1] + c0.v[:1], c1.k[:1] + c1.v[:1]):  # layer 0: the same keys written
+        np.testing.assert_array_equal(f32(a), f32(b))
+    for a, b in zip(c0.k + c0.v, c1.k + c1.v):  # later layers: from hidden states equal to float rounding
+        assert np.linalg.norm(f32(a) - f32(b)) <= 1e-3 * np.linalg.norm(f32(a))
+    # stale keys in slots T.. at positions the queries can see: attended over the whole cache, not with fresh_cache
+    stale = KVCache(k=[c.at[:, T:].set(3.0) for c in new.k], v=[c.at[:, T:].set(-5.0) for c in new.v],
+                    pos=new.pos.at[:, T:].set(jnp.arange(S - T, dtype=jnp.int32)))
+    (h2, _), (h3, _) = run(stale, False), run(stale, True)
+    assert np.linalg.norm(np.asarray(h2 - h0)) / np.linalg.norm(np.asarray(h0)) > 1e-2
+    np.testing.assert_array_equal(np.asarray(h3), np.asarray(h1))
+    with pytest.raises(ValueError, match="fresh_cache"):
+        net.layers[0].attn(jnp.zeros((B, T, cfg.hidden_size)), pos, None, (new.k[0], new.v[0]), new.pos, zero,
+                           jnp.ones((B, T, S), bool), fresh_cache=True)
+
+
+def test_projections_leave_the_pallas_kernels_above_the_row_limit(monkeypatch):
+    """kernels="pallas" runs the FP8 projections (gemm, qkv, gate_up families) on the Pallas kernels up to
+    PALLAS_GEMM_MAX_ROWS token rows (B x T) and as on the XLA path above (prefill: XLA's upcast + dot was faster,
+    docs/benchmarks.md section 29), while the add + norm and MoE kernels stay; the traced forward at 64 and 65
+    rows shows it, MAVJAX_PALLAS_GEMM_MAX_ROWS moves the line, and the logits above it are the XLA path's."""
+    import jax.numpy as jnp
+
+    from mavjax.model import PALLAS_GEMM_MAX_ROWS
+    from mavjax.quantize import quantize_model
+    from helpers import pallas_call_names
+
+    assert PALLAS_GEMM_MAX_ROWS == 64
+    cfg = preset("tiny", max_position_embeddings=256, **TWO)
+    nets = {k: quantize_model(Llama4(cfg, dtype=jnp.float32, rngs=nnx.Rngs(8), kernels=k)) for k in ("xla", "pallas")}
+    projections = ("fp8_weight_only", "fp8_qkv_rope", "fp8_gate_up_swiglu")
+
+    def forward(net, B, T, run=False):
+        graphdef, state = nnx.split(net)
+        toks = jnp.asarray(np.random.default_rng(T).integers(3, 500, (B, T)), jnp.int32)
+        f = lambda st: nnx.merge(graphdef, st)(toks)[0]  # noqa: E731
+        names = pallas_call_names(jax.make_jaxpr(f)(state).jaxpr)
+        return names, (np.asarray(jax.jit(f)(state)) if run else None)
+
+    def uses(names, prefix):
+        return any(n.startswith(prefix) for n in names)
+
+    for (B, T), below in (((1, 64), True), ((1, 65), False), ((2, 33), False)):  # traced only: rows = B * T
+        names, _ = forward(nets["pallas"], B, T)
+        assert all(uses(names, p) == below for p in projections), (B, T, names)
+        assert uses(names, "add_rms_norm") and uses(names, "moe_gate_up"), names
+    monkeypatch.setenv("MAVJAX_PALLAS_GEMM_MAX_ROWS", "8")
+    names, got = forward(nets["pallas"], 1, 12, run=True)
+    assert not any(uses(names, p) for p in projections) and uses(names, "add_rms_norm"), names
+    _, want = forward(nets["xla"], 1, 12, run=True)
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 2e-3  # the same projections; norms, MoE in Pallas
+    assert all(uses(forward(nets["pallas"], 1, 8)[0], p) for p in projections)
+    monkeypatch.setenv("MAVJAX_PALLAS_GEMM_MAX_ROWS", "many")
+    with pytest.raises(ValueError, match="MAVJAX_PALLAS_GEMM_MAX_ROWS must be an integer"):
+        forward(nets["pallas"], 1, 8)
+
+
 # kernel name patterns (re.match) of each family; "moe_router" is the pair kernels' variant that routes itself,
 # "norm_router" the add + norm kernel's that computes the router's logits for them
 _FAMILY_KERNELS = {"gemm": "fp8_weight_only", "qkv": "fp8_qkv_rope", "gate_up": "fp8_gate_up_swiglu",

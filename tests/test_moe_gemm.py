@@ -223,7 +223,27 @@ MOE_CASES = [
      dict(T, block_m=32, split_k=1, split_k_down=1)),
     ("N=20 k=1 fp8, uneven split-K", 20, 1, 16, 96, 48, "fp8", jnp.bfloat16, None,
      dict(T, split_k=2, split_k_down=1, block_k=32)),
+    # 32 pairs per expert: default_config's prefill tiles (64 x 256 x 64), wider than F and ragged against D
+    ("prefill tiles: N=96 k=1 E=3 fp8, default cfg", 96, 1, 3, 80, 96, "fp8", jnp.bfloat16, None, {}),
 ]
+
+
+def test_default_config_takes_the_prefill_tiles_from_32_pairs_per_expert():
+    """default_config: from PREFILL_PAIRS_PER_EXPERT pairs per expert on average the sorted path's wide tiles
+    (docs/benchmarks.md section 29: 1.8x faster at 4096 tokens over Maverick's 128 experts), below it the
+    decode-sized rule (block_m the average as a power of two in [16, 64], 64 x 256 tiles, 4 warps)."""
+    from pallas_kernels.moe_gemm import PREFILL_PAIRS_PER_EXPERT, PREFILL_TILES, default_config
+
+    assert PREFILL_PAIRS_PER_EXPERT == 32
+    for P in (4096, 16384, 32 * 128 - 127):  # cdiv(P, 128) == 32 from 3969 pairs
+        c = default_config(P, 128, 5120, 8192)
+        assert {k: c[k] for k in PREFILL_TILES} == PREFILL_TILES == dict(block_m=64, block_n=256, block_k=64,
+                                                                           num_warps=8)
+        assert c["block_n_down"] == 256 and c["block_k_down"] == 64 and c["split_k"] == c["split_k_down"] == 1
+        assert c["num_stages"] == c["num_stages_down"] == 4  # what ran on the H200
+    for P, bm in ((3968, 32), (1024, 16), (16, 16)):
+        c = default_config(P, 128, 5120, 8192)
+        assert (c["block_m"], c["block_n"], c["block_k"], c["num_warps"]) == (bm, 64, 256, 4), (P, c)
 
 
 @pytest.mark.parametrize("name,N,k,E,D,F,wkind,xdt,experts,cfg", MOE_CASES, ids=[c[0] for c in MOE_CASES])
