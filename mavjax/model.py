@@ -225,7 +225,7 @@ class Attention(nnx.Module):
         `attn_mask` [B, T, S] (optional) is ANDed into the position mask: speculative tree verification, where
         a draft node sees only its ancestors among the slots of the same call.
         fresh_cache: the cache held nothing before this call (a prefill into a new cache, whose S slots are
-        sized for the generation too: S >= T, a power of two): where XLA computes the attention, it reads this
+        sized for the whole generation, S >= T): where XLA computes the attention, it reads this
         call's T keys - as the cache stores them, so an FP8 cache rounds them alike - instead of all S slots,
         which are only these keys and empty ones (the scores [.., T, S] -> [.., T, T]); the cache is written
         as always.
