@@ -55,8 +55,8 @@ def _weight(rngs, shape, axes, dtype, std, contract, quant):
 # widened to float16 by the norm kernel before it, MLP.widen_rows; or bf16 x of 17-64 tokens), and the MoE
 # layers' experts (pallas_kernels.moe_mgpu, routed by XLA: MoE.experts_on_mosaic); switched off, Triton's
 # gate/up + SwiGLU and MoE pair kernels (routing in-kernel).
-PALLAS_OPS = ("gemm", "qkv", "gate_up", "moe", "moe_shared", "moe_router", "norm_router", "attention", "norm",
-              "mosaic")
+PALLAS_OPS = ("gemm", "qkv", "gate_up", "moe", "moe_shared", "moe_router", "norm_router", "attention",
+              "prefill_attention", "norm", "mosaic")
 
 
 # The token rows (B x T) up to which kernels="pallas" runs the FP8 projections (families "gemm", "qkv", "gate_up")
@@ -196,8 +196,43 @@ def attend(q, k, v, mask, scale):
     return o.reshape(B, T, H, Dh)
 
 
+# The XLA path's attention materializes its float32 scores [B, H, T, S]; above this many bytes of them it runs in
+# blocks of query rows (lax.map), one block's scores at a time, so a long prompt's prefill needs memory linear in
+# its length: at Maverick's full width, 32K tokens would be 170 GB of scores at once. Each row's softmax is its
+# own, so the blocks compute the same function.
+XLA_ATTN_MAX_SCORE_BYTES = 1 << 30
+
+
+def attend_by_position(q, k, v, q_pos, k_pos, chunk_size, scale, extra_mask=None):
+    """attend(q, k, v, attention_mask(q_pos, k_pos, chunk_size) & extra_mask, scale), in blocks of query rows (a
+    power of two; T padded with q_pos = -1) where the scores would exceed XLA_ATTN_MAX_SCORE_BYTES.
+    q [B, T, H, Dh], k/v [B, S, K, Dh], q_pos [B, T], k_pos [B, S], extra_mask None or [B, T, S]."""
+    B, T, H, Dh = q.shape
+    rows = max(1, XLA_ATTN_MAX_SCORE_BYTES // (B * H * k.shape[1] * 4))
+    if rows >= T:
+        mask = attention_mask(q_pos, k_pos, chunk_size)
+        return attend(q, k, v, mask if extra_mask is None else mask & extra_mask, scale)
+    rows = 1 << (rows.bit_length() - 1)
+    n = -(-T // rows)
+
+    def blocks(a, fill):  # [B, T, ...] -> [n, B, rows, ...]
+        a = jnp.pad(a, [(0, 0), (0, n * rows - T)] + [(0, 0)] * (a.ndim - 2), constant_values=fill)
+        return a.reshape(B, n, rows, *a.shape[2:]).swapaxes(0, 1)
+
+    def block(xs):
+        qi, pi, *mi = xs
+        mask = attention_mask(pi, k_pos, chunk_size)
+        return attend(qi, k, v, mask & mi[0] if mi else mask, scale)  # [B, rows, H, Dh]
+
+    xs = (blocks(q, 0), blocks(q_pos, -1)) + (() if extra_mask is None else (blocks(extra_mask, False),))
+    o = jax.lax.map(block, xs)  # [n, B, rows, H, Dh]
+    return o.swapaxes(0, 1).reshape(B, n * rows, H, Dh)[:, :T]
+
+
 # Cached attention with at most this many query rows per kv head (G query heads x T positions: decode and
-# speculative verification) goes through the split-KV Pallas kernel when kernels="pallas"; prefill stays on XLA.
+# speculative verification) goes through the split-KV Pallas kernel when kernels="pallas"; more rows (prefill) through
+# the blockwise one (pallas_kernels.prefill_attention, family "prefill_attention"), which never materializes the
+# [.., T, S] scores. Speculative tree verification's extra attn_mask stays on XLA.
 PALLAS_MAX_ROWS = 64
 
 
@@ -277,10 +312,16 @@ class Attention(nnx.Module):
                 k_pos = positions
             else:
                 keys, values = read_kv(ck, q.dtype), read_kv(cv, q.dtype)
-        mask = attention_mask(positions, k_pos, self.chunk_size)
-        if attn_mask is not None:
-            mask &= attn_mask
-        o = attend(q, keys, values, mask, self.scale)  # [B, T, H, Dh]
+        if attn_mask is None and use_pallas(self.kernels, "prefill_attention"):
+            from pallas_kernels.prefill_attention import prefill_attention
+
+            o = prefill_attention(q, keys, values, positions, k_pos, chunk_size=self.chunk_size, scale=self.scale,
+                                  interpret=jax.default_backend() == "cpu")  # [B, T, H, Dh]
+            if not project:
+                return o, new_cache
+            return self._proj(o, self.wo, self.wo_scale, 2), new_cache
+        o = attend_by_position(q, keys, values, positions, k_pos, self.chunk_size, self.scale,
+                               attn_mask)  # [B, T, H, Dh]
         if not project:
             return o, new_cache
         return self._proj(o, self.wo, self.wo_scale, 2), new_cache  # [B, T, H, Dh] x [H, Dh, D] -> [B, T, D]

@@ -7,6 +7,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -60,3 +62,33 @@ def kernel_calls(jaxpr):
 def pallas_call_names(jaxpr) -> list[str]:
     """The `name` of every kernel_calls equation: what a traced step launches, countable per kernel."""
     return [str(e.params.get("name")) for e in kernel_calls(jaxpr)]
+
+
+def ref64(q, k, v, q_pos, k_pos, chunk, scale):
+    """float64 numpy version of attend(q, k, v, attention_mask(q_pos, k_pos, chunk), scale)."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    q_pos, k_pos = np.asarray(q_pos), np.asarray(k_pos)
+    B, T, H, Dh = q.shape
+    K = k.shape[2]
+    qp, kp = q_pos[:, :, None], k_pos[:, None, :]
+    mask = (kp <= qp) & (kp >= 0)
+    if chunk is not None:
+        mask &= (kp // chunk) == (qp // chunk)
+    s = np.einsum("btkgd,bskd->btkgs", q.reshape(B, T, K, H // K, Dh), k) * scale
+    mk = mask[:, :, None, None, :]
+    s = np.where(mk, s, -np.inf)
+    m = s.max(-1, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)
+    p = np.where(mk, np.exp(s - m), 0.0)
+    l = p.sum(-1, keepdims=True)
+    o = np.einsum("btkgs,bskd->btkgd", p / np.where(l > 0, l, 1.0), v)
+    return o.reshape(B, T, H, Dh)
+
+
+def rel_err(out, ref):
+    """||out - ref|| / ||ref|| in float64 (out: any float dtype; asserts it is finite)."""
+    import jax.numpy as jnp
+
+    out = np.asarray(jnp.asarray(out, jnp.float32), np.float64)
+    assert np.all(np.isfinite(out)), "non-finite output"
+    return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 from mavjax.model import attend, attention_mask
+from helpers import ref64, rel_err
 from pallas_kernels.decode_attention import (combine_partials, decode_attention, decode_attention_partials,
                                              decode_attention_reference, default_num_splits, kv_range_from_k_pos)
 
@@ -29,33 +30,6 @@ INTERPRET = os.environ.get("DECODE_ATTN_INTERPRET", "1") != "0"
 TOL = {"float32": 1e-5, "bfloat16": 1e-2, "float8_e4m3fn": 1e-2}
 FP8 = jnp.float8_e4m3fn
 GARBAGE = 50.0  # what invisible slots hold: large enough that any leak through the mask shows
-
-
-def ref64(q, k, v, q_pos, k_pos, chunk, scale):
-    """float64 numpy version of attend(q, k, v, attention_mask(q_pos, k_pos, chunk), scale)."""
-    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
-    q_pos, k_pos = np.asarray(q_pos), np.asarray(k_pos)
-    B, T, H, Dh = q.shape
-    K = k.shape[2]
-    qp, kp = q_pos[:, :, None], k_pos[:, None, :]
-    mask = (kp <= qp) & (kp >= 0)
-    if chunk is not None:
-        mask &= (kp // chunk) == (qp // chunk)
-    s = np.einsum("btkgd,bskd->btkgs", q.reshape(B, T, K, H // K, Dh), k) * scale
-    mk = mask[:, :, None, None, :]
-    s = np.where(mk, s, -np.inf)
-    m = s.max(-1, keepdims=True)
-    m = np.where(np.isfinite(m), m, 0.0)
-    p = np.where(mk, np.exp(s - m), 0.0)
-    l = p.sum(-1, keepdims=True)
-    o = np.einsum("btkgs,bskd->btkgd", p / np.where(l > 0, l, 1.0), v)
-    return o.reshape(B, T, H, Dh)
-
-
-def rel_err(out, ref):
-    out = np.asarray(jnp.asarray(out, jnp.float32), np.float64)
-    assert np.all(np.isfinite(out)), "non-finite output"
-    return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
 
 
 def make_inputs(seed, B, T, K, G, Dh, S, lengths, kv_dtype, q_dtype, scale_kind="head"):

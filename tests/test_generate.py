@@ -332,6 +332,92 @@ def test_projections_leave_the_pallas_kernels_above_the_row_limit(monkeypatch):
         forward(nets["pallas"], 1, 8)
 
 
+def test_xla_attention_runs_in_query_blocks_above_the_score_limit(monkeypatch):
+    """Where the float32 scores [B, H, T, S] would pass XLA_ATTN_MAX_SCORE_BYTES, the XLA path's attention runs in
+    blocks of query rows (T padded to whole blocks): the same outputs (with a chunk, padding queries and an extra
+    mask; float32 to 1e-6), no intermediate as large as the whole scores, and the model's prefill unchanged."""
+    import jax.numpy as jnp
+
+    from mavjax import model as M
+    from helpers import equations
+
+    rng = np.random.default_rng(0)
+    B, T, S, H, K, Dh = 2, 37, 48, 4, 2, 8
+    q = jnp.asarray(rng.standard_normal((B, T, H, Dh)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((B, S, K, Dh)), jnp.float32) for _ in range(2))
+    q_pos = jnp.asarray(np.where(np.arange(T) < [[T], [20]], np.arange(T), -1), jnp.int32)
+    k_pos = jnp.asarray(np.where(np.arange(S) < T, np.arange(S), -1)[None].repeat(B, 0), jnp.int32)
+    extra = jnp.asarray(rng.random((B, T, S)) < 0.8)
+    for chunk, mask in ((None, None), (16, None), (8, extra)):
+        f = lambda q, k, v: M.attend_by_position(q, k, v, q_pos, k_pos, chunk, 0.3, mask)  # noqa: E731
+        whole = f(q, k, v)
+        monkeypatch.setattr(M, "XLA_ATTN_MAX_SCORE_BYTES", B * H * S * 4 * 10)  # blocks of 8 rows
+        blocked = f(q, k, v)
+        biggest = max(int(np.prod(o.aval.shape)) for e in equations(jax.make_jaxpr(f)(q, k, v).jaxpr)
+                      for o in e.outvars)
+        monkeypatch.undo()
+        np.testing.assert_allclose(np.asarray(blocked), np.asarray(whole), rtol=1e-6, atol=1e-6)
+        assert biggest < B * H * T * S // 2, biggest
+    assert np.all(np.asarray(whole)[1, 20:] == 0)  # padding queries see nothing
+
+    cfg = preset("tiny", **TWO)
+    net = Llama4(cfg, dtype=jnp.float32, rngs=nnx.Rngs(2))
+    toks = jnp.asarray(rng.integers(3, 500, (1, 40)), jnp.int32)
+    pos = jnp.arange(40, dtype=jnp.int32)[None]
+    want = np.asarray(net.hidden_states(toks, pos)[0])
+    monkeypatch.setattr(M, "XLA_ATTN_MAX_SCORE_BYTES", cfg.num_attention_heads * 40 * 4 * 16)  # 16-row blocks
+    np.testing.assert_allclose(np.asarray(net.hidden_states(toks, pos)[0]), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])
+def test_prefill_attention_is_blockwise_on_the_pallas_path(monkeypatch, kv_cache_dtype):
+    """kernels="pallas": a prefill into a new cache (the engines' program: T * G = 80 query rows, above the
+    split-KV kernel's 64), one into a cache holding keys already, and a forward without a cache run every
+    layer's attention as the blockwise kernel (pallas_kernels.prefill_attention: no [.., T, S] scores), on the
+    chunked RoPE layer and the global NoPE one, and give the XLA path's hidden states (float32: to 5e-4, as
+    the path's other kernels do; a key masked wrongly moves them 1e-2 and more), and with everything else on
+    the same kernels, those of XLA's attention to float32 rounding;
+    MAVJAX_PALLAS_DISABLE=prefill_attention puts them back on XLA."""
+    import jax.numpy as jnp
+
+    from mavjax.kv_cache import KVCache, kv_dtype_for
+    from helpers import pallas_call_names
+
+    cfg = preset("tiny", **TWO)
+    assert cfg.is_chunked(0) and not cfg.uses_rope(1)
+    nets = {k: Llama4(cfg, dtype=jnp.float32, rngs=nnx.Rngs(4), kernels=k) for k in ("xla", "pallas")}
+    kv = kv_dtype_for(kv_cache_dtype, jnp.float32)
+    B, T, S = 2, 40, 64
+    toks = jnp.asarray(np.random.default_rng(0).integers(3, 500, (B, T)), jnp.int32)
+    pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    zero = jnp.zeros((B,), jnp.int32)
+    new = KVCache.create(cfg, B, S, kv)
+    held = KVCache(k=[c.at[:, T:T + 8].set(0.5) for c in new.k], v=[c.at[:, T:T + 8].set(-1.0) for c in new.v],
+                   pos=new.pos.at[:, T:T + 8].set(jnp.arange(8, dtype=jnp.int32)))  # positions 0-7 again: visible
+    programs = {"fresh": lambda net, c: net.hidden_states(toks, pos, c, write_index=zero, fresh_cache=True)[0],
+                "held": lambda net, c: net.hidden_states(toks, pos, c, write_index=zero)[0],
+                "no cache": lambda net, c: net.hidden_states(toks, pos)[0]}
+
+    def run(net, program, cache):
+        graphdef, state = nnx.split(net)
+        f = lambda st, c: programs[program](nnx.merge(graphdef, st), c)  # noqa: E731
+        names = pallas_call_names(jax.make_jaxpr(f)(state, cache).jaxpr)
+        return names.count("prefill_flash_attention"), np.asarray(jax.jit(f)(state, cache))
+
+    xla, pallas = {}, {}
+    for program, cache in (("fresh", new), ("held", held), ("no cache", new)):
+        n_xla, xla[program] = run(nets["xla"], program, cache)
+        n, pallas[program] = run(nets["pallas"], program, cache)
+        assert (n_xla, n) == (0, cfg.num_hidden_layers), program
+        assert np.linalg.norm(pallas[program] - xla[program]) / np.linalg.norm(xla[program]) < 5e-4, program
+    fresh = xla["fresh"]
+    assert np.linalg.norm(xla["held"] - fresh) / np.linalg.norm(fresh) > 1e-2  # the held keys were attended
+    monkeypatch.setenv("MAVJAX_PALLAS_DISABLE", "prefill_attention")
+    for program, cache in (("fresh", new), ("held", held)):  # only the attention differs: to float32 rounding
+        n, off = run(nets["pallas"], program, cache)
+        assert n == 0 and np.linalg.norm(pallas[program] - off) / np.linalg.norm(off) < 1e-5, program
+
+
 # kernel name patterns (re.match) of each family; "moe_router" is the pair kernels' variant that routes itself,
 # "norm_router" the add + norm kernel's that computes the router's logits for them
 _FAMILY_KERNELS = {"gemm": "fp8_weight_only", "qkv": "fp8_qkv_rope", "gate_up": "fp8_gate_up_swiglu",
@@ -354,7 +440,8 @@ def test_pallas_kernel_families_can_be_switched_off(monkeypatch, off):
     from mavjax.quantize import quantize_model
     from helpers import pallas_call_names
 
-    assert set(_FAMILY_KERNELS) | {"moe_shared", "mosaic"} == set(PALLAS_OPS)  # mosaic: Hopper only, below
+    # mosaic: Hopper only, below; prefill_attention: not in a decode step (test_prefill_attention_is_blockwise...)
+    assert set(_FAMILY_KERNELS) | {"moe_shared", "mosaic", "prefill_attention"} == set(PALLAS_OPS)
     cfg = preset("tiny", **TWO)
     n_moe = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
     n_dense = cfg.num_hidden_layers - n_moe
