@@ -24,6 +24,9 @@ one head's query blocks run next to each other, so each K/V tile comes from L2 a
     key tiles [lo, hi) outside which no tile holds a visible key, from each tile's smallest and largest
     position (the range is an envelope: visibility inside it is still decided per element from the
     positions). Causal prefill visits the lower triangle only, a chunked layer only its query block's chunk.
+  * Inside it, the run of tiles [flo, fhi) whose every key every query of the block sees runs without a mask
+    (no position loads, compares or selects): a causal prefill masks only the tiles crossing the diagonal
+    (and a chunk's start).
   * Query blocks are visited in reverse (the longest rows of a causal prefill first), so the short ones fill
     the last wave.
   * Probabilities are cast to v's dtype before the P.V product, as `attend` does.
@@ -48,7 +51,7 @@ except ImportError:  # pragma: no cover
 
 # Triton's dot needs every block dimension >= 16.
 _MIN_BLOCK = 16
-# Finite stand-in for -inf: a tile where a row sees nothing must not produce (-inf) - (-inf).
+# The running max starts finite: a tile where a row sees nothing (scores -inf) must not give (-inf) - (-inf).
 _NEG = -1e30
 _LOG2E = math.log2(math.e)
 
@@ -60,9 +63,13 @@ def prefill_attention_reference(q, k, v, q_pos, k_pos, *, chunk_size, scale):
 
 
 def tile_ranges(q_pos, k_pos, chunk_size, block_q, block_k):
-    """[B, T / block_q, 2] int32: for each batch row and query block, the key tiles [lo, hi) outside which no
-    tile holds a key visible to any of the block's queries (lo = hi = 0 when none does). Holds for any slot
-    layout; for slot i holding position i (a prefill) it is the causal (and chunk) envelope of the block.
+    """[B, T / block_q, 4] int32: for each batch row and query block, (lo, flo, fhi, hi) over key tiles:
+      * [lo, hi): outside it no tile holds a key visible to any of the block's queries (lo = hi = 0 when none
+        does); for slot i holding position i (a prefill), the causal (and chunk) envelope of the block;
+      * [flo, fhi) within it: tiles whose every key is visible to every query of the block (the first run of
+        them; empty: flo = fhi = lo), which the kernel computes without a mask - below a causal prefill's
+        diagonal, all but the tiles crossing it or a chunk's start.
+    Holds for any slot layout (visibility elsewhere in [lo, hi) is decided per element from the positions).
     T and S must be multiples of block_q and block_k."""
     B, T = q_pos.shape
     S = k_pos.shape[1]
@@ -70,23 +77,30 @@ def tile_ranges(q_pos, k_pos, chunk_size, block_q, block_k):
     qp = q_pos.reshape(B, T // block_q, block_q)
     kp = k_pos.reshape(B, S // block_k, block_k)
     q_ok, k_ok = qp >= 0, kp >= 0
-    q_max = jnp.max(jnp.where(q_ok, qp, -1), axis=-1)  # [B, nq]; -1: no real query
-    k_min = jnp.min(jnp.where(k_ok, kp, big), axis=-1)  # [B, nk]; big: no key
-    k_max = jnp.max(jnp.where(k_ok, kp, -1), axis=-1)
-    hit = k_min[:, None, :] <= q_max[:, :, None]  # some key at or before some query  [B, nq, nk]
-    if chunk_size is not None:  # ... and at or after the chunk start of the block's first query
-        q_min = jnp.min(jnp.where(q_ok, qp, big), axis=-1)
-        hit &= k_max[:, None, :] >= ((q_min // chunk_size) * chunk_size)[:, :, None]
+    q_max = jnp.max(jnp.where(q_ok, qp, -1), axis=-1)[:, :, None]  # [B, nq, 1]; -1: no real query
+    q_min = jnp.min(jnp.where(q_ok, qp, big), axis=-1)[:, :, None]
+    k_min = jnp.min(jnp.where(k_ok, kp, big), axis=-1)[:, None, :]  # [B, 1, nk]; big: no key
+    k_max = jnp.max(jnp.where(k_ok, kp, -1), axis=-1)[:, None, :]
+    hit = k_min <= q_max  # some key at or before some query  [B, nq, nk]
+    full = (k_max <= q_min) & jnp.all(k_ok, axis=-1)[:, None, :] & jnp.all(q_ok, axis=-1)[:, :, None]
+    if chunk_size is not None:  # a chunk starts at a multiple of chunk_size
+        hit &= k_max >= (q_min // chunk_size) * chunk_size  # some key at or after the first query's chunk
+        full &= k_min >= (q_max // chunk_size) * chunk_size  # every key in the last query's chunk
     nk = S // block_k
+    tiles = jnp.arange(nk)
     any_hit = jnp.any(hit, axis=-1)
-    lo = jnp.argmax(hit, axis=-1)
-    hi = nk - jnp.argmax(hit[..., ::-1], axis=-1)
-    return jnp.stack([jnp.where(any_hit, lo, 0), jnp.where(any_hit, hi, 0)], axis=-1).astype(jnp.int32)
+    lo = jnp.where(any_hit, jnp.argmax(hit, axis=-1), 0)
+    hi = jnp.where(any_hit, nk - jnp.argmax(hit[..., ::-1], axis=-1), 0)
+    flo = jnp.where(jnp.any(full, axis=-1), jnp.argmax(full, axis=-1), lo)
+    past = (tiles >= flo[..., None]) & ~full  # the first tile after the run that is not full
+    fhi = jnp.where(jnp.any(past, axis=-1), jnp.argmax(past, axis=-1), nk)
+    fhi = jnp.where(jnp.any(full, axis=-1), fhi, lo)
+    return jnp.stack([lo, flo, fhi, hi], axis=-1).astype(jnp.int32)
 
 
 def _kernel(range_ref, q_pos_ref, q_ref, k_pos_ref, k_ref, v_ref, out_ref, *, block_k, chunk_size, scale):
     bq, Dh = q_ref.shape
-    lo, hi = range_ref[0], range_ref[1]
+    lo, flo, fhi, hi = range_ref[0], range_ref[1], range_ref[2], range_ref[3]
     qp = q_pos_ref[...][:, None]  # [bq, 1]
     if chunk_size is None:
         q_lo = jnp.zeros_like(qp)
@@ -96,26 +110,30 @@ def _kernel(range_ref, q_pos_ref, q_ref, k_pos_ref, k_ref, v_ref, out_ref, *, bl
     prec = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
     s_scale = scale * _LOG2E  # softmax in base 2: exp(x) = exp2(x * log2(e))
 
-    def body(t, carry):
-        o, m, l = carry
-        start = pl.multiple_of(t * block_k, block_k)
-        kp = k_pos_ref[pl.ds(start, block_k)][None, :]  # [1, bk]
-        kt = k_ref[pl.ds(start, block_k), :]  # [bk, Dh]
-        s = lax.dot_general(q, kt, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32,
-                            precision=prec) * s_scale  # [bq, bk]
-        vis = (kp >= q_lo) & (kp <= qp) & (kp >= 0)
-        s = jnp.where(vis, s, _NEG)
-        m_new = jnp.maximum(m, jnp.max(s, axis=1))
-        alpha = jnp.exp2(m - m_new)
-        p = jnp.where(vis, jnp.exp2(s - m_new[:, None]), 0.0)
-        l = alpha * l + jnp.sum(p, axis=1)
-        vt = v_ref[pl.ds(start, block_k), :]
-        pv = lax.dot_general(p.astype(vt.dtype), vt, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32,
-                             precision=prec)  # [bq, Dh]
-        return alpha[:, None] * o + pv, m_new, l
+    def tiles(masked):
+        def body(t, carry):
+            o, m, l = carry
+            start = pl.multiple_of(t * block_k, block_k)
+            kt = k_ref[pl.ds(start, block_k), :]  # [bk, Dh]
+            s = lax.dot_general(q, kt, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32,
+                                precision=prec) * s_scale  # [bq, bk]
+            if masked:  # -inf: exp2 gives 0, and m stays finite (it starts at _NEG), so a row seeing nothing is 0
+                kp = k_pos_ref[pl.ds(start, block_k)][None, :]  # [1, bk]; q_lo >= 0 also rejects k_pos = -1
+                s = jnp.where((kp >= q_lo) & (kp <= qp), s, -jnp.inf)
+            m_new = jnp.maximum(m, jnp.max(s, axis=1))
+            alpha = jnp.exp2(m - m_new)
+            p = jnp.exp2(s - m_new[:, None])
+            l = alpha * l + jnp.sum(p, axis=1)
+            vt = v_ref[pl.ds(start, block_k), :]
+            pv = lax.dot_general(p.astype(vt.dtype), vt, (((1,), (0,)), ((), ())),
+                                 preferred_element_type=jnp.float32, precision=prec)  # [bq, Dh]
+            return alpha[:, None] * o + pv, m_new, l
+        return body
 
-    init = (jnp.zeros((bq, Dh), jnp.float32), jnp.full((bq,), _NEG, jnp.float32), jnp.zeros((bq,), jnp.float32))
-    o, _, l = lax.fori_loop(lo, hi, body, init)
+    carry = (jnp.zeros((bq, Dh), jnp.float32), jnp.full((bq,), _NEG, jnp.float32), jnp.zeros((bq,), jnp.float32))
+    carry = lax.fori_loop(lo, flo, tiles(True), carry)  # (a chunk's first tiles)
+    carry = lax.fori_loop(flo, fhi, tiles(False), carry)  # every key visible: no mask
+    o, _, l = lax.fori_loop(fhi, hi, tiles(True), carry)  # the diagonal
     out_ref[...] = (o / jnp.where(l > 0, l, 1.0)[:, None]).astype(out_ref.dtype)  # no visible key -> 0
 
 
@@ -136,12 +154,13 @@ def _block(block, n):
 
 @functools.partial(jax.jit, static_argnames=("chunk_size", "scale", "block_q", "block_k", "num_warps", "num_stages",
                                              "interpret"))
-def prefill_attention(q, k, v, q_pos, k_pos, *, chunk_size, scale, block_q=128, block_k=64, num_warps=8,
+def prefill_attention(q, k, v, q_pos, k_pos, *, chunk_size, scale, block_q=64, block_k=64, num_warps=4,
                       num_stages=3, interpret=False):
     """Flash attention of q [B, T, H, Dh] over k, v [B, S, K, Dh] -> [B, T, H, Dh] in q.dtype, masked by positions
     as `prefill_attention_reference` is. chunk_size: static, None for global layers; scale: softmax scale.
     block_q / block_k: query rows / key slots per tile (powers of two >= 16; lowered to the next power of two of
-    short T / S); num_warps / num_stages: Triton's."""
+    short T / S); num_warps / num_stages: Triton's. The defaults were the fastest of five tilings at every Maverick
+    shape from 2048 tokens on one H200 (docs/benchmarks.md section 30)."""
     B, T, H, Dh = q.shape
     S, K = k.shape[1], k.shape[2]
     if H % K or k.shape != (B, S, K, Dh) or v.shape != k.shape:
@@ -159,7 +178,7 @@ def prefill_attention(q, k, v, q_pos, k_pos, *, chunk_size, scale, block_q=128, 
     kx, vx = _pad_to(k, 1, bk, 0), _pad_to(v, 1, bk, 0)
     Tp, Sp = qx.shape[1], kx.shape[1]
     nq = Tp // bq
-    ranges = tile_ranges(qp, kp, chunk_size, bq, bk)  # [B, nq, 2]
+    ranges = tile_ranges(qp, kp, chunk_size, bq, bk)  # [B, nq, 4]
 
     rev = lambda i: nq - 1 - i  # noqa: E731  (longest causal rows first)
     kernel = functools.partial(_kernel, block_k=bk, chunk_size=chunk_size, scale=float(scale))
@@ -169,7 +188,7 @@ def prefill_attention(q, k, v, q_pos, k_pos, *, chunk_size, scale, block_q=128, 
         kernel,
         grid=(nq, B, H),
         in_specs=[
-            pl.BlockSpec((None, None, 2), lambda i, b, h: (b, rev(i), 0)),
+            pl.BlockSpec((None, None, 4), lambda i, b, h: (b, rev(i), 0)),
             pl.BlockSpec((None, bq), lambda i, b, h: (b, rev(i))),
             pl.BlockSpec((None, bq, None, Dh), lambda i, b, h: (b, rev(i), h, 0)),
             pl.BlockSpec((None, Sp), lambda i, b, h: (b, 0)),

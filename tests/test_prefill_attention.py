@@ -89,38 +89,46 @@ def test_same_as_model_attend_in_bf16():
         assert np.linalg.norm(g - w) / np.linalg.norm(w) < 1e-2
 
 
-def _brute_ranges(q_pos, k_pos, chunk, bq, bk):
-    """For each (row, query block): the sorted key tiles holding a key visible to one of its queries."""
+def _brute_tiles(q_pos, k_pos, chunk, bq, bk):
+    """[B, nq, nk] bools: tiles holding a key visible to some query of the block; tiles whose every slot is
+    visible to every query of the block."""
     qp, kp = np.asarray(q_pos)[:, :, None], np.asarray(k_pos)[:, None, :]
     vis = (kp <= qp) & (kp >= 0)
     if chunk is not None:
         vis &= (kp // chunk) == (qp // chunk)
     B, T, S = vis.shape
-    tiles = vis.reshape(B, T // bq, bq, S // bk, bk).any(axis=(2, 4))  # [B, nq, nk]
-    return tiles
+    tiles = vis.reshape(B, T // bq, bq, S // bk, bk)
+    return tiles.any(axis=(2, 4)), tiles.all(axis=(2, 4))
 
 
 @pytest.mark.parametrize("chunk", [None, 32])
 @pytest.mark.parametrize("layout", ["prefill", "shuffled"])
 def test_tile_ranges_hold_every_visible_tile(chunk, layout):
-    """tile_ranges is an envelope of the visible tiles for any layout; for a prefill (slot i = position i) it
-    is exact: the lower triangle of tiles (causal), the query block's chunk (chunked), nothing for padding."""
+    """tile_ranges is an envelope [lo, hi) of the visible tiles for any layout, and its unmasked run [flo, fhi)
+    holds only tiles that every query of the block sees whole; for a prefill (slot i = position i) both are
+    exact: the lower triangle of tiles (causal) or the query block's chunk, the run every tile but those
+    crossing the diagonal or a chunk start, nothing for padding."""
     inp, _ = make(5, 2, 128, 128, 1, 1, 16, jnp.float32, [128, 40], layout)
     bq, bk = 16, 16
     r = np.asarray(tile_ranges(inp["q_pos"], inp["k_pos"], chunk, bq, bk))
-    vis = _brute_ranges(inp["q_pos"], inp["k_pos"], chunk, bq, bk)
-    B, nq, nk = vis.shape
+    hit, full = _brute_tiles(inp["q_pos"], inp["k_pos"], chunk, bq, bk)
+    B, nq, nk = hit.shape
     for b in range(B):
         for i in range(nq):
-            lo, hi = r[b, i]
-            hit = np.flatnonzero(vis[b, i])
-            assert all(lo <= j < hi for j in hit), (b, i, lo, hi, hit)
+            lo, flo, fhi, hi = r[b, i]
+            seen, whole = np.flatnonzero(hit[b, i]), np.flatnonzero(full[b, i])
+            assert lo <= flo <= fhi <= hi and all(lo <= j < hi for j in seen), (b, i, r[b, i], seen)
+            assert all(full[b, i, flo:fhi]), (b, i, r[b, i], whole)
             if layout == "prefill":
-                assert (lo, hi) == ((hit[0], hit[-1] + 1) if hit.size else (0, 0)), (b, i, lo, hi, hit)
+                assert (lo, hi) == ((seen[0], seen[-1] + 1) if seen.size else (0, 0)), (b, i, r[b, i], seen)
+                assert list(range(flo, fhi)) == list(whole), (b, i, r[b, i], whole)
     if layout == "prefill":
-        visited = int(np.sum(r[0, :, 1] - r[0, :, 0]))
+        visited = int(np.sum(r[0, :, 3] - r[0, :, 0]))
+        unmasked = int(np.sum(r[0, :, 2] - r[0, :, 1]))
         assert visited == (nq * (nq + 1) // 2 if chunk is None else nq * (chunk // bk + 1) // 2)
+        assert unmasked == visited - nq  # only the diagonal tiles (bq = bk) carry a mask
         assert np.all(r[1, 40 // bq + 1:] == 0)  # row 1's padding query blocks visit no tile
+        assert r[1, 40 // bq, 2] - r[1, 40 // bq, 1] == 0  # ... and its block with padding has no unmasked tile
 
 
 def test_bad_inputs_are_named():
@@ -135,9 +143,9 @@ def test_bad_inputs_are_named():
 
 
 def test_lowered_for_cuda_at_maverick_width(monkeypatch):
-    """Lowered for CUDA on the CPU (no GPU) at Maverick's full width, 4096 tokens: one Triton kernel whose tile
-    loop runs between bounds it loads (scf.for over tile_ranges), bf16 dots with float32 accumulators of the
-    default tiles (128 query rows x 64 keys, head_dim 128)."""
+    """Lowered for CUDA on the CPU (no GPU) at Maverick's full width, 4096 tokens: one Triton kernel whose three
+    tile loops (masked, unmasked, masked) run between bounds it loads (scf.for over tile_ranges), bf16 dots with
+    float32 accumulators of the default tiles (64 query rows x 64 keys, head_dim 128)."""
     from jax._src.pallas.triton import lowering as triton_lowering
 
     texts = []
@@ -158,7 +166,7 @@ def test_lowered_for_cuda_at_maverick_width(monkeypatch):
     assert hlo.count("stablehlo.custom_call") == 1 and len(texts) == 1
     (ttir,) = texts
     loops = [ln for ln in ttir.splitlines() if "scf.for" in ln]
-    assert len(loops) == 1 and re.search(r"scf\.for %\w+ = %\w+ to %\w+", loops[0]), loops
+    assert len(loops) == 3 and all(re.search(r"scf\.for %\w+ = %\w+ to %\w+", ln) for ln in loops), loops
     dots = [ln for ln in ttir.splitlines() if "tt.dot" in ln]
-    assert any("tensor<128x128xbf16> * tensor<128x64xbf16> -> tensor<128x64xf32>" in d for d in dots), dots
-    assert any("tensor<128x64xbf16> * tensor<64x128xbf16> -> tensor<128x128xf32>" in d for d in dots), dots
+    assert any("tensor<64x128xbf16> * tensor<128x64xbf16> -> tensor<64x64xf32>" in d for d in dots), dots
+    assert any("tensor<64x64xbf16> * tensor<64x128xbf16> -> tensor<64x128xf32>" in d for d in dots), dots
