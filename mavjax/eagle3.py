@@ -36,7 +36,7 @@ from flax import nnx
 
 from mavjax.config import ConfigError, Llama4Config
 from mavjax.kv_cache import KVCache, write_slots
-from mavjax.model import MLP, RMSNorm, _param, attend, attention_mask, rope_tables
+from mavjax.model import MLP, RMSNorm, _param, attend_by_position, rope_tables
 
 FORMAT = "mavjax-eagle3"
 FORMAT_VERSION = 1
@@ -210,10 +210,9 @@ class Eagle3Draft(nnx.Module):
         q, k, v = self.qkv(tokens, hidden, embed, positions)
         ck, cv = write_slots(cache.k[0], k, write_index), write_slots(cache.v[0], v, write_index)
         pos = write_slots(cache.pos, positions, write_index)
-        mask = attention_mask(positions, pos, None)
-        if attn_mask is not None:
-            mask &= attn_mask
-        o = attend(q, ck.astype(q.dtype), cv.astype(q.dtype), mask, self.cfg.head_dim ** -0.5)  # [B, T, H, Dh]
+        # in blocks of query rows where a long prompt's scores would be large (mavjax.model.attend_by_position)
+        o = attend_by_position(q, ck.astype(q.dtype), cv.astype(q.dtype), positions, pos, None,
+                               self.cfg.head_dim ** -0.5, attn_mask)  # [B, T, H, Dh]
         h, logits = self.finish(hidden, o)
         return h, logits, KVCache(k=[ck], v=[cv], pos=pos)
 

@@ -335,7 +335,8 @@ def test_projections_leave_the_pallas_kernels_above_the_row_limit(monkeypatch):
 def test_xla_attention_runs_in_query_blocks_above_the_score_limit(monkeypatch):
     """Where the float32 scores [B, H, T, S] would pass XLA_ATTN_MAX_SCORE_BYTES, the XLA path's attention runs in
     blocks of query rows (T padded to whole blocks): the same outputs (with a chunk, padding queries and an extra
-    mask; float32 to 1e-6), no intermediate as large as the whole scores, and the model's prefill unchanged."""
+    mask; float32 to 1e-6), no intermediate as large as the whole scores; the model's prefill and the EAGLE-3
+    draft's attention over its cache unchanged."""
     import jax.numpy as jnp
 
     from mavjax import model as M
@@ -367,6 +368,25 @@ def test_xla_attention_runs_in_query_blocks_above_the_score_limit(monkeypatch):
     want = np.asarray(net.hidden_states(toks, pos)[0])
     monkeypatch.setattr(M, "XLA_ATTN_MAX_SCORE_BYTES", cfg.num_attention_heads * 40 * 4 * 16)  # 16-row blocks
     np.testing.assert_allclose(np.asarray(net.hidden_states(toks, pos)[0]), want, rtol=1e-5, atol=1e-5)
+    monkeypatch.undo()
+
+    # the EAGLE-3 draft's attention over its cache (its prefill) too: in a loop over blocks, the same logits
+    from spec_helpers import random_draft
+
+    draft = random_draft(cfg, 3)
+    feats = jnp.asarray(rng.standard_normal((1, 40, cfg.hidden_size)), jnp.float32)
+
+    def draft_logits():
+        zero = jnp.zeros((1,), jnp.int32)
+        f = lambda: draft(toks, feats, net.embed_tokens, pos, draft.cache(1, 64), zero)[1]  # noqa: E731
+        loops = [e for e in equations(jax.make_jaxpr(f)().jaxpr) if e.primitive.name == "scan"]
+        return np.asarray(f()), len(loops)
+
+    want, loops = draft_logits()
+    monkeypatch.setattr(M, "XLA_ATTN_MAX_SCORE_BYTES", draft.cfg.num_attention_heads * 64 * 4 * 16)
+    got, blocked_loops = draft_logits()
+    assert (loops, blocked_loops) == (0, 1)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])
