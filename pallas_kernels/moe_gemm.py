@@ -564,19 +564,25 @@ def _stages(bytes_per_stage, budget=160 * 1024):
 # block 13.7 / 15.1 ms, 128 rows 37.5 ms, 4 warps 20.0 ms, 512 wide 22.3 ms, 128 deep 11.7 ms.
 PREFILL_PAIRS_PER_EXPERT = 32
 PREFILL_TILES = dict(block_m=64, block_n=256, block_k=64, num_warps=8)
+# From this many (16384 tokens over 128 experts), 128-row tiles: at 16384 tokens 24.8 ms against PREFILL_TILES'
+# 27.3 (docs/benchmarks.md section 30; 64 x 128 x 128 31.5, 64 x 256 x 128 28.2). Between 32 and 128 pairs per
+# expert nothing was timed.
+LONG_PREFILL_PAIRS_PER_EXPERT = 128
+LONG_PREFILL_TILES = dict(block_m=128, block_n=128, block_k=64, num_warps=8)
 
 
 def default_config(num_pairs, num_experts, D, F, weight_itemsize=1, num_sms=NUM_SMS_H100):
     """Heuristic blocks. From PREFILL_PAIRS_PER_EXPERT pairs per expert on average: PREFILL_TILES (64 rows, 256
-    wide, 64 deep, 8 warps). Below (decode, small batches: the weights' bytes matter): block_m the average pairs
+    wide, 64 deep, 8 warps), from LONG_PREFILL_PAIRS_PER_EXPERT LONG_PREFILL_TILES (128 rows, 128 wide). Below (decode, small batches: the weights' bytes matter): block_m the average pairs
     per expert as a power of two in [16, 64], tiles 64 wide and 256 deep (fp8_gemm's H100 weight-only sweep), 4
     warps. Split-K when (an upper bound of the active row blocks) x (N blocks) would leave SMs idle, aiming at ~2
     programs per SM with >= 2 K steps per split. Stages from a shared-memory estimate (kernel 1 stages an x tile
     and two weight tiles)."""
     P, E = num_pairs, num_experts
-    prefill = pl.cdiv(P, E) >= PREFILL_PAIRS_PER_EXPERT
-    if prefill:
-        bm, bn, bk, warps = (PREFILL_TILES[k] for k in ("block_m", "block_n", "block_k", "num_warps"))
+    per_expert = pl.cdiv(P, E)
+    if per_expert >= PREFILL_PAIRS_PER_EXPERT:
+        tiles = LONG_PREFILL_TILES if per_expert >= LONG_PREFILL_PAIRS_PER_EXPERT else PREFILL_TILES
+        bm, bn, bk, warps = (tiles[k] for k in ("block_m", "block_n", "block_k", "num_warps"))
     else:
         bm, bn, bk, warps = min(64, max(_MIN_BLOCK, _next_pow2(pl.cdiv(P, E)))), 64, 256, 4
     est_blocks = min(E, P) + P // bm  # active row blocks are <= this (and about min(E, P) at decode)

@@ -6,7 +6,7 @@ difference from the first configuration's. The weights are arguments of the jitt
 16 GB of compile-time constants). Needs a GPU. docs/benchmarks.md section 29 (its calls 6-7 ran the first six and
 the last eight configurations, which gave `moe_gemm.PREFILL_TILES`):
 
-  python3 scripts/bench_moe_tiles.py [N]
+  python3 scripts/bench_moe_tiles.py [N [block_m,block_n,block_k,warps ...]]
 """
 import os
 import sys
@@ -26,6 +26,8 @@ CONFIGS = ((64, 64, 256, 4), (64, 128, 256, 4), (64, 128, 128, 4), (64, 64, 128,
 key = jax.random.key(0)
 E, D, F = 128, 5120, 8192
 N = int(sys.argv[1]) if len(sys.argv) > 1 else 4096
+if len(sys.argv) > 2:  # only these configurations, each "block_m,block_n,block_k,warps"
+    CONFIGS = tuple(tuple(int(v) for v in c.split(",")) for c in sys.argv[2:])
 ks = jax.random.split(key, 4)
 mk = jax.jit(lambda k, s: (jax.random.normal(k, s, jnp.bfloat16) * 32).clip(-448, 448).astype(FP8), static_argnums=1)
 wg, wu, wd = mk(ks[0], (E, D, F)), mk(ks[1], (E, D, F)), mk(ks[2], (E, F, D))

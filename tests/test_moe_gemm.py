@@ -225,17 +225,27 @@ MOE_CASES = [
      dict(T, split_k=2, split_k_down=1, block_k=32)),
     # 32 pairs per expert: default_config's prefill tiles (64 x 256 x 64), wider than F and ragged against D
     ("prefill tiles: N=96 k=1 E=3 fp8, default cfg", 96, 1, 3, 80, 96, "fp8", jnp.bfloat16, None, {}),
+    # 128 pairs per expert: the long prefill's 128 x 128 x 64 tiles, ragged against F and D
+    ("long prefill tiles: N=256 k=1 E=2 fp8, default cfg", 256, 1, 2, 80, 96, "fp8", jnp.bfloat16, None, {}),
 ]
 
 
 def test_default_config_takes_the_prefill_tiles_from_32_pairs_per_expert():
     """default_config: from PREFILL_PAIRS_PER_EXPERT pairs per expert on average the sorted path's wide tiles
-    (docs/benchmarks.md section 29: 1.8x faster at 4096 tokens over Maverick's 128 experts), below it the
+    (docs/benchmarks.md section 29: 1.8x faster at 4096 tokens over Maverick's 128 experts), from
+    LONG_PREFILL_PAIRS_PER_EXPERT 128-row ones (section 30: 10% faster at 16384 tokens), below it the
     decode-sized rule (block_m the average as a power of two in [16, 64], 64 x 256 tiles, 4 warps)."""
-    from pallas_kernels.moe_gemm import PREFILL_PAIRS_PER_EXPERT, PREFILL_TILES, default_config
+    from pallas_kernels.moe_gemm import (LONG_PREFILL_PAIRS_PER_EXPERT, LONG_PREFILL_TILES, PREFILL_PAIRS_PER_EXPERT,
+                                         PREFILL_TILES, default_config)
 
-    assert PREFILL_PAIRS_PER_EXPERT == 32
-    for P in (4096, 16384, 32 * 128 - 127):  # cdiv(P, 128) == 32 from 3969 pairs
+    assert (PREFILL_PAIRS_PER_EXPERT, LONG_PREFILL_PAIRS_PER_EXPERT) == (32, 128)
+    for P in (16384, 65536, 127 * 128 + 1):  # cdiv(P, 128) == 128 from 16257 pairs (section 30)
+        c = default_config(P, 128, 5120, 8192)
+        assert {k: c[k] for k in LONG_PREFILL_TILES} == LONG_PREFILL_TILES == dict(block_m=128, block_n=128,
+                                                                                     block_k=64, num_warps=8)
+        assert c["block_n_down"] == 128 and c["split_k"] == c["split_k_down"] == 1
+        assert c["num_stages"] == c["num_stages_down"] == 4  # what ran on the H200
+    for P in (4096, 16256, 32 * 128 - 127):  # cdiv(P, 128) == 32 from 3969 pairs
         c = default_config(P, 128, 5120, 8192)
         assert {k: c[k] for k in PREFILL_TILES} == PREFILL_TILES == dict(block_m=64, block_n=256, block_k=64,
                                                                            num_warps=8)
