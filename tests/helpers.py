@@ -92,3 +92,20 @@ def rel_err(out, ref):
     out = np.asarray(jnp.asarray(out, jnp.float32), np.float64)
     assert np.all(np.isfinite(out)), "non-finite output"
     return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+
+
+def lower_for_cuda(fn, *shapes, monkeypatch):
+    """(StableHLO text, [Triton IR text of each pallas_call]) of fn lowered for CUDA from shapes (no GPU)."""
+    import jax
+    from jax._src.pallas.triton import lowering as triton_lowering
+
+    texts = []
+    orig = triton_lowering.lower_jaxpr_to_triton_module
+
+    def capture(*a, **k):
+        res = orig(*a, **k)
+        texts.append(res.module.operation.get_asm())
+        return res
+
+    monkeypatch.setattr(triton_lowering, "lower_jaxpr_to_triton_module", capture)
+    return jax.jit(fn).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text(), texts

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from mavjax.model import attend, attention_mask
-from helpers import ref64, rel_err
+from helpers import lower_for_cuda, ref64, rel_err
 from pallas_kernels.decode_attention import (combine_partials, decode_attention, decode_attention_partials,
                                              decode_attention_reference, default_num_splits, kv_range_from_k_pos)
 
@@ -297,22 +297,6 @@ def test_default_tiles():
     assert default_tiles(131072, None, 128, 2, 20) == (128, 2)  # 4 queries x 5 heads
 
 
-def _lower_for_cuda(fn, *shapes, monkeypatch):
-    """(StableHLO text, [Triton IR text of each pallas_call]) of fn lowered for CUDA from shapes (no GPU)."""
-    from jax._src.pallas.triton import lowering as triton_lowering
-
-    texts = []
-    orig = triton_lowering.lower_jaxpr_to_triton_module
-
-    def capture(*a, **k):
-        res = orig(*a, **k)
-        texts.append(res.module.operation.get_asm())
-        return res
-
-    monkeypatch.setattr(triton_lowering, "lower_jaxpr_to_triton_module", capture)
-    return jax.jit(fn).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text(), texts
-
-
 MAVERICK_RANK = dict(B=1, T=1, H=5, K=1, Dh=128, S=1088)  # one 8-way rank of Maverick, 1K context
 
 
@@ -321,7 +305,7 @@ def _lower_rank(monkeypatch, **kw):
     sd = jax.ShapeDtypeStruct
     shapes = (sd((B, T, H, Dh), jnp.bfloat16), sd((B, S, K, Dh), jnp.bfloat16), sd((B, S, K, Dh), jnp.bfloat16),
               sd((B, T), jnp.int32), sd((B, S), jnp.int32))
-    return _lower_for_cuda(lambda *a: decode_attention(*a, chunk_size=None, scale=Dh ** -0.5, num_splits=9, **kw),
+    return lower_for_cuda(lambda *a: decode_attention(*a, chunk_size=None, scale=Dh ** -0.5, num_splits=9, **kw),
                            *shapes, monkeypatch=monkeypatch)
 
 

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import ref64, rel_err
+from helpers import lower_for_cuda, ref64, rel_err
 from pallas_kernels.prefill_attention import prefill_attention, prefill_attention_reference, tile_ranges
 
 TOL = {"float32": 1e-5, "bfloat16": 1e-2}
@@ -146,23 +146,12 @@ def test_lowered_for_cuda_at_maverick_width(monkeypatch):
     """Lowered for CUDA on the CPU (no GPU) at Maverick's full width, 4096 tokens: one Triton kernel whose three
     tile loops (masked, unmasked, masked) run between bounds it loads (scf.for over tile_ranges), bf16 dots with
     float32 accumulators of the default tiles (64 query rows x 64 keys, head_dim 128)."""
-    from jax._src.pallas.triton import lowering as triton_lowering
-
-    texts = []
-    orig = triton_lowering.lower_jaxpr_to_triton_module
-
-    def capture(*a, **k):
-        res = orig(*a, **k)
-        texts.append(res.module.operation.get_asm())
-        return res
-
-    monkeypatch.setattr(triton_lowering, "lower_jaxpr_to_triton_module", capture)
     sd = jax.ShapeDtypeStruct
     B, T, H, K, Dh = 1, 4096, 40, 8, 128
     shapes = (sd((B, T, H, Dh), jnp.bfloat16), sd((B, T, K, Dh), jnp.bfloat16), sd((B, T, K, Dh), jnp.bfloat16),
               sd((B, T), jnp.int32), sd((B, T), jnp.int32))
     f = lambda *a: prefill_attention(*a, chunk_size=8192, scale=Dh ** -0.5)  # noqa: E731
-    hlo = jax.jit(f).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
+    hlo, texts = lower_for_cuda(f, *shapes, monkeypatch=monkeypatch)
     assert hlo.count("stablehlo.custom_call") == 1 and len(texts) == 1
     (ttir,) = texts
     loops = [ln for ln in ttir.splitlines() if "scf.for" in ln]
