@@ -565,16 +565,17 @@ def _stages(bytes_per_stage, budget=160 * 1024):
 PREFILL_PAIRS_PER_EXPERT = 32
 PREFILL_TILES = dict(block_m=64, block_n=256, block_k=64, num_warps=8)
 # From this many (16384 tokens over 128 experts), 128-row tiles: at 16384 tokens 24.8 ms against PREFILL_TILES'
-# 27.3 (docs/benchmarks.md section 30; 64 x 128 x 128 31.5, 64 x 256 x 128 28.2). Between 32 and 128 pairs per
-# expert nothing was timed.
+# 27.3 (docs/benchmarks.md section 30; 64 x 128 x 128 31.5, 64 x 256 x 128 28.2); at 8192 tokens (64 a expert)
+# PREFILL_TILES stay faster, 15.9 against 16.7 ms.
 LONG_PREFILL_PAIRS_PER_EXPERT = 128
 LONG_PREFILL_TILES = dict(block_m=128, block_n=128, block_k=64, num_warps=8)
 
 
 def default_config(num_pairs, num_experts, D, F, weight_itemsize=1, num_sms=NUM_SMS_H100):
     """Heuristic blocks. From PREFILL_PAIRS_PER_EXPERT pairs per expert on average: PREFILL_TILES (64 rows, 256
-    wide, 64 deep, 8 warps), from LONG_PREFILL_PAIRS_PER_EXPERT LONG_PREFILL_TILES (128 rows, 128 wide). Below (decode, small batches: the weights' bytes matter): block_m the average pairs
-    per expert as a power of two in [16, 64], tiles 64 wide and 256 deep (fp8_gemm's H100 weight-only sweep), 4
+    wide, 64 deep, 8 warps), from LONG_PREFILL_PAIRS_PER_EXPERT LONG_PREFILL_TILES (128 rows, 128 wide). Below
+    (decode, small batches: the weights' bytes matter): block_m the average pairs per expert as a power of two in
+    [16, 64], tiles 64 wide and 256 deep (fp8_gemm's H100 weight-only sweep), 4
     warps. Split-K when (an upper bound of the active row blocks) x (N blocks) would leave SMs idle, aiming at ~2
     programs per SM with >= 2 K steps per split. Stages from a shared-memory estimate (kernel 1 stages an x tile
     and two weight tiles)."""
