@@ -565,7 +565,7 @@ def _stages(bytes_per_stage, budget=160 * 1024):
 PREFILL_PAIRS_PER_EXPERT = 32
 PREFILL_TILES = dict(block_m=64, block_n=256, block_k=64, num_warps=8)
 # From this many (16384 tokens over 128 experts), 128-row tiles: at 16384 tokens 24.8 ms against PREFILL_TILES'
-# 27.3 (docs/benchmarks.md section 30; 64 x 128 x 128 31.5, 64 x 256 x 128 28.2); at 8192 tokens (64 a expert)
+# 27.3 (docs/benchmarks.md section 30; 64 x 128 x 128 31.5, 64 x 256 x 128 28.2); at 8192 tokens (64 per expert)
 # PREFILL_TILES stay faster, 15.9 against 16.7 ms.
 LONG_PREFILL_PAIRS_PER_EXPERT = 128
 LONG_PREFILL_TILES = dict(block_m=128, block_n=128, block_k=64, num_warps=8)
