@@ -36,7 +36,7 @@ from flax import nnx
 
 from mavjax.config import ConfigError, Llama4Config
 from mavjax.kv_cache import KVCache, write_slots
-from mavjax.model import MLP, RMSNorm, _param, attend_by_position, rope_tables
+from mavjax.model import PALLAS_MAX_ROWS, MLP, RMSNorm, _param, attend_by_position, rope_tables, use_pallas
 
 FORMAT = "mavjax-eagle3"
 FORMAT_VERSION = 1
@@ -203,16 +203,24 @@ class Eagle3Draft(nnx.Module):
         return jnp.einsum("btd,dv->btv", self.norm(h), self.lm_head[...],
                           preferred_element_type=jnp.float32)  # [B, T, D] x [D, Vd] -> [B, T, Vd]
 
-    def __call__(self, tokens, hidden, embed, positions, cache: KVCache, write_index, attn_mask=None):
+    def __call__(self, tokens, hidden, embed, positions, cache: KVCache, write_index, attn_mask=None,
+                 kernels: str = "xla"):
         """One draft pass through its KV cache (one layer): writes this call's keys at slots `write_index` [B]
-        onward; `attn_mask` [B, T, S] is ANDed into the position mask (tree drafting). Returns (output hidden
-        [B, T, D], logits [B, T, Vd], cache)."""
+        onward; `attn_mask` [B, T, S] is ANDed into the position mask (tree drafting). `kernels`: the target's;
+        "pallas" runs a prefill-sized attention (more than PALLAS_MAX_ROWS query rows a kv head, no attn_mask)
+        as the target's does, the blockwise kernel. Returns (output hidden [B, T, D], logits [B, T, Vd], cache)."""
         q, k, v = self.qkv(tokens, hidden, embed, positions)
         ck, cv = write_slots(cache.k[0], k, write_index), write_slots(cache.v[0], v, write_index)
         pos = write_slots(cache.pos, positions, write_index)
-        # in blocks of query rows where a long prompt's scores would be large (mavjax.model.attend_by_position)
-        o = attend_by_position(q, ck.astype(q.dtype), cv.astype(q.dtype), positions, pos, None,
-                               self.cfg.head_dim ** -0.5, attn_mask)  # [B, T, H, Dh]
+        keys, values, scale = ck.astype(q.dtype), cv.astype(q.dtype), self.cfg.head_dim ** -0.5
+        G = q.shape[2] // k.shape[2]
+        if attn_mask is None and q.shape[1] * G > PALLAS_MAX_ROWS and use_pallas(kernels, "prefill_attention"):
+            from pallas_kernels.prefill_attention import prefill_attention
+
+            o = prefill_attention(q, keys, values, positions, pos, chunk_size=None, scale=scale,
+                                  interpret=jax.default_backend() == "cpu")  # [B, T, H, Dh]
+        else:  # in blocks of query rows where a long prompt's scores would be large
+            o = attend_by_position(q, keys, values, positions, pos, None, scale, attn_mask)  # [B, T, H, Dh]
         h, logits = self.finish(hidden, o)
         return h, logits, KVCache(k=[ck], v=[cv], pos=pos)
 

@@ -212,7 +212,7 @@ class SpecEngine:
         shifted = jnp.where(positions == (lengths - 1)[:, None], first[:, None], shifted)  # [B, T]
         dcache = draft.cache(B, cache_len, self.kv_dtype)
         g, dlogits, dcache = draft(shifted, draft.project(self._features(taps)), target.embed_tokens, positions,
-                                   dcache, zero)
+                                   dcache, zero, kernels=target.kernels)
         g_root = jnp.take_along_axis(g, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [B, D]
         d_root = jnp.take_along_axis(dlogits, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [B, Vd]
         return first, (tcache, dcache, g_root, d_root)

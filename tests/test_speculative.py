@@ -103,3 +103,41 @@ def test_draft_tree_shapes():
         DraftTree.parse("2,x")
     with pytest.raises(ValueError, match="num_draft_tokens"):
         DraftTree.chain(0)
+
+
+def test_draft_prefill_attention_follows_the_target_kernels():
+    """Under a kernels="pallas" target the speculative prefill runs the draft's attention over the prompt as the
+    blockwise kernel too (one launch per target layer and one for the draft: 40 query rows x 2 heads a kv head,
+    above the split-KV kernel's 64), and gives the XLA path's first token, draft feature and draft logits (float32:
+    to 1e-4, as the path's other kernels do)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from helpers import pallas_call_names
+    from mavjax.generate import Batch
+    from mavjax.model import Llama4
+    from mavjax.speculative import SpecEngine
+
+    cfg = configs()["moe"]
+    draft = random_draft(cfg, 5)
+    B, T = 2, 40
+    rng = np.random.default_rng(0)
+    batch = Batch(tokens=rng.integers(3, 500, (B, T)).astype(np.int32), lengths=np.array([T, 23], np.int32),
+                  max_new=np.full(B, 4, np.int32), temperature=np.zeros(B, np.float32), top_k=np.zeros(B, np.int32),
+                  top_p=np.ones(B, np.float32), seeds=np.zeros(B, np.uint32), stop_ids=np.full(1, -1, np.int32),
+                  n_real=B)
+    out = {}
+    for kernels in ("xla", "pallas"):
+        target = Llama4(cfg, dtype=jnp.float32, rngs=nnx.Rngs(3), kernels=kernels)
+        eng = SpecEngine(target, draft, DraftTree.chain(2))
+        args = (eng.tstate, eng.dstate, batch.tokens, batch.lengths, batch.temperature, batch.top_k, batch.top_p,
+                batch.seeds)
+        f = lambda *a: eng._prefill_impl(*a, cache_len=64, all_greedy=True)  # noqa: E731
+        names = pallas_call_names(jax.make_jaxpr(f)(*args).jaxpr)
+        out[kernels] = names.count("prefill_flash_attention"), eng.prefill(batch, 64)
+    assert out["xla"][0] == 0 and out["pallas"][0] == cfg.num_hidden_layers + 1
+    (first_x, (_, _, g_x, d_x)), (first_p, (_, _, g_p, d_p)) = out["xla"][1], out["pallas"][1]
+    np.testing.assert_array_equal(np.asarray(first_p), np.asarray(first_x))
+    for a, b in ((g_p, g_x), (d_p, d_x)):
+        assert np.linalg.norm(np.asarray(a) - np.asarray(b)) / np.linalg.norm(np.asarray(b)) < 1e-4
