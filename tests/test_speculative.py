@@ -109,7 +109,7 @@ def test_draft_prefill_attention_follows_the_target_kernels():
     """Under a kernels="pallas" target the speculative prefill runs the draft's attention over the prompt as the
     blockwise kernel too (one launch per target layer and one for the draft: 40 query rows x 2 heads a kv head,
     above the split-KV kernel's 64), and gives the XLA path's first token, draft feature and draft logits (float32:
-    to 1e-4, as the path's other kernels do)."""
+    to 5e-4, as the path's other kernels do; 7.5e-5 here)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -140,4 +140,4 @@ def test_draft_prefill_attention_follows_the_target_kernels():
     (first_x, (_, _, g_x, d_x)), (first_p, (_, _, g_p, d_p)) = out["xla"][1], out["pallas"][1]
     np.testing.assert_array_equal(np.asarray(first_p), np.asarray(first_x))
     for a, b in ((g_p, g_x), (d_p, d_x)):
-        assert np.linalg.norm(np.asarray(a) - np.asarray(b)) / np.linalg.norm(np.asarray(b)) < 1e-4
+        assert np.linalg.norm(np.asarray(a) - np.asarray(b)) / np.linalg.norm(np.asarray(b)) < 5e-4
