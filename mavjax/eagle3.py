@@ -36,7 +36,7 @@ from flax import nnx
 
 from mavjax.config import ConfigError, Llama4Config
 from mavjax.kv_cache import KVCache, write_slots
-from mavjax.model import PALLAS_MAX_ROWS, MLP, RMSNorm, _param, attend_by_position, rope_tables, use_pallas
+from mavjax.model import PALLAS_MAX_ROWS, MLP, RMSNorm, _param, attend_by_position, rope_tables
 
 FORMAT = "mavjax-eagle3"
 FORMAT_VERSION = 1
@@ -212,15 +212,10 @@ class Eagle3Draft(nnx.Module):
         q, k, v = self.qkv(tokens, hidden, embed, positions)
         ck, cv = write_slots(cache.k[0], k, write_index), write_slots(cache.v[0], v, write_index)
         pos = write_slots(cache.pos, positions, write_index)
-        keys, values, scale = ck.astype(q.dtype), cv.astype(q.dtype), self.cfg.head_dim ** -0.5
-        G = q.shape[2] // k.shape[2]
-        if attn_mask is None and q.shape[1] * G > PALLAS_MAX_ROWS and use_pallas(kernels, "prefill_attention"):
-            from pallas_kernels.prefill_attention import prefill_attention
-
-            o = prefill_attention(q, keys, values, positions, pos, chunk_size=None, scale=scale,
-                                  interpret=jax.default_backend() == "cpu")  # [B, T, H, Dh]
-        else:  # in blocks of query rows where a long prompt's scores would be large
-            o = attend_by_position(q, keys, values, positions, pos, None, scale, attn_mask)  # [B, T, H, Dh]
+        prefill_sized = q.shape[1] * (q.shape[2] // k.shape[2]) > PALLAS_MAX_ROWS  # query rows a kv head
+        o = attend_by_position(q, ck.astype(q.dtype), cv.astype(q.dtype), positions, pos, None,
+                               self.cfg.head_dim ** -0.5, attn_mask,
+                               kernels if prefill_sized else "xla")  # [B, T, H, Dh]
         h, logits = self.finish(hidden, o)
         return h, logits, KVCache(k=[ck], v=[cv], pos=pos)
 

@@ -203,10 +203,17 @@ def attend(q, k, v, mask, scale):
 XLA_ATTN_MAX_SCORE_BYTES = 1 << 30
 
 
-def attend_by_position(q, k, v, q_pos, k_pos, chunk_size, scale, extra_mask=None):
-    """attend(q, k, v, attention_mask(q_pos, k_pos, chunk_size) & extra_mask, scale), in blocks of query rows (a
-    power of two; T padded with q_pos = -1) where the scores would exceed XLA_ATTN_MAX_SCORE_BYTES.
-    q [B, T, H, Dh], k/v [B, S, K, Dh], q_pos [B, T], k_pos [B, S], extra_mask None or [B, T, S]."""
+def attend_by_position(q, k, v, q_pos, k_pos, chunk_size, scale, extra_mask=None, kernels="xla"):
+    """attend(q, k, v, attention_mask(q_pos, k_pos, chunk_size) & extra_mask, scale). kernels="pallas" without an
+    extra_mask: the blockwise Pallas kernel (pallas_kernels.prefill_attention, family "prefill_attention");
+    otherwise XLA, in blocks of query rows (a power of two; T padded with q_pos = -1) where the scores would exceed
+    XLA_ATTN_MAX_SCORE_BYTES. q [B, T, H, Dh], k/v [B, S, K, Dh] (q's dtype), q_pos [B, T], k_pos [B, S],
+    extra_mask None or [B, T, S]."""
+    if extra_mask is None and use_pallas(kernels, "prefill_attention"):
+        from pallas_kernels.prefill_attention import prefill_attention
+
+        return prefill_attention(q, k, v, q_pos, k_pos, chunk_size=chunk_size, scale=scale,
+                                 interpret=jax.default_backend() == "cpu")
     B, T, H, Dh = q.shape
     rows = max(1, XLA_ATTN_MAX_SCORE_BYTES // (B * H * k.shape[1] * 4))
     if rows >= T:
@@ -312,16 +319,8 @@ class Attention(nnx.Module):
                 k_pos = positions
             else:
                 keys, values = read_kv(ck, q.dtype), read_kv(cv, q.dtype)
-        if attn_mask is None and use_pallas(self.kernels, "prefill_attention"):
-            from pallas_kernels.prefill_attention import prefill_attention
-
-            o = prefill_attention(q, keys, values, positions, k_pos, chunk_size=self.chunk_size, scale=self.scale,
-                                  interpret=jax.default_backend() == "cpu")  # [B, T, H, Dh]
-            if not project:
-                return o, new_cache
-            return self._proj(o, self.wo, self.wo_scale, 2), new_cache
-        o = attend_by_position(q, keys, values, positions, k_pos, self.chunk_size, self.scale,
-                               attn_mask)  # [B, T, H, Dh]
+        o = attend_by_position(q, keys, values, positions, k_pos, self.chunk_size, self.scale, attn_mask,
+                               self.kernels)  # [B, T, H, Dh]
         if not project:
             return o, new_cache
         return self._proj(o, self.wo, self.wo_scale, 2), new_cache  # [B, T, H, Dh] x [H, Dh, D] -> [B, T, D]

@@ -91,10 +91,10 @@ def tile_ranges(q_pos, k_pos, chunk_size, block_q, block_k):
     any_hit = jnp.any(hit, axis=-1)
     lo = jnp.where(any_hit, jnp.argmax(hit, axis=-1), 0)
     hi = jnp.where(any_hit, nk - jnp.argmax(hit[..., ::-1], axis=-1), 0)
-    flo = jnp.where(jnp.any(full, axis=-1), jnp.argmax(full, axis=-1), lo)
+    any_full = jnp.any(full, axis=-1)
+    flo = jnp.where(any_full, jnp.argmax(full, axis=-1), lo)
     past = (tiles >= flo[..., None]) & ~full  # the first tile after the run that is not full
-    fhi = jnp.where(jnp.any(past, axis=-1), jnp.argmax(past, axis=-1), nk)
-    fhi = jnp.where(jnp.any(full, axis=-1), fhi, lo)
+    fhi = jnp.where(any_full, jnp.where(jnp.any(past, axis=-1), jnp.argmax(past, axis=-1), nk), lo)
     return jnp.stack([lo, flo, fhi, hi], axis=-1).astype(jnp.int32)
 
 
