@@ -53,8 +53,8 @@ def _weight(rngs, shape, axes, dtype, std, contract, quant):
 # (fused_norm.add_rms_norm(router=...)); switched off, XLA's dot computes them (two more kernels). "mosaic" is
 # the Mosaic GPU kernels on Hopper at decode: pallas_kernels.mgpu_gemv for the dense MLPs' gate/up (its x
 # widened to float16 by the norm kernel before it, MLP.widen_rows; or bf16 x of 17-64 tokens), and the MoE
-# layers' experts (pallas_kernels.moe_mgpu, routed by XLA: MoE.experts_on_mosaic); switched off, Triton's
-# gate/up + SwiGLU and MoE pair kernels (routing in-kernel).
+# layers' experts (pallas_kernels.moe_mgpu, routed by XLA: MoE.experts_on_mosaic; above 16 pairs its sorted path);
+# switched off, Triton's gate/up + SwiGLU, MoE pair kernels (routing in-kernel) and sorted kernels.
 PALLAS_OPS = ("gemm", "qkv", "gate_up", "moe", "moe_shared", "moe_router", "norm_router", "attention",
               "prefill_attention", "norm", "mosaic")
 
@@ -649,7 +649,9 @@ class MoE(nnx.Module):
                 out = moe_fp8_mgpu(flat, ids, sc, *weights, scales, shared=shared, x_padded=x_padded,
                                    interpret=mgpu_gemv.interpret_params(interpret))
             else:
-                out = moe_fp8(flat, ids, sc, *weights, scales, shared=shared, interpret=interpret, mosaic=False)
+                # many pairs (prefill): the sorted path, on the Mosaic GPU kernel where moe_fp8 finds it wanted
+                out = moe_fp8(flat, ids, sc, *weights, scales, shared=shared, interpret=interpret,
+                              mosaic=None if use_pallas(self.kernels, "mosaic") else False)
         return (out if shared is not None else self.shared(flat) + out).reshape(B, T, D)
 
 

@@ -201,11 +201,12 @@ def widen(a, cdt):
     return a.astype(cdt) if jnp.dtype(cdt) == jnp.float16 else a.astype(jnp.float32).astype(cdt)
 
 
-def gemv_partials(xp, ws, *, ids=None, shared_ws=(), w_layout="kn", tile_n=64, tile_k=None, split_k=1, stages=4,
-                  compute_dtype=jnp.float16, interpret=None):
+def gemv_partials(xp, ws, *, ids=None, shared_ws=(), x_per_id=False, w_layout="kn", tile_n=64, tile_k=None,
+                  split_k=1, stages=4, compute_dtype=jnp.float16, interpret=None):
     """xp [Mp, K] in compute_dtype (float16 or bfloat16: the weight tiles are widened to it, `widen`; Mp a
     multiple of 8, at most 256), or [2, Mp, K] with shared_ws: the shared row's program reads xp[1], the others
-    xp[0];
+    xp[0]; or [P, Mp, K] with x_per_id (ids, no shared_ws): program row p reads xp[p], its own rows (the MoE
+    prefill path, `moe_mgpu.moe_fp8_mgpu_sorted`: row block p of the tokens sorted by expert, expert ids[p]);
     ws: float8_e4m3fn weights, each [K, N_i]
     (w_layout "kn", the model's layout), [N_i, K] ("nk") or `tile_weight`'s [N_i / tile_n, K / tile_k, tile_n,
     tile_k] ("tiled": each TMA copy one contiguous block; not with ids) -> float32 [split_k, sum N_i, Mp]: split s holds
@@ -225,10 +226,13 @@ def gemv_partials(xp, ws, *, ids=None, shared_ws=(), w_layout="kn", tile_n=64, t
     ws = tuple(ws)
     if xp.ndim not in (2, 3):
         raise ValueError(f"xp must be [Mp, K], or [2, Mp, K] with shared_ws; got {xp.shape}")
-    groups = xp.ndim == 3  # [2, Mp, K]: the shared row's own x
+    groups = xp.ndim == 3 and not x_per_id  # [2, Mp, K]: the shared row's own x
     Mp, K = xp.shape[-2:]
     tile_k = tile_k or tile_k_for(K)
     stacked = ids is not None
+    if x_per_id and (not stacked or shared_ws or xp.ndim != 3 or xp.shape[0] != ids.shape[0]):
+        raise ValueError(f"x_per_id takes xp [P, Mp, K] with P = the ids' count and no shared_ws; got xp "
+                         f"{xp.shape}, ids {None if ids is None else ids.shape}, {len(tuple(shared_ws))} shared")
     if stacked and (ids.ndim != 1 or ids.dtype != jnp.int32 or any(w.ndim != 3 for w in ws)
                     or len({w.shape[0] for w in ws}) != 1):
         raise ValueError(f"ids must be int32 [P] with weights stacked [E, ...] alike, got {ids.dtype} {ids.shape} "
@@ -336,6 +340,8 @@ def gemv_partials(xp, ws, *, ids=None, shared_ws=(), w_layout="kn", tile_n=64, t
             return
         # a dropped id: no weight read, its slice left unwritten
         x_pairs, x_shared = (x_gmem.at[0], x_gmem.at[1]) if groups else (x_gmem, x_gmem)
+        if x_per_id:
+            x_pairs = x_gmem.at[pi]
         pl.when((pi < P) & (e >= 0) & (e < E))(lambda: programs(x_pairs, [w.at[e] for w in w_gmems]))
         if Q:
             pl.when(pi >= P)(lambda: programs(x_shared, shared_gmems))

@@ -656,10 +656,12 @@ def moe_fp8(x, expert_idx, scores, w_gate, w_up, w_down, scales=None, *, shared=
     method: "sorted" (grouped GEMM over expert-sorted row blocks), "pairs" (`moe_fp8_pairs`: one program row
     per (token, expert) pair, no sort) or "auto": pairs up to PAIRS_MAX pairs (decode), sorted beyond.
     mosaic: the pairs on the Mosaic GPU weight-only GEMM instead (`moe_mgpu.moe_fp8_mgpu`: up to 16 pairs, FP8
-    with per-channel scales; the score applied to the gate and up products): False never; True always (a
-    ValueError where it does not apply); None with method "auto" and no Triton tile given, where
-    `moe_mgpu.wanted` (on a Hopper GPU): 20-30% under the Triton pair path at the 8-way shard and full width, 1
-    and 8 tokens (docs/benchmarks.md section 21).
+    with per-channel scales; the score applied to the gate and up products), and above 16 pairs its sorted path
+    (`moe_mgpu.moe_fp8_mgpu_sorted`: bf16 x, no shared expert): False never; True always (a ValueError where it
+    does not apply); None with method "auto" and no Triton tile given, where `moe_mgpu.wanted` /
+    `moe_mgpu.sorted_wanted` (on a Hopper GPU): 20-30% under the Triton pair path at the 8-way shard and full
+    width, 1 and 8 tokens (docs/benchmarks.md section 21); 1.7-3.0x under the Triton sorted path at full width
+    from 32 to 16384 tokens (section 31).
     shared: the shared expert, run inside the pair path's launches (`moe_fp8_pairs`, or the Mosaic GPU path's);
     the result is then routed + shared. The sorted path does not take it (at prefill sizes the shared expert is
     a GEMM of its own).
@@ -672,9 +674,12 @@ def moe_fp8(x, expert_idx, scores, w_gate, w_up, w_down, scales=None, *, shared=
     triton_args = (block_m, block_n, block_k, split_k, block_n_down, block_k_down, split_k_down, num_warps,
                    num_stages, num_stages_down, compute_dtype, reduce, gu_epilogue)
     auto = method == "auto" and not poison_output and all(v is None for v in triton_args)
-    if mosaic or (mosaic is None and auto and moe_mgpu.wanted(P, D, F, scales)):
+    if (mosaic and P <= moe_mgpu.MAX_PAIRS) or (mosaic is None and auto and moe_mgpu.wanted(P, D, F, scales)):
         return moe_mgpu.moe_fp8_mgpu(x, expert_idx, scores, w_gate, w_up, w_down, scales, shared=shared,
                                      interpret=mgpu_gemv.interpret_params(interpret))
+    if shared is None and (mosaic or (mosaic is None and auto and moe_mgpu.sorted_wanted(P, E, D, F, scales, x.dtype))):
+        return moe_mgpu.moe_fp8_mgpu_sorted(x, expert_idx, scores, w_gate, w_up, w_down, scales,
+                                            interpret=mgpu_gemv.interpret_params(interpret))
     pairs = method == "pairs" or (method == "auto" and P <= PAIRS_MAX and block_m is None)
     if shared is not None and not pairs:
         raise ValueError(f"shared= runs on the pair path only (method 'pairs', or 'auto' with at most "

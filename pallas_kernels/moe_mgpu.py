@@ -1,5 +1,7 @@
-"""FP8 MoE decode on Hopper through the Mosaic GPU weight-only GEMM (pallas_kernels.mgpu_gemv): the routed
-experts of a Llama 4 MoE layer for up to 16 (token, expert) pairs in two launches, `moe_reference`'s function.
+"""FP8 MoE on Hopper through the Mosaic GPU weight-only GEMM (pallas_kernels.mgpu_gemv): the routed experts of a
+Llama 4 MoE layer in two launches, `moe_reference`'s function - for up to 16 (token, expert) pairs (decode:
+`moe_fp8_mgpu`, below), and for any number through row blocks of tokens sorted by expert (prefill and batches:
+`moe_fp8_mgpu_sorted`, at the end of the file).
 
 Why beside moe_gemm's Triton pair path: at one token that path's two kernels each took 10-13 us above their
 bytes (docs/benchmarks.md sections 10-12: 1.77-1.87x the chosen expert's bytes at full width, target 1.3x),
@@ -123,3 +125,112 @@ def moe_fp8_mgpu(x, expert_idx, scores, w_gate, w_up, w_down, scales, *, shared=
     if sh_dn:
         y = y + yp[P][:, :N].T * s_sh[2]  # [N, D]
     return y.astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Many pairs (prefill, large batches): row blocks of tokens sorted by expert, each a program row of the kernel
+# ----------------------------------------------------------------------------------------------------------
+
+SORTED_BLOCK_M = (8, 128)  # a row block's rows (the WGMMA's N): a multiple of 8, at most 128 (the accumulator)
+
+
+# From this many pairs per expert on average (prefill: 4096 tokens over 128 experts), 256-wide weight tiles 64 deep:
+# every program of a row block reads the block's x tile again, and at 32-128 rows a block that x tile is as many
+# bytes as a 128-wide FP8 weight tile or more; twice as wide halves that traffic. On one H200 at Maverick's full
+# width (docs/benchmarks.md section 31): 4096 tokens 6.4 ms against 7.5 with 128 x 128 tiles, 16384 tokens 14.1
+# against 18.3; 128-row blocks at that width spill (27.6 / 41.8 ms).
+WIDE_PAIRS_PER_EXPERT = 32
+
+
+def sorted_config(pairs, E, D, F, block_m=None, tile_n=None, tile_k=None):
+    """block_m, tile_n, tile_k, stages of `moe_fp8_mgpu_sorted` (tile_n_down / stages_down the same rule for the
+    down launch). block_m: the average pairs per expert rounded up to a power of two in [16, 64] (one row block
+    per routed expert at uniform routing, so each expert's weights are streamed about once); tiles 128 wide and
+    `mgpu_gemv.tile_k_for` deep, from WIDE_PAIRS_PER_EXPERT pairs per expert 256 wide and 64 deep (where D and
+    F divide by 256); stages: the most of 4, 3, 2 whose shared memory fits one SM."""
+    avg = -(-pairs // E)
+    bm = block_m or min(64, max(16, 1 << max(0, avg - 1).bit_length()))
+    wide = avg >= WIDE_PAIRS_PER_EXPERT and D % 256 == 0 and F % 256 == 0
+    tn = tile_n or (256 if wide else 128 if F % 128 == 0 and D % 128 == 0 else 64)
+    tk = tile_k or (64 if wide else None)
+
+    def stages(K):
+        k = tk or mgpu_gemv.tile_k_for(K)
+        return next((s for s in (4, 3, 2) if mgpu_gemv.resident(tn, k, bm, s) >= 1), 1)
+
+    return dict(block_m=bm, tile_n=tn, tile_k=tk, stages=stages(D), tile_n_down=tn, stages_down=stages(F))
+
+
+def sorted_supported(x_dtype, D, F, scales, block_m, tile_n) -> bool:
+    """Whether `moe_fp8_mgpu_sorted` takes this layer: FP8 experts with per-channel scales, bf16 x, D and F
+    multiples of tile_n and 64, block_m a multiple of 8 within SORTED_BLOCK_M."""
+    return (scales is not None and all(s.ndim == 2 for s in scales) and jnp.dtype(x_dtype) == jnp.bfloat16
+            and block_m % 8 == 0 and SORTED_BLOCK_M[0] <= block_m <= SORTED_BLOCK_M[1]
+            and D % 64 == 0 and F % 64 == 0 and D % tile_n == 0 and F % tile_n == 0)
+
+
+def sorted_wanted(pairs, E, D, F, scales, x_dtype) -> bool:
+    """Whether moe_fp8(mosaic=None) takes the sorted Mosaic GPU path: more than MAX_PAIRS pairs (fewer: the pair
+    path, `wanted`), `sorted_supported` at `sorted_config`'s tiles, on a Hopper GPU."""
+    cfg = sorted_config(pairs, E, D, F)
+    return (pairs > MAX_PAIRS and sorted_supported(x_dtype, D, F, scales, cfg["block_m"], cfg["tile_n"])
+            and mgpu_gemv.on_hopper())
+
+
+@functools.partial(jax.jit, static_argnames=("block_m", "tile_n", "tile_k", "stages", "tile_n_down", "stages_down",
+                                             "interpret"))
+def moe_fp8_mgpu_sorted(x, expert_idx, scores, w_gate, w_up, w_down, scales, *, block_m=None, tile_n=None,
+                        tile_k=None, stages=None, tile_n_down=None, stages_down=None, interpret=None):
+    """Routed experts (`moe_gemm.moe_reference`'s function, x scaled by the score in x's dtype as the reference
+    rounds it) for any number of pairs on the Mosaic GPU kernel: the pairs sorted by expert into row blocks of
+    block_m rows (`moe_gemm.sort_tokens`: each block one expert's, padded with zero rows), and each row block a
+    program row of `mgpu_gemv.gemv_partials(x_per_id=True)` streaming its expert's weights against its own rows
+    (the WGMMA's columns). Only the experts that received pairs are read (a block past the active ones reads
+    nothing and is masked); an expert with more than block_m pairs is streamed once per block.
+
+        xs[b]  = x[token of row r] * score          rows r of block b, zero on padding    [B, bm, D] bf16
+        gu[b]  = w_gate|w_up[e_b]^T xs[b]^T                                               [B, 2F, bm] f32
+        h[b]   = silu(g * s_gate[e_b]) * (u * s_up[e_b])                                  [B, bm, F] bf16
+        y[b]   = (w_down[e_b]^T h[b]^T)^T * s_down[e_b]                                   [B, bm, D]
+        out[n] = sum_j y[row of pair (n, j)]                                              [N, D]
+
+    x [N, D] bf16; expert_idx, scores [N, k]; w_gate, w_up [E, D, F], w_down [E, F, D] float8_e4m3fn; scales
+    (s_gate [E, F], s_up [E, F], s_down [E, D]) float32. A pair whose id lies outside [0, E) is dropped. Tiles:
+    `sorted_config` where not given. interpret: mgpu_gemv.interpret_params(...). Returns [N, D] bf16."""
+    from pallas_kernels.moe_gemm import sort_tokens
+
+    N, D = x.shape
+    E, _, F = w_gate.shape
+    k = expert_idx.shape[1]
+    P = N * k
+    cfg = sorted_config(P, E, D, F, block_m, tile_n, tile_k)
+    bm, tn, tnd, tk = cfg["block_m"], cfg["tile_n"], tile_n_down or cfg["tile_n_down"], cfg["tile_k"]
+    if not (sorted_supported(x.dtype, D, F, scales, bm, tn) and sorted_supported(x.dtype, D, F, scales, bm, tnd)):
+        raise ValueError(f"moe_fp8_mgpu_sorted takes bf16 x, FP8 experts with per-channel scales, D and F multiples "
+                         f"of 64 and of the tiles, block_m a multiple of 8 in {list(SORTED_BLOCK_M)}; got "
+                         f"{x.dtype} x, D={D}, F={F}, block_m={bm}, tiles {tn}/{tnd}, scales "
+                         f"{None if scales is None else [s.shape for s in scales]}")
+    routing = sort_tokens(expert_idx, E, bm)
+    R = routing.row_pair.shape[0]
+    B = R // bm
+    row_token = jnp.minimum(routing.row_pair // k, N - 1)  # [R]
+    row_score = jnp.concatenate([scores.reshape(-1).astype(x.dtype), jnp.zeros((1,), x.dtype)])[routing.row_pair]
+    xs = (x[row_token] * row_score[:, None]).reshape(B, bm, D)  # [B, bm, D]: padding rows score 0, so zero
+    live = jnp.arange(B) < routing.num_active_blocks[0]  # [B]
+    ids = jnp.where(live, routing.block_expert, -1)  # a block past the active ones reads nothing
+    e = routing.block_expert
+    sg, su, sd = scales
+
+    gu = mgpu_gemv.gemv_partials(xs, (w_gate, w_up), ids=ids, x_per_id=True, tile_n=tn, tile_k=tk,
+                                 stages=stages or cfg["stages"],
+                                 compute_dtype=jnp.bfloat16, interpret=interpret)[0]  # [B, 2F, bm]
+    g, u = gu[:, :F] * sg[e][:, :, None], gu[:, F:] * su[e][:, :, None]  # [B, F, bm]
+    h = jnp.where(live[:, None, None], jax.nn.silu(g) * u, 0.0).astype(jnp.bfloat16)  # [B, F, bm]
+    yp = mgpu_gemv.gemv_partials(jnp.swapaxes(h, 1, 2), (w_down,), ids=ids, x_per_id=True, tile_n=tnd,
+                                 tile_k=tk,
+                                 stages=stages_down or cfg["stages_down"], compute_dtype=jnp.bfloat16,
+                                 interpret=interpret)[0]  # [B, D, bm]
+    y_sorted = jnp.where(live[:, None, None], yp * sd[e][:, :, None], 0.0)  # [B, D, bm]
+    y_sorted = jnp.swapaxes(y_sorted, 1, 2).reshape(R, D)  # [R, D]
+    y = jnp.take(y_sorted, routing.pair_row, axis=0, mode="fill", fill_value=0).reshape(N, k, D)
+    return jnp.sum(y, axis=1).astype(x.dtype)

@@ -573,7 +573,8 @@ def test_mosaic_gate_up_above_16_tokens(monkeypatch, off):
     the MoE layers' shared expert, its own MLP at this many tokens) takes bf16 x as it is on the Mosaic GPU
     kernel's bf16 path (gate_up_swiglu's own choice from 17 to 64 rows, docs/benchmarks.md section
     26; no widening in the norm kernel, whose float16 form stops at 16 rows); MAVJAX_PALLAS_DISABLE=mosaic brings
-    Triton's fused gate/up back. (The kernel's values at these rows: tests/test_mgpu_gemv.py.)"""
+    Triton's fused gate/up back. (The kernel's values at these rows: tests/test_mgpu_gemv.py.) The routed experts
+    take the sorted Mosaic GPU path (section 31) or Triton's, and the logits stay the XLA path's."""
     import jax.numpy as jnp
 
     from mavjax.kv_cache import KVCache
@@ -597,6 +598,14 @@ def test_mosaic_gate_up_above_16_tokens(monkeypatch, off):
     mlps = cfg.num_hidden_layers  # the dense MLPs and, past the MoE kernels' 16 pairs, each shared expert's own
     assert (count("mgpu_fp8_gemv"), count("fp8_gate_up_swiglu")) == ((0, mlps) if off else (mlps, 0)), names
     assert count("add_rms_norm", "_widen") == 0, names
+    # the routed experts of 24 pairs: the sorted path, on the Mosaic GPU kernel (moe_mgpu.moe_fp8_mgpu_sorted, two
+    # launches) or, switched off, Triton's; the step computes the XLA path's function either way
+    n_moe = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
+    assert (count("mgpu_fp8_moe"), count("moe_gate_up_m")) == ((0, n_moe) if off else (2 * n_moe, 0)), names
+    xla = quantize_model(Llama4(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(8), kernels="xla"))  # the same weights
+    want = xla(tok, pos, cache, write_index=pos[:, 0])[0]
+    got = f(state)
+    assert float(jnp.linalg.norm((got - want).astype(jnp.float32)) / jnp.linalg.norm(want.astype(jnp.float32))) < 2e-2
 
 
 def test_mosaic_moe_takes_its_x_padded_from_the_norm(monkeypatch):

@@ -191,17 +191,20 @@ def test_dispatch_from_moe_fp8(monkeypatch):
     assert [n[:12] for n in names(shared=shared)] == ["mgpu_fp8_moe"] * 2  # the shared expert rides along
     assert not any(n.startswith("mgpu") for n in names(block_n=32))  # a tuner's Triton tiles
     assert not any(n.startswith("mgpu") for n in names(mosaic=False))
-    # up to 16 pairs, the shared expert adding no columns (17: the sorted path, which does not take it)
-    for n, sh, mosaic in ((9, shared, True), (16, shared, True), (17, None, False)):
-        f = functools.partial(moe_fp8, interpret=True, shared=sh)
-        big = jnp.ones((n, D), jnp.bfloat16), jnp.zeros((n, 1), jnp.int32), jnp.ones((n, 1), jnp.bfloat16)
+    # up to 16 pairs the pair path, the shared expert adding no columns; from 17 the sorted path on the Mosaic GPU
+    # kernel (bf16 x), or Triton's where it does not apply (f32 x) or is switched off
+    for n, sh, dt, mosaic, want in ((9, shared, jnp.bfloat16, None, True), (16, shared, jnp.bfloat16, None, True),
+                                    (17, None, jnp.bfloat16, None, True), (17, None, jnp.float32, None, False),
+                                    (17, None, jnp.bfloat16, False, False)):
+        f = functools.partial(moe_fp8, interpret=True, shared=sh, mosaic=mosaic)
+        big = jnp.ones((n, D), dt), jnp.zeros((n, 1), jnp.int32), jnp.ones((n, 1), dt)
         got = pallas_call_names(jax.make_jaxpr(f)(*big, wg, wu, wd, scales).jaxpr)
-        assert any(name.startswith("mgpu") for name in got) == mosaic, (n, got)
+        assert any(name.startswith("mgpu") for name in got) == want, (n, got)
     with pytest.raises(ValueError, match="per-channel scales"):
         moe_fp8(x, idx, sc, *(w.astype(jnp.bfloat16) for w in (wg, wu, wd)), None, mosaic=True, interpret=True)
-    with pytest.raises(ValueError, match=r"1\.\.16 \(token, expert\) pairs"):
-        moe_fp8(jnp.ones((17, D), jnp.bfloat16), jnp.zeros((17, 1), jnp.int32), jnp.ones((17, 1), jnp.bfloat16),
-                wg, wu, wd, scales, mosaic=True, interpret=True)
+    with pytest.raises(ValueError, match="moe_fp8_mgpu_sorted takes bf16 x"):
+        moe_fp8(jnp.ones((17, D)), jnp.zeros((17, 1), jnp.int32), jnp.ones((17, 1)), wg, wu, wd, scales, mosaic=True,
+                interpret=True)
 
 
 def test_default_config_counts_every_expert_streamed():
@@ -210,3 +213,83 @@ def test_default_config_counts_every_expert_streamed():
     assert mgpu_gemv.default_config(5120, (1024, 1024)) == dict(tile_n=64, split_k=10, stages=4)
     assert mgpu_gemv.default_config(5120, (1024, 1024), copies=16)["split_k"] == 1
     assert mgpu_gemv.default_config(5120, (8192, 8192), copies=1)["split_k"] == 2
+
+
+@pytest.mark.parametrize("N,k,E,D,F,used,cfg", [
+    (40, 2, 5, 128, 128, 4, dict(block_m=16, tile_n=64)),  # ragged groups, a dropped pair, expert 4 unrouted
+    (37, 1, 4, 192, 256, 1, dict(block_m=8, tile_n=64, stages=1)),  # every token on one expert: five row blocks
+    (20, 1, 3, 128, 128, 3, {}),  # sorted_config's tiles
+])
+def test_sorted_matches_reference_and_reads_only_routed_experts(N, k, E, D, F, used, cfg):
+    """moe_fp8_mgpu_sorted (the pairs sorted by expert into row blocks, each block a program row reading its
+    expert and its own rows) against the float32 reference: groups not multiples of the block, an expert with
+    more pairs than a block, empty experts holding NaN weights (a block reading one would poison its rows), a
+    pair whose id is out of range (dropped). The interpreter fills unwritten memory with NaN, so a block past
+    the active ones that the epilogue forgot to mask shows too."""
+    (wg, wu, wd), scales = _experts(N + k, E, D, F)
+    rng = np.random.default_rng(N)
+    if used == 1:
+        idx = np.full((N, k), 2, np.int32)
+    else:
+        idx = np.stack([rng.choice(used, size=k, replace=False) for _ in range(N)]).astype(np.int32)
+    if k > 1:
+        idx[5, 1] = E  # dropped
+    x = jax.random.normal(jax.random.key(N), (N, D)).astype(jnp.bfloat16)
+    sc = jax.nn.sigmoid(jax.random.normal(jax.random.key(9), (N, k))).astype(jnp.bfloat16)
+    ws, ss = _poison_unrouted((wg, wu, wd), scales, set(idx.ravel().tolist()))
+    y = moe_mgpu.moe_fp8_mgpu_sorted(x, jnp.asarray(idx), sc, *ws, ss, interpret=INTERP, **cfg)
+    ref = moe_reference(x, jnp.asarray(idx), sc, wg, wu, wd, scales=scales)
+    assert y.shape == (N, D) and y.dtype == jnp.bfloat16 and bool(jnp.isfinite(y).all())
+    assert _err(y, ref) < 1e-2, _err(y, ref)
+
+
+def test_sorted_bad_arguments():
+    E, D, F = 3, 128, 128
+    (wg, wu, wd), scales = _experts(1, E, D, F)
+    x, idx, sc = jnp.ones((20, D), jnp.bfloat16), jnp.zeros((20, 1), jnp.int32), jnp.ones((20, 1), jnp.bfloat16)
+    for kw, bad in ((dict(block_m=12), "block_m=12"), (dict(tile_n=256), "tiles 256"),
+                    (dict(block_m=256), "block_m=256")):
+        with pytest.raises(ValueError, match=bad):
+            moe_mgpu.moe_fp8_mgpu_sorted(x, idx, sc, wg, wu, wd, scales, interpret=INTERP, **kw)
+    with pytest.raises(ValueError, match="per-channel scales"):
+        moe_mgpu.moe_fp8_mgpu_sorted(x, idx, sc, wg, wu, wd, None, interpret=INTERP)
+
+
+def test_gemv_partials_with_its_own_rows_per_id():
+    """x_per_id: program row p multiplies its own rows xp[p] by expert ids[p] (exact in f32); a dropped id's
+    slice is unwritten (NaN under the interpreter); xp must hold one row block per id and no shared row."""
+    E, K, N = 3, 256, 64
+    w = jax.random.normal(jax.random.key(0), (E, K, N)).astype(mgpu_gemv.FP8)
+    xp = jax.random.normal(jax.random.key(1), (3, 16, K)).astype(jnp.bfloat16)
+    ids = jnp.asarray([2, 0, -1], jnp.int32)
+    got = mgpu_gemv.gemv_partials(xp, (w,), ids=ids, x_per_id=True, split_k=2, stages=1,
+                                  compute_dtype=jnp.bfloat16, interpret=INTERP).sum(0)  # [3, N, 16]
+    for p, e in enumerate([2, 0]):
+        want = jnp.einsum("mk,kn->nm", xp[p].astype(jnp.float32), w[e].astype(jnp.float32))
+        np.testing.assert_allclose(np.asarray(got[p]), np.asarray(want), rtol=1e-5, atol=1e-3)
+    assert bool(jnp.isnan(got[2]).all())
+    with pytest.raises(ValueError, match="x_per_id takes xp"):
+        mgpu_gemv.gemv_partials(xp[:2], (w,), ids=ids, x_per_id=True, compute_dtype=jnp.bfloat16, interpret=INTERP)
+
+
+def test_sorted_config_and_lowering_at_maverick_shapes():
+    """block_m: the average pairs per expert as a power of two in [16, 64] (4096 tokens over 128 experts: 32),
+    128-wide tiles, 256 wide and 64 deep from 32 pairs per expert (docs/benchmarks.md section 31's sweep), the
+    deepest pipeline that fits; the GPU form (row
+    blocks' own x by TMA at the block's index, the expert by its id) lowers to Mosaic GPU for CUDA on this CPU."""
+    E, D, F = 128, 5120, 8192
+    assert moe_mgpu.sorted_config(4096, E, D, F) == dict(block_m=32, tile_n=256, tile_k=64, stages=4, tile_n_down=256,
+                                                         stages_down=4)
+    assert moe_mgpu.sorted_config(17, E, D, F) == dict(block_m=16, tile_n=128, tile_k=None, stages=4, tile_n_down=128,
+                                                       stages_down=4)
+    assert moe_mgpu.sorted_config(16384, E, D, F)["block_m"] == 64
+    assert moe_mgpu.sorted_config(100, 4, 192, 320)["tile_n"] == 64  # D, F not multiples of 128
+    F = 1024  # the 8-way shard
+    ws = [jax.ShapeDtypeStruct(s, mgpu_gemv.FP8) for s in [(E, D, F), (E, D, F), (E, F, D)]]
+    ss = [jax.ShapeDtypeStruct(s, jnp.float32) for s in [(E, F), (E, F), (E, D)]]
+    for n in (512, 4096):  # 128 x 128 tiles, then 256 x 64
+        x, idx, sc = (jax.ShapeDtypeStruct((n, d), t)
+                      for d, t in ((D, jnp.bfloat16), (1, jnp.int32), (1, jnp.bfloat16)))
+        text = jax.jit(moe_mgpu.moe_fp8_mgpu_sorted).trace(x, idx, sc, *ws, ss).lower(
+            lowering_platforms=("cuda",)).as_text()
+        assert text.count("mosaic_gpu") >= 2
