@@ -449,18 +449,19 @@ def _ragged_all_to_all_emulated(operand, output, send_off, send_sizes, land_off,
 def expert_rows(xs, e, w_gate, w_up, w_down, scales, kernels="xla"):
     """Grouped SwiGLU over rows: xs [R, D] (already score-scaled), e [R] local expert id (E_loc = none) ->
     [R, D] in the same row order; sentinel rows are outside every group and come out zero.
-    kernels="pallas" with FP8 experts: the Pallas sorted grouped GEMM (`moe_fp8(method="sorted")`, which gives
-    sentinel rows no buffer row), reading the FP8 weights directly. XLA's `ragged_dot` path upcasts every local
-    expert's weights to bf16 first; on 2 H200s, with it, expert=2 prefill took 4x tensor=2's time
-    (docs/benchmarks.md section 8; the likely cause, not yet profiled)."""
+    kernels="pallas" with FP8 experts: the Pallas MoE kernels (`moe_fp8`'s own choice: above 16 rows the sorted
+    grouped GEMM, on the Mosaic GPU kernel on a Hopper GPU unless "mosaic" is switched off, docs/benchmarks.md
+    section 31; both give sentinel rows no buffer row), reading the FP8 weights directly. XLA's `ragged_dot` path
+    upcasts every local expert's weights to bf16 first; on 2 H200s, with it, expert=2 prefill took 4x tensor=2's
+    time (section 8; the likely cause, not yet profiled)."""
     from mavjax.model import expert_ragged_dot, use_pallas
 
     if use_pallas(kernels, "moe") and scales is not None:
         from pallas_kernels.moe_gemm import moe_fp8
 
         ones = jnp.ones((xs.shape[0], 1), xs.dtype)  # the router score is already on the input
-        return moe_fp8(xs, e[:, None], ones, w_gate, w_up, w_down, scales, method="sorted",
-                       interpret=jax.default_backend() == "cpu")
+        return moe_fp8(xs, e[:, None], ones, w_gate, w_up, w_down, scales, interpret=jax.default_backend() == "cpu",
+                       mosaic=None if use_pallas(kernels, "mosaic") else False)
     E_loc = w_gate.shape[0]
     order = jnp.argsort(e, stable=True)
     se = e[order]

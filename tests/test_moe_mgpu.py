@@ -293,3 +293,28 @@ def test_sorted_config_and_lowering_at_maverick_shapes():
         text = jax.jit(moe_mgpu.moe_fp8_mgpu_sorted).trace(x, idx, sc, *ws, ss).lower(
             lowering_platforms=("cuda",)).as_text()
         assert text.count("mosaic_gpu") >= 2
+
+
+def test_expert_parallel_rows_take_the_sorted_mosaic_path(monkeypatch):
+    """The expert-parallel exchange's grouped GEMM (`mavjax.parallel.expert_rows`: rows already scaled by their
+    score, sentinel id E_loc for rows routed elsewhere) takes moe_fp8's own choice: on a Hopper GPU (patched) the
+    sorted Mosaic GPU path above 16 rows, Triton's with "mosaic" switched off; sentinel rows come out zero."""
+    from helpers import pallas_call_names
+    from mavjax.parallel import expert_rows
+
+    E, D, F, R = 4, 128, 128, 24
+    (wg, wu, wd), scales = _experts(6, E, D, F)
+    xs = jax.random.normal(jax.random.key(4), (R, D)).astype(jnp.bfloat16)
+    e = jnp.asarray(np.arange(R) % (E + 1), jnp.int32)  # id E: a sentinel row
+    monkeypatch.setattr(mgpu_gemv, "on_hopper", lambda: True)
+    for off, want in (("", "mgpu_fp8_moe"), ("mosaic", "moe_gate_up_m")):
+        monkeypatch.setenv("MAVJAX_PALLAS_DISABLE", off)
+        jax.clear_caches()
+        f = functools.partial(expert_rows, kernels="pallas")
+        names = pallas_call_names(jax.make_jaxpr(f)(xs, e, wg, wu, wd, scales).jaxpr)
+        assert sum(n.startswith(want) for n in names) == (2 if off == "" else 1), names
+        y = f(xs, e, wg, wu, wd, scales)
+        ref = moe_reference(xs, jnp.minimum(e, E - 1)[:, None], jnp.ones((R, 1), jnp.bfloat16), wg, wu, wd,
+                            scales=scales)
+        live = np.asarray(e) < E
+        assert bool(jnp.all(y[~live] == 0)) and _err(y[live], ref[live]) < 1e-2

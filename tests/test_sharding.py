@@ -177,7 +177,7 @@ def test_pallas_kernels_under_a_mesh(tmp_path):
         from mavjax.config import preset
         from mavjax.model import Llama4
         from mavjax.checkpoint import save_model
-        seen = {{"heads": set(), "moe": 0, "pairs": 0, "shared": 0, "routes": 0, "sorted": 0}}
+        seen = {{"heads": set(), "moe": 0, "pairs": 0, "shared": 0, "routes": 0, "sorted": 0, "exchange": False}}
         att = da.decode_attention
         def spy_att(q, *a, **k):
             seen["heads"].add(q.shape[2])
@@ -186,9 +186,18 @@ def test_pallas_kernels_under_a_mesh(tmp_path):
         moe = mg.moe_fp8
         def spy_moe(*a, **k):
             seen["moe"] += 1
-            seen["sorted"] += k.get("method") == "sorted"  # the prefill exchange's received rows
+            seen["sorted"] += seen["exchange"]  # the prefill exchange's received rows (expert_rows)
             return moe(*a, **k)
         mg.moe_fp8 = spy_moe
+        import mavjax.parallel as par
+        rows = par.expert_rows
+        def spy_rows(*a, **k):
+            seen["exchange"] = True
+            try:
+                return rows(*a, **k)
+            finally:
+                seen["exchange"] = False
+        par.expert_rows = spy_rows
         pairs = mg.moe_fp8_pairs
         def spy_pairs(*a, **k):  # (moe_fp8's pair path comes here too)
             seen["pairs"] += 1
