@@ -1,7 +1,8 @@
 """FP8 GEMMs with fused epilogues (Pallas, Triton lowering), beside their plain jax.numpy references.
 
 Two fusions of pallas_kernels/fp8_gemm.py's kernels (same arithmetic: FP8 e4m3 weights with a float32 scale
-per output channel, [K, N] layout; "weight_only" = bf16 activations x weights upcast in registers, the
+per output channel, [K, N] layout or [N, K] with w_transposed (the Hugging Face layout, K contiguous, as
+fp8_gemm's kernels take it); "weight_only" = bf16 activations x weights upcast in registers, the
 decode path; "fp8_fp8" = activations quantized per token, FP8 tensor-core dot, the prefill path; "auto"
 picks as fp8_matmul does, weight_only for M <= 64):
 
@@ -123,9 +124,10 @@ def qkv_rope_ref(x, wq, sq, wk, sk, wv, sv, *, head_dim, rope=None, q_row_scale=
 # ----------------------------------------------------------------------------------------------------------
 
 def _k_loop(x_ref, w_refs, n0s, n_ins, *, m0, m_in, k, block_m, block_n, block_k, kb_lo, kb_hi, steps, x_fp8,
-            cdt, evict):
+            cdt, evict, w_transposed=False):
     """f32 accumulators x[m0:m0+bm] @ w[:, n0:n0+bn] for each (w, n0) over K blocks [kb_lo, kb_hi) (at most
-    `steps`): the x tile is loaded once per K step and shared by every weight (pallas_kernels/k_loop.py)."""
+    `steps`): the x tile is loaded once per K step and shared by every weight (pallas_kernels/k_loop.py).
+    w_transposed: each w is stored [N, K] (its tiles [bn, bk], K contiguous), as fp8_gemm's kernels take it."""
     hint_x, hint_w = ("evict_last", "evict_first") if (evict and not x_fp8) else (None, None)
 
     def load_x(kb):
@@ -136,12 +138,18 @@ def _k_loop(x_ref, w_refs, n0s, n_ins, *, m0, m_in, k, block_m, block_n, block_k
     def load_ws(kb):
         k0 = pl.multiple_of(kb * block_k, block_k)
         k_in = _in_bounds(k0, block_k, k)
+        if w_transposed:
+            return tuple(_load(w_ref.at[pl.ds(n0, block_n), pl.ds(k0, block_k)], _mask2(n_in, k_in), hint_w)
+                         for w_ref, n0, n_in in zip(w_refs, n0s, n_ins))                       # [bn, bk] each
         return tuple(_load(w_ref.at[pl.ds(k0, block_k), pl.ds(n0, block_n)], _mask2(k_in, n_in), hint_w)
                      for w_ref, n0, n_in in zip(w_refs, n0s, n_ins))                           # [bk, bn] each
 
+    dims = (((1,), (1 if w_transposed else 0,)), ((), ()))  # x [bm, bk] against w's K axis
+
     def step(kb, xt, ws, accs):  # xt [bm, bk]: FP8 as loaded, else in cdt (f16: scaled per row)
         # e4m3 -> f16 / bf16 is exact
-        return tuple(acc + jnp.dot(xt, w if x_fp8 else w.astype(cdt), preferred_element_type=jnp.float32)
+        return tuple(acc + lax.dot_general(xt, w if x_fp8 else w.astype(cdt), dims,
+                                           preferred_element_type=jnp.float32)
                      for w, acc in zip(ws, accs))                                              # [bm, bn]
 
     zero = jnp.zeros((block_m, block_n), jnp.float32)
@@ -181,20 +189,27 @@ def _l2norm_tiles(tiles, dtype, head_dim, eps):
     return [a * lax.rsqrt(ss / head_dim + eps)[:, None] for a in tiles]
 
 
+def _n_of(w, w_transposed):
+    """Output columns of a weight stored [K, N] (or [N, K] with w_transposed); 0 for a malformed one (the
+    checks of `_setup` name it)."""
+    return w.shape[0 if w_transposed else 1] if w.ndim == 2 else 0
+
+
 def _setup(x, weights, scales, mode, N_total, block_m, block_n, block_k, split_k, num_warps, num_stages,
-           compute_dtype, tiles_per_step):
+           compute_dtype, tiles_per_step, w_transposed=False):
     """Argument checks, mode, config and the activations as the kernel reads them."""
     if x.ndim != 2:
         raise ValueError(f"x must be [M, K], got {x.shape}")
     M, K = x.shape
     for name, w in weights.items():
-        if w.ndim != 2 or w.shape[0] != K:
-            raise ValueError(f"{name} must be [K={K}, N], got {w.shape}")
+        if w.ndim != 2 or w.shape[1 if w_transposed else 0] != K:
+            want = f"[N, K={K}] (w_transposed)" if w_transposed else f"[K={K}, N]"
+            raise ValueError(f"{name} must be {want}, got {w.shape}")
         if w.dtype != FP8:
             raise TypeError(f"{name} must be float8_e4m3fn, got {w.dtype}")
-        s = scales[name]
-        if s.shape != (w.shape[1],):
-            raise ValueError(f"the scale of {name} must be per output channel [{w.shape[1]}], got {s.shape}")
+        s, n = scales[name], _n_of(w, w_transposed)
+        if s.shape != (n,):
+            raise ValueError(f"the scale of {name} must be per output channel [{n}], got {s.shape}")
     if mode == "auto":
         mode = "weight_only" if M <= 64 else "fp8_fp8"
     if mode not in ("weight_only", "fp8_fp8"):
@@ -231,7 +246,7 @@ def _setup(x, weights, scales, mode, N_total, block_m, block_n, block_k, split_k
 # ----------------------------------------------------------------------------------------------------------
 
 def _gate_up_kernel(x_ref, xs_ref, wg_ref, sg_ref, wu_ref, su_ref, *refs, m, n, k, block_m, block_n, block_k,
-                    kb_per_split, num_splits, reduce, x_fp8, cdt, evict, interpret):
+                    kb_per_split, num_splits, reduce, x_fp8, cdt, evict, interpret, w_transposed):
     """refs: reduce None (no split) -> h; "xla" -> g, u partials [S, M, F]; "kernel" -> counters, g, u, h."""
     pid_m, pid_n, pid_s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     m0 = pl.multiple_of(pid_m * block_m, block_m)
@@ -241,7 +256,7 @@ def _gate_up_kernel(x_ref, xs_ref, wg_ref, sg_ref, wu_ref, su_ref, *refs, m, n, 
     kb_hi = jnp.minimum(kb_lo + kb_per_split, pl.cdiv(k, block_k))
     g, u = _k_loop(x_ref, (wg_ref, wu_ref), (n0, n0), (n_in, n_in), m0=m0, m_in=m_in, k=k, block_m=block_m,
                    block_n=block_n, block_k=block_k, kb_lo=kb_lo, kb_hi=kb_hi, steps=kb_per_split, x_fp8=x_fp8,
-                   cdt=cdt, evict=evict)
+                   cdt=cdt, evict=evict, w_transposed=w_transposed)
     xs = _load(xs_ref.at[pl.ds(m0, block_m)], m_in) if x_fp8 else None
     g = _scale_acc(g, sg_ref, xs, n0, n_in, block_n)  # [bm, bn] f32
     u = _scale_acc(u, su_ref, xs, n0, n_in, block_n)
@@ -266,16 +281,17 @@ def _gate_up_kernel(x_ref, xs_ref, wg_ref, sg_ref, wu_ref, su_ref, *refs, m, n, 
 
 
 _STATIC = ("mode", "block_m", "block_n", "block_k", "split_k", "num_warps", "num_stages", "out_dtype",
-           "compute_dtype", "evict", "interpret", "poison_output", "reduce")
+           "compute_dtype", "evict", "interpret", "poison_output", "reduce", "w_transposed")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC + ("mosaic",))
 def gate_up_swiglu(x, wg, sg, wu, su, *, mode="auto", block_m=None, block_n=None, block_k=None, split_k=None,
                    num_warps=None, num_stages=None, out_dtype=None, compute_dtype=None, evict=True,
-                   interpret=False, poison_output=False, reduce=None, mosaic=None, x_widened=None):
+                   interpret=False, poison_output=False, reduce=None, mosaic=None, x_widened=None, w_transposed=False):
     """h [M, F] = silu(x @ deq(wg)) * (x @ deq(wu)) in one kernel. x [M, D] (bf16 / f16 / f32), wg, wu [D, F]
-    float8_e4m3fn, sg, su [F] float32. Arguments as fp8_gemm.fp8_matmul (mode, blocks, split_k, warps,
-    stages, compute_dtype, evict, interpret, poison_output). reduce (split_k > 1): "kernel" - the last split
+    float8_e4m3fn (or [F, D] with w_transposed: the Hugging Face layout, K contiguous), sg, su [F] float32.
+    Arguments as fp8_gemm.fp8_matmul (mode, blocks, split_k, warps, stages, compute_dtype, evict, interpret,
+    poison_output). reduce (split_k > 1): "kernel" - the last split
     of each tile sums the partials and applies SwiGLU; "xla" - a jnp epilogue does (two more launches); None:
     split_k.default_reduce("gate_up") (split_k.DEFAULTS: "xla", measured faster). mosaic: gate and up through
     one launch of the Mosaic GPU kernel (pallas_kernels.mgpu_gemv), the SwiGLU in XLA's epilogue of its split-K
@@ -291,7 +307,7 @@ def gate_up_swiglu(x, wg, sg, wu, su, *, mode="auto", block_m=None, block_n=None
     if wg.shape != wu.shape:
         raise ValueError(f"w_gate {wg.shape} and w_up {wu.shape} must have the same shape")
     out_dtype = jnp.dtype(out_dtype or x.dtype)
-    F = wg.shape[1] if wg.ndim == 2 else 0
+    F = _n_of(wg, w_transposed)
     triton_tiles = (block_m, block_n, block_k, split_k, num_warps, num_stages, compute_dtype) != (None,) * 7
     if (mode in ("auto", "weight_only") and x.ndim == 2 and wg.ndim == 2
             and mgpu_gemv.wanted(mosaic, x.shape[0], x.shape[1], (F, F),
@@ -299,10 +315,11 @@ def gate_up_swiglu(x, wg, sg, wu, su, *, mode="auto", block_m=None, block_n=None
                                  auto=not triton_tiles and (x_widened is not None or x.shape[0] > mgpu_gemv.MAX_ROWS),
                                  compute_dtype=mgpu_gemv.path_dtype(x.dtype, x_widened is not None))):
         g, u = mgpu_gemv.fp8_gemv_multi(x, (wg, wu), (sg, su), widened=x_widened, out_dtype=jnp.float32,
+                                        w_layout="nk" if w_transposed else "kn",
                                         interpret=mgpu_gemv.interpret_params(interpret))  # [M, F] each
         return (_silu(g) * u).astype(out_dtype)
     c = _setup(x, {"w_gate": wg, "w_up": wu}, {"w_gate": sg, "w_up": su}, mode, F, block_m, block_n, block_k,
-               split_k, num_warps, num_stages, compute_dtype, tiles_per_step=2)
+               split_k, num_warps, num_stages, compute_dtype, tiles_per_step=2, w_transposed=w_transposed)
     M, K = c["M"], c["K"]
     if M == 0 or F == 0 or K == 0:
         return jnp.zeros((M, F), out_dtype)
@@ -311,7 +328,7 @@ def gate_up_swiglu(x, wg, sg, wu, su, *, mode="auto", block_m=None, block_n=None
     kernel = functools.partial(
         _gate_up_kernel, m=M, n=F, k=K, block_m=bm, block_n=bn, block_k=c["block_k"],
         kb_per_split=c["kb_per_split"], num_splits=S, reduce=red, x_fp8=c["mode"] == "fp8_fp8", cdt=c["cdt"],
-        evict=evict, interpret=interpret)
+        evict=evict, interpret=interpret, w_transposed=w_transposed)
     args = [c["xk"], c["xs"], wg, sg.astype(jnp.float32), wu, su.astype(jnp.float32)]
     partials = [jax.ShapeDtypeStruct((S, M, F), jnp.float32)] * 2
     final = [jax.ShapeDtypeStruct((M, F), out_dtype)]
@@ -332,7 +349,7 @@ def gate_up_swiglu(x, wg, sg, wu, su, *, mode="auto", block_m=None, block_n=None
 
 def _qkv_kernel(x_ref, xs_ref, cos_ref, sin_ref, rs_ref, wq_ref, sq_ref, wk_ref, sk_ref, wv_ref, sv_ref, *refs,
                 m, k, ns, nbs, head_dim, block_m, block_n, block_k, kb_per_split, num_splits, reduce, groups,
-                x_fp8, cdt, evict, rope, norm_eps, q_scaled, cache, interpret):
+                x_fp8, cdt, evict, rope, norm_eps, q_scaled, cache, interpret, w_transposed):
     """refs: reduce None -> q, k, v; "xla" -> their partials [S, M, N*]; "kernel" -> counters, the partials,
     q, k, v. With a cache (None, or (T, S, encode): see qkv_rope) the inputs end with the start
     slots [B] and the two caches [B * S, N], and k, v are the aliased caches ("xla" never). norm_eps: the qk
@@ -386,7 +403,7 @@ def _qkv_kernel(x_ref, xs_ref, cos_ref, sin_ref, rs_ref, wq_ref, sq_ref, wk_ref,
         n_in = _in_bounds(n0, block_n, n)
         (acc,) = _k_loop(x_ref, (w_ref,), (n0,), (n_in,), m0=m0, m_in=m_in, k=k, block_m=block_m,
                          block_n=block_n, block_k=block_k, kb_lo=kb_lo, kb_hi=kb_hi, steps=kb_per_split,
-                         x_fp8=x_fp8, cdt=cdt, evict=evict)
+                         x_fp8=x_fp8, cdt=cdt, evict=evict, w_transposed=w_transposed)
         acc = _scale_acc(acc, s_ref, xs, n0, n_in, block_n)  # [bm, bn] f32
         if rope and t < 2:  # linear: fine on a split-K partial
             c0 = pl.multiple_of(lax.rem(n0, jnp.int32(head_dim)), block_n)  # column within the head (block_n | Dh)
@@ -436,11 +453,12 @@ def _cast(v, dtype):
 def qkv_rope(x, wq, sq, wk, sk, wv, sv, *, head_dim, rope=None, q_row_scale=None, qk_norm_eps=None, cache=None,
              cache_encode=_cast, mode="auto", block_m=None, block_n=None, block_k=None, split_k=None,
              num_warps=None, num_stages=None, out_dtype=None, compute_dtype=None, evict=True, interpret=False,
-             poison_output=False, reduce=None):
+             poison_output=False, reduce=None, w_transposed=False):
     """q [M, Nq], k [M, Nk], v [M, Nv] = x @ deq(wq | wk | wv) in one launch, with the attention epilogue:
     rope = (cos, sin) [M, Dh/2] (the model's tables for each token) rotates q and k; qk_norm_eps: L2 norm of
     each head of q and k after RoPE; q_row_scale [M]: per-token scale of q (NoPE attention temperature).
-    x [M, D]; w* [D, N*] float8_e4m3fn with s* [N*] float32, N* multiples of head_dim. block_n must divide
+    x [M, D]; w* [D, N*] float8_e4m3fn (or [N*, D] with w_transposed: the Hugging Face layout, K contiguous) with
+    s* [N*] float32, N* multiples of head_dim. block_n must divide
     head_dim (default min(64 or 128, head_dim)). reduce: where split-K partials are summed and the qk norm of
     heads wider than block_n is done: "kernel" (the last program of each tile / head), "xla" (a jnp epilogue:
     one or two more launches) or None (split_k.default_reduce("qkv")). Other arguments as fp8_gemm.fp8_matmul.
@@ -456,12 +474,12 @@ def qkv_rope(x, wq, sq, wk, sk, wv, sv, *, head_dim, rope=None, q_row_scale=None
     reduce = default_reduce("qkv", reduce) if cache is None else "kernel"
     out_dtype = jnp.dtype(out_dtype or x.dtype)
     ws, ss = {"wq": wq, "wk": wk, "wv": wv}, {"wq": sq, "wk": sk, "wv": sv}
-    ns = tuple(w.shape[1] if w.ndim == 2 else 0 for w in (wq, wk, wv))
+    ns = tuple(_n_of(w, w_transposed) for w in (wq, wk, wv))
     for name, n in zip(ws, ns):
         if n % head_dim:
             raise ValueError(f"{name} has {n} output columns, not a multiple of head_dim={head_dim}")
     c = _setup(x, ws, ss, mode, sum(ns), block_m, block_n, block_k, split_k, num_warps, num_stages, compute_dtype,
-               tiles_per_step=1)  # each program streams one of the three weights
+               tiles_per_step=1, w_transposed=w_transposed)  # each program streams one of the three weights
     M, K = c["M"], c["K"]
     if block_n is None:
         c["block_n"] = min(c["block_n"], head_dim)
@@ -508,7 +526,8 @@ def qkv_rope(x, wq, sq, wk, sk, wv, sv, *, head_dim, rope=None, q_row_scale=None
         kb_per_split=c["kb_per_split"], num_splits=S, reduce=red, groups=groups, x_fp8=c["mode"] == "fp8_fp8",
         cdt=c["cdt"], evict=evict, rope=rope is not None, norm_eps=float(qk_norm_eps) if norm_in_kernel else None,
         q_scaled=q_row_scale is not None and not norm_late,
-        cache=None if cache is None else (T, kc.shape[1], cache_encode), interpret=interpret)
+        cache=None if cache is None else (T, kc.shape[1], cache_encode), interpret=interpret,
+        w_transposed=w_transposed)
     args = [c["xk"], c["xs"], cos2, sin2, rs, wq, sq.astype(jnp.float32), wk, sk.astype(jnp.float32), wv,
             sv.astype(jnp.float32)]
     partials = [jax.ShapeDtypeStruct((S, M, n), jnp.float32) for n in ns]

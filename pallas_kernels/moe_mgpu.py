@@ -177,6 +177,13 @@ def sorted_wanted(pairs, E, D, F, scales, x_dtype) -> bool:
             and mgpu_gemv.on_hopper())
 
 
+# Pairs per pass of the sorted path: more go through in chunks of tokens (lax.map), which bounds its float32
+# partials ([blocks, 2F, block_m]: 2.7 GB at Maverick's full width for 32768 pairs, 4.5x the bf16 h of Triton's
+# sorted path) at the cost of one more read of the routed experts per chunk (~5 ms at full width on an H200,
+# against ~29 ms of products for a chunk: an estimate from docs/benchmarks.md section 31's 16384-token op).
+SORTED_MAX_PAIRS = 32768
+
+
 @functools.partial(jax.jit, static_argnames=("block_m", "tile_n", "tile_k", "stages", "tile_n_down", "stages_down",
                                              "interpret"))
 def moe_fp8_mgpu_sorted(x, expert_idx, scores, w_gate, w_up, w_down, scales, *, block_m=None, tile_n=None,
@@ -196,13 +203,23 @@ def moe_fp8_mgpu_sorted(x, expert_idx, scores, w_gate, w_up, w_down, scales, *, 
 
     x [N, D] bf16; expert_idx, scores [N, k]; w_gate, w_up [E, D, F], w_down [E, F, D] float8_e4m3fn; scales
     (s_gate [E, F], s_up [E, F], s_down [E, D]) float32. A pair whose id lies outside [0, E) is dropped. Tiles:
-    `sorted_config` where not given. interpret: mgpu_gemv.interpret_params(...). Returns [N, D] bf16."""
+    `sorted_config` where not given; above SORTED_MAX_PAIRS pairs the tokens go through in equal chunks of at most
+    that many pairs. interpret: mgpu_gemv.interpret_params(...). Returns [N, D] bf16."""
     from pallas_kernels.moe_gemm import sort_tokens
 
     N, D = x.shape
     E, _, F = w_gate.shape
     k = expert_idx.shape[1]
     P = N * k
+    if P > SORTED_MAX_PAIRS:
+        n = -(-P // SORTED_MAX_PAIRS)  # chunks
+        per = -(-N // n)  # tokens a chunk; the padding tokens' pairs are dropped (id E)
+        pad = lambda a, v: jnp.pad(a, ((0, n * per - N), (0, 0)), constant_values=v).reshape(n, per, -1)  # noqa
+        kw = dict(block_m=block_m, tile_n=tile_n, tile_k=tile_k, stages=stages, tile_n_down=tile_n_down,
+                  stages_down=stages_down, interpret=interpret)
+        y = jax.lax.map(lambda c: moe_fp8_mgpu_sorted(*c, w_gate, w_up, w_down, scales, **kw),
+                        (pad(x, 0), pad(expert_idx, E), pad(scores, 0)))  # [n, per, D]
+        return y.reshape(n * per, D)[:N]
     cfg = sorted_config(P, E, D, F, block_m, tile_n, tile_k)
     bm, tn, tnd, tk = cfg["block_m"], cfg["tile_n"], tile_n_down or cfg["tile_n_down"], cfg["tile_k"]
     if not (sorted_supported(x.dtype, D, F, scales, bm, tn) and sorted_supported(x.dtype, D, F, scales, bm, tnd)):

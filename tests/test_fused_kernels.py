@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from mavjax.model import apply_rope, rms_norm, rope_tables
-from pallas_kernels.fp8_gemm import quantize_weight_per_channel
+from pallas_kernels.fp8_gemm import FP8, quantize_weight_per_channel
 from pallas_kernels.fused_gemm import (
     _rope_ref, gate_up_swiglu, gate_up_swiglu_ref, qkv_rope, qkv_rope_ref, rope_columns)
 from pallas_kernels.fused_norm import add_rms_norm, add_rms_norm_ref
@@ -220,15 +220,21 @@ QKV = [  # (M, D, H, K, Dh, rope, norm, temp, mode, cfg, out_dtype)
 ]
 
 
-@pytest.mark.parametrize("M,D,H,K,Dh,rope,norm,temp,mode,cfg,out_dtype", QKV)
-def test_qkv_rope(M, D, H, K, Dh, rope, norm, temp, mode, cfg, out_dtype):
-    keys = jax.random.split(jax.random.key(M * 100 + D), 6)
+def _qkv_inputs(seed, M, D, H, K, Dh, rope, temp):
+    """x [M, D], the (weight, scale) pairs of q, k, v, the RoPE tables of random positions (or None) and the
+    temperature row scale (or None)."""
+    keys = jax.random.split(jax.random.key(seed), 6)
     x = (jax.random.normal(keys[0], (M, D)) + 0.1).astype(jnp.bfloat16)
-    (wq, sq), (wk, sk), (wv, sv) = _w(keys[1], D, H * Dh), _w(keys[2], D, K * Dh), _w(keys[3], D, K * Dh)
+    ws = _w(keys[1], D, H * Dh), _w(keys[2], D, K * Dh), _w(keys[3], D, K * Dh)
     pos = jax.random.randint(keys[4], (1, M), 0, 9000)
     inv_freq = 1.0 / (500000.0 ** (jnp.arange(0, Dh, 2, dtype=jnp.float32) / Dh))
     tables = tuple(t[0] for t in rope_tables(inv_freq, pos)) if rope else None
-    rs = 1.0 + jax.random.uniform(keys[5], (M,)) if temp else None
+    return x, ws, tables, 1.0 + jax.random.uniform(keys[5], (M,)) if temp else None
+
+
+@pytest.mark.parametrize("M,D,H,K,Dh,rope,norm,temp,mode,cfg,out_dtype", QKV)
+def test_qkv_rope(M, D, H, K, Dh, rope, norm, temp, mode, cfg, out_dtype):
+    x, ((wq, sq), (wk, sk), (wv, sv)), tables, rs = _qkv_inputs(M * 100 + D, M, D, H, K, Dh, rope, temp)
     eps = 1e-5 if norm else None
     kw = dict(head_dim=Dh, rope=tables, q_row_scale=rs, qk_norm_eps=eps, mode=mode)
     got = qkv_rope(x, wq, sq, wk, sk, wv, sv, out_dtype=out_dtype, interpret=True, poison_output=True, **kw, **cfg)
@@ -502,3 +508,73 @@ def test_gate_up_split_k_lowers_to_a_semaphore(monkeypatch):
     assert "gpu.barrier" in text[:text.index("tt.atomic_rmw")]
     # the last split's reads of the partials: g and u, 4 splits each ([16, 64] f32 tiles)
     assert len(re.findall(r"tt\.load .*(?:isVolatile = true|cache = cg).*: tensor<16x64x!tt\.ptr<f32>>", text)) == 8
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Weights stored [N, K] (w_transposed: the Hugging Face layout, what cuBLASLt's and WGMMA's FP8 products take)
+# ---------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("M,D,F,mode,cfg", [GATE_UP[0], GATE_UP[-1], (18, 128, 64, "weight_only", {})])
+def test_gate_up_swiglu_takes_weights_stored_n_by_k(M, D, F, mode, cfg):
+    """The same kernels on the same weights stored [F, D]: the tiles are loaded [bn, bk] and contracted over
+    their K axis, so the products are unchanged - the output equals the [D, F] one to rounding (the interpreter's
+    CPU dot may sum a transposed operand in another order) - weight-only with split-K, ragged FP8 x FP8, and the
+    Mosaic GPU path's "nk" layout at 18 rows of bf16 x."""
+    kx, kg, ku = jax.random.split(jax.random.key(M + F), 3)
+    x = (jax.random.normal(kx, (M, D)) + 0.1).astype(jnp.bfloat16)
+    (wg, sg), (wu, su) = _w(kg, D, F), _w(ku, D, F)
+    kw = dict(mode=mode, interpret=True, **cfg)
+    if not cfg:
+        kw["mosaic"] = True  # (Pallas' GPU interpreter)
+    want = gate_up_swiglu(x, wg, sg, wu, su, **kw)
+    got = gate_up_swiglu(x, wg.T, sg, wu.T, su, w_transposed=True, poison_output=not kw.get("mosaic"), **kw)
+    _finite(got)
+    assert _err(got, want) < 1e-3  # (the output is bf16: a last-bit flip at most)
+    assert _err(got, gate_up_swiglu_ref(x, wg, sg, wu, su, mode=mode, out_dtype=jnp.float32)) < 1e-2
+    with pytest.raises(ValueError, match=r"must be \[N, K=.*\] \(w_transposed\)"):
+        gate_up_swiglu(x, wg, sg, wu, su, w_transposed=True, mode=mode, interpret=True, block_n=32)
+
+
+@pytest.mark.parametrize("case", [QKV[2], QKV[3], QKV[5]])
+def test_qkv_rope_takes_weights_stored_n_by_k(case):
+    """qkv_rope on wq, wk, wv stored [N*, D] equals the [D, N*] layout's output to float32 rounding (RoPE with
+    the qk norm after a split-K sum, NoPE with the temperature and a 3-way split, ragged FP8 x FP8), and the
+    cache-writing form too."""
+    M, D, H, K, Dh, rope, norm, temp, mode, cfg, out_dtype = case
+    x, ((wq, sq), (wk, sk), (wv, sv)), tables, rs = _qkv_inputs(M * 7 + D, M, D, H, K, Dh, rope, temp)
+    kw = dict(head_dim=Dh, rope=tables, q_row_scale=rs, qk_norm_eps=1e-5 if norm else None, mode=mode,
+              out_dtype=out_dtype, interpret=True, **cfg)
+    want = qkv_rope(x, wq, sq, wk, sk, wv, sv, **kw)
+    got = qkv_rope(x, wq.T, sq, wk.T, sk, wv.T, sv, w_transposed=True, poison_output=True, **kw)
+    tol = 1e-6 if out_dtype == F32 else 1e-3  # float32 rounding (a bf16 output may flip in its last bit)
+    for g, w in zip(got, want):
+        _finite(g)
+        assert _err(g, w) < tol
+    if mode == "weight_only":  # k and v straight into a cache: 2 sequences of M / 2 tokens (M even here)
+        B = 2 if M % 2 == 0 else 1
+        kc = jnp.zeros((B, 16, K, Dh), out_dtype)
+        start = jnp.arange(B, dtype=jnp.int32) * 3
+        want = qkv_rope(x, wq, sq, wk, sk, wv, sv, cache=(kc, kc, start), **kw)
+        got = qkv_rope(x, wq.T, sq, wk.T, sk, wv.T, sv, cache=(kc, kc, start), w_transposed=True, **kw)
+        for g, w in zip(got, want):
+            assert _err(g, w) < tol
+
+
+def test_n_by_k_weights_lower_for_cuda(monkeypatch):
+    """The [N, K] forms of both fused kernels lower to Triton for CUDA on this CPU (a [bn, bk] tile load and a
+    dot contracting both operands' last axes)."""
+    from helpers import lower_for_cuda
+
+    D, F, Dh = 5120, 2048, 128
+    fp8 = lambda *s: jax.ShapeDtypeStruct(s, FP8)  # noqa: E731
+    f32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)  # noqa: E731
+    x = jax.ShapeDtypeStruct((8, D), jnp.bfloat16)
+    _, texts = lower_for_cuda(lambda x, wg, sg, wu, su: gate_up_swiglu(x, wg, sg, wu, su, w_transposed=True,
+                                                                     mosaic=False),
+                              x, fp8(F, D), f32(F), fp8(F, D), f32(F), monkeypatch=monkeypatch)
+    _, texts2 = lower_for_cuda(lambda x, wq, sq, wk, sk, wv, sv: qkv_rope(x, wq, sq, wk, sk, wv, sv, head_dim=Dh,
+                                                                          w_transposed=True),
+                               x, fp8(5 * Dh, D), f32(5 * Dh), fp8(Dh, D), f32(Dh), fp8(Dh, D), f32(Dh),
+                               monkeypatch=monkeypatch)
+    for name, ts in (("fp8_gate_up_swiglu", texts), ("fp8_qkv_rope", texts2)):
+        assert any(name in t and "tt.dot" in t for t in ts), (name, [t[:80] for t in ts])

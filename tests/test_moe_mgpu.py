@@ -287,7 +287,7 @@ def test_sorted_config_and_lowering_at_maverick_shapes():
     F = 1024  # the 8-way shard
     ws = [jax.ShapeDtypeStruct(s, mgpu_gemv.FP8) for s in [(E, D, F), (E, D, F), (E, F, D)]]
     ss = [jax.ShapeDtypeStruct(s, jnp.float32) for s in [(E, F), (E, F), (E, D)]]
-    for n in (512, 4096):  # 128 x 128 tiles, then 256 x 64
+    for n in (512, 4096, 40000):  # 128 x 128 tiles, then 256 x 64, then two chunks of 20000 tokens
         x, idx, sc = (jax.ShapeDtypeStruct((n, d), t)
                       for d, t in ((D, jnp.bfloat16), (1, jnp.int32), (1, jnp.bfloat16)))
         text = jax.jit(moe_mgpu.moe_fp8_mgpu_sorted).trace(x, idx, sc, *ws, ss).lower(
@@ -318,3 +318,25 @@ def test_expert_parallel_rows_take_the_sorted_mosaic_path(monkeypatch):
                             scales=scales)
         live = np.asarray(e) < E
         assert bool(jnp.all(y[~live] == 0)) and _err(y[live], ref[live]) < 1e-2
+
+
+def test_sorted_goes_through_in_chunks_above_its_pair_limit(monkeypatch):
+    """Above SORTED_MAX_PAIRS pairs the tokens go through in equal chunks (a scan; the padding tokens' pairs
+    dropped): the same function as one pass."""
+    from helpers import equations
+
+    E, D, F, N, k = 4, 128, 64, 45, 2
+    (wg, wu, wd), scales = _experts(12, E, D, F)
+    x = jax.random.normal(jax.random.key(12), (N, D)).astype(jnp.bfloat16)
+    idx = jnp.asarray(np.random.default_rng(12).integers(0, E, (N, k)), jnp.int32)
+    sc = jax.nn.sigmoid(jax.random.normal(jax.random.key(13), (N, k))).astype(jnp.bfloat16)
+    f = functools.partial(moe_mgpu.moe_fp8_mgpu_sorted, block_m=16, tile_n=64, interpret=INTERP)
+    args = (x, idx, sc, wg, wu, wd, scales)
+    scans = lambda: [e.primitive.name for e in equations(jax.make_jaxpr(f)(*args).jaxpr)].count("scan")  # noqa
+    whole, one_pass = f(*args), scans()
+    monkeypatch.setattr(moe_mgpu, "SORTED_MAX_PAIRS", 32)  # 90 pairs: three chunks of 15 tokens
+    jax.clear_caches()
+    assert scans() == one_pass + 1  # the chunks' map around the same pass
+    chunked = f(*args)
+    assert bool(jnp.isfinite(chunked).all()) and chunked.shape == (N, D)
+    assert _err(chunked, whole) < 1e-3 and _err(chunked, moe_reference(*args[:6], scales=scales)) < 1e-2
