@@ -19,7 +19,7 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mavjax.benchmarking import kernel_time, copy_bandwidth  # noqa: E402
-from pallas_kernels.fp8_gemm import fp8_matmul, FP8  # noqa: E402
+from pallas_kernels.fp8_gemm import fp8_matmul, FP8, quantize_activation_per_token  # noqa: E402
 
 
 
@@ -27,11 +27,10 @@ def xla_fp8(x, w, s, w_layout):
     """XLA's own FP8 x FP8 dot: x quantized per token to e4m3, w [K, N] ("kn", the model's layout) or [N, K] ("nk",
     K contiguous: what cuBLASLt's FP8 GEMM takes; from [K, N] XLA transposes the weight on every call), the two
     scales applied to the float32 product."""
-    xs = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=1, keepdims=True) / 448 + 1e-12  # [M, 1]
-    xq = (x / xs).astype(FP8)
+    xq, xs = quantize_activation_per_token(x)  # [M, K] e4m3, [M]
     dims = (((1,), (0 if w_layout == "kn" else 1,)), ((), ()))
     y = jax.lax.dot_general(xq, w, dims, preferred_element_type=jnp.float32)  # [M, N]
-    return (y * xs * s).astype(x.dtype)
+    return (y * xs[:, None] * s).astype(x.dtype)
 
 
 SHAPES = [("gate|up", 5120, 16384), ("o", 5120, 5120), ("down", 16384, 5120), ("gate|up/8", 5120, 4096),
