@@ -27,7 +27,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from checkpoints.hf_layout import Source, canonical_name, redundant_names, sources
-from mavjax.checkpoint import CheckpointWriter
+from mavjax.checkpoint import CheckpointWriter, unpermuted_shape
 from mavjax.config import ConfigError, Llama4Config
 from mavjax.quantize import quantize_weight
 
@@ -124,7 +124,9 @@ def convert(hf_dir: str | Path, out_dir: str | Path, dtype: str = "bfloat16", pr
         if progress:
             print(f"{out_dir} already holds this conversion; pass --overwrite to convert again")
         return ConversionSummary(out_dir, 0, len(plan), vision_skipped, already_done=True)
-    if {s.target: s.shape for s in plan} != {t: v for t, v in writer.shapes.items() if not t.endswith("_scale")}:
+    bf16_layout = {t: unpermuted_shape(v, (writer.layout_of(t) or (None,))[0]) for t, v in writer.shapes.items()
+                   if not t.endswith("_scale")}
+    if {s.target: s.shape for s in plan} != bf16_layout:
         raise RuntimeError("checkpoints.hf_layout and mavjax.model disagree on the parameters of this config")
     todo = [s for s in plan if not writer.has(s.target)]
     kept: dict[str, np.ndarray] = {}  # tensors the next parameter also reads (a fused gate_up_proj)
@@ -134,11 +136,12 @@ def convert(hf_dir: str | Path, out_dir: str | Path, dtype: str = "bfloat16", pr
         kept = {n: a for n, a in zip(src.hf_names, arrays) if n in following}
         value = src.build(*arrays)
         del arrays  # free this parameter's tensors before reading the next one's
-        contract = writer.contract_of(src.target)
-        if contract is None:
+        layout = writer.layout_of(src.target)
+        if layout is None:
             writer.write(src.target, value)
-        else:  # FP8: quantize on the host, write the weight and its scale
-            w8, scale = quantize_weight(value.astype(np.float32), tuple(contract))
+        else:  # FP8: quantize on the host in the stored layout, write the weight and its scale
+            perm, contract = layout
+            w8, scale = quantize_weight(np.transpose(value, perm).astype(np.float32), contract)
             if not writer.has(src.target + "_scale"):  # written before an interruption: the weight marks done
                 writer.write(src.target + "_scale", np.asarray(scale))
             writer.write(src.target, np.asarray(w8))

@@ -5,6 +5,10 @@
     <dir>/params/<target>/        one orbax checkpoint {"value": array} per parameter, e.g. params/layers.3.attn.wq/
     <dir>/mavjax_manifest.json    format version, dtype, and every parameter's shape and dtype
 
+Format version 2 stores the FP8 attention and dense-MLP weights output first, [*out, *in]
+(`mavjax.model.stored_layout`); version 1 stored every weight [*in, *out]. Version 1 checkpoints still load: their
+FP8 weights are transposed as they are read.
+
 One checkpoint per parameter lets a conversion stream tensor by tensor and resume parameter by parameter.
 A parameter is saved under params/.partial/ and renamed into place once orbax has finished it, so a directory
 params/<target>/ is always whole. The manifest is written last, atomically: a directory without it is
@@ -15,6 +19,7 @@ its config and dtype, so that a resumed run can check that it continues the same
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -22,13 +27,16 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from mavjax.config import Llama4Config
-from mavjax.model import Llama4
+from mavjax.model import Llama4, stored_layout
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "mavjax_manifest.json"
 PENDING = "mavjax_pending.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
@@ -46,14 +54,15 @@ def param_shapes(cfg: Llama4Config, quant: str | None = None) -> dict[str, tuple
 
 
 def param_specs(cfg: Llama4Config, quant: str | None = None) -> dict[str, tuple[tuple[int, ...], object, tuple]]:
-    """target -> (shape, fixed dtype or None, contracted axes or None). FP8 weights are float8_e4m3fn and their
-    scales float32 whatever the checkpoint's dtype; every other parameter is stored in the checkpoint's dtype."""
+    """target -> (shape, fixed dtype or None, stored layout or None). FP8 weights are float8_e4m3fn and their
+    scales float32 whatever the checkpoint's dtype; every other parameter is stored in the checkpoint's dtype.
+    The layout of an FP8 weight is `mavjax.model.stored_layout`'s (perm, contract)."""
     model = nnx.eval_shape(lambda: Llama4(cfg, dtype=jnp.bfloat16, quant=quant))
     out = {}
     for path, var in _flat_params(model):
         v = var.get_value()
         fixed = v.dtype if v.dtype in (jnp.float8_e4m3fn, jnp.float32) else None
-        out[_dotted(path)] = (tuple(v.shape), fixed, var.get_metadata().get("contract"))
+        out[_dotted(path)] = (tuple(v.shape), fixed, stored_layout(var))
     return out
 
 
@@ -82,12 +91,14 @@ class CheckpointWriter:
             _clear(self.dir)
             found = None
         if found is not None:
-            old_cfg, old_dtype, complete, old_quant = found
+            old_cfg, old_dtype, complete, old_quant, old_version = found
             diff = [f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(old_cfg, f.name)]
             if old_dtype != self.dtype:
                 diff.append(f"dtype ({old_dtype.name} there, {self.dtype.name} asked)")
             if old_quant != quant:
                 diff.append(f"quantization ({old_quant} there, {quant} asked)")
+            elif quant is not None and old_version != FORMAT_VERSION:  # FP8 weights laid out otherwise there
+                diff.append(f"format version ({old_version} there, {FORMAT_VERSION} written now)")
             if diff:
                 state = "checkpoint" if complete else "unfinished checkpoint"
                 raise CheckpointError(f"{self.dir} holds a mavjax {state} that differs in {', '.join(diff)}; "
@@ -105,10 +116,10 @@ class CheckpointWriter:
     def dtype_of(self, target: str):
         return self.specs[target][1] or self.dtype
 
-    def contract_of(self, target: str):
-        """The contracted axes of a weight stored in FP8 (quantize it with them), else None."""
-        shape, fixed, contract = self.specs[target]
-        return contract if fixed == jnp.float8_e4m3fn else None
+    def layout_of(self, target: str):
+        """(perm, contract) of a weight stored in FP8 - quantize jnp.transpose(w, perm) over its axes contract -
+        else None."""
+        return self.specs[target][2]
 
     def write(self, target: str, value) -> None:
         """Save one parameter (numpy or jax array, cast to its stored dtype: the checkpoint's, or float8 /
@@ -151,12 +162,15 @@ def load_model(path: str | Path, *, dtype=None, shardings: dict | None = None, k
     model = nnx.eval_shape(lambda: Llama4(cfg, dtype=dtype, kernels=kernels, quant=quant))
     params = {_dotted(p): var for p, var in _flat_params(model)}
     stored, shardings = manifest["params"], dict(shardings or {})
+    # version 1 stored every FP8 weight [*in, *out]: read those in that layout, then transpose (perm)
+    old_perm = {t: lay[0] for t, var in params.items() if manifest["format_version"] == 1
+                and (lay := stored_layout(var)) is not None and lay[0] != tuple(range(len(lay[0])))}
     for target, var in params.items():  # check everything before reading anything
         if target not in stored:
             raise CheckpointError(f"{path}: parameter {target!r} is missing from the checkpoint")
-        if tuple(stored[target]["shape"]) != var.get_value().shape:
+        if tuple(stored[target]["shape"]) != unpermuted_shape(var.get_value().shape, old_perm.get(target)):
             raise CheckpointError(f"{path}: parameter {target!r} has shape {tuple(stored[target]['shape'])}, "
-                                  f"the model needs {var.get_value().shape}")
+                                  f"the model needs {unpermuted_shape(var.get_value().shape, old_perm.get(target))}")
     for what, names in (("parameter", stored), ("sharding given for", shardings)):
         unknown = sorted(set(names) - set(params))
         if unknown:
@@ -165,8 +179,17 @@ def load_model(path: str | Path, *, dtype=None, shardings: dict | None = None, k
     with ocp.StandardCheckpointer() as ckptr:
         for target, var in params.items():
             v = var.get_value()  # FP8 weights and their scales keep their own dtype
-            want = jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings.get(target, default))
-            var.set_value(ckptr.restore((path / "params" / target).absolute(), {"value": want})["value"])
+            sharding, perm = shardings.get(target, default), old_perm.get(target)
+            if perm is None:
+                want = jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding)
+                var.set_value(ckptr.restore((path / "params" / target).absolute(), {"value": want})["value"])
+                continue
+            inv = tuple(int(i) for i in np.argsort(perm))  # stored axis j is the old layout's axis perm[j]
+            old_sharding = (jax.sharding.NamedSharding(sharding.mesh, P(*(_spec_at(sharding.spec, i) for i in inv)))
+                            if isinstance(sharding, jax.sharding.NamedSharding) else sharding)
+            want = jax.ShapeDtypeStruct(unpermuted_shape(v.shape, perm), v.dtype, sharding=old_sharding)
+            old = ckptr.restore((path / "params" / target).absolute(), {"value": want})["value"]
+            var.set_value(jax.jit(functools.partial(jnp.transpose, axes=perm), out_shardings=sharding)(old))
     model.inv_freq.set_value(jnp.asarray(cfg.rope_inv_freq(), jnp.float32))  # derived from config, not saved
     abstract = [_dotted(p) for p, v in nnx.to_flat_state(nnx.state(model))
                 if isinstance(v.get_value(), jax.ShapeDtypeStruct)]
@@ -182,6 +205,21 @@ def save_model(model: Llama4, out_dir: str | Path, tokenizer_src_dir: str | Path
     for path, var in _flat_params(model):
         writer.write(_dotted(path), var.get_value())
     writer.finalize(tokenizer_src_dir)
+
+
+def unpermuted_shape(shape, perm):
+    """The shape that jnp.transpose(., perm) turns into `shape` (`shape` itself for perm None): an FP8 weight's
+    bf16 layout (perm its stored_layout's), as a version-1 checkpoint stores it."""
+    if perm is None:
+        return tuple(shape)
+    out = [0] * len(shape)
+    for j, i in enumerate(perm):
+        out[i] = shape[j]
+    return tuple(out)
+
+
+def _spec_at(spec, i):
+    return spec[i] if i < len(spec) else None
 
 
 def _flat_params(model):
@@ -202,22 +240,24 @@ def _read_manifest(path: Path) -> dict:
         raise CheckpointError(f"incomplete checkpoint {path}: no {MANIFEST} (conversion interrupted? re-run "
                               f"`mavjax convert` with the same arguments to resume)")
     manifest = json.loads((path / MANIFEST).read_text())
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") not in READABLE_VERSIONS:
         raise CheckpointError(f"{path}: checkpoint format version {manifest.get('format_version')!r} is not "
-                              f"supported (this mavjax reads version {FORMAT_VERSION})")
+                              f"supported (this mavjax reads versions {', '.join(map(str, READABLE_VERSIONS))})")
     return manifest
 
 
 def _existing(out_dir: Path):
-    """What `out_dir` holds: None if nothing, else (config, dtype, complete, quant) of the checkpoint there."""
+    """What `out_dir` holds: None if nothing, else (config, dtype, complete, quant, format version) of the
+    checkpoint there."""
     if not out_dir.exists() or not any(out_dir.iterdir()):
         return None
     if (out_dir / MANIFEST).is_file():
         m = _read_manifest(out_dir)
-        return Llama4Config.from_json(out_dir), jnp.dtype(m["dtype"]), True, m.get("quant")
+        return Llama4Config.from_json(out_dir), jnp.dtype(m["dtype"]), True, m.get("quant"), m["format_version"]
     if (out_dir / PENDING).is_file():
         pending = json.loads((out_dir / PENDING).read_text())
-        return Llama4Config.from_dict(pending["config"]), jnp.dtype(pending["dtype"]), False, pending.get("quant")
+        return (Llama4Config.from_dict(pending["config"]), jnp.dtype(pending["dtype"]), False, pending.get("quant"),
+                pending.get("format_version"))
     raise CheckpointError(f"{out_dir} is not empty and holds no mavjax checkpoint; choose a new or empty directory")
 
 

@@ -32,15 +32,32 @@ def _param(rngs: nnx.Rngs, shape, axes, dtype, std, init="normal", contract=None
     return nnx.Param(value, logical_axes=axes, **meta)
 
 
-def _weight(rngs, shape, axes, dtype, std, contract, quant):
-    """A projection weight and its FP8 scale (None unless quant == "fp8"). FP8 weights are float8_e4m3fn with a
-    float32 scale per output channel (the published FP8 release's scheme); `mavjax.quantize` fills them."""
+def _weight(rngs, shape, axes, dtype, std, contract, quant, out_first=True):
+    """A projection weight and its FP8 scale (None unless quant == "fp8"). `shape` is the weight's layout in a
+    bf16 model, its contracted (input) axes `contract` first. FP8 weights are float8_e4m3fn with a float32 scale
+    per output channel (the published FP8 release's scheme); `mavjax.quantize` fills them. With `out_first` an FP8
+    weight is stored output axes first, [*out, *in] - torch Linear's [N, K], as the FP8 release stores it: K
+    contiguous is what FP8 tensor cores read (cuBLASLt's FP8 GEMM, WGMMA), and the decode kernels stream it 3-14%
+    faster (docs/benchmarks.md sections 28, 31). The routed experts (and the shared expert, which rides in their
+    launches) keep [.., K, N]. The Param's `perm` says how: stored = jnp.transpose(bf16 layout, perm); its
+    `contract` names the stored array's contracted axes."""
     if quant is None:
         return _param(rngs, shape, axes, dtype, std, contract=contract), None
-    out_shape = tuple(d for i, d in enumerate(shape) if i not in contract)
-    out_axes = tuple(a for i, a in enumerate(axes) if i not in contract)
-    w = nnx.Param(jnp.zeros(shape, jnp.float8_e4m3fn), logical_axes=axes, contract=contract)
-    return w, nnx.Param(jnp.ones(out_shape, jnp.float32), logical_axes=out_axes)
+    keep = tuple(i for i in range(len(shape)) if i not in contract)
+    perm = keep + tuple(contract) if out_first else tuple(range(len(shape)))
+    stored_contract = tuple(perm.index(i) for i in contract)
+    w = nnx.Param(jnp.zeros(tuple(shape[i] for i in perm), jnp.float8_e4m3fn),
+                  logical_axes=tuple(axes[i] for i in perm), contract=stored_contract, perm=perm)
+    return w, nnx.Param(jnp.ones(tuple(shape[i] for i in keep), jnp.float32),
+                        logical_axes=tuple(axes[i] for i in keep))
+
+
+def stored_layout(var) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """(perm, contract) of an FP8 projection weight (see _weight), None for any other parameter."""
+    meta = var.get_metadata() if isinstance(var, nnx.Param) else {}
+    if "perm" not in meta or var.get_value().dtype != jnp.float8_e4m3fn:
+        return None
+    return tuple(meta["perm"]), tuple(meta["contract"])
 
 
 # The Pallas kernel families kernels="pallas" uses. MAVJAX_PALLAS_DISABLE="moe,attention" (a comma list) runs
@@ -55,30 +72,37 @@ def _weight(rngs, shape, axes, dtype, std, contract, quant):
 # widened to float16 by the norm kernel before it, MLP.widen_rows; or bf16 x of 17-64 tokens), and the MoE
 # layers' experts (pallas_kernels.moe_mgpu, routed by XLA: MoE.experts_on_mosaic; above 16 pairs its sorted path);
 # switched off, Triton's gate/up + SwiGLU, MoE pair kernels (routing in-kernel) and sorted kernels.
+# "fp8_prefill" is the FP8 projections stored [N, K] above PALLAS_GEMM_MAX_ROWS rows as FP8 x FP8 products
+# (fp8_prefill_matmul, XLA's FP8 GEMM); switched off, those run as on the XLA path (the weight upcast to bf16).
 PALLAS_OPS = ("gemm", "qkv", "gate_up", "moe", "moe_shared", "moe_router", "norm_router", "attention",
-              "prefill_attention", "norm", "mosaic")
+              "prefill_attention", "norm", "mosaic", "fp8_prefill")
 
 
 # The token rows (B x T) up to which kernels="pallas" runs the FP8 projections (families "gemm", "qkv", "gate_up")
 # on the Pallas kernels: decode, speculative verification, small batches, where they stream the weights. Above it
-# (prefill, large batches) the projections are compute-bound and run as on the XLA path, the FP8 weight upcast to
-# bf16 inside XLA's own GEMM fusion: on one H200 that was 1.4-8.5x faster than the Triton FP8 x FP8 kernel the Pallas
-# path ran there, at every Maverick shape (full width and 1/8 shards) from 128 to 8192 rows, and the 2-layer
-# Maverick-width model's time to first token 11% / 21% lower at 512 / 4096 tokens (docs/benchmarks.md section 29).
-# The residual add + norm, the MoE and the attention keep their own rules. MAVJAX_PALLAS_GEMM_MAX_ROWS=N moves the
-# line (a large N: the Triton FP8 x FP8 prefill, for A/B runs).
+# (prefill, large batches) the projections are compute-bound: FP8 x FP8 products on XLA's FP8 GEMM where the weight
+# is stored [N, K] (fp8_prefill_matmul), else as on the XLA path, the FP8 weight upcast to bf16 inside XLA's own GEMM
+# fusion: on one H200 that was 1.4-8.5x faster than the Triton FP8 x FP8 kernel the Pallas path ran there, at every
+# Maverick shape (full width and 1/8 shards) from 128 to 8192 rows, and the 2-layer Maverick-width model's time to
+# first token 11% / 21% lower at 512 / 4096 tokens (docs/benchmarks.md section 29). The residual add + norm, the
+# MoE and the attention keep their own rules. MAVJAX_PALLAS_GEMM_MAX_ROWS=N moves the line (a large N: the Triton
+# kernels at prefill, for A/B runs).
 PALLAS_GEMM_MAX_ROWS = 64
+
+
+def gemm_max_rows() -> int:
+    """PALLAS_GEMM_MAX_ROWS, or MAVJAX_PALLAS_GEMM_MAX_ROWS where set."""
+    limit = os.environ.get("MAVJAX_PALLAS_GEMM_MAX_ROWS", "").strip()
+    try:
+        return int(limit) if limit else PALLAS_GEMM_MAX_ROWS
+    except ValueError:
+        raise ValueError(f"MAVJAX_PALLAS_GEMM_MAX_ROWS must be an integer, got {limit!r}") from None
 
 
 def pallas_gemm(kernels: str, op: str, rows: int) -> bool:
     """Whether an FP8 projection of kernel family `op` ("gemm", "qkv" or "gate_up") over `rows` token rows runs as
     a Pallas kernel on the `kernels` path (`use_pallas` and at most PALLAS_GEMM_MAX_ROWS rows)."""
-    limit = os.environ.get("MAVJAX_PALLAS_GEMM_MAX_ROWS", "").strip()
-    try:
-        limit = int(limit) if limit else PALLAS_GEMM_MAX_ROWS
-    except ValueError:
-        raise ValueError(f"MAVJAX_PALLAS_GEMM_MAX_ROWS must be an integer, got {limit!r}") from None
-    return use_pallas(kernels, op) and rows <= limit
+    return use_pallas(kernels, op) and rows <= gemm_max_rows()
 
 
 def use_pallas(kernels: str, op: str) -> bool:
@@ -114,23 +138,46 @@ def shared_may_ride(kernels: str, w_gate_shared, w_gate_routed) -> bool:
             and w_gate_shared.shape == w_gate_routed.shape[1:] and w_gate_shared.dtype == w_gate_routed.dtype)
 
 
-def dense(x, w, scale, n_in, kernels="xla"):
-    """x [..., *in] @ w [*in, *out] -> [..., *out], contracting x's last n_in axes with w's first n_in.
-    w is bf16/f32 (scale None), or FP8 with a float32 scale per output channel [*out]: on the XLA path the
-    weight is upcast to x's dtype then multiplied (XLA's own FP8 dot is ~10x slower at decode shapes), on
-    the Pallas path it streams through pallas_kernels.fp8_gemm (FP8 bytes read, upcast in registers)."""
+def dense(x, w, scale, n_in, kernels="xla", w_nk=False):
+    """x [..., *in] @ w -> [..., *out], contracting x's last n_in axes. w is bf16/f32 [*in, *out] (scale None), or
+    FP8 with a float32 scale per output channel [*out], stored [*in, *out] or, with w_nk, [*out, *in] (_weight's
+    out_first). FP8 on the XLA path: the weight upcast to x's dtype inside XLA's GEMM (XLA's own FP8 dot is ~10x
+    slower at decode shapes). On the Pallas path: up to PALLAS_GEMM_MAX_ROWS token rows pallas_kernels.fp8_gemm
+    streams it (FP8 bytes read, upcast in registers); above, with [N, K] weights, FP8 tensor-core products
+    (fp8_prefill_matmul: x quantized per token), else XLA's upcast + dot."""
     if scale is None:
         return jnp.tensordot(x, w, axes=n_in)
-    in_shape, out_shape = w.shape[:n_in], w.shape[n_in:]
-    x2 = x.reshape(-1, int(np.prod(in_shape)))
-    w2 = w.reshape(x2.shape[1], -1)
+    in_shape, out_shape = (w.shape[-n_in:], w.shape[:-n_in]) if w_nk else (w.shape[:n_in], w.shape[n_in:])
+    K = int(np.prod(in_shape))
+    x2 = x.reshape(-1, K)
+    w2 = w.reshape(-1, K) if w_nk else w.reshape(K, -1)  # [N, K] or [K, N] (free reshapes)
+    s = scale.reshape(-1)
     if pallas_gemm(kernels, "gemm", x2.shape[0]):
         from pallas_kernels.fp8_gemm import fp8_matmul
 
-        y = fp8_matmul(x2, w2, scale.reshape(-1), out_dtype=x.dtype, interpret=jax.default_backend() == "cpu")
+        y = fp8_matmul(x2, w2, s, out_dtype=x.dtype, w_transposed=w_nk, interpret=jax.default_backend() == "cpu")
+    elif w_nk and x2.shape[0] > gemm_max_rows() and use_pallas(kernels, "fp8_prefill"):
+        y = fp8_prefill_matmul(x2, w2, s, x.dtype)
     else:
-        y = (jnp.dot(x2, w2.astype(x.dtype), preferred_element_type=jnp.float32) * scale.reshape(-1)).astype(x.dtype)
+        dims = (((1,), (1 if w_nk else 0,)), ((), ()))
+        y = jax.lax.dot_general(x2, w2.astype(x.dtype), dims, preferred_element_type=jnp.float32)  # [M, N]
+        y = (y * s).astype(x.dtype)
     return y.reshape(*x.shape[:-n_in], *out_shape)
+
+
+def fp8_prefill_matmul(x, w, scale, out_dtype):
+    """x [M, K] @ (w [N, K] FP8 * scale [N]) with FP8 tensor-core products: x quantized per token to e4m3
+    (pallas_kernels.fp8_gemm.quantize_activation_per_token), the product XLA's FP8 dot (cuBLASLt's FP8 GEMM on
+    GPU, which reads both operands K-contiguous), both scales applied to its float32 result. kernels="pallas"
+    runs the FP8 projections of more than PALLAS_GEMM_MAX_ROWS rows (prefill, large batches) this way: on one
+    H200 1029-1170 TFLOP/s at full width, 1.6-2.6x the upcast + dot, and the 2-layer Maverick-width model's time to
+    first token 11-17% lower at 4096-16384 tokens (docs/benchmarks.md section 32); x's rounding to e4m3 moves the
+    shipped model's perplexity by +1.6% (tests/test_fp8_quality.py)."""
+    from pallas_kernels.fp8_gemm import quantize_activation_per_token
+
+    xq, xs = quantize_activation_per_token(x)  # [M, K] e4m3, [M] float32
+    y = jax.lax.dot_general(xq, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)  # [M, N]
+    return (y * xs[:, None] * scale).astype(out_dtype)
 
 
 def rms_norm(x, scale, eps):
@@ -251,6 +298,7 @@ class Attention(nnx.Module):
         self.wk, self.wk_scale = _weight(rngs, (D, K, Dh), ("embed", "kv_heads", "head_dim"), dtype, std, (0,), quant)
         self.wv, self.wv_scale = _weight(rngs, (D, K, Dh), ("embed", "kv_heads", "head_dim"), dtype, std, (0,), quant)
         self.wo, self.wo_scale = _weight(rngs, (H, Dh, D), ("heads", "head_dim", "embed"), dtype, std, (0, 1), quant)
+        self.w_nk = quant is not None  # FP8 weights stored output first (_weight): wq [H, Dh, D], wo [D, H, Dh]
         self.use_rope = cfg.uses_rope(layer)
         self.qk_norm = cfg.use_qk_norm and self.use_rope
         self.temperature_tuning = cfg.attn_temperature_tuning and not self.use_rope
@@ -274,7 +322,7 @@ class Attention(nnx.Module):
         Returns (out [B, T, D], updated (k, v) or None); `project=False`: out is the attention output before wo,
         [B, T, H, Dh] (the tensor-parallel path projects each device's heads itself, mavjax.parallel)."""
         B, T = x.shape[:2]
-        G = self.wq.shape[1] // self.wk.shape[1]
+        G = self._heads(self.wq)[0] // self._heads(self.wk)[0]
         on_pallas = (cache_kv is not None and use_pallas(self.kernels, "attention") and T * G <= PALLAS_MAX_ROWS
                      and attn_mask is None)  # the split-KV kernel, over the cache
         if fresh_cache and attn_mask is not None:
@@ -325,15 +373,19 @@ class Attention(nnx.Module):
             return o, new_cache
         return self._proj(o, self.wo, self.wo_scale, 2), new_cache  # [B, T, H, Dh] x [H, Dh, D] -> [B, T, D]
 
+    def _heads(self, w):
+        """(heads, head_dim) of wq / wk / wv as stored (on a tensor-parallel device: its own heads)."""
+        return tuple(w.shape[:2] if self.w_nk else w.shape[1:])
+
     def _proj(self, x, w, scale, n_in):
-        return dense(x, w[...], None if scale is None else scale[...], n_in, self.kernels)
+        return dense(x, w[...], None if scale is None else scale[...], n_in, self.kernels, self.w_nk)
 
     def out_add_norm(self, o, x, norm: "RMSNorm", router=None, widen_rows=None, pad_rows=None):
         """(x + wo(o), norm of it) for the attention output o [B, T, H, Dh] (dense_add_norm; with `router`
         also the MoE router's logit partials and with `pad_rows` the norm's padded copy, with `widen_rows` the
         norm's float16 form)."""
         return dense_add_norm(o, self.wo[...], None if self.wo_scale is None else self.wo_scale[...], 2, x, norm,
-                              self.kernels, router=router, widen_rows=widen_rows, pad_rows=pad_rows)
+                              self.kernels, router=router, widen_rows=widen_rows, pad_rows=pad_rows, w_nk=self.w_nk)
 
     def _fused_qkv(self, x, positions, rope, cache=None):
         """kernels="pallas", FP8 weights: q, k, v through pallas_kernels.fused_gemm.qkv_rope, with RoPE, the
@@ -343,15 +395,18 @@ class Attention(nnx.Module):
         from pallas_kernels.fused_gemm import qkv_rope
 
         B, T, D = x.shape
-        (_, H, Dh), K = self.wq.shape, self.wk.shape[1]
-        flat = lambda w, s, n: (w[...].reshape(D, n * Dh), s[...].reshape(n * Dh))  # noqa: E731  (free reshapes)
+        (H, Dh), K = self._heads(self.wq), self._heads(self.wk)[0]
+        # [N, D] as stored output first (w_nk), else [D, N]: free reshapes
+        flat = lambda w, s, n: (w[...].reshape((n * Dh, D) if self.w_nk else (D, n * Dh)),  # noqa: E731
+                                s[...].reshape(n * Dh))
         tables = tuple(r.reshape(B * T, Dh // 2) for r in rope) if self.use_rope else None
         t = attn_temperature(positions, self.floor_scale, self.attn_scale).reshape(B * T) \
             if self.temperature_tuning else None
         q, k, v = qkv_rope(x.reshape(B * T, D), *flat(self.wq, self.wq_scale, H), *flat(self.wk, self.wk_scale, K),
                            *flat(self.wv, self.wv_scale, K), head_dim=Dh, rope=tables, q_row_scale=t,
                            qk_norm_eps=self.eps if self.qk_norm else None, out_dtype=x.dtype, cache=cache,
-                           cache_encode=encode_kv, interpret=jax.default_backend() == "cpu")  # [B*T, N*] each
+                           cache_encode=encode_kv, w_transposed=self.w_nk,
+                           interpret=jax.default_backend() == "cpu")  # [B*T, N*] each
         if cache is not None:  # k, v: the updated caches
             return q.reshape(B, T, H, Dh), k, v
         return q.reshape(B, T, H, Dh), k.reshape(B, T, K, Dh), v.reshape(B, T, K, Dh)
@@ -360,17 +415,22 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
     """SwiGLU: down(silu(x @ gate) * (x @ up))."""
 
-    def __init__(self, cfg: Llama4Config, hidden: int, dtype, rngs: nnx.Rngs, kernels: str = "xla", quant=None):
+    def __init__(self, cfg: Llama4Config, hidden: int, dtype, rngs: nnx.Rngs, kernels: str = "xla", quant=None,
+                 out_first=True):
+        """out_first: FP8 weights stored output first (_weight; not the shared expert's, which rides with the
+        routed experts' [K, N])."""
         D, std = cfg.hidden_size, cfg.initializer_range
         self.kernels = kernels
-        self.w_gate, self.w_gate_scale = _weight(rngs, (D, hidden), ("embed", "mlp"), dtype, std, (0,), quant)
-        self.w_up, self.w_up_scale = _weight(rngs, (D, hidden), ("embed", "mlp"), dtype, std, (0,), quant)
-        self.w_down, self.w_down_scale = _weight(rngs, (hidden, D), ("mlp", "embed"), dtype, std, (0,), quant)
+        self.w_nk = quant is not None and out_first  # w_gate, w_up [F, D], w_down [D, F]
+        args = (dtype, std, (0,), quant, out_first)
+        self.w_gate, self.w_gate_scale = _weight(rngs, (D, hidden), ("embed", "mlp"), *args)
+        self.w_up, self.w_up_scale = _weight(rngs, (D, hidden), ("embed", "mlp"), *args)
+        self.w_down, self.w_down_scale = _weight(rngs, (hidden, D), ("mlp", "embed"), *args)
 
     def __call__(self, x):
         val = lambda v: None if v is None else v[...]  # noqa: E731
         return swiglu(x, val(self.w_gate), val(self.w_gate_scale), val(self.w_up), val(self.w_up_scale),
-                      val(self.w_down), val(self.w_down_scale), self.kernels)
+                      val(self.w_down), val(self.w_down_scale), self.kernels, self.w_nk)
 
     def widen_rows(self, n_tokens: int):
         """The rows of x's float16 form (pallas_kernels.mgpu_gemv.padded_rows) that the Mosaic GPU gate/up takes
@@ -381,7 +441,7 @@ class MLP(nnx.Module):
             return None
         from pallas_kernels import mgpu_gemv
 
-        D, F = self.w_gate.shape
+        F, D = self.w_gate.shape if self.w_nk else self.w_gate.shape[::-1]
         return (mgpu_gemv.padded_rows(n_tokens)
                 if use_pallas(self.kernels, "mosaic") and mgpu_gemv.wanted(None, n_tokens, D, (F, F)) else None)
 
@@ -390,12 +450,14 @@ class MLP(nnx.Module):
         widened: x's float16 form (widen_rows), or None."""
         val = lambda v: None if v is None else v[...]  # noqa: E731
         h = swiglu_hidden(x, val(self.w_gate), val(self.w_gate_scale), val(self.w_up), val(self.w_up_scale),
-                          self.kernels, widened)  # [..., F]
-        return dense_add_norm(h, self.w_down[...], val(self.w_down_scale), 1, residual, norm, self.kernels)
+                          self.kernels, widened, self.w_nk)  # [..., F]
+        return dense_add_norm(h, self.w_down[...], val(self.w_down_scale), 1, residual, norm, self.kernels,
+                              w_nk=self.w_nk)
 
 
-def swiglu_hidden(x, w_gate, s_gate, w_up, s_up, kernels, widened=None):
-    """silu(x @ gate) * (x @ up): x [..., D], w_gate/w_up [D, F] (s_* the FP8 scales, or None) -> [..., F].
+def swiglu_hidden(x, w_gate, s_gate, w_up, s_up, kernels, widened=None, w_nk=False):
+    """silu(x @ gate) * (x @ up): x [..., D], w_gate/w_up [D, F] ([F, D] with w_nk: FP8 stored output first; s_*
+    the FP8 scales, or None) -> [..., F].
     kernels="pallas" with FP8 weights: gate and up in one launch (Triton's with the SwiGLU in it, or the Mosaic
     GPU kernel's where gate_up_swiglu picks it - taking x's float16 form `widened` where given, MLP.widen_rows,
     or bf16 x of 17-64 rows as it is - unless the "mosaic" family is switched off)."""
@@ -404,18 +466,19 @@ def swiglu_hidden(x, w_gate, s_gate, w_up, s_up, kernels, widened=None):
 
         h = gate_up_swiglu(x.reshape(-1, x.shape[-1]), w_gate, s_gate, w_up, s_up, out_dtype=x.dtype,
                            x_widened=widened, mosaic=None if use_pallas(kernels, "mosaic") else False,
-                           interpret=jax.default_backend() == "cpu")
-        return h.reshape(*x.shape[:-1], w_gate.shape[1])
-    g = dense(x, w_gate, s_gate, 1, kernels)  # [..., D] x [D, F] -> [..., F]
-    u = dense(x, w_up, s_up, 1, kernels)  # [..., D] x [D, F] -> [..., F]
+                           w_transposed=w_nk, interpret=jax.default_backend() == "cpu")
+        return h.reshape(*x.shape[:-1], h.shape[-1])
+    g = dense(x, w_gate, s_gate, 1, kernels, w_nk)  # [..., D] x [D, F] -> [..., F]
+    u = dense(x, w_up, s_up, 1, kernels, w_nk)  # [..., D] x [D, F] -> [..., F]
     return jax.nn.silu(g) * u
 
 
-def swiglu(x, w_gate, s_gate, w_up, s_up, w_down, s_down, kernels):
+def swiglu(x, w_gate, s_gate, w_up, s_up, w_down, s_down, kernels, w_nk=False):
     """down(silu(x @ gate) * (x @ up)) on arrays (s_* the FP8 scales, or None). x [..., D], w_gate/w_up [D, F],
-    w_down [F, D]. Used by MLP and by the tensor-parallel layers (mavjax.parallel) on their shards."""
-    h = swiglu_hidden(x, w_gate, s_gate, w_up, s_up, kernels)  # [..., F]
-    return dense(h, w_down, s_down, 1, kernels)  # [..., F] x [F, D] -> [..., D]
+    w_down [F, D] (with w_nk: [F, D], [D, F], FP8 stored output first). Used by MLP and by the tensor-parallel
+    layers (mavjax.parallel) on their shards."""
+    h = swiglu_hidden(x, w_gate, s_gate, w_up, s_up, kernels, w_nk=w_nk)  # [..., F]
+    return dense(h, w_down, s_down, 1, kernels, w_nk)  # [..., F] x [F, D] -> [..., D]
 
 
 def route(x, router_w, top_k):
@@ -550,10 +613,11 @@ class MoE(nnx.Module):
         self.kernels = kernels
         self.router = _param(rngs, (D, E), ("embed", "router_expert"), dtype, std)  # bf16 even in FP8 models
         ax_in, ax_out = ("expert", "embed", "expert_mlp"), ("expert", "expert_mlp", "embed")
-        self.w_gate, self.w_gate_scale = _weight(rngs, (E, D, F), ax_in, dtype, std, (1,), quant)
-        self.w_up, self.w_up_scale = _weight(rngs, (E, D, F), ax_in, dtype, std, (1,), quant)
-        self.w_down, self.w_down_scale = _weight(rngs, (E, F, D), ax_out, dtype, std, (1,), quant)
-        self.shared = MLP(cfg, F, dtype, rngs, kernels, quant)
+        args = (dtype, std, (1,), quant, False)  # FP8 experts stay [E, K, N] (_weight)
+        self.w_gate, self.w_gate_scale = _weight(rngs, (E, D, F), ax_in, *args)
+        self.w_up, self.w_up_scale = _weight(rngs, (E, D, F), ax_in, *args)
+        self.w_down, self.w_down_scale = _weight(rngs, (E, F, D), ax_out, *args)
+        self.shared = MLP(cfg, F, dtype, rngs, kernels, quant, out_first=False)  # stored like the routed experts
 
     def routes_in_kernels(self, n_tokens: int) -> bool:
         """Whether the Pallas MoE pair kernels route the n_tokens tokens themselves (top-1, from the router's
@@ -690,23 +754,25 @@ def add_norm(x, delta, norm: RMSNorm, kernels: str, router=None, widen_rows=None
     return x, norm(x)
 
 
-def dense_add_norm(h, w, scale, n_in, x, norm: RMSNorm, kernels: str, router=None, widen_rows=None, pad_rows=None):
+def dense_add_norm(h, w, scale, n_in, x, norm: RMSNorm, kernels: str, router=None, widen_rows=None, pad_rows=None,
+                   w_nk=False):
     """(x + dense(h), norm of it): an output projection (wo, an MLP's down), the residual add and the next
     RMSNorm. kernels="pallas" with FP8 weights: pallas_kernels.fp8_gemm.fp8_matmul_add_rms_norm, by default
     the FP8 GEMM then the add + norm kernel; with the GEMM family's split-K sums in the kernel
     (MAVJAX_SPLIT_K_REDUCE=gemm=kernel) one launch. h [..., *in] with in = w.shape[:n_in]; x [..., D].
     router, pad_rows: as add_norm (then always the GEMM and the add + norm kernel, which computes the logits);
-    widen_rows: as add_norm (then the returns are (s, y, yc, rs))."""
+    widen_rows: as add_norm (then the returns are (s, y, yc, rs)). w_nk: as dense."""
     rows = int(np.prod(h.shape[:-n_in]))
     if scale is not None and pallas_gemm(kernels, "gemm", rows) and use_pallas(kernels, "norm") and router is None:
         from pallas_kernels.fp8_gemm import fp8_matmul_add_rms_norm
 
-        K = int(np.prod(w.shape[:n_in]))
+        K = int(np.prod(w.shape[-n_in:] if w_nk else w.shape[:n_in]))
         s, y, *widened = fp8_matmul_add_rms_norm(
-            h.reshape(-1, K), w.reshape(K, -1), scale.reshape(-1), x.reshape(-1, x.shape[-1]), norm.scale[...],
-            eps=norm.eps, widen_rows=widen_rows, interpret=jax.default_backend() == "cpu")
+            h.reshape(-1, K), w.reshape((-1, K) if w_nk else (K, -1)), scale.reshape(-1), x.reshape(-1, x.shape[-1]),
+            norm.scale[...], eps=norm.eps, widen_rows=widen_rows, w_transposed=w_nk,
+            interpret=jax.default_backend() == "cpu")
         return (s.reshape(x.shape), y.reshape(x.shape), *widened)
-    return add_norm(x, dense(h, w, scale, n_in, kernels), norm, kernels, router=router, widen_rows=widen_rows,
+    return add_norm(x, dense(h, w, scale, n_in, kernels, w_nk), norm, kernels, router=router, widen_rows=widen_rows,
                     pad_rows=pad_rows)
 
 

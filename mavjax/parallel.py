@@ -79,6 +79,12 @@ class Parallel:
         """The PartitionSpec a parameter is stored with (the rules), i.e. the shard shard_map hands its body."""
         return spec_for(var.get_metadata()["logical_axes"], var.shape, self.mesh, "")
 
+    def axis_spec(self, var, logical: str):
+        """The mesh axes (or None) that the dimension of parameter `var` named `logical` is split over."""
+        spec = tuple(self.spec(var))
+        i = tuple(var.get_metadata()["logical_axes"]).index(logical)
+        return spec[i] if i < len(spec) else None
+
     def smap(self, f, in_specs, out_specs):
         # check_vma off: the bodies' P() outputs come out of a psum (replicated by construction), and the
         # exchange's all_to_all / ragged buffers are per-device values the checker cannot follow through scatters.
@@ -197,9 +203,7 @@ def attention(par: Parallel, attn, h, positions, rope, kv, cache_pos, write_inde
     graphdef, state = nnx.split(attn)
     arrays, treedef = jax.tree.flatten(state)
     specs = [par.spec(v) for v in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable))]
-    wq_spec = tuple(par.spec(attn.wq))
-    heads = wq_spec[1] if len(wq_spec) > 1 else None
-    o_spec = P(None, None, heads, None)
+    o_spec = P(None, None, par.axis_spec(attn.wq, "heads"), None)
     kv_spec = None if kv is None else spec_for(CACHE_AXES, kv[0].shape, par.mesh, "kv cache")
     extra = {"rope": rope, "cache_pos": cache_pos, "write_index": write_index, "attn_mask": attn_mask}
     extra = {k: v for k, v in extra.items() if v is not None}  # shard_map takes arrays, not None
@@ -226,14 +230,15 @@ def _operands(par: Parallel, **named):
 
 def attn_out(par: Parallel, attn, o, residual, norm):
     """Output projection on each device's heads, then the fused all-reduce + residual + ffn_norm.
-    o [B, T, H, Dh] (heads sharded as wo's first axis), residual [B, T, D]."""
+    o [B, T, H, Dh] (heads sharded as wo's), residual [B, T, D]."""
     from mavjax.model import dense
 
     w, s = _operands(par, wo=attn.wo, wo_scale=attn.wo_scale, norm=norm.scale)
-    heads = s["wo"][0] if len(s["wo"]) else None
+    heads = par.axis_spec(attn.wo, "heads")
 
     def body(o, residual, w):
-        partial = dense(o, w["wo"], w.get("wo_scale"), 2, attn.kernels)  # [B, T, H/n, Dh] x [H/n, Dh, D]
+        # [B, T, H/n, Dh] x [H/n, Dh, D] (FP8: [D, H/n, Dh]) -> [B, T, D]
+        partial = dense(o, w["wo"], w.get("wo_scale"), 2, attn.kernels, attn.w_nk)
         return allreduce_residual_rmsnorm(partial, residual, w["norm"], norm.eps, par.axes, par.allreduce)
 
     return par.smap(body, (P(None, None, heads, None), P(), s), (P(), P()))(o, residual, w)
@@ -245,16 +250,16 @@ def mlp(par: Parallel, ffn, h, residual, norm):
                      down=ffn.w_down, down_s=ffn.w_down_scale, norm=norm.scale)
 
     def body(h, residual, w):
-        partial = _swiglu(h, w, ffn.kernels)  # [B, T, D], partial over the hidden units
+        partial = _swiglu(h, w, ffn.kernels, ffn.w_nk)  # [B, T, D], partial over the hidden units
         return allreduce_residual_rmsnorm(partial, residual, w["norm"], norm.eps, par.axes, par.allreduce)
 
     return par.smap(body, (P(), P(), s), (P(), P()))(h, residual, w)
 
 
-def _swiglu(x, w, kernels):
+def _swiglu(x, w, kernels, w_nk=False):
     from mavjax.model import swiglu
 
-    return swiglu(x, w["gate"], w.get("gate_s"), w["up"], w.get("up_s"), w["down"], w.get("down_s"), kernels)
+    return swiglu(x, w["gate"], w.get("gate_s"), w["up"], w.get("up_s"), w["down"], w.get("down_s"), kernels, w_nk)
 
 
 def moe(par: Parallel, ffn, h, residual, norm):

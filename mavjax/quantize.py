@@ -2,17 +2,20 @@
 
 Every projection weight that `mavjax.model` declares with `contract` axes (attention, dense MLPs, shared and
 routed experts) becomes float8_e4m3fn with a float32 scale per output channel (amax over the contracted axes
-/ 448, pallas_kernels.fp8_gemm's scheme); embedding, LM head, router and norms stay as they are.
+/ 448, pallas_kernels.fp8_gemm's scheme), in the FP8 model's stored layout (`mavjax.model.stored_layout`: the
+attention and dense-MLP weights output first); embedding, LM head, router and norms stay as they are.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mavjax.model import Llama4
+from mavjax.model import Llama4, stored_layout
 from pallas_kernels.fp8_gemm import quantize_weight_per_channel
 
 
@@ -26,6 +29,12 @@ def quantize_weight(w, contract: tuple[int, ...]):
     return q, s2.reshape([w.shape[i] for i in keep])
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _quantize_stored(w, perm, contract):
+    """A bf16-layout weight -> (FP8 in the stored layout `perm`, scale): quantize_weight of its transpose."""
+    return quantize_weight(jnp.transpose(w, perm), contract)
+
+
 def quantize_model(model: Llama4) -> Llama4:
     """A `quant="fp8"` copy of a bf16/f32 model (same kernels choice). Parameters are moved one by one, so the
     peak is the model plus one weight."""
@@ -37,9 +46,9 @@ def quantize_model(model: Llama4) -> Llama4:
         if isinstance(name, str) and name.endswith("_scale"):
             continue  # filled with its weight
         value = src[path].get_value()
-        contract = var.get_metadata().get("contract") if isinstance(var, nnx.Param) else None
-        if contract is not None and var.get_value().dtype == jnp.float8_e4m3fn:
-            w8, scale = jax.jit(quantize_weight, static_argnums=1)(value, tuple(contract))
+        layout = stored_layout(var)
+        if layout is not None:
+            w8, scale = _quantize_stored(value, *layout)
             var.set_value(w8)
             dst[path[:-1] + (name + "_scale",)].set_value(scale)
         else:

@@ -8,6 +8,13 @@ starts; XLA reads XLA_FLAGS once, at its first client).
   the same tokens on the Pallas and XLA paths with it on. It is the launch-gap removal TensorRT-LLM does by
   hand; off by default in this XLA.
 
+* `--xla_gpu_autotune_level=3`: XLA still times every GEMM candidate and picks the fastest, but no longer checks
+  each candidate's output against a reference GEMM (level 4, the default). That check is what made the FP8 x FP8
+  prefill projections (mavjax.model.fp8_prefill_matmul, XLA's FP8 GEMM) take 15-37 s to compile per shape on one
+  H200, against 0.7-1.2 s at level 3, with the same kernel chosen (573.7 / 824.6 us at 4096 x 5120 x 16384 and
+  16384 x 5120 x 5120 either way; docs/benchmarks.md section 32): minutes per new prompt-length bucket of a
+  48-layer model otherwise.
+
 A flag the user's XLA_FLAGS already names is left as given (`--xla_gpu_enable_pdl=false` turns it off);
 MAVJAX_DEFAULT_XLA_FLAGS=0 adds none. XLA aborts on a flag it does not know, so the defaults are added only
 under jaxlib releases known to carry them (KNOWN_JAXLIB); a later release gets none until it is checked.
@@ -18,7 +25,7 @@ from __future__ import annotations
 import os
 import re
 
-DEFAULTS = {"xla_gpu_enable_pdl": "true"}
+DEFAULTS = {"xla_gpu_enable_pdl": "true", "xla_gpu_autotune_level": "3"}
 KNOWN_JAXLIB = {(0, 10), (0, 11)}  # (major, minor) releases whose XLA parses every flag in DEFAULTS
 
 

@@ -4,6 +4,7 @@ tensor at fault."""
 
 import json
 import os
+import shutil
 import tracemalloc
 from pathlib import Path
 
@@ -523,3 +524,65 @@ def test_fp8_release_layout_is_read(tmp_path):
     _, m = load_model(tmp_path / "q")
     src = fp8["language_model.model.layers.1.feed_forward.experts.2.up_proj.weight"]  # [F, D]
     np.testing.assert_array_equal(np.asarray(m.layers[1].ffn.w_up[...][2]).view(np.uint8), src.T.view(np.uint8))
+
+
+def test_fp8_weights_stored_output_first_and_version_1_still_loads(tmp_path):
+    """An FP8 checkpoint (format version 2) stores the attention and dense-MLP weights output first ([N, K]:
+    wq [H, Dh, D], wo [D, H, Dh], gate [F, D], down [D, F]) and the routed and shared experts as before
+    ([E, D, F]); a version-1 FP8 checkpoint, which stored all of them [*in, *out], loads into the same model, its
+    weights transposed as they are read (also into a given sharding), and a version-1 unfinished FP8 conversion
+    is not resumed in the new layout."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    from mavjax.checkpoint import PENDING, save_array
+    from mavjax.model import Llama4, stored_layout
+    from mavjax.quantize import quantize_model
+
+    cfg = Llama4Config.from_dict(dict(vocab_size=64, hidden_size=32, intermediate_size=16, intermediate_size_mlp=48,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                      num_local_experts=4, interleave_moe_layer_step=2, attention_chunk_size=8))
+    model = quantize_model(Llama4(cfg, dtype=jnp.float32, rngs=nnx.Rngs(5)))
+    attn, mlp, moe = model.layers[0].attn, model.layers[0].ffn, model.layers[1].ffn
+    assert attn.wq.shape == (4, 8, 32) and attn.wo.shape == (32, 4, 8) and attn.wk.shape == (2, 8, 32)
+    assert mlp.w_gate.shape == (48, 32) and mlp.w_down.shape == (32, 48)
+    assert moe.w_gate.shape == (4, 32, 16) and moe.shared.w_gate.shape == (32, 16)
+    assert moe.shared.w_down.shape == (16, 32)
+    save_model(model, tmp_path / "v2")
+    manifest = json.loads((tmp_path / "v2" / MANIFEST).read_text())
+    assert manifest["format_version"] == 2
+
+    # the same model as version 1 wrote it: every FP8 weight [*in, *out]
+    shutil.copytree(tmp_path / "v2", tmp_path / "v1")
+    moved = 0
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        target, layout = ".".join(map(str, path)), stored_layout(var)
+        if layout is None or layout[0] == tuple(range(len(layout[0]))):
+            continue
+        old = np.transpose(np.asarray(var.get_value()), np.argsort(layout[0]))
+        shutil.rmtree(tmp_path / "v1" / "params" / target)
+        save_array(tmp_path / "v1", target, old)
+        manifest["params"][target]["shape"] = list(old.shape)
+        moved += 1
+    assert moved == cfg.num_hidden_layers * 4 + 3  # q, k, v, o per layer; the dense layer's gate, up, down
+    manifest["format_version"] = 1
+    (tmp_path / "v1" / MANIFEST).write_text(json.dumps(manifest))
+    mesh = Mesh(np.array(jax.devices()[:1]), ("tensor",))
+    wo_sharding = NamedSharding(mesh, P("tensor", None, None))  # [D, H, Dh] as stored now
+    _, loaded = load_model(tmp_path / "v1", shardings={"layers.0.attn.wo": wo_sharding})
+    assert loaded.layers[0].attn.wo.get_value().sharding == wo_sharding
+    for (path, a), (_, b) in zip(nnx.to_flat_state(nnx.state(model, nnx.Param)),
+                                 nnx.to_flat_state(nnx.state(loaded, nnx.Param))):
+        assert a.get_value().shape == b.get_value().shape, path
+        np.testing.assert_array_equal(np.asarray(a.get_value(), np.float32), np.asarray(b.get_value(), np.float32))
+    manifest["params"]["layers.0.attn.wq"]["shape"] = [4, 8, 32]  # version 1 said [D, H, Dh]
+    (tmp_path / "v1" / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match=r"'layers.0.attn.wq' has shape \(4, 8, 32\), the model needs "
+                                              r"\(32, 4, 8\)"):
+        load_model(tmp_path / "v1")
+
+    writer = CheckpointWriter(tmp_path / "part", cfg, jnp.float32, quant="fp8")
+    writer.write("embed", np.zeros((64, 32), np.float32))
+    pending = json.loads((tmp_path / "part" / PENDING).read_text())
+    (tmp_path / "part" / PENDING).write_text(json.dumps(dict(pending, format_version=1)))
+    with pytest.raises(CheckpointError, match=r"format version \(1 there, 2 written now\)"):
+        CheckpointWriter(tmp_path / "part", cfg, jnp.float32, quant="fp8")

@@ -46,17 +46,27 @@ def _nll_and_top1(llm, ids):
     return np.array(nll), np.array(top1), np.array(margin)
 
 
-def test_fp8_close_to_bf16_on_heldout_text(heldout_ids):
+@pytest.mark.parametrize("products", ["bf16", "fp8"])
+def test_fp8_close_to_bf16_on_heldout_text(heldout_ids, products, monkeypatch):
+    """products="bf16": the FP8 weights upcast, x as it is (the XLA path; the Pallas path up to 64 token rows).
+    products="fp8": FP8 x FP8, x also rounded to e4m3 per token (the Pallas path's prefill projections above 64
+    rows, mavjax.model.fp8_prefill_matmul; the other Pallas families switched off so that XLA runs the rest on the
+    CPU). x's rounding adds a second error of the same size per product, so the same bounds should hold; measured
+    here: 99.5%, 94.0% and +1.62% against the weights-only products' 99.6%, 95.5% and -0.21%."""
+    from mavjax.model import PALLAS_OPS
+
     bf16 = LLM()
-    fp8 = LLM(quantize="fp8")
+    if products == "fp8":
+        monkeypatch.setenv("MAVJAX_PALLAS_DISABLE", ",".join(f for f in PALLAS_OPS if f != "fp8_prefill"))
+    fp8 = LLM(quantize="fp8", kernels="pallas" if products == "fp8" else "xla")
     nll_b, top_b, margin_b = _nll_and_top1(bf16, heldout_ids)
     nll_f, top_f, _ = _nll_and_top1(fp8, heldout_ids)
     ppl_b, ppl_f = np.exp(nll_b.mean()), np.exp(nll_f.mean())
     agree = (top_b == top_f).mean()
     clear = margin_b > 0.5
     agree_clear = (top_b == top_f)[clear].mean()
-    print(f"bf16 ppl {ppl_b:.3f}, fp8 ppl {ppl_f:.3f} ({ppl_f / ppl_b - 1:+.2%}), top-1 agreement {agree:.3f}, "
-          f"{agree_clear:.3f} on the {clear.mean():.0%} of positions with a margin > 0.5")
+    print(f"bf16 ppl {ppl_b:.3f}, fp8 ({products} products) ppl {ppl_f:.3f} ({ppl_f / ppl_b - 1:+.2%}), top-1 "
+          f"agreement {agree:.3f}, {agree_clear:.3f} on the {clear.mean():.0%} of positions with a margin > 0.5")
     assert agree_clear >= 0.99, agree_clear
     assert ppl_b < 200  # the model is trained: far below the 4096-token vocabulary's uniform perplexity
     assert agree >= 0.92, agree

@@ -293,17 +293,21 @@ def test_prefill_into_a_new_cache_reads_only_its_own_keys(kernels, kv_cache_dtyp
 
 def test_projections_leave_the_pallas_kernels_above_the_row_limit(monkeypatch):
     """kernels="pallas" runs the FP8 projections (gemm, qkv, gate_up families) on the Pallas kernels up to
-    PALLAS_GEMM_MAX_ROWS token rows (B x T) and as on the XLA path above (prefill: XLA's upcast + dot was faster,
-    docs/benchmarks.md section 29), while the add + norm and MoE kernels stay; the traced forward at 64 and 65
-    rows shows it, MAVJAX_PALLAS_GEMM_MAX_ROWS moves the line, and the logits above it are the XLA path's."""
+    PALLAS_GEMM_MAX_ROWS token rows (B x T); above (prefill), the attention and dense-MLP projections - stored
+    [N, K] - as FP8 x FP8 products (fp8_prefill_matmul: x quantized per token, XLA's FP8 dot), the shared
+    expert's ([K, N], the routed experts' layout) as on the XLA path, while the add + norm and MoE kernels stay.
+    The traced forward at 64 and 65 rows shows it, MAVJAX_PALLAS_GEMM_MAX_ROWS moves the line; the logits above it
+    are the XLA path's but for x's rounding to e4m3, and exactly the XLA path's with "fp8_prefill" off."""
     import jax.numpy as jnp
 
     from mavjax.model import PALLAS_GEMM_MAX_ROWS
     from mavjax.quantize import quantize_model
-    from helpers import pallas_call_names
+    from helpers import equations, pallas_call_names
 
     assert PALLAS_GEMM_MAX_ROWS == 64
     cfg = preset("tiny", max_position_embeddings=256, **TWO)
+    n_dense = sum(not cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
+    fp8_dots_per_forward = 4 * cfg.num_hidden_layers + 3 * n_dense  # q, k, v, o; gate, up, down
     nets = {k: quantize_model(Llama4(cfg, dtype=jnp.float32, rngs=nnx.Rngs(8), kernels=k)) for k in ("xla", "pallas")}
     projections = ("fp8_weight_only", "fp8_qkv_rope", "fp8_gate_up_swiglu")
 
@@ -311,25 +315,57 @@ def test_projections_leave_the_pallas_kernels_above_the_row_limit(monkeypatch):
         graphdef, state = nnx.split(net)
         toks = jnp.asarray(np.random.default_rng(T).integers(3, 500, (B, T)), jnp.int32)
         f = lambda st: nnx.merge(graphdef, st)(toks)[0]  # noqa: E731
-        names = pallas_call_names(jax.make_jaxpr(f)(state).jaxpr)
-        return names, (np.asarray(jax.jit(f)(state)) if run else None)
+        jaxpr = jax.make_jaxpr(f)(state).jaxpr
+        fp8_dots = sum(e.primitive.name == "dot_general" and all(v.aval.dtype == jnp.float8_e4m3fn for v in e.invars)
+                       for e in equations(jaxpr))
+        return pallas_call_names(jaxpr), fp8_dots, (np.asarray(jax.jit(f)(state)) if run else None)
 
     def uses(names, prefix):
         return any(n.startswith(prefix) for n in names)
 
     for (B, T), below in (((1, 64), True), ((1, 65), False), ((2, 33), False)):  # traced only: rows = B * T
-        names, _ = forward(nets["pallas"], B, T)
+        names, fp8_dots, _ = forward(nets["pallas"], B, T)
         assert all(uses(names, p) == below for p in projections), (B, T, names)
         assert uses(names, "add_rms_norm") and uses(names, "moe_gate_up"), names
+        assert fp8_dots == (0 if below else fp8_dots_per_forward), (B, T, fp8_dots)
     monkeypatch.setenv("MAVJAX_PALLAS_GEMM_MAX_ROWS", "8")
-    names, got = forward(nets["pallas"], 1, 12, run=True)
+    names, fp8_dots, got = forward(nets["pallas"], 1, 12, run=True)
     assert not any(uses(names, p) for p in projections) and uses(names, "add_rms_norm"), names
-    _, want = forward(nets["xla"], 1, 12, run=True)
+    assert fp8_dots == fp8_dots_per_forward
+    _, xla_dots, want = forward(nets["xla"], 1, 12, run=True)
+    assert xla_dots == 0  # the XLA path upcasts the weight
+    err = np.linalg.norm(got - want) / np.linalg.norm(want)
+    assert 1e-3 < err < 6e-2, err  # x rounded to e4m3 (3 mantissa bits: ~3% per product on random weights)
+    monkeypatch.setenv("MAVJAX_PALLAS_DISABLE", "fp8_prefill")
+    names, fp8_dots, got = forward(nets["pallas"], 1, 12, run=True)
+    assert fp8_dots == 0
     assert np.linalg.norm(got - want) / np.linalg.norm(want) < 2e-3  # the same projections; norms, MoE in Pallas
+    monkeypatch.delenv("MAVJAX_PALLAS_DISABLE")
     assert all(uses(forward(nets["pallas"], 1, 8)[0], p) for p in projections)
     monkeypatch.setenv("MAVJAX_PALLAS_GEMM_MAX_ROWS", "many")
     with pytest.raises(ValueError, match="MAVJAX_PALLAS_GEMM_MAX_ROWS must be an integer"):
         forward(nets["pallas"], 1, 8)
+
+
+def test_fp8_prefill_matmul_is_the_fp8_x_fp8_reference():
+    """fp8_prefill_matmul (the Pallas path's projections above the row limit) computes fp8_gemm's FP8 x FP8
+    function - x quantized per token, products of the e4m3 codes, both scales - on a weight stored [N, K], with
+    ragged sizes; a bug in either scale or the layout would be off by far more than the float32 rounding."""
+    import jax.numpy as jnp
+
+    from mavjax.model import fp8_prefill_matmul
+    from pallas_kernels.fp8_gemm import fp8_matmul_ref, quantize_weight_per_channel
+
+    rng = np.random.default_rng(3)
+    for M, K, N in ((1, 64, 32), (37, 200, 72), (130, 96, 5)):
+        x = jnp.asarray(rng.standard_normal((M, K)) * rng.uniform(0.1, 10, (M, 1)), jnp.float32)
+        w8, s = quantize_weight_per_channel(jnp.asarray(rng.standard_normal((K, N)) * 0.05, jnp.float32))
+        got = fp8_prefill_matmul(x, w8.T, s, jnp.float32)
+        want = fp8_matmul_ref(x, w8, s, quantize_x=True, out_dtype=jnp.float32)
+        assert got.shape == (M, N)
+        assert float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want)) < 1e-5
+        plain = fp8_matmul_ref(x, w8, s, out_dtype=jnp.float32)  # bf16-style x: x's rounding is visible
+        assert float(jnp.linalg.norm(got - plain) / jnp.linalg.norm(plain)) > 1e-3
 
 
 def test_xla_attention_runs_in_query_blocks_above_the_score_limit(monkeypatch):
@@ -460,8 +496,9 @@ def test_pallas_kernel_families_can_be_switched_off(monkeypatch, off):
     from mavjax.quantize import quantize_model
     from helpers import pallas_call_names
 
-    # mosaic: Hopper only, below; prefill_attention: not in a decode step (test_prefill_attention_is_blockwise...)
-    assert set(_FAMILY_KERNELS) | {"moe_shared", "mosaic", "prefill_attention"} == set(PALLAS_OPS)
+    # mosaic: Hopper only, below; prefill_attention, fp8_prefill: not in a decode step
+    # (test_prefill_attention_is_blockwise..., test_projections_leave_the_pallas_kernels_above_the_row_limit)
+    assert set(_FAMILY_KERNELS) | {"moe_shared", "mosaic", "prefill_attention", "fp8_prefill"} == set(PALLAS_OPS)
     cfg = preset("tiny", **TWO)
     n_moe = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
     n_dense = cfg.num_hidden_layers - n_moe

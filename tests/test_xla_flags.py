@@ -10,28 +10,32 @@ import pytest
 from mavjax import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ALL = ["--xla_gpu_enable_pdl=true", "--xla_gpu_autotune_level=3"]
 
 
 def test_added_after_the_users_flags():
     env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-    assert xla_flags.apply_defaults(env, release=(0, 11)) == ["--xla_gpu_enable_pdl=true"]
-    assert env["XLA_FLAGS"] == "--xla_force_host_platform_device_count=2 --xla_gpu_enable_pdl=true"
+    assert xla_flags.apply_defaults(env, release=(0, 11)) == ALL
+    assert env["XLA_FLAGS"] == "--xla_force_host_platform_device_count=2 " + " ".join(ALL)
     assert xla_flags.apply_defaults(env, release=(0, 11)) == []  # named now: not added twice
     env = {}
     xla_flags.apply_defaults(env, release=(0, 10))
-    assert env["XLA_FLAGS"] == "--xla_gpu_enable_pdl=true"
+    assert env["XLA_FLAGS"] == " ".join(ALL)
 
 
 @pytest.mark.parametrize("given", ["--xla_gpu_enable_pdl=false", "--xla_dump_to=/tmp/x --xla_gpu_enable_pdl",
                                    "--xla_gpu_enable_pdl=true"])
 def test_the_users_value_wins(given):
     env = {"XLA_FLAGS": given}
-    assert xla_flags.apply_defaults(env, release=(0, 11)) == [] and env["XLA_FLAGS"] == given
+    assert xla_flags.apply_defaults(env, release=(0, 11)) == ["--xla_gpu_autotune_level=3"]  # the other default
+    assert env["XLA_FLAGS"] == given + " --xla_gpu_autotune_level=3"
+    env = {"XLA_FLAGS": "--xla_gpu_autotune_level=4"}
+    assert xla_flags.apply_defaults(env, release=(0, 11)) == ["--xla_gpu_enable_pdl=true"]
 
 
 def test_a_similar_name_is_not_the_flag():
     env = {"XLA_FLAGS": "--xla_gpu_enable_pdl_extra=1"}
-    assert xla_flags.apply_defaults(env, release=(0, 11)) == ["--xla_gpu_enable_pdl=true"]
+    assert xla_flags.apply_defaults(env, release=(0, 11)) == ALL
 
 
 def test_opt_out_and_unknown_releases_add_nothing():
@@ -48,6 +52,7 @@ def test_import_sets_them_and_the_installed_jaxlib_accepts_them():
             "known = tuple(int(p) for p in jaxlib.__version__.split('.')[:2]) in mavjax.xla_flags.KNOWN_JAXLIB\n"
             "flags = os.environ.get('XLA_FLAGS', '')\n"
             "assert ('--xla_gpu_enable_pdl=true' in flags) == known, (known, flags)\n"
+            "assert ('--xla_gpu_autotune_level=3' in flags) == known, (known, flags)\n"
             "print(float(jax.jit(lambda x: (x * 2).sum())(jnp.ones(4))), known)\n")
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "MAVJAX_DEFAULT_XLA_FLAGS")}
     env.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
