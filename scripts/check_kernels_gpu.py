@@ -67,7 +67,9 @@ def run_one(name, n, M, interpret, small, mesh_devices=0):
     from mavjax.config import preset
     from mavjax.bench import rank_slice_config
 
-    full = preset("tiny" if small else "maverick", num_hidden_layers=2)
+    # (tiny's 256 positions would refuse the model check's M + 16-token context)
+    full = preset("tiny", num_hidden_layers=2, max_position_embeddings=max(256, M + 16)) if small else \
+        preset("maverick", num_hidden_layers=2)
     cfg = rank_slice_config(full, n) if n > 1 else full
     D, H, K, Dh = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     keys = iter(jax.random.split(jax.random.key(0), 16))
