@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from checkpoints.hf_layout import Source, canonical_name, redundant_names, sources
 from mavjax.checkpoint import CheckpointWriter, unpermuted_shape
 from mavjax.config import ConfigError, Llama4Config
-from mavjax.quantize import quantize_weight
+from mavjax.quantize import quantize_stored
 
 OUT_DTYPES = ("bfloat16", "float32")
 
@@ -140,8 +140,7 @@ def convert(hf_dir: str | Path, out_dir: str | Path, dtype: str = "bfloat16", pr
         if layout is None:
             writer.write(src.target, value)
         else:  # FP8: quantize on the host in the stored layout, write the weight and its scale
-            perm, contract = layout
-            w8, scale = quantize_weight(np.transpose(value, perm).astype(np.float32), contract)
+            w8, scale = quantize_stored(value.astype(np.float32), *layout)
             if not writer.has(src.target + "_scale"):  # written before an interruption: the weight marks done
                 writer.write(src.target + "_scale", np.asarray(scale))
             writer.write(src.target, np.asarray(w8))

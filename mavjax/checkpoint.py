@@ -210,12 +210,7 @@ def save_model(model: Llama4, out_dir: str | Path, tokenizer_src_dir: str | Path
 def unpermuted_shape(shape, perm):
     """The shape that jnp.transpose(., perm) turns into `shape` (`shape` itself for perm None): an FP8 weight's
     bf16 layout (perm its stored_layout's), as a version-1 checkpoint stores it."""
-    if perm is None:
-        return tuple(shape)
-    out = [0] * len(shape)
-    for j, i in enumerate(perm):
-        out[i] = shape[j]
-    return tuple(out)
+    return tuple(shape) if perm is None else tuple(shape[j] for j in np.argsort(perm))
 
 
 def _spec_at(spec, i):

@@ -30,8 +30,9 @@ def quantize_weight(w, contract: tuple[int, ...]):
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
-def _quantize_stored(w, perm, contract):
-    """A bf16-layout weight -> (FP8 in the stored layout `perm`, scale): quantize_weight of its transpose."""
+def quantize_stored(w, perm, contract):
+    """A weight in its bf16 layout -> (FP8 in the stored layout, scale), for `stored_layout`'s (perm, contract):
+    quantize_weight of jnp.transpose(w, perm). Used on load (quantize_model) and by the converter."""
     return quantize_weight(jnp.transpose(w, perm), contract)
 
 
@@ -48,7 +49,7 @@ def quantize_model(model: Llama4) -> Llama4:
         value = src[path].get_value()
         layout = stored_layout(var)
         if layout is not None:
-            w8, scale = _quantize_stored(value, *layout)
+            w8, scale = quantize_stored(value, *layout)
             var.set_value(w8)
             dst[path[:-1] + (name + "_scale",)].set_value(scale)
         else:
