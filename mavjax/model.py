@@ -74,8 +74,11 @@ def stored_layout(var) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
 # switched off, Triton's gate/up + SwiGLU, MoE pair kernels (routing in-kernel) and sorted kernels.
 # "fp8_prefill" is the FP8 projections stored [N, K] above PALLAS_GEMM_MAX_ROWS rows as FP8 x FP8 products
 # (fp8_prefill_matmul, XLA's FP8 GEMM); switched off, those run as on the XLA path (the weight upcast to bf16).
+# "mosaic_dense" is the output and down projections (and any other `dense` FP8 projection) of 17 to
+# PALLAS_GEMM_MAX_ROWS token rows on the Mosaic GPU kernel's bfloat16 path (`mosaic_gemm`); switched off (or with
+# "mosaic"), Triton's weight-only kernels, as at up to 16 rows.
 PALLAS_OPS = ("gemm", "qkv", "gate_up", "moe", "moe_shared", "moe_router", "norm_router", "attention",
-              "prefill_attention", "norm", "mosaic", "fp8_prefill")
+              "prefill_attention", "norm", "mosaic", "fp8_prefill", "mosaic_dense")
 
 
 # The token rows (B x T) up to which kernels="pallas" runs the FP8 projections (families "gemm", "qkv", "gate_up")
@@ -103,6 +106,20 @@ def pallas_gemm(kernels: str, op: str, rows: int) -> bool:
     """Whether an FP8 projection of kernel family `op` ("gemm", "qkv" or "gate_up") over `rows` token rows runs as
     a Pallas kernel on the `kernels` path (`use_pallas` and at most PALLAS_GEMM_MAX_ROWS rows)."""
     return use_pallas(kernels, op) and rows <= gemm_max_rows()
+
+
+def mosaic_gemm(kernels: str, rows: int):
+    """fp8_matmul's `mosaic` argument for an FP8 projection of `rows` token rows on the Pallas GEMM path: None (the
+    Mosaic GPU kernel where `mgpu_gemv.wanted` says so: a Hopper GPU, bf16 x read as it is, per-channel scales)
+    above mgpu_gemv.MAX_ROWS (16) rows - batch 17-64 decode steps, wide verification - as gate_up_swiglu already
+    chooses there; else False (Triton's weight-only kernels; at up to 16 rows the Mosaic kernel moved the decode
+    step by at most 2% and slowed verification, docs/benchmarks.md section 20). Above 16 rows Triton's kernels take
+    1.5-3.3x the weight bytes' time at full width, the Mosaic kernel's bfloat16 path 1.1-1.7x (sections 26, 33).
+    Families "mosaic" and "mosaic_dense" switch it off."""
+    from pallas_kernels.mgpu_gemv import MAX_ROWS
+
+    on = rows > MAX_ROWS and use_pallas(kernels, "mosaic") and use_pallas(kernels, "mosaic_dense")
+    return None if on else False
 
 
 def use_pallas(kernels: str, op: str) -> bool:
@@ -143,8 +160,9 @@ def dense(x, w, scale, n_in, kernels="xla", w_nk=False):
     FP8 with a float32 scale per output channel [*out], stored [*in, *out] or, with w_nk, [*out, *in] (_weight's
     out_first). FP8 on the XLA path: the weight upcast to x's dtype inside XLA's GEMM (XLA's own FP8 dot is ~10x
     slower at decode shapes). On the Pallas path: up to PALLAS_GEMM_MAX_ROWS token rows pallas_kernels.fp8_gemm
-    streams it (FP8 bytes read, upcast in registers); above, with [N, K] weights, FP8 tensor-core products
-    (fp8_prefill_matmul: x quantized per token), else XLA's upcast + dot."""
+    streams it (FP8 bytes read, upcast in registers; from 17 rows on the Mosaic GPU kernel, `mosaic_gemm`); above,
+    with [N, K] weights, FP8 tensor-core products (fp8_prefill_matmul: x quantized per token), else XLA's
+    upcast + dot."""
     if scale is None:
         return jnp.tensordot(x, w, axes=n_in)
     in_shape, out_shape = (w.shape[-n_in:], w.shape[:-n_in]) if w_nk else (w.shape[:n_in], w.shape[n_in:])
@@ -155,7 +173,8 @@ def dense(x, w, scale, n_in, kernels="xla", w_nk=False):
     if pallas_gemm(kernels, "gemm", x2.shape[0]):
         from pallas_kernels.fp8_gemm import fp8_matmul
 
-        y = fp8_matmul(x2, w2, s, out_dtype=x.dtype, w_transposed=w_nk, interpret=jax.default_backend() == "cpu")
+        y = fp8_matmul(x2, w2, s, out_dtype=x.dtype, w_transposed=w_nk, mosaic=mosaic_gemm(kernels, x2.shape[0]),
+                       interpret=jax.default_backend() == "cpu")
     elif w_nk and x2.shape[0] > gemm_max_rows() and use_pallas(kernels, "fp8_prefill"):
         y = fp8_prefill_matmul(x2, w2, s, x.dtype)
     else:
@@ -769,7 +788,7 @@ def dense_add_norm(h, w, scale, n_in, x, norm: RMSNorm, kernels: str, router=Non
         K = int(np.prod(w.shape[-n_in:] if w_nk else w.shape[:n_in]))
         s, y, *widened = fp8_matmul_add_rms_norm(
             h.reshape(-1, K), w.reshape((-1, K) if w_nk else (K, -1)), scale.reshape(-1), x.reshape(-1, x.shape[-1]),
-            norm.scale[...], eps=norm.eps, widen_rows=widen_rows, w_transposed=w_nk,
+            norm.scale[...], eps=norm.eps, widen_rows=widen_rows, w_transposed=w_nk, mosaic=mosaic_gemm(kernels, rows),
             interpret=jax.default_backend() == "cpu")
         return (s.reshape(x.shape), y.reshape(x.shape), *widened)
     return add_norm(x, dense(h, w, scale, n_in, kernels, w_nk), norm, kernels, router=router, widen_rows=widen_rows,

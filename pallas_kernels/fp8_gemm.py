@@ -596,10 +596,12 @@ def fp8_matmul(x, w_fp8, w_scale, *, mode="auto", block_m=None, block_n=None, bl
     reduce (weight_only with split_k > 1): "kernel" (the last split of each tile sums the partials:
       pallas_kernels.split_k, one launch) or "xla" (a jnp sum after the kernel: a second launch); None:
       split_k.default_reduce("gemm") (split_k.DEFAULTS: "xla", measured faster).
-    mosaic (weight_only): the Mosaic GPU kernel (pallas_kernels.mgpu_gemv) instead of Triton's: False (the
-      default) - never; True - always (under interpret=True, Pallas' GPU interpreter; bf16 x up to 64 rows,
-      other x up to 16); None - where `mgpu_gemv.wanted` (per-channel scales, on a Hopper GPU, up to 64 rows of
-      bf16 x, 16 of other x) and no Triton tile is given. Not
+    mosaic: the Mosaic GPU kernel (pallas_kernels.mgpu_gemv) instead of Triton's: False (the
+      default) - never; True - always (under interpret=True, Pallas' GPU interpreter; weight_only: bf16 x up to 64
+      rows, other x up to 16; fp8_fp8: up to 64 rows, [N, K] weights (w_transposed), its FP8 x FP8 path); None -
+      where `mgpu_gemv.wanted` (per-channel scales, on a Hopper GPU, up to 64 rows of bf16 x, 16 of other x) and
+      no Triton tile is given. fp8_fp8 with [K, N] weights and mosaic=True is an error (FP8 WGMMA reads K-major
+      operands only); fp8_fp8 above 64 rows stays on Triton. Not
       the default: its kernel is faster than Triton's and with bf16 x its op too (docs/benchmarks.md sections
       18-19), but in the model the output and down projections on it moved decode by at most 2% and made the
       verify step 2-3% slower (section 20; section 19's NaN verify with them was the add + norm kernel's, fixed).
@@ -674,6 +676,16 @@ def _fp8_matmul(x, w_fp8, w_scale, add_norm, *, mode, block_m, block_n, block_k,
     if mode == "weight_only" and add_norm is None and mgpu_gemv.wanted(
             mosaic, M, K, (N,), scale_kind, auto=not triton_tiles, compute_dtype=mgpu_gemv.path_dtype(x2.dtype)):
         y = mgpu_gemv.fp8_gemv(x2, w_fp8, w_scale, w_layout="nk" if w_transposed else "kn", out_dtype=out_dtype,
+                               interpret=mgpu_gemv.interpret_params(interpret))
+        return y.reshape(*lead, N)
+    # FP8 x FP8 at decode sizes on the Mosaic GPU kernel's FP8 path (x quantized per token, both WGMMA operands
+    # from shared memory): it takes K-major weights only, so [N, K] ones, and only where asked (mosaic=True, or
+    # None on a Hopper GPU without Triton tiles)
+    if mode == "fp8_fp8" and mosaic and not w_transposed:
+        raise ValueError("the Mosaic GPU FP8 x FP8 path reads K-major weights only: [N, K] (w_transposed=True)")
+    if mode == "fp8_fp8" and add_norm is None and w_transposed and mgpu_gemv.wanted(
+            mosaic, M, K, (N,), scale_kind, auto=not triton_tiles, compute_dtype=FP8):
+        y = mgpu_gemv.fp8_gemv(x2, w_fp8, w_scale, w_layout="nk", out_dtype=out_dtype, compute_dtype=FP8,
                                interpret=mgpu_gemv.interpret_params(interpret))
         return y.reshape(*lead, N)
 

@@ -17,7 +17,11 @@ The op (`fp8_gemv`, `fp8_gemv_multi`), x padded to a multiple of 8 rows, on one 
   per row (`pallas_kernels.upcast`, as the Triton kernels do, so any bf16 magnitude is safe), or handed over widened
   already (`widened=`, what the add + norm kernel before the dense MLPs' gate/up writes:
   fused_norm.add_rms_norm(widen_rows=...)); the widening in XLA costs two small kernels, which ate the kernel's
-  gain on the output and down projections (section 18); the bf16 path has none (section 19).
+  gain on the output and down projections (section 18); the bf16 path has none (section 19);
+- float8_e4m3fn (`compute_dtype=FP8`, weights stored [N, K] or tiled; up to 64 rows): x quantized per token to
+  e4m3 (one float32 scale per row, `fp8_gemm.quantize_activation_per_token`), and the WGMMA reads both operands
+  as they sit in shared memory (FP8 WGMMA takes K-major operands only: the [N, K] weight tile and x's [Mp, K] tile
+  are): no widening in registers at all, so the kernel is TMA copies and MMAs (docs/benchmarks.md section 33).
 The kernel writes float32 partial sums per K split [S, N, Mp]; XLA sums them, applies the per-channel scales
 (and x's row factors) and transposes (one fusion). Several weights sharing x (gate and up) go in one launch.
 With expert ids (`gemv_partials(ids=...)`) each program row streams the expert whose id it reads from stacked
@@ -98,16 +102,18 @@ def tile_k_for(K) -> int:
 
 
 def path_dtype(x_dtype, widened=False, compute_dtype=None):
-    """The compute dtype of the kernel's path for x of x_dtype (`operand`): compute_dtype if given, else
-    bfloat16 for bf16 x not handed over widened (x read as it is), float16 otherwise."""
+    """The compute dtype of the kernel's path for x of x_dtype (`operand`): compute_dtype if given (float16,
+    bfloat16 or float8_e4m3fn), else bfloat16 for bf16 x not handed over widened (x read as it is), float16
+    otherwise."""
     if compute_dtype is not None:
         return jnp.dtype(compute_dtype)
     return jnp.dtype(jnp.bfloat16 if jnp.dtype(x_dtype) == jnp.bfloat16 and not widened else jnp.float16)
 
 
 def max_rows(compute_dtype=jnp.float16) -> int:
-    """The most rows (tokens) of x the kernel takes on the path of this compute dtype (`operand`)."""
-    return MAX_ROWS_BF16 if jnp.dtype(compute_dtype) == jnp.bfloat16 else MAX_ROWS
+    """The most rows (tokens) of x the kernel takes on the path of this compute dtype (`operand`): 16 on the float16
+    path (its row factors' bound, upcast.F16_MAX_ROWS), 64 on the bfloat16 and FP8 ones."""
+    return MAX_ROWS if jnp.dtype(compute_dtype) == jnp.float16 else MAX_ROWS_BF16
 
 
 def supported(M, K, Ns, scale_kind="channel", compute_dtype=jnp.float16) -> bool:
@@ -145,18 +151,19 @@ def interpret_params(interpret: bool):
 SMEM_PER_SM = 233472  # Hopper: 228 KB of shared memory per SM, 1 KB of it reserved per resident program
 
 
-def smem_bytes(tile_n, tile_k, rows, stages) -> int:
-    """One program's shared memory: `stages` pipeline slots of a [tile_k, tile_n] FP8 weight tile, a 16-bit x
-    tile [rows, tile_k] and a barrier; the float32 output tile [tile_n, rows] reuses the slots after the loop."""
-    return max(stages * (tile_k * tile_n + rows * tile_k * 2 + 8), tile_n * rows * 4)
+def smem_bytes(tile_n, tile_k, rows, stages, x_bytes=2) -> int:
+    """One program's shared memory: `stages` pipeline slots of a [tile_k, tile_n] FP8 weight tile, an x tile
+    [rows, tile_k] of x_bytes a value (2 on the 16-bit paths, 1 on the FP8 one) and a barrier; the float32 output
+    tile [tile_n, rows] reuses the slots after the loop."""
+    return max(stages * (tile_k * tile_n + rows * tile_k * x_bytes + 8), tile_n * rows * 4)
 
 
-def resident(tile_n, tile_k, rows, stages) -> int:
+def resident(tile_n, tile_k, rows, stages, x_bytes=2) -> int:
     """Programs of these tiles that fit one SM at once by shared memory (what bounds them: `smem_bytes`)."""
-    return SMEM_PER_SM // (smem_bytes(tile_n, tile_k, rows, stages) + 1024)
+    return SMEM_PER_SM // (smem_bytes(tile_n, tile_k, rows, stages, x_bytes) + 1024)
 
 
-def default_config(K, Ns, num_sms=132, copies=1, rows=8, tile_n=None, tile_k=None, w_layout="kn"):
+def default_config(K, Ns, num_sms=132, copies=1, rows=8, tile_n=None, tile_k=None, w_layout="kn", x_bytes=2):
     """tile_n, split_k, stages. Tiles: up to 16 rows 128 wide for [K, N] weights of 16 MB and more (a tile row then one
     whole 128-byte line), else 64 (section 18's sweep; in the [N, K] and tiled layouts a tile row is 128 bytes of K
     already, and 64-wide tiles were 2-10% faster there, section 28); above 16 rows (rows: x's padded rows, the bf16
@@ -168,7 +175,7 @@ def default_config(K, Ns, num_sms=132, copies=1, rows=8, tile_n=None, tile_k=Non
     programs of which two fit an SM at 4 stages, a wave and a fifth, took 34.7 us against 26.5 at 3 stages (three per
     SM, one wave) and 26.6 at 8 tokens (three fit at 4 stages). copies: weights of this shape streamed side by side in
     one launch (the MoE path's experts, `gemv_partials(ids=...)`). tile_n, tile_k: tiles fixed by the caller (a
-    `tile_weight` weight's), the split and stages chosen for them."""
+    `tile_weight` weight's), the split and stages chosen for them. x_bytes: 1 on the FP8 path (`smem_bytes`)."""
     nbytes = K * sum(Ns)
     wide = w_layout == "kn" and rows <= MAX_ROWS and nbytes >= LARGE_WEIGHT_BYTES and all(n % 128 == 0 for n in Ns)
     tile_n, tile_k = tile_n or (128 if wide else 64), tile_k or tile_k_for(K)
@@ -178,7 +185,7 @@ def default_config(K, Ns, num_sms=132, copies=1, rows=8, tile_n=None, tile_k=Non
     for stages in (4, 3):
         for d in (d for d in range(1, nk + 1) if nk % d == 0 and (d == 1 or d <= most)):
             st = min(stages, nk // d)
-            fit = min(resident(tile_n, tile_k, rows, st), 3.1)
+            fit = min(resident(tile_n, tile_k, rows, st, x_bytes), 3.1)
             if d > 1 and tiles * d > fit * num_sms:
                 continue
             key = (tiles * d, st)  # the most programs in the wave, then the deeper pipeline
@@ -203,11 +210,11 @@ def widen(a, cdt):
 
 def gemv_partials(xp, ws, *, ids=None, shared_ws=(), x_per_id=False, w_layout="kn", tile_n=64, tile_k=None,
                   split_k=1, stages=4, compute_dtype=jnp.float16, interpret=None):
-    """xp [Mp, K] in compute_dtype (float16 or bfloat16: the weight tiles are widened to it, `widen`; Mp a
-    multiple of 8, at most 256), or [2, Mp, K] with shared_ws: the shared row's program reads xp[1], the others
-    xp[0]; or [P, Mp, K] with x_per_id (ids, no shared_ws): program row p reads xp[p], its own rows (the MoE
-    prefill path, `moe_mgpu.moe_fp8_mgpu_sorted`: row block p of the tokens sorted by expert, expert ids[p]);
-    ws: float8_e4m3fn weights, each [K, N_i]
+    """xp [Mp, K] in compute_dtype (float16 or bfloat16: the weight tiles are widened to it, `widen`; float8_e4m3fn:
+    FP8 x FP8 products, weights "nk" or "tiled" only; Mp a multiple of 8, at most 256), or [2, Mp, K] with
+    shared_ws: the shared row's program reads xp[1], the others xp[0]; or [P, Mp, K] with x_per_id (ids, no
+    shared_ws): program row p reads xp[p], its own rows (the MoE prefill path, `moe_mgpu.moe_fp8_mgpu_sorted`: row
+    block p of the tokens sorted by expert, expert ids[p]); ws: float8_e4m3fn weights, each [K, N_i]
     (w_layout "kn", the model's layout), [N_i, K] ("nk") or `tile_weight`'s [N_i / tile_n, K / tile_k, tile_n,
     tile_k] ("tiled": each TMA copy one contiguous block; not with ids) -> float32 [split_k, sum N_i, Mp]: split s holds
     the sum over its K range of w[k, n] * xp[m, k] (no scales), the weights' columns one after another. Each N_i
@@ -255,8 +262,11 @@ def gemv_partials(xp, ws, *, ids=None, shared_ws=(), x_per_id=False, w_layout="k
     kns = [kn_shape(sh, w_layout) for sh in shapes]  # (K, N) of each weight
     Ns = [n for _, n in kns]
     cdt = jnp.dtype(compute_dtype)
-    if xp.dtype != cdt or cdt not in (jnp.float16, jnp.bfloat16) or any(w.dtype != FP8 for w in ws):
+    if xp.dtype != cdt or cdt not in (jnp.float16, jnp.bfloat16, FP8) or any(w.dtype != FP8 for w in ws):
         raise TypeError(f"need {cdt} x and float8_e4m3fn weights, got {xp.dtype} and {[w.dtype for w in ws]}")
+    fp8 = cdt == FP8  # FP8 x FP8 WGMMA, both operands from shared memory, where it takes them: K-major
+    if fp8 and w_layout == "kn":
+        raise ValueError("FP8 x FP8 products need the weight K-major: w_layout 'nk' or 'tiled', not 'kn'")
     if any(k != K for k, _ in kns):
         raise ValueError(f"x has K={K}, weights {[w.shape for w in ws]} (w_layout={w_layout})")
     if Mp % 8 or Mp > 256:
@@ -285,7 +295,9 @@ def gemv_partials(xp, ws, *, ids=None, shared_ws=(), x_per_id=False, w_layout="k
         def program(x_gmem, w_gmem, nj):  # output tile nj of one weight, K split si
             def acc_scope(acc_ref, a_smem=None):
                 def step(_, w_smem, x_smem):
-                    if lane:  # [tile_k, tile_n] stored, loaded as its transpose, widened, re-laid for the WGMMA
+                    if fp8:  # the tile as TMA left it: no register pass at all
+                        a = w_smem
+                    elif lane:  # [tile_k, tile_n] stored, loaded as its transpose, widened, re-laid for the WGMMA
                         a = plgpu.load(plgpu.transpose_ref(w_smem, (1, 0)), (),
                                        layout=plgpu.Layout.WGMMA_TRANSPOSED)
                         a = plgpu.layout_cast(widen(a, cdt), plgpu.Layout.WGMMA)
@@ -293,7 +305,7 @@ def gemv_partials(xp, ws, *, ids=None, shared_ws=(), x_per_id=False, w_layout="k
                         a = widen(w_smem[...], cdt).T
                     else:
                         a = widen(w_smem[...], cdt)  # [tile_n, tile_k]
-                    if interpret is not None:
+                    if interpret is not None and not fp8:
                         a_smem[...] = a
                         plgpu.commit_smem()
                         a = a_smem
@@ -364,7 +376,8 @@ def padded_rows(M) -> int:
 
 def operand(x, widened=None, compute_dtype=None, padded=None):
     """x [M, K] -> the kernel's x (xp [padded_rows(M), K] in the compute dtype), its row factors (rs [M] float32
-    with x = xp[:M] * rs[:, None], or None) and the compute dtype: bfloat16 for bf16 x not handed over widened
+    with x = xp[:M] * rs[:, None], or None) and the compute dtype: compute_dtype=float8_e4m3fn quantizes x per
+    token (rs its scales; x = xp * rs only to e4m3's rounding); bfloat16 for bf16 x not handed over widened
     (taken as it is, or as `padded` gives it: [padded_rows(M), K] bf16, x's rows then zeros, what
     fused_norm.add_rms_norm(pad_rows=...) writes: no XLA pad kernel), else float16 (x widened with an exact
     power of two per row, `upcast.to_compute`, or as `widened` gives it: (xc [padded_rows(M), K] float16, rs
@@ -372,6 +385,13 @@ def operand(x, widened=None, compute_dtype=None, padded=None):
     M, K = x.shape
     Mp = padded_rows(M)
     cdt = path_dtype(x.dtype, widened is not None, compute_dtype)
+    if cdt == FP8:
+        if widened is not None or padded is not None:
+            raise ValueError("the FP8 path quantizes x itself: no widened or padded x")
+        from pallas_kernels.fp8_gemm import quantize_activation_per_token  # (fp8_gemm imports this module)
+
+        xq, rs = quantize_activation_per_token(x)  # [M, K] e4m3, [M] float32
+        return jnp.pad(xq, ((0, Mp - M), (0, 0))), rs, cdt
     if cdt == jnp.bfloat16:
         if widened is not None or x.dtype != jnp.bfloat16:
             raise ValueError(f"the bfloat16 path takes bf16 x as it is, got {x.dtype} x, widened={widened is not None}")
@@ -404,7 +424,8 @@ def fp8_gemv_multi(x, ws, scales, *, widened=None, w_layout="kn", tile_n=None, s
     [padded_rows(M), K] float16, rs [padded_rows(M)] float32) with x = xc[:M] * rs[:M, None] (what
     fused_norm.add_rms_norm(widen_rows=...) writes): XLA's two widening kernels are not launched. compute_dtype:
     the MMA's operand type; None: bfloat16 for bf16 x not handed over widened (x read as it is, the weight widened
-    to bf16 in registers), float16 otherwise. Tiles: `default_config` where not given."""
+    to bf16 in registers), float16 otherwise; float8_e4m3fn: x quantized per token, FP8 x FP8 products (weights
+    "nk" or "tiled"). Tiles: `default_config` where not given."""
     ws, scales = tuple(ws), tuple(scales)
     M, K = x.shape
     Ns = [kn_shape(w.shape, w_layout)[1] for w in ws]
@@ -419,7 +440,10 @@ def fp8_gemv_multi(x, ws, scales, *, widened=None, w_layout="kn", tile_n=None, s
         if tile_n not in (None, ws[0].shape[2]):
             raise ValueError(f"tile_n={tile_n} for tiled weights of tile {ws[0].shape[2:]}")
         tile_n, tile_k = ws[0].shape[2:]
-    cfg = default_config(K, Ns, rows=padded_rows(M), tile_n=tile_n, tile_k=tile_k, w_layout=w_layout)
+    if cdt == FP8 and w_layout == "kn":
+        raise ValueError("the FP8 path (FP8 x FP8 products) needs K-major weights: w_layout 'nk' or 'tiled'")
+    cfg = default_config(K, Ns, rows=padded_rows(M), tile_n=tile_n, tile_k=tile_k, w_layout=w_layout,
+                         x_bytes=jnp.dtype(cdt).itemsize)
     tile_n, split_k, stages = tile_n or cfg["tile_n"], split_k or cfg["split_k"], stages or cfg["stages"]
     xp, rs, cdt = operand(x, widened, cdt)
     parts = gemv_partials(xp, ws, w_layout=w_layout, tile_n=tile_n, tile_k=tile_k, split_k=split_k, stages=stages,

@@ -15,9 +15,12 @@ bf16 in registers (`mgpubf16`).
 [K, N], [N, K], and `mgpu_gemv.tile_weight`'s tile-contiguous one, on the float16 path with x handed over widened
 (what the add + norm kernel gives the model's dense gate/up) and the bfloat16 path, each variant's kernel time
 traced (the op's kernels, its XLA split sum included: `mavjax.benchmarking.kernel_time`) against XLA's bf16 dot
-kernel's in the same process (docs/benchmarks.md section 28):
+kernel's in the same process (docs/benchmarks.md section 28); for the K-major layouts also the FP8 x FP8 path
+(`--paths`: "f8" with x handed over quantized per token, as a kernel before it could write it; "f8q" with the
+quantization in XLA inside the op; section 33):
 
   python scripts/bench_mgpu_gemv.py --layouts kn nk tiled --m 8 16 --only "gate/up" down o
+  python scripts/bench_mgpu_gemv.py --layouts nk tiled --m 1 8 16 --paths f16 bf16 f8 f8q
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mavjax.benchmarking import DeviceLoop, copy_bandwidth, kernel_time  # noqa: E402
 from pallas_kernels import mgpu_gemv, upcast  # noqa: E402
 from pallas_kernels.split_k import sum_in_xla  # noqa: E402
-from pallas_kernels.fp8_gemm import FP8, fp8_matmul  # noqa: E402
+from pallas_kernels.fp8_gemm import FP8, fp8_matmul, quantize_activation_per_token  # noqa: E402
 
 NUM_SMS = 132
 # (name, K, N): the rank's projections at 1/8 of Maverick (5120 wide, 40/8 heads of 128, dense MLP 16384), and
@@ -60,10 +63,12 @@ def mgpu_configs(K, N):
     return out
 
 
-def layout_configs(K, N, M, layouts):
+def layout_configs(K, N, M, layouts, paths=("f16", "bf16", "f8", "f8q")):
     """(layout, tile_k, tile_n, split_k, stages, path) for the layout table: 64- and 128-wide tiles, the splits that
-    give one to three programs per SM, 4 stages (and 6 for the tiled layout at the widest N), both paths for the
-    tiled layout, the float16 path for the others."""
+    give one to three programs per SM, 4 stages (and 6 for the tiled layout at the widest N), both 16-bit paths for
+    the tiled layout, the float16 path for the others (above 16 rows the bfloat16 path for all); the FP8 x FP8
+    path (x handed over quantized, "f8", or quantized inside the op, "f8q") for the K-major layouts. Only the
+    paths named."""
     out = []
     for layout in layouts:
         for tk in [t for t in ((128, 256) if layout == "tiled" else (128,)) if K % t == 0]:
@@ -75,7 +80,11 @@ def layout_configs(K, N, M, layouts):
                         st = min(st, K // tk // split)
                         if mgpu_gemv.resident(tn, tk, mgpu_gemv.padded_rows(M), st) < 1:
                             continue
-                        for path in ("f16", "bf16") if layout == "tiled" and st == 4 else ("f16",):
+                        ps = ("f16", "bf16") if layout == "tiled" and st == 4 else ("f16",)
+                        if M > mgpu_gemv.MAX_ROWS:  # beyond the float16 path's rows: the bfloat16 one
+                            ps = ("bf16",)
+                        ps += ("f8", "f8q") if layout != "kn" else ()
+                        for path in (p for p in ps if p in paths):
                             out.append(dict(layout=layout, tile_k=tk, tile_n=tn, split_k=split, stages=st, path=path))
     return out
 
@@ -95,7 +104,9 @@ def layout_table(a, bw):
             Mp = mgpu_gemv.padded_rows(M)
             x = jax.random.normal(jax.random.fold_in(ks[-1], M), (M, K), jnp.bfloat16)
             xc, rs = upcast.to_compute(x, jnp.float16)  # what the norm kernel hands over (widen_rows)
-            xs = dict(f16=(jnp.pad(xc, ((0, Mp - M), (0, 0))), rs), bf16=(jnp.pad(x, ((0, Mp - M), (0, 0))), None))
+            xq, qs = quantize_activation_per_token(x)  # what a norm kernel could hand over to the FP8 path
+            xs = dict(f16=(jnp.pad(xc, ((0, Mp - M), (0, 0))), rs), bf16=(jnp.pad(x, ((0, Mp - M), (0, 0))), None),
+                      f8=(jnp.pad(xq, ((0, Mp - M), (0, 0))), qs), f8q=(x, None))
             ref = jnp.dot(x.astype(jnp.float32), w_nk[0].astype(jnp.float32).T)  # [M, N], unit scales
             xla = kernel_time(lambda x, w: jnp.dot(x, w), [(x, w) for w in w_bf], a.reps) * 1e6
             print(f"\n{name} {K}x{N} M={M}: floor {floor:.2f} us; XLA's bf16 dot kernel {xla:.2f} us "
@@ -104,12 +115,17 @@ def layout_table(a, bw):
 
             def build(c):
                 xp, r = xs[c["path"]]
+                cdt = dict(f16=jnp.float16, bf16=jnp.bfloat16, f8=FP8)[c["path"]] if c["path"] != "f8q" else None
 
                 @jax.jit
                 def op(xp, w):  # the op as fp8_gemv_multi runs it, its tiles fixed
+                    if cdt is None:  # "f8q": the whole op, x's quantization included
+                        return mgpu_gemv.fp8_gemv(xp, w, jnp.ones((N,), jnp.float32), w_layout=c["layout"],
+                                                  tile_n=None if c["layout"] == "tiled" else c["tile_n"],
+                                                  split_k=c["split_k"], stages=c["stages"], compute_dtype=FP8)
                     p = mgpu_gemv.gemv_partials(xp, [w], w_layout=c["layout"], tile_n=c["tile_n"],
                                                 tile_k=c["tile_k"], split_k=c["split_k"], stages=c["stages"],
-                                                compute_dtype=jnp.float16 if c["path"] == "f16" else jnp.bfloat16)
+                                                compute_dtype=cdt)
                     yt = sum_in_xla(p)[:, :M]  # [N, M]
                     return (yt if r is None else yt * r[None, :]).T.astype(jnp.bfloat16)
                 try:
@@ -120,7 +136,7 @@ def layout_table(a, bw):
                 except Exception as e:  # noqa: BLE001 - reported in the table
                     return c, None, None, None, f"{type(e).__name__}: {str(e)[:150]}"
 
-            configs = layout_configs(K, N, M, a.layouts)
+            configs = layout_configs(K, N, M, a.layouts, a.paths)
             if not configs:
                 print("(no variant: no split of these tiles gives one to three programs per SM)")
             with cf.ThreadPoolExecutor(a.threads) as pool:
@@ -152,6 +168,9 @@ def main():
     ap.add_argument("--layouts", nargs="*", choices=("kn", "nk", "tiled"),
                     help="compare these weight layouts by kernel time instead (module docstring)")
     ap.add_argument("--reps", type=int, default=3, help="--layouts: traced runs per variant")
+    ap.add_argument("--paths", nargs="*", default=["f16", "bf16", "f8", "f8q"], choices=("f16", "bf16", "f8", "f8q"),
+                    help="--layouts: the kernel paths timed (f8: FP8 x FP8, x handed over quantized; f8q: quantized "
+                         "in the op)")
     a = ap.parse_args()
     t0 = time.perf_counter()
     bw = copy_bandwidth()

@@ -237,11 +237,7 @@ def run_one(name, n, M, interpret, small, mesh_devices=0):
         from mavjax.bench import random_model, with_kernels
         from mavjax.sampling import SamplingParams
 
-        # The prefill's FP8 x FP8 projections (family "fp8_prefill") round x to e4m3, which on random weights (small
-        # logit margins) moves greedy tokens however right they are: switched off here, so that the tokens compare
-        # the kernels; that product is checked against its reference on its own (bench_weight_layout.py, tests).
-        os.environ["MAVJAX_PALLAS_DISABLE"] = ",".join(
-            [f for f in os.environ.get("MAVJAX_PALLAS_DISABLE", "").split(",") if f] + ["fp8_prefill"])
+        _no_fp8_prefill()
         net = random_model(cfg, quant="fp8", kernels="pallas")
         prompt = [int(t) for t in np.random.default_rng(0).integers(1, cfg.vocab_size, M)]
         sp = SamplingParams(max_new_tokens=8, temperature=0.0)
@@ -261,6 +257,7 @@ def run_one(name, n, M, interpret, small, mesh_devices=0):
         from mavjax.generate import bucket
         from mavjax.kv_cache import KVCache
 
+        _no_fp8_prefill()  # above 64 rows (M = 1024) the x rounding alone moves 99.9-100% of the rows by > 10%
         cfg4 = cfg.replace(num_hidden_layers=4)
         net = random_model(cfg4, quant="fp8", kernels="pallas")
         C = 1024
@@ -291,6 +288,15 @@ def run_one(name, n, M, interpret, small, mesh_devices=0):
             tok = jnp.asarray(want.argmax(-1)[None], jnp.int32)
         return float(np.mean(off))  # token rows off by > 10% (random weights: a near-tie routes one elsewhere)
     raise ValueError(f"unknown check {name!r}")
+
+
+def _no_fp8_prefill():
+    """Switch the family "fp8_prefill" off (MAVJAX_PALLAS_DISABLE) for the model-level checks: its FP8 x FP8
+    projections round x to e4m3, which on random weights (small logit margins) moves greedy tokens and logits
+    however right the kernels are (docs/benchmarks.md sections 32-33), so the checks would not compare the kernels;
+    that product is checked against its reference on its own (bench_weight_layout.py, tests)."""
+    os.environ["MAVJAX_PALLAS_DISABLE"] = ",".join(
+        [f for f in os.environ.get("MAVJAX_PALLAS_DISABLE", "").split(",") if f] + ["fp8_prefill"])
 
 
 def main():

@@ -496,9 +496,10 @@ def test_pallas_kernel_families_can_be_switched_off(monkeypatch, off):
     from mavjax.quantize import quantize_model
     from helpers import pallas_call_names
 
-    # mosaic: Hopper only, below; prefill_attention, fp8_prefill: not in a decode step
-    # (test_prefill_attention_is_blockwise..., test_projections_leave_the_pallas_kernels_above_the_row_limit)
-    assert set(_FAMILY_KERNELS) | {"moe_shared", "mosaic", "prefill_attention", "fp8_prefill"} == set(PALLAS_OPS)
+    # mosaic, mosaic_dense: Hopper only (test_mosaic_gate_up_above_16_tokens); prefill_attention, fp8_prefill: not
+    # in a decode step (test_prefill_attention_is_blockwise..., test_projections_leave_the_pallas_kernels_above_...)
+    assert set(_FAMILY_KERNELS) | {"moe_shared", "mosaic", "mosaic_dense", "prefill_attention",
+                                   "fp8_prefill"} == set(PALLAS_OPS)
     cfg = preset("tiny", **TWO)
     n_moe = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
     n_dense = cfg.num_hidden_layers - n_moe
@@ -604,14 +605,16 @@ def test_mosaic_gate_up_in_the_model(monkeypatch, off, T):
     np.testing.assert_allclose(np.asarray(logits), np.asarray(step(nets["xla"])[1]), rtol=2e-3, atol=2e-3)
 
 
-@pytest.mark.parametrize("off", ["", "mosaic"])
+@pytest.mark.parametrize("off", ["", "mosaic", "mosaic_dense"])
 def test_mosaic_gate_up_above_16_tokens(monkeypatch, off):
     """bf16 model on a Hopper GPU (patched), a step of 24 tokens: every SwiGLU MLP's gate/up (the dense layers', and
     the MoE layers' shared expert, its own MLP at this many tokens) takes bf16 x as it is on the Mosaic GPU
     kernel's bf16 path (gate_up_swiglu's own choice from 17 to 64 rows, docs/benchmarks.md section
-    26; no widening in the norm kernel, whose float16 form stops at 16 rows); MAVJAX_PALLAS_DISABLE=mosaic brings
-    Triton's fused gate/up back. (The kernel's values at these rows: tests/test_mgpu_gemv.py.) The routed experts
-    take the sorted Mosaic GPU path (section 31) or Triton's, and the logits stay the XLA path's."""
+    26; no widening in the norm kernel, whose float16 form stops at 16 rows), and so do every attention output
+    projection and every MLP's down projection (model.mosaic_gemm, section 33); MAVJAX_PALLAS_DISABLE=mosaic brings
+    Triton's fused gate/up and weight-only kernels back, "mosaic_dense" Triton's for the output and down
+    projections. (The kernel's values at these rows: tests/test_mgpu_gemv.py.) The routed experts take the sorted
+    Mosaic GPU path (section 31) or Triton's, and the logits stay the XLA path's."""
     import jax.numpy as jnp
 
     from mavjax.kv_cache import KVCache
@@ -632,13 +635,16 @@ def test_mosaic_gate_up_above_16_tokens(monkeypatch, off):
     f = lambda st: nnx.merge(graphdef, st)(tok, pos, cache, write_index=pos[:, 0])[0]  # noqa: E731
     names = pallas_call_names(jax.make_jaxpr(f)(state).jaxpr)
     count = lambda prefix, suffix="": sum(n.startswith(prefix) and n.endswith(suffix) for n in names)  # noqa: E731
-    mlps = cfg.num_hidden_layers  # the dense MLPs and, past the MoE kernels' 16 pairs, each shared expert's own
-    assert (count("mgpu_fp8_gemv"), count("fp8_gate_up_swiglu")) == ((0, mlps) if off else (mlps, 0)), names
+    L = mlps = cfg.num_hidden_layers  # the dense MLPs and, past the MoE kernels' 16 pairs, each shared expert's own
+    gate_up = (0, mlps) if off == "mosaic" else (mlps, 0)
+    o_down = (0, L + mlps) if off else (L + mlps, 0)  # on the Mosaic GPU kernel / Triton's weight-only kernels
+    assert (count("mgpu_fp8_gemv"), count("fp8_gate_up_swiglu"), count("fp8_weight_only")) == (
+        gate_up[0] + o_down[0], gate_up[1], o_down[1]), names
     assert count("add_rms_norm", "_widen") == 0, names
     # the routed experts of 24 pairs: the sorted path, on the Mosaic GPU kernel (moe_mgpu.moe_fp8_mgpu_sorted, two
     # launches) or, switched off, Triton's; the step computes the XLA path's function either way
     n_moe = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
-    assert (count("mgpu_fp8_moe"), count("moe_gate_up_m")) == ((0, n_moe) if off else (2 * n_moe, 0)), names
+    assert (count("mgpu_fp8_moe"), count("moe_gate_up_m")) == ((0, n_moe) if off == "mosaic" else (2 * n_moe, 0)), names
     xla = quantize_model(Llama4(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(8), kernels="xla"))  # the same weights
     want = xla(tok, pos, cache, write_index=pos[:, 0])[0]
     got = f(state)

@@ -78,6 +78,50 @@ def test_fp8_gemv_matches_reference(w_layout, M, K, Ns, cfg, scale_x, compute_dt
     assert y.dtype == jnp.bfloat16 and _err(y, mgpu_gemv.reference(x, *ws[0])) < 1e-2
 
 
+@pytest.mark.parametrize("w_layout", ["nk", "tiled"])
+@pytest.mark.parametrize("M,K,Ns,cfg", [
+    (1, 128, (64,), {}),
+    (9, 384, (128, 192), dict(split_k=3, stages=1)),  # two weights, one launch; one K step per split
+    (61, 512, (64,), dict(split_k=2, stages=2)),  # 64 rows: the WGMMA's N = 64
+])
+def test_fp8_path_matches_reference(w_layout, M, K, Ns, cfg):
+    """The FP8 x FP8 path (x quantized per token, both WGMMA operands FP8 from shared memory) computes the
+    reference's function of x's e4m3 form exactly up to f32 summation order (1e-5), and of x itself to e4m3's
+    rounding of x: 3 significand bits, a relative error of at most 2^-4 per element and ~2^-4 / sqrt(3) = 3.6%
+    r.m.s. over random values, so 6e-2 on ||y - ref|| / ||ref|| (2.6e-2 measured, here and on the GPU)."""
+    from pallas_kernels.fp8_gemm import dequantize_activation, quantize_activation_per_token
+
+    x = (jax.random.normal(jax.random.key(M), (M, K)) * 3.0).astype(jnp.bfloat16)
+    x = x.at[0].multiply(50.0)  # rows of different magnitudes: one scale per token
+    ws = _weights(M + K + 1, K, Ns)
+    tn = 64
+    args = ([mgpu_gemv.tile_weight(w, tn, mgpu_gemv.tile_k_for(K)) for w, _ in ws] if w_layout == "tiled"
+            else [w.T for w, _ in ws]), [s for _, s in ws]
+    outs = mgpu_gemv.fp8_gemv_multi(x, *args, w_layout=w_layout, out_dtype=jnp.float32, compute_dtype=FP8,
+                                    interpret=INTERP, **cfg)
+    xq = dequantize_activation(*quantize_activation_per_token(x))  # [M, K] float32: x as the kernel sees it
+    for y, (w, s) in zip(outs, ws):
+        assert y.shape == (M, w.shape[1]) and bool(jnp.isfinite(y).all())
+        assert _err(y, mgpu_gemv.reference(xq, w, s, out_dtype=jnp.float32)) < 1e-5
+        assert 1e-3 < _err(y, mgpu_gemv.reference(x, w, s, out_dtype=jnp.float32)) < 6e-2  # x was rounded
+    (w, s), = ws[:1]
+    y = mgpu_gemv.fp8_gemv(x, args[0][0], s, w_layout=w_layout, compute_dtype=FP8, interpret=INTERP)  # bf16 out
+    assert y.dtype == jnp.bfloat16 and _err(y, mgpu_gemv.reference(xq, w, s)) < 1e-2
+
+
+@pytest.mark.parametrize("w_layout,M", [("nk", 8), ("nk", 64), ("tiled", 16)])
+def test_fp8_path_lowers_for_the_gpu(w_layout, M):
+    """The FP8 path's WGMMA (both operands e4m3 from swizzled shared memory, x's tile read transposed: K-major)
+    lowers to Mosaic GPU for CUDA here on the CPU; Mosaic rejects an FP8 operand that is not K-major."""
+    K, N = 5120, 2048
+    w = jnp.zeros((N, K), FP8)
+    w = mgpu_gemv.tile_weight(w, 64, 128, "nk") if w_layout == "tiled" else w
+    f = jax.jit(functools.partial(mgpu_gemv.fp8_gemv, w_layout=w_layout, compute_dtype=FP8))
+    text = f.trace(jnp.ones((M, K), jnp.bfloat16), w, jnp.ones((N,), jnp.float32)).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text and "griddepcontrol.wait" in text
+
+
 def test_widen_is_exact():
     """Every e4m3 value (all 256 bit patterns but the two NaNs) widens exactly to float16 and to bfloat16 (through
     float32: Hopper has no e4m3 -> bf16 instruction)."""
@@ -143,6 +187,9 @@ def test_smem_bytes_matches_mosaic():
     assert mgpu_gemv.smem_bytes(256, 128, 16, 8) == 294976
     assert mgpu_gemv.smem_bytes(256, 128, 32, 6) == 245808
     assert mgpu_gemv.resident(128, 128, 8, 4) == 3 and mgpu_gemv.resident(128, 128, 16, 4) == 2
+    # the FP8 path's x tile holds one byte a value
+    assert mgpu_gemv.smem_bytes(64, 128, 64, 4, x_bytes=1) == 4 * (64 * 128 + 64 * 128 + 8)
+    assert mgpu_gemv.resident(64, 128, 64, 4, x_bytes=1) == 3 > mgpu_gemv.resident(64, 128, 64, 4)
 
 
 def test_bad_input():
@@ -171,6 +218,16 @@ def test_bad_input():
         mgpu_gemv.gemv_partials(jnp.ones((8, 128), jnp.float16), [wt], w_layout="tiled", interpret=INTERP)
     with pytest.raises(ValueError, match="must divide by the tiles"):
         mgpu_gemv.tile_weight(w, 128, 64)
+    # the FP8 path: K-major weights only, x quantized by the op itself, up to 64 rows
+    with pytest.raises(ValueError, match="needs K-major weights"):
+        mgpu_gemv.fp8_gemv(x, w, s, compute_dtype=FP8, interpret=INTERP)
+    with pytest.raises(ValueError, match="need the weight K-major"):
+        mgpu_gemv.gemv_partials(jnp.ones((8, 128), FP8), [w], compute_dtype=FP8, interpret=INTERP)
+    with pytest.raises(ValueError, match="1..64 rows on its float8_e4m3fn path"):
+        mgpu_gemv.fp8_gemv(jnp.ones((65, 128), jnp.bfloat16), w.T, s, w_layout="nk", compute_dtype=FP8,
+                           interpret=INTERP)
+    with pytest.raises(ValueError, match="quantizes x itself"):
+        mgpu_gemv.operand(x, widened=(jnp.ones((8, 128), jnp.float16), jnp.ones((8,))), compute_dtype=FP8)
 
 
 @pytest.mark.parametrize("w_layout,K,Ns", [("kn", 5120, (2048, 2048)), ("kn", 640, (5120,)), ("nk", 192, (128,)),
@@ -243,3 +300,39 @@ def test_dispatch_from_fp8_matmul_and_gate_up(monkeypatch):
         fp8_matmul(jnp.ones((17, 128), jnp.float32), w, s, mode="weight_only", mosaic=True, interpret=True)
     with pytest.raises(ValueError, match="widened must be float16"):
         gate_up_swiglu(x, w, s, wu, su, x_widened=(wide[0][:4], wide[1]), interpret=True)
+    # fp8_fp8 mode: the FP8 x FP8 path on [N, K] weights where asked (or automatic on Hopper), up to 64 rows;
+    # [K, N] weights stay on Triton automatically and are an error when the Mosaic kernel is asked for
+    from pallas_kernels.fp8_gemm import dequantize_activation, quantize_activation_per_token
+
+    prod = lambda a, wt, **k: fp8_matmul(a, wt, s, mode="fp8_fp8", interpret=True, **k)  # noqa: E731
+    assert names(lambda a: prod(a, w.T, w_transposed=True, mosaic=None))[0].startswith("mgpu_fp8_gemv")
+    assert names(lambda a: prod(a, w, mosaic=None))[0].startswith("fp8_fp8")
+    assert names(lambda a: prod(a, w.T, w_transposed=True))[0].startswith("fp8_fp8")  # mosaic=False: Triton's
+    assert names(lambda a: prod(jnp.ones((65, 128), jnp.bfloat16), w.T, w_transposed=True,
+                                mosaic=None))[0].startswith("fp8_fp8")
+    y = prod(x32, w.T, w_transposed=True, mosaic=True)
+    xq = dequantize_activation(*quantize_activation_per_token(x32))
+    assert _err(y, mgpu_gemv.reference(xq, w, s)) < 1e-2  # x's e4m3 form, bf16 output
+    assert _err(y, prod(x32, w.T, w_transposed=True)) < 1e-2  # Triton's FP8 x FP8 kernel: the same function
+    with pytest.raises(ValueError, match="K-major weights only"):
+        prod(x32, w, mosaic=True)
+
+
+def test_bench_layout_configs_paths():
+    """scripts/bench_mgpu_gemv.py --layouts: the FP8 paths only on K-major layouts ([N, K], tiled), the float16 path
+    only up to its 16 rows (the bfloat16 one above), and only the paths asked for."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "bench_mgpu_gemv.py"
+    spec = importlib.util.spec_from_file_location("bench_mgpu_gemv", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    def paths(M, layouts, **kw):
+        return {(c["layout"], c["path"]) for c in bench.layout_configs(5120, 16384, M, layouts, **kw)}
+
+    assert paths(8, ("kn", "nk", "tiled")) == {("kn", "f16"), ("nk", "f16"), ("nk", "f8"), ("nk", "f8q"),
+                                                ("tiled", "f16"), ("tiled", "bf16"), ("tiled", "f8"), ("tiled", "f8q")}
+    assert paths(64, ("kn", "nk")) == {("kn", "bf16"), ("nk", "bf16"), ("nk", "f8"), ("nk", "f8q")}
+    assert paths(16, ("nk",), paths=("f8",)) == {("nk", "f8")}
