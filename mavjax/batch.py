@@ -34,6 +34,7 @@ import sys
 import time
 from pathlib import Path
 
+from mavjax.atomic_write import write_text
 from mavjax.sampling import SamplingError, SamplingParams
 
 SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams))
@@ -205,7 +206,7 @@ def run(llm, input_path, output_path, *, defaults: dict | None = None, batch_siz
     requests, errors = read_requests(llm, input_path, defaults or {}, allow_unknown)
     for e in errors:
         print(f"{input_path}:{e['line']}: skipped: {e['error']}", file=log)
-    _write_atomic(errors_path(output_path), "".join(json.dumps(e) + "\n" for e in errors))
+    write_text(errors_path(output_path), "".join(json.dumps(e) + "\n" for e in errors))
     todo = [r for r in requests if _key(r.id) not in done]
     batches = plan_batches(llm, todo, batch_size)
     n_tokens, t0 = 0, time.perf_counter()
@@ -223,15 +224,6 @@ def run(llm, input_path, output_path, *, defaults: dict | None = None, batch_siz
         os.close(fd)
     return {"written": len(todo), "skipped_done": len(requests) - len(todo), "errors": len(errors),
             "batches": len(batches), "generated_tokens": n_tokens, "seconds": time.perf_counter() - t0}
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # ---- command line ----------------------------------------------------------------------------------------------

@@ -32,7 +32,6 @@ import argparse
 import concurrent.futures
 import dataclasses
 import functools
-import json
 import math
 import sys
 import time
@@ -758,6 +757,7 @@ def main(a) -> int:
                       draft=a.draft, random_draft=a.random_draft, forced_acceptance=a.forced_acceptance,
                       num_draft_tokens=a.num_draft_tokens, device=jax.devices()[0].device_kind, rows=rows)
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump(result, f, indent=1)
+        from mavjax.atomic_write import write_json
+
+        write_json(a.json, result, indent=1)
     return 0

@@ -32,6 +32,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from mavjax.atomic_write import write_json
 from mavjax.config import Llama4Config
 from mavjax.model import Llama4, stored_layout
 
@@ -87,7 +88,7 @@ class CheckpointWriter:
                    "config": cfg.to_dict()}
         found = _existing(self.dir)
         if found is not None and overwrite:
-            _write_json(self.dir / PENDING, pending)  # so the directory stays recognisably ours while cleared
+            write_json(self.dir / PENDING, pending)  # so the directory stays recognisably ours while cleared
             _clear(self.dir)
             found = None
         if found is not None:
@@ -108,7 +109,7 @@ class CheckpointWriter:
             return
         shutil.rmtree(self._partial, ignore_errors=True)  # left by a write that was cut short
         self._partial.mkdir(parents=True, exist_ok=True)
-        _write_json(self.dir / PENDING, pending)
+        write_json(self.dir / PENDING, pending)
 
     def has(self, target: str) -> bool:
         return (self._params / target).is_dir()
@@ -138,7 +139,7 @@ class CheckpointWriter:
         if missing:
             raise CheckpointError(f"cannot finalize {self.dir}: {len(missing)} parameter(s) not written, "
                                   f"e.g. {missing[0]!r}")
-        _write_json(self.dir / "config.json", self.cfg.to_dict())
+        write_json(self.dir / "config.json", self.cfg.to_dict())
         if tokenizer_src_dir is not None:
             for name in TOKENIZER_FILES:
                 if (Path(tokenizer_src_dir) / name).is_file():
@@ -280,15 +281,7 @@ def seal(out_dir: Path, manifest: dict) -> None:
     complete), then remove the pending marker."""
     out_dir = Path(out_dir)
     shutil.rmtree(out_dir / "params" / ".partial", ignore_errors=True)
-    _write_json(out_dir / MANIFEST, manifest)
+    write_json(out_dir / MANIFEST, manifest)
     (out_dir / PENDING).unlink(missing_ok=True)
 
 
-def _write_json(path: Path, obj) -> None:
-    """Write-then-rename, so a reader sees the old file or the whole new one, never a torn one."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -254,7 +254,8 @@ class DraftWriter:
     (a finished one is left alone: `complete`). Same layout and guarantees as mavjax.checkpoint."""
 
     def __init__(self, out_dir, cfg: Eagle3Config, dtype, *, overwrite: bool = False):
-        from mavjax.checkpoint import CheckpointError, _write_json
+        from mavjax.atomic_write import write_json
+        from mavjax.checkpoint import CheckpointError
 
         self.dir, self.cfg, self.dtype = Path(out_dir), cfg, jnp.dtype(dtype)
         self.specs = param_specs(cfg)
@@ -284,7 +285,7 @@ class DraftWriter:
         if not self.complete:
             shutil.rmtree(self._partial, ignore_errors=True)
             self._partial.mkdir(parents=True, exist_ok=True)
-            _write_json(self.dir / PENDING, pending)
+            write_json(self.dir / PENDING, pending)
 
     def has(self, name: str) -> bool:
         return (self._params / name).is_dir()
@@ -300,12 +301,13 @@ class DraftWriter:
         save_array(self.dir, name, np.asarray(value).astype(fixed or self.dtype))
 
     def finalize(self, extra_files: dict[str, str] | None = None) -> None:
-        from mavjax.checkpoint import CheckpointError, _write_json, seal
+        from mavjax.atomic_write import write_json
+        from mavjax.checkpoint import CheckpointError, seal
 
         missing = [n for n in self.specs if not self.has(n)]
         if missing:
             raise CheckpointError(f"cannot finalize {self.dir}: {len(missing)} array(s) not written, e.g. {missing[0]!r}")
-        _write_json(self.dir / "config.json", self.cfg.to_dict())
+        write_json(self.dir / "config.json", self.cfg.to_dict())
         for name, text in (extra_files or {}).items():
             (self.dir / name).write_text(text)
         arrays = {n: {"shape": list(s), "dtype": jnp.dtype(f or self.dtype).name} for n, (s, f) in self.specs.items()}

@@ -164,8 +164,10 @@ def main():
             us = {r["what"]: r["us"] for r in res["rows"] if r["impl"] == impl}
             print(f"{name:>28} {impl:>8} {us['all-reduce']:>11.2f} {us['fused AR+add+RMSNorm']:>18.2f}")
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump(dict(rows=a.rows, dim=a.dim, dtype=a.dtype, results=results), f, indent=1)
+        from mavjax.atomic_write import write_json  # (not at the top: importing mavjax sets XLA_FLAGS, which the
+        # variants' processes inherit)
+
+        write_json(a.json, dict(rows=a.rows, dim=a.dim, dtype=a.dtype, results=results), indent=1)
     if not results:
         sys.exit(1)
 

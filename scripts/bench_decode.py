@@ -14,7 +14,6 @@ device kernels (mavjax.profiling).
 from __future__ import annotations
 
 import argparse
-import json
 
 import jax
 import jax.numpy as jnp
@@ -105,9 +104,10 @@ def main():
     for r in rows:
         print(f"{r['kernels']:>8} {r['batch']:>5} {r['ms_per_token']:>9.3f} {r['floor_ms']:>9.3f} {r['ratio']:>8.2f}")
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump(dict(preset=a.preset, layers=a.layers, device=jax.devices()[0].device_kind, context=a.context,
-                           quantize=a.quantize, copy_tb_s=bw / 1e12, rows=rows), f, indent=1)
+        from mavjax.atomic_write import write_json
+
+        write_json(a.json, dict(preset=a.preset, layers=a.layers, device=jax.devices()[0].device_kind,
+                                context=a.context, quantize=a.quantize, copy_tb_s=bw / 1e12, rows=rows), indent=1)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import functools
-import json
 import math
 import os
 import sys
@@ -44,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from mavjax.atomic_write import write_json  # noqa: E402
 from mavjax.benchmarking import DeviceLoop, copy_bandwidth, fmt, speedup  # noqa: E402
 from pallas_kernels.fp8_gemm import (  # noqa: E402
     dequantize_activation, dequantize_weight, fp8_matmul, quantize_activation_per_token,
@@ -386,8 +386,7 @@ def main():
     res["decode"] = [dict(r, cfg=fmt_cfg(r.get("cfg"))) for r in decode.values()]
     res["prefill"] = [dict(r, cfg=fmt_cfg(r.get("cfg"))) for r in prefill.values()]
     try:
-        with open(a.json, "w") as f:
-            json.dump(res, f, indent=1, default=str)
+        write_json(a.json, res, indent=1, default=str)
     except OSError:
         pass
 

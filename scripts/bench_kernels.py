@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import math
 import os
 import sys
@@ -56,6 +55,7 @@ import bench_attention as batt  # noqa: E402
 import bench_decode as bdec  # noqa: E402
 import bench_fp8_gemm as bgemm  # noqa: E402
 import bench_moe as bmoe  # noqa: E402
+from mavjax.atomic_write import write_json  # noqa: E402
 from mavjax.benchmarking import copy_bandwidth, fmt, kernel_time  # noqa: E402
 from mavjax.model import GATHER_MAX_PAIRS, apply_rope, rms_norm  # noqa: E402
 from pallas_kernels.decode_attention import decode_attention, decode_attention_reference  # noqa: E402
@@ -799,8 +799,7 @@ def main():
         run.section(name, fn, *args)
         res.update(rows=run.rows, validation=run.validation, skipped=run.skipped, errors=run.errors)
         try:  # after every block, so a killed run still leaves its rows
-            with open(a.json, "w") as f:
-                json.dump(res, f, indent=1, default=str)
+            write_json(a.json, res, indent=1, default=str)
         except OSError as e:
             log(f"cannot write {a.json}: {e}")
     print_tables(run, res)

@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import functools
-import json
 import os
 import sys
 import time
@@ -47,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from mavjax.atomic_write import write_json  # noqa: E402
 from mavjax.benchmarking import DeviceLoop, copy_bandwidth, fmt, speedup  # noqa: E402
 from mavjax.model import moe_experts  # noqa: E402
 from pallas_kernels import mgpu_gemv  # noqa: E402
@@ -477,8 +477,7 @@ def main():
             r["xla_bf16_TBps"] = r["bytes_bf16"] / r["xla_bf16_us"] / 1e6
     res["rows"] = list(rows.values())
     try:
-        with open(a.json, "w") as f:
-            json.dump(res, f, indent=1, default=str)
+        write_json(a.json, res, indent=1, default=str)
     except OSError:
         pass
 

@@ -22,7 +22,6 @@ visible.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -113,6 +112,7 @@ def main():
 
     from bench_decode import time_decode
     from mavjax.api import LLM
+    from mavjax.atomic_write import write_json
     from mavjax.benchmarking import copy_bandwidth
     from mavjax.config import preset
     from mavjax.model import Llama4
@@ -163,10 +163,9 @@ def main():
         print(f"{text:>20} {impl:>9} {us:8.2f}")
     proj = project(cfg, rows, ar, bw, dtype.itemsize, a)
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump(dict(preset=a.preset, layers=a.layers, device=dev, n_devices=len(jax.devices()),
-                           copy_tb_s=bw / 1e12, rows=rows, allreduce_us={f"{m} {i}": v for (m, i), v in ar.items()},
-                           projection=proj), f, indent=1)
+        ar_us = {f"{m} {i}": v for (m, i), v in ar.items()}
+        write_json(a.json, dict(preset=a.preset, layers=a.layers, device=dev, n_devices=len(jax.devices()),
+                                copy_tb_s=bw / 1e12, rows=rows, allreduce_us=ar_us, projection=proj), indent=1)
 
 
 def project(cfg, rows, ar, bw, itemsize, a):

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import itertools
-import json
 import math
 import os
 import sys
@@ -26,6 +25,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from mavjax.atomic_write import write_json  # noqa: E402
 from mavjax.benchmarking import DeviceLoop, copy_bandwidth  # noqa: E402
 from pallas_kernels.fp8_gemm import FP8, fp8_matmul, fp8_matmul_add_rms_norm  # noqa: E402
 from pallas_kernels.fused_gemm import gate_up_swiglu, qkv_rope  # noqa: E402
@@ -275,9 +275,8 @@ def main():
                 print(format_profile(p, f"\nprofile of {op.name} (default tiles), per call"))
                 rows[ops.index(op)]["profile"] = p
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump(dict(device=jax.devices()[0].device_kind, copy_tb_s=bw / 1e12, m=a.m, shard=a.shard,
-                           rows=rows), f, indent=1, default=str)
+        write_json(a.json, dict(device=jax.devices()[0].device_kind, copy_tb_s=bw / 1e12, m=a.m, shard=a.shard,
+                                rows=rows), indent=1, default=str)
     print(f"done in {time.perf_counter() - T0:.0f} s")
 
 
