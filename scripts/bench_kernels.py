@@ -333,12 +333,16 @@ def gemm_rows(run, plan, shapes, Ms, prefill, num_sms, key, tuned, ok):
                 cells_ops["mosaic_us"] = (lambda x, wq, s: fp8_matmul(x, wq, s, mode="weight_only", mosaic=True),
                                           ("kn", "s"))
                 cells["mosaic_us"] = bgemm.Cell(cells_ops["mosaic_us"], X[M], W)
+                # its FP8 x FP8 path (section 33) on [N, K] weights, x quantized per token by XLA inside the op
+                cells_ops["mosaic_fp8_us"] = (lambda x, wq, s: fp8_matmul(x, wq, s, mode="fp8_fp8", w_transposed=True,
+                                                                          mosaic=True), ("nk", "s"))
+                cells["mosaic_fp8_us"] = bgemm.Cell(cells_ops["mosaic_fp8_us"], X[M], W)
             for b in ("bf16", "upcast", "fp8"):
                 cells_ops[f"xla_{b}_us"] = bgemm.XLA_OPS[b]
                 cells[f"xla_{b}_us"] = bgemm.Cell(bgemm.XLA_OPS[b], X[M], W)
             row.update(time_cells(run, cells))
             # the ops' own kernels, traced (GPU only): what the loop time holds beyond them is launch gaps
-            for label in ("pallas_us", "mosaic_us", "xla_bf16_us"):
+            for label in ("pallas_us", "mosaic_us", "mosaic_fp8_us", "xla_bf16_us"):
                 if row.get(label):  # (a cell that did not compile, e.g. a tile over the shared memory, has none)
                     op, keys = cells_ops[label]
                     try:
@@ -640,13 +644,15 @@ def print_tables(run, res):
                                      for v in run.validation))
     print("\nFP8 GEMM (x = XLA time / Pallas time; floor = weight+scale+activation bytes / copy bw; prefill: "
           "xfloor = FP8 datasheet peak / achieved)")
-    print("(kern: the op's own kernels, traced; x.bf16 kern = XLA's bf16 dot's kernels / the Mosaic GPU op's)")
+    print("(kern: the op's own kernels, traced; x.bf16 kern = XLA's bf16 dot's kernels / the Mosaic GPU op's; mg8: "
+          "the Mosaic GPU op's FP8 x FP8 path on [N, K] weights, x quantized in the op)")
     print(f"{'shape':26s} {'M':>5s} {'cfg':>24s} {'us':>7s} {'TB/s':>5s} {'TF/s':>5s} {'xfloor':>6s} {'kn us':>7s} "
           f"{'x.bf16':>6s} {'x.upc':>6s} {'x.fp8':>6s} {'mgpu us':>7s} {'mgpu xfl':>8s} {'mgpu x.bf16':>11s} "
-          f"{'pl kern':>7s} {'mg kern':>7s} {'bf16 kern':>9s} {'x.bf16 kern':>11s}")
+          f"{'pl kern':>7s} {'mg kern':>7s} {'bf16 kern':>9s} {'x.bf16 kern':>11s} {'mg8 us':>7s} {'mg8 kern':>8s} "
+          f"{'x.bf16 kern8':>12s}")
     for r in run.rows["gemm"]:
         x = ratios(r)
-        mk, xk = r.get("mosaic_kernel_us"), r.get("xla_bf16_kernel_us")
+        mk, xk, mk8 = r.get("mosaic_kernel_us"), r.get("xla_bf16_kernel_us"), r.get("mosaic_fp8_kernel_us")
         print(f"{r['shape'][:26]:26s} {r['M']:5d} {r['cfg'][:24]:>24s} {f(r.get('pallas_us'), 7)} "
               f"{f(r.get('TBps'), 5, 2)} {f(r.get('TFLOPs'), 5, 0)} {f(r.get('xfloor'), 6, 2)} "
               f"{f(r.get('pallas_kn_us'), 7)} {f(x.get('xla_bf16'), 6, 2)} {f(x.get('xla_upcast'), 6, 2)} "
@@ -654,7 +660,8 @@ def print_tables(run, res):
               f"{f(r.get('mosaic_us') and r['mosaic_us'] / r['floor_us'], 8, 2)} "
               f"{f(ratios(r, 'mosaic_us').get('xla_bf16'), 11, 2)} {f(r.get('pallas_kernel_us'), 7)} "
               f"{f(r.get('mosaic_kernel_us'), 7)} {f(r.get('xla_bf16_kernel_us'), 9)} "
-              f"{f(mk and xk and xk / mk, 11, 2)}")
+              f"{f(mk and xk and xk / mk, 11, 2)} {f(r.get('mosaic_fp8_us'), 7)} {f(mk8, 8)} "
+              f"{f(mk8 and xk and xk / mk8, 12, 2)}")
     print("\nsplit-KV decode attention (TB/s over the visible K/V bytes; x = other time / ours; loop-timed, then "
           "the kernels' own traced time: ours, XLA's, XLA's plain read of the same bytes)")
     print(f"{'kv':>4s} {'B':>2s} {'H':>2s} {'K':>2s} {'S':>6s} {'T':>2s} {'chunk':>5s} {'us':>8s} {'TB/s':>5s} "
