@@ -131,6 +131,13 @@ def kernel_time(fn, arg_sets, reps: int = 5) -> float | None:
     calls do not hit each other's L2), run `reps` times after a warm-up. Unlike `device_time` it counts neither a
     timing loop's own kernels nor the gaps between launches: what the op's kernels take. None off a GPU (a
     CPU trace holds no device kernels)."""
+    p = kernel_profile(fn, arg_sets, reps)
+    return p["busy_us"] * 1e-6 if p and p["kernels_per_step"] else None
+
+
+def kernel_profile(fn, arg_sets, reps: int = 5) -> dict | None:
+    """`kernel_time`'s trace, summarized per call (mavjax.profiling.summarize: busy time, and each kernel's time;
+    format_profile prints it). None off a GPU."""
     if not _on_gpu():
         return None
     from mavjax.profiling import profile_kernels
@@ -142,8 +149,7 @@ def kernel_time(fn, arg_sets, reps: int = 5) -> float | None:
     def run():
         jax.block_until_ready([prog(sets) for _ in range(reps)])
 
-    p = profile_kernels(run, steps=reps * len(sets))
-    return p["busy_us"] * 1e-6 if p["kernels_per_step"] else None
+    return profile_kernels(run, steps=reps * len(sets))
 
 
 def device_time(fn, args, iters: int = 8, reps: int = 5, calls_per_iter: int = 1, vary: int = 0) -> float:

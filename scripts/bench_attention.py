@@ -27,6 +27,8 @@ split first, B = 8 first, bf16 then FP8); `--budget-s 1e9` runs them all.
   python scripts/bench_attention.py            # as many configs as fit in ~3 min, then the table
   python scripts/bench_attention.py --quick    # a few configs
   python scripts/bench_attention.py --tune     # batch-1 decode at 8K-128K: split count x tile, XLA's merge
+  python scripts/bench_attention.py --tune --mosaic --breakdown
+                                               # the Mosaic GPU kernel beside Triton's (bf16), each kernel's time
 """
 
 from __future__ import annotations
@@ -48,7 +50,8 @@ import numpy as np  # noqa: E402
 
 from pallas_kernels.decode_attention import decode_attention, dequantize_kv  # noqa: E402
 
-from mavjax.benchmarking import copy_bandwidth, device_time, fmt, kernel_time  # noqa: E402
+from mavjax.benchmarking import copy_bandwidth, device_time, fmt, kernel_profile, kernel_time  # noqa: E402
+from mavjax.profiling import format_profile  # noqa: E402
 from mavjax.model import attend, attention_mask  # noqa: E402
 
 try:
@@ -163,7 +166,13 @@ def run_config(key, cache, B, S, H, K, T, chunk, kv_dtype, bw, args, kern_kw=Non
     # over the same visible K/V bytes, what one plain read of them costs on this device.
     lo = S - visible_slots(S, T, chunk)
     sets = [(qs[i % len(qs)], *targs[i]) for i in range(len(targs))]
-    row["k_ours"] = kernel_time(ours_fn, sets, args.reps)
+    if getattr(args, "breakdown", False):  # each kernel of the op (the Mosaic GPU path: its kernel and XLA's merge)
+        prof = kernel_profile(ours_fn, sets, args.reps)
+        row["k_ours"] = prof["busy_us"] * 1e-6 if prof and prof["kernels_per_step"] else None
+        if prof:
+            print(format_profile(prof, f"  {kern_kw or 'default'}"), flush=True)
+    else:
+        row["k_ours"] = kernel_time(ours_fn, sets, args.reps)
     row["pct_copy_k"] = 100 * nbytes / row["k_ours"] / bw if row["k_ours"] else None
     if with_others or not args.tune:
         row["k_xla"] = kernel_time(ref, sets, args.reps)
@@ -208,6 +217,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--tune", action="store_true")
+    ap.add_argument("--mosaic", action="store_true",
+                    help="with --tune: the Mosaic GPU kernel's cases and variants")
+    ap.add_argument("--breakdown", action="store_true", help="print each kernel's traced time per variant")
     ap.add_argument("--inner", type=int, default=8, help="calls per timed program")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--budget-s", type=float, default=150.0, help="start no new cache shape after this many seconds")
@@ -230,35 +242,44 @@ def main():
         # its in-kernel merge, then XLA's merge kernels); the kernels' own traced time is the figure
         cases = [(jnp.bfloat16, 8192, None), (FP8, 8192, None), (FP8, 32768, None), (FP8, 131072, None),
                  (FP8, 131072, CHUNK)]
+        cases = [(d, S, chunk, 1, 40, 8, 1) for d, S, chunk in cases]  # + B, H, K, T
         variants = [{}] + [dict(block_s=bs, num_splits=ns, num_stages=3)
                            for ns in (8, 16, 22, 32) for bs in (64, 128)] + [dict(combine="xla")]
-        for kv_dtype, S, chunk in cases:
-            B, H, K = 1, 40, 8
-            lo = S - visible_slots(S, 1, chunk)
+        if a.mosaic:  # the Mosaic GPU kernel (bf16 cache) beside Triton's default, its tiles and splits swept
+            cases = [(jnp.bfloat16, 8192, None, 1, 40, 8, 1), (jnp.bfloat16, 32768, None, 1, 40, 8, 1),
+                     (jnp.bfloat16, 131072, None, 1, 40, 8, 1), (jnp.bfloat16, 131072, CHUNK, 1, 40, 8, 1),
+                     (jnp.bfloat16, 8192, None, 1, 40, 8, 4), (jnp.bfloat16, 8192, None, 8, 40, 8, 1),
+                     (jnp.bfloat16, 8192, None, 1, 5, 1, 1), (jnp.bfloat16, 1024, None, 1, 5, 1, 1)]
+            variants = [{}, dict(mosaic=None), dict(mosaic=True), dict(mosaic=True, combine="xla"),
+                        dict(mosaic=True, num_splits=32), dict(mosaic=True, num_splits=8, combine="xla")]
+        for kv_dtype, S, chunk, B, H, K, T in cases:
+            lo = S - visible_slots(S, T, chunk)
             read_bytes = 2 * B * (S - lo) * K * Dh * jnp.dtype(kv_dtype).itemsize
             cache = make_cache(key, B, S, K, kv_dtype, int(min(8, max(2, math.ceil(4 * a.l2_bytes / read_bytes)))))
-            q_pos = jnp.full((B, 1), S - 1, jnp.int32)
+            q_pos = jnp.full((B, T), S - 1, jnp.int32)
             k_pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
             sets = [(None, k, v, ks, vs, q_pos, k_pos) for (k, v, ks, vs) in cache]
             t_read = kernel_time(functools.partial(read_fn, lo=lo), sets, a.reps)
-            print(f"{'bf16' if kv_dtype != FP8 else 'fp8'} S={S} chunk={chunk}: XLA's plain read of the "
-                  f"{read_bytes / 1e6:.1f} MB: {fmt_us(t_read)} us", flush=True)
+            print(f"{'bf16' if kv_dtype != FP8 else 'fp8'} S={S} chunk={chunk} B={B} H={H} K={K} T={T}: XLA's plain "
+                  f"read of the {read_bytes / 1e6:.1f} MB: {fmt_us(t_read)} us", flush=True)
             for kw in variants:
                 if time.perf_counter() - t_start > a.budget_s:
                     break
                 try:
-                    r = run_config(key, cache, B, S, H, K, 1, chunk, kv_dtype, bw, a, kern_kw=kw, with_others=False)
+                    r = run_config(key, cache, B, S, H, K, T, chunk, kv_dtype, bw, a, kern_kw=kw, with_others=False)
                     r["k_read"] = t_read
                     rows.append(r)
                 except Exception as e:  # noqa: BLE001
                     print(f"  {kw} failed: {type(e).__name__}: {str(e)[:400]}", flush=True)
             del cache
-        print(f"\n{'kv':>4} {'S':>6} {'chunk':>5} {'variant':32s} {'kern us':>8} {'%copy':>5} {'loop us':>8} "
-              f"{'read us':>8} {'err':>8}")
+        print(f"\n{'kv':>4} {'B':>2} {'H':>2} {'K':>2} {'T':>2} {'S':>6} {'chunk':>5} {'variant':40s} {'kern us':>8} "
+              f"{'%copy':>5} {'loop us':>8} {'read us':>8} {'err':>8}")
         for r in rows:
-            var = ", ".join(f"{k}={v}" for k, v in r.items() if k in ("block_s", "num_splits", "num_stages", "combine"))
+            var = ", ".join(f"{k}={v}" for k, v in r.items()
+                            if k in ("mosaic", "block_s", "num_splits", "num_stages", "combine"))
             ko, pk = r.get("k_ours"), fmt(r.get("pct_copy_k"), 5, 0)
-            print(f"{r['kv']:>4} {r['S']:>6} {str(r['chunk']):>5} {var or 'default':32s} {fmt_us(ko)} {pk} "
+            print(f"{r['kv']:>4} {r['B']:>2} {r['H']:>2} {r['K']:>2} {r['T']:>2} {r['S']:>6} {str(r['chunk']):>5} "
+                  f"{var or 'default':40s} {fmt_us(ko)} {pk} "
                   f"{fmt_us(r['t_ours'])} {fmt_us(r.get('k_read'))} {r['err']:8.1e}")
         return
 
