@@ -62,12 +62,13 @@ def rows_per_position(G) -> int:
 
 def supported(T, H, K, S, Dh, q_dtype, kv_dtype, block_s=BLOCK_S) -> bool:
     """Whether `decode_attention_mgpu` takes this problem: bf16 q and cache, H a multiple of K, every position's
-    heads within ROWS rows (rows_per_position(H // K) * T <= 64), Dh a multiple of 64 up to 256, and a cache of
-    whole tiles (S % block_s == 0)."""
+    heads within ROWS rows (rows_per_position(H // K) * T <= 64), Dh a multiple of 64 up to 256, and a cache of at
+    least one tile whose slots are a multiple of 8 (k_pos's rows, TMA-copied, must be 16-byte aligned; a last tile
+    past S is masked by slot)."""
     bf16 = jnp.dtype(jnp.bfloat16)
     return (plgpu is not None and jnp.dtype(q_dtype) == bf16 and jnp.dtype(kv_dtype) == bf16 and K > 0
             and H % K == 0 and rows_per_position(H // K) * T <= ROWS and Dh % 64 == 0 and Dh <= 256
-            and block_s % 8 == 0 and S >= block_s and S % block_s == 0)
+            and block_s % 8 == 0 and S >= block_s and S % 8 == 0)
 
 
 def stages_for(block_s, Dh) -> int:
@@ -147,6 +148,7 @@ def attention(q, k, v, q_pos, k_pos, *, chunk_size, scale, block_s=BLOCK_S, num_
         raise ValueError(f"merge must be 'kernel' (for {NS} splits of {Rw} rows: merge_fits says no) or 'xla', "
                          f"got {merge!r}")
     Kc = NS * Rw  # the merge's partial rows
+    ragged = S % bs != 0
 
     def body(qpos_gmem, q_gmem, kpos_gmem, k_gmem, v_gmem, *outs):
         if lane:  # under programmatic dependent launch, wait for the kernel before (see mgpu_gemv)
@@ -202,7 +204,10 @@ def attention(q, k, v, q_pos, k_pos, *, chunk_size, scale, block_s=BLOCK_S, num_
                                         preferred_element_type=jnp.float32)
                     kp = kp_smem[...]
                 kp = lax.broadcast_in_dim(kp, shape, [1])
-                s = jnp.where((kp >= q_lo) & (kp <= q_hi), s * c, -jnp.inf)  # [ROWS, bs]
+                vis = (kp >= q_lo) & (kp <= q_hi)
+                if ragged:  # the last tile runs past S: TMA reads zeros there (k_pos 0 too), so mask by slot
+                    vis &= (t0 + idx[0]) * bs + _iota(shape, 1, interpret) < S
+                s = jnp.where(vis, s * c, -jnp.inf)  # [ROWS, bs]
                 m_new = jnp.maximum(m, s.max(axis=1))
                 m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # no (-inf) - (-inf)
                 alpha = jnp.exp2(m - m_use)
@@ -257,7 +262,12 @@ def attention(q, k, v, q_pos, k_pos, *, chunk_size, scale, block_s=BLOCK_S, num_
     kern = plgpu.kernel(body, out_type=out, grid=(NS, K, B), grid_names=("s", "h", "b"), interpret=interpret,
                         compiler_params=plgpu.CompilerParams(approx_math=True),
                         kernel_name=f"mgpu_split_kv_attention_bs{bs}_st{st}_ns{NS}_{merge}")
-    res = kern(q_pos.astype(jnp.int32), q, k_pos.astype(jnp.int32), k, v)
+    k_pos = k_pos.astype(jnp.int32)
+    if ragged and not lane:  # the interpreter refuses a copy past S, which TMA fills with zeros: pad as it fills
+        pad = -S % bs
+        k, v = (jnp.pad(a, ((0, 0), (0, pad), (0, 0), (0, 0))) for a in (k, v))
+        k_pos = jnp.pad(k_pos, ((0, 0), (0, pad)))
+    res = kern(q_pos.astype(jnp.int32), q, k_pos, k, v)
     return res[0] if in_kernel else res
 
 
@@ -361,8 +371,8 @@ def decode_attention_mgpu(q, k, v, q_pos, k_pos, *, chunk_size, scale, block_s=B
                          f"do not match [B, T, H, Dh], [B, S, K, Dh], [B, T], [B, S]")
     if not supported(T, H, K, S, Dh, q.dtype, k.dtype, block_s) or v.dtype != k.dtype:
         raise ValueError(f"decode_attention_mgpu takes bf16 q and cache, H % K == 0, G rounded up to "
-                         f"{ROW_GROUP} times T <= {ROWS} rows, Dh % 64 == 0 (<= 256) and S % block_s == 0; got "
-                         f"q {q.dtype} {q.shape}, cache {k.dtype} {k.shape}, block_s={block_s}")
+                         f"{ROW_GROUP} times T <= {ROWS} rows, Dh % 64 == 0 (<= 256), S >= block_s and S % 8 == 0; "
+                         f"got q {q.dtype} {q.shape}, cache {k.dtype} {k.shape}, block_s={block_s}")
     G = H // K
     ns = num_splits or default_num_splits(B, K, S, chunk_size, block_s, T)
     merge = merge or ("kernel" if merge_fits(ns, G, T) else "xla")
@@ -384,7 +394,7 @@ def wanted(mosaic, T, H, K, S, Dh, q_dtype, kv_dtype) -> bool:
     ok = supported(T, H, K, S, Dh, q_dtype, kv_dtype)
     if mosaic and not ok:
         raise ValueError(f"the Mosaic GPU attention takes bf16 q and cache, G rounded up to {ROW_GROUP} times T <= "
-                         f"{ROWS}, Dh % 64 == 0 and S % {BLOCK_S} == 0; got T={T}, H={H}, K={K}, S={S}, Dh={Dh}, "
-                         f"{jnp.dtype(q_dtype).name} q, {jnp.dtype(kv_dtype).name} cache")
+                         f"{ROWS}, Dh % 64 == 0, S >= {BLOCK_S} and S % 8 == 0; got T={T}, H={H}, K={K}, S={S}, "
+                         f"Dh={Dh}, {jnp.dtype(q_dtype).name} q, {jnp.dtype(kv_dtype).name} cache")
     return ok and (bool(mosaic) or mgpu_gemv.on_hopper())
 

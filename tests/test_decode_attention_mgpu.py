@@ -54,6 +54,8 @@ CASES = {
     "kernel_G16_padding_row": (2, 1, 1, 16, 64, 128, [128, 0], None, 4, "kernel"),
     # the XLA merge: an odd split count the kernel's merge does not take, chunked, a length-1 row
     "xla_chunked_odd_splits": (2, 1, 2, 5, 64, 256, [200, 1], 128, 3, "xla"),
+    # S = 200, not whole tiles: the last tile runs past S (zeros, k_pos 0 included, masked by slot)
+    "kernel_ragged_cache": (2, 1, 2, 5, 64, 200, [200, 70], None, 8, "kernel"),
 }
 
 
@@ -88,7 +90,9 @@ def test_what_it_takes_and_errors():
     assert mg.supported(4, 40, 8, 8192, 128, jnp.bfloat16, jnp.bfloat16)  # 4 x 8 rows
     assert not mg.supported(9, 40, 8, 8192, 128, jnp.bfloat16, jnp.bfloat16)  # 72 rows > 64
     assert not mg.supported(1, 40, 8, 8192, 128, jnp.bfloat16, jnp.float8_e4m3fn)  # FP8 cache: Triton's
-    assert not mg.supported(1, 40, 8, 8200, 128, jnp.bfloat16, jnp.bfloat16)  # not whole tiles
+    assert mg.supported(1, 40, 8, 8200, 128, jnp.bfloat16, jnp.bfloat16)  # not whole tiles: the last is masked
+    assert not mg.supported(1, 40, 8, 8196, 128, jnp.bfloat16, jnp.bfloat16)  # k_pos rows not 16-byte aligned
+    assert not mg.supported(1, 40, 8, 32, 128, jnp.bfloat16, jnp.bfloat16)  # less than a tile
     assert not mg.supported(1, 40, 8, 8192, 96, jnp.bfloat16, jnp.bfloat16)  # Dh % 64
     assert mg.merge_fits(16, 5, 1) and mg.merge_fits(1, 5, 9) and mg.merge_fits(2, 5, 4)
     assert not mg.merge_fits(3, 5, 1)  # 24 rows: not a multiple of the WGMMA's 64
@@ -123,9 +127,9 @@ def test_lowers_for_the_gpu():
     layouts of the row statistics and masks, the merge's semaphores and its WGMMA) lowered to Mosaic GPU for
     CUDA here on the CPU: a layout, tiling or copy Mosaic rejects fails this test."""
     q = jnp.ones((1, 1, 40, 128), jnp.bfloat16)
-    k = jnp.ones((1, 8192, 8, 128), jnp.bfloat16)
-    qp, kp = jnp.ones((1, 1), jnp.int32), jnp.ones((1, 8192), jnp.int32)
-    for merge, ns in (("kernel", 16), ("kernel", 1), ("xla", 16)):
+    for S, merge, ns in ((8192, "kernel", 16), (8192, "kernel", 1), (8192, "xla", 16), (8200, "kernel", 16)):
+        k = jnp.ones((1, S, 8, 128), jnp.bfloat16)
+        qp, kp = jnp.ones((1, 1), jnp.int32), jnp.ones((1, S), jnp.int32)
         f = jax.jit(lambda *a, merge=merge, ns=ns: mg.decode_attention_mgpu(
             *a, chunk_size=None, scale=0.1, num_splits=ns, merge=merge))
         text = f.trace(q, k, k, qp, kp).lower(lowering_platforms=("cuda",)).as_text()
