@@ -46,7 +46,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels import mgpu_gemv
 from pallas_kernels.decode_attention import _span, combine_partials
-from pallas_kernels.mgpu_gemv import plgpu
+from pallas_kernels.mgpu_gemv import plgpu, smem_transforms
 
 ROWS = 64  # the WGMMA's M: every (query head, position) row of one kv head
 ROW_GROUP = 8  # a position's G heads take G rounded up to this many rows
@@ -102,10 +102,6 @@ def _vector(x, n, interpret):
     return v if interpret is not None else plgpu.layout_cast(v, plgpu.Layout.WGMMA.reduce(1))
 
 
-def _tiled(dtype, cols):
-    return mgpu_gemv._tiled(dtype, cols)
-
-
 def merge_fits(num_splits, G, T) -> bool:
     """Whether the kernel can merge these splits itself (`attention(merge="kernel")`): one split, or splits whose
     partial rows (num_splits * rows_per_position(G) * T: the merge's WGMMA K, which takes a register operand 64 deep
@@ -124,12 +120,13 @@ def attention(q, k, v, q_pos, k_pos, *, chunk_size, scale, block_s=BLOCK_S, num_
     merge "kernel" (`merge_fits`): every split stores its partial (o in bf16, m and l in float32) and signals its
     pair's semaphore; the pair's last split in launch order waits for the others, reads the pair's partials and
     merges them with one WGMMA: out[r] = sum_c W[r, c] o[c] / L[r] over the partial rows c = split * Rw + r' with
-    W[r, c] = exp(m[c] - M[r]) where r' = r (0 elsewhere), M[r] its largest m and L[r] = sum_c W[r, c] l[c] (the
-    log-sum-exp merge, with the masks and row statistics of the softmax above), and stores the output [B, T, H,
-    Dh] bf16 itself: the op is one launch. (The pair's splits run before its last one, which only waits: no
-    deadlock whatever the grid. The semaphores are global and come back to zero.) The interpreter, which has no
-    semaphores, runs the grid in order: the last split finds the partials written. With one split the output is
-    written from the registers.
+    W[r, c] = 2^(m[c] - M[r]) where r' = r (0 elsewhere; m in log2 units), M[r] its largest m and L[r] = sum_c
+    W[r, c] l[c] (the log-sum-exp merge, with the masks and row statistics of the softmax above), and stores the
+    output [B, T, H, Dh] bf16 itself: the op is one launch. (Programs launch in grid order, the split axis
+    fastest, so a pair's other splits are running or done when its last one waits: the wait cannot deadlock,
+    whatever the grid. The semaphores are global, one per pair, and the wait takes them back to zero.) The
+    interpreter, which has no semaphores, runs the grid in order: the last split finds the partials written. With
+    one split the output is written from the registers.
 
     merge "xla": returns float32 partials o [B, K, NS, Gp * T, Dh] (not normalised), m, l [B, K, NS, Gp * T] (m in
     natural-log units; -inf and 0 where a split saw no key) for `combine_partials`."""
@@ -149,6 +146,7 @@ def attention(q, k, v, q_pos, k_pos, *, chunk_size, scale, block_s=BLOCK_S, num_
                          f"got {merge!r}")
     Kc = NS * Rw  # the merge's partial rows
     ragged = S % bs != 0
+    swizzled = smem_transforms(jnp.bfloat16, Dh) if lane else ()  # the WGMMA operands' tiles (K, V, q)
 
     def body(qpos_gmem, q_gmem, kpos_gmem, k_gmem, v_gmem, *outs):
         if lane:  # under programmatic dependent launch, wait for the kernel before (see mgpu_gemv)
@@ -167,8 +165,7 @@ def attention(q, k, v, q_pos, k_pos, *, chunk_size, scale, block_s=BLOCK_S, num_
         t0 = lo_t + si * per
         n = jnp.clip(jnp.minimum(t0 + per, hi_t) - t0, 0, per)  # this split's tiles
 
-        @functools.partial(pl.run_scoped, q_smem=plgpu.SMEM((ROWS, Dh), jnp.bfloat16,
-                                                             transforms=_tiled(jnp.bfloat16, Dh) if lane else ()),
+        @functools.partial(pl.run_scoped, q_smem=plgpu.SMEM((ROWS, Dh), jnp.bfloat16, transforms=swizzled),
                            q_rows=plgpu.SMEM((ROWS, Dh), jnp.bfloat16), bar=plgpu.Barrier(num_arrivals=T))
         def _scope(q_smem, q_rows, bar):
             # q's rows straight from [B, T, H, Dh]: position t's G heads of kv head h, one TMA copy each, to rows
@@ -223,7 +220,7 @@ def attention(q, k, v, q_pos, k_pos, *, chunk_size, scale, block_s=BLOCK_S, num_
                 acc0 = plgpu.layout_cast(acc0, plgpu.Layout.WGMMA)
             init = (acc0, _vector(-jnp.inf, ROWS, interpret), _vector(0.0, ROWS, interpret))
             kv_spec = dict(block_shape=(None, bs, None, Dh), index_map=lambda i: (b, t0 + i, h, 0),
-                           transforms=_tiled(jnp.bfloat16, Dh) if lane else ())
+                           transforms=swizzled)
             acc, m, l = plgpu.emit_pipeline(
                 step, grid=(n,), in_specs=[plgpu.BlockSpec(**kv_spec), plgpu.BlockSpec(**kv_spec),
                                            plgpu.BlockSpec((None, bs), lambda i: (b, t0 + i))],
@@ -325,8 +322,9 @@ def _merge_partials(po, pm, pls, out_gmem, b, h, T, G, Gp, Dh, Kc, interpret):
     partials' m and l broadcast as its columns, M and L reduced over them as the softmax reduces its rows)."""
     lane = interpret is None
 
-    @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM((Kc, Dh), jnp.bfloat16,
-                                                         transforms=_tiled(jnp.bfloat16, Dh) if lane else ()),
+    swizzled = smem_transforms(jnp.bfloat16, Dh) if lane else ()  # the merge WGMMA's B operand
+
+    @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM((Kc, Dh), jnp.bfloat16, transforms=swizzled),
                        m_smem=plgpu.SMEM((Kc,), jnp.float32), l_smem=plgpu.SMEM((Kc,), jnp.float32),
                        bar=plgpu.Barrier(num_arrivals=3))
     def _(o_smem, m_smem, l_smem, bar):

@@ -194,7 +194,7 @@ def default_config(K, Ns, num_sms=132, copies=1, rows=8, tile_n=None, tile_k=Non
     return best[1]
 
 
-def _tiled(dtype, row_elems):
+def smem_transforms(dtype, row_elems):
     """Shared-memory tiling + swizzle of a tile whose rows hold row_elems values of dtype (TMA and WGMMA
     operands: 8 rows by one swizzle span)."""
     swz = plgpu.find_swizzle(row_elems * jnp.dtype(dtype).itemsize * 8)
@@ -321,8 +321,8 @@ def gemv_partials(xp, ws, *, ids=None, shared_ws=(), x_per_id=False, w_layout="k
                     ((Mp, tile_k), lambda k: (0, si * k_per + k))
                 plgpu.emit_pipeline(
                     step, grid=(k_per,),
-                    in_specs=[plgpu.BlockSpec(*w_spec, transforms=_tiled(FP8, w_spec[0][1]) if lane else ()),
-                              plgpu.BlockSpec(*x_spec, transforms=_tiled(cdt, x_spec[0][1]) if lane else ())],
+                    in_specs=[plgpu.BlockSpec(*w_spec, transforms=smem_transforms(FP8, w_spec[0][1]) if lane else ()),
+                              plgpu.BlockSpec(*x_spec, transforms=smem_transforms(cdt, x_spec[0][1]) if lane else ())],
                     max_concurrent_steps=stages)(w_gmem, x_gmem)
                 return acc_ref[...]
 
