@@ -534,6 +534,23 @@ def combine_partials(o, m, l):
     return jnp.where(L[..., None] > 0, O / jnp.where(L > 0, L, 1.0)[..., None], 0.0)
 
 
+def kernel_path(T, H, K, S, Dh, q_dtype, kv_dtype, chunk_size, mosaic=None, plain=True) -> str:
+    """Which kernel `decode_attention` runs: "mosaic" (pallas_kernels/decode_attention_mgpu.py) or "triton" (this
+    module's). mosaic False: Triton's; True: the Mosaic GPU one (a ValueError where it does not take the problem,
+    or where the call is not `plain`: kv_range, FP8 scales, compute_dtype or poison given); None: the Mosaic GPU
+    one where it takes the problem on a Hopper GPU and a query can see LONG_SPAN slots or more (where it was
+    measured faster: docs/benchmarks.md section 34)."""
+    if mosaic is False:
+        return "triton"
+    if mosaic and not plain:
+        raise ValueError("the Mosaic GPU attention takes no kv_range, FP8 scales, compute_dtype or poison")
+    from pallas_kernels import decode_attention_mgpu as mg
+
+    long = _span(S, chunk_size, 0) >= LONG_SPAN
+    take = plain and (mosaic or long) and mg.wanted(mosaic, T, H, K, S, Dh, q_dtype, kv_dtype)
+    return "mosaic" if take else "triton"
+
+
 @functools.partial(jax.jit, static_argnames=("chunk_size", "scale", "block_s", "num_splits", "num_warps",
                                              "num_stages", "interpret", "combine", "compute_dtype", "mosaic"))
 def decode_attention(q, k, v, q_pos, k_pos, *, chunk_size, scale, block_s=None, num_splits=None, k_scale=None,
@@ -555,26 +572,22 @@ def decode_attention(q, k, v, q_pos, k_pos, *, chunk_size, scale, block_s=None, 
     in-register dots (default: q's, promoted with the cache's; an FP8 cache: float16, pallas_kernels/upcast.py,
     q rows rescaled by powers of two). poison: testing hook ("kernel" only), a
     [B, T, H, Dh] buffer aliased to the output, so a test can check that every element is written.
-    mosaic: the Mosaic GPU kernel (pallas_kernels/decode_attention_mgpu.py: bf16 cache, TMA pipeline, WGMMA, XLA's
-    merge) instead of Triton's: False never, True always (a ValueError where it does not take the problem), None
-    where it takes it on a Hopper GPU and a query can see LONG_SPAN slots or more. It takes block_s, num_splits and
-    num_stages as its own tiles and combine as its merge (None: in the kernel where it fits); not kv_range, FP8
-    scales, compute_dtype or poison."""
+    mosaic: the Mosaic GPU kernel (pallas_kernels/decode_attention_mgpu.py: bf16 cache, TMA pipeline, WGMMA, its
+    own merge) instead of Triton's, as `kernel_path` decides: False never, True always (a ValueError where it does
+    not take the problem), None where it takes it on a Hopper GPU and a query can see LONG_SPAN slots or more. It
+    takes block_s, num_splits and num_stages as its own tiles and combine as its merge (None: in the kernel where
+    it fits); not kv_range, FP8 scales, compute_dtype or poison."""
     B, T, H, Dh = q.shape
     S, K = k.shape[1], k.shape[2]
     G = H // K
-    if mosaic is not False:
+    plain = kv_range is None and k_scale is None and v_scale is None and compute_dtype is None and poison is None
+    if kernel_path(T, H, K, S, Dh, q.dtype, k.dtype, chunk_size, mosaic, plain) == "mosaic":
         from pallas_kernels import decode_attention_mgpu as mg
         from pallas_kernels.mgpu_gemv import interpret_params
 
-        plain = kv_range is None and k_scale is None and v_scale is None and compute_dtype is None and poison is None
-        if mosaic and not plain:
-            raise ValueError("the Mosaic GPU attention takes no kv_range, FP8 scales, compute_dtype or poison")
-        long = _span(S, chunk_size, 0) >= LONG_SPAN  # where it was measured faster (docs/benchmarks.md section 34)
-        if plain and (mosaic or long) and mg.wanted(mosaic, T, H, K, S, Dh, q.dtype, k.dtype):
-            return mg.decode_attention_mgpu(q, k, v, q_pos, k_pos, chunk_size=chunk_size, scale=scale,
-                                            block_s=block_s or mg.BLOCK_S, num_splits=num_splits, stages=num_stages,
-                                            merge=combine, interpret=interpret_params(interpret))
+        return mg.decode_attention_mgpu(q, k, v, q_pos, k_pos, chunk_size=chunk_size, scale=scale,
+                                        block_s=block_s or mg.BLOCK_S, num_splits=num_splits, stages=num_stages,
+                                        merge=combine, interpret=interpret_params(interpret))
     tiles = default_tiles(S, chunk_size, Dh, jnp.dtype(k.dtype).itemsize, G * T)
     block_s = tiles[0] if block_s is None else block_s
     num_stages = tiles[1] if num_stages is None else num_stages

@@ -58,7 +58,7 @@ import bench_moe as bmoe  # noqa: E402
 from mavjax.atomic_write import write_json  # noqa: E402
 from mavjax.benchmarking import copy_bandwidth, fmt, kernel_time  # noqa: E402
 from mavjax.model import GATHER_MAX_PAIRS, apply_rope, rms_norm  # noqa: E402
-from pallas_kernels.decode_attention import decode_attention, decode_attention_reference  # noqa: E402
+from pallas_kernels.decode_attention import decode_attention, decode_attention_reference, kernel_path  # noqa: E402
 from pallas_kernels.fp8_gemm import fp8_matmul  # noqa: E402
 from pallas_kernels.fused_gemm import gate_up_swiglu, gate_up_swiglu_ref, qkv_rope, qkv_rope_ref  # noqa: E402
 from pallas_kernels.fused_norm import add_rms_norm, add_rms_norm_ref  # noqa: E402
@@ -403,7 +403,9 @@ def attention_rows(run, plan, configs, key):
             batt.Dh = plan.Dh
         r = batt.run_config(key, cache, B, S, H, K, T, chunk, kv_dtype, run.bw, args, kern_kw=kern_kw,
                             with_others=not INTERPRET)
-        row = dict(kv=kv, B=B, H=H, K=K, S=S, T=T, chunk=chunk or "-", MB=r["MB"], err=r["err"],
+        path = kernel_path(T, H, K, S, plan.Dh, jnp.bfloat16, kv_dtype, chunk,
+                           plain=kv_dtype == jnp.bfloat16) if not INTERPRET else "triton"
+        row = dict(kv=kv, B=B, H=H, K=K, S=S, T=T, chunk=chunk or "-", path=path, MB=r["MB"], err=r["err"],
                    pallas_us=r["t_ours"] * 1e6, TBps=r["TBs"], pct_copy=r["pct_copy"],
                    xla_us=r.get("t_xla", float("nan")) * 1e6, xla_jaxop_us=r.get("t_jax", float("nan")) * 1e6)
         # the kernels' own traced time (GPU only): ours, XLA's, and XLA's plain read of the same bytes
@@ -663,17 +665,19 @@ def print_tables(run, res):
               f"{f(mk and xk and xk / mk, 11, 2)} {f(r.get('mosaic_fp8_us'), 7)} {f(mk8, 8)} "
               f"{f(mk8 and xk and xk / mk8, 12, 2)}")
     print("\nsplit-KV decode attention (TB/s over the visible K/V bytes; x = other time / ours; loop-timed, then "
-          "the kernels' own traced time: ours, XLA's, XLA's plain read of the same bytes)")
-    print(f"{'kv':>4s} {'B':>2s} {'H':>2s} {'K':>2s} {'S':>6s} {'T':>2s} {'chunk':>5s} {'us':>8s} {'TB/s':>5s} "
-          f"{'%copy':>5s} {'x.xla':>6s} {'x.jax':>6s} {'err':>7s} {'kern us':>8s} {'%copy':>5s} {'x.xla':>6s} "
-          f"{'read us':>8s}")
+          "the kernels' own traced time: ours, XLA's, XLA's plain read of the same bytes; path: decode_attention's "
+          "kernel, mosaic = decode_attention_mgpu)")
+    print(f"{'kv':>4s} {'B':>2s} {'H':>2s} {'K':>2s} {'S':>6s} {'T':>2s} {'chunk':>5s} {'path':>6s} {'us':>8s} "
+          f"{'TB/s':>5s} {'%copy':>5s} {'x.xla':>6s} {'x.jax':>6s} {'err':>7s} {'kern us':>8s} {'%copy':>5s} "
+          f"{'x.xla':>6s} {'read us':>8s}")
     for r in run.rows["attention"]:
         x = ratios(r)
         k = r.get("kernel_us")
         print(f"{r['kv']:>4s} {r['B']:2d} {r['H']:2d} {r['K']:2d} {r['S']:6d} {r['T']:2d} {str(r['chunk']):>5s} "
-              f"{f(r['pallas_us'], 8)} {f(r['TBps'], 5, 2)} {f(r['pct_copy'], 5, 0)} {f(x.get('xla'), 6, 2)} "
-              f"{f(x.get('xla_jaxop'), 6, 2)} {r['err']:7.1e} {f(k, 8)} {f(r.get('pct_copy_kernel'), 5, 0)} "
-              f"{f(k and r.get('xla_kernel_us') and r['xla_kernel_us'] / k, 6, 2)} {f(r.get('read_kernel_us'), 8)}")
+              f"{r.get('path', '-'):>6s} {f(r['pallas_us'], 8)} {f(r['TBps'], 5, 2)} {f(r['pct_copy'], 5, 0)} "
+              f"{f(x.get('xla'), 6, 2)} {f(x.get('xla_jaxop'), 6, 2)} {r['err']:7.1e} {f(k, 8)} "
+              f"{f(r.get('pct_copy_kernel'), 5, 0)} {f(k and r.get('xla_kernel_us') and r['xla_kernel_us'] / k, 6, 2)} "
+              f"{f(r.get('read_kernel_us'), 8)}")
     print("\nMoE decode, FP8 experts (floor = bytes of the experts hit / copy bw; target xfloor <= 1.3; path: "
           "moe_fp8's default, mosaic = the pairs on the Mosaic GPU kernel; triton = the Triton pair path beside it)")
     print(f"{'shape':8s} {'N':>4s} {'hit':>5s} {'path':>6s} {'us':>8s} {'TB/s':>5s} {'xfloor':>6s} {'x.bf16':>6s} "
